@@ -1,0 +1,292 @@
+//! The one module in this workspace that reads time.
+//!
+//! Everything that expires, times out or is stamped with a date reads a [`Clock`]: the
+//! [`SystemClock`] in production, and a [`ManualClock`] (feature `test-util`) in tests, which
+//! moves only when the test calls [`ManualClock::advance`]. A clippy lint (`clippy.toml` at the
+//! workspace root) refuses direct reads of `Instant::now` and `SystemTime::now` everywhere else.
+//!
+//! Time is wall-clock milliseconds since the Unix epoch ([`Timestamp`]), because records outlive
+//! the process that wrote them (sled on disk, Redis across replicas) and must be compared by
+//! other processes.
+//!
+//! ```
+//! use mcp_clock::{Clock, SharedClock, SystemClock};
+//! use std::time::Duration;
+//!
+//! let clock = SharedClock::new(SystemClock);
+//! let now = clock.now();
+//! assert!(now + Duration::from_secs(1) > now);
+//! ```
+
+use std::fmt;
+use std::future::Future;
+use std::ops::{Add, Sub};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+/// A boxed, sendable future; the return type of [`Clock::sleep_until`].
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A point in wall-clock time: milliseconds since the Unix epoch.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Timestamp(u64);
+
+impl Timestamp {
+    /// The Unix epoch.
+    pub const EPOCH: Timestamp = Timestamp(0);
+    /// The largest representable time; "never".
+    pub const MAX: Timestamp = Timestamp(u64::MAX);
+
+    /// A timestamp from milliseconds since the Unix epoch.
+    pub const fn from_millis(millis: u64) -> Self {
+        Timestamp(millis)
+    }
+
+    /// A timestamp from whole seconds since the Unix epoch (saturating).
+    pub const fn from_secs(secs: u64) -> Self {
+        Timestamp(secs.saturating_mul(1000))
+    }
+
+    /// Milliseconds since the Unix epoch.
+    pub const fn as_millis(self) -> u64 {
+        self.0
+    }
+
+    /// Whole seconds since the Unix epoch.
+    pub const fn as_secs(self) -> u64 {
+        self.0 / 1000
+    }
+
+    /// The time from `earlier` to `self`, or zero when `earlier` is later.
+    pub fn saturating_since(self, earlier: Timestamp) -> Duration {
+        Duration::from_millis(self.0.saturating_sub(earlier.0))
+    }
+
+    /// `self + d`, saturating at [`Timestamp::MAX`].
+    pub fn saturating_add(self, d: Duration) -> Timestamp {
+        Timestamp(self.0.saturating_add(duration_millis(d)))
+    }
+
+    /// `self - d`, saturating at the epoch.
+    pub fn saturating_sub(self, d: Duration) -> Timestamp {
+        Timestamp(self.0.saturating_sub(duration_millis(d)))
+    }
+}
+
+fn duration_millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Add<Duration> for Timestamp {
+    type Output = Timestamp;
+    fn add(self, rhs: Duration) -> Timestamp {
+        self.saturating_add(rhs)
+    }
+}
+
+impl Sub<Duration> for Timestamp {
+    type Output = Timestamp;
+    fn sub(self, rhs: Duration) -> Timestamp {
+        self.saturating_sub(rhs)
+    }
+}
+
+impl fmt::Debug for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Timestamp({}ms)", self.0)
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{:03}s", self.0 / 1000, self.0 % 1000)
+    }
+}
+
+/// A source of time and of timers.
+///
+/// Implementations must be cheap to call: [`Clock::now`] sits on hot paths.
+pub trait Clock: Send + Sync + fmt::Debug + 'static {
+    /// The current wall-clock time.
+    fn now(&self) -> Timestamp;
+
+    /// A future that completes once [`Clock::now`] has reached `deadline`.
+    fn sleep_until(&self, deadline: Timestamp) -> BoxFuture<'static, ()>;
+
+    /// A future that completes after `duration` has passed on this clock.
+    fn sleep(&self, duration: Duration) -> BoxFuture<'static, ()> {
+        self.sleep_until(self.now() + duration)
+    }
+}
+
+/// The operating system's clock, with tokio timers.
+///
+/// Sleeping needs a tokio runtime with the time driver enabled.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl SystemClock {
+    /// A monotonic instant, for measuring elapsed time in benchmarks and tools.
+    ///
+    /// Not for expiry logic: that uses [`Clock::now`] so tests can drive it.
+    #[allow(clippy::disallowed_methods)] // This is the clock module.
+    pub fn instant() -> std::time::Instant {
+        std::time::Instant::now()
+    }
+}
+
+impl Clock for SystemClock {
+    #[allow(clippy::disallowed_methods)] // This is the clock module.
+    fn now(&self) -> Timestamp {
+        let since = std::time::SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        Timestamp(duration_millis(since))
+    }
+
+    fn sleep_until(&self, deadline: Timestamp) -> BoxFuture<'static, ()> {
+        let wait = deadline.saturating_since(self.now());
+        Box::pin(tokio::time::sleep(wait))
+    }
+}
+
+/// A cloneable, shareable [`Clock`]: `Arc<dyn Clock>` with a name.
+#[derive(Clone, Debug)]
+pub struct SharedClock(Arc<dyn Clock>);
+
+impl SharedClock {
+    /// Share `clock`.
+    pub fn new(clock: impl Clock) -> Self {
+        SharedClock(Arc::new(clock))
+    }
+
+    /// The system clock.
+    pub fn system() -> Self {
+        SharedClock::new(SystemClock)
+    }
+}
+
+impl Default for SharedClock {
+    fn default() -> Self {
+        SharedClock::system()
+    }
+}
+
+impl Clock for SharedClock {
+    fn now(&self) -> Timestamp {
+        self.0.now()
+    }
+    fn sleep_until(&self, deadline: Timestamp) -> BoxFuture<'static, ()> {
+        self.0.sleep_until(deadline)
+    }
+}
+
+#[cfg(feature = "test-util")]
+pub use manual::ManualClock;
+
+#[cfg(feature = "test-util")]
+mod manual {
+    use super::{BoxFuture, Clock, SharedClock, Timestamp};
+    use std::sync::Arc;
+    use std::time::Duration;
+    use tokio::sync::watch;
+
+    /// A clock that moves only when told to. Sleepers wake when [`ManualClock::advance`] or
+    /// [`ManualClock::set`] moves time past their deadline.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use mcp_clock::{Clock, ManualClock, Timestamp};
+    /// use std::time::Duration;
+    ///
+    /// let clock = ManualClock::new(Timestamp::from_secs(1_000));
+    /// let sleeper = tokio::spawn(clock.sleep(Duration::from_secs(5)));
+    /// clock.advance(Duration::from_secs(5));
+    /// sleeper.await.unwrap();
+    /// assert_eq!(clock.now(), Timestamp::from_secs(1_005));
+    /// # }
+    /// ```
+    #[derive(Clone, Debug)]
+    pub struct ManualClock {
+        now: Arc<watch::Sender<Timestamp>>,
+    }
+
+    impl ManualClock {
+        /// A manual clock showing `start`.
+        pub fn new(start: Timestamp) -> Self {
+            ManualClock { now: Arc::new(watch::Sender::new(start)) }
+        }
+
+        /// Move time forward by `by`, waking every sleeper whose deadline has come.
+        pub fn advance(&self, by: Duration) {
+            self.now.send_modify(|now| *now = *now + by);
+        }
+
+        /// Set the time to `to` (which may go backwards, to model a clock step).
+        pub fn set(&self, to: Timestamp) {
+            self.now.send_replace(to);
+        }
+
+        /// This clock as a [`SharedClock`].
+        pub fn shared(&self) -> SharedClock {
+            SharedClock::new(self.clone())
+        }
+    }
+
+    impl Default for ManualClock {
+        fn default() -> Self {
+            // An arbitrary, realistic start: 2026-01-01T00:00:00Z.
+            ManualClock::new(Timestamp::from_secs(1_767_225_600))
+        }
+    }
+
+    impl Clock for ManualClock {
+        fn now(&self) -> Timestamp {
+            *self.now.borrow()
+        }
+
+        fn sleep_until(&self, deadline: Timestamp) -> BoxFuture<'static, ()> {
+            let mut rx = self.now.subscribe();
+            Box::pin(async move {
+                // `wait_for` checks the current value first, so an advance that happened before
+                // the first poll is never missed. The sender lives as long as any clone of the
+                // clock; if every clone is gone, time can no longer move and we sleep for ever.
+                if rx.wait_for(|now| *now >= deadline).await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamp_arithmetic_saturates() {
+        assert_eq!(Timestamp::MAX + Duration::from_secs(1), Timestamp::MAX);
+        assert_eq!(Timestamp::EPOCH - Duration::from_secs(1), Timestamp::EPOCH);
+        assert_eq!(Timestamp::from_secs(2).saturating_since(Timestamp::from_secs(5)), Duration::ZERO);
+        assert_eq!(Timestamp::from_secs(5).saturating_since(Timestamp::from_secs(2)), Duration::from_secs(3));
+    }
+
+    #[test]
+    fn system_clock_is_after_2020() {
+        assert!(SystemClock.now() > Timestamp::from_secs(1_577_836_800));
+    }
+
+    #[cfg(feature = "test-util")]
+    #[tokio::test(flavor = "current_thread")]
+    async fn manual_clock_wakes_only_past_the_deadline() {
+        let clock = ManualClock::new(Timestamp::from_secs(100));
+        let mut sleeper = tokio::spawn(clock.sleep(Duration::from_secs(10)));
+        clock.advance(Duration::from_secs(9));
+        tokio::task::yield_now().await;
+        assert!(tokio::time::timeout(Duration::from_millis(20), &mut sleeper).await.is_err());
+        clock.advance(Duration::from_secs(1));
+        sleeper.await.unwrap();
+    }
+}

@@ -1,0 +1,1 @@
+//! Flow-state engine (work in progress).
