@@ -1,0 +1,877 @@
+//! The authorization server's state and rules, independent of HTTP.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use mcp_clock::{Clock, SharedClock, Timestamp};
+use tokio::sync::{Notify, oneshot};
+
+use crate::knobs::{KnobSettings, Knobs};
+use crate::secret::{IssuedTokens, RegisteredClient, TokenFingerprint, random_token, s256};
+use crate::stats::{AuthEvent, AuthEventKind, AuthStats};
+
+/// How long an authorization code lives.
+const CODE_LIFETIME: Duration = Duration::from_secs(60);
+/// How many events the log keeps (oldest dropped first).
+const EVENT_LOG_LIMIT: usize = 10_000;
+
+/// A client authentication method at the token endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AuthMethod {
+    None,
+    Basic,
+    Post,
+}
+
+impl AuthMethod {
+    pub(crate) fn parse(s: &str) -> Option<Self> {
+        match s {
+            "none" => Some(AuthMethod::None),
+            "client_secret_basic" => Some(AuthMethod::Basic),
+            "client_secret_post" => Some(AuthMethod::Post),
+            _ => None,
+        }
+    }
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            AuthMethod::None => "none",
+            AuthMethod::Basic => "client_secret_basic",
+            AuthMethod::Post => "client_secret_post",
+        }
+    }
+}
+
+/// An OAuth error answer: status, `error`, `error_description`.
+#[derive(Debug, Clone)]
+pub(crate) struct OAuthError {
+    pub(crate) status: u16,
+    pub(crate) error: &'static str,
+    pub(crate) description: String,
+}
+
+impl OAuthError {
+    pub(crate) fn new(error: &'static str, description: impl Into<String>) -> Self {
+        let status = if error == "invalid_client" { 401 } else { 400 };
+        OAuthError { status, error, description: description.into() }
+    }
+}
+
+/// The server's fixed configuration, set by the builder.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) scopes_supported: Vec<String>,
+    pub(crate) default_scopes: Vec<String>,
+    pub(crate) advertise_scopes: bool,
+    pub(crate) registration: bool,
+    pub(crate) client_metadata_documents: bool,
+    pub(crate) rfc8414_metadata: bool,
+    pub(crate) openid_metadata: bool,
+    pub(crate) issuer_path: String,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Client {
+    pub(crate) id: String,
+    pub(crate) secret: Option<String>,
+    pub(crate) method: AuthMethod,
+    pub(crate) redirect_uris: Vec<String>,
+    pub(crate) grant_types: Vec<String>,
+    pub(crate) name: Option<String>,
+}
+
+#[derive(Debug)]
+struct Code {
+    client_id: String,
+    redirect_uri: String,
+    challenge: String,
+    scope: Vec<String>,
+    resource: Option<String>,
+    expires: Timestamp,
+    /// The family issued from this code, once redeemed.
+    redeemed_family: Option<u64>,
+}
+
+#[derive(Debug)]
+struct Access {
+    client_id: String,
+    scope: Vec<String>,
+    resource: Option<String>,
+    issued: Timestamp,
+    expires: Timestamp,
+    revoked: bool,
+    family: Option<u64>,
+}
+
+#[derive(Debug)]
+struct Refresh {
+    client_id: String,
+    scope: Vec<String>,
+    resource: Option<String>,
+    family: u64,
+    issued: Timestamp,
+    expires: Option<Timestamp>,
+    superseded_at: Option<Timestamp>,
+    revoked: bool,
+}
+
+#[derive(Debug, Default)]
+struct Family {
+    revoked: bool,
+    latest_refresh: Option<String>,
+}
+
+/// A validated access token, as the resource server sees it.
+#[derive(Debug, Clone)]
+pub(crate) struct Grant {
+    pub(crate) client_id: String,
+    pub(crate) scope: Vec<String>,
+    pub(crate) resource: Option<String>,
+    pub(crate) issued: Timestamp,
+    pub(crate) expires: Timestamp,
+}
+
+/// Why an access token was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TokenProblem {
+    Unknown,
+    Expired,
+    Revoked,
+}
+
+/// An authorization request waiting for the test to approve or deny it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingAuthorization {
+    /// The requesting client.
+    pub client_id: String,
+    /// The requested (or defaulted) scope, space separated.
+    pub scope: String,
+    /// The redirect URI the answer goes to.
+    pub redirect_uri: String,
+    /// The `resource` parameter, if any.
+    pub resource: Option<String>,
+    /// The client's registered name, if any.
+    pub client_name: Option<String>,
+}
+
+#[derive(Debug)]
+struct Pending {
+    info: PendingAuthorization,
+    decide: oneshot::Sender<bool>,
+}
+
+/// What the authorize endpoint validated, ready for a decision.
+#[derive(Debug, Clone)]
+pub(crate) struct AuthorizeRequest {
+    pub(crate) client_id: String,
+    pub(crate) redirect_uri: String,
+    pub(crate) challenge: String,
+    pub(crate) scope: Vec<String>,
+    pub(crate) resource: Option<String>,
+}
+
+/// The successful token endpoint answer.
+#[derive(Debug)]
+pub(crate) struct TokenAnswer {
+    pub(crate) tokens: IssuedTokens,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    clients: HashMap<String, Client>,
+    codes: HashMap<String, Code>,
+    access: HashMap<String, Access>,
+    refresh: HashMap<String, Refresh>,
+    families: Vec<Family>,
+    pending: Vec<Pending>,
+    stats: AuthStats,
+    events: Vec<AuthEvent>,
+    revoke_all_seen: u64,
+}
+
+/// The shared core of one authorization server.
+#[derive(Debug)]
+pub(crate) struct Core {
+    pub(crate) clock: SharedClock,
+    pub(crate) knobs: Knobs,
+    pub(crate) config: Config,
+    inner: Mutex<Inner>,
+    pub(crate) pending_changed: Notify,
+}
+
+fn join(scope: &[String]) -> String {
+    scope.join(" ")
+}
+
+pub(crate) fn split_scope(scope: Option<&str>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for s in scope.unwrap_or("").split(' ').filter(|s| !s.is_empty()) {
+        if !out.iter().any(|o| o == s) {
+            out.push(s.to_owned());
+        }
+    }
+    out
+}
+
+impl Core {
+    pub(crate) fn new(clock: SharedClock, knobs: Knobs, config: Config) -> Self {
+        Core {
+            clock,
+            knobs,
+            config,
+            inner: Mutex::new(Inner::default()),
+            pending_changed: Notify::new(),
+        }
+    }
+
+    /// The server's time: the injected clock plus the offset knob.
+    pub(crate) fn now(&self, knobs: &KnobSettings) -> Timestamp {
+        let now = self.clock.now();
+        let offset = knobs.clock_offset_millis;
+        if offset >= 0 {
+            now + Duration::from_millis(offset.unsigned_abs())
+        } else {
+            now - Duration::from_millis(offset.unsigned_abs())
+        }
+    }
+
+    /// Lock the state, first applying any "revoke every token" the knobs asked for.
+    fn lock(&self, now: Timestamp) -> MutexGuard<'_, Inner> {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let generation = self.knobs.revoke_all_generation();
+        if generation != inner.revoke_all_seen {
+            inner.revoke_all_seen = generation;
+            inner.access.values_mut().for_each(|a| a.revoked = true);
+            inner.refresh.values_mut().for_each(|r| r.revoked = true);
+            inner.families.iter_mut().for_each(|f| f.revoked = true);
+            inner.codes.clear();
+            push_event(&mut inner, now, AuthEventKind::AllTokensRevoked);
+        }
+        inner
+    }
+
+    pub(crate) fn stats(&self) -> AuthStats {
+        let k = self.knobs.get();
+        self.lock(self.now(&k)).stats.clone()
+    }
+
+    pub(crate) fn events(&self) -> Vec<AuthEvent> {
+        let k = self.knobs.get();
+        self.lock(self.now(&k)).events.clone()
+    }
+
+    pub(crate) fn record(&self, change: impl FnOnce(&mut AuthStats), event: Option<AuthEventKind>) {
+        let k = self.knobs.get();
+        let now = self.now(&k);
+        let mut inner = self.lock(now);
+        change(&mut inner.stats);
+        if let Some(event) = event {
+            push_event(&mut inner, now, event);
+        }
+    }
+
+    pub(crate) fn client(&self, id: &str) -> Option<Client> {
+        let k = self.knobs.get();
+        self.lock(self.now(&k)).clients.get(id).cloned()
+    }
+
+    /// Register a client; `event` says whether it counts as a dynamic registration.
+    pub(crate) fn register(
+        &self,
+        method: AuthMethod,
+        redirect_uris: Vec<String>,
+        grant_types: Vec<String>,
+        name: Option<String>,
+        fixed: (Option<String>, Option<String>),
+        dynamic: bool,
+    ) -> RegisteredClient {
+        let (fixed_id, fixed_secret) = fixed;
+        let id = fixed_id.unwrap_or_else(|| random_token("client_"));
+        let secret = (method != AuthMethod::None)
+            .then(|| fixed_secret.unwrap_or_else(|| random_token("secret_")));
+        let client = Client {
+            id: id.clone(),
+            secret: secret.clone(),
+            method,
+            redirect_uris,
+            grant_types,
+            name,
+        };
+        let k = self.knobs.get();
+        let now = self.now(&k);
+        let mut inner = self.lock(now);
+        inner.clients.insert(id.clone(), client);
+        if dynamic {
+            inner.stats.registrations += 1;
+        }
+        push_event(&mut inner, now, AuthEventKind::ClientRegistered { client_id: id.clone() });
+        RegisteredClient { client_id: id, client_secret: secret }
+    }
+
+    /// Store a client described by a fetched metadata document.
+    pub(crate) fn insert_metadata_client(&self, client: Client) {
+        let k = self.knobs.get();
+        let now = self.now(&k);
+        let mut inner = self.lock(now);
+        inner.stats.client_metadata_fetches += 1;
+        push_event(
+            &mut inner,
+            now,
+            AuthEventKind::ClientMetadataFetched { client_id: client.id.clone() },
+        );
+        inner.clients.insert(client.id.clone(), client);
+    }
+
+    /// Check the client authentication presented at the token, revocation or introspection
+    /// endpoint. `secret` is `None` for `none`.
+    pub(crate) fn authenticate(
+        &self,
+        client_id: &str,
+        secret: Option<&str>,
+        used: AuthMethod,
+    ) -> Result<Client, OAuthError> {
+        let client = self
+            .client(client_id)
+            .ok_or_else(|| OAuthError::new("invalid_client", "unknown client"))?;
+        if client.method != used {
+            return Err(OAuthError::new(
+                "invalid_client",
+                format!(
+                    "client registered for {} but used {}",
+                    client.method.as_str(),
+                    used.as_str()
+                ),
+            ));
+        }
+        match (&client.secret, secret) {
+            (None, None) => Ok(client),
+            (Some(expected), Some(given)) if expected == given => Ok(client),
+            _ => Err(OAuthError::new("invalid_client", "client authentication failed")),
+        }
+    }
+
+    /// Validate the scope asked at the authorize endpoint; default it when empty.
+    pub(crate) fn resolve_scope(&self, requested: Vec<String>) -> Result<Vec<String>, OAuthError> {
+        if requested.is_empty() {
+            return Ok(self.config.default_scopes.clone());
+        }
+        if let Some(bad) = requested.iter().find(|s| !self.config.scopes_supported.contains(s)) {
+            return Err(OAuthError::new("invalid_scope", format!("unsupported scope {bad}")));
+        }
+        Ok(requested)
+    }
+
+    /// Record an authorization request; in manual mode, the receiver resolves when the test
+    /// decides.
+    pub(crate) fn authorization_requested(&self, req: &AuthorizeRequest) {
+        self.record(
+            |s| s.authorization_requests += 1,
+            Some(AuthEventKind::AuthorizationRequested {
+                client_id: req.client_id.clone(),
+                scope: join(&req.scope),
+            }),
+        );
+    }
+
+    pub(crate) fn wait_for_decision(&self, req: &AuthorizeRequest) -> oneshot::Receiver<bool> {
+        let (tx, rx) = oneshot::channel();
+        let client_name = self.client(&req.client_id).and_then(|c| c.name);
+        let k = self.knobs.get();
+        let mut inner = self.lock(self.now(&k));
+        inner.pending.push(Pending {
+            info: PendingAuthorization {
+                client_id: req.client_id.clone(),
+                scope: join(&req.scope),
+                redirect_uri: req.redirect_uri.clone(),
+                resource: req.resource.clone(),
+                client_name,
+            },
+            decide: tx,
+        });
+        drop(inner);
+        self.pending_changed.notify_waiters();
+        rx
+    }
+
+    pub(crate) fn pending(&self) -> Vec<PendingAuthorization> {
+        let k = self.knobs.get();
+        let mut inner = self.lock(self.now(&k));
+        inner.pending.retain(|p| !p.decide.is_closed());
+        inner.pending.iter().map(|p| p.info.clone()).collect()
+    }
+
+    /// Decide every pending authorization; how many were decided.
+    pub(crate) fn decide_pending(&self, approve: bool) -> usize {
+        let k = self.knobs.get();
+        let pending = std::mem::take(&mut self.lock(self.now(&k)).pending);
+        pending.into_iter().filter_map(|p| p.decide.send(approve).ok()).count()
+    }
+
+    /// Issue a code for an approved request.
+    pub(crate) fn approve(&self, req: AuthorizeRequest) -> String {
+        let k = self.knobs.get();
+        let now = self.now(&k);
+        let code = random_token("code_");
+        let mut inner = self.lock(now);
+        inner.stats.authorizations_approved += 1;
+        push_event(
+            &mut inner,
+            now,
+            AuthEventKind::AuthorizationApproved { client_id: req.client_id.clone() },
+        );
+        inner.codes.insert(
+            code.clone(),
+            Code {
+                client_id: req.client_id,
+                redirect_uri: req.redirect_uri,
+                challenge: req.challenge,
+                scope: req.scope,
+                resource: req.resource,
+                expires: now + CODE_LIFETIME,
+                redeemed_family: None,
+            },
+        );
+        code
+    }
+
+    pub(crate) fn denied(&self, client_id: &str) {
+        self.record(
+            |s| s.authorizations_denied += 1,
+            Some(AuthEventKind::AuthorizationDenied { client_id: client_id.to_owned() }),
+        );
+    }
+
+    /// The `authorization_code` grant.
+    pub(crate) fn exchange_code(
+        &self,
+        client: &Client,
+        params: &HashMap<String, String>,
+    ) -> Result<TokenAnswer, OAuthError> {
+        let k = self.knobs.get();
+        let now = self.now(&k);
+        let mut inner = self.lock(now);
+        let code_value = params
+            .get("code")
+            .ok_or_else(|| OAuthError::new("invalid_request", "code is required"))?;
+        let code = inner
+            .codes
+            .get_mut(code_value)
+            .ok_or_else(|| OAuthError::new("invalid_grant", "unknown code"))?;
+        if code.client_id != client.id {
+            return Err(OAuthError::new("invalid_grant", "code was issued to another client"));
+        }
+        if let Some(family) = code.redeemed_family {
+            // RFC 6749 §4.1.2: a code used twice revokes what it issued.
+            revoke_family(&mut inner, family);
+            return Err(OAuthError::new("invalid_grant", "code already used"));
+        }
+        if now > code.expires {
+            return Err(OAuthError::new("invalid_grant", "code expired"));
+        }
+        if params.get("redirect_uri") != Some(&code.redirect_uri) {
+            return Err(OAuthError::new(
+                "invalid_grant",
+                "redirect_uri does not match the authorization request",
+            ));
+        }
+        let verifier = params
+            .get("code_verifier")
+            .ok_or_else(|| OAuthError::new("invalid_request", "code_verifier is required"))?;
+        if !valid_verifier(verifier) || s256(verifier) != code.challenge {
+            return Err(OAuthError::new("invalid_grant", "PKCE verification failed"));
+        }
+        if let (Some(asked), Some(granted)) = (params.get("resource"), &code.resource)
+            && asked != granted
+        {
+            return Err(OAuthError::new(
+                "invalid_target",
+                "resource differs from the authorization request",
+            ));
+        }
+        let scope = code.scope.clone();
+        let resource = code.resource.clone().or_else(|| params.get("resource").cloned());
+        let family = inner.families.len() as u64;
+        inner.families.push(Family::default());
+        if let Some(code) = inner.codes.get_mut(code_value) {
+            code.redeemed_family = Some(family);
+        }
+        let with_refresh =
+            !k.refresh_requires_offline_access || scope.iter().any(|s| s == "offline_access");
+        let tokens =
+            issue(&mut inner, &k, now, &client.id, scope, resource, Some(family), with_refresh);
+        issued_event(&mut inner, now, "authorization_code", &client.id, &tokens);
+        Ok(TokenAnswer { tokens })
+    }
+
+    /// The `refresh_token` grant.
+    pub(crate) fn refresh(
+        &self,
+        client: &Client,
+        params: &HashMap<String, String>,
+    ) -> Result<TokenAnswer, OAuthError> {
+        let k = self.knobs.get();
+        let now = self.now(&k);
+        let mut inner = self.lock(now);
+        let value = params
+            .get("refresh_token")
+            .ok_or_else(|| OAuthError::new("invalid_request", "refresh_token is required"))?;
+        let fp = TokenFingerprint::of(value);
+        let Some(rt) = inner.refresh.get(value) else {
+            return Err(OAuthError::new("invalid_grant", "unknown refresh token"));
+        };
+        let (rt_client, rt_family, rt_scope, rt_resource) =
+            (rt.client_id.clone(), rt.family, rt.scope.clone(), rt.resource.clone());
+        let (rt_revoked, rt_expires, rt_superseded) = (rt.revoked, rt.expires, rt.superseded_at);
+        let count = {
+            let c = inner.stats.refresh_redemptions.entry(fp.clone()).or_insert(0);
+            *c += 1;
+            *c
+        };
+        push_event(
+            &mut inner,
+            now,
+            AuthEventKind::RefreshRedeemed { refresh_token: fp.clone(), redemption: count },
+        );
+        if rt_client != client.id {
+            return Err(OAuthError::new(
+                "invalid_grant",
+                "refresh token was issued to another client",
+            ));
+        }
+        let family_revoked = inner.families.get(rt_family as usize).is_none_or(|f| f.revoked);
+        if rt_revoked || family_revoked {
+            return Err(OAuthError::new("invalid_grant", "refresh token revoked"));
+        }
+        if rt_expires.is_some_and(|e| now > e) {
+            return Err(OAuthError::new("invalid_grant", "refresh token expired"));
+        }
+        let mut within_grace = false;
+        if let Some(superseded) = rt_superseded {
+            within_grace = k.reuse_grace.is_some_and(|g| now <= superseded + g);
+            if within_grace {
+                push_event(
+                    &mut inner,
+                    now,
+                    AuthEventKind::ReuseWithinGrace { refresh_token: fp.clone() },
+                );
+            } else {
+                inner.stats.reuse_detections += 1;
+                if k.reuse_detection {
+                    revoke_family(&mut inner, rt_family);
+                }
+                push_event(
+                    &mut inner,
+                    now,
+                    AuthEventKind::ReuseDetected {
+                        refresh_token: fp,
+                        family_revoked: k.reuse_detection,
+                    },
+                );
+                let why = if k.reuse_detection {
+                    "refresh token reuse detected; every token of this grant is revoked"
+                } else {
+                    "refresh token was rotated"
+                };
+                return Err(OAuthError::new("invalid_grant", why));
+            }
+        }
+        let asked = params.get("scope").map(|s| split_scope(Some(s)));
+        if k.require_scope_on_refresh && asked.as_ref().is_none_or(|a| a.is_empty()) {
+            return Err(OAuthError::new(
+                "invalid_request",
+                "the scope parameter is required on refresh",
+            ));
+        }
+        let scope = match asked {
+            Some(asked) if !asked.is_empty() => {
+                if let Some(extra) = asked.iter().find(|s| !rt_scope.contains(s)) {
+                    return Err(OAuthError::new(
+                        "invalid_scope",
+                        format!("scope {extra} was not granted"),
+                    ));
+                }
+                asked
+            }
+            _ => rt_scope.clone(),
+        };
+        if let (Some(asked), Some(granted)) = (params.get("resource"), &rt_resource)
+            && asked != granted
+        {
+            return Err(OAuthError::new(
+                "invalid_target",
+                "resource differs from the original grant",
+            ));
+        }
+        // Which refresh token the answer carries.
+        let keep = if within_grace {
+            let latest =
+                inner.families.get(rt_family as usize).and_then(|f| f.latest_refresh.clone());
+            Some(latest.unwrap_or_else(|| value.clone()))
+        } else if k.omit_refresh_on_refresh {
+            None
+        } else if k.refresh_rotation {
+            if let Some(rt) = inner.refresh.get_mut(value) {
+                rt.superseded_at = Some(now);
+            }
+            let successor = random_token("rt_");
+            inner.refresh.insert(
+                successor.clone(),
+                Refresh {
+                    client_id: client.id.clone(),
+                    scope: rt_scope.clone(),
+                    resource: rt_resource.clone(),
+                    family: rt_family,
+                    issued: now,
+                    expires: k.refresh_token_lifetime.map(|l| now + l),
+                    superseded_at: None,
+                    revoked: false,
+                },
+            );
+            if let Some(f) = inner.families.get_mut(rt_family as usize) {
+                f.latest_refresh = Some(successor.clone());
+            }
+            Some(successor)
+        } else {
+            Some(value.clone())
+        };
+        let mut tokens =
+            issue(&mut inner, &k, now, &client.id, scope, rt_resource, Some(rt_family), false);
+        tokens.refresh_token = keep;
+        issued_event(&mut inner, now, "refresh_token", &client.id, &tokens);
+        Ok(TokenAnswer { tokens })
+    }
+
+    /// The `client_credentials` grant.
+    pub(crate) fn client_credentials(
+        &self,
+        client: &Client,
+        params: &HashMap<String, String>,
+    ) -> Result<TokenAnswer, OAuthError> {
+        if client.method == AuthMethod::None {
+            return Err(OAuthError::new(
+                "unauthorized_client",
+                "public clients cannot use client_credentials",
+            ));
+        }
+        if !client.grant_types.iter().any(|g| g == "client_credentials") {
+            return Err(OAuthError::new(
+                "unauthorized_client",
+                "client_credentials is not among the client's grant types",
+            ));
+        }
+        let scope = self.resolve_scope(split_scope(params.get("scope").map(String::as_str)))?;
+        let k = self.knobs.get();
+        let now = self.now(&k);
+        let mut inner = self.lock(now);
+        let resource = params.get("resource").cloned();
+        let tokens = issue(&mut inner, &k, now, &client.id, scope, resource, None, false);
+        issued_event(&mut inner, now, "client_credentials", &client.id, &tokens);
+        Ok(TokenAnswer { tokens })
+    }
+
+    /// Mint tokens without HTTP (for tests that need a token to start with).
+    pub(crate) fn mint(
+        &self,
+        client_id: &str,
+        scope: Vec<String>,
+        resource: Option<String>,
+    ) -> IssuedTokens {
+        let k = self.knobs.get();
+        let now = self.now(&k);
+        let mut inner = self.lock(now);
+        let family = inner.families.len() as u64;
+        inner.families.push(Family::default());
+        let tokens = issue(&mut inner, &k, now, client_id, scope, resource, Some(family), true);
+        issued_event(&mut inner, now, "direct", client_id, &tokens);
+        tokens
+    }
+
+    /// Check an access token for the resource server.
+    pub(crate) fn check_access(&self, token: &str) -> Result<Grant, TokenProblem> {
+        let k = self.knobs.get();
+        let now = self.now(&k);
+        let inner = self.lock(now);
+        let access = inner.access.get(token).ok_or(TokenProblem::Unknown)?;
+        let family_revoked =
+            access.family.is_some_and(|f| inner.families.get(f as usize).is_none_or(|f| f.revoked));
+        if access.revoked || family_revoked {
+            return Err(TokenProblem::Revoked);
+        }
+        if now >= access.expires {
+            return Err(TokenProblem::Expired);
+        }
+        Ok(Grant {
+            client_id: access.client_id.clone(),
+            scope: access.scope.clone(),
+            resource: access.resource.clone(),
+            issued: access.issued,
+            expires: access.expires,
+        })
+    }
+
+    /// RFC 7662 introspection of any token.
+    pub(crate) fn introspect(&self, token: &str) -> serde_json::Value {
+        let k = self.knobs.get();
+        let now = self.now(&k);
+        let mut inner = self.lock(now);
+        inner.stats.introspections += 1;
+        drop(inner);
+        if let Ok(grant) = self.check_access(token) {
+            let mut v = serde_json::json!({
+                "active": true,
+                "token_type": "Bearer",
+                "scope": join(&grant.scope),
+                "client_id": grant.client_id,
+                "iat": grant.issued.as_secs(),
+                "exp": grant.expires.as_secs(),
+            });
+            if let Some(aud) = grant.resource {
+                v["aud"] = aud.into();
+            }
+            return v;
+        }
+        let inner = self.lock(now);
+        if let Some(rt) = inner.refresh.get(token) {
+            let family_revoked = inner.families.get(rt.family as usize).is_none_or(|f| f.revoked);
+            let active = !rt.revoked
+                && !family_revoked
+                && rt.superseded_at.is_none()
+                && rt.expires.is_none_or(|e| now <= e);
+            if active {
+                return serde_json::json!({
+                    "active": true,
+                    "token_type": "refresh_token",
+                    "scope": join(&rt.scope),
+                    "client_id": rt.client_id,
+                    "iat": rt.issued.as_secs(),
+                });
+            }
+        }
+        serde_json::json!({ "active": false })
+    }
+
+    /// RFC 7009 revocation by `client`: unknown tokens and other clients' tokens are ignored.
+    pub(crate) fn revoke(&self, client: &Client, token: &str) {
+        let k = self.knobs.get();
+        let now = self.now(&k);
+        let mut inner = self.lock(now);
+        inner.stats.revocations += 1;
+        let mut revoked = false;
+        if let Some(a) = inner.access.get_mut(token)
+            && a.client_id == client.id
+        {
+            a.revoked = true;
+            revoked = true;
+        }
+        if let Some(rt) = inner.refresh.get(token)
+            && rt.client_id == client.id
+        {
+            let family = rt.family;
+            revoke_family(&mut inner, family);
+            revoked = true;
+        }
+        if revoked {
+            push_event(
+                &mut inner,
+                now,
+                AuthEventKind::TokenRevoked { token: TokenFingerprint::of(token) },
+            );
+        }
+    }
+}
+
+fn valid_verifier(v: &str) -> bool {
+    (43..=128).contains(&v.len())
+        && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b))
+}
+
+fn push_event(inner: &mut Inner, at: Timestamp, kind: AuthEventKind) {
+    if inner.events.len() >= EVENT_LOG_LIMIT {
+        inner.events.remove(0);
+    }
+    inner.events.push(AuthEvent { at, kind });
+}
+
+fn issued_event(
+    inner: &mut Inner,
+    now: Timestamp,
+    grant: &str,
+    client_id: &str,
+    tokens: &IssuedTokens,
+) {
+    push_event(
+        inner,
+        now,
+        AuthEventKind::TokensIssued {
+            grant: grant.to_owned(),
+            client_id: client_id.to_owned(),
+            access_token: TokenFingerprint::of(&tokens.access_token),
+            refresh_token: tokens.refresh_token.as_deref().map(TokenFingerprint::of),
+        },
+    );
+}
+
+fn revoke_family(inner: &mut Inner, family: u64) {
+    let Some(f) = inner.families.get_mut(family as usize) else { return };
+    if !f.revoked {
+        f.revoked = true;
+        inner.stats.families_revoked += 1;
+    }
+    inner.refresh.values_mut().filter(|r| r.family == family).for_each(|r| r.revoked = true);
+    inner.access.values_mut().filter(|a| a.family == Some(family)).for_each(|a| a.revoked = true);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn issue(
+    inner: &mut Inner,
+    k: &KnobSettings,
+    now: Timestamp,
+    client_id: &str,
+    scope: Vec<String>,
+    resource: Option<String>,
+    family: Option<u64>,
+    with_refresh: bool,
+) -> IssuedTokens {
+    let access_token = random_token("at_");
+    inner.access.insert(
+        access_token.clone(),
+        Access {
+            client_id: client_id.to_owned(),
+            scope: scope.clone(),
+            resource: resource.clone(),
+            issued: now,
+            expires: now + k.access_token_lifetime,
+            revoked: false,
+            family,
+        },
+    );
+    let refresh_token = match (with_refresh, family) {
+        (true, Some(family)) => {
+            let rt = random_token("rt_");
+            inner.refresh.insert(
+                rt.clone(),
+                Refresh {
+                    client_id: client_id.to_owned(),
+                    scope: scope.clone(),
+                    resource,
+                    family,
+                    issued: now,
+                    expires: k.refresh_token_lifetime.map(|l| now + l),
+                    superseded_at: None,
+                    revoked: false,
+                },
+            );
+            if let Some(f) = inner.families.get_mut(family as usize) {
+                f.latest_refresh = Some(rt.clone());
+            }
+            Some(rt)
+        }
+        _ => None,
+    };
+    IssuedTokens {
+        access_token,
+        refresh_token,
+        expires_in: (!k.omit_expires_in).then_some(k.access_token_lifetime.as_secs()),
+        scope: join(&scope),
+    }
+}

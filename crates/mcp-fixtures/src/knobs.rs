@@ -1,0 +1,335 @@
+//! The knobs: per-instance misbehaviour that a test can change while the server runs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+/// How the authorize endpoint answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Approval {
+    /// Approve at once: redirect with `code`, `state` and `iss`.
+    #[default]
+    Auto,
+    /// Hold the browser's request open until the test calls
+    /// [`AuthServerHandle::approve_pending`](crate::AuthServerHandle::approve_pending) or
+    /// [`AuthServerHandle::deny_pending`](crate::AuthServerHandle::deny_pending). A user who never
+    /// finishes the browser step is a test that never approves.
+    Manual,
+    /// Refuse at once: redirect with `error=access_denied`.
+    Deny,
+}
+
+/// A failure injected into the token endpoint: the `nth` token request after the failure is set
+/// (1-based) and the `times - 1` after it get `status`, with `Retry-After` when given.
+///
+/// ```
+/// use mcp_fixtures::InjectedFailure;
+/// use std::time::Duration;
+/// let f = InjectedFailure::too_many_requests(2, Duration::from_secs(7)).times(3);
+/// assert_eq!(f.status(), 429);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InjectedFailure {
+    nth: u64,
+    times: u64,
+    status: u16,
+    retry_after: Option<Duration>,
+}
+
+impl InjectedFailure {
+    /// A `503 Service Unavailable` on the `nth` token request from now.
+    pub fn server_error(nth: u64) -> Self {
+        InjectedFailure { nth: nth.max(1), times: 1, status: 503, retry_after: None }
+    }
+
+    /// A `429 Too Many Requests` with `Retry-After: <secs>` on the `nth` token request from now.
+    pub fn too_many_requests(nth: u64, retry_after: Duration) -> Self {
+        InjectedFailure { nth: nth.max(1), times: 1, status: 429, retry_after: Some(retry_after) }
+    }
+
+    /// The same failure with another status code (500, 502, ...).
+    pub fn with_status(mut self, status: u16) -> Self {
+        self.status = status;
+        self
+    }
+
+    /// The same failure with a `Retry-After` header.
+    pub fn with_retry_after(mut self, retry_after: Duration) -> Self {
+        self.retry_after = Some(retry_after);
+        self
+    }
+
+    /// Fail `times` consecutive requests instead of one.
+    pub fn times(mut self, times: u64) -> Self {
+        self.times = times.max(1);
+        self
+    }
+
+    /// The HTTP status the failing requests get.
+    pub fn status(&self) -> u16 {
+        self.status
+    }
+
+    /// The `Retry-After` delay, when set.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
+    }
+}
+
+/// The value of every knob. Start a server with these through the builders, read them back
+/// with [`Knobs::get`], change them with the [`Knobs`] setters.
+///
+/// ```
+/// use mcp_fixtures::KnobSettings;
+/// let s = KnobSettings::default();
+/// assert!(s.refresh_rotation && !s.reuse_detection);
+/// assert_eq!(s.expired_token_status, 401);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct KnobSettings {
+    /// How long newly issued access tokens live (default 1 hour).
+    pub access_token_lifetime: Duration,
+    /// How long newly issued refresh tokens live (default: for ever).
+    pub refresh_token_lifetime: Option<Duration>,
+    /// Rotate the refresh token on every refresh (default on). A rotated token is dead.
+    pub refresh_rotation: bool,
+    /// Strict reuse detection: redeeming a rotated refresh token revokes its whole family
+    /// (every refresh and access token descended from the same authorization). Default off.
+    pub reuse_detection: bool,
+    /// A rotated refresh token redeemed again within this window still works: the server
+    /// issues a new access token and returns the family's current refresh token.
+    pub reuse_grace: Option<Duration>,
+    /// Leave `expires_in` out of token responses (the tokens still expire).
+    pub omit_expires_in: bool,
+    /// Leave `refresh_token` out of refresh responses; the old refresh token stays valid.
+    pub omit_refresh_on_refresh: bool,
+    /// Refuse a refresh without a `scope` parameter (Entra-style), with `invalid_request`.
+    pub require_scope_on_refresh: bool,
+    /// Issue a refresh token only when the grant includes `offline_access`.
+    pub refresh_requires_offline_access: bool,
+    /// The status the resource server answers for an expired access token (default 401;
+    /// set 400 to model servers that answer 400 instead).
+    pub expired_token_status: u16,
+    /// Delay every token endpoint answer by this much (real time).
+    pub token_delay: Duration,
+    /// Never answer the token endpoint (until the knob is cleared or the server stops).
+    pub token_hang: bool,
+    /// How the authorize endpoint answers.
+    pub approval: Approval,
+    /// Shift the server's clock by this many milliseconds (positive: ahead). Moving it ahead
+    /// mid-session expires tokens as if that much time had passed on the server only.
+    pub clock_offset_millis: i64,
+}
+
+impl Default for KnobSettings {
+    fn default() -> Self {
+        KnobSettings {
+            access_token_lifetime: Duration::from_secs(3600),
+            refresh_token_lifetime: None,
+            refresh_rotation: true,
+            reuse_detection: false,
+            reuse_grace: None,
+            omit_expires_in: false,
+            omit_refresh_on_refresh: false,
+            require_scope_on_refresh: false,
+            refresh_requires_offline_access: false,
+            expired_token_status: 401,
+            token_delay: Duration::ZERO,
+            token_hang: false,
+            approval: Approval::Auto,
+            clock_offset_millis: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct KnobState {
+    pub(crate) settings: KnobSettings,
+    /// The armed failure and how many token requests it has seen.
+    failure: Option<(InjectedFailure, u64)>,
+    /// Bumped by [`Knobs::revoke_all_tokens`]; the server acts on each bump once.
+    pub(crate) revoke_all_generation: u64,
+}
+
+/// A cloneable handle on one server's knobs. Every setter takes effect on the next request.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), mcp_fixtures::FixtureError> {
+/// use mcp_fixtures::AuthServer;
+/// use std::time::Duration;
+/// let server = AuthServer::builder().spawn().await?;
+/// let knobs = server.knobs();
+/// knobs.set_access_token_lifetime(Duration::from_secs(5));
+/// knobs.set_reuse_detection(true);
+/// assert_eq!(knobs.get().access_token_lifetime, Duration::from_secs(5));
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Knobs {
+    state: Arc<watch::Sender<KnobState>>,
+}
+
+impl Knobs {
+    pub(crate) fn new(settings: KnobSettings) -> Self {
+        Knobs {
+            state: Arc::new(watch::Sender::new(KnobState {
+                settings,
+                failure: None,
+                revoke_all_generation: 0,
+            })),
+        }
+    }
+
+    /// A snapshot of every knob.
+    pub fn get(&self) -> KnobSettings {
+        self.state.borrow().settings.clone()
+    }
+
+    /// Change any knobs at once.
+    pub fn update(&self, change: impl FnOnce(&mut KnobSettings)) {
+        self.state.send_modify(|s| change(&mut s.settings));
+    }
+
+    /// Replace every knob.
+    pub fn set_all(&self, settings: KnobSettings) {
+        self.update(|s| *s = settings);
+    }
+
+    /// Lifetime of access tokens issued from now on.
+    pub fn set_access_token_lifetime(&self, lifetime: Duration) {
+        self.update(|s| s.access_token_lifetime = lifetime);
+    }
+
+    /// Lifetime of refresh tokens issued from now on (`None`: for ever).
+    pub fn set_refresh_token_lifetime(&self, lifetime: Option<Duration>) {
+        self.update(|s| s.refresh_token_lifetime = lifetime);
+    }
+
+    /// Refresh-token rotation on or off.
+    pub fn set_refresh_rotation(&self, on: bool) {
+        self.update(|s| s.refresh_rotation = on);
+    }
+
+    /// Strict reuse detection on or off.
+    pub fn set_reuse_detection(&self, on: bool) {
+        self.update(|s| s.reuse_detection = on);
+    }
+
+    /// The grace window in which a rotated refresh token still works.
+    pub fn set_reuse_grace(&self, grace: Option<Duration>) {
+        self.update(|s| s.reuse_grace = grace);
+    }
+
+    /// Omit `expires_in` from token responses.
+    pub fn set_omit_expires_in(&self, on: bool) {
+        self.update(|s| s.omit_expires_in = on);
+    }
+
+    /// Omit the refresh token from refresh responses.
+    pub fn set_omit_refresh_on_refresh(&self, on: bool) {
+        self.update(|s| s.omit_refresh_on_refresh = on);
+    }
+
+    /// Require `scope` on refresh (Entra-style).
+    pub fn set_require_scope_on_refresh(&self, on: bool) {
+        self.update(|s| s.require_scope_on_refresh = on);
+    }
+
+    /// Issue refresh tokens only to grants that include `offline_access`.
+    pub fn set_refresh_requires_offline_access(&self, on: bool) {
+        self.update(|s| s.refresh_requires_offline_access = on);
+    }
+
+    /// The status the resource server answers for an expired token (401, or 400 to misbehave).
+    pub fn set_expired_token_status(&self, status: u16) {
+        self.update(|s| s.expired_token_status = status);
+    }
+
+    /// Delay every token endpoint answer.
+    pub fn set_token_delay(&self, delay: Duration) {
+        self.update(|s| s.token_delay = delay);
+    }
+
+    /// Make the token endpoint hang (never answer) or answer again.
+    pub fn set_token_hang(&self, hang: bool) {
+        self.update(|s| s.token_hang = hang);
+    }
+
+    /// How the authorize endpoint answers.
+    pub fn set_approval(&self, approval: Approval) {
+        self.update(|s| s.approval = approval);
+    }
+
+    /// Shift the server's clock (milliseconds, positive: ahead).
+    pub fn set_clock_offset_millis(&self, offset: i64) {
+        self.update(|s| s.clock_offset_millis = offset);
+    }
+
+    /// Arm a failure on the token endpoint, replacing any armed one.
+    pub fn fail_token_requests(&self, failure: InjectedFailure) {
+        self.state.send_modify(|s| s.failure = Some((failure, 0)));
+    }
+
+    /// Disarm the token endpoint failure.
+    pub fn clear_failure(&self) {
+        self.state.send_modify(|s| s.failure = None);
+    }
+
+    /// Revoke every access and refresh token issued so far (server-side invalidation).
+    pub fn revoke_all_tokens(&self) {
+        self.state.send_modify(|s| s.revoke_all_generation += 1);
+    }
+
+    pub(crate) fn revoke_all_generation(&self) -> u64 {
+        self.state.borrow().revoke_all_generation
+    }
+
+    /// Count one token request against the armed failure; the failure to answer with, if any.
+    pub(crate) fn take_failure(&self) -> Option<InjectedFailure> {
+        let mut fire = None;
+        self.state.send_if_modified(|s| {
+            let Some((failure, seen)) = s.failure.as_mut() else { return false };
+            *seen += 1;
+            if *seen >= failure.nth {
+                fire = Some(*failure);
+            }
+            if *seen >= failure.nth + failure.times - 1 {
+                s.failure = None;
+            }
+            false
+        });
+        fire
+    }
+
+    /// Resolves once `token_hang` is off.
+    pub(crate) async fn hang_cleared(&self) {
+        let mut rx = self.state.subscribe();
+        // The sender lives as long as this `Knobs`, so `wait_for` only fails if it is gone.
+        let _ = rx.wait_for(|s| !s.settings.token_hang).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_fires_on_the_nth_request_for_the_given_times() {
+        let knobs = Knobs::new(KnobSettings::default());
+        knobs.fail_token_requests(InjectedFailure::server_error(2).times(2));
+        let fired: Vec<bool> = (0..5).map(|_| knobs.take_failure().is_some()).collect();
+        assert_eq!(fired, [false, true, true, false, false]);
+    }
+
+    #[test]
+    fn no_failure_when_none_is_armed() {
+        let knobs = Knobs::new(KnobSettings::default());
+        assert!(knobs.take_failure().is_none());
+        knobs.fail_token_requests(InjectedFailure::server_error(1));
+        knobs.clear_failure();
+        assert!(knobs.take_failure().is_none());
+    }
+}

@@ -1,0 +1,474 @@
+//! The MCP resource server fixture: an rmcp streamable-HTTP server behind bearer authentication.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::handler::server::wrapper::Parameters;
+use rmcp::model::{ServerCapabilities, ServerConfig};
+use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
+use rmcp::{ServerHandler, schemars, tool, tool_handler, tool_router};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{AuthServerHandle, Core, TokenProblem};
+use crate::error::FixtureError;
+use crate::stats::ResourceStats;
+
+/// Largest JSON-RPC body the scope check reads.
+const MAX_BODY: usize = 4 * 1024 * 1024;
+
+#[derive(Debug, Default)]
+struct Shared {
+    counter: AtomicU64,
+    stats: Mutex<ResourceStats>,
+}
+
+impl Shared {
+    fn stats(&self) -> std::sync::MutexGuard<'_, ResourceStats> {
+        self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn tool_called(&self, name: &str) {
+        *self.stats().tool_calls.entry(name.to_owned()).or_insert(0) += 1;
+    }
+}
+
+#[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
+struct EchoArgs {
+    /// The text to send back.
+    text: String,
+}
+
+#[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
+struct SlowArgs {
+    /// How long to sleep, in milliseconds.
+    ms: u64,
+}
+
+/// The MCP server: tools `echo`, `slow` and `counter`.
+#[derive(Debug, Clone)]
+struct FixtureTools {
+    shared: Arc<Shared>,
+    #[allow(dead_code)] // Read by the code that `tool_handler` generates.
+    tool_router: ToolRouter<Self>,
+}
+
+#[tool_router]
+impl FixtureTools {
+    fn new(shared: Arc<Shared>) -> Self {
+        FixtureTools { shared, tool_router: Self::tool_router() }
+    }
+
+    #[tool(description = "Send the text back.")]
+    fn echo(&self, Parameters(EchoArgs { text }): Parameters<EchoArgs>) -> String {
+        self.shared.tool_called("echo");
+        text
+    }
+
+    #[tool(description = "Sleep for `ms` milliseconds, then answer.")]
+    async fn slow(&self, Parameters(SlowArgs { ms }): Parameters<SlowArgs>) -> String {
+        self.shared.tool_called("slow");
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        format!("slept {ms} ms")
+    }
+
+    #[tool(description = "Add one to a counter shared by every session, and return it.")]
+    fn counter(&self) -> String {
+        self.shared.tool_called("counter");
+        (self.shared.counter.fetch_add(1, Ordering::SeqCst) + 1).to_string()
+    }
+}
+
+#[tool_handler]
+impl ServerHandler for FixtureTools {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+            .with_instructions("mcp-fixtures resource server: tools echo, slow, counter")
+    }
+}
+
+/// The MCP resource server fixture. Start one with [`ResourceServer::builder`].
+#[derive(Debug)]
+pub struct ResourceServer;
+
+impl ResourceServer {
+    /// A builder for a resource server that trusts `auth`, validating tokens in process.
+    ///
+    /// Defaults: MCP endpoint `/mcp`; every request needs `mcp:tools`; the `counter` tool also
+    /// needs `mcp:write`; protected-resource metadata at both the path-based and the root
+    /// well-known URL; `scopes_supported` copied from the authorization server.
+    pub fn builder(auth: &AuthServerHandle) -> ResourceServerBuilder {
+        ResourceServerBuilder {
+            core: auth.core.clone(),
+            issuer: auth.issuer().to_owned(),
+            port: 0,
+            path: "/mcp".into(),
+            required_scopes: vec!["mcp:tools".into()],
+            tool_scopes: HashMap::from([("counter".to_owned(), vec!["mcp:write".to_owned()])]),
+            scopes_supported: Some(auth.scopes_supported().to_vec()),
+            path_metadata: true,
+            root_metadata: true,
+            scope_in_challenge: true,
+        }
+    }
+}
+
+/// Configures and starts a [`ResourceServer`].
+#[derive(Debug)]
+pub struct ResourceServerBuilder {
+    core: Arc<Core>,
+    issuer: String,
+    port: u16,
+    path: String,
+    required_scopes: Vec<String>,
+    tool_scopes: HashMap<String, Vec<String>>,
+    scopes_supported: Option<Vec<String>>,
+    path_metadata: bool,
+    root_metadata: bool,
+    scope_in_challenge: bool,
+}
+
+impl ResourceServerBuilder {
+    /// Listen on this loopback port (0, the default: any free port).
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = port;
+        self
+    }
+    /// The MCP endpoint path (default `/mcp`).
+    pub fn path(mut self, path: impl Into<String>) -> Self {
+        self.path = path.into();
+        self
+    }
+    /// The scopes every MCP request needs (default `mcp:tools`).
+    pub fn required_scopes<S: Into<String>>(mut self, scopes: impl IntoIterator<Item = S>) -> Self {
+        self.required_scopes = scopes.into_iter().map(Into::into).collect();
+        self
+    }
+    /// The extra scopes a call to `tool` needs; an empty list removes the requirement.
+    pub fn tool_scopes<S: Into<String>>(
+        mut self,
+        tool: &str,
+        scopes: impl IntoIterator<Item = S>,
+    ) -> Self {
+        let scopes: Vec<String> = scopes.into_iter().map(Into::into).collect();
+        if scopes.is_empty() {
+            self.tool_scopes.remove(tool);
+        } else {
+            self.tool_scopes.insert(tool.to_owned(), scopes);
+        }
+        self
+    }
+    /// The `scopes_supported` of the protected-resource metadata (`None`: leave it out).
+    pub fn scopes_supported<S: Into<String>>(mut self, scopes: Option<Vec<S>>) -> Self {
+        self.scopes_supported = scopes.map(|s| s.into_iter().map(Into::into).collect());
+        self
+    }
+    /// Serve the metadata at `/.well-known/oauth-protected-resource<path>` (default true).
+    pub fn path_metadata(mut self, on: bool) -> Self {
+        self.path_metadata = on;
+        self
+    }
+    /// Serve the metadata at `/.well-known/oauth-protected-resource` (default true).
+    pub fn root_metadata(mut self, on: bool) -> Self {
+        self.root_metadata = on;
+        self
+    }
+    /// Put `scope="..."` in 401 challenges (default true).
+    pub fn scope_in_challenge(mut self, on: bool) -> Self {
+        self.scope_in_challenge = on;
+        self
+    }
+
+    /// Bind 127.0.0.1 and start serving.
+    ///
+    /// # Errors
+    /// [`FixtureError::Bind`] when the port is taken; [`FixtureError::InvalidConfig`] for a
+    /// path without a leading `/`.
+    pub async fn spawn(self) -> Result<ResourceServerHandle, FixtureError> {
+        if !self.path.starts_with('/') || self.path.len() < 2 {
+            return Err(FixtureError::InvalidConfig(
+                "the MCP path must start with '/' and name something".into(),
+            ));
+        }
+        let listener = TcpListener::bind(("127.0.0.1", self.port))
+            .await
+            .map_err(|source| FixtureError::Bind { port: self.port, source })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| FixtureError::Bind { port: self.port, source })?;
+        let base_url = format!("http://{addr}");
+        let url = format!("{base_url}{}", self.path);
+        let metadata_url = if self.path_metadata || !self.root_metadata {
+            format!("{base_url}/.well-known/oauth-protected-resource{}", self.path)
+        } else {
+            format!("{base_url}/.well-known/oauth-protected-resource")
+        };
+        let shared = Arc::new(Shared::default());
+        let shutdown = CancellationToken::new();
+
+        let mut prm = json!({
+            "resource": url,
+            "authorization_servers": [self.issuer],
+            "bearer_methods_supported": ["header"],
+            "resource_name": "mcp-fixtures",
+        });
+        if let Some(scopes) = &self.scopes_supported {
+            prm["scopes_supported"] = scopes.clone().into();
+        }
+        let guard = Arc::new(Guard {
+            core: self.core,
+            resource: url.clone(),
+            metadata_url: metadata_url.clone(),
+            required: self.required_scopes,
+            tool_scopes: self.tool_scopes,
+            scope_in_challenge: self.scope_in_challenge,
+            shared: shared.clone(),
+        });
+
+        let factory_shared = shared.clone();
+        let config =
+            StreamableHttpServerConfig::default().with_cancellation_token(shutdown.child_token());
+        let service: StreamableHttpService<FixtureTools, LocalSessionManager> =
+            StreamableHttpService::new(
+                move || Ok(FixtureTools::new(factory_shared.clone())),
+                Arc::new(LocalSessionManager::default()),
+                config,
+            );
+        let mcp = Router::new()
+            .route_service(&self.path, service)
+            .layer(middleware::from_fn_with_state(guard, bearer_guard));
+        let mut router = Router::new();
+        if self.path_metadata {
+            let doc = prm.clone();
+            router = router.route(
+                &format!("/.well-known/oauth-protected-resource{}", self.path),
+                get(move || async move { axum::Json(doc) }),
+            );
+        }
+        if self.root_metadata {
+            router = router.route(
+                "/.well-known/oauth-protected-resource",
+                get(move || async move { axum::Json(prm) }),
+            );
+        }
+        let router = router.merge(mcp);
+
+        let stop = shutdown.clone();
+        let task = tokio::spawn(async move {
+            let served =
+                axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).await;
+            if let Err(e) = served {
+                tracing::warn!(error = %e, "resource server stopped with an error");
+            }
+        });
+        tracing::debug!(%url, "resource server listening");
+        Ok(ResourceServerHandle { url, base_url, metadata_url, shared, shutdown, task: Some(task) })
+    }
+}
+
+/// A running [`ResourceServer`]. It stops when the handle is dropped or on
+/// [`ResourceServerHandle::shutdown`].
+#[derive(Debug)]
+pub struct ResourceServerHandle {
+    url: String,
+    base_url: String,
+    metadata_url: String,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+impl ResourceServerHandle {
+    /// The MCP endpoint, e.g. `http://127.0.0.1:41235/mcp`; also the RFC 8707 resource.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+    /// The origin, `http://127.0.0.1:PORT`.
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+    /// The protected-resource metadata URL that 401 challenges name.
+    pub fn resource_metadata_url(&self) -> &str {
+        &self.metadata_url
+    }
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> ResourceStats {
+        self.shared.stats().clone()
+    }
+    /// The value of the `counter` tool (how many times it ran).
+    pub fn counter(&self) -> u64 {
+        self.shared.counter.load(Ordering::SeqCst)
+    }
+    /// Stop the server and wait for it to finish.
+    ///
+    /// # Errors
+    /// [`FixtureError::Server`] when the server task panicked.
+    pub async fn shutdown(mut self) -> Result<(), FixtureError> {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            task.await.map_err(|e| FixtureError::Server(Box::new(e)))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ResourceServerHandle {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+#[derive(Debug)]
+struct Guard {
+    core: Arc<Core>,
+    resource: String,
+    metadata_url: String,
+    required: Vec<String>,
+    tool_scopes: HashMap<String, Vec<String>>,
+    scope_in_challenge: bool,
+    shared: Arc<Shared>,
+}
+
+impl Guard {
+    fn unauthorized(&self, status: StatusCode, error: Option<&str>) -> Response {
+        self.shared.stats().unauthorized += 1;
+        let mut challenge = format!("Bearer resource_metadata=\"{}\"", self.metadata_url);
+        if self.scope_in_challenge && !self.required.is_empty() {
+            challenge.push_str(&format!(", scope=\"{}\"", self.required.join(" ")));
+        }
+        let mut body = json!({ "error": "invalid_token" });
+        if let Some(description) = error {
+            challenge.push_str(&format!(
+                ", error=\"invalid_token\", error_description=\"{description}\""
+            ));
+            body["error_description"] = description.into();
+        } else {
+            body = json!({ "error": "unauthorized", "error_description": "a bearer token is required" });
+        }
+        with_challenge(status, &challenge, body)
+    }
+
+    fn forbidden(&self, needed: &[String]) -> Response {
+        self.shared.stats().forbidden += 1;
+        let scope = needed.join(" ");
+        let challenge = format!(
+            "Bearer error=\"insufficient_scope\", scope=\"{scope}\", resource_metadata=\"{}\", error_description=\"the token lacks scope {scope}\"",
+            self.metadata_url
+        );
+        with_challenge(
+            StatusCode::FORBIDDEN,
+            &challenge,
+            json!({ "error": "insufficient_scope", "scope": scope }),
+        )
+    }
+
+    fn audience_ok(&self, resource: Option<&str>) -> bool {
+        resource.is_none_or(|r| r.trim_end_matches('/') == self.resource.trim_end_matches('/'))
+    }
+}
+
+fn with_challenge(status: StatusCode, challenge: &str, body: Value) -> Response {
+    let mut resp = (status, axum::Json(body)).into_response();
+    if let Ok(v) = HeaderValue::from_str(challenge) {
+        resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+    }
+    resp
+}
+
+fn bearer(req: &Request) -> Option<String> {
+    let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    (scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty())
+        .then(|| token.trim().to_owned())
+}
+
+/// Names of the tools a JSON-RPC message (or batch) calls.
+fn called_tools(message: &Value) -> Vec<String> {
+    let one = |m: &Value| {
+        (m.get("method").and_then(Value::as_str) == Some("tools/call"))
+            .then(|| m.pointer("/params/name").and_then(Value::as_str).map(str::to_owned))
+            .flatten()
+    };
+    match message {
+        Value::Array(items) => items.iter().filter_map(one).collect(),
+        other => one(other).into_iter().collect(),
+    }
+}
+
+async fn bearer_guard(State(guard): State<Arc<Guard>>, req: Request, next: Next) -> Response {
+    guard.shared.stats().requests += 1;
+    let Some(token) = bearer(&req) else {
+        return guard.unauthorized(StatusCode::UNAUTHORIZED, None);
+    };
+    let grant = match guard.core.check_access(&token) {
+        Ok(grant) => grant,
+        Err(TokenProblem::Expired) => {
+            let status = StatusCode::from_u16(guard.core.knobs.get().expired_token_status)
+                .unwrap_or(StatusCode::UNAUTHORIZED);
+            return guard.unauthorized(status, Some("the access token expired"));
+        }
+        Err(TokenProblem::Revoked) => {
+            return guard
+                .unauthorized(StatusCode::UNAUTHORIZED, Some("the access token was revoked"));
+        }
+        Err(TokenProblem::Unknown) => {
+            return guard.unauthorized(StatusCode::UNAUTHORIZED, Some("unknown access token"));
+        }
+    };
+    if !guard.audience_ok(grant.resource.as_deref()) {
+        return guard.unauthorized(
+            StatusCode::UNAUTHORIZED,
+            Some("the access token is for another resource"),
+        );
+    }
+    let lacks = |needed: &[String]| needed.iter().any(|s| !grant.scope.contains(s));
+    if lacks(&guard.required) {
+        return guard.forbidden(&guard.required);
+    }
+    if req.method() != Method::POST || guard.tool_scopes.is_empty() {
+        return next.run(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, MAX_BODY).await else {
+        return (StatusCode::PAYLOAD_TOO_LARGE, "request body too large").into_response();
+    };
+    if let Ok(message) = serde_json::from_slice::<Value>(&bytes) {
+        for tool in called_tools(&message) {
+            if let Some(extra) = guard.tool_scopes.get(&tool)
+                && lacks(extra)
+            {
+                let mut needed = guard.required.clone();
+                needed.extend(extra.iter().filter(|s| !guard.required.contains(s)).cloned());
+                return guard.forbidden(&needed);
+            }
+        }
+    }
+    next.run(Request::from_parts(parts, Body::from(bytes))).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tool_names_are_found_in_single_messages_and_batches() {
+        let single =
+            json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"counter"}});
+        assert_eq!(called_tools(&single), ["counter"]);
+        let batch = json!([single, {"jsonrpc":"2.0","id":2,"method":"tools/list"}]);
+        assert_eq!(called_tools(&batch), ["counter"]);
+        assert!(called_tools(&json!({"method":"tools/list"})).is_empty());
+    }
+}
