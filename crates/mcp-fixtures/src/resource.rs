@@ -248,7 +248,7 @@ impl ResourceServerBuilder {
             );
         let mcp = Router::new()
             .route_service(&self.path, service)
-            .layer(middleware::from_fn_with_state(guard, bearer_guard));
+            .route_layer(middleware::from_fn_with_state(guard, bearer_guard));
         let mut router = Router::new();
         if self.path_metadata {
             let doc = prm.clone();

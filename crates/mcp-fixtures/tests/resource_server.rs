@@ -1,0 +1,292 @@
+//! The MCP resource server through real HTTP on 127.0.0.1: protected-resource metadata,
+//! challenges, scope checks, and tool calls with rmcp's own streamable-HTTP client.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use mcp_clock::ManualClock;
+use mcp_fixtures::{AuthServer, ClientAuth, Fixtures, KnobSettings, ResourceServer};
+use rmcp::model::CallToolRequestParams;
+use rmcp::service::RunningService;
+use rmcp::transport::StreamableHttpClientTransport;
+use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+use rmcp::{RoleClient, ServiceExt};
+use serde_json::{Value, json};
+
+const INITIALIZE: &str = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"0"}}}"#;
+
+async fn post_mcp(url: &str, token: Option<&str>, body: &str) -> reqwest::Response {
+    let mut req = http()
+        .post(url)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .body(body.to_owned());
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    req.send().await.unwrap()
+}
+
+fn challenge(resp: &reqwest::Response) -> String {
+    resp.headers()["www-authenticate"].to_str().unwrap().to_owned()
+}
+
+async fn connect(url: &str, token: &str) -> RunningService<RoleClient, ()> {
+    let config =
+        StreamableHttpClientTransportConfig::with_uri(url.to_owned()).auth_header(token.to_owned());
+    let transport = StreamableHttpClientTransport::with_client(http(), config);
+    tokio::time::timeout(Duration::from_secs(10), ().serve(transport))
+        .await
+        .expect("handshake hangs")
+        .expect("handshake")
+}
+
+fn text(result: &rmcp::model::CallToolResult) -> String {
+    result.content[0].as_text().expect("text content").text.clone()
+}
+
+fn args(v: Value) -> serde_json::Map<String, Value> {
+    v.as_object().unwrap().clone()
+}
+
+#[tokio::test]
+async fn protected_resource_metadata_at_path_and_root() {
+    let fx = Fixtures::start().await.unwrap();
+    let rs = fx.resource();
+    assert_eq!(
+        rs.resource_metadata_url(),
+        format!("{}/.well-known/oauth-protected-resource/mcp", rs.base_url())
+    );
+    for url in [
+        rs.resource_metadata_url().to_owned(),
+        format!("{}/.well-known/oauth-protected-resource", rs.base_url()),
+    ] {
+        let doc: Value = http().get(&url).send().await.unwrap().json().await.unwrap();
+        assert_eq!(doc["resource"], rs.url());
+        assert_eq!(doc["authorization_servers"], json!([fx.auth().issuer()]));
+        assert_eq!(
+            doc["scopes_supported"],
+            json!(["mcp:tools", "mcp:read", "mcp:write", "offline_access"])
+        );
+    }
+}
+
+#[tokio::test]
+async fn metadata_locations_can_be_switched_off() {
+    let auth = AuthServer::builder().spawn().await.unwrap();
+    let rs = ResourceServer::builder(&auth)
+        .root_metadata(false)
+        .scopes_supported(None::<Vec<String>>)
+        .spawn()
+        .await
+        .unwrap();
+    let root = http()
+        .get(format!("{}/.well-known/oauth-protected-resource", rs.base_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(root.status(), 404);
+    let doc: Value =
+        http().get(rs.resource_metadata_url()).send().await.unwrap().json().await.unwrap();
+    assert!(doc.get("scopes_supported").is_none());
+    let rs = ResourceServer::builder(&auth).path_metadata(false).spawn().await.unwrap();
+    assert_eq!(
+        rs.resource_metadata_url(),
+        format!("{}/.well-known/oauth-protected-resource", rs.base_url())
+    );
+    let path = http()
+        .get(format!("{}/.well-known/oauth-protected-resource/mcp", rs.base_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(path.status(), 404);
+}
+
+#[tokio::test]
+async fn missing_and_unknown_tokens_get_401_with_a_correct_challenge() {
+    let fx = Fixtures::start().await.unwrap();
+    let rs = fx.resource();
+    let resp = post_mcp(rs.url(), None, INITIALIZE).await;
+    assert_eq!(resp.status(), 401);
+    assert_eq!(
+        challenge(&resp),
+        format!("Bearer resource_metadata=\"{}\", scope=\"mcp:tools\"", rs.resource_metadata_url())
+    );
+    let resp = post_mcp(rs.url(), Some("at_made_up"), INITIALIZE).await;
+    assert_eq!(resp.status(), 401);
+    let c = challenge(&resp);
+    assert!(c.starts_with(&format!(
+        "Bearer resource_metadata=\"{}\", scope=\"mcp:tools\"",
+        rs.resource_metadata_url()
+    )));
+    assert!(c.contains("error=\"invalid_token\""), "{c}");
+    assert_eq!(rs.stats().unauthorized, 2);
+}
+
+#[tokio::test]
+async fn expired_tokens_get_401_or_the_status_the_knob_says() {
+    let clock = ManualClock::default();
+    let fx = Fixtures::start_with(clock.shared(), KnobSettings::default()).await.unwrap();
+    fx.auth().knobs().set_access_token_lifetime(Duration::from_secs(30));
+    let client = register(fx.auth(), ClientAuth::None);
+    let tokens = fx.auth().issue_tokens(&client.id, "mcp:tools", Some(fx.resource().url()));
+    assert_eq!(
+        post_mcp(fx.resource().url(), Some(tokens.access_token()), INITIALIZE).await.status(),
+        200
+    );
+    clock.advance(Duration::from_secs(30));
+    let resp = post_mcp(fx.resource().url(), Some(tokens.access_token()), INITIALIZE).await;
+    assert_eq!(resp.status(), 401);
+    assert!(challenge(&resp).contains("error=\"invalid_token\""));
+    fx.auth().knobs().set_expired_token_status(400);
+    let resp = post_mcp(fx.resource().url(), Some(tokens.access_token()), INITIALIZE).await;
+    assert_eq!(resp.status(), 400, "the misbehaving server answers 400 for an expired token");
+}
+
+#[tokio::test]
+async fn tokens_for_another_resource_or_without_the_base_scope_are_refused() {
+    let fx = Fixtures::start().await.unwrap();
+    let client = register(fx.auth(), ClientAuth::None);
+    let elsewhere = fx.auth().issue_tokens(&client.id, "mcp:tools", Some("http://127.0.0.1:1/mcp"));
+    let resp = post_mcp(fx.resource().url(), Some(elsewhere.access_token()), INITIALIZE).await;
+    assert_eq!(resp.status(), 401);
+    let read_only = fx.auth().issue_tokens(&client.id, "mcp:read", None);
+    let resp = post_mcp(fx.resource().url(), Some(read_only.access_token()), INITIALIZE).await;
+    assert_eq!(resp.status(), 403);
+    assert!(
+        challenge(&resp).starts_with("Bearer error=\"insufficient_scope\", scope=\"mcp:tools\"")
+    );
+}
+
+#[tokio::test]
+async fn tools_echo_slow_and_counter_through_the_rmcp_client() {
+    let fx = Fixtures::start().await.unwrap();
+    let client = register(fx.auth(), ClientAuth::None);
+    let tokens =
+        fx.auth().issue_tokens(&client.id, "mcp:tools mcp:write", Some(fx.resource().url()));
+    let mcp = connect(fx.resource().url(), tokens.access_token()).await;
+    let mut names: Vec<String> =
+        mcp.list_all_tools().await.unwrap().into_iter().map(|t| t.name.to_string()).collect();
+    names.sort();
+    assert_eq!(names, ["counter", "echo", "slow"]);
+    let echoed = mcp
+        .call_tool(CallToolRequestParams::new("echo").with_arguments(args(json!({"text": "hi"}))))
+        .await
+        .unwrap();
+    assert_eq!(text(&echoed), "hi");
+    let slept = mcp
+        .call_tool(CallToolRequestParams::new("slow").with_arguments(args(json!({"ms": 20}))))
+        .await
+        .unwrap();
+    assert_eq!(text(&slept), "slept 20 ms");
+    for expected in ["1", "2"] {
+        assert_eq!(
+            text(&mcp.call_tool(CallToolRequestParams::new("counter")).await.unwrap()),
+            expected
+        );
+    }
+    assert_eq!(fx.resource().counter(), 2);
+    let stats = fx.resource().stats();
+    assert_eq!(
+        (stats.tool_calls["echo"], stats.tool_calls["slow"], stats.tool_calls["counter"]),
+        (1, 1, 2)
+    );
+    mcp.cancel().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_tool_that_needs_more_scope_gets_403_insufficient_scope() {
+    let fx = Fixtures::start().await.unwrap();
+    let client = register(fx.auth(), ClientAuth::None);
+    let tokens = fx.auth().issue_tokens(&client.id, "mcp:tools", Some(fx.resource().url()));
+    // Raw HTTP: the exact challenge.
+    let call = r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"counter","arguments":{}}}"#;
+    let resp = post_mcp(fx.resource().url(), Some(tokens.access_token()), call).await;
+    assert_eq!(resp.status(), 403);
+    let c = challenge(&resp);
+    assert!(
+        c.starts_with("Bearer error=\"insufficient_scope\", scope=\"mcp:tools mcp:write\""),
+        "{c}"
+    );
+    assert!(
+        c.contains(&format!("resource_metadata=\"{}\"", fx.resource().resource_metadata_url()))
+    );
+    // Through rmcp: echo works, counter fails with the challenge, and never ran.
+    let mcp = connect(fx.resource().url(), tokens.access_token()).await;
+    mcp.call_tool(CallToolRequestParams::new("echo").with_arguments(args(json!({"text": "x"}))))
+        .await
+        .unwrap();
+    let err = mcp.call_tool(CallToolRequestParams::new("counter")).await.unwrap_err();
+    assert!(err.auth_challenge().is_some_and(|c| c.contains("insufficient_scope")), "{err:?}");
+    assert_eq!(fx.resource().counter(), 0);
+    assert_eq!(fx.resource().stats().forbidden, 2);
+}
+
+#[tokio::test]
+async fn tool_scopes_are_configurable() {
+    let auth = AuthServer::builder().spawn().await.unwrap();
+    let rs = ResourceServer::builder(&auth)
+        .required_scopes(["mcp:read"])
+        .tool_scopes("counter", Vec::<String>::new())
+        .tool_scopes("echo", ["mcp:write"])
+        .spawn()
+        .await
+        .unwrap();
+    let client = register(&auth, ClientAuth::None);
+    let tokens = auth.issue_tokens(&client.id, "mcp:read", None);
+    let mcp = connect(rs.url(), tokens.access_token()).await;
+    assert_eq!(text(&mcp.call_tool(CallToolRequestParams::new("counter")).await.unwrap()), "1");
+    let err = mcp
+        .call_tool(CallToolRequestParams::new("echo").with_arguments(args(json!({"text": "x"}))))
+        .await
+        .unwrap_err();
+    assert!(
+        err.auth_challenge().is_some_and(|c| c.contains("scope=\"mcp:read mcp:write\"")),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn revoking_mid_session_turns_the_next_call_into_a_401_challenge() {
+    let fx = Fixtures::start().await.unwrap();
+    let client = register(fx.auth(), ClientAuth::None);
+    let tokens = fx.auth().issue_tokens(&client.id, "mcp:tools", Some(fx.resource().url()));
+    let mcp = connect(fx.resource().url(), tokens.access_token()).await;
+    mcp.call_tool(
+        CallToolRequestParams::new("echo").with_arguments(args(json!({"text": "before"}))),
+    )
+    .await
+    .unwrap();
+    fx.auth().revoke_all_tokens();
+    let err = mcp
+        .call_tool(
+            CallToolRequestParams::new("echo").with_arguments(args(json!({"text": "after"}))),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.is_authorization_required(), "{err:?}");
+    let c = err.auth_challenge().unwrap();
+    assert!(c.contains("error=\"invalid_token\"") && c.contains("resource_metadata="), "{c}");
+}
+
+#[tokio::test]
+async fn a_full_oauth_flow_then_a_tool_call() {
+    let fx = Fixtures::start().await.unwrap();
+    let client = register(fx.auth(), ClientAuth::ClientSecretBasic);
+    let tokens = code_flow(
+        fx.auth(),
+        &client,
+        Some("mcp:tools mcp:write offline_access"),
+        Some(fx.resource().url()),
+    )
+    .await;
+    let mcp = connect(fx.resource().url(), &s(&tokens, "access_token")).await;
+    assert_eq!(text(&mcp.call_tool(CallToolRequestParams::new("counter")).await.unwrap()), "1");
+    let rt = s(&tokens, "refresh_token");
+    let refreshed: Value = refresh(fx.auth(), &client, &rt, None).await.json().await.unwrap();
+    let mcp2 = connect(fx.resource().url(), &s(&refreshed, "access_token")).await;
+    assert_eq!(text(&mcp2.call_tool(CallToolRequestParams::new("counter")).await.unwrap()), "2");
+    assert_eq!(fx.auth().stats().max_refresh_redemptions(), 1);
+}
