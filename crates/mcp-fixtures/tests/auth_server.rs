@@ -643,3 +643,57 @@ async fn resource_indicator_must_stay_the_same_from_authorize_to_token() {
     let resp = post_form(&auth.token_endpoint(), &client, &form).await;
     assert_eq!(oauth_error(resp).await, (400, "invalid_target".into()));
 }
+
+#[tokio::test]
+async fn debug_output_of_the_handle_never_shows_tokens_or_secrets() {
+    let auth = server().await;
+    let client = register(&auth, ClientAuth::ClientSecretBasic);
+    let tokens = code_flow(&auth, &client, None, None).await;
+    let printed = format!("{auth:?} {:?} {:?}", auth.stats(), auth.events());
+    for secret in
+        [s(&tokens, "access_token"), s(&tokens, "refresh_token"), client.secret.clone().unwrap()]
+    {
+        assert!(!printed.contains(&secret), "leaked in {printed}");
+    }
+    assert!(printed.contains("access_tokens: 1"), "{printed}");
+}
+
+/// The race: many requests redeem the same refresh token at once. The server must serialise
+/// them so that exactly one rotation happens and every other redemption is seen as reuse; a
+/// server that checked and rotated in separate steps would let two succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_redemptions_of_one_refresh_token_rotate_exactly_once() {
+    let auth = server().await;
+    auth.knobs().set_reuse_detection(true);
+    let client = register(&auth, ClientAuth::None);
+    let rt = s(&code_flow(&auth, &client, None, None).await, "refresh_token");
+    let url = auth.token_endpoint();
+    let tasks: Vec<_> = (0..32)
+        .map(|_| {
+            let (url, client, rt) = (url.clone(), client.clone(), rt.clone());
+            tokio::spawn(async move {
+                post_form(
+                    &url,
+                    &client,
+                    &[("grant_type", "refresh_token"), ("refresh_token", rt.as_str())],
+                )
+                .await
+                .status()
+                .as_u16()
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        if t.await.unwrap() == 200 {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 1, "exactly one redemption wins");
+    let stats = auth.stats();
+    assert_eq!(stats.refresh_redemptions[&TokenFingerprint::of(&rt)], 32);
+    // The first late redemption is the reuse that revokes the family; the rest meet a revoked
+    // token.
+    assert_eq!(stats.reuse_detections, 1);
+    assert_eq!(stats.families_revoked, 1);
+}

@@ -70,7 +70,7 @@ pub(crate) struct Config {
     pub(crate) issuer_path: String,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct Client {
     pub(crate) id: String,
     pub(crate) secret: Option<String>,
@@ -78,6 +78,16 @@ pub(crate) struct Client {
     pub(crate) redirect_uris: Vec<String>,
     pub(crate) grant_types: Vec<String>,
     pub(crate) name: Option<String>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("id", &self.id)
+            .field("secret", &self.secret.as_ref().map(|_| "[redacted]"))
+            .field("method", &self.method)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug)]
@@ -189,14 +199,27 @@ struct Inner {
     revoke_all_seen: u64,
 }
 
-/// The shared core of one authorization server.
-#[derive(Debug)]
+/// The shared core of one authorization server. `Debug` shows counts, never tokens or secrets.
 pub(crate) struct Core {
     pub(crate) clock: SharedClock,
     pub(crate) knobs: Knobs,
     pub(crate) config: Config,
     inner: Mutex<Inner>,
     pub(crate) pending_changed: Notify,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        f.debug_struct("Core")
+            .field("config", &self.config)
+            .field("knobs", &self.knobs.get())
+            .field("clients", &inner.clients.len())
+            .field("access_tokens", &inner.access.len())
+            .field("refresh_tokens", &inner.refresh.len())
+            .field("pending_authorizations", &inner.pending.len())
+            .finish_non_exhaustive()
+    }
 }
 
 fn join(scope: &[String]) -> String {
