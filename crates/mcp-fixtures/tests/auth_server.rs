@@ -697,3 +697,15 @@ async fn concurrent_redemptions_of_one_refresh_token_rotate_exactly_once() {
     assert_eq!(stats.reuse_detections, 1);
     assert_eq!(stats.families_revoked, 1);
 }
+
+#[tokio::test]
+async fn refresh_token_lifetime_knob_expires_refresh_tokens() {
+    let (auth, clock) = manual().await;
+    auth.knobs().set_refresh_token_lifetime(Some(Duration::from_secs(100)));
+    let client = register(&auth, ClientAuth::None);
+    let rt0 = s(&code_flow(&auth, &client, None, None).await, "refresh_token");
+    clock.advance(Duration::from_secs(100));
+    let rt1 = s(&refresh(&auth, &client, &rt0, None).await.json::<Value>().await.unwrap(), "refresh_token");
+    clock.advance(Duration::from_secs(101));
+    assert_eq!(oauth_error(refresh(&auth, &client, &rt1, None).await).await, (400, "invalid_grant".into()));
+}

@@ -290,3 +290,11 @@ async fn a_full_oauth_flow_then_a_tool_call() {
     assert_eq!(text(&mcp2.call_tool(CallToolRequestParams::new("counter")).await.unwrap()), "2");
     assert_eq!(fx.auth().stats().max_refresh_redemptions(), 1);
 }
+
+#[tokio::test]
+async fn the_scope_can_be_left_out_of_challenges() {
+    let auth = AuthServer::builder().spawn().await.unwrap();
+    let rs = ResourceServer::builder(&auth).scope_in_challenge(false).spawn().await.unwrap();
+    let resp = post_mcp(rs.url(), None, INITIALIZE).await;
+    assert_eq!(challenge(&resp), format!("Bearer resource_metadata=\"{}\"", rs.resource_metadata_url()));
+}
