@@ -148,8 +148,10 @@ impl Default for KnobSettings {
 #[derive(Debug, Clone)]
 pub(crate) struct KnobState {
     pub(crate) settings: KnobSettings,
-    /// The armed failure and how many token requests it has seen.
+    /// The armed token endpoint failure and how many token requests it has seen.
     failure: Option<(InjectedFailure, u64)>,
+    /// The armed resource server failure and how many MCP requests it has seen.
+    resource_failure: Option<(InjectedFailure, u64)>,
     /// Bumped by [`Knobs::revoke_all_tokens`]; the server acts on each bump once.
     pub(crate) revoke_all_generation: u64,
 }
@@ -178,6 +180,7 @@ impl Knobs {
             state: Arc::new(watch::Sender::new(KnobState {
                 settings,
                 failure: None,
+                resource_failure: None,
                 revoke_all_generation: 0,
             })),
         }
@@ -278,6 +281,17 @@ impl Knobs {
         self.state.send_modify(|s| s.failure = None);
     }
 
+    /// Arm a failure on the resource servers that trust this authorization server: the `nth`
+    /// MCP request from now gets the failure's status, before any token check.
+    pub fn fail_resource_requests(&self, failure: InjectedFailure) {
+        self.state.send_modify(|s| s.resource_failure = Some((failure, 0)));
+    }
+
+    /// Disarm the resource server failure.
+    pub fn clear_resource_failure(&self) {
+        self.state.send_modify(|s| s.resource_failure = None);
+    }
+
     /// Revoke every access and refresh token issued so far (server-side invalidation).
     pub fn revoke_all_tokens(&self) {
         self.state.send_modify(|s| s.revoke_all_generation += 1);
@@ -291,14 +305,17 @@ impl Knobs {
     pub(crate) fn take_failure(&self) -> Option<InjectedFailure> {
         let mut fire = None;
         self.state.send_if_modified(|s| {
-            let Some((failure, seen)) = s.failure.as_mut() else { return false };
-            *seen += 1;
-            if *seen >= failure.nth {
-                fire = Some(*failure);
-            }
-            if *seen >= failure.nth + failure.times - 1 {
-                s.failure = None;
-            }
+            fire = count_against(&mut s.failure);
+            false
+        });
+        fire
+    }
+
+    /// Count one MCP request against the armed resource failure.
+    pub(crate) fn take_resource_failure(&self) -> Option<InjectedFailure> {
+        let mut fire = None;
+        self.state.send_if_modified(|s| {
+            fire = count_against(&mut s.resource_failure);
             false
         });
         fire
@@ -310,6 +327,31 @@ impl Knobs {
         // The sender lives as long as this `Knobs`, so `wait_for` only fails if it is gone.
         let _ = rx.wait_for(|s| !s.settings.token_hang).await;
     }
+}
+
+fn count_against(slot: &mut Option<(InjectedFailure, u64)>) -> Option<InjectedFailure> {
+    let (failure, seen) = slot.as_mut()?;
+    *seen += 1;
+    let (failure, seen) = (*failure, *seen);
+    if seen >= failure.nth + failure.times - 1 {
+        *slot = None;
+    }
+    (seen >= failure.nth).then_some(failure)
+}
+
+/// The HTTP answer for an injected failure: the status, `Retry-After` when set, a JSON error.
+pub(crate) fn failure_response(failure: InjectedFailure) -> axum::response::Response {
+    use axum::http::{HeaderValue, StatusCode, header};
+    use axum::response::IntoResponse as _;
+    let status = StatusCode::from_u16(failure.status()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    let error = if failure.status() == 429 { "rate_limited" } else { "temporarily_unavailable" };
+    let mut resp = (status, axum::Json(serde_json::json!({ "error": error }))).into_response();
+    if let Some(after) = failure.retry_after()
+        && let Ok(v) = HeaderValue::from_str(&after.as_secs().to_string())
+    {
+        resp.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    resp
 }
 
 #[cfg(test)]

@@ -62,12 +62,21 @@ struct Args {
     /// Answer the Nth token request with --fail-status.
     #[arg(long)]
     fail_nth: Option<u64>,
-    /// The status for --fail-nth (503; 429 adds Retry-After).
+    /// The status for --fail-nth (503 by default; 429 for rate limiting).
     #[arg(long, default_value_t = 503)]
     fail_status: u16,
-    /// Retry-After seconds for --fail-nth.
+    /// Retry-After seconds for --fail-nth and --resource-fail-nth.
     #[arg(long)]
     retry_after: Option<u64>,
+    /// Answer the Nth MCP request at the resource server with --resource-fail-status.
+    #[arg(long)]
+    resource_fail_nth: Option<u64>,
+    /// The status for --resource-fail-nth (503; Retry-After from --retry-after).
+    #[arg(long, default_value_t = 503)]
+    resource_fail_status: u16,
+    /// Let initialize through without a token (the first 401 comes later).
+    #[arg(long)]
+    anonymous_initialize: bool,
     /// Server clock offset in milliseconds (positive: ahead).
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
     clock_offset_ms: i64,
@@ -120,6 +129,13 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         }
         auth.knobs().fail_token_requests(failure);
     }
+    if let Some(nth) = args.resource_fail_nth {
+        let mut failure = InjectedFailure::server_error(nth).with_status(args.resource_fail_status);
+        if let Some(secs) = args.retry_after {
+            failure = failure.with_retry_after(Duration::from_secs(secs));
+        }
+        auth.knobs().fail_resource_requests(failure);
+    }
     if let Some(pair) = &args.pre_registered {
         let (id, secret) = pair.split_once(':').ok_or("--pre-registered wants ID:SECRET")?;
         auth.register_client(
@@ -129,7 +145,11 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 .redirect_uri(args.redirect_uri.clone()),
         )?;
     }
-    let resource = ResourceServer::builder(&auth).port(args.resource_port).spawn().await?;
+    let resource = ResourceServer::builder(&auth)
+        .port(args.resource_port)
+        .anonymous_initialize(args.anonymous_initialize)
+        .spawn()
+        .await?;
     println!("issuer               {}", auth.issuer());
     println!("as-metadata          {}", auth.metadata_url());
     println!("mcp                  {}", resource.url());

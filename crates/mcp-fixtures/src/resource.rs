@@ -121,6 +121,7 @@ impl ResourceServer {
             path_metadata: true,
             root_metadata: true,
             scope_in_challenge: true,
+            anonymous_initialize: false,
         }
     }
 }
@@ -138,6 +139,7 @@ pub struct ResourceServerBuilder {
     path_metadata: bool,
     root_metadata: bool,
     scope_in_challenge: bool,
+    anonymous_initialize: bool,
 }
 
 impl ResourceServerBuilder {
@@ -191,6 +193,13 @@ impl ResourceServerBuilder {
         self
     }
 
+    /// Let `initialize` and notifications through without a token (default false), so the
+    /// first 401 comes on `tools/list` or a tool call, as some servers do.
+    pub fn anonymous_initialize(mut self, on: bool) -> Self {
+        self.anonymous_initialize = on;
+        self
+    }
+
     /// Bind 127.0.0.1 and start serving.
     ///
     /// # Errors
@@ -234,6 +243,7 @@ impl ResourceServerBuilder {
             required: self.required_scopes,
             tool_scopes: self.tool_scopes,
             scope_in_challenge: self.scope_in_challenge,
+            anonymous_initialize: self.anonymous_initialize,
             shared: shared.clone(),
         });
 
@@ -338,6 +348,7 @@ struct Guard {
     required: Vec<String>,
     tool_scopes: HashMap<String, Vec<String>>,
     scope_in_challenge: bool,
+    anonymous_initialize: bool,
     shared: Arc<Shared>,
 }
 
@@ -407,9 +418,38 @@ fn called_tools(message: &Value) -> Vec<String> {
     }
 }
 
+/// A JSON-RPC message that may pass without a token when anonymous initialize is on.
+fn is_handshake(message: &Value) -> bool {
+    message
+        .get("method")
+        .and_then(Value::as_str)
+        .is_some_and(|m| m == "initialize" || m.starts_with("notifications/"))
+}
+
 async fn bearer_guard(State(guard): State<Arc<Guard>>, req: Request, next: Next) -> Response {
     guard.shared.stats().requests += 1;
-    let Some(token) = bearer(&req) else {
+    if let Some(failure) = guard.core.knobs.take_resource_failure() {
+        guard.shared.stats().injected_failures += 1;
+        return crate::knobs::failure_response(failure);
+    }
+    let token = bearer(&req);
+    // Read the JSON-RPC body only when a decision depends on it.
+    let needs_body = req.method() == Method::POST
+        && ((token.is_none() && guard.anonymous_initialize) || !guard.tool_scopes.is_empty());
+    let (req, message) = if needs_body {
+        let (parts, body) = req.into_parts();
+        let Ok(bytes) = axum::body::to_bytes(body, MAX_BODY).await else {
+            return (StatusCode::PAYLOAD_TOO_LARGE, "request body too large").into_response();
+        };
+        let message = serde_json::from_slice::<Value>(&bytes).ok();
+        (Request::from_parts(parts, Body::from(bytes)), message)
+    } else {
+        (req, None)
+    };
+    let Some(token) = token else {
+        if guard.anonymous_initialize && message.as_ref().is_some_and(is_handshake) {
+            return next.run(req).await;
+        }
         return guard.unauthorized(StatusCode::UNAUTHORIZED, None);
     };
     let grant = match guard.core.check_access(&token) {
@@ -437,25 +477,16 @@ async fn bearer_guard(State(guard): State<Arc<Guard>>, req: Request, next: Next)
     if lacks(&guard.required) {
         return guard.forbidden(&guard.required);
     }
-    if req.method() != Method::POST || guard.tool_scopes.is_empty() {
-        return next.run(req).await;
-    }
-    let (parts, body) = req.into_parts();
-    let Ok(bytes) = axum::body::to_bytes(body, MAX_BODY).await else {
-        return (StatusCode::PAYLOAD_TOO_LARGE, "request body too large").into_response();
-    };
-    if let Ok(message) = serde_json::from_slice::<Value>(&bytes) {
-        for tool in called_tools(&message) {
-            if let Some(extra) = guard.tool_scopes.get(&tool)
-                && lacks(extra)
-            {
-                let mut needed = guard.required.clone();
-                needed.extend(extra.iter().filter(|s| !guard.required.contains(s)).cloned());
-                return guard.forbidden(&needed);
-            }
+    for tool in message.as_ref().map(called_tools).unwrap_or_default() {
+        if let Some(extra) = guard.tool_scopes.get(&tool)
+            && lacks(extra)
+        {
+            let mut needed = guard.required.clone();
+            needed.extend(extra.iter().filter(|s| !guard.required.contains(s)).cloned());
+            return guard.forbidden(&needed);
         }
     }
-    next.run(Request::from_parts(parts, Body::from(bytes))).await
+    next.run(req).await
 }
 
 #[cfg(test)]

@@ -161,6 +161,8 @@ pub struct ResourceStats {
     pub unauthorized: u64,
     /// Requests refused with 403 `insufficient_scope`.
     pub forbidden: u64,
+    /// Requests answered with an injected failure.
+    pub injected_failures: u64,
     /// Tool calls that reached the MCP server, by tool name.
     pub tool_calls: BTreeMap<String, u64>,
 }

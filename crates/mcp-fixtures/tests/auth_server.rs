@@ -705,7 +705,13 @@ async fn refresh_token_lifetime_knob_expires_refresh_tokens() {
     let client = register(&auth, ClientAuth::None);
     let rt0 = s(&code_flow(&auth, &client, None, None).await, "refresh_token");
     clock.advance(Duration::from_secs(100));
-    let rt1 = s(&refresh(&auth, &client, &rt0, None).await.json::<Value>().await.unwrap(), "refresh_token");
+    let rt1 = s(
+        &refresh(&auth, &client, &rt0, None).await.json::<Value>().await.unwrap(),
+        "refresh_token",
+    );
     clock.advance(Duration::from_secs(101));
-    assert_eq!(oauth_error(refresh(&auth, &client, &rt1, None).await).await, (400, "invalid_grant".into()));
+    assert_eq!(
+        oauth_error(refresh(&auth, &client, &rt1, None).await).await,
+        (400, "invalid_grant".into())
+    );
 }

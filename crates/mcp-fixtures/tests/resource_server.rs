@@ -296,5 +296,46 @@ async fn the_scope_can_be_left_out_of_challenges() {
     let auth = AuthServer::builder().spawn().await.unwrap();
     let rs = ResourceServer::builder(&auth).scope_in_challenge(false).spawn().await.unwrap();
     let resp = post_mcp(rs.url(), None, INITIALIZE).await;
-    assert_eq!(challenge(&resp), format!("Bearer resource_metadata=\"{}\"", rs.resource_metadata_url()));
+    assert_eq!(
+        challenge(&resp),
+        format!("Bearer resource_metadata=\"{}\"", rs.resource_metadata_url())
+    );
+}
+
+#[tokio::test]
+async fn anonymous_initialize_lets_the_handshake_through_and_nothing_else() {
+    let auth = AuthServer::builder().spawn().await.unwrap();
+    let rs = ResourceServer::builder(&auth).anonymous_initialize(true).spawn().await.unwrap();
+    assert_eq!(post_mcp(rs.url(), None, INITIALIZE).await.status(), 200);
+    let list = r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#;
+    let resp = post_mcp(rs.url(), None, list).await;
+    assert_eq!(resp.status(), 401);
+    assert!(challenge(&resp).contains("scope=\"mcp:tools\""));
+    // Off (the default): even initialize needs a token.
+    let strict = ResourceServer::builder(&auth).spawn().await.unwrap();
+    assert_eq!(post_mcp(strict.url(), None, INITIALIZE).await.status(), 401);
+}
+
+#[tokio::test]
+async fn injected_failures_hit_the_nth_mcp_request_before_the_token_check() {
+    let fx = Fixtures::start().await.unwrap();
+    let client = register(fx.auth(), ClientAuth::None);
+    let tokens = fx.auth().issue_tokens(&client.id, "mcp:tools", None);
+    fx.auth().knobs().fail_resource_requests(mcp_fixtures::InjectedFailure::too_many_requests(
+        2,
+        Duration::from_secs(4),
+    ));
+    assert_eq!(
+        post_mcp(fx.resource().url(), Some(tokens.access_token()), INITIALIZE).await.status(),
+        200
+    );
+    let failed = post_mcp(fx.resource().url(), None, INITIALIZE).await;
+    assert_eq!(failed.status(), 429);
+    assert_eq!(failed.headers()["retry-after"], "4");
+    assert_eq!(
+        post_mcp(fx.resource().url(), Some(tokens.access_token()), INITIALIZE).await.status(),
+        200
+    );
+    assert_eq!(fx.resource().stats().injected_failures, 1);
+    assert_eq!(fx.auth().stats().injected_failures, 0, "the token endpoint is not affected");
 }

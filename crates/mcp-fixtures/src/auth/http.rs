@@ -418,17 +418,7 @@ async fn token(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Respo
             |s| s.injected_failures += 1,
             Some(AuthEventKind::FailureInjected { status: failure.status() }),
         );
-        let status =
-            StatusCode::from_u16(failure.status()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-        let error =
-            if failure.status() == 429 { "rate_limited" } else { "temporarily_unavailable" };
-        let mut resp = (status, axum::Json(json!({ "error": error }))).into_response();
-        if let Some(after) = failure.retry_after()
-            && let Ok(v) = HeaderValue::from_str(&after.as_secs().to_string())
-        {
-            resp.headers_mut().insert(header::RETRY_AFTER, v);
-        }
-        return resp;
+        return crate::knobs::failure_response(failure);
     }
     let params = match parsed {
         Ok(p) => p,
