@@ -122,6 +122,8 @@ impl ResourceServer {
             root_metadata: true,
             scope_in_challenge: true,
             anonymous_initialize: false,
+            metadata_location: None,
+            advertised_resource: None,
         }
     }
 }
@@ -140,6 +142,8 @@ pub struct ResourceServerBuilder {
     root_metadata: bool,
     scope_in_challenge: bool,
     anonymous_initialize: bool,
+    metadata_location: Option<String>,
+    advertised_resource: Option<String>,
 }
 
 impl ResourceServerBuilder {
@@ -200,12 +204,31 @@ impl ResourceServerBuilder {
         self
     }
 
+    /// Also serve the metadata at this custom path (such as `/custom/metadata/location.json`)
+    /// and name it in challenges; only the `WWW-Authenticate` header leads a client there.
+    pub fn metadata_location(mut self, path: impl Into<String>) -> Self {
+        self.metadata_location = Some(path.into());
+        self
+    }
+
+    /// Advertise this `resource` in the metadata instead of the real URL, to test that a
+    /// client refuses a resource that does not match the server it talks to.
+    pub fn advertised_resource(mut self, resource: impl Into<String>) -> Self {
+        self.advertised_resource = Some(resource.into());
+        self
+    }
+
     /// Bind 127.0.0.1 and start serving.
     ///
     /// # Errors
     /// [`FixtureError::Bind`] when the port is taken; [`FixtureError::InvalidConfig`] for a
     /// path without a leading `/`.
     pub async fn spawn(self) -> Result<ResourceServerHandle, FixtureError> {
+        if self.metadata_location.as_ref().is_some_and(|p| !p.starts_with('/')) {
+            return Err(FixtureError::InvalidConfig(
+                "the metadata location must start with '/'".into(),
+            ));
+        }
         if !self.path.starts_with('/') || self.path.len() < 2 {
             return Err(FixtureError::InvalidConfig(
                 "the MCP path must start with '/' and name something".into(),
@@ -219,7 +242,9 @@ impl ResourceServerBuilder {
             .map_err(|source| FixtureError::Bind { port: self.port, source })?;
         let base_url = format!("http://{addr}");
         let url = format!("{base_url}{}", self.path);
-        let metadata_url = if self.path_metadata || !self.root_metadata {
+        let metadata_url = if let Some(custom) = &self.metadata_location {
+            format!("{base_url}{custom}")
+        } else if self.path_metadata || !self.root_metadata {
             format!("{base_url}/.well-known/oauth-protected-resource{}", self.path)
         } else {
             format!("{base_url}/.well-known/oauth-protected-resource")
@@ -228,7 +253,7 @@ impl ResourceServerBuilder {
         let shutdown = CancellationToken::new();
 
         let mut prm = json!({
-            "resource": url,
+            "resource": self.advertised_resource.clone().unwrap_or_else(|| url.clone()),
             "authorization_servers": [self.issuer],
             "bearer_methods_supported": ["header"],
             "resource_name": "mcp-fixtures",
@@ -266,6 +291,10 @@ impl ResourceServerBuilder {
                 &format!("/.well-known/oauth-protected-resource{}", self.path),
                 get(move || async move { axum::Json(doc) }),
             );
+        }
+        if let Some(custom) = &self.metadata_location {
+            let doc = prm.clone();
+            router = router.route(custom, get(move || async move { axum::Json(doc) }));
         }
         if self.root_metadata {
             router = router.route(

@@ -339,3 +339,32 @@ async fn injected_failures_hit_the_nth_mcp_request_before_the_token_check() {
     assert_eq!(fx.resource().stats().injected_failures, 1);
     assert_eq!(fx.auth().stats().injected_failures, 0, "the token endpoint is not affected");
 }
+
+#[tokio::test]
+async fn metadata_at_a_custom_location_named_only_by_the_challenge() {
+    let auth = AuthServer::builder().spawn().await.unwrap();
+    let rs = ResourceServer::builder(&auth)
+        .metadata_location("/custom/metadata/location.json")
+        .path_metadata(false)
+        .root_metadata(false)
+        .advertised_resource("https://evil.example.com/mcp")
+        .spawn()
+        .await
+        .unwrap();
+    let custom = format!("{}/custom/metadata/location.json", rs.base_url());
+    assert_eq!(rs.resource_metadata_url(), custom);
+    let resp = post_mcp(rs.url(), None, INITIALIZE).await;
+    assert!(challenge(&resp).contains(&format!("resource_metadata=\"{custom}\"")));
+    let doc: Value = http().get(&custom).send().await.unwrap().json().await.unwrap();
+    assert_eq!(doc["resource"], "https://evil.example.com/mcp");
+    for gone in
+        ["/.well-known/oauth-protected-resource", "/.well-known/oauth-protected-resource/mcp"]
+    {
+        assert_eq!(
+            http().get(format!("{}{gone}", rs.base_url())).send().await.unwrap().status(),
+            404
+        );
+    }
+    let bad = ResourceServer::builder(&auth).metadata_location("no-slash").spawn().await;
+    assert!(matches!(bad, Err(mcp_fixtures::FixtureError::InvalidConfig(_))));
+}
