@@ -12,6 +12,23 @@
 //! - [`AuthStats`], [`AuthEvent`] and [`ResourceStats`]: what a test can assert on, such as
 //!   "no refresh token was redeemed twice" ([`AuthStats::max_refresh_redemptions`]).
 //!
+//! | knob ([`Knobs`] setter) | what the server does | binary flag |
+//! | --- | --- | --- |
+//! | `set_access_token_lifetime` | access tokens live this long | `--access-token-lifetime` |
+//! | `set_refresh_token_lifetime` | refresh tokens expire | `--refresh-token-lifetime` |
+//! | `set_refresh_rotation` | rotate refresh tokens (default on) | `--no-rotation` |
+//! | `set_reuse_detection`, `set_reuse_grace` | a rotated token redeemed again revokes its family, except within the grace window | `--reuse-detection`, `--reuse-grace-ms` |
+//! | `set_omit_expires_in` | no `expires_in` in token responses | `--omit-expires-in` |
+//! | `set_omit_refresh_on_refresh` | no refresh token in refresh responses | `--omit-refresh-on-refresh` |
+//! | `set_require_scope_on_refresh` | refresh without `scope` is `invalid_request` (Entra) | `--require-scope-on-refresh` |
+//! | `set_refresh_requires_offline_access` | refresh tokens only with `offline_access` | `--refresh-requires-offline-access` |
+//! | `set_expired_token_status` | the resource server's status for an expired token (400) | `--expired-token-status` |
+//! | `set_token_delay`, `set_token_hang` | slow or hung token endpoint | `--token-delay-ms`, `--token-hang` |
+//! | `fail_token_requests`, `fail_resource_requests` | 5xx or 429 + `Retry-After` on the Nth request | `--fail-nth`, `--resource-fail-nth`, ... |
+//! | `revoke_all_tokens` | server-side invalidation of every token | |
+//! | `set_clock_offset_millis` | the server's clock runs ahead or behind | `--clock-offset-ms` |
+//! | `set_approval` | authorize auto-approves, waits for the test, or denies | `--deny` |
+//!
 //! Everything binds 127.0.0.1. Time comes from an injected [`mcp_clock::SharedClock`], so a
 //! test expires every token at once by advancing a `ManualClock`.
 //!

@@ -77,6 +77,9 @@ struct Args {
     /// Let initialize through without a token (the first 401 comes later).
     #[arg(long)]
     anonymous_initialize: bool,
+    /// The resource server checks tokens by RFC 7662 introspection over HTTP.
+    #[arg(long)]
+    introspection: bool,
     /// Server clock offset in milliseconds (positive: ahead).
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
     clock_offset_ms: i64,
@@ -148,6 +151,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let resource = ResourceServer::builder(&auth)
         .port(args.resource_port)
         .anonymous_initialize(args.anonymous_initialize)
+        .introspection(args.introspection)
         .spawn()
         .await?;
     println!("issuer               {}", auth.issuer());

@@ -23,8 +23,9 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{AuthServerHandle, Core, TokenProblem};
+use crate::auth::{AuthMethod, AuthServerHandle, Core, TokenProblem};
 use crate::error::FixtureError;
+use crate::secret::RegisteredClient;
 use crate::stats::ResourceStats;
 
 /// Largest JSON-RPC body the scope check reads.
@@ -124,6 +125,8 @@ impl ResourceServer {
             anonymous_initialize: false,
             metadata_location: None,
             advertised_resource: None,
+            introspection: false,
+            introspection_endpoint: auth.introspection_endpoint(),
         }
     }
 }
@@ -144,9 +147,19 @@ pub struct ResourceServerBuilder {
     anonymous_initialize: bool,
     metadata_location: Option<String>,
     advertised_resource: Option<String>,
+    introspection: bool,
+    introspection_endpoint: String,
 }
 
 impl ResourceServerBuilder {
+    /// Check tokens with RFC 7662 introspection over HTTP instead of in process (default
+    /// false). The server registers itself as a confidential client. Introspection does not
+    /// say why a token is inactive, so the expired-token status knob does not apply.
+    pub fn introspection(mut self, on: bool) -> Self {
+        self.introspection = on;
+        self
+    }
+
     /// Listen on this loopback port (0, the default: any free port).
     pub fn port(mut self, port: u16) -> Self {
         self.port = port;
@@ -251,6 +264,27 @@ impl ResourceServerBuilder {
         };
         let shared = Arc::new(Shared::default());
         let shutdown = CancellationToken::new();
+        let validation = if self.introspection {
+            let client = self.core.register(
+                AuthMethod::Basic,
+                Vec::new(),
+                Vec::new(),
+                Some("mcp-fixtures resource server".into()),
+                (None, None),
+                false,
+            );
+            let http = reqwest::Client::builder()
+                .no_proxy()
+                .build()
+                .map_err(|e| FixtureError::Server(Box::new(e)))?;
+            Validation::Introspection {
+                endpoint: self.introspection_endpoint.clone(),
+                client,
+                http,
+            }
+        } else {
+            Validation::InProcess
+        };
 
         let mut prm = json!({
             "resource": self.advertised_resource.clone().unwrap_or_else(|| url.clone()),
@@ -269,6 +303,7 @@ impl ResourceServerBuilder {
             tool_scopes: self.tool_scopes,
             scope_in_challenge: self.scope_in_challenge,
             anonymous_initialize: self.anonymous_initialize,
+            validation,
             shared: shared.clone(),
         });
 
@@ -369,6 +404,34 @@ impl Drop for ResourceServerHandle {
     }
 }
 
+/// How the resource server checks a token.
+#[derive(Debug)]
+enum Validation {
+    /// Ask the authorization server's state directly.
+    InProcess,
+    /// RFC 7662 introspection over HTTP, as a registered confidential client.
+    Introspection { endpoint: String, client: RegisteredClient, http: reqwest::Client },
+}
+
+/// What a valid token allows.
+#[derive(Debug)]
+struct Checked {
+    scope: Vec<String>,
+    resource: Option<String>,
+}
+
+/// Why a token was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    Unknown,
+    Expired,
+    Revoked,
+    /// Introspection said `active: false` (it does not say why).
+    Inactive,
+    /// Introspection failed.
+    Unreachable,
+}
+
 #[derive(Debug)]
 struct Guard {
     core: Arc<Core>,
@@ -378,10 +441,52 @@ struct Guard {
     tool_scopes: HashMap<String, Vec<String>>,
     scope_in_challenge: bool,
     anonymous_initialize: bool,
+    validation: Validation,
     shared: Arc<Shared>,
 }
 
 impl Guard {
+    async fn check(&self, token: &str) -> Result<Checked, Refusal> {
+        let (endpoint, client, http) = match &self.validation {
+            Validation::InProcess => {
+                return self
+                    .core
+                    .check_access(token)
+                    .map(|g| Checked { scope: g.scope, resource: g.resource })
+                    .map_err(|p| match p {
+                        TokenProblem::Unknown => Refusal::Unknown,
+                        TokenProblem::Expired => Refusal::Expired,
+                        TokenProblem::Revoked => Refusal::Revoked,
+                    });
+            }
+            Validation::Introspection { endpoint, client, http } => (endpoint, client, http),
+        };
+        let body = url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("token", token)
+            .finish();
+        let resp = http
+            .post(endpoint)
+            .basic_auth(client.client_id(), client.client_secret())
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(body)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .map_err(|_| Refusal::Unreachable)?;
+        if !resp.status().is_success() {
+            return Err(Refusal::Unreachable);
+        }
+        let bytes = resp.bytes().await.map_err(|_| Refusal::Unreachable)?;
+        let answer: Value = serde_json::from_slice(&bytes).map_err(|_| Refusal::Unreachable)?;
+        if answer["active"] != Value::Bool(true) || answer["token_type"] != "Bearer" {
+            return Err(Refusal::Inactive);
+        }
+        Ok(Checked {
+            scope: crate::auth::split_scope(answer["scope"].as_str()),
+            resource: answer["aud"].as_str().map(str::to_owned),
+        })
+    }
+
     fn unauthorized(&self, status: StatusCode, error: Option<&str>) -> Response {
         self.shared.stats().unauthorized += 1;
         let mut challenge = format!("Bearer resource_metadata=\"{}\"", self.metadata_url);
@@ -481,19 +586,30 @@ async fn bearer_guard(State(guard): State<Arc<Guard>>, req: Request, next: Next)
         }
         return guard.unauthorized(StatusCode::UNAUTHORIZED, None);
     };
-    let grant = match guard.core.check_access(&token) {
+    let grant = match guard.check(&token).await {
         Ok(grant) => grant,
-        Err(TokenProblem::Expired) => {
+        Err(Refusal::Expired) => {
             let status = StatusCode::from_u16(guard.core.knobs.get().expired_token_status)
                 .unwrap_or(StatusCode::UNAUTHORIZED);
             return guard.unauthorized(status, Some("the access token expired"));
         }
-        Err(TokenProblem::Revoked) => {
+        Err(Refusal::Revoked) => {
             return guard
                 .unauthorized(StatusCode::UNAUTHORIZED, Some("the access token was revoked"));
         }
-        Err(TokenProblem::Unknown) => {
+        Err(Refusal::Unknown) => {
             return guard.unauthorized(StatusCode::UNAUTHORIZED, Some("unknown access token"));
+        }
+        Err(Refusal::Inactive) => {
+            return guard
+                .unauthorized(StatusCode::UNAUTHORIZED, Some("the access token is not active"));
+        }
+        Err(Refusal::Unreachable) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the authorization server did not answer introspection",
+            )
+                .into_response();
         }
     };
     if !guard.audience_ok(grant.resource.as_deref()) {

@@ -368,3 +368,21 @@ async fn metadata_at_a_custom_location_named_only_by_the_challenge() {
     let bad = ResourceServer::builder(&auth).metadata_location("no-slash").spawn().await;
     assert!(matches!(bad, Err(mcp_fixtures::FixtureError::InvalidConfig(_))));
 }
+
+#[tokio::test]
+async fn introspection_mode_checks_tokens_over_http() {
+    let auth = AuthServer::builder().spawn().await.unwrap();
+    let rs = ResourceServer::builder(&auth).introspection(true).spawn().await.unwrap();
+    let client = register(&auth, ClientAuth::None);
+    let tokens = auth.issue_tokens(&client.id, "mcp:tools mcp:write", Some(rs.url()));
+    let mcp = connect(rs.url(), tokens.access_token()).await;
+    assert_eq!(text(&mcp.call_tool(CallToolRequestParams::new("counter")).await.unwrap()), "1");
+    assert!(auth.stats().introspections >= 2, "every MCP request was introspected");
+    // A refresh token is not a bearer token, even though introspection calls it active.
+    let resp = post_mcp(rs.url(), Some(tokens.refresh_token().unwrap()), INITIALIZE).await;
+    assert_eq!(resp.status(), 401);
+    auth.revoke_all_tokens();
+    let resp = post_mcp(rs.url(), Some(tokens.access_token()), INITIALIZE).await;
+    assert_eq!(resp.status(), 401);
+    assert!(challenge(&resp).contains("error=\"invalid_token\""));
+}

@@ -11,9 +11,9 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use self::core::Config;
 pub use self::core::PendingAuthorization;
-use self::core::{AuthMethod, Config, split_scope};
-pub(crate) use self::core::{Core, TokenProblem};
+pub(crate) use self::core::{AuthMethod, Core, TokenProblem, split_scope};
 use crate::error::FixtureError;
 use crate::knobs::{KnobSettings, Knobs};
 use crate::secret::{IssuedTokens, RegisteredClient};
