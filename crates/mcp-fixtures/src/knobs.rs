@@ -104,6 +104,10 @@ pub struct KnobSettings {
     pub reuse_grace: Option<Duration>,
     /// Leave `expires_in` out of token responses (the tokens still expire).
     pub omit_expires_in: bool,
+    /// Send `expires_in` as a JSON string (`"3600"`), as some servers do.
+    pub expires_in_as_string: bool,
+    /// Send `token_type: "bearer"` in lower case, as some servers do.
+    pub lowercase_token_type: bool,
     /// Leave `refresh_token` out of refresh responses; the old refresh token stays valid.
     pub omit_refresh_on_refresh: bool,
     /// Refuse a refresh without a `scope` parameter (Entra-style), with `invalid_request`.
@@ -133,6 +137,8 @@ impl Default for KnobSettings {
             reuse_detection: false,
             reuse_grace: None,
             omit_expires_in: false,
+            expires_in_as_string: false,
+            lowercase_token_type: false,
             omit_refresh_on_refresh: false,
             require_scope_on_refresh: false,
             refresh_requires_offline_access: false,

@@ -19,6 +19,7 @@
 //! | `set_refresh_rotation` | rotate refresh tokens (default on) | `--no-rotation` |
 //! | `set_reuse_detection`, `set_reuse_grace` | a rotated token redeemed again revokes its family, except within the grace window | `--reuse-detection`, `--reuse-grace-ms` |
 //! | `set_omit_expires_in` | no `expires_in` in token responses | `--omit-expires-in` |
+//! | `update(\|k\| k.expires_in_as_string = true)`, `lowercase_token_type` | `"expires_in": "3600"`, `"token_type": "bearer"` | `--expires-in-as-string`, `--lowercase-token-type` |
 //! | `set_omit_refresh_on_refresh` | no refresh token in refresh responses | `--omit-refresh-on-refresh` |
 //! | `set_require_scope_on_refresh` | refresh without `scope` is `invalid_request` (Entra) | `--require-scope-on-refresh` |
 //! | `set_refresh_requires_offline_access` | refresh tokens only with `offline_access` | `--refresh-requires-offline-access` |

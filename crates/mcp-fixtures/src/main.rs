@@ -41,6 +41,12 @@ struct Args {
     /// Leave expires_in out of token responses.
     #[arg(long)]
     omit_expires_in: bool,
+    /// Send expires_in as a JSON string.
+    #[arg(long)]
+    expires_in_as_string: bool,
+    /// Send token_type "bearer" in lower case.
+    #[arg(long)]
+    lowercase_token_type: bool,
     /// Leave the refresh token out of refresh responses.
     #[arg(long)]
     omit_refresh_on_refresh: bool,
@@ -106,6 +112,8 @@ fn knobs(args: &Args) -> KnobSettings {
     k.reuse_grace = args.reuse_grace_ms.map(Duration::from_millis);
     k.omit_expires_in = args.omit_expires_in;
     k.omit_refresh_on_refresh = args.omit_refresh_on_refresh;
+    k.expires_in_as_string = args.expires_in_as_string;
+    k.lowercase_token_type = args.lowercase_token_type;
     k.require_scope_on_refresh = args.require_scope_on_refresh;
     k.refresh_requires_offline_access = args.refresh_requires_offline_access;
     k.expired_token_status = args.expired_token_status;

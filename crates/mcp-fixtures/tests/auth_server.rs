@@ -715,3 +715,16 @@ async fn refresh_token_lifetime_knob_expires_refresh_tokens() {
         (400, "invalid_grant".into())
     );
 }
+
+#[tokio::test]
+async fn sloppy_token_responses_string_expires_in_and_lowercase_bearer() {
+    let auth = server().await;
+    auth.knobs().update(|k| {
+        k.expires_in_as_string = true;
+        k.lowercase_token_type = true;
+    });
+    let client = register(&auth, ClientAuth::None);
+    let tokens = code_flow(&auth, &client, None, None).await;
+    assert_eq!(tokens["expires_in"], "3600");
+    assert_eq!(tokens["token_type"], "bearer");
+}

@@ -444,13 +444,16 @@ async fn token(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Respo
     match answer {
         Ok(answer) => {
             let t = answer.tokens;
+            let knobs = app.core.knobs.get();
+            let token_type = if knobs.lowercase_token_type { "bearer" } else { "Bearer" };
             let mut body = json!({
                 "access_token": t.access_token,
-                "token_type": "Bearer",
+                "token_type": token_type,
                 "scope": t.scope,
             });
             if let Some(e) = t.expires_in {
-                body["expires_in"] = e.into();
+                body["expires_in"] =
+                    if knobs.expires_in_as_string { e.to_string().into() } else { e.into() };
             }
             if let Some(rt) = t.refresh_token {
                 body["refresh_token"] = rt.into();
