@@ -101,6 +101,23 @@ impl ServerHandler for FixtureTools {
 }
 
 /// The MCP resource server fixture. Start one with [`ResourceServer::builder`].
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), mcp_fixtures::FixtureError> {
+/// use mcp_fixtures::{AuthServer, ResourceServer};
+///
+/// let auth = AuthServer::builder().spawn().await?;
+/// let rs = ResourceServer::builder(&auth)
+///     .required_scopes(["mcp:read"])
+///     .tool_scopes("echo", ["mcp:write"])
+///     .anonymous_initialize(true)
+///     .spawn()
+///     .await?;
+/// assert!(rs.url().ends_with("/mcp"));
+/// assert!(rs.resource_metadata_url().ends_with("/.well-known/oauth-protected-resource/mcp"));
+/// assert_eq!(rs.counter(), 0);
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct ResourceServer;
 

@@ -728,3 +728,26 @@ async fn sloppy_token_responses_string_expires_in_and_lowercase_bearer() {
     assert_eq!(tokens["expires_in"], "3600");
     assert_eq!(tokens["token_type"], "bearer");
 }
+
+#[tokio::test]
+async fn scopes_and_client_metadata_documents_are_configurable() {
+    let bad = AuthServer::builder().default_scopes(["nope"]).spawn().await;
+    assert!(matches!(bad, Err(FixtureError::InvalidConfig(_))));
+    let auth = AuthServer::builder()
+        .scopes_supported(["files:read", "files:write"])
+        .default_scopes(["files:read"])
+        .client_metadata_documents(false)
+        .spawn()
+        .await
+        .unwrap();
+    let doc: Value = http().get(auth.metadata_url()).send().await.unwrap().json().await.unwrap();
+    assert_eq!(doc["scopes_supported"], json!(["files:read", "files:write"]));
+    assert_eq!(doc["client_id_metadata_document_supported"], false);
+    let client = register(&auth, ClientAuth::None);
+    assert_eq!(code_flow(&auth, &client, None, None).await["scope"], "files:read");
+    let (_, challenge) = pkce();
+    let url_client = "http://127.0.0.1:9/client.json";
+    let resp =
+        http().get(authorize_url(&auth, url_client, &challenge, None, None)).send().await.unwrap();
+    assert_eq!(resp.status(), 400, "URL client ids are unknown clients when documents are off");
+}

@@ -112,6 +112,25 @@ impl ClientSpec {
 /// `/authorize`, `/token`, `/register`, `/revoke`, `/introspect`, `/jwks`, and the RFC 8414 and
 /// OpenID metadata at their well-known locations (path-insert and path-append when the issuer
 /// has a path).
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), mcp_fixtures::FixtureError> {
+/// use mcp_clock::ManualClock;
+/// use mcp_fixtures::{AuthServer, ClientAuth, ClientSpec};
+/// use std::time::Duration;
+///
+/// let clock = ManualClock::default();
+/// let auth = AuthServer::builder().clock(clock.shared()).issuer_path("/tenant1").spawn().await?;
+/// assert!(auth.issuer().ends_with("/tenant1"));
+/// assert!(auth.metadata_url().ends_with("/.well-known/oauth-authorization-server/tenant1"));
+///
+/// let client = auth.register_client(ClientSpec::new(ClientAuth::None))?;
+/// let tokens = auth.issue_tokens(client.client_id(), "mcp:tools", None);
+/// clock.advance(Duration::from_secs(3600)); // every token issued so far is now expired
+/// assert!(tokens.refresh_token().is_some());
+/// auth.shutdown().await?;
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct AuthServer;
 
