@@ -92,7 +92,7 @@ async fn a_hung_handler_times_out_and_frees_the_key() {
         let k = key("cache", "x");
         let caller = tokio::spawn({
             let (flows, k) = (h.flows.clone(), k.clone());
-            async move { flows.run::<u32, _, _>(&k, || std::future::pending()).await }
+            async move { flows.run::<u32, _, _>(&k, std::future::pending).await }
         });
         settle().await;
         h.clock.advance(Duration::from_secs(5)); // the handler deadline of "cache"
