@@ -140,7 +140,13 @@ fn cold_key(c: &mut Criterion) {
                                 flows
                                     .run(&key, move || async move {
                                         runs.fetch_add(1, Ordering::Relaxed);
-                                        tokio::time::sleep(Duration::from_millis(1)).await;
+                                        // A 1 ms handler: tokio's timer wheel rounds a 1 ms sleep up
+                                        // to the next tick (often 2 ms), so sleep on a blocking thread.
+                                        tokio::task::spawn_blocking(|| {
+                                            std::thread::sleep(Duration::from_millis(1))
+                                        })
+                                        .await
+                                        .unwrap();
                                         Ok(1u64)
                                     })
                                     .await

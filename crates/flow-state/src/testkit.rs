@@ -1,4 +1,4 @@
-//! The store conformance suite (feature `test-util`): one set of checks every [`Store`] backend
+//! The store conformance suite (feature `test-util`): one set of checks every [`Store`](crate::Store) backend
 //! must pass.
 //!
 //! ```

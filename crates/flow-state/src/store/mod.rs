@@ -284,7 +284,8 @@ impl Drop for Subscription {
     }
 }
 
-/// Versions unique within a store, for backends that keep them in memory.
+/// Prefixes a backend record with its version and expiry (big-endian, 16 bytes).
+#[cfg_attr(not(feature = "sled"), allow(dead_code))] // Used by the on-disk backends.
 pub(crate) fn encode_header(version: u64, expires_at: Timestamp, value: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(16 + value.len());
     out.extend_from_slice(&version.to_be_bytes());
