@@ -12,7 +12,8 @@
 //!   [`delete_if_status`](FlowManager::delete_if_status),
 //!   [`staleness`](FlowManager::staleness) and [`run`](FlowManager::run)).
 //! - [`FlowKey`]: tenant, flow type and id as separate typed parts that cannot collide.
-//! - [`Store`]: the small store trait, with [`MemoryStore`] and (feature `sled`) `SledStore`.
+//! - [`Store`]: the small store trait, with [`MemoryStore`], `SledStore` (feature `sled`) and
+//!   `RedisStore` (feature `redis`).
 //! - [`SingleFlight`]: a process-local single-flight that caches nothing.
 //!
 //! ```
@@ -53,6 +54,8 @@ pub use mcp_clock::{Clock, SharedClock, SystemClock, Timestamp};
 pub use record::{FlowError, FlowState, FlowStatus};
 pub use single_flight::{CallOptions, SingleFlight, SingleFlightError};
 pub use store::memory::MemoryStore;
+#[cfg(feature = "redis")]
+pub use store::redis::{RedisStore, RedisStoreBuilder};
 #[cfg(feature = "sled")]
 pub use store::sled::{Durability, SledStore, SledStoreBuilder};
 pub use store::{

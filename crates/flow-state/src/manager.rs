@@ -285,26 +285,32 @@ impl FlowManager {
         metadata: Value,
     ) -> Result<T, Error> {
         let config = self.config(key).clone();
-        loop {
+        // Subscribe before writing, so that a change right after our write is seen, and a delete
+        // of the flow we created is reported as a delete.
+        let changes = self.inner.store.subscribe(key.as_str());
+        let seen = loop {
             let record = Record::pending(self.now(), metadata.clone());
             match self.read(key).await? {
                 None => {
                     if let Inserted::Inserted { .. } = self.insert(key, &record, config.ttl).await?
                     {
-                        break;
+                        break Some(record.created_at + config.ttl);
                     }
                 }
                 Some((v, current)) if self.is_stale(&current, &config) => {
                     if let Swapped::Swapped { .. } =
                         self.cas(key, v.version, &record, config.ttl).await?
                     {
-                        break;
+                        break Some(record.created_at + config.ttl);
                     }
                 }
-                Some(_) => break,
+                Some((v, _)) => break Some(v.expires_at),
             }
+        };
+        match self.wait_settled(key, &config, WaitMode::Owner, changes, seen).await? {
+            Waited::Settled(value) => decode_value(key, value),
+            Waited::Stale => unreachable!("owner waits never report staleness"),
         }
-        self.wait(key).await
     }
 
     /// Wait for an existing flow to be completed or failed. See
@@ -312,21 +318,25 @@ impl FlowManager {
     /// [`Error::NotFound`], one deleted during the wait [`Error::Deleted`].
     pub async fn wait<T: DeserializeOwned>(&self, key: &FlowKey) -> Result<T, Error> {
         let config = self.config(key).clone();
-        match self.wait_settled(key, &config, WaitMode::Owner).await? {
+        let changes = self.inner.store.subscribe(key.as_str());
+        match self.wait_settled(key, &config, WaitMode::Owner, changes, None).await? {
             Waited::Settled(value) => decode_value(key, value),
             Waited::Stale => unreachable!("owner waits never report staleness"),
         }
     }
 
+    /// Waits on `key` with `changes`, a subscription taken before the caller's first read, so a
+    /// change between a read and the wait is never missed. `seen` is the expiry of the record if
+    /// the caller already saw (or wrote) it, so its disappearance counts as a delete.
     async fn wait_settled(
         &self,
         key: &FlowKey,
         config: &FlowTypeConfig,
         mode: WaitMode,
+        mut changes: crate::Subscription,
+        seen: Option<Timestamp>,
     ) -> Result<Waited, Error> {
-        // Subscribe before the first read, so a change between the read and the wait is seen.
-        let mut changes = self.inner.store.subscribe(key.as_str());
-        let mut last_expiry = None;
+        let mut last_expiry = seen;
         loop {
             let Some((v, record)) = self.read(key).await? else {
                 return Err(match last_expiry {
@@ -606,7 +616,11 @@ impl FlowManager {
                         return Err(Error::Failed { key: key.clone(), error });
                     }
                     FlowStatus::Pending if !self.is_stale(&record, &config) => {
-                        match self.wait_settled(key, &config, WaitMode::Join).await? {
+                        let changes = self.inner.store.subscribe(key.as_str());
+                        match self
+                            .wait_settled(key, &config, WaitMode::Join, changes, Some(v.expires_at))
+                            .await?
+                        {
                             Waited::Settled(value) => return decode_value(key, value),
                             Waited::Stale => continue,
                         }
@@ -634,7 +648,10 @@ impl FlowManager {
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<T, FlowError>> + Send + 'static,
     {
-        let deadline = self.now() + config.handler_timeout;
+        // The deadline counts from the PENDING record's creation, the same instant the stale
+        // window counts from, so no other process can take over a handler that is still allowed
+        // to run.
+        let deadline = record.created_at + config.handler_timeout;
         // The handler runs in a task of its own so that a panic is caught and a deadline can
         // drop it.
         let mut task = tokio::spawn(async move { handler().await });

@@ -5,7 +5,11 @@
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! use flow_state::{MemoryStore, SharedStore, testkit};
 //!
-//! testkit::store_conformance(|clock| SharedStore::new(MemoryStore::with_clock(clock.shared()))).await;
+//! testkit::store_conformance(|clock| {
+//!     let store = SharedStore::new(MemoryStore::with_clock(clock.shared()));
+//!     async move { store }
+//! })
+//! .await;
 //! # }
 //! ```
 
@@ -17,11 +21,12 @@ use mcp_clock::{Clock, ManualClock};
 use crate::{Inserted, SharedStore, Swapped};
 
 /// Runs every conformance check against stores built by `make`, which is called once per check
-/// with a fresh [`ManualClock`] that the store must use for its TTLs. Panics with the name of the
-/// first check that fails.
-pub async fn store_conformance<F>(make: F)
+/// with a fresh [`ManualClock`] that the store must use for its TTLs, and must give a store with
+/// no records. Panics with the name of the first check that fails.
+pub async fn store_conformance<F, Fut>(make: F)
 where
-    F: Fn(&ManualClock) -> SharedStore,
+    F: Fn(&ManualClock) -> Fut,
+    Fut: std::future::Future<Output = SharedStore>,
 {
     type Check = fn(SharedStore, ManualClock) -> crate::BoxFuture<'static, ()>;
     let checks: [(&str, Check); 8] = [
@@ -36,7 +41,7 @@ where
     ];
     for (name, check) in checks {
         let clock = ManualClock::default();
-        let store = make(&clock);
+        let store = make(&clock).await;
         let run = tokio::spawn(check(store, clock));
         if let Err(e) = run.await {
             panic!("store conformance check {name:?} failed: {e}");
@@ -224,4 +229,148 @@ async fn racing_writers(s: SharedStore) {
         }
     }
     assert_eq!(winners, 1, "exactly one compare-and-set from the same version wins");
+}
+
+#[cfg(feature = "redis")]
+pub use redis_server::RedisServer;
+
+#[cfg(feature = "redis")]
+mod redis_server {
+    use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, Stdio};
+    use std::time::Duration;
+
+    /// A real `redis-server` on a free loopback port, stopped when dropped. For tests.
+    ///
+    /// [`RedisServer::start`] returns `None`, after saying loudly that the test is skipped, when
+    /// `redis-server` is not on `PATH`; under CI (`CI=true`) it panics instead, so a missing
+    /// install cannot pass silently.
+    #[derive(Debug)]
+    pub struct RedisServer {
+        child: Option<Child>,
+        port: u16,
+        dir: PathBuf,
+        append_only: bool,
+        _tmp: Option<tempfile_like::TempDir>,
+    }
+
+    mod tempfile_like {
+        /// A directory removed on drop (avoids a tempfile dependency in the library).
+        #[derive(Debug)]
+        pub(super) struct TempDir(pub(super) std::path::PathBuf);
+        impl Drop for TempDir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+
+    fn free_port() -> u16 {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind a loopback port");
+        listener.local_addr().expect("local addr").port()
+    }
+
+    fn on_path() -> bool {
+        Command::new("redis-server")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok()
+    }
+
+    impl RedisServer {
+        /// Start a server without persistence.
+        pub fn start() -> Option<RedisServer> {
+            RedisServer::start_with(false)
+        }
+
+        /// Start a server; with `append_only`, writes are persisted to an append-only file in a
+        /// private directory so [`RedisServer::restart`] keeps them.
+        pub fn start_with(append_only: bool) -> Option<RedisServer> {
+            if !on_path() {
+                if std::env::var("CI").is_ok_and(|v| v == "true") {
+                    panic!("redis-server is not on PATH under CI: .ci/run must install it");
+                }
+                eprintln!(
+                    "SKIPPING: redis-server is not on PATH; install it to run the Redis tests"
+                );
+                return None;
+            }
+            let dir = std::env::temp_dir().join(format!(
+                "flow-state-redis-{}-{}",
+                std::process::id(),
+                free_port()
+            ));
+            std::fs::create_dir_all(&dir).expect("create the redis directory");
+            let mut server = RedisServer {
+                child: None,
+                port: free_port(),
+                dir: dir.clone(),
+                append_only,
+                _tmp: Some(tempfile_like::TempDir(dir)),
+            };
+            server.spawn();
+            Some(server)
+        }
+
+        fn spawn(&mut self) {
+            let mut cmd = Command::new("redis-server");
+            cmd.args(["--bind", "127.0.0.1", "--port", &self.port.to_string(), "--save", ""])
+                .args(["--appendonly", if self.append_only { "yes" } else { "no" }])
+                .args(["--appendfsync", "always"])
+                .arg("--dir")
+                .arg(&self.dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            self.child = Some(cmd.spawn().expect("start redis-server"));
+            wait_until_up(self.addr());
+        }
+
+        /// The server's address.
+        pub fn addr(&self) -> SocketAddr {
+            SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
+        }
+
+        /// A `redis://` URL for the server.
+        pub fn url(&self) -> String {
+            format!("redis://127.0.0.1:{}", self.port)
+        }
+
+        /// The server's working directory (where the append-only file lives).
+        pub fn dir(&self) -> &Path {
+            &self.dir
+        }
+
+        /// Stop the server (SIGKILL) without restarting it.
+        pub fn stop(&mut self) {
+            if let Some(mut child) = self.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+
+        /// Stop the server and start it again on the same port and directory.
+        pub fn restart(&mut self) {
+            self.stop();
+            self.spawn();
+        }
+    }
+
+    fn wait_until_up(addr: SocketAddr) {
+        for _ in 0..500 {
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(50)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("redis-server did not start listening on {addr}");
+    }
+
+    impl Drop for RedisServer {
+        fn drop(&mut self) {
+            self.stop();
+        }
+    }
 }

@@ -26,6 +26,8 @@ use mcp_clock::Timestamp;
 use tokio::sync::watch;
 
 pub(crate) mod memory;
+#[cfg(feature = "redis")]
+pub(crate) mod redis;
 #[cfg(feature = "sled")]
 pub(crate) mod sled;
 
@@ -237,6 +239,15 @@ impl KeyNotifier {
     pub fn notify(&self, key: &str) {
         let keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(tx) = keys.get(key) {
+            tx.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    /// Wake every subscriber of every key: after a reconnect, or on a backend's fallback poll,
+    /// when a notification may have been missed. Waiters re-read and go back to sleep.
+    pub fn notify_all(&self) {
+        let keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
+        for tx in keys.values() {
             tx.send_modify(|n| *n = n.wrapping_add(1));
         }
     }

@@ -15,7 +15,7 @@ use crate::harness::{BACKENDS, harness, key, settle, within};
 #[tokio::test]
 async fn dropping_every_caller_lets_the_handler_finish_and_record() {
     for backend in BACKENDS {
-        let h = harness(backend);
+        let Some(h) = harness(backend).await else { continue };
         let k = key("cache", "x");
         let runs = Arc::new(AtomicUsize::new(0));
         let (release, released) = oneshot::channel::<()>();
@@ -31,7 +31,7 @@ async fn dropping_every_caller_lets_the_handler_finish_and_record() {
                     .await
             }
         });
-        settle().await;
+        h.until(&k, FlowStatus::Pending).await;
         caller.abort();
         assert!(caller.await.unwrap_err().is_cancelled());
         assert_eq!(h.flows.get::<u32>(&k).await.unwrap().unwrap().status, FlowStatus::Pending);
@@ -57,7 +57,7 @@ async fn dropping_every_caller_lets_the_handler_finish_and_record() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_handler_fails_the_flow_and_wakes_waiters() {
     for backend in BACKENDS {
-        let h = harness(backend);
+        let Some(h) = harness(backend).await else { continue };
         let k = key("kept", "x");
         let callers: Vec<_> = (0..8)
             .map(|_| {
@@ -88,13 +88,13 @@ async fn a_panicking_handler_fails_the_flow_and_wakes_waiters() {
 #[tokio::test]
 async fn a_hung_handler_times_out_and_frees_the_key() {
     for backend in BACKENDS {
-        let h = harness(backend);
+        let Some(h) = harness(backend).await else { continue };
         let k = key("cache", "x");
         let caller = tokio::spawn({
             let (flows, k) = (h.flows.clone(), k.clone());
             async move { flows.run::<u32, _, _>(&k, std::future::pending).await }
         });
-        settle().await;
+        h.until(&k, FlowStatus::Pending).await;
         h.clock.advance(Duration::from_secs(5)); // the handler deadline of "cache"
         match within(caller).await.unwrap() {
             Err(Error::Failed { error, .. }) => {
@@ -110,7 +110,7 @@ async fn a_hung_handler_times_out_and_frees_the_key() {
 #[tokio::test]
 async fn a_dropped_waiter_leaves_the_flow_alone() {
     for backend in BACKENDS {
-        let h = harness(backend);
+        let Some(h) = harness(backend).await else { continue };
         let k = key("test-type", "x");
         h.flows.init(&k, serde_json::json!({})).await.unwrap();
         let dropped = tokio::spawn({

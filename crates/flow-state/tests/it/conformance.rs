@@ -4,8 +4,11 @@ use flow_state::{MemoryStore, SharedStore, SledStore, testkit};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_store_conforms() {
-    testkit::store_conformance(|clock| SharedStore::new(MemoryStore::with_clock(clock.shared())))
-        .await;
+    testkit::store_conformance(|clock| {
+        let store = SharedStore::new(MemoryStore::with_clock(clock.shared()));
+        async move { store }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -18,7 +21,7 @@ async fn sled_store_conforms() {
             .clock(clock.shared())
             .open()
             .unwrap();
-        SharedStore::new(store)
+        async move { SharedStore::new(store) }
     })
     .await;
 }

@@ -2,8 +2,10 @@
 
 use std::time::Duration;
 
+use flow_state::testkit::RedisServer;
 use flow_state::{
-    FlowKey, FlowManager, FlowTypeConfig, ManualClock, MemoryStore, SharedStore, SledStore,
+    FlowKey, FlowManager, FlowStatus, FlowTypeConfig, ManualClock, MemoryStore, RedisStore,
+    SharedStore, SledStore,
 };
 
 /// A manager over a store, with the manual clock both read.
@@ -11,8 +13,9 @@ pub(crate) struct Harness {
     pub(crate) flows: FlowManager,
     pub(crate) clock: ManualClock,
     pub(crate) store: SharedStore,
-    // Keeps a sled directory alive for the harness's lifetime.
+    // Keeps a sled directory or a redis-server alive for the harness's lifetime.
     pub(crate) _dir: Option<tempfile::TempDir>,
+    pub(crate) _redis: Option<RedisServer>,
 }
 
 /// Which backend a test runs on.
@@ -20,25 +23,58 @@ pub(crate) struct Harness {
 pub(crate) enum Backend {
     Memory,
     Sled,
+    Redis,
 }
 
-pub(crate) const BACKENDS: [Backend; 2] = [Backend::Memory, Backend::Sled];
+/// Every backend; Redis runs when redis-server is on PATH (and must be, under CI).
+pub(crate) const BACKENDS: [Backend; 3] = [Backend::Memory, Backend::Sled, Backend::Redis];
 
 /// `kept`: interactive flows that keep failures (wait 10 s, ttl 60 s).
 /// `cache`: run() results reused (ttl 60 s, handler deadline 5 s).
 /// anything else: the defaults below (ttl 60 s, waits 10 s, no reuse of failures).
-pub(crate) fn harness(backend: Backend) -> Harness {
+///
+/// Returns `None` for Redis when redis-server is missing (outside CI), after saying so.
+pub(crate) async fn harness(backend: Backend) -> Option<Harness> {
     let clock = ManualClock::default();
-    let (store, dir) = match backend {
-        Backend::Memory => (SharedStore::new(MemoryStore::with_clock(clock.shared())), None),
+    let (store, dir, redis) = match backend {
+        Backend::Memory => (SharedStore::new(MemoryStore::with_clock(clock.shared())), None, None),
         Backend::Sled => {
             let dir = tempfile::tempdir().unwrap();
             let store = SledStore::builder(dir.path()).clock(clock.shared()).open().unwrap();
-            (SharedStore::new(store), Some(dir))
+            (SharedStore::new(store), Some(dir), None)
+        }
+        Backend::Redis => {
+            let server = RedisServer::start()?;
+            let store =
+                RedisStore::builder(server.url()).clock(clock.shared()).connect().await.unwrap();
+            (SharedStore::new(store), None, Some(server))
         }
     };
     let flows = manager(&store, &clock);
-    Harness { flows, clock, store, _dir: dir }
+    Some(Harness { flows, clock, store, _dir: dir, _redis: redis })
+}
+
+impl Harness {
+    /// Waits until the flow exists with `status` (a spawned task has written it), so a test can
+    /// move the clock knowing the flow's creation time is already fixed.
+    pub(crate) async fn until(&self, key: &FlowKey, status: FlowStatus) {
+        within(async {
+            loop {
+                if self
+                    .flows
+                    .get::<serde_json::Value>(key)
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some_and(|s| s.status == status)
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+    }
 }
 
 pub(crate) fn manager(store: &SharedStore, clock: &ManualClock) -> FlowManager {

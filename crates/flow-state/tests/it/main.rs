@@ -6,6 +6,7 @@ mod cancel;
 mod conformance;
 mod harness;
 mod model;
+mod redis;
 mod scenarios;
 mod single_flight;
 mod sled_disk;

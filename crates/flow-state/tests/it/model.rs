@@ -61,7 +61,7 @@ fn keys() -> Vec<FlowKey> {
 }
 
 async fn check(backend: Backend, ops: Vec<Op>) {
-    let h = harness(backend);
+    let Some(h) = harness(backend).await else { return };
     let keys = keys();
     let mut model: HashMap<usize, Model> = HashMap::new();
     for op in ops {
@@ -169,6 +169,12 @@ proptest! {
     fn the_memory_manager_matches_the_model(ops in proptest::collection::vec(op(), 1..60)) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(check(Backend::Memory, ops));
+    }
+
+    #[test]
+    fn the_redis_manager_matches_the_model(ops in proptest::collection::vec(op(), 1..40)) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(check(Backend::Redis, ops));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use crate::harness::{BACKENDS, harness, key, settle, within};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_runs_share_one_handler_result() {
     for backend in BACKENDS {
-        let h = harness(backend);
+        let Some(h) = harness(backend).await else { continue };
         let runs = Arc::new(AtomicUsize::new(0));
         let k = key("cache", "alice:srv");
         let calls: Vec<_> = (0..10)
@@ -44,13 +44,13 @@ async fn concurrent_runs_share_one_handler_result() {
 #[tokio::test]
 async fn an_unanswered_flow_times_out() {
     for backend in BACKENDS {
-        let h = harness(backend);
+        let Some(h) = harness(backend).await else { continue };
         let k = key("test-type", "x");
         let waiter = tokio::spawn({
             let (flows, k) = (h.flows.clone(), k.clone());
             async move { flows.create_and_wait::<String>(&k, json!({})).await }
         });
-        settle().await;
+        h.until(&k, FlowStatus::Pending).await;
         h.clock.advance(Duration::from_millis(9_999));
         settle().await;
         assert!(!waiter.is_finished(), "{backend:?}: timed out early");
@@ -66,13 +66,13 @@ async fn an_unanswered_flow_times_out() {
 #[tokio::test]
 async fn a_waiter_gets_a_later_completion() {
     for backend in BACKENDS {
-        let h = harness(backend);
+        let Some(h) = harness(backend).await else { continue };
         let k = key("test-type", "x");
         let waiter = tokio::spawn({
             let (flows, k) = (h.flows.clone(), k.clone());
             async move { flows.create_and_wait::<String>(&k, json!({})).await }
         });
-        settle().await;
+        h.until(&k, FlowStatus::Pending).await;
         h.clock.advance(Duration::from_millis(500));
         h.flows.complete(&k, &"success").await.unwrap();
         assert_eq!(within(waiter).await.unwrap().unwrap(), "success", "{backend:?}");
@@ -83,13 +83,13 @@ async fn a_waiter_gets_a_later_completion() {
 #[tokio::test]
 async fn a_failure_reaches_the_waiter_and_is_deleted() {
     for backend in BACKENDS {
-        let h = harness(backend);
+        let Some(h) = harness(backend).await else { continue };
         let k = key("test-type", "x");
         let waiter = tokio::spawn({
             let (flows, k) = (h.flows.clone(), k.clone());
             async move { flows.create_and_wait::<String>(&k, json!({})).await }
         });
-        settle().await;
+        h.until(&k, FlowStatus::Pending).await;
         h.flows.fail(&k, FlowError::new("denied", "failure")).await.unwrap();
         match within(waiter).await.unwrap() {
             Err(Error::Failed { error, .. }) => assert_eq!(error.message, "failure"),
@@ -103,13 +103,13 @@ async fn a_failure_reaches_the_waiter_and_is_deleted() {
 #[tokio::test]
 async fn a_kept_type_records_its_timeout() {
     for backend in BACKENDS {
-        let h = harness(backend);
+        let Some(h) = harness(backend).await else { continue };
         let k = key("kept", "x");
         let waiter = tokio::spawn({
             let (flows, k) = (h.flows.clone(), k.clone());
             async move { flows.create_and_wait::<String>(&k, json!({})).await }
         });
-        settle().await;
+        h.until(&k, FlowStatus::Pending).await;
         h.clock.advance(Duration::from_secs(10));
         assert!(matches!(within(waiter).await.unwrap(), Err(Error::TimedOut { .. })));
         let state = h.flows.get::<String>(&k).await.unwrap().unwrap();
@@ -123,13 +123,13 @@ async fn a_kept_type_records_its_timeout() {
 #[tokio::test]
 async fn a_kept_failure_stays_readable() {
     for backend in BACKENDS {
-        let h = harness(backend);
+        let Some(h) = harness(backend).await else { continue };
         let k = key("kept", "x");
         let waiter = tokio::spawn({
             let (flows, k) = (h.flows.clone(), k.clone());
             async move { flows.create_and_wait::<String>(&k, json!({})).await }
         });
-        settle().await;
+        h.until(&k, FlowStatus::Pending).await;
         h.flows.fail(&k, FlowError::new("provider", "provider rejected request")).await.unwrap();
         assert!(matches!(within(waiter).await.unwrap(), Err(Error::Failed { .. })));
         let state = h.flows.get::<String>(&k).await.unwrap().unwrap();
@@ -143,7 +143,7 @@ async fn a_kept_failure_stays_readable() {
 #[tokio::test]
 async fn settled_flows_refuse_late_writes_and_stay_unchanged() {
     for backend in BACKENDS {
-        let h = harness(backend);
+        let Some(h) = harness(backend).await else { continue };
         let k = key("test-type", "x");
         h.flows.init(&k, json!({"m": 1})).await.unwrap();
         h.flows.complete(&k, &"first").await.unwrap();
@@ -165,7 +165,7 @@ async fn settled_flows_refuse_late_writes_and_stay_unchanged() {
 #[tokio::test]
 async fn completing_a_missing_or_expired_flow_is_not_found() {
     for backend in BACKENDS {
-        let h = harness(backend);
+        let Some(h) = harness(backend).await else { continue };
         let k = key("test-type", "x");
         assert!(matches!(h.flows.complete(&k, &1).await, Err(Error::NotFound { .. })));
         assert!(matches!(h.flows.complete_if_pending(&k, &1).await, Err(Error::NotFound { .. })));
@@ -188,7 +188,7 @@ async fn completing_a_missing_or_expired_flow_is_not_found() {
 #[tokio::test]
 async fn an_external_completion_during_the_handler_wins() {
     for backend in BACKENDS {
-        let h = harness(backend);
+        let Some(h) = harness(backend).await else { continue };
         let k = key("cache", "x");
         let (flows, k2) = (h.flows.clone(), k.clone());
         let got: String = h
@@ -211,7 +211,7 @@ async fn an_external_completion_during_the_handler_wins() {
 #[tokio::test]
 async fn init_writes_pending_and_refuses_a_live_one() {
     for backend in BACKENDS {
-        let h = harness(backend);
+        let Some(h) = harness(backend).await else { continue };
         let k = key("test-type", "x");
         let created = h.flows.init(&k, json!({"state": "abc"})).await.unwrap();
         let state = h.flows.get::<String>(&k).await.unwrap().unwrap();
@@ -229,7 +229,7 @@ async fn init_writes_pending_and_refuses_a_live_one() {
             let (flows, k) = (h.flows.clone(), k.clone());
             async move { flows.create_and_wait::<u32>(&k, json!({"ignored": true})).await }
         });
-        settle().await;
+        h.until(&k, FlowStatus::Pending).await;
         h.flows.complete(&k, &7u32).await.unwrap();
         assert_eq!(within(waiter).await.unwrap().unwrap(), 7);
         // A COMPLETED flow is replaced by init.
@@ -247,14 +247,14 @@ async fn init_writes_pending_and_refuses_a_live_one() {
 #[tokio::test]
 async fn delete_wakes_waiters_with_deleted() {
     for backend in BACKENDS {
-        let h = harness(backend);
+        let Some(h) = harness(backend).await else { continue };
         let k = key("test-type", "x");
         assert!(!h.flows.delete(&k).await.unwrap());
         let waiter = tokio::spawn({
             let (flows, k) = (h.flows.clone(), k.clone());
             async move { flows.create_and_wait::<u32>(&k, json!({})).await }
         });
-        settle().await;
+        h.until(&k, FlowStatus::Pending).await;
         assert!(h.flows.delete(&k).await.unwrap());
         assert!(matches!(within(waiter).await.unwrap(), Err(Error::Deleted { .. })), "{backend:?}");
         assert!(h.flows.get::<u32>(&k).await.unwrap().is_none());
@@ -266,7 +266,7 @@ async fn delete_wakes_waiters_with_deleted() {
 #[tokio::test]
 async fn delete_if_status_leaves_other_statuses_alone() {
     for backend in BACKENDS {
-        let h = harness(backend);
+        let Some(h) = harness(backend).await else { continue };
         let k = key("test-type", "x");
         h.flows.init(&k, json!({})).await.unwrap();
         assert!(!h.flows.delete_if_status(&k, FlowStatus::Completed).await.unwrap());
@@ -281,7 +281,7 @@ async fn delete_if_status_leaves_other_statuses_alone() {
 #[tokio::test]
 async fn completed_results_are_reused_until_their_ttl() {
     for backend in BACKENDS {
-        let h = harness(backend);
+        let Some(h) = harness(backend).await else { continue };
         let k = key("cache", "x");
         let runs = Arc::new(AtomicUsize::new(0));
         let run = |n: u32| {
@@ -310,7 +310,7 @@ async fn completed_results_are_reused_until_their_ttl() {
 #[tokio::test]
 async fn fresh_types_and_failures_are_not_reused() {
     for backend in BACKENDS {
-        let h = harness(backend);
+        let Some(h) = harness(backend).await else { continue };
         let k = key("fresh", "x");
         for n in 0..3u32 {
             let got: u32 = h.flows.run(&k, move || async move { Ok(n) }).await.unwrap();
@@ -337,7 +337,7 @@ async fn fresh_types_and_failures_are_not_reused() {
 #[tokio::test]
 async fn staleness_uses_the_latest_transition() {
     for backend in BACKENDS {
-        let h = harness(backend);
+        let Some(h) = harness(backend).await else { continue };
         let k = key("test-type", "x");
         assert!(h.flows.staleness(&k, Duration::from_secs(120)).await.unwrap().is_none());
         h.flows.init(&k, json!({})).await.unwrap();
@@ -361,7 +361,7 @@ async fn staleness_uses_the_latest_transition() {
 #[tokio::test]
 async fn tenants_never_share_flows() {
     for backend in BACKENDS {
-        let h = harness(backend);
+        let Some(h) = harness(backend).await else { continue };
         let a = FlowKey::new("mcp_oauth", "alice:srv").unwrap().with_tenant("tenant-a").unwrap();
         let b = FlowKey::new("mcp_oauth", "alice:srv").unwrap().with_tenant("tenant-b").unwrap();
         let bare = FlowKey::new("mcp_oauth", "alice:srv").unwrap();
@@ -378,7 +378,7 @@ async fn tenants_never_share_flows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn complete_if_pending_has_exactly_one_winner() {
     for backend in BACKENDS {
-        let h = harness(backend);
+        let Some(h) = harness(backend).await else { continue };
         for round in 0..20 {
             let k = key("test-type", &format!("r{round}"));
             h.flows.init(&k, json!({})).await.unwrap();

@@ -7,8 +7,30 @@ use serde_json::json;
 
 use crate::harness::{key, manager};
 
+/// Opens the database, waiting briefly for the previous handle's background flusher to release
+/// sled's file lock.
 fn open(path: &std::path::Path, clock: &ManualClock) -> SharedStore {
-    SharedStore::new(SledStore::builder(path).clock(clock.shared()).open().unwrap())
+    for _ in 0..200 {
+        match SledStore::builder(path).clock(clock.shared()).open() {
+            Ok(store) => return SharedStore::new(store),
+            Err(e) if e.kind() == flow_state::StoreErrorKind::Unavailable => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    panic!("sled's lock was never released")
+}
+
+/// Opens the raw sled database (as another program would), waiting for the lock likewise.
+fn raw(path: &std::path::Path) -> sled::Db {
+    for _ in 0..200 {
+        if let Ok(db) = sled::open(path) {
+            return db;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("sled's lock was never released")
 }
 
 /// Flows survive a restart; a PENDING flow whose owner died becomes stale and is taken over.
@@ -54,7 +76,7 @@ async fn a_corrupt_record_is_a_typed_error_and_others_stay_readable() {
     let garbage: &[&[u8]] = &[b"\x01\x02", b"0123456789abcdef{not json"];
     for raw in garbage {
         {
-            let db = sled::open(dir.path()).unwrap();
+            let db = raw(dir.path());
             let tree = db.open_tree("flows").unwrap();
             tree.insert(bad.as_str(), *raw).unwrap();
             db.flush().unwrap();
@@ -75,7 +97,7 @@ async fn a_corrupt_record_is_a_typed_error_and_others_stay_readable() {
         assert_eq!(flows.get::<u32>(&good).await.unwrap().unwrap().status, FlowStatus::Pending);
         drop(flows);
         drop(store);
-        let db = sled::open(dir.path()).unwrap();
+        let db = raw(dir.path());
         let left = db.open_tree("flows").unwrap().get(bad.as_str()).unwrap().unwrap();
         assert_eq!(&*left, *raw, "the corrupt record is left as it was");
     }
