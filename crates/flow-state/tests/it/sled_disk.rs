@@ -23,7 +23,7 @@ fn open(path: &std::path::Path, clock: &ManualClock) -> SharedStore {
 }
 
 /// Opens the raw sled database (as another program would), waiting for the lock likewise.
-fn raw(path: &std::path::Path) -> sled::Db {
+fn open_raw(path: &std::path::Path) -> sled::Db {
     for _ in 0..200 {
         if let Ok(db) = sled::open(path) {
             return db;
@@ -76,7 +76,7 @@ async fn a_corrupt_record_is_a_typed_error_and_others_stay_readable() {
     let garbage: &[&[u8]] = &[b"\x01\x02", b"0123456789abcdef{not json"];
     for raw in garbage {
         {
-            let db = raw(dir.path());
+            let db = open_raw(dir.path());
             let tree = db.open_tree("flows").unwrap();
             tree.insert(bad.as_str(), *raw).unwrap();
             db.flush().unwrap();
@@ -97,7 +97,7 @@ async fn a_corrupt_record_is_a_typed_error_and_others_stay_readable() {
         assert_eq!(flows.get::<u32>(&good).await.unwrap().unwrap().status, FlowStatus::Pending);
         drop(flows);
         drop(store);
-        let db = raw(dir.path());
+        let db = open_raw(dir.path());
         let left = db.open_tree("flows").unwrap().get(bad.as_str()).unwrap().unwrap();
         assert_eq!(&*left, *raw, "the corrupt record is left as it was");
     }
