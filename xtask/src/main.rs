@@ -158,7 +158,18 @@ fn layering() -> Result<(), String> {
 
 /// Each crate with backend features, and the feature sets that must build.
 const FEATURE_SETS: &[(&str, &[&str])] = &[
-    ("flow-state", &["", "sled", "test-util", "sled,test-util"]),
+    (
+        "flow-state",
+        &[
+            "",
+            "sled",
+            "redis",
+            "test-util",
+            "sled,redis",
+            "redis,test-util",
+            "sled,redis,test-util",
+        ],
+    ),
     ("token-storage", &["", "sled", "test-util", "sled,test-util"]),
 ];
 
