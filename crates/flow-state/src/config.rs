@@ -97,6 +97,11 @@ impl FlowTypeConfig {
         self
     }
 
+    /// How long a record with `status` lives after it is written.
+    pub(crate) fn ttl_for(&self, status: crate::FlowStatus) -> Duration {
+        if status == crate::FlowStatus::Completed { self.completed_ttl } else { self.ttl }
+    }
+
     pub(crate) fn validate(&self, name: &str) -> Result<(), Error> {
         let check = |what: &str, d: Duration| {
             if d.is_zero() {

@@ -455,22 +455,8 @@ impl FlowManager {
                 }
                 return Err(Error::AlreadySettled { key: key.clone(), status: record.status });
             }
-            let now = self.now();
-            let ttl = match &outcome {
-                Ok(value) => {
-                    record.status = FlowStatus::Completed;
-                    record.completed_at = Some(now);
-                    record.result = Some(value.clone());
-                    record.error = None;
-                    config.completed_ttl
-                }
-                Err(error) => {
-                    record.status = FlowStatus::Failed;
-                    record.failed_at = Some(now);
-                    record.error = Some(error.clone());
-                    config.ttl
-                }
-            };
+            record.settle(self.now(), outcome.clone());
+            let ttl = config.ttl_for(record.status);
             if let Swapped::Swapped { .. } = self.cas(key, v.version, &record, ttl).await? {
                 return Ok(true);
             }
@@ -666,21 +652,12 @@ impl FlowManager {
                 Err(FlowError::new(FlowError::TIMEOUT, format!("the {} handler ran past its deadline", key.flow_type())))
             }
         };
-        let now = self.now();
-        let ttl = match &outcome {
-            Ok(value) => {
-                record.status = FlowStatus::Completed;
-                record.completed_at = Some(now);
-                record.result = Some(encode_value(key, value)?);
-                config.completed_ttl
-            }
-            Err(error) => {
-                record.status = FlowStatus::Failed;
-                record.failed_at = Some(now);
-                record.error = Some(error.clone());
-                config.ttl
-            }
+        let stored = match &outcome {
+            Ok(value) => Ok(encode_value(key, value)?),
+            Err(error) => Err(error.clone()),
         };
+        record.settle(self.now(), stored);
+        let ttl = config.ttl_for(record.status);
         match self.cas(key, version, &record, ttl).await? {
             Swapped::Swapped { version } => {
                 if let Ok(value) = &outcome

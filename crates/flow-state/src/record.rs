@@ -124,6 +124,23 @@ impl Record {
         }
     }
 
+    /// Turns this record into COMPLETED (with the result) or FAILED (with the error) at `now`.
+    pub(crate) fn settle(&mut self, now: Timestamp, outcome: Result<Value, FlowError>) {
+        match outcome {
+            Ok(value) => {
+                self.status = FlowStatus::Completed;
+                self.completed_at = Some(now);
+                self.result = Some(value);
+                self.error = None;
+            }
+            Err(error) => {
+                self.status = FlowStatus::Failed;
+                self.failed_at = Some(now);
+                self.error = Some(error);
+            }
+        }
+    }
+
     pub(crate) fn encode(&self, key: &FlowKey) -> Result<Vec<u8>, Error> {
         serde_json::to_vec(self)
             .map_err(|e| Error::Codec { key: key.clone(), message: e.to_string() })
