@@ -1,2 +1,3 @@
-//! Cross-crate end-to-end tests live in `tests/` beside this file; this library is empty on
-//! purpose (a virtual workspace compiles no root `tests/` folder, so they live in this member).
+//! Cross-crate end-to-end tests live in `tests/` beside this file; this library only compiles the
+//! workspace README's examples as doc tests, so the README cannot go stale.
+#![doc = include_str!("../../README.md")]

@@ -269,8 +269,14 @@ mod tests {
     fn timestamp_arithmetic_saturates() {
         assert_eq!(Timestamp::MAX + Duration::from_secs(1), Timestamp::MAX);
         assert_eq!(Timestamp::EPOCH - Duration::from_secs(1), Timestamp::EPOCH);
-        assert_eq!(Timestamp::from_secs(2).saturating_since(Timestamp::from_secs(5)), Duration::ZERO);
-        assert_eq!(Timestamp::from_secs(5).saturating_since(Timestamp::from_secs(2)), Duration::from_secs(3));
+        assert_eq!(
+            Timestamp::from_secs(2).saturating_since(Timestamp::from_secs(5)),
+            Duration::ZERO
+        );
+        assert_eq!(
+            Timestamp::from_secs(5).saturating_since(Timestamp::from_secs(2)),
+            Duration::from_secs(3)
+        );
     }
 
     #[test]

@@ -1,0 +1,437 @@
+//! The Redis store: flows shared by every process and replica of a deployment.
+//!
+//! Each record is a hash `{v: version, e: expires-at ms, d: bytes}` under `<prefix>:<key>`, with
+//! a Redis TTL as well. Writes are Lua scripts, so each store method is one atomic operation and
+//! one round trip; versions come from `INCR <prefix>:__version`, unique across the deployment.
+//! Every write publishes the key on `<prefix>:__changes`; one subscriber connection per store
+//! turns those messages into local wake-ups, and after a reconnect (or every poll interval, in
+//! case a message was missed) every local waiter re-reads.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use mcp_clock::{Clock, SharedClock, Timestamp};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{RedisError, Script, Value};
+
+use super::{
+    BoxFuture, Inserted, KeyNotifier, Store, StoreError, StoreErrorKind, Subscription, Swapped,
+    Versioned,
+};
+
+const CHECK_RECORD: &str = r#"
+local function record(key)
+  local t = redis.call('TYPE', key).ok
+  if t == 'none' then return nil end
+  if t ~= 'hash' then return redis.error_reply('CORRUPT the value is a ' .. t .. ', not a flow record') end
+  local cur = redis.call('HMGET', key, 'v', 'e', 'd')
+  if not cur[1] or not cur[2] or not cur[3] or not tonumber(cur[1]) or not tonumber(cur[2]) then
+    return redis.error_reply('CORRUPT the hash is missing fields of a flow record')
+  end
+  return cur
+end
+local function write(key, counter, expires, px, data, channel, name)
+  local v = redis.call('INCR', counter)
+  redis.call('DEL', key)
+  redis.call('HSET', key, 'v', v, 'e', expires, 'd', data)
+  redis.call('PEXPIRE', key, px)
+  redis.call('PUBLISH', channel, name)
+  return v
+end
+"#;
+
+const INSERT: &str = r#"
+local cur = record(KEYS[1])
+if type(cur) == 'table' and cur.err then return cur end
+if cur and tonumber(cur[2]) > tonumber(ARGV[1]) then return {0, cur[1], cur[2], cur[3]} end
+return {1, write(KEYS[1], KEYS[2], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])}
+"#;
+
+const CAS: &str = r#"
+local cur = record(KEYS[1])
+if type(cur) == 'table' and cur.err then return cur end
+if not cur or tonumber(cur[2]) <= tonumber(ARGV[2]) then return {0} end
+if cur[1] ~= ARGV[1] then return {0, cur[1], cur[2], cur[3]} end
+return {1, write(KEYS[1], KEYS[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7])}
+"#;
+
+const DELETE: &str = r#"
+local cur = record(KEYS[1])
+if type(cur) == 'table' and cur.err then return cur end
+if not cur then return 0 end
+local live = tonumber(cur[2]) > tonumber(ARGV[2])
+if live and ARGV[1] ~= '' and cur[1] ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+if live then
+  redis.call('PUBLISH', ARGV[3], ARGV[4])
+  return 1
+end
+return 0
+"#;
+
+/// A [`Store`] on Redis, for fleets. Feature `redis`.
+///
+/// Connect with [`RedisStore::builder`]; an unreachable server is a typed error naming the
+/// address. A value under the store's prefix that is not a flow record (written by another
+/// program) is a [`StoreErrorKind::Corrupt`] error, never a panic, and is left as it is.
+#[derive(Debug, Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    conn: ConnectionManager,
+    prefix: String,
+    clock: SharedClock,
+    notifier: Arc<KeyNotifier>,
+    insert: Script,
+    cas: Script,
+    delete: Script,
+    listener: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore").field("prefix", &self.prefix).finish_non_exhaustive()
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
+}
+
+/// Options for connecting a [`RedisStore`].
+#[derive(Debug, Clone)]
+pub struct RedisStoreBuilder {
+    url: String,
+    prefix: String,
+    clock: SharedClock,
+    poll_interval: Duration,
+    timeout: Duration,
+}
+
+impl RedisStoreBuilder {
+    /// The key prefix for this deployment (default `flows`); stores with different prefixes on
+    /// one server never see each other's records.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// The clock TTLs are checked against (default: the system clock).
+    pub fn clock(mut self, clock: SharedClock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// How often local waiters re-read in case a change message was missed (default 2 s).
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
+        self
+    }
+
+    /// The connection and response timeout of each command (default 2 s).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Connect, and subscribe to change messages before returning.
+    pub async fn connect(self) -> Result<RedisStore, StoreError> {
+        let unreachable = |e: RedisError| {
+            StoreError::new(
+                StoreErrorKind::Unavailable,
+                format!("could not connect to Redis at {}", self.url),
+            )
+            .with_source(e)
+        };
+        let client = redis::Client::open(self.url.as_str()).map_err(unreachable)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout))
+            .set_number_of_retries(2);
+        let conn = client.get_connection_manager_with_config(config).await.map_err(unreachable)?;
+        let notifier = KeyNotifier::new();
+        let channel = format!("{}:__changes", self.prefix);
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let listener = tokio::spawn(listen(
+            client,
+            channel,
+            notifier.clone(),
+            self.clock.clone(),
+            self.poll_interval,
+            ready_tx,
+        ));
+        match tokio::time::timeout(self.timeout, ready_rx).await {
+            Ok(Ok(())) => {}
+            _ => {
+                listener.abort();
+                return Err(StoreError::new(
+                    StoreErrorKind::Unavailable,
+                    format!("could not subscribe to change messages at {}", self.url),
+                ));
+            }
+        }
+        Ok(RedisStore {
+            inner: Arc::new(Inner {
+                conn,
+                prefix: self.prefix,
+                clock: self.clock,
+                notifier,
+                insert: Script::new(&format!("{CHECK_RECORD}{INSERT}")),
+                cas: Script::new(&format!("{CHECK_RECORD}{CAS}")),
+                delete: Script::new(&format!("{CHECK_RECORD}{DELETE}")),
+                listener,
+            }),
+        })
+    }
+}
+
+/// Turns change messages into local wake-ups, reconnecting with backoff; wakes everyone after
+/// each (re)subscription and every `poll` in case a message was missed.
+async fn listen(
+    client: redis::Client,
+    channel: String,
+    notifier: Arc<KeyNotifier>,
+    clock: SharedClock,
+    poll: Duration,
+    ready: tokio::sync::oneshot::Sender<()>,
+) {
+    let mut ready = Some(ready);
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let subscribed = async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            Ok::<_, RedisError>(pubsub)
+        }
+        .await;
+        match subscribed {
+            Ok(pubsub) => {
+                backoff = Duration::from_millis(50);
+                if let Some(ready) = ready.take() {
+                    let _ = ready.send(());
+                }
+                notifier.notify_all();
+                let mut messages = pubsub.into_on_message();
+                loop {
+                    tokio::select! {
+                        msg = messages.next() => match msg {
+                            Some(msg) => match std::str::from_utf8(msg.get_payload_bytes()) {
+                                Ok(key) => notifier.notify(key),
+                                Err(_) => notifier.notify_all(),
+                            },
+                            None => break,
+                        },
+                        () = clock.sleep(poll) => notifier.notify_all(),
+                    }
+                }
+                tracing::warn!(%channel, "lost the Redis change subscription; reconnecting");
+            }
+            Err(e) => {
+                tracing::warn!(%channel, error = %e, "could not subscribe to Redis change messages")
+            }
+        }
+        notifier.notify_all();
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+fn map_error(key: &str, e: RedisError) -> StoreError {
+    let message = e.to_string();
+    if message.contains("CORRUPT") || message.contains("WRONGTYPE") {
+        return StoreError::new(
+            StoreErrorKind::Corrupt,
+            "the value is not a flow record (written by another program?)",
+        )
+        .with_key(key)
+        .with_source(e);
+    }
+    let kind = if e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+    {
+        StoreErrorKind::Unavailable
+    } else {
+        StoreErrorKind::Backend
+    };
+    StoreError::new(kind, "Redis command failed").with_key(key).with_source(e)
+}
+
+fn corrupt(key: &str, what: &str) -> StoreError {
+    StoreError::new(StoreErrorKind::Corrupt, format!("unexpected reply from Redis: {what}"))
+        .with_key(key)
+}
+
+fn int(key: &str, v: &Value) -> Result<u64, StoreError> {
+    match v {
+        Value::Int(n) => u64::try_from(*n).map_err(|_| corrupt(key, "negative number")),
+        Value::BulkString(b) => std::str::from_utf8(b)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| corrupt(key, "not a number")),
+        Value::SimpleString(s) => s.parse().map_err(|_| corrupt(key, "not a number")),
+        _ => Err(corrupt(key, "not a number")),
+    }
+}
+
+fn versioned(key: &str, v: &Value, e: &Value, d: &Value) -> Result<Versioned, StoreError> {
+    let Value::BulkString(data) = d else { return Err(corrupt(key, "record data is not bytes")) };
+    Ok(Versioned {
+        version: int(key, v)?,
+        expires_at: Timestamp::from_millis(int(key, e)?),
+        value: data.as_slice().into(),
+    })
+}
+
+impl RedisStore {
+    /// Options for connecting to `url` (for example `redis://127.0.0.1:6379`).
+    pub fn builder(url: impl Into<String>) -> RedisStoreBuilder {
+        RedisStoreBuilder {
+            url: url.into(),
+            prefix: "flows".into(),
+            clock: SharedClock::system(),
+            poll_interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(2),
+        }
+    }
+
+    fn key(&self, key: &str) -> String {
+        format!("{}:{key}", self.inner.prefix)
+    }
+
+    fn counter(&self) -> String {
+        format!("{}:__version", self.inner.prefix)
+    }
+
+    fn channel(&self) -> String {
+        format!("{}:__changes", self.inner.prefix)
+    }
+
+    fn px(ttl: Duration) -> u64 {
+        u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
+    }
+}
+
+impl Store for RedisStore {
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Versioned>, StoreError>> {
+        Box::pin(async move {
+            let mut conn = self.inner.conn.clone();
+            let reply: Vec<Value> = redis::cmd("HMGET")
+                .arg(self.key(key))
+                .arg(&["v", "e", "d"])
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| map_error(key, e))?;
+            match reply.as_slice() {
+                [Value::Nil, Value::Nil, Value::Nil] => Ok(None),
+                [v, e, d] => {
+                    let found = versioned(key, v, e, d)?;
+                    Ok((found.expires_at > self.inner.clock.now()).then_some(found))
+                }
+                _ => Err(corrupt(key, "HMGET reply")),
+            }
+        })
+    }
+
+    fn insert_if_absent<'a>(
+        &'a self,
+        key: &'a str,
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<Inserted, StoreError>> {
+        Box::pin(async move {
+            let now = self.inner.clock.now();
+            let mut conn = self.inner.conn.clone();
+            let reply: Vec<Value> = self
+                .inner
+                .insert
+                .key(self.key(key))
+                .key(self.counter())
+                .arg(now.as_millis())
+                .arg((now + ttl).as_millis())
+                .arg(Self::px(ttl))
+                .arg(value)
+                .arg(self.channel())
+                .arg(key)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| map_error(key, e))?;
+            match reply.as_slice() {
+                [flag, version] if int(key, flag)? == 1 => {
+                    Ok(Inserted::Inserted { version: int(key, version)? })
+                }
+                [_, v, e, d] => Ok(Inserted::Exists(versioned(key, v, e, d)?)),
+                _ => Err(corrupt(key, "insert reply")),
+            }
+        })
+    }
+
+    fn compare_and_set<'a>(
+        &'a self,
+        key: &'a str,
+        expected: u64,
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<Swapped, StoreError>> {
+        Box::pin(async move {
+            let now = self.inner.clock.now();
+            let mut conn = self.inner.conn.clone();
+            let reply: Vec<Value> = self
+                .inner
+                .cas
+                .key(self.key(key))
+                .key(self.counter())
+                .arg(expected.to_string())
+                .arg(now.as_millis())
+                .arg((now + ttl).as_millis())
+                .arg(Self::px(ttl))
+                .arg(value)
+                .arg(self.channel())
+                .arg(key)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| map_error(key, e))?;
+            match reply.as_slice() {
+                [_] => Ok(Swapped::Conflict(None)),
+                [flag, version] if int(key, flag)? == 1 => {
+                    Ok(Swapped::Swapped { version: int(key, version)? })
+                }
+                [_, v, e, d] => Ok(Swapped::Conflict(Some(versioned(key, v, e, d)?))),
+                _ => Err(corrupt(key, "compare-and-set reply")),
+            }
+        })
+    }
+
+    fn delete_if<'a>(
+        &'a self,
+        key: &'a str,
+        expected: Option<u64>,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let now = self.inner.clock.now();
+            let mut conn = self.inner.conn.clone();
+            let deleted: i64 = self
+                .inner
+                .delete
+                .key(self.key(key))
+                .arg(expected.map(|v| v.to_string()).unwrap_or_default())
+                .arg(now.as_millis())
+                .arg(self.channel())
+                .arg(key)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| map_error(key, e))?;
+            Ok(deleted == 1)
+        })
+    }
+
+    fn subscribe(&self, key: &str) -> Subscription {
+        self.inner.notifier.subscribe(key)
+    }
+}

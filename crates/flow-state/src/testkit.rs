@@ -1,0 +1,376 @@
+//! The store conformance suite (feature `test-util`): one set of checks every [`Store`](crate::Store) backend
+//! must pass.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! use flow_state::{MemoryStore, SharedStore, testkit};
+//!
+//! testkit::store_conformance(|clock| {
+//!     let store = SharedStore::new(MemoryStore::with_clock(clock.shared()));
+//!     async move { store }
+//! })
+//! .await;
+//! # }
+//! ```
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mcp_clock::{Clock, ManualClock};
+
+use crate::{Inserted, SharedStore, Swapped};
+
+/// Runs every conformance check against stores built by `make`, which is called once per check
+/// with a fresh [`ManualClock`] that the store must use for its TTLs, and must give a store with
+/// no records. Panics with the name of the first check that fails.
+pub async fn store_conformance<F, Fut>(make: F)
+where
+    F: Fn(&ManualClock) -> Fut,
+    Fut: std::future::Future<Output = SharedStore>,
+{
+    type Check = fn(SharedStore, ManualClock) -> crate::BoxFuture<'static, ()>;
+    let checks: [(&str, Check); 8] = [
+        ("get of an absent key", |s, _| Box::pin(absent(s))),
+        ("insert-if-absent", |s, _| Box::pin(insert_if_absent(s))),
+        ("compare-and-set", |s, _| Box::pin(compare_and_set(s))),
+        ("versions are never reused", |s, _| Box::pin(no_aba(s))),
+        ("delete-if", |s, _| Box::pin(delete_if(s))),
+        ("ttl on the injected clock", |s, c| Box::pin(ttl(s, c))),
+        ("change notifications", |s, _| Box::pin(notifications(s))),
+        ("one winner among racing writers", |s, _| Box::pin(racing_writers(s))),
+    ];
+    for (name, check) in checks {
+        let clock = ManualClock::default();
+        let store = make(&clock).await;
+        let run = tokio::spawn(check(store, clock));
+        if let Err(e) = run.await {
+            panic!("store conformance check {name:?} failed: {e}");
+        }
+    }
+}
+
+const TTL: Duration = Duration::from_secs(60);
+
+async fn absent(s: SharedStore) {
+    assert_eq!(s.get("k").await.unwrap(), None);
+    assert!(!s.delete_if("k", None).await.unwrap());
+    assert_eq!(
+        s.compare_and_set("k", 1, b"x".to_vec(), TTL).await.unwrap(),
+        Swapped::Conflict(None)
+    );
+}
+
+async fn insert_if_absent(s: SharedStore) {
+    let Inserted::Inserted { version } =
+        s.insert_if_absent("k", b"one".to_vec(), TTL).await.unwrap()
+    else {
+        panic!("first insert must win");
+    };
+    match s.insert_if_absent("k", b"two".to_vec(), TTL).await.unwrap() {
+        Inserted::Exists(v) => {
+            assert_eq!(v.version, version);
+            assert_eq!(&*v.value, b"one");
+        }
+        other => panic!("second insert must see the first: {other:?}"),
+    }
+    let got = s.get("k").await.unwrap().unwrap();
+    assert_eq!((got.version, &*got.value), (version, &b"one"[..]));
+    // Keys are independent.
+    assert!(matches!(
+        s.insert_if_absent("k2", b"x".to_vec(), TTL).await.unwrap(),
+        Inserted::Inserted { .. }
+    ));
+}
+
+async fn compare_and_set(s: SharedStore) {
+    let Inserted::Inserted { version: v1 } =
+        s.insert_if_absent("k", b"one".to_vec(), TTL).await.unwrap()
+    else {
+        panic!()
+    };
+    let Swapped::Swapped { version: v2 } =
+        s.compare_and_set("k", v1, b"two".to_vec(), TTL).await.unwrap()
+    else {
+        panic!("compare-and-set on the current version must succeed");
+    };
+    assert_ne!(v1, v2);
+    match s.compare_and_set("k", v1, b"three".to_vec(), TTL).await.unwrap() {
+        Swapped::Conflict(Some(current)) => {
+            assert_eq!(current.version, v2);
+            assert_eq!(&*current.value, b"two");
+        }
+        other => panic!("a stale version must conflict: {other:?}"),
+    }
+    assert_eq!(&*s.get("k").await.unwrap().unwrap().value, b"two");
+}
+
+async fn no_aba(s: SharedStore) {
+    let Inserted::Inserted { version: old } =
+        s.insert_if_absent("k", b"a".to_vec(), TTL).await.unwrap()
+    else {
+        panic!()
+    };
+    assert!(s.delete_if("k", Some(old)).await.unwrap());
+    let Inserted::Inserted { version: new } =
+        s.insert_if_absent("k", b"b".to_vec(), TTL).await.unwrap()
+    else {
+        panic!()
+    };
+    assert_ne!(old, new, "a version must never be reused for a new generation of a key");
+    assert!(matches!(
+        s.compare_and_set("k", old, b"c".to_vec(), TTL).await.unwrap(),
+        Swapped::Conflict(Some(_))
+    ));
+    assert!(!s.delete_if("k", Some(old)).await.unwrap());
+    assert_eq!(&*s.get("k").await.unwrap().unwrap().value, b"b");
+}
+
+async fn delete_if(s: SharedStore) {
+    let Inserted::Inserted { version } = s.insert_if_absent("k", b"a".to_vec(), TTL).await.unwrap()
+    else {
+        panic!()
+    };
+    assert!(
+        !s.delete_if("k", Some(version + 1_000_000)).await.unwrap(),
+        "wrong version deletes nothing"
+    );
+    assert!(s.get("k").await.unwrap().is_some());
+    assert!(s.delete_if("k", Some(version)).await.unwrap());
+    assert_eq!(s.get("k").await.unwrap(), None);
+    s.insert_if_absent("k", b"b".to_vec(), TTL).await.unwrap();
+    assert!(s.delete_if("k", None).await.unwrap(), "None deletes any live version");
+    assert!(!s.delete_if("k", None).await.unwrap());
+}
+
+async fn ttl(s: SharedStore, clock: ManualClock) {
+    let start = clock.now();
+    let Inserted::Inserted { version } =
+        s.insert_if_absent("k", b"a".to_vec(), Duration::from_secs(10)).await.unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(s.get("k").await.unwrap().unwrap().expires_at, start + Duration::from_secs(10));
+    clock.advance(Duration::from_millis(9_999));
+    assert!(s.get("k").await.unwrap().is_some(), "alive just before its expiry");
+    clock.advance(Duration::from_millis(1));
+    assert_eq!(s.get("k").await.unwrap(), None, "gone at its expiry");
+    assert_eq!(
+        s.compare_and_set("k", version, b"b".to_vec(), TTL).await.unwrap(),
+        Swapped::Conflict(None)
+    );
+    assert!(!s.delete_if("k", Some(version)).await.unwrap());
+    assert!(matches!(
+        s.insert_if_absent("k", b"c".to_vec(), TTL).await.unwrap(),
+        Inserted::Inserted { .. }
+    ));
+    // A compare-and-set resets the TTL.
+    let v = s.get("k").await.unwrap().unwrap();
+    clock.advance(Duration::from_secs(30));
+    s.compare_and_set("k", v.version, b"d".to_vec(), Duration::from_secs(60)).await.unwrap();
+    clock.advance(Duration::from_secs(45));
+    assert_eq!(&*s.get("k").await.unwrap().unwrap().value, b"d");
+}
+
+async fn notifications(s: SharedStore) {
+    async fn expect_change(sub: &mut crate::Subscription, what: &str) {
+        // A bounded wait so a missing notification fails instead of hanging.
+        if tokio::time::timeout(Duration::from_secs(5), sub.changed()).await.is_err() {
+            panic!("no notification after {what}");
+        }
+    }
+    let mut sub = s.subscribe("k");
+    let Inserted::Inserted { version } = s.insert_if_absent("k", b"a".to_vec(), TTL).await.unwrap()
+    else {
+        panic!()
+    };
+    expect_change(&mut sub, "insert").await;
+    let Swapped::Swapped { version: v2 } =
+        s.compare_and_set("k", version, b"b".to_vec(), TTL).await.unwrap()
+    else {
+        panic!()
+    };
+    expect_change(&mut sub, "compare-and-set").await;
+    assert!(s.delete_if("k", Some(v2)).await.unwrap());
+    expect_change(&mut sub, "delete").await;
+    // Another key's writes do not wake this subscriber.
+    s.insert_if_absent("other", b"x".to_vec(), TTL).await.unwrap();
+    assert!(tokio::time::timeout(Duration::from_millis(50), sub.changed()).await.is_err());
+}
+
+async fn racing_writers(s: SharedStore) {
+    // The race: two replicas both see "absent" and both write; exactly one must win.
+    let s = Arc::new(s);
+    let inserts: Vec<_> = (0..32)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move { s.insert_if_absent("k", vec![i], TTL).await.unwrap() })
+        })
+        .collect();
+    let mut winners = 0;
+    for t in inserts {
+        if matches!(t.await.unwrap(), Inserted::Inserted { .. }) {
+            winners += 1;
+        }
+    }
+    assert_eq!(winners, 1, "exactly one insert-if-absent wins");
+    let version = s.get("k").await.unwrap().unwrap().version;
+    let swaps: Vec<_> = (0..32)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(
+                async move { s.compare_and_set("k", version, vec![i], TTL).await.unwrap() },
+            )
+        })
+        .collect();
+    let mut winners = 0;
+    for t in swaps {
+        if matches!(t.await.unwrap(), Swapped::Swapped { .. }) {
+            winners += 1;
+        }
+    }
+    assert_eq!(winners, 1, "exactly one compare-and-set from the same version wins");
+}
+
+#[cfg(feature = "redis")]
+pub use redis_server::RedisServer;
+
+#[cfg(feature = "redis")]
+mod redis_server {
+    use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, Stdio};
+    use std::time::Duration;
+
+    /// A real `redis-server` on a free loopback port, stopped when dropped. For tests.
+    ///
+    /// [`RedisServer::start`] returns `None`, after saying loudly that the test is skipped, when
+    /// `redis-server` is not on `PATH`; under CI (`CI=true`) it panics instead, so a missing
+    /// install cannot pass silently.
+    #[derive(Debug)]
+    pub struct RedisServer {
+        child: Option<Child>,
+        port: u16,
+        dir: PathBuf,
+        append_only: bool,
+        _tmp: Option<tempfile_like::TempDir>,
+    }
+
+    mod tempfile_like {
+        /// A directory removed on drop (avoids a tempfile dependency in the library).
+        #[derive(Debug)]
+        pub(super) struct TempDir(pub(super) std::path::PathBuf);
+        impl Drop for TempDir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+
+    fn free_port() -> u16 {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind a loopback port");
+        listener.local_addr().expect("local addr").port()
+    }
+
+    fn on_path() -> bool {
+        Command::new("redis-server")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok()
+    }
+
+    impl RedisServer {
+        /// Start a server without persistence.
+        pub fn start() -> Option<RedisServer> {
+            RedisServer::start_with(false)
+        }
+
+        /// Start a server; with `append_only`, writes are persisted to an append-only file in a
+        /// private directory so [`RedisServer::restart`] keeps them.
+        pub fn start_with(append_only: bool) -> Option<RedisServer> {
+            if !on_path() {
+                if std::env::var("CI").is_ok_and(|v| v == "true") {
+                    panic!("redis-server is not on PATH under CI: .ci/run must install it");
+                }
+                eprintln!(
+                    "SKIPPING: redis-server is not on PATH; install it to run the Redis tests"
+                );
+                return None;
+            }
+            let dir = std::env::temp_dir().join(format!(
+                "flow-state-redis-{}-{}",
+                std::process::id(),
+                free_port()
+            ));
+            std::fs::create_dir_all(&dir).expect("create the redis directory");
+            let mut server = RedisServer {
+                child: None,
+                port: free_port(),
+                dir: dir.clone(),
+                append_only,
+                _tmp: Some(tempfile_like::TempDir(dir)),
+            };
+            server.spawn();
+            Some(server)
+        }
+
+        fn spawn(&mut self) {
+            let mut cmd = Command::new("redis-server");
+            cmd.args(["--bind", "127.0.0.1", "--port", &self.port.to_string(), "--save", ""])
+                .args(["--appendonly", if self.append_only { "yes" } else { "no" }])
+                .args(["--appendfsync", "always"])
+                .arg("--dir")
+                .arg(&self.dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            self.child = Some(cmd.spawn().expect("start redis-server"));
+            wait_until_up(self.addr());
+        }
+
+        /// The server's address.
+        pub fn addr(&self) -> SocketAddr {
+            SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
+        }
+
+        /// A `redis://` URL for the server.
+        pub fn url(&self) -> String {
+            format!("redis://127.0.0.1:{}", self.port)
+        }
+
+        /// The server's working directory (where the append-only file lives).
+        pub fn dir(&self) -> &Path {
+            &self.dir
+        }
+
+        /// Stop the server (SIGKILL) without restarting it.
+        pub fn stop(&mut self) {
+            if let Some(mut child) = self.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+
+        /// Stop the server and start it again on the same port and directory.
+        pub fn restart(&mut self) {
+            self.stop();
+            self.spawn();
+        }
+    }
+
+    fn wait_until_up(addr: SocketAddr) {
+        for _ in 0..500 {
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(50)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("redis-server did not start listening on {addr}");
+    }
+
+    impl Drop for RedisServer {
+        fn drop(&mut self) {
+            self.stop();
+        }
+    }
+}

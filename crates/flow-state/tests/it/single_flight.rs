@@ -1,0 +1,209 @@
+//! The process-local single-flight: scenarios 19 to 24 of §5.1 of the behaviour reference.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use flow_state::{CallOptions, CancellationToken, ManualClock, SingleFlight, SingleFlightError};
+use tokio::sync::Notify;
+
+use crate::harness::{settle, within};
+
+type Refreshes = SingleFlight<&'static str, u32>;
+
+/// The seed's budget: a refresh gets 2 s (a share of a 5 s connect timeout), then 1 s of grace.
+fn options() -> CallOptions {
+    CallOptions::new(Duration::from_millis(2_000))
+        .grace(Duration::from_millis(1_000))
+        .caller_deadline(Duration::from_millis(2_000))
+}
+
+struct Refresher {
+    calls: AtomicUsize,
+    release: Notify,
+    tokens: std::sync::Mutex<Vec<CancellationToken>>,
+}
+
+impl Refresher {
+    fn new() -> Arc<Self> {
+        Arc::new(Refresher {
+            calls: AtomicUsize::new(0),
+            release: Notify::new(),
+            tokens: Default::default(),
+        })
+    }
+
+    fn start(
+        self: &Arc<Self>,
+        hang_forever: bool,
+    ) -> impl FnOnce(CancellationToken) -> futures_like::Fut {
+        let this = self.clone();
+        move |token| {
+            this.calls.fetch_add(1, Ordering::SeqCst);
+            this.tokens.lock().unwrap().push(token);
+            let this = this.clone();
+            Box::pin(async move {
+                if hang_forever {
+                    std::future::pending::<()>().await;
+                }
+                this.release.notified().await;
+                7
+            })
+        }
+    }
+
+    fn token(&self, i: usize) -> CancellationToken {
+        self.tokens.lock().unwrap()[i].clone()
+    }
+}
+
+mod futures_like {
+    pub(crate) type Fut = std::pin::Pin<Box<dyn std::future::Future<Output = u32> + Send>>;
+}
+
+/// 19: two concurrent calls while the refresh waits to be released: one refresh, both get it.
+#[tokio::test]
+async fn concurrent_calls_share_one_attempt() {
+    let clock = ManualClock::default();
+    let sf: Refreshes = SingleFlight::new(clock.shared());
+    let r = Refresher::new();
+    let a = tokio::spawn({
+        let (sf, r) = (sf.clone(), r.clone());
+        async move { sf.call("t:u:s", CallOptions::new(Duration::from_secs(60)), r.start(false)).await }
+    });
+    let b = tokio::spawn({
+        let (sf, r) = (sf.clone(), r.clone());
+        async move { sf.call("t:u:s", CallOptions::new(Duration::from_secs(60)), r.start(false)).await }
+    });
+    settle().await;
+    r.release.notify_waiters();
+    assert_eq!(within(a).await.unwrap(), Ok(7));
+    assert_eq!(within(b).await.unwrap(), Ok(7));
+    assert_eq!(r.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(sf.in_flight(), 0, "nothing is cached after it settles");
+}
+
+/// After an attempt settles, the next call starts a fresh one (no cached result).
+#[tokio::test]
+async fn a_settled_attempt_is_not_reused() {
+    let sf: Refreshes = SingleFlight::new(ManualClock::default().shared());
+    let n = Arc::new(AtomicUsize::new(0));
+    for expected in 1..=3u32 {
+        let n = n.clone();
+        let got = sf
+            .call("k", CallOptions::new(Duration::from_secs(1)), move |_| async move {
+                n.fetch_add(1, Ordering::SeqCst) as u32 + 1
+            })
+            .await;
+        assert_eq!(got, Ok(expected));
+    }
+}
+
+/// 20, 21: a refresh that does not resolve in its budget: at the deadline the caller is released
+/// and the attempt's signal is cancelled, but the entry stays for the grace period so a second
+/// caller joins it; once released, the entry is gone.
+#[tokio::test]
+async fn a_slow_attempt_is_signalled_and_joinable_until_released() {
+    let clock = ManualClock::default();
+    let sf: Refreshes = SingleFlight::new(clock.shared());
+    let r = Refresher::new();
+    let first = tokio::spawn({
+        let (sf, r) = (sf.clone(), r.clone());
+        async move { sf.call("k", options(), r.start(false)).await }
+    });
+    settle().await;
+    clock.advance(Duration::from_millis(1_999));
+    settle().await;
+    assert!(!r.token(0).is_cancelled(), "24: not aborted before the budget");
+    assert!(!first.is_finished());
+    clock.advance(Duration::from_millis(2));
+    assert_eq!(within(first).await.unwrap(), Err(SingleFlightError::CallerDeadline));
+    settle().await;
+    assert!(r.token(0).is_cancelled(), "the refresh signal is aborted at the budget");
+    assert_eq!(sf.in_flight(), 1);
+    let second = tokio::spawn({
+        let (sf, r) = (sf.clone(), r.clone());
+        async move { sf.call("k", CallOptions::new(Duration::from_secs(60)), r.start(false)).await }
+    });
+    settle().await;
+    assert_eq!(r.calls.load(Ordering::SeqCst), 1, "the second call joined");
+    r.release.notify_waiters();
+    assert_eq!(within(second).await.unwrap(), Ok(7));
+    assert_eq!(sf.in_flight(), 0);
+}
+
+/// 22: a refresh that hangs for ever is dropped after its deadline plus grace, and the next call
+/// starts a second attempt with a new signal.
+#[tokio::test]
+async fn a_hung_attempt_is_dropped_after_its_grace() {
+    let clock = ManualClock::default();
+    let sf: Refreshes = SingleFlight::new(clock.shared());
+    let r = Refresher::new();
+    let first = tokio::spawn({
+        let (sf, r) = (sf.clone(), r.clone());
+        async move { sf.call("k", options(), r.start(true)).await }
+    });
+    settle().await;
+    clock.advance(Duration::from_millis(2_001));
+    assert_eq!(within(first).await.unwrap(), Err(SingleFlightError::CallerDeadline));
+    settle().await;
+    assert_eq!(sf.in_flight(), 1);
+    assert!(r.token(0).is_cancelled());
+    clock.advance(Duration::from_millis(1_000));
+    settle().await;
+    assert_eq!(sf.in_flight(), 0, "dropped after deadline + grace");
+    let second = tokio::spawn({
+        let (sf, r) = (sf.clone(), r.clone());
+        async move { sf.call("k", options(), r.start(false)).await }
+    });
+    settle().await;
+    assert_eq!(r.calls.load(Ordering::SeqCst), 2, "a second attempt");
+    assert!(!r.token(1).is_cancelled(), "with a new signal");
+    r.release.notify_waiters();
+    assert_eq!(within(second).await.unwrap(), Ok(7));
+}
+
+/// A caller without its own deadline that joined a hung attempt is told it was abandoned.
+#[tokio::test]
+async fn joiners_of_an_abandoned_attempt_are_told() {
+    let clock = ManualClock::default();
+    let sf: Refreshes = SingleFlight::new(clock.shared());
+    let r = Refresher::new();
+    let opts = CallOptions::new(Duration::from_secs(2)).grace(Duration::from_secs(1));
+    let caller = tokio::spawn({
+        let (sf, r) = (sf.clone(), r.clone());
+        async move { sf.call("k", opts, r.start(true)).await }
+    });
+    settle().await;
+    clock.advance(Duration::from_secs(3));
+    assert_eq!(within(caller).await.unwrap(), Err(SingleFlightError::Abandoned));
+}
+
+/// Per-key: two tenants' keys never join each other's attempt (scenario 33).
+#[tokio::test]
+async fn different_keys_never_share_an_attempt() {
+    let sf: SingleFlight<String, String> = SingleFlight::new(ManualClock::default().shared());
+    let opts = CallOptions::new(Duration::from_secs(5));
+    let (a, b) = tokio::join!(
+        sf.call("tenant-a:user:srv".into(), opts, |_| async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            "a".to_string()
+        }),
+        sf.call("tenant-b:user:srv".into(), opts, |_| async { "b".to_string() }),
+    );
+    assert_eq!((a.unwrap(), b.unwrap()), ("a".to_string(), "b".to_string()));
+}
+
+/// A panicking attempt releases its key and tells its callers.
+#[tokio::test]
+async fn a_panicking_attempt_releases_the_key() {
+    let sf: Refreshes = SingleFlight::new(ManualClock::default().shared());
+    let got =
+        sf.call("k", CallOptions::new(Duration::from_secs(5)), |_| async { panic!("bug") }).await;
+    assert_eq!(got, Err(SingleFlightError::Panicked));
+    assert_eq!(sf.in_flight(), 0);
+    assert_eq!(
+        sf.call("k", CallOptions::new(Duration::from_secs(5)), |_| async { 1 }).await,
+        Ok(1)
+    );
+}

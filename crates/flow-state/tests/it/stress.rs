@@ -1,0 +1,122 @@
+//! Stress: many tasks on few keys on a multi-thread runtime. Each test names the race it pins.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use flow_state::FlowManager;
+use serde_json::json;
+
+use crate::harness::{BACKENDS, harness, key, manager, within};
+
+const TASKS: usize = 1_000;
+const KEYS: usize = 16;
+
+struct Counters {
+    active: Vec<AtomicUsize>,
+    runs: Vec<AtomicUsize>,
+    overlaps: AtomicUsize,
+}
+
+impl Counters {
+    fn new() -> Arc<Self> {
+        Arc::new(Counters {
+            active: (0..KEYS).map(|_| AtomicUsize::new(0)).collect(),
+            runs: (0..KEYS).map(|_| AtomicUsize::new(0)).collect(),
+            overlaps: AtomicUsize::new(0),
+        })
+    }
+}
+
+async fn hammer(managers: Vec<FlowManager>, flow_type: &'static str, counters: Arc<Counters>) {
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|i| {
+            let flows = managers[i % managers.len()].clone();
+            let counters = counters.clone();
+            tokio::spawn(async move {
+                let k = i % KEYS;
+                let flow_key = key(flow_type, &format!("user-{k}"));
+                let c = counters.clone();
+                flows
+                    .run(&flow_key, move || async move {
+                        if c.active[k].fetch_add(1, Ordering::SeqCst) != 0 {
+                            c.overlaps.fetch_add(1, Ordering::SeqCst);
+                        }
+                        let generation = c.runs[k].fetch_add(1, Ordering::SeqCst);
+                        tokio::task::yield_now().await;
+                        c.active[k].fetch_sub(1, Ordering::SeqCst);
+                        Ok((k, generation))
+                    })
+                    .await
+                    .map(|(got_key, _)| assert_eq!(got_key, k, "a caller got another key's result"))
+            })
+        })
+        .collect();
+    for t in tasks {
+        within(t).await.unwrap().unwrap();
+    }
+}
+
+/// The race: two callers both see no live flow and both start a handler for the same key, in one
+/// process or in two processes sharing a store (two managers here). With results reused, each
+/// key must run exactly once; no caller may hang or get another key's result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cached_key_runs_its_handler_exactly_once() {
+    for backend in BACKENDS {
+        let Some(h) = harness(backend).await else { continue };
+        let other_process = manager(&h.store, &h.clock);
+        let counters = Counters::new();
+        hammer(vec![h.flows.clone(), other_process], "cache", counters.clone()).await;
+        for k in 0..KEYS {
+            assert_eq!(counters.runs[k].load(Ordering::SeqCst), 1, "{backend:?} key {k}");
+        }
+        assert_eq!(counters.overlaps.load(Ordering::SeqCst), 0);
+    }
+}
+
+/// The race: a settled flow is replaced by a new generation while late callers of the old one
+/// are still arriving. With no reuse, handlers run again, but never two at a time for a key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn handlers_of_one_key_never_overlap_across_generations() {
+    for backend in BACKENDS {
+        let Some(h) = harness(backend).await else { continue };
+        let other_process = manager(&h.store, &h.clock);
+        let counters = Counters::new();
+        hammer(vec![h.flows.clone(), other_process], "fresh", counters.clone()).await;
+        assert_eq!(
+            counters.overlaps.load(Ordering::SeqCst),
+            0,
+            "{backend:?}: two handlers ran at once"
+        );
+        let total: usize = counters.runs.iter().map(|r| r.load(Ordering::SeqCst)).sum();
+        assert!((KEYS..=TASKS).contains(&total), "{backend:?}: {total}");
+    }
+}
+
+/// The race: a completion lands between a waiter's read of PENDING and its wait (a lost
+/// wake-up). Hundreds of waiters and completers interleave; every waiter must return.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_waiter_misses_its_wake_up() {
+    for backend in BACKENDS {
+        let Some(h) = harness(backend).await else { continue };
+        for k in 0..KEYS {
+            h.flows.init(&key("test-type", &format!("k{k}")), json!({})).await.unwrap();
+        }
+        let waiters: Vec<_> = (0..TASKS)
+            .map(|i| {
+                let flows = h.flows.clone();
+                tokio::spawn(async move {
+                    flows.wait::<usize>(&key("test-type", &format!("k{}", i % KEYS))).await
+                })
+            })
+            .collect();
+        for k in 0..KEYS {
+            let flows = h.flows.clone();
+            tokio::spawn(async move {
+                flows.complete(&key("test-type", &format!("k{k}")), &k).await.unwrap()
+            });
+        }
+        for (i, w) in waiters.into_iter().enumerate() {
+            assert_eq!(within(w).await.unwrap().unwrap(), i % KEYS, "{backend:?}");
+        }
+    }
+}
