@@ -474,7 +474,7 @@ async fn hung_token_endpoint_never_answers_until_the_knob_is_cleared() {
         })
     };
     // Wait (bounded) until the server has counted the request, then make sure it is still hanging.
-    for _ in 0..200 {
+    for _ in 0..1000 {
         if auth.stats().client_credentials_requests == 1 {
             break;
         }
@@ -496,9 +496,13 @@ async fn shutdown_releases_hung_requests() {
     let hung = tokio::spawn(async move {
         post_form(&url, &client, &[("grant_type", "client_credentials")]).await.status()
     });
-    while auth.stats().client_credentials_requests == 0 {
+    for _ in 0..1000 {
+        if auth.stats().client_credentials_requests == 1 {
+            break;
+        }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    assert_eq!(auth.stats().client_credentials_requests, 1);
     tokio::time::timeout(Duration::from_secs(10), auth.shutdown())
         .await
         .expect("shutdown must not wait for ever")
