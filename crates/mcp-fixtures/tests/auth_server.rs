@@ -660,6 +660,9 @@ async fn debug_output_of_the_handle_never_shows_tokens_or_secrets() {
         assert!(!printed.contains(&secret), "leaked in {printed}");
     }
     assert!(printed.contains("access_tokens: 1"), "{printed}");
+    let spec =
+        mcp_fixtures::ClientSpec::new(ClientAuth::ClientSecretPost).client_secret("s3cr3t-value");
+    assert!(!format!("{spec:?}").contains("s3cr3t-value"));
 }
 
 /// The race: many requests redeem the same refresh token at once. The server must serialise
