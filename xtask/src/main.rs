@@ -15,6 +15,7 @@ Commands:
   test      run every test in the workspace (cargo test --workspace --all-features)
   layering  check the architecture's dependency rules (see ARCHITECTURE.md)
   features  lint every crate under each combination of its backend features
+  fixture   start the fixture servers on loopback (flags: cargo xtask fixture --help)
   demo      run the demo
   help      this text
 ";
@@ -27,6 +28,7 @@ fn main() -> ExitCode {
         Some("layering") => layering(),
         Some("features") => features(),
         Some("demo") => demo(),
+        Some("fixture") => fixture(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
             print!("{HELP}");
             Ok(())
@@ -191,6 +193,12 @@ fn features() -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+fn fixture(args: &[String]) -> Result<(), String> {
+    let mut cmd = cargo(&["run", "-q", "-p", "mcp-fixtures", "--bin", "mcp-fixtures", "--"]);
+    cmd.args(args);
+    run("fixture servers", cmd)
 }
 
 fn demo() -> Result<(), String> {
