@@ -212,7 +212,7 @@ fn wake_latency() {
         }
         samples
     });
-    percentiles("wake_latency_memory (complete -> waiter has result)", samples);
+    percentiles(name, samples);
 }
 
 /// sled: PENDING to COMPLETED round trip (init + complete), default durability.
