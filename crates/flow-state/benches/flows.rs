@@ -184,10 +184,18 @@ fn percentiles(name: &str, mut samples: Vec<Duration>) {
     );
 }
 
-/// Wake latency in memory: from the call to complete() until the waiter has the result.
+/// Wake latency in memory: from the call to complete() until the waiter has the result, on a
+/// multi-thread runtime (the waiter usually wakes on the other worker) and on a current-thread
+/// runtime (the waiter runs as soon as the completer yields).
 fn wake_latency() {
-    let rt =
+    let multi =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    wake_latency_on("wake_latency_memory_multi_thread (complete -> waiter has result)", &multi);
+    let current = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    wake_latency_on("wake_latency_memory_current_thread (complete -> waiter has result)", &current);
+}
+
+fn wake_latency_on(name: &str, rt: &tokio::runtime::Runtime) {
     let flows = manager(SharedStore::new(MemoryStore::new()));
     let samples = rt.block_on(async {
         let mut samples = Vec::new();
