@@ -1,0 +1,76 @@
+//! An OAuth 2.1 client for MCP: discovery, registration, authorization, token requests and
+//! revocation, behind a one-method HTTP seam.
+//!
+//! # The flow
+//! 1. A request to the MCP server gets a 401; parse its `WWW-Authenticate` headers with
+//!    [`BearerChallenge::from_headers`].
+//! 2. [`OAuthClient::discover`] finds the protected-resource metadata (RFC 9728) and the
+//!    authorization server metadata (RFC 8414 / OpenID), or applies the 2025-03-26 fallbacks.
+//! 3. [`OAuthClient::register`] picks the client identity: pre-registered, client ID metadata
+//!    document, or dynamic registration (RFC 7591).
+//! 4. [`select_scope`] chooses the scope; [`OAuthClient::authorization_url`] builds the browser
+//!    URL with PKCE S256, `state` and `resource`, and returns a [`PendingAuthorization`].
+//! 5. On the callback, [`OAuthClient::exchange_code`] checks `state`, TTL and `iss`, and
+//!    exchanges the code. [`OAuthClient::refresh`], [`OAuthClient::client_credentials`] and
+//!    [`OAuthClient::revoke`] cover the rest of the token life cycle.
+//! 6. A 403 `insufficient_scope` goes through [`AuthAttempts`] for step-up with bounded retries.
+//!
+//! Errors are one [`Error`] enum; [`Error::class`] maps each onto the token-storage policy
+//! (terminal or transient).
+//!
+//! # Why not the `oauth2` crate
+//! `oauth2` 5 was considered for grant mechanics and not used. Its typed client cannot send
+//! `private_key_jwt` assertions or the ES256 signing they need, its error type folds the HTTP
+//! status and `Date` header away (we need both: transient/terminal classification and expiry
+//! anchoring), and its token response rejects `expires_in` as a string and any non-Bearer type
+//! in ways we cannot report as typed errors. Every grant here is a form POST of a few fields, so
+//! the grants are written directly on the HTTP seam, which also keeps one redirect and body-size
+//! policy for every request.
+//!
+//! # HTTP
+//! Everything goes through [`HttpClient`]; [`ReqwestHttpClient`] is the hardened production
+//! implementation (see its docs). The seam never follows redirects: token, registration and
+//! revocation requests refuse them, and discovery follows same-origin redirects up to
+//! [`OAuthConfig::max_discovery_redirects`]. HTTPS is needed by the reqwest `rustls` feature
+//! (this crate's `rustls` feature, or rmcp's `reqwest` feature in the same build).
+
+mod authorize;
+mod challenge;
+mod client;
+mod discovery;
+mod enterprise;
+mod error;
+mod http;
+mod registration;
+mod reqwest_client;
+mod scope;
+mod secret;
+mod token;
+
+#[cfg(test)]
+mod testutil;
+
+pub use authorize::{CallbackParams, PendingAuthorization, PendingAuthorizations, pkce_challenge};
+pub use challenge::{BearerChallenge, Challenge, parse_challenge_header, parse_challenges};
+pub use client::{OAuthClient, OAuthConfig};
+pub use discovery::{
+    AuthorizationServerMetadata, CacheUpdate, Discovery, DiscoveryCache, MetadataSource,
+    ProtectedResourceMetadata,
+};
+pub use enterprise::EnterpriseGrant;
+pub use error::{Endpoint, Error, ErrorClass, Result};
+pub use http::{
+    BoxFuture, HttpClient, HttpRequest, HttpResponse, Method, SharedHttpClient, SsrfPolicy,
+    check_url,
+};
+pub use registration::{
+    ClientConfig, ClientKey, ClientRegistration, PreRegisteredClient, RegistrationSource,
+    TokenEndpointAuthMethod,
+};
+pub use reqwest_client::{HttpPolicy, ReqwestHttpClient};
+pub use scope::{AuthAttempts, select_scope, union_scopes};
+pub use secret::{
+    AccessToken, AuthorizationCode, ClientSecret, CsrfState, IdToken, PkceVerifier, PrivateKeyPem,
+    RefreshToken,
+};
+pub use token::{Revocation, TokenResponse};
