@@ -287,13 +287,13 @@ impl Parser<'_> {
                         return Ok(out);
                     }
                     '\\' => match chars.next() {
-                        Some((_, e)) if e == '\t' || !e.is_control() => out.push(e),
+                        Some((_, e)) if e == '\t' || !e.is_ascii_control() => out.push(e),
                         _ => {
                             self.pos += i;
                             return self.err("bad quoted-pair");
                         }
                     },
-                    c if c == '\t' || !c.is_control() => out.push(c),
+                    c if c == '\t' || !c.is_ascii_control() => out.push(c),
                     _ => {
                         self.pos += i;
                         return self.err("control character in a quoted string");

@@ -118,3 +118,6 @@ impl AuthAttempts {
         Ok(union)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -101,3 +101,41 @@ pub(crate) fn random_urlsafe(n: usize) -> String {
 pub(crate) fn ct_eq(a: &str, b: &str) -> bool {
     a.as_bytes().ct_eq(b.as_bytes()).into()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_never_print() {
+        let values = [
+            format!("{:?} {}", AccessToken::new("v-access"), AccessToken::new("v-access")),
+            format!("{:?} {}", RefreshToken::new("v-refresh"), RefreshToken::new("v-refresh")),
+            format!("{:?} {}", ClientSecret::new("v-secret"), ClientSecret::new("v-secret")),
+            format!("{:?} {}", PkceVerifier::new("v-verifier"), PkceVerifier::new("v-verifier")),
+            format!("{:?} {}", AuthorizationCode::new("v-code"), AuthorizationCode::new("v-code")),
+            format!("{:?} {}", CsrfState::new("v-state"), CsrfState::new("v-state")),
+            format!("{:?} {}", IdToken::new("v-id"), IdToken::new("v-id")),
+            format!("{:?} {}", PrivateKeyPem::new("v-key"), PrivateKeyPem::new("v-key")),
+        ];
+        for v in &values {
+            assert!(!v.contains("v-"), "{v}");
+            assert!(v.contains("([redacted]) [redacted]"), "{v}");
+        }
+        assert_eq!(format!("{:?}", AccessToken::new("x")), "AccessToken([redacted])");
+    }
+
+    #[test]
+    fn secrets_compare_by_value_and_serialize_transparently() {
+        assert_eq!(RefreshToken::new("a"), RefreshToken::new("a"));
+        assert_ne!(RefreshToken::new("a"), RefreshToken::new("ab"));
+        assert_eq!(serde_json::to_string(&AccessToken::new("t")).unwrap(), "\"t\"");
+        assert!(ct_eq("abc", "abc") && !ct_eq("abc", "abd") && !ct_eq("abc", "ab"));
+    }
+
+    #[test]
+    fn random_values_have_the_requested_entropy() {
+        assert_eq!(random_urlsafe(32).len(), 43);
+        assert_ne!(random_urlsafe(32), random_urlsafe(32));
+    }
+}
