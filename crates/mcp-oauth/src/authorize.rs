@@ -212,6 +212,29 @@ impl OAuthClient {
         Ok((url, pending))
     }
 
+    /// Visit the authorization URL without a browser and read the callback parameters from the
+    /// redirect's `Location`, without following it.
+    ///
+    /// For authorization servers that approve without user interaction (test and conformance
+    /// servers, some machine setups). Anything but a redirect is [`Error::HttpStatus`].
+    pub async fn authorize_without_browser(
+        &self,
+        authorization_url: &Url,
+    ) -> Result<CallbackParams> {
+        let response = self.send(crate::http::HttpRequest::get(authorization_url.clone())).await?;
+        if !response.is_redirect() {
+            return Err(Error::HttpStatus {
+                url: authorization_url.to_string(),
+                status: response.status,
+            });
+        }
+        let location = response.header("location").unwrap_or_default();
+        let target = authorization_url
+            .join(location)
+            .map_err(|e| Error::InvalidUrl { url: location.to_owned(), reason: e.to_string() })?;
+        Ok(CallbackParams::from_url(&target))
+    }
+
     /// Check the callback against `pending` and exchange its code for tokens.
     ///
     /// Checks, in order: an `error` in the callback, the `state` (constant time), the TTL, the

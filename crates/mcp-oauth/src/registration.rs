@@ -106,6 +106,33 @@ pub struct ClientRegistration {
     pub client_secret_expires_at: Option<u64>,
 }
 
+impl ClientRegistration {
+    /// True when the server-issued secret has expired at `now` (RFC 7591
+    /// `client_secret_expires_at`): the registration is stale and must be replaced, like one the
+    /// token endpoint rejects with `invalid_client` ([`Error::is_stale_registration`]).
+    ///
+    /// ```
+    /// use mcp_oauth::{ClientRegistration, RegistrationSource, TokenEndpointAuthMethod};
+    /// use mcp_clock::Timestamp;
+    /// let mut reg = ClientRegistration {
+    ///     client_id: "c".into(),
+    ///     client_secret: None,
+    ///     client_key: None,
+    ///     auth_method: TokenEndpointAuthMethod::None,
+    ///     source: RegistrationSource::Dynamic,
+    ///     issuer: "https://as.example.com".into(),
+    ///     client_secret_expires_at: Some(1_000),
+    /// };
+    /// assert!(!reg.secret_expired(Timestamp::from_secs(999)));
+    /// assert!(reg.secret_expired(Timestamp::from_secs(1_000)));
+    /// reg.client_secret_expires_at = None;
+    /// assert!(!reg.secret_expired(Timestamp::MAX));
+    /// ```
+    pub fn secret_expired(&self, now: mcp_clock::Timestamp) -> bool {
+        self.client_secret_expires_at.is_some_and(|at| now.as_secs() >= at)
+    }
+}
+
 /// A client registered out of band.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PreRegisteredClient {

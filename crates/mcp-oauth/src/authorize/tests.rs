@@ -193,3 +193,27 @@ fn callback_params_parse_from_a_location_header() {
     assert_eq!(p.state.unwrap().secret(), "abc");
     assert_eq!(p.iss.as_deref(), Some("https://as.example.com"));
 }
+
+#[tokio::test]
+async fn authorize_without_browser_reads_the_redirect() {
+    let m = mock(|r| {
+        let state = r.url.query_pairs().find(|(k, _)| k == "state").unwrap().1.into_owned();
+        HttpResponse::new(302)
+            .with_header("location", &format!("http://127.0.0.1:1/cb?code=c0de&state={state}"))
+    });
+    let d = discovery(serde_json::json!({}));
+    let (url, pending) = m
+        .client
+        .authorization_url(&d, &registration(M::None), "http://127.0.0.1:1/cb", None)
+        .unwrap();
+    let callback = m.client.authorize_without_browser(&url).await.unwrap();
+    assert_eq!(callback.code.unwrap().secret(), "c0de");
+    assert_eq!(callback.state.unwrap(), pending.state);
+    assert_eq!(m.log.all().len(), 1, "the redirect to the callback is not followed");
+
+    let m = mock(|_| HttpResponse::new(200));
+    assert!(matches!(
+        m.client.authorize_without_browser(&url).await,
+        Err(Error::HttpStatus { status: 200, .. })
+    ));
+}
