@@ -359,12 +359,13 @@ fn address_kind(ip: IpAddr) -> Option<&'static str> {
     }
 }
 
-/// True when `url`'s host is `localhost` (or a subdomain of it) or a loopback IP literal.
+/// True when `url`'s host is `localhost` or a loopback IP literal.
 pub(crate) fn is_loopback_host(url: &Url) -> bool {
     match url.host() {
         Some(Host::Domain(d)) => {
-            let d = d.trim_end_matches('.').to_ascii_lowercase();
-            d == "localhost" || d.ends_with(".localhost")
+            // Only `localhost` itself: a subdomain of it is resolved by DNS, which could answer
+            // with a public address and carry plain HTTP off the machine.
+            d.trim_end_matches('.').eq_ignore_ascii_case("localhost")
         }
         Some(Host::Ipv4(ip)) => ip.is_loopback(),
         Some(Host::Ipv6(ip)) => ip.is_loopback(),

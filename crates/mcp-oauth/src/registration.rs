@@ -209,25 +209,25 @@ impl OAuthClient {
         let asm = &discovery.authorization_server;
         let supported = asm.token_endpoint_auth_methods_supported.as_deref();
         if let Some(pre) = &config.pre_registered {
-            let auth_method = match pre.auth_method {
-                Some(m) => m,
-                None => choose_auth_method(
-                    supported,
-                    pre.client_secret.is_some(),
-                    pre.client_key.is_some(),
-                )
-                .or_else(|| {
-                    // The server lists nothing usable; fall back on what the credentials imply.
-                    Some(if pre.client_key.is_some() {
-                        TokenEndpointAuthMethod::PrivateKeyJwt
-                    } else if pre.client_secret.is_some() {
-                        TokenEndpointAuthMethod::ClientSecretBasic
-                    } else {
-                        TokenEndpointAuthMethod::None
-                    })
-                })
-                .unwrap_or(TokenEndpointAuthMethod::None),
+            // The configured method; else one the server lists that the credentials allow; else
+            // what the credentials imply (the server's list may be incomplete).
+            let implied = if pre.client_key.is_some() {
+                TokenEndpointAuthMethod::PrivateKeyJwt
+            } else if pre.client_secret.is_some() {
+                TokenEndpointAuthMethod::ClientSecretBasic
+            } else {
+                TokenEndpointAuthMethod::None
             };
+            let auth_method = pre
+                .auth_method
+                .or_else(|| {
+                    choose_auth_method(
+                        supported,
+                        pre.client_secret.is_some(),
+                        pre.client_key.is_some(),
+                    )
+                })
+                .unwrap_or(implied);
             return Ok(ClientRegistration {
                 client_id: pre.client_id.clone(),
                 client_secret: pre.client_secret.clone(),

@@ -85,3 +85,21 @@ fn union_keeps_order_and_drops_duplicates() {
     assert_eq!(union_scopes("", ""), "");
     assert_eq!(union_scopes("a  b", " b a c "), "a b c");
 }
+
+proptest::proptest! {
+    /// The union holds every scope of both sides once, and adding the same scopes again
+    /// changes nothing (so repeated step-ups converge).
+    #[test]
+    fn union_is_complete_and_idempotent(a in "[a-c: ]{0,12}", b in "[a-c: ]{0,12}") {
+        let u = union_scopes(&a, &b);
+        let parts: Vec<&str> = u.split(' ').filter(|s| !s.is_empty()).collect();
+        for s in a.split_ascii_whitespace().chain(b.split_ascii_whitespace()) {
+            proptest::prop_assert!(parts.contains(&s));
+        }
+        let mut dedup = parts.clone();
+        dedup.sort_unstable();
+        dedup.dedup();
+        proptest::prop_assert_eq!(dedup.len(), parts.len());
+        proptest::prop_assert_eq!(union_scopes(&u, &b), u.clone());
+    }
+}
