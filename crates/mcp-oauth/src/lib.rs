@@ -19,13 +19,18 @@
 //! (terminal or transient).
 //!
 //! # Why not the `oauth2` crate
-//! `oauth2` 5 was considered for grant mechanics and not used. Its typed client cannot send
-//! `private_key_jwt` assertions or the ES256 signing they need, its error type folds the HTTP
-//! status and `Date` header away (we need both: transient/terminal classification and expiry
-//! anchoring), and its token response rejects `expires_in` as a string and any non-Bearer type
-//! in ways we cannot report as typed errors. Every grant here is a form POST of a few fields, so
-//! the grants are written directly on the HTTP seam, which also keeps one redirect and body-size
-//! policy for every request.
+//! `oauth2` 5 was considered for grant mechanics and not used. Its client authenticates only
+//! with HTTP Basic or request-body secrets (no `private_key_jwt`, which needs ES256 signing);
+//! its error type drops the HTTP status of an OAuth error response and its success type drops
+//! the `Date` header (we need both: transient/terminal classification and expiry anchoring);
+//! and its token response fails to parse an `expires_in` sent as a string. Every grant here is a
+//! form POST of a few fields, so the grants are written directly on the HTTP seam, which also
+//! keeps one redirect, body-size and SSRF policy for every request.
+//!
+//! # Stale registrations
+//! [`Error::is_stale_registration`] (an `invalid_client` from the token endpoint) and
+//! [`ClientRegistration::secret_expired`] tell the caller to drop the stored registration and
+//! call [`OAuthClient::register`] again.
 //!
 //! # HTTP
 //! Everything goes through [`HttpClient`]; [`ReqwestHttpClient`] is the hardened production
