@@ -302,14 +302,16 @@ impl OAuthClient {
                     format!("unsupported auth method {name:?}"),
                 )
             })?,
-            None if secret.is_some() => match requested {
-                TokenEndpointAuthMethod::ClientSecretPost => {
-                    TokenEndpointAuthMethod::ClientSecretPost
+            // The server accepted what we asked for. Without a secret the client is public. A
+            // secret handed to a client that asked to be public is unused, except when the server
+            // lists no methods at all: then RFC 8414's default, client_secret_basic, applies.
+            None => match (secret.is_some(), requested, supported) {
+                (false, _, _) => TokenEndpointAuthMethod::None,
+                (true, TokenEndpointAuthMethod::None, None) => {
+                    TokenEndpointAuthMethod::ClientSecretBasic
                 }
-                _ => choose_auth_method(supported, true, false)
-                    .unwrap_or(TokenEndpointAuthMethod::ClientSecretBasic),
+                (true, requested, _) => requested,
             },
-            None => TokenEndpointAuthMethod::None,
         };
         if matches!(
             auth_method,

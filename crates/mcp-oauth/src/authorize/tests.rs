@@ -62,6 +62,17 @@ fn pkce_without_s256_is_refused() {
         .authorization_url(&d, &registration(M::None), "http://127.0.0.1:1/cb", None)
         .unwrap_err();
     assert!(matches!(err, Error::PkceUnsupported { ref methods } if methods == &["plain"]));
+    // An empty list refuses too; an absent list does not (the server just does not advertise).
+    let d = discovery(serde_json::json!({"code_challenge_methods_supported": []}));
+    let err = m.client.authorization_url(&d, &registration(M::None), "http://127.0.0.1:1/cb", None);
+    assert!(matches!(err, Err(Error::PkceUnsupported { .. })));
+    let mut d = discovery(serde_json::json!({}));
+    d.authorization_server.code_challenge_methods_supported = None;
+    assert!(
+        m.client
+            .authorization_url(&d, &registration(M::None), "http://127.0.0.1:1/cb", None)
+            .is_ok()
+    );
 }
 
 fn callback(pending: &PendingAuthorization, iss: Option<&str>) -> CallbackParams {

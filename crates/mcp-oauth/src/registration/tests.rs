@@ -188,3 +188,25 @@ fn stale_registration_is_detected_from_invalid_client() {
     };
     assert!(!e.is_stale_registration());
 }
+
+#[tokio::test]
+async fn an_unrequested_secret_does_not_change_the_method() {
+    // The conformance suite's default: only `none` listed, and the registration answer carries a
+    // secret but no method.
+    let m = mock(|_| {
+        json(
+            serde_json::json!({"client_id": "test-client-id", "client_secret": "test-client-secret"}),
+        )
+    });
+    let d = discovery(serde_json::json!({"token_endpoint_auth_methods_supported": ["none"]}));
+    assert_eq!(m.client.register(&d, &config()).await.unwrap().auth_method, M::None);
+    // With no list at all, RFC 8414's default applies to a client that holds a secret.
+    let d = discovery(serde_json::json!({}));
+    assert_eq!(m.client.register(&d, &config()).await.unwrap().auth_method, M::ClientSecretBasic);
+    // No secret and no method: a public client, whatever was asked for.
+    let m = mock(|_| json(serde_json::json!({"client_id": "c"})));
+    let d = discovery(
+        serde_json::json!({"token_endpoint_auth_methods_supported": ["client_secret_post"]}),
+    );
+    assert_eq!(m.client.register(&d, &config()).await.unwrap().auth_method, M::None);
+}
