@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use mcp_clock::{Clock, SharedClock, Timestamp};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use url::Url;
 
@@ -31,8 +32,9 @@ pub fn pkce_challenge(verifier: &PkceVerifier) -> String {
 
 /// An authorization request waiting for its callback.
 ///
-/// Holds the `state` (256 random bits) and the PKCE verifier; `Debug` redacts both.
-#[derive(Debug, Clone)]
+/// Holds the `state` (256 random bits) and the PKCE verifier; `Debug` redacts both. It
+/// serializes (secrets included) so a shared flow store can carry it between processes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PendingAuthorization {
     /// The CSRF state sent with the request.
     pub state: CsrfState,

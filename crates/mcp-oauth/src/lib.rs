@@ -15,6 +15,34 @@
 //!    [`OAuthClient::revoke`] cover the rest of the token life cycle.
 //! 6. A 403 `insufficient_scope` goes through [`AuthAttempts`] for step-up with bounded retries.
 //!
+//! ```no_run
+//! use mcp_clock::SharedClock;
+//! use mcp_oauth::{
+//!     AuthAttempts, BearerChallenge, ClientConfig, HttpPolicy, OAuthClient, ReqwestHttpClient,
+//!     select_scope,
+//! };
+//! # async fn run(www_authenticate: Vec<String>) -> Result<(), mcp_oauth::Error> {
+//! let client = OAuthClient::new(ReqwestHttpClient::new(HttpPolicy::default())?, SharedClock::system());
+//! let server = "https://mcp.example.com/mcp".parse().unwrap();
+//! let challenge = BearerChallenge::from_headers(www_authenticate.iter().map(String::as_str))?;
+//!
+//! let discovery = client.discover(&server, challenge.as_ref()).await?;
+//! let config = ClientConfig::new("my client", "http://127.0.0.1:8765/callback");
+//! let registration = client.register(&discovery, &config).await?;
+//!
+//! let mut attempts = AuthAttempts::new(3);
+//! attempts.begin()?;
+//! let scope = select_scope(challenge.as_ref(), &discovery);
+//! let (browser_url, pending) =
+//!     client.authorization_url(&discovery, &registration, &config.redirect_uris[0], scope.as_deref())?;
+//! // ... send the user to `browser_url`; the loopback listener receives the callback URL ...
+//! # let callback_url = browser_url.clone();
+//! let callback = mcp_oauth::CallbackParams::from_url(&callback_url);
+//! let tokens = client.exchange_code(&discovery, &registration, &pending, &callback).await?;
+//! # let _ = tokens;
+//! # Ok(()) }
+//! ```
+//!
 //! Errors are one [`Error`] enum; [`Error::class`] maps each onto the token-storage policy
 //! (terminal or transient).
 //!

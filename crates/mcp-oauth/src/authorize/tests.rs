@@ -228,3 +228,18 @@ async fn authorize_without_browser_reads_the_redirect() {
         Err(Error::HttpStatus { status: 200, .. })
     ));
 }
+
+#[test]
+fn pending_authorizations_survive_serialization() {
+    let m = mock(|_| HttpResponse::new(500));
+    let d = discovery(serde_json::json!({}));
+    let (_, p) = m
+        .client
+        .authorization_url(&d, &registration(M::None), "http://127.0.0.1:1/cb", None)
+        .unwrap();
+    let back: PendingAuthorization =
+        serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
+    assert_eq!(back.state, p.state);
+    assert_eq!(back.verifier, p.verifier);
+    assert_eq!((back.created_at, back.ttl, back.resource), (p.created_at, p.ttl, p.resource));
+}
