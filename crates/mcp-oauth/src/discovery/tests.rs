@@ -360,3 +360,28 @@ fn cache_drops_an_entry_after_repeated_401s() {
     cache.invalidate(&server);
     assert!(cache.get(&server).is_none());
 }
+
+#[tokio::test]
+async fn a_cancelled_client_sends_nothing_and_stops_requests_in_flight() {
+    let m = mock(|_| not_found());
+    let cancel = tokio_util::sync::CancellationToken::new();
+    cancel.cancel();
+    let client = m.client.clone().with_cancellation(cancel);
+    let err = client.discover(&url(&format!("{S}/mcp")), None).await.unwrap_err();
+    assert!(matches!(err, Error::Cancelled { .. }), "{err:?}");
+    assert!(m.log.all().is_empty());
+    assert_eq!(err.class(), crate::ErrorClass::Other);
+
+    // A request that never answers is abandoned when the token fires.
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let hanging = crate::OAuthClient::new(
+        |_req: crate::HttpRequest| std::future::pending::<crate::Result<HttpResponse>>(),
+        m.clock.shared(),
+    )
+    .with_cancellation(cancel.clone());
+    let server = url(&format!("{S}/mcp"));
+    let task = tokio::spawn(async move { hanging.discover(&server, None).await });
+    tokio::task::yield_now().await;
+    cancel.cancel();
+    assert!(matches!(task.await.unwrap(), Err(Error::Cancelled { .. })));
+}
