@@ -243,3 +243,30 @@ fn pending_authorizations_survive_serialization() {
     assert_eq!(back.verifier, p.verifier);
     assert_eq!((back.created_at, back.ttl, back.resource), (p.created_at, p.ttl, p.resource));
 }
+
+#[tokio::test]
+async fn missing_code_or_endpoints_are_typed_errors() {
+    let m = mock(|_| token_body());
+    let d = discovery(serde_json::json!({}));
+    let reg = registration(M::None);
+    let (_, pending) = m.client.authorization_url(&d, &reg, "http://127.0.0.1:1/cb", None).unwrap();
+    let mut no_code = callback(&pending, None);
+    no_code.code = None;
+    assert!(matches!(
+        m.client.exchange_code(&d, &reg, &pending, &no_code).await,
+        Err(Error::AuthorizationDenied { ref error, .. }) if error == "missing_code"
+    ));
+    let mut no_token = d.clone();
+    no_token.authorization_server.token_endpoint = None;
+    assert!(matches!(
+        m.client.exchange_code(&no_token, &reg, &pending, &callback(&pending, None)).await,
+        Err(Error::Unsupported("token endpoint"))
+    ));
+    let mut no_authorize = d.clone();
+    no_authorize.authorization_server.authorization_endpoint = None;
+    assert!(matches!(
+        m.client.authorization_url(&no_authorize, &reg, "http://127.0.0.1:1/cb", None),
+        Err(Error::Unsupported("authorization endpoint"))
+    ));
+    assert!(m.log.all().is_empty());
+}

@@ -385,3 +385,34 @@ async fn a_cancelled_client_sends_nothing_and_stops_requests_in_flight() {
     cancel.cancel();
     assert!(matches!(task.await.unwrap(), Err(Error::Cancelled { .. })));
 }
+
+#[tokio::test]
+async fn legacy_metadata_must_come_from_the_servers_origin() {
+    let m = mock(|r| match r.url.path() {
+        "/.well-known/oauth-authorization-server" => json(asm("https://elsewhere.example.com", S)),
+        _ => not_found(),
+    });
+    let err = m.client.discover(&url(&format!("{S}/mcp")), None).await.unwrap_err();
+    assert!(matches!(err, Error::IssuerMismatch { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn no_authorization_server_metadata_behind_a_prm_is_an_error() {
+    let m = mock(|r| match r.url.path() {
+        "/.well-known/oauth-protected-resource/mcp" => {
+            json(prm(&format!("{S}/mcp"), "https://as.example.com/t"))
+        }
+        _ => not_found(),
+    });
+    match m.client.discover(&url(&format!("{S}/mcp")), None).await.unwrap_err() {
+        Error::MetadataNotFound { tried, .. } => assert_eq!(
+            tried,
+            [
+                "https://as.example.com/.well-known/oauth-authorization-server/t",
+                "https://as.example.com/.well-known/openid-configuration/t",
+                "https://as.example.com/t/.well-known/openid-configuration"
+            ]
+        ),
+        other => panic!("{other:?}"),
+    }
+}
