@@ -270,3 +270,35 @@ async fn missing_code_or_endpoints_are_typed_errors() {
     ));
     assert!(m.log.all().is_empty());
 }
+
+/// Pins the replay race: the same callback delivered many times at once (a browser retry, a
+/// replayed redirect) must redeem its state exactly once.
+#[test]
+fn concurrent_takes_of_one_state_succeed_exactly_once() {
+    let m = mock(|_| HttpResponse::new(500));
+    let d = discovery(serde_json::json!({}));
+    let store = std::sync::Arc::new(PendingAuthorizations::new(m.clock.shared()));
+    for round in 0..20 {
+        let (_, p) = m
+            .client
+            .authorization_url(&d, &registration(M::None), "http://127.0.0.1:1/cb", None)
+            .unwrap();
+        let state = p.state.secret().to_owned();
+        store.insert(p);
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(16));
+        let wins: usize = (0..16)
+            .map(|_| {
+                let (store, state, barrier) = (store.clone(), state.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    store.take(&state).is_ok()
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| usize::from(h.join().unwrap()))
+            .sum();
+        assert_eq!(wins, 1, "round {round}");
+    }
+    assert!(store.is_empty());
+}
