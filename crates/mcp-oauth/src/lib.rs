@@ -64,8 +64,9 @@
 //! Everything goes through [`HttpClient`]; [`ReqwestHttpClient`] is the hardened production
 //! implementation (see its docs). The seam never follows redirects: token, registration and
 //! revocation requests refuse them, and discovery follows same-origin redirects up to
-//! [`OAuthConfig::max_discovery_redirects`]. HTTPS is needed by the reqwest `rustls` feature
-//! (this crate's `rustls` feature, or rmcp's `reqwest` feature in the same build).
+//! [`OAuthConfig::max_discovery_redirects`]. HTTPS comes from reqwest's rustls support, which
+//! this crate's default `rustls` feature enables (as does rmcp's `reqwest` feature); without
+//! any reqwest TLS feature in the build, HTTPS requests fail with [`Error::Transport`].
 
 mod authorize;
 mod challenge;
