@@ -1,0 +1,497 @@
+//! The HTTP seam: one dyn-compatible method, plus the request and response types it carries.
+//!
+//! Everything in this crate that talks to a server goes through [`HttpClient::call`]. The
+//! production implementation is [`crate::ReqwestHttpClient`]; unit tests pass a closure. The
+//! seam never follows redirects: the callers decide (token requests refuse them, discovery
+//! follows same-origin redirects a bounded number of times).
+
+use std::fmt;
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use url::{Host, Url};
+
+use crate::error::{Error, Result};
+
+/// A boxed, sendable future: what [`HttpClient::call`] returns.
+pub type BoxFuture<'a, T> = mcp_clock::BoxFuture<'a, T>;
+
+/// The HTTP methods this crate uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Method {
+    /// `GET`.
+    Get,
+    /// `POST`.
+    Post,
+}
+
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Method::Get => "GET",
+            Method::Post => "POST",
+        })
+    }
+}
+
+/// An HTTP request handed to the seam.
+///
+/// `Debug` shows the method, URL, header names and body length, never header values or the
+/// body (they carry client secrets, codes, verifiers and tokens).
+#[derive(Clone)]
+pub struct HttpRequest {
+    /// The method.
+    pub method: Method,
+    /// The absolute URL.
+    pub url: Url,
+    /// Header names and values, in order.
+    pub headers: Vec<(String, String)>,
+    /// The body (empty for `GET`).
+    pub body: Vec<u8>,
+    /// Fires to abandon the request.
+    pub cancel: CancellationToken,
+}
+
+impl HttpRequest {
+    /// A `GET` request that accepts JSON.
+    pub fn get(url: Url) -> Self {
+        HttpRequest {
+            method: Method::Get,
+            url,
+            headers: vec![("accept".into(), "application/json".into())],
+            body: Vec::new(),
+            cancel: CancellationToken::new(),
+        }
+    }
+
+    /// A `POST` of an `application/x-www-form-urlencoded` body.
+    pub fn post_form(url: Url, form: &[(&str, &str)]) -> Self {
+        let body = url::form_urlencoded::Serializer::new(String::new()).extend_pairs(form).finish();
+        HttpRequest {
+            method: Method::Post,
+            url,
+            headers: vec![
+                ("content-type".into(), "application/x-www-form-urlencoded".into()),
+                ("accept".into(), "application/json".into()),
+            ],
+            body: body.into_bytes(),
+            cancel: CancellationToken::new(),
+        }
+    }
+
+    /// A `POST` of a JSON body.
+    pub fn post_json(url: Url, json: &serde_json::Value) -> Self {
+        HttpRequest {
+            method: Method::Post,
+            url,
+            headers: vec![
+                ("content-type".into(), "application/json".into()),
+                ("accept".into(), "application/json".into()),
+            ],
+            body: json.to_string().into_bytes(),
+            cancel: CancellationToken::new(),
+        }
+    }
+
+    /// The first value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    /// The body parsed as an `application/x-www-form-urlencoded` form.
+    pub fn form(&self) -> Vec<(String, String)> {
+        url::form_urlencoded::parse(&self.body).into_owned().collect()
+    }
+
+    /// The value of form field `name` in the body.
+    pub fn form_value(&self, name: &str) -> Option<String> {
+        self.form().into_iter().find(|(n, _)| n == name).map(|(_, v)| v)
+    }
+}
+
+impl fmt::Debug for HttpRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.headers.iter().map(|(n, _)| n.as_str()).collect();
+        f.debug_struct("HttpRequest")
+            .field("method", &self.method)
+            .field("url", &redact_query(&self.url))
+            .field("headers", &names)
+            .field("body_len", &self.body.len())
+            .finish()
+    }
+}
+
+/// A URL with its query values replaced, for logs (authorization URLs carry `state` and
+/// callbacks carry `code`).
+pub(crate) fn redact_query(url: &Url) -> String {
+    if url.query().is_none() {
+        return url.to_string();
+    }
+    let mut u = url.clone();
+    let names: Vec<String> = url.query_pairs().map(|(k, _)| k.into_owned()).collect();
+    u.query_pairs_mut().clear().extend_pairs(names.iter().map(|k| (k.as_str(), "_")));
+    u.to_string()
+}
+
+/// An HTTP response returned by the seam.
+#[derive(Clone, PartialEq, Eq)]
+pub struct HttpResponse {
+    /// The status code.
+    pub status: u16,
+    /// Header names and values, in order (a repeated header appears once per value).
+    pub headers: Vec<(String, String)>,
+    /// The body, at most the client's cap.
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    /// A response with `status`, no headers and an empty body.
+    pub fn new(status: u16) -> Self {
+        HttpResponse { status, headers: Vec::new(), body: Vec::new() }
+    }
+
+    /// A response with a JSON body and `content-type: application/json`.
+    pub fn json(status: u16, body: &serde_json::Value) -> Self {
+        HttpResponse {
+            status,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: body.to_string().into_bytes(),
+        }
+    }
+
+    /// This response with one more header.
+    pub fn with_header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// This response with `body`.
+    pub fn with_body(mut self, body: &[u8]) -> Self {
+        self.body = body.to_vec();
+        self
+    }
+
+    /// The first value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    /// Every value of header `name` (case-insensitive), in order.
+    pub fn header_values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.headers
+            .iter()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// True for 2xx.
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+
+    /// True for the redirect statuses 301, 302, 303, 307 and 308.
+    pub fn is_redirect(&self) -> bool {
+        matches!(self.status, 301 | 302 | 303 | 307 | 308)
+    }
+}
+
+impl fmt::Debug for HttpResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.headers.iter().map(|(n, _)| n.as_str()).collect();
+        f.debug_struct("HttpResponse")
+            .field("status", &self.status)
+            .field("headers", &names)
+            .field("body_len", &self.body.len())
+            .finish()
+    }
+}
+
+/// The HTTP seam: send one request, get one response. Dyn-compatible.
+///
+/// Implementations must not follow redirects. Any `Fn(HttpRequest) -> impl Future` closure is an
+/// `HttpClient`, which is how unit tests script a server:
+///
+/// ```
+/// use mcp_oauth::{HttpClient, HttpRequest, HttpResponse, SharedHttpClient};
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let http = SharedHttpClient::new(|req: HttpRequest| async move {
+///     assert_eq!(req.url.path(), "/.well-known/oauth-protected-resource");
+///     Ok(HttpResponse::new(404))
+/// });
+/// let url = "https://mcp.example.com/.well-known/oauth-protected-resource".parse().unwrap();
+/// let response = http.call(HttpRequest::get(url)).await.unwrap();
+/// assert_eq!(response.status, 404);
+/// # }
+/// ```
+pub trait HttpClient: Send + Sync {
+    /// Send `request` and return the response, whatever its status.
+    fn call(&self, request: HttpRequest) -> BoxFuture<'_, Result<HttpResponse>>;
+}
+
+impl<F, Fut> HttpClient for F
+where
+    F: Fn(HttpRequest) -> Fut + Send + Sync,
+    Fut: Future<Output = Result<HttpResponse>> + Send + 'static,
+{
+    fn call(&self, request: HttpRequest) -> BoxFuture<'_, Result<HttpResponse>> {
+        Box::pin(self(request))
+    }
+}
+
+/// A cloneable, shareable [`HttpClient`].
+#[derive(Clone)]
+pub struct SharedHttpClient(Arc<dyn HttpClient>);
+
+impl SharedHttpClient {
+    /// Share `client`.
+    pub fn new(client: impl HttpClient + 'static) -> Self {
+        SharedHttpClient(Arc::new(client))
+    }
+}
+
+impl fmt::Debug for SharedHttpClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SharedHttpClient(..)")
+    }
+}
+
+impl HttpClient for SharedHttpClient {
+    fn call(&self, request: HttpRequest) -> BoxFuture<'_, Result<HttpResponse>> {
+        self.0.call(request)
+    }
+}
+
+/// Which addresses the HTTP client may talk to (server-side request forgery protection).
+///
+/// Literal IP addresses in URLs are checked before any connection, and host names are checked
+/// after DNS resolution, so a name that resolves to a refused address is refused too.
+/// Cloud metadata addresses (`169.254.169.254`, `fd00:ec2::254`, `100.100.100.200`) are refused
+/// unless [`SsrfPolicy::allow_cloud_metadata`], even when link-local addresses are allowed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SsrfPolicy {
+    /// Loopback (`127.0.0.0/8`, `::1`). Allowed by default: local MCP servers and their
+    /// authorization servers live there, and they are the only place plain HTTP is allowed.
+    pub allow_loopback: bool,
+    /// Private ranges (`10/8`, `172.16/12`, `192.168/16`, CGNAT `100.64/10`, `fc00::/7`).
+    pub allow_private: bool,
+    /// Link-local (`169.254/16`, `fe80::/10`).
+    pub allow_link_local: bool,
+    /// Cloud instance metadata services.
+    pub allow_cloud_metadata: bool,
+}
+
+impl Default for SsrfPolicy {
+    fn default() -> Self {
+        SsrfPolicy {
+            allow_loopback: true,
+            allow_private: false,
+            allow_link_local: false,
+            allow_cloud_metadata: false,
+        }
+    }
+}
+
+impl SsrfPolicy {
+    /// Every address allowed (for tests and trusted deployments).
+    pub fn allow_all() -> Self {
+        SsrfPolicy {
+            allow_loopback: true,
+            allow_private: true,
+            allow_link_local: true,
+            allow_cloud_metadata: true,
+        }
+    }
+
+    /// `None` when `ip` is allowed, else the kind of address that is refused.
+    pub fn refuses(&self, ip: IpAddr) -> Option<&'static str> {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+            v4 => v4,
+        };
+        let kind = address_kind(ip)?;
+        let allowed = match kind {
+            "cloud metadata" => self.allow_cloud_metadata,
+            "loopback" => self.allow_loopback,
+            "link-local" => self.allow_link_local,
+            _ => self.allow_private,
+        };
+        (!allowed).then_some(kind)
+    }
+}
+
+fn address_kind(ip: IpAddr) -> Option<&'static str> {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            if o == [169, 254, 169, 254] || o == [100, 100, 100, 200] {
+                Some("cloud metadata")
+            } else if v4.is_loopback() {
+                Some("loopback")
+            } else if v4.is_link_local() {
+                Some("link-local")
+            } else if v4.is_private() || (o[0] == 100 && (o[1] & 0xc0) == 64) {
+                Some("private")
+            } else if v4.is_unspecified() || v4.is_broadcast() || o[0] == 0 {
+                Some("unspecified")
+            } else {
+                None
+            }
+        }
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            if s == [0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254] {
+                Some("cloud metadata")
+            } else if v6.is_loopback() {
+                Some("loopback")
+            } else if (s[0] & 0xffc0) == 0xfe80 {
+                Some("link-local")
+            } else if (s[0] & 0xfe00) == 0xfc00 {
+                Some("private")
+            } else if v6.is_unspecified() {
+                Some("unspecified")
+            } else {
+                None
+            }
+        }
+    }
+}
+
+/// True when `url`'s host is `localhost` or a loopback IP literal.
+pub(crate) fn is_loopback_host(url: &Url) -> bool {
+    match url.host() {
+        Some(Host::Domain(d)) => {
+            // Only `localhost` itself: a subdomain of it is resolved by DNS, which could answer
+            // with a public address and carry plain HTTP off the machine.
+            d.trim_end_matches('.').eq_ignore_ascii_case("localhost")
+        }
+        Some(Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+/// Check `url` before any connection: `http` or `https` only, HTTPS unless the host is loopback,
+/// no credentials in the URL, and literal IP addresses against the SSRF policy.
+pub fn check_url(url: &Url, policy: &SsrfPolicy) -> Result<()> {
+    match url.scheme() {
+        "https" => {}
+        "http" if is_loopback_host(url) => {}
+        "http" => return Err(Error::InsecureUrl { url: url.to_string() }),
+        other => {
+            return Err(Error::InvalidUrl {
+                url: url.to_string(),
+                reason: format!("unsupported scheme {other:?}"),
+            });
+        }
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(Error::InvalidUrl {
+            url: url.to_string(),
+            reason: "credentials in the URL".into(),
+        });
+    }
+    let ip = match url.host() {
+        Some(Host::Ipv4(ip)) => IpAddr::V4(ip),
+        Some(Host::Ipv6(ip)) => IpAddr::V6(ip),
+        Some(Host::Domain(_)) => return Ok(()),
+        None => return Err(Error::InvalidUrl { url: url.to_string(), reason: "no host".into() }),
+    };
+    match policy.refuses(ip) {
+        Some(kind) => Err(Error::SsrfRefused { url: url.to_string(), kind }),
+        None => Ok(()),
+    }
+}
+
+/// Same scheme, host and port.
+pub(crate) fn same_origin(a: &Url, b: &Url) -> bool {
+    a.origin() == b.origin()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn u(s: &str) -> Url {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn https_is_required_except_on_loopback() {
+        let p = SsrfPolicy::default();
+        assert!(check_url(&u("https://as.example.com/token"), &p).is_ok());
+        assert!(check_url(&u("http://localhost:8080/token"), &p).is_ok());
+        assert!(check_url(&u("http://127.0.0.1:8080/token"), &p).is_ok());
+        assert!(check_url(&u("http://[::1]:8080/token"), &p).is_ok());
+        assert!(matches!(
+            check_url(&u("http://as.example.com/token"), &p),
+            Err(Error::InsecureUrl { .. })
+        ));
+        assert!(matches!(
+            check_url(&u("ftp://as.example.com/x"), &p),
+            Err(Error::InvalidUrl { .. })
+        ));
+        assert!(matches!(
+            check_url(&u("https://user:pw@as.example.com/x"), &p),
+            Err(Error::InvalidUrl { .. })
+        ));
+    }
+
+    #[test]
+    fn ssrf_policy_refuses_private_link_local_and_metadata_literals() {
+        let p = SsrfPolicy::default();
+        for (url, kind) in [
+            ("https://10.1.2.3/x", "private"),
+            ("https://192.168.0.1/x", "private"),
+            ("https://172.16.0.1/x", "private"),
+            ("https://100.64.0.1/x", "private"),
+            ("https://[fd12::1]/x", "private"),
+            ("https://169.254.1.1/x", "link-local"),
+            ("https://[fe80::1]/x", "link-local"),
+            ("https://169.254.169.254/latest/meta-data", "cloud metadata"),
+            ("https://[fd00:ec2::254]/x", "cloud metadata"),
+            ("https://[::ffff:169.254.169.254]/x", "cloud metadata"),
+            ("https://0.0.0.0/x", "unspecified"),
+        ] {
+            match check_url(&u(url), &p) {
+                Err(Error::SsrfRefused { kind: k, .. }) => assert_eq!(k, kind, "{url}"),
+                other => panic!("{url}: {other:?}"),
+            }
+        }
+        assert!(check_url(&u("https://93.184.216.34/x"), &p).is_ok());
+    }
+
+    #[test]
+    fn ssrf_policy_is_configuration() {
+        let mut p =
+            SsrfPolicy { allow_private: true, allow_link_local: true, ..SsrfPolicy::default() };
+        assert!(check_url(&u("https://10.1.2.3/x"), &p).is_ok());
+        assert!(check_url(&u("https://169.254.1.1/x"), &p).is_ok());
+        // Metadata stays refused unless allowed by name.
+        assert!(check_url(&u("https://169.254.169.254/x"), &p).is_err());
+        p.allow_cloud_metadata = true;
+        assert!(check_url(&u("https://169.254.169.254/x"), &p).is_ok());
+        p.allow_loopback = false;
+        assert!(matches!(
+            check_url(&u("http://127.0.0.1:1/x"), &p),
+            Err(Error::SsrfRefused { kind: "loopback", .. })
+        ));
+    }
+
+    #[test]
+    fn request_debug_hides_headers_values_and_body() {
+        let mut req = HttpRequest::post_form(
+            u("https://as.example.com/token?code=abc"),
+            &[("client_secret", "s3cr3t")],
+        );
+        req.headers.push(("authorization".into(), "Basic czNjcjN0".into()));
+        let dbg = format!("{req:?}");
+        assert!(
+            !dbg.contains("s3cr3t") && !dbg.contains("czNjcjN0") && !dbg.contains("abc"),
+            "{dbg}"
+        );
+        assert!(dbg.contains("authorization"));
+    }
+}
