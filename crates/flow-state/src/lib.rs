@@ -15,6 +15,7 @@
 //! - [`Store`]: the small store trait, with [`MemoryStore`], `SledStore` (feature `sled`) and
 //!   `RedisStore` (feature `redis`).
 //! - [`SingleFlight`]: a process-local single-flight that caches nothing.
+//! - [`Leases`]: exclusive, expiring holds on a key across processes, with fencing tokens.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), flow_state::Error> {
@@ -37,6 +38,7 @@
 mod config;
 mod error;
 mod key;
+mod lease;
 mod manager;
 mod record;
 mod single_flight;
@@ -47,6 +49,7 @@ pub mod testkit;
 pub use config::FlowTypeConfig;
 pub use error::Error;
 pub use key::FlowKey;
+pub use lease::{Lease, Leases};
 pub use manager::{FlowManager, FlowManagerBuilder, Staleness};
 #[cfg(feature = "test-util")]
 pub use mcp_clock::ManualClock;

@@ -5,6 +5,7 @@
 mod cancel;
 mod conformance;
 mod harness;
+mod lease;
 mod model;
 mod redis;
 mod scenarios;

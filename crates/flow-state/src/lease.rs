@@ -1,0 +1,161 @@
+//! Leases: a time-limited, exclusive hold on a key across every process that shares a store.
+
+use std::time::Duration;
+
+use mcp_clock::{Clock, SharedClock, Timestamp};
+
+use crate::{Error, FlowKey, Inserted, SharedStore, StoreErrorKind, Swapped};
+
+/// Exclusive, expiring holds on keys, shared by every process that uses the same store.
+///
+/// A lease is a store record written with insert-if-absent (Redis `SET NX PX`). Its version is
+/// its fencing token: versions are unique and increasing across the store, so a later holder
+/// always has a larger fence than an earlier one. A holder that dies simply stops renewing, and
+/// the lease expires after its TTL, so another process takes over.
+///
+/// Use a lease around a side effect that must happen once across processes (redeeming a rotating
+/// refresh token), re-read the protected state after acquiring it (a peer may already have done
+/// the work), renew it while the side effect is slow, and write the result with a
+/// compare-and-set that fails if someone else wrote meanwhile.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), flow_state::Error> {
+/// use flow_state::{FlowKey, Leases, MemoryStore, SharedClock, SharedStore};
+/// use std::time::Duration;
+///
+/// let leases = Leases::new(SharedStore::new(MemoryStore::new()), SharedClock::system());
+/// let key = FlowKey::new("refresh", "alice:github")?.with_tenant("acme")?;
+/// let lease = leases.try_acquire(&key, Duration::from_secs(30)).await?.expect("free");
+/// assert!(leases.try_acquire(&key, Duration::from_secs(30)).await?.is_none(), "exclusive");
+/// leases.release(lease).await?;
+/// assert!(leases.try_acquire(&key, Duration::from_secs(30)).await?.is_some());
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Leases {
+    store: SharedStore,
+    clock: SharedClock,
+}
+
+/// A held lease; see [`Leases`].
+#[derive(Debug, PartialEq, Eq)]
+#[must_use = "a lease should be released when the work is done"]
+pub struct Lease {
+    key: FlowKey,
+    fence: u64,
+    version: u64,
+    expires_at: Timestamp,
+}
+
+impl Lease {
+    /// The fencing token: larger for every later holder of any lease in the store.
+    pub fn fence(&self) -> u64 {
+        self.fence
+    }
+
+    /// When the lease expires unless renewed.
+    pub fn expires_at(&self) -> Timestamp {
+        self.expires_at
+    }
+
+    /// The key the lease holds.
+    pub fn key(&self) -> &FlowKey {
+        &self.key
+    }
+}
+
+/// Lease records live beside flow records; flow keys never start with `L`.
+fn lease_key(key: &FlowKey) -> String {
+    format!("L{}", key.as_str())
+}
+
+impl Leases {
+    /// Leases over `store`, expiring on `clock`.
+    pub fn new(store: SharedStore, clock: SharedClock) -> Self {
+        Leases { store, clock }
+    }
+
+    fn error(key: &FlowKey, e: crate::StoreError) -> Error {
+        if e.kind() == StoreErrorKind::Corrupt {
+            Error::Corrupt { key: key.clone(), message: e.to_string() }
+        } else {
+            Error::Store { key: key.clone(), source: Box::new(e) }
+        }
+    }
+
+    /// Take the lease for `ttl` if nobody holds it.
+    pub async fn try_acquire(&self, key: &FlowKey, ttl: Duration) -> Result<Option<Lease>, Error> {
+        let now = self.clock.now();
+        match self.store.insert_if_absent(&lease_key(key), Vec::new(), ttl).await {
+            Ok(Inserted::Inserted { version }) => {
+                Ok(Some(Lease { key: key.clone(), fence: version, version, expires_at: now + ttl }))
+            }
+            Ok(Inserted::Exists(_)) => Ok(None),
+            Err(e) => Err(Self::error(key, e)),
+        }
+    }
+
+    /// Take the lease for `ttl`, waiting up to `wait` for its holder to release it or for it to
+    /// expire. Waiting does not poll: it sleeps until a change or the current lease's expiry.
+    pub async fn acquire(
+        &self,
+        key: &FlowKey,
+        ttl: Duration,
+        wait: Duration,
+    ) -> Result<Lease, Error> {
+        let deadline = self.clock.now() + wait;
+        let mut changes = self.store.subscribe(&lease_key(key));
+        loop {
+            if let Some(lease) = self.try_acquire(key, ttl).await? {
+                return Ok(lease);
+            }
+            let held_until = match self.store.get(&lease_key(key)).await {
+                Ok(Some(v)) => v.expires_at,
+                Ok(None) => continue,
+                Err(e) => return Err(Self::error(key, e)),
+            };
+            if self.clock.now() >= deadline {
+                return Err(Error::TimedOut { key: key.clone() });
+            }
+            tokio::select! {
+                () = changes.changed() => {}
+                () = self.clock.sleep_until(held_until.min(deadline)) => {}
+            }
+        }
+    }
+
+    /// Extend the lease by `ttl` from now. Fails with [`Error::NotFound`] if it was lost (it
+    /// expired, and possibly another process holds it now).
+    pub async fn renew(&self, lease: &mut Lease, ttl: Duration) -> Result<(), Error> {
+        let now = self.clock.now();
+        match self
+            .store
+            .compare_and_set(&lease_key(&lease.key), lease.version, Vec::new(), ttl)
+            .await
+        {
+            Ok(Swapped::Swapped { version }) => {
+                lease.version = version;
+                lease.expires_at = now + ttl;
+                Ok(())
+            }
+            Ok(Swapped::Conflict(_)) => Err(Error::NotFound { key: lease.key.clone() }),
+            Err(e) => Err(Self::error(&lease.key, e)),
+        }
+    }
+
+    /// Whether `lease` is still held (not expired, not taken over).
+    pub async fn is_held(&self, lease: &Lease) -> Result<bool, Error> {
+        match self.store.get(&lease_key(&lease.key)).await {
+            Ok(found) => Ok(found.is_some_and(|v| v.version == lease.version)),
+            Err(e) => Err(Self::error(&lease.key, e)),
+        }
+    }
+
+    /// Give the lease up. Returns whether it was still held.
+    pub async fn release(&self, lease: Lease) -> Result<bool, Error> {
+        self.store
+            .delete_if(&lease_key(&lease.key), Some(lease.version))
+            .await
+            .map_err(|e| Self::error(&lease.key, e))
+    }
+}

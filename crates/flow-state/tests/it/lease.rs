@@ -1,0 +1,113 @@
+//! Leases on every backend: exclusivity, expiry and takeover, renewal, fencing.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use flow_state::{Error, FlowKey, Leases};
+
+use crate::harness::{BACKENDS, harness, within};
+
+const TTL: Duration = Duration::from_secs(10);
+
+fn key() -> FlowKey {
+    FlowKey::new("refresh", "alice:srv").unwrap().with_tenant("acme").unwrap()
+}
+
+/// A crashed holder stops renewing; after the TTL another process takes over, with a larger
+/// fence, and the old holder can neither renew nor release the new holder's lease.
+#[tokio::test]
+async fn an_expired_lease_is_taken_over_with_a_larger_fence() {
+    for backend in BACKENDS {
+        let Some(h) = harness(backend).await else { continue };
+        let leases = Leases::new(h.store.clone(), h.clock.shared());
+        let mut first = leases.try_acquire(&key(), TTL).await.unwrap().unwrap();
+        assert!(leases.try_acquire(&key(), TTL).await.unwrap().is_none(), "{backend:?}");
+        h.clock.advance(TTL);
+        assert!(!leases.is_held(&first).await.unwrap());
+        let second =
+            leases.try_acquire(&key(), TTL).await.unwrap().expect("taken over after the TTL");
+        assert!(second.fence() > first.fence(), "{backend:?}");
+        assert!(matches!(leases.renew(&mut first, TTL).await, Err(Error::NotFound { .. })));
+        assert!(
+            !leases.release(first).await.unwrap(),
+            "the old holder cannot release the new lease"
+        );
+        assert!(leases.is_held(&second).await.unwrap());
+    }
+}
+
+/// Renewal keeps the lease past its first TTL and keeps its fence.
+#[tokio::test]
+async fn renewal_extends_the_lease() {
+    for backend in BACKENDS {
+        let Some(h) = harness(backend).await else { continue };
+        let leases = Leases::new(h.store.clone(), h.clock.shared());
+        let mut lease = leases.try_acquire(&key(), TTL).await.unwrap().unwrap();
+        let fence = lease.fence();
+        h.clock.advance(Duration::from_secs(8));
+        leases.renew(&mut lease, TTL).await.unwrap();
+        h.clock.advance(Duration::from_secs(8));
+        assert!(leases.is_held(&lease).await.unwrap(), "{backend:?}");
+        assert!(leases.try_acquire(&key(), TTL).await.unwrap().is_none());
+        assert_eq!(lease.fence(), fence);
+        assert!(leases.release(lease).await.unwrap());
+    }
+}
+
+/// A waiter in `acquire` wakes when the holder releases, without polling.
+#[tokio::test]
+async fn acquire_waits_for_a_release() {
+    for backend in BACKENDS {
+        let Some(h) = harness(backend).await else { continue };
+        let leases = Leases::new(h.store.clone(), h.clock.shared());
+        let held = leases.try_acquire(&key(), TTL).await.unwrap().unwrap();
+        let waiter = tokio::spawn({
+            let leases = leases.clone();
+            async move { leases.acquire(&key(), TTL, Duration::from_secs(60)).await }
+        });
+        crate::harness::settle().await;
+        assert!(!waiter.is_finished());
+        assert!(leases.release(held).await.unwrap());
+        let got = within(waiter).await.unwrap().unwrap();
+        assert!(leases.is_held(&got).await.unwrap(), "{backend:?}");
+        // And a waiter gives up at its own deadline.
+        let late = tokio::spawn({
+            let leases = leases.clone();
+            async move { leases.acquire(&key(), Duration::from_secs(120), Duration::from_secs(5)).await }
+        });
+        crate::harness::settle().await;
+        h.clock.advance(Duration::from_secs(5));
+        assert!(matches!(within(late).await.unwrap(), Err(Error::TimedOut { .. })), "{backend:?}");
+    }
+}
+
+/// The race: many processes reach for the lease at once; exactly one holds it at any moment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_one_holder_at_a_time() {
+    for backend in BACKENDS {
+        let Some(h) = harness(backend).await else { continue };
+        let holders = Arc::new(AtomicUsize::new(0));
+        let overlaps = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..64)
+            .map(|_| {
+                let leases = Leases::new(h.store.clone(), h.clock.shared());
+                let (holders, overlaps) = (holders.clone(), overlaps.clone());
+                tokio::spawn(async move {
+                    let lease =
+                        leases.acquire(&key(), TTL, Duration::from_secs(3_600)).await.unwrap();
+                    if holders.fetch_add(1, Ordering::SeqCst) != 0 {
+                        overlaps.fetch_add(1, Ordering::SeqCst);
+                    }
+                    tokio::task::yield_now().await;
+                    holders.fetch_sub(1, Ordering::SeqCst);
+                    assert!(leases.release(lease).await.unwrap());
+                })
+            })
+            .collect();
+        for t in tasks {
+            within(t).await.unwrap();
+        }
+        assert_eq!(overlaps.load(Ordering::SeqCst), 0, "{backend:?}");
+    }
+}
