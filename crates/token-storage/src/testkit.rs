@@ -1,5 +1,5 @@
 //! Test helpers (feature `test-util`): the [`TokenStore`](crate::TokenStore) conformance suite and
-//! [`FakeAuthServer`], a [`Refresher`](crate::Refresher) with strict rotation and reuse detection.
+//! [`FakeAuthServer`], a [`Refresher`] with strict rotation and reuse detection.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -168,13 +168,25 @@ async fn racing_writers(s: SharedTokenStore) {
 /// assert!(server.redeem(&key, first.refresh_token.as_ref().unwrap().expose()).await.is_err());
 /// # }
 /// ```
-#[derive(Debug)]
 pub struct FakeAuthServer {
     clock: SharedClock,
     state: Mutex<FakeState>,
 }
 
-#[derive(Debug, Default)]
+impl std::fmt::Debug for FakeAuthServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The issued tokens are secrets too: only counters print.
+        self.with(|s| {
+            f.debug_struct("FakeAuthServer")
+                .field("calls", &s.calls)
+                .field("redemptions", &s.redemptions)
+                .field("reuse_detected", &s.reuse_detected)
+                .finish_non_exhaustive()
+        })
+    }
+}
+
+#[derive(Default)]
 struct FakeState {
     next: u64,
     refresh_tokens: HashMap<String, (u64, bool)>,
