@@ -90,7 +90,12 @@ impl SledTokenStore {
             .map_err(|e| backend("compare_and_swap", e))?
             .is_ok();
         if swapped {
-            self.inner.db.flush_async().await.map_err(|e| backend("flush", e))?;
+            // `flush` blocks on fsync: keep it off the async workers.
+            let db = self.inner.db.clone();
+            tokio::task::spawn_blocking(move || db.flush())
+                .await
+                .map_err(|e| Error::store("the sled flush task failed", e))?
+                .map_err(|e| backend("flush", e))?;
         }
         Ok(swapped)
     }
