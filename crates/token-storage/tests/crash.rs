@@ -109,10 +109,10 @@ fn run_and_kill(dir: &str, hang: bool, prefix: &str, lines: usize) -> u64 {
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
             // The harness may print `test crash_child ... ` on the same line first.
-            if let Some(n) = line.find(&prefix).map(|i| &line[i + prefix.len()..]) {
-                if tx.send(n.trim().parse::<u64>().unwrap()).is_err() {
-                    break;
-                }
+            if let Some(n) = line.find(&prefix).map(|i| &line[i + prefix.len()..])
+                && tx.send(n.trim().parse::<u64>().unwrap()).is_err()
+            {
+                break;
             }
         }
     });
