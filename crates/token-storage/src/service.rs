@@ -18,6 +18,7 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -153,6 +154,7 @@ impl TokenStorageBuilder {
                 on_refresh: self.on_refresh,
                 flights,
                 views: RwLock::default(),
+                deletions: AtomicU64::new(0),
                 slots: Mutex::default(),
             }),
         }
@@ -164,7 +166,10 @@ impl TokenStorageBuilder {
 ///
 /// Cheap to clone; clones share everything. Holds a decrypted in-memory view of the records it
 /// has read or written, so [`TokenStorage::get_valid`] on a fresh token touches neither the
-/// store nor the cipher.
+/// store nor the cipher. The view is this process's: when several processes share a store
+/// (Redis, later), tokens another process rotated are picked up when this one's view reaches
+/// its refresh time (the refresh re-reads the store first) or when a 401 leads to
+/// [`TokenStorage::force_refresh`], which always reads the store.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), token_storage::Error> {
@@ -229,6 +234,9 @@ struct Inner {
     on_refresh: Option<RefreshHook>,
     flights: SingleFlight<TokenKey, FlightResult>,
     views: RwLock<HashMap<TokenKey, View>>,
+    /// Bumped by every uninstall, so a read that raced it does not put the deleted set back
+    /// into the view.
+    deletions: AtomicU64,
     slots: Mutex<HashMap<TokenKey, SlotState>>,
 }
 
@@ -422,6 +430,7 @@ impl TokenStorage {
         let inner = &self.inner;
         inner.store.delete(&key.record(RecordKind::Tokens), None).await?;
         inner.store.delete(&key.record(RecordKind::Client), None).await?;
+        inner.deletions.fetch_add(1, Ordering::SeqCst);
         inner.views.write().unwrap_or_else(PoisonError::into_inner).remove(key);
         inner.slots.lock().unwrap_or_else(PoisonError::into_inner).remove(key);
         info!(%key, "deleted tokens and client registration");
@@ -524,6 +533,16 @@ impl Inner {
 
     /// Install a decrypted set as the view of `key` unless a newer one is there.
     fn install(&self, key: &TokenKey, set: TokenSet) -> View {
+        self.install_unless_deleted(key, set, None)
+    }
+
+    /// [`Inner::install`], skipped if an uninstall happened since `deletions` was read.
+    fn install_unless_deleted(
+        &self,
+        key: &TokenKey,
+        set: TokenSet,
+        deletions: Option<u64>,
+    ) -> View {
         let set = Arc::new(set);
         let refresh_at = set.expires_at.map(|expires_at| {
             let lifetime = expires_at.saturating_since(set.obtained_at);
@@ -533,6 +552,9 @@ impl Inner {
         });
         let view = View { set, refresh_at };
         let mut views = self.views.write().unwrap_or_else(PoisonError::into_inner);
+        if deletions.is_some_and(|d| d != self.deletions.load(Ordering::SeqCst)) {
+            return view;
+        }
         match views.get(key) {
             Some(existing) if existing.set.version >= view.set.version => existing.clone(),
             _ => {
@@ -545,6 +567,7 @@ impl Inner {
     /// Read the stored token set, decrypting only when the version is not the one in view.
     async fn load(&self, key: &TokenKey) -> Result<Option<View>, Error> {
         let record = key.record(RecordKind::Tokens);
+        let deletions = self.deletions.load(Ordering::SeqCst);
         let Some(stored) = self.store.get(&record).await? else {
             self.views.write().unwrap_or_else(PoisonError::into_inner).remove(key);
             return Ok(None);
@@ -558,7 +581,7 @@ impl Inner {
             }
         }
         let set = open_tokens(&*self.keys, &record, &stored)?;
-        Ok(Some(self.install(key, set)))
+        Ok(Some(self.install_unless_deleted(key, set, Some(deletions))))
     }
 
     async fn load_client(
