@@ -63,6 +63,36 @@ pub struct RefreshRequest {
     pub client: Option<ClientRegistration>,
 }
 
+impl RefreshRequest {
+    /// A request to redeem `refresh_token` at `issuer` (for tests of [`Refresher`]s; the
+    /// storage builds these itself).
+    ///
+    /// ```
+    /// let r = token_storage::RefreshRequest::new("rt", "https://as.example").scope("read");
+    /// assert_eq!(r.scope.as_deref(), Some("read"));
+    /// ```
+    pub fn new(refresh_token: impl Into<Secret>, issuer: impl Into<String>) -> Self {
+        RefreshRequest {
+            refresh_token: refresh_token.into(),
+            scope: None,
+            issuer: issuer.into(),
+            client: None,
+        }
+    }
+
+    /// Set the scope.
+    pub fn scope(mut self, scope: impl Into<String>) -> Self {
+        self.scope = Some(scope.into());
+        self
+    }
+
+    /// Set the client registration.
+    pub fn client(mut self, client: ClientRegistration) -> Self {
+        self.client = Some(client);
+        self
+    }
+}
+
 /// A successful token-endpoint response, as the OAuth layer parsed it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenResponse {
