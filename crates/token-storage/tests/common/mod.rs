@@ -55,7 +55,7 @@ pub fn fixture_with(
 
 /// Wait (in real time, briefly) until `cond` holds.
 pub async fn until(what: &str, cond: impl Fn() -> bool) {
-    for _ in 0..2000 {
+    for _ in 0..10_000 {
         if cond() {
             return;
         }
