@@ -1,0 +1,858 @@
+//! The service (the seed's `MCPTokenStorage`): [`TokenStorage`] and its configuration.
+//!
+//! How the races of a rotating refresh token are closed:
+//!
+//! - **One redemption per key in the process.** Refreshes run through a
+//!   [`flow_state::SingleFlight`]; concurrent callers join the one in flight.
+//! - **Detached.** The refresh runs in its own task; a caller that times out or is dropped only
+//!   ends its own wait, and the rotated refresh token is persisted regardless.
+//! - **Re-read before redeeming.** The refresh reads the store when it starts (never a caller's
+//!   snapshot) and skips the network call when the tokens were already replaced (a 401 for a
+//!   token that is no longer current, or a peer that already refreshed). The cross-process
+//!   lease of a later issue wraps exactly this step.
+//! - **Compare-and-swap commit.** The result is written only if the stored version is still the
+//!   one read before redeeming; otherwise it is discarded and logged (an interactive login, or
+//!   an uninstall, won).
+//! - **No replay after abandonment.** The cancellation token is checked immediately before each
+//!   call to the [`Refresher`], so an attempt past its deadline never redeems.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
+
+use flow_state::{CallOptions, CancellationToken, SingleFlight, SingleFlightError};
+use mcp_clock::{Clock, SharedClock, Timestamp};
+use tracing::{debug, info, warn};
+
+use crate::error::{DecryptFailure, ReauthReason};
+use crate::key::{RecordKind, user_prefix};
+use crate::model::{ClientRecord, TokenRecord};
+use crate::refresher::{RefreshError, RefreshRequest, Refresher, TerminalCode};
+use crate::store::{SharedTokenStore, Swap, TokenStore, Versioned};
+use crate::{
+    ClientRegistration, Error, KeyProvider, Secret, TokenKey, TokenResponse, TokenSet, crypto,
+};
+
+/// Tunables of a [`TokenStorage`]. Start from [`TokenStorageConfig::default`].
+///
+/// ```
+/// use std::time::Duration;
+/// let mut config = token_storage::TokenStorageConfig::default();
+/// config.refresh_buffer = Duration::from_secs(120);
+/// config.storm_limit = 10;
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TokenStorageConfig {
+    /// Refresh this long before the access token expires (capped at half its lifetime).
+    pub refresh_buffer: Duration,
+    /// Plus a random extra of up to this much, so replicas and keys do not refresh in lockstep.
+    pub refresh_jitter: Duration,
+    /// How far the response's `Date` header may move `expires_at` earlier.
+    pub max_date_correction: Duration,
+    /// A refresh still running after this long is told to stop (before its next redemption).
+    pub refresh_deadline: Duration,
+    /// A stopped refresh that has not finished after this much longer is dropped, freeing the key.
+    pub refresh_grace: Duration,
+    /// How long a caller waits for a refresh before giving up (the refresh goes on); `None`:
+    /// until the refresh ends.
+    pub caller_deadline: Option<Duration>,
+    /// Attempts per refresh when failures are transient.
+    pub max_attempts: u32,
+    /// Backoff before the second attempt; doubled each time, with jitter.
+    pub backoff_base: Duration,
+    /// The longest backoff; a `Retry-After` longer than this ends the refresh at once.
+    pub backoff_max: Duration,
+    /// After a refresh fails transiently, further refreshes of the key fail at once for this
+    /// long (or the server's `Retry-After`, if longer) instead of calling the server again.
+    pub failure_ttl: Duration,
+    /// More than this many token writes for one key within `storm_window` stop with
+    /// [`Error::WriteStorm`].
+    pub storm_limit: u32,
+    /// The storm-brake window.
+    pub storm_window: Duration,
+}
+
+impl Default for TokenStorageConfig {
+    fn default() -> Self {
+        TokenStorageConfig {
+            refresh_buffer: Duration::from_secs(60),
+            refresh_jitter: Duration::from_secs(30),
+            max_date_correction: Duration::from_secs(300),
+            refresh_deadline: Duration::from_secs(60),
+            refresh_grace: Duration::from_secs(10),
+            caller_deadline: Some(Duration::from_secs(30)),
+            max_attempts: 3,
+            backoff_base: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(10),
+            failure_ttl: Duration::from_secs(10),
+            storm_limit: 30,
+            storm_window: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Options for building a [`TokenStorage`].
+pub struct TokenStorageBuilder {
+    store: SharedTokenStore,
+    keys: Arc<dyn KeyProvider>,
+    refresher: Arc<dyn Refresher>,
+    clock: SharedClock,
+    config: TokenStorageConfig,
+    on_refresh: Option<RefreshHook>,
+}
+
+/// Called after a refresh result is persisted: (key, the set it replaced, the new set).
+type RefreshHook = Arc<dyn Fn(&TokenKey, &TokenSet, &TokenSet) + Send + Sync>;
+
+impl fmt::Debug for TokenStorageBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenStorageBuilder")
+            .field("store", &self.store)
+            .field("refresher", &self.refresher)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TokenStorageBuilder {
+    /// Run `hook` after every refresh result is persisted, with the key, the set it replaced
+    /// and the new set. It runs inside the detached refresh, so it runs even when every caller
+    /// has gone (the place to tell live connections about the new token). Keep it quick.
+    pub fn on_refresh(
+        mut self,
+        hook: impl Fn(&TokenKey, &TokenSet, &TokenSet) + Send + Sync + 'static,
+    ) -> Self {
+        self.on_refresh = Some(Arc::new(hook));
+        self
+    }
+
+    /// The clock expiry, backoff and deadlines run on (default: the system clock).
+    pub fn clock(mut self, clock: SharedClock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The tunables (default: [`TokenStorageConfig::default`]).
+    pub fn config(mut self, config: TokenStorageConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Build the service.
+    pub fn build(self) -> TokenStorage {
+        let flights = SingleFlight::new(self.clock.clone());
+        TokenStorage {
+            inner: Arc::new(Inner {
+                store: self.store,
+                keys: self.keys,
+                refresher: self.refresher,
+                clock: self.clock,
+                config: self.config,
+                on_refresh: self.on_refresh,
+                flights,
+                views: RwLock::default(),
+                deletions: AtomicU64::new(0),
+                slots: Mutex::default(),
+            }),
+        }
+    }
+}
+
+/// Keyed, encrypted, versioned token storage with a refresh that never spends a refresh token
+/// twice in a process.
+///
+/// Cheap to clone; clones share everything. Holds a decrypted in-memory view of the records it
+/// has read or written, so [`TokenStorage::get_valid`] on a fresh token touches neither the
+/// store nor the cipher. The view is this process's: when several processes share a store
+/// (Redis, later), tokens another process rotated are picked up when this one's view reaches
+/// its refresh time (the refresh re-reads the store first) or when a 401 leads to
+/// [`TokenStorage::force_refresh`], which always reads the store.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), token_storage::Error> {
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use token_storage::*;
+///
+/// #[derive(Debug)]
+/// struct Rotating;
+/// impl Refresher for Rotating {
+///     fn refresh<'a>(&'a self, _: &'a TokenKey, r: &'a RefreshRequest)
+///         -> BoxFuture<'a, Result<TokenResponse, RefreshError>> {
+///         let n = r.refresh_token.expose().trim_start_matches("rt").parse::<u32>().unwrap() + 1;
+///         Box::pin(async move {
+///             Ok(TokenResponse::bearer(format!("at{n}"))
+///                 .expires_in(Duration::from_secs(3600))
+///                 .refresh_token(format!("rt{n}")))
+///         })
+///     }
+/// }
+///
+/// let keys = Keyring::new("k1", EncryptionKey::from_bytes([7; 32]))?;
+/// let storage = TokenStorage::builder(MemoryTokenStore::new().into(), Arc::new(keys), Arc::new(Rotating)).build();
+/// let key = TokenKey::new("acme", "alice", "github");
+/// let issuer = "https://github.example";
+/// storage
+///     .store(&key, issuer, TokenResponse::bearer("at1").expires_in(Duration::from_secs(3600)).refresh_token("rt1"))
+///     .await?;
+/// assert_eq!(storage.get_valid(&key, issuer).await?.access_token().expose(), "at1");
+///
+/// // The server rejected at1 mid-session: one refresh, and the new token.
+/// let fresh = storage.force_refresh(&key, issuer, &Secret::new("at1")).await?;
+/// assert_eq!(fresh.access_token().expose(), "at2");
+/// // A second 401 for the old token does not refresh again.
+/// assert_eq!(storage.force_refresh(&key, issuer, &Secret::new("at1")).await?.version(), fresh.version());
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct TokenStorage {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for TokenStorage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenStorage")
+            .field("store", &self.inner.store)
+            .field("refresher", &self.inner.refresher)
+            .field("config", &self.inner.config)
+            .field("refreshes_in_flight", &self.inner.flights.in_flight())
+            .finish_non_exhaustive()
+    }
+}
+
+type FlightResult = Result<Arc<TokenSet>, Error>;
+
+struct Inner {
+    store: SharedTokenStore,
+    keys: Arc<dyn KeyProvider>,
+    refresher: Arc<dyn Refresher>,
+    clock: SharedClock,
+    config: TokenStorageConfig,
+    on_refresh: Option<RefreshHook>,
+    flights: SingleFlight<TokenKey, FlightResult>,
+    views: RwLock<HashMap<TokenKey, View>>,
+    /// Bumped by every uninstall, so a read that raced it does not put the deleted set back
+    /// into the view.
+    deletions: AtomicU64,
+    slots: Mutex<HashMap<TokenKey, SlotState>>,
+}
+
+/// A decrypted token set and when to refresh it (drawn once per version, with jitter).
+#[derive(Clone)]
+struct View {
+    set: Arc<TokenSet>,
+    refresh_at: Option<Timestamp>,
+}
+
+#[derive(Default)]
+struct SlotState {
+    failure: Option<(Timestamp, Error)>,
+    writes: VecDeque<Timestamp>,
+    background: bool,
+}
+
+/// What started a refresh.
+#[derive(Clone)]
+enum Trigger {
+    /// The token is inside its refresh window or expired.
+    Due,
+    /// The server rejected this access token.
+    Rejected(Secret),
+}
+
+impl<T: TokenStore + 'static> From<T> for SharedTokenStore {
+    fn from(store: T) -> Self {
+        SharedTokenStore::new(store)
+    }
+}
+
+fn auth(key: &TokenKey, reason: ReauthReason) -> Error {
+    Error::AuthorizationRequired { key: key.clone(), reason }
+}
+
+fn random_up_to(max: Duration) -> Duration {
+    let millis = u64::try_from(max.as_millis()).unwrap_or(u64::MAX);
+    if millis == 0 {
+        return Duration::ZERO;
+    }
+    Duration::from_millis(getrandom::u64().unwrap_or(0) % (millis + 1))
+}
+
+impl TokenStorage {
+    /// A builder over `store`, sealing records with `keys`, refreshing through `refresher`.
+    pub fn builder(
+        store: SharedTokenStore,
+        keys: Arc<dyn KeyProvider>,
+        refresher: Arc<dyn Refresher>,
+    ) -> TokenStorageBuilder {
+        TokenStorageBuilder {
+            store,
+            keys,
+            refresher,
+            clock: SharedClock::system(),
+            config: TokenStorageConfig::default(),
+            on_refresh: None,
+        }
+    }
+
+    /// Store tokens from an interactive authorization (or any other fresh grant) for `key`,
+    /// issued by `issuer`. They replace whatever was stored, including a slot marked as needing
+    /// authorization. `expires_at` is computed now, on the storage's clock.
+    ///
+    /// Fails with [`Error::Decrypt`] if the stored record is unreadable (it is not overwritten
+    /// silently: [`TokenStorage::delete_all`] clears it), and with [`Error::WriteStorm`] past
+    /// the storm brake.
+    pub async fn store(
+        &self,
+        key: &TokenKey,
+        issuer: &str,
+        response: TokenResponse,
+    ) -> Result<Arc<TokenSet>, Error> {
+        let inner = &self.inner;
+        let now = inner.clock.now();
+        inner.check_storm(key, now)?;
+        let set = TokenSet::from_response(response, issuer, now, inner.config.max_date_correction);
+        let record = key.record(RecordKind::Tokens);
+        loop {
+            let current = inner.store.get(&record).await?;
+            if let Some(current) = &current {
+                open_tokens(&*inner.keys, &record, current)?;
+            }
+            match inner.write_tokens(key, current.map(|v| v.version), set.clone()).await? {
+                Ok(stored) => {
+                    inner.record_write(key, now);
+                    inner.clear_failure(key);
+                    info!(%key, version = stored.version, "stored tokens");
+                    return Ok(stored);
+                }
+                Err(_) => continue,
+            }
+        }
+    }
+
+    /// A valid access token for `key` from `issuer`.
+    ///
+    /// - Fresh: served from memory.
+    /// - Inside the refresh window (buffer plus jitter before expiry): served at once while one
+    ///   background refresh runs.
+    /// - Expired (or past its refresh window with no expiry known): waits for the refresh,
+    ///   joining one already in flight.
+    ///
+    /// Fails with [`Error::AuthorizationRequired`] when nothing usable is stored, when the slot
+    /// was marked after a terminal refresh error, or when the stored tokens come from another
+    /// issuer (they are kept, not served).
+    pub async fn get_valid(&self, key: &TokenKey, issuer: &str) -> Result<Arc<TokenSet>, Error> {
+        let now = self.inner.clock.now();
+        if let Some(set) = self.inner.fresh_view(key, issuer, now) {
+            return Ok(set);
+        }
+        let inner = &self.inner;
+        let Some(view) = inner.load(key).await? else {
+            return Err(auth(key, ReauthReason::Missing));
+        };
+        let set = usable(key, view.set, issuer)?;
+        match (set.expires_at, view.refresh_at) {
+            (Some(expires_at), Some(refresh_at)) if now >= refresh_at => {
+                if now < expires_at {
+                    inner.start_background(key, issuer, now);
+                    Ok(set)
+                } else {
+                    inner.run_flight(key, issuer, Trigger::Due).await
+                }
+            }
+            _ => Ok(set),
+        }
+    }
+
+    /// The server rejected `rejected` (a 401 mid-session): refresh, unless the stored access
+    /// token is already another one, which is then returned at once. Concurrent calls for a key
+    /// share one refresh.
+    pub async fn force_refresh(
+        &self,
+        key: &TokenKey,
+        issuer: &str,
+        rejected: &Secret,
+    ) -> Result<Arc<TokenSet>, Error> {
+        let set = self.inner.run_flight(key, issuer, Trigger::Rejected(rejected.clone())).await?;
+        if set.access_token != *rejected {
+            return Ok(set);
+        }
+        // We joined a refresh started for another reason that settled on the rejected token
+        // (it found it current and not yet due): start our own.
+        self.inner.run_flight(key, issuer, Trigger::Rejected(rejected.clone())).await
+    }
+
+    /// The stored token set for `key`, as it is (no refresh, no validity check).
+    pub async fn tokens(&self, key: &TokenKey) -> Result<Option<Arc<TokenSet>>, Error> {
+        Ok(self.inner.load(key).await?.map(|v| v.set))
+    }
+
+    /// Store (or replace) the client registration for `key`.
+    pub async fn store_client(
+        &self,
+        key: &TokenKey,
+        client: &ClientRegistration,
+    ) -> Result<(), Error> {
+        let record = key.record(RecordKind::Client);
+        let plain = serde_json::to_vec(&ClientRecord::from_registration(client))
+            .map_err(|e| Error::store("could not encode the client registration", e))?;
+        let sealed = crypto::seal(&*self.inner.keys, &record, &plain)?;
+        loop {
+            let current = self.inner.store.get(&record).await?;
+            if let Some(current) = &current {
+                open_client(&*self.inner.keys, &record, current)?;
+            }
+            let expected = current.map(|v| v.version);
+            if let Swap::Swapped { .. } =
+                self.inner.store.compare_and_swap(&record, expected, sealed.clone()).await?
+            {
+                return Ok(());
+            }
+        }
+    }
+
+    /// The client registration stored for `key`.
+    pub async fn client(&self, key: &TokenKey) -> Result<Option<ClientRegistration>, Error> {
+        Ok(self.inner.load_client(key).await?.map(|(_, c)| c))
+    }
+
+    /// Delete the client registration for `key`; returns whether there was one.
+    pub async fn delete_client(&self, key: &TokenKey) -> Result<bool, Error> {
+        self.inner.store.delete(&key.record(RecordKind::Client), None).await
+    }
+
+    /// Delete everything stored for `key` (uninstall): tokens and client registration.
+    /// A refresh in flight for the key finds its result discarded.
+    pub async fn delete_all(&self, key: &TokenKey) -> Result<(), Error> {
+        let inner = &self.inner;
+        inner.store.delete(&key.record(RecordKind::Tokens), None).await?;
+        inner.store.delete(&key.record(RecordKind::Client), None).await?;
+        inner.deletions.fetch_add(1, Ordering::SeqCst);
+        inner.views.write().unwrap_or_else(PoisonError::into_inner).remove(key);
+        inner.slots.lock().unwrap_or_else(PoisonError::into_inner).remove(key);
+        info!(%key, "deleted tokens and client registration");
+        Ok(())
+    }
+
+    /// Every key with a record for `user` in `tenant` (an unknown tenant or user: none).
+    pub async fn list(&self, tenant: &str, user: &str) -> Result<Vec<TokenKey>, Error> {
+        let prefix = user_prefix(tenant, user);
+        let records = self.inner.store.keys_with_prefix(&prefix).await?;
+        let keys: BTreeSet<TokenKey> = records
+            .iter()
+            .filter_map(|r| TokenKey::from_record(r))
+            .map(|(k, _)| k)
+            .filter(|k| k.tenant() == tenant && k.user() == user)
+            .collect();
+        Ok(keys.into_iter().collect())
+    }
+}
+
+/// The set if it may be served for `issuer`, else why not.
+fn usable(key: &TokenKey, set: Arc<TokenSet>, issuer: &str) -> Result<Arc<TokenSet>, Error> {
+    if let Some(reason) = &set.needs_authorization {
+        return Err(auth(key, reason.clone()));
+    }
+    if set.issuer != issuer {
+        return Err(auth(
+            key,
+            ReauthReason::IssuerChanged { stored: set.issuer.clone(), expected: issuer.to_owned() },
+        ));
+    }
+    Ok(set)
+}
+
+fn open_tokens(keys: &dyn KeyProvider, record: &str, v: &Versioned) -> Result<TokenSet, Error> {
+    let plain = crypto::open(keys, record, &v.value)?;
+    let parsed: TokenRecord = serde_json::from_slice(&plain).map_err(|_| Error::Decrypt {
+        record: record.to_owned(),
+        reason: DecryptFailure::Malformed,
+    })?;
+    Ok(parsed.into_set(v.version))
+}
+
+fn open_client(
+    keys: &dyn KeyProvider,
+    record: &str,
+    v: &Versioned,
+) -> Result<ClientRegistration, Error> {
+    let plain = crypto::open(keys, record, &v.value)?;
+    let parsed: ClientRecord = serde_json::from_slice(&plain).map_err(|_| Error::Decrypt {
+        record: record.to_owned(),
+        reason: DecryptFailure::Malformed,
+    })?;
+    Ok(parsed.into_registration())
+}
+
+impl Inner {
+    fn fresh_view(&self, key: &TokenKey, issuer: &str, now: Timestamp) -> Option<Arc<TokenSet>> {
+        let views = self.views.read().unwrap_or_else(PoisonError::into_inner);
+        let view = views.get(key)?;
+        let fresh = view.set.needs_authorization.is_none()
+            && view.set.issuer == issuer
+            && view.refresh_at.is_none_or(|at| now < at);
+        fresh.then(|| view.set.clone())
+    }
+
+    fn slot<T>(&self, key: &TokenKey, f: impl FnOnce(&mut SlotState) -> T) -> T {
+        let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        f(slots.entry(key.clone()).or_default())
+    }
+
+    fn check_storm(&self, key: &TokenKey, now: Timestamp) -> Result<(), Error> {
+        let (limit, window) = (self.config.storm_limit, self.config.storm_window);
+        self.slot(key, |s| {
+            while s.writes.front().is_some_and(|t| now.saturating_since(*t) >= window) {
+                s.writes.pop_front();
+            }
+            if s.writes.len() >= limit as usize {
+                warn!(%key, limit, ?window, "storm brake: too many token writes");
+                return Err(Error::WriteStorm { key: key.clone(), limit, window });
+            }
+            Ok(())
+        })
+    }
+
+    fn record_write(&self, key: &TokenKey, now: Timestamp) {
+        self.slot(key, |s| s.writes.push_back(now));
+    }
+
+    fn clear_failure(&self, key: &TokenKey) {
+        self.slot(key, |s| s.failure = None);
+    }
+
+    fn cached_failure(&self, key: &TokenKey, now: Timestamp) -> Option<Error> {
+        self.slot(key, |s| match &s.failure {
+            Some((until, e)) if now < *until => Some(e.clone()),
+            _ => None,
+        })
+    }
+
+    /// Install a decrypted set as the view of `key` unless a newer one is there.
+    fn install(&self, key: &TokenKey, set: TokenSet) -> View {
+        self.install_unless_deleted(key, set, None)
+    }
+
+    /// [`Inner::install`], skipped if an uninstall happened since `deletions` was read.
+    fn install_unless_deleted(
+        &self,
+        key: &TokenKey,
+        set: TokenSet,
+        deletions: Option<u64>,
+    ) -> View {
+        let set = Arc::new(set);
+        let refresh_at = set.expires_at.map(|expires_at| {
+            let lifetime = expires_at.saturating_since(set.obtained_at);
+            let ahead = (self.config.refresh_buffer + random_up_to(self.config.refresh_jitter))
+                .min(lifetime / 2);
+            expires_at - ahead
+        });
+        let view = View { set, refresh_at };
+        let mut views = self.views.write().unwrap_or_else(PoisonError::into_inner);
+        if deletions.is_some_and(|d| d != self.deletions.load(Ordering::SeqCst)) {
+            return view;
+        }
+        match views.get(key) {
+            Some(existing) if existing.set.version >= view.set.version => existing.clone(),
+            _ => {
+                views.insert(key.clone(), view.clone());
+                view
+            }
+        }
+    }
+
+    /// Read the stored token set, decrypting only when the version is not the one in view.
+    async fn load(&self, key: &TokenKey) -> Result<Option<View>, Error> {
+        let record = key.record(RecordKind::Tokens);
+        let deletions = self.deletions.load(Ordering::SeqCst);
+        let Some(stored) = self.store.get(&record).await? else {
+            self.views.write().unwrap_or_else(PoisonError::into_inner).remove(key);
+            return Ok(None);
+        };
+        {
+            let views = self.views.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some(view) = views.get(key)
+                && view.set.version == stored.version
+            {
+                return Ok(Some(view.clone()));
+            }
+        }
+        let set = open_tokens(&*self.keys, &record, &stored)?;
+        Ok(Some(self.install_unless_deleted(key, set, Some(deletions))))
+    }
+
+    async fn load_client(
+        &self,
+        key: &TokenKey,
+    ) -> Result<Option<(u64, ClientRegistration)>, Error> {
+        let record = key.record(RecordKind::Client);
+        match self.store.get(&record).await? {
+            None => Ok(None),
+            Some(v) => Ok(Some((v.version, open_client(&*self.keys, &record, &v)?))),
+        }
+    }
+
+    /// Seal and compare-and-swap a token set; `Err(current)` on a conflict.
+    async fn write_tokens(
+        &self,
+        key: &TokenKey,
+        expected: Option<u64>,
+        mut set: TokenSet,
+    ) -> Result<Result<Arc<TokenSet>, Option<Versioned>>, Error> {
+        let record = key.record(RecordKind::Tokens);
+        let plain = serde_json::to_vec(&TokenRecord::from_set(&set))
+            .map_err(|e| Error::store("could not encode the token set", e))?;
+        let sealed = crypto::seal(&*self.keys, &record, &plain)?;
+        match self.store.compare_and_swap(&record, expected, sealed).await? {
+            Swap::Swapped { version } => {
+                set.version = version;
+                Ok(Ok(self.install(key, set).set))
+            }
+            Swap::Conflict(current) => Ok(Err(current)),
+        }
+    }
+
+    fn start_background(self: &Arc<Self>, key: &TokenKey, issuer: &str, now: Timestamp) {
+        let start = self.slot(key, |s| {
+            let failing = s.failure.as_ref().is_some_and(|(until, _)| now < *until);
+            let start = !s.background && !failing;
+            s.background |= start;
+            start
+        });
+        if !start {
+            return;
+        }
+        debug!(%key, "refreshing ahead of expiry in the background");
+        let (inner, key, issuer) = (self.clone(), key.clone(), issuer.to_owned());
+        tokio::spawn(async move {
+            if let Err(e) = inner.run_flight(&key, &issuer, Trigger::Due).await {
+                debug!(%key, error = %e, "background refresh failed");
+            }
+            inner.slot(&key, |s| s.background = false);
+        });
+    }
+
+    async fn run_flight(
+        self: &Arc<Self>,
+        key: &TokenKey,
+        issuer: &str,
+        trigger: Trigger,
+    ) -> Result<Arc<TokenSet>, Error> {
+        let mut options =
+            CallOptions::new(self.config.refresh_deadline).grace(self.config.refresh_grace);
+        if let Some(d) = self.config.caller_deadline {
+            options = options.caller_deadline(d);
+        }
+        let (inner, owned_key, issuer) = (self.clone(), key.clone(), issuer.to_owned());
+        let outcome = self
+            .flights
+            .call(key.clone(), options, move |cancel| async move {
+                inner.refresh(owned_key, issuer, trigger, cancel).await
+            })
+            .await;
+        match outcome {
+            Ok(result) => result,
+            Err(SingleFlightError::CallerDeadline | SingleFlightError::Abandoned) => {
+                Err(Error::Timeout { key: key.clone() })
+            }
+            Err(e) => Err(Error::RefreshUnavailable {
+                key: key.clone(),
+                message: e.to_string(),
+                retry_after: None,
+            }),
+        }
+    }
+
+    /// The shared refresh of one key; runs detached from every caller.
+    async fn refresh(
+        self: Arc<Self>,
+        key: TokenKey,
+        issuer: String,
+        trigger: Trigger,
+        cancel: CancellationToken,
+    ) -> Result<Arc<TokenSet>, Error> {
+        // A cross-process lease (a later issue) is taken here; everything below then runs
+        // under it, so the re-read sees a peer's rotation and skips the network call.
+        let Some(view) = self.load(&key).await? else {
+            return Err(auth(&key, ReauthReason::Missing));
+        };
+        let current = usable(&key, view.set, &issuer)?;
+        let now = self.clock.now();
+        let still_valid = current.expires_at.is_none_or(|e| now < e);
+        match &trigger {
+            Trigger::Rejected(rejected) if current.access_token != *rejected => {
+                debug!(%key, version = current.version, "rejected token already replaced");
+                return Ok(current);
+            }
+            Trigger::Due if view.refresh_at.is_none_or(|at| now < at) => {
+                debug!(%key, version = current.version, "already refreshed");
+                return Ok(current);
+            }
+            _ => {}
+        }
+        let serve_or = |reason| {
+            // Refreshing ahead of expiry cannot proceed, but the token is still good.
+            if matches!(trigger, Trigger::Due) && still_valid {
+                Ok(current.clone())
+            } else {
+                Err(auth(&key, reason))
+            }
+        };
+        let Some(refresh_token) = current.refresh_token.clone() else {
+            return serve_or(ReauthReason::NoRefreshToken);
+        };
+        if current.refresh_token_expires_at.is_some_and(|e| e <= now) {
+            return serve_or(ReauthReason::RefreshTokenExpired);
+        }
+        if let Some(e) = self.cached_failure(&key, now) {
+            debug!(%key, "refresh failed recently; not calling the server again yet");
+            return Err(e);
+        }
+        self.check_storm(&key, now)?;
+        let client = self.load_client(&key).await?;
+        let request = RefreshRequest {
+            refresh_token,
+            scope: current.scope.clone(),
+            issuer: current.issuer.clone(),
+            client: client.as_ref().map(|(_, c)| c.clone()),
+        };
+        let mut attempt = 0;
+        loop {
+            if cancel.is_cancelled() {
+                warn!(%key, "refresh abandoned past its deadline before reaching the token endpoint");
+                return Err(Error::Timeout { key });
+            }
+            attempt += 1;
+            debug!(%key, attempt, version = current.version, "redeeming the refresh token");
+            match self.refresher.refresh(&key, &request).await {
+                Ok(response) => return self.commit(&key, &current, response).await,
+                Err(RefreshError::Terminal { code, description }) => {
+                    return self.terminal(&key, &issuer, &current, client, code, description).await;
+                }
+                Err(RefreshError::Transient { kind, retry_after, message }) => {
+                    let delay = self.backoff(attempt, retry_after);
+                    let give_up = attempt >= self.config.max_attempts.max(1)
+                        || retry_after.is_some_and(|r| r > self.config.backoff_max);
+                    warn!(%key, attempt, ?kind, %message, give_up, "refresh failed transiently");
+                    if give_up {
+                        let now = self.clock.now();
+                        let until =
+                            now + self.config.failure_ttl.max(retry_after.unwrap_or_default());
+                        let error =
+                            Error::RefreshUnavailable { key: key.clone(), message, retry_after };
+                        self.slot(&key, |s| s.failure = Some((until, error.clone())));
+                        return Err(error);
+                    }
+                    tokio::select! {
+                        () = self.clock.sleep(delay) => {}
+                        () = cancel.cancelled() => {}
+                    }
+                }
+            }
+        }
+    }
+
+    fn backoff(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
+        let exp = self
+            .config
+            .backoff_base
+            .saturating_mul(1 << attempt.saturating_sub(1).min(16))
+            .min(self.config.backoff_max);
+        // Equal jitter: between half and all of the exponential delay.
+        let delay = exp / 2 + random_up_to(exp / 2);
+        delay.max(retry_after.unwrap_or_default())
+    }
+
+    /// Persist a refresh result if nothing newer was stored since `current` was read.
+    async fn commit(
+        &self,
+        key: &TokenKey,
+        current: &TokenSet,
+        response: TokenResponse,
+    ) -> Result<Arc<TokenSet>, Error> {
+        let now = self.clock.now();
+        let mut set = TokenSet::from_response(
+            response,
+            &current.issuer,
+            now,
+            self.config.max_date_correction,
+        );
+        if set.refresh_token.is_none() {
+            // A non-rotating server: the old refresh token stays.
+            set.refresh_token = current.refresh_token.clone();
+            set.refresh_token_expires_at = current.refresh_token_expires_at;
+        }
+        if set.scope.is_none() {
+            set.scope = current.scope.clone();
+        }
+        self.record_write(key, now);
+        match self.write_tokens(key, Some(current.version), set).await? {
+            Ok(stored) => {
+                self.clear_failure(key);
+                info!(%key, from = current.version, to = stored.version, "refreshed tokens");
+                if let Some(hook) = &self.on_refresh {
+                    hook(key, current, &stored);
+                }
+                Ok(stored)
+            }
+            Err(newer) => {
+                warn!(
+                    %key,
+                    read = current.version,
+                    stored = ?newer.as_ref().map(|v| v.version),
+                    "discarding a refresh result: the tokens were replaced while it ran"
+                );
+                self.adopt(key, &current.issuer, newer)
+            }
+        }
+    }
+
+    /// Serve what a conflict found in place of the set we read.
+    fn adopt(
+        &self,
+        key: &TokenKey,
+        issuer: &str,
+        newer: Option<Versioned>,
+    ) -> Result<Arc<TokenSet>, Error> {
+        let Some(newer) = newer else { return Err(auth(key, ReauthReason::Missing)) };
+        let set = open_tokens(&*self.keys, &key.record(RecordKind::Tokens), &newer)?;
+        usable(key, self.install(key, set).set, issuer)
+    }
+
+    /// A terminal refresh error: adopt a peer's newer tokens if there are any, else mark the
+    /// slot (and drop the client registration on `invalid_client`).
+    async fn terminal(
+        &self,
+        key: &TokenKey,
+        issuer: &str,
+        current: &TokenSet,
+        client: Option<(u64, ClientRegistration)>,
+        code: TerminalCode,
+        description: Option<String>,
+    ) -> Result<Arc<TokenSet>, Error> {
+        let record = key.record(RecordKind::Tokens);
+        let stored = self.store.get(&record).await?;
+        if stored.as_ref().map(|v| v.version) != Some(current.version) {
+            info!(%key, %code, "refresh rejected, but newer tokens were stored meanwhile: adopting them");
+            return self.adopt(key, issuer, stored);
+        }
+        warn!(%key, %code, "refresh rejected for good; the slot needs authorization");
+        if code == TerminalCode::InvalidClient
+            && let Some((version, _)) = client
+        {
+            self.store.delete(&key.record(RecordKind::Client), Some(version)).await?;
+        }
+        let reason = ReauthReason::Rejected { code, description };
+        let mut marked = current.clone();
+        marked.refresh_token = None;
+        marked.refresh_token_expires_at = None;
+        marked.needs_authorization = Some(reason.clone());
+        match self.write_tokens(key, Some(current.version), marked).await? {
+            Ok(_) => Err(auth(key, reason)),
+            Err(newer) => self.adopt(key, issuer, newer),
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! The in-memory store.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use super::{Swap, TokenStore, Versioned};
+use crate::Error;
+use crate::refresher::BoxFuture;
+
+/// A [`TokenStore`] in process memory: for tests and for hosts that keep nothing on disk.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), token_storage::Error> {
+/// use token_storage::{MemoryTokenStore, Swap, TokenStore};
+///
+/// let store = MemoryTokenStore::new();
+/// let Swap::Swapped { version } = store.compare_and_swap("k", None, b"v1".to_vec()).await? else {
+///     unreachable!()
+/// };
+/// // A writer that read nothing loses against the one that wrote first.
+/// assert!(matches!(store.compare_and_swap("k", None, b"v2".to_vec()).await?, Swap::Conflict(Some(_))));
+/// assert!(matches!(store.compare_and_swap("k", Some(version), b"v2".to_vec()).await?, Swap::Swapped { .. }));
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Default)]
+pub struct MemoryTokenStore {
+    inner: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    records: BTreeMap<String, Versioned>,
+    last_version: u64,
+}
+
+impl MemoryTokenStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        MemoryTokenStore::default()
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+        f(&mut self.inner.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+impl TokenStore for MemoryTokenStore {
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Versioned>, Error>> {
+        let found = self.with(|s| s.records.get(key).cloned());
+        Box::pin(std::future::ready(Ok(found)))
+    }
+
+    fn compare_and_swap<'a>(
+        &'a self,
+        key: &'a str,
+        expected: Option<u64>,
+        value: Vec<u8>,
+    ) -> BoxFuture<'a, Result<Swap, Error>> {
+        let outcome = self.with(|s| {
+            let current = s.records.get(key);
+            if current.map(|v| v.version) != expected {
+                return Swap::Conflict(current.cloned());
+            }
+            s.last_version += 1;
+            let version = s.last_version;
+            s.records.insert(key.to_owned(), Versioned { version, value: Arc::from(value) });
+            Swap::Swapped { version }
+        });
+        Box::pin(std::future::ready(Ok(outcome)))
+    }
+
+    fn delete<'a>(
+        &'a self,
+        key: &'a str,
+        expected: Option<u64>,
+    ) -> BoxFuture<'a, Result<bool, Error>> {
+        let deleted = self.with(|s| match s.records.get(key) {
+            Some(v) if expected.is_none_or(|e| e == v.version) => {
+                s.records.remove(key);
+                true
+            }
+            _ => false,
+        });
+        Box::pin(std::future::ready(Ok(deleted)))
+    }
+
+    fn keys_with_prefix<'a>(
+        &'a self,
+        prefix: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<String>, Error>> {
+        let keys = self.with(|s| {
+            s.records
+                .range::<str, _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded))
+                .take_while(|(k, _)| k.starts_with(prefix))
+                .map(|(k, _)| k.clone())
+                .collect()
+        });
+        Box::pin(std::future::ready(Ok(keys)))
+    }
+}

@@ -1,0 +1,364 @@
+//! Test helpers (feature `test-util`): the [`TokenStore`](crate::TokenStore) conformance suite and
+//! [`FakeAuthServer`], a [`Refresher`] with strict rotation and reuse detection.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! use token_storage::{MemoryTokenStore, SharedTokenStore, testkit};
+//!
+//! testkit::store_conformance(|| SharedTokenStore::new(MemoryTokenStore::new())).await;
+//! # }
+//! ```
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use mcp_clock::{Clock, SharedClock};
+
+use crate::refresher::BoxFuture;
+use crate::{
+    RefreshError, RefreshRequest, Refresher, SharedTokenStore, Swap, TerminalCode, TokenKey,
+    TokenResponse,
+};
+
+/// Runs every conformance check against stores built by `make` (called once per check; each
+/// store must start empty). Panics with the name of the first check that fails.
+pub async fn store_conformance<F>(make: F)
+where
+    F: Fn() -> SharedTokenStore,
+{
+    type Check = fn(SharedTokenStore) -> BoxFuture<'static, ()>;
+    let checks: [(&str, Check); 6] = [
+        ("absent keys", |s| Box::pin(absent(s))),
+        ("compare-and-swap", |s| Box::pin(compare_and_swap(s))),
+        ("versions increase and are never reused", |s| Box::pin(no_aba(s))),
+        ("delete", |s| Box::pin(delete(s))),
+        ("keys with a prefix", |s| Box::pin(prefix(s))),
+        ("one winner among racing writers", |s| Box::pin(racing_writers(s))),
+    ];
+    for (name, check) in checks {
+        let run = tokio::spawn(check(make()));
+        if let Err(e) = run.await {
+            panic!("token store conformance check {name:?} failed: {e}");
+        }
+    }
+}
+
+async fn swapped(s: &SharedTokenStore, key: &str, expected: Option<u64>, value: &[u8]) -> u64 {
+    match s.compare_and_swap(key, expected, value.to_vec()).await.unwrap() {
+        Swap::Swapped { version } => version,
+        Swap::Conflict(c) => panic!("expected a write to {key} over {expected:?}, got {c:?}"),
+    }
+}
+
+async fn absent(s: SharedTokenStore) {
+    assert_eq!(s.get("k").await.unwrap(), None);
+    assert!(!s.delete("k", None).await.unwrap());
+    assert!(!s.delete("k", Some(1)).await.unwrap());
+    assert_eq!(
+        s.compare_and_swap("k", Some(1), b"x".to_vec()).await.unwrap(),
+        Swap::Conflict(None)
+    );
+    assert_eq!(s.get("k").await.unwrap(), None);
+    assert!(s.keys_with_prefix("").await.unwrap().is_empty());
+}
+
+async fn compare_and_swap(s: SharedTokenStore) {
+    let v1 = swapped(&s, "k", None, b"one").await;
+    // Insert-if-absent loses against the stored value and shows it.
+    match s.compare_and_swap("k", None, b"two".to_vec()).await.unwrap() {
+        Swap::Conflict(Some(v)) => assert_eq!((v.version, &*v.value), (v1, &b"one"[..])),
+        other => panic!("insert over a stored value must conflict: {other:?}"),
+    }
+    // A stale expected version loses.
+    assert!(matches!(
+        s.compare_and_swap("k", Some(v1 + 1000), b"two".to_vec()).await.unwrap(),
+        Swap::Conflict(Some(_))
+    ));
+    let v2 = swapped(&s, "k", Some(v1), b"two").await;
+    let got = s.get("k").await.unwrap().unwrap();
+    assert_eq!((got.version, &*got.value), (v2, &b"two"[..]));
+    // The writer that read v1 cannot write again.
+    assert!(matches!(
+        s.compare_and_swap("k", Some(v1), b"three".to_vec()).await.unwrap(),
+        Swap::Conflict(Some(_))
+    ));
+    // Keys are independent.
+    swapped(&s, "k2", None, b"x").await;
+    assert_eq!(&*s.get("k").await.unwrap().unwrap().value, b"two");
+}
+
+async fn no_aba(s: SharedTokenStore) {
+    let v1 = swapped(&s, "k", None, b"a").await;
+    let v2 = swapped(&s, "k", Some(v1), b"b").await;
+    assert!(v2 > v1, "versions must increase: {v1} then {v2}");
+    assert!(s.delete("k", Some(v2)).await.unwrap());
+    let v3 = swapped(&s, "k", None, b"a").await;
+    assert!(v3 > v2, "a re-created key must not reuse a version: {v2} then {v3}");
+    for old in [v1, v2] {
+        assert!(matches!(
+            s.compare_and_swap("k", Some(old), b"stale".to_vec()).await.unwrap(),
+            Swap::Conflict(Some(_))
+        ));
+    }
+    let other = swapped(&s, "other", None, b"x").await;
+    assert!(other != v1 && other != v2 && other != v3, "versions are unique across keys");
+}
+
+async fn delete(s: SharedTokenStore) {
+    let v1 = swapped(&s, "k", None, b"a").await;
+    assert!(!s.delete("k", Some(v1 + 1000)).await.unwrap(), "a stale delete must not delete");
+    assert!(s.get("k").await.unwrap().is_some());
+    assert!(s.delete("k", Some(v1)).await.unwrap());
+    assert_eq!(s.get("k").await.unwrap(), None);
+    swapped(&s, "k", None, b"b").await;
+    assert!(s.delete("k", None).await.unwrap());
+    assert!(!s.delete("k", None).await.unwrap());
+}
+
+async fn prefix(s: SharedTokenStore) {
+    for key in ["t1/alice/a", "t1/alice/b", "t1/alice2/a", "t2/alice/a", "t0"] {
+        swapped(&s, key, None, b"x").await;
+    }
+    let mut keys = s.keys_with_prefix("t1/alice/").await.unwrap();
+    keys.sort();
+    assert_eq!(keys, ["t1/alice/a", "t1/alice/b"]);
+    assert!(s.keys_with_prefix("t3/").await.unwrap().is_empty());
+    assert_eq!(s.keys_with_prefix("").await.unwrap().len(), 5);
+}
+
+/// Race: many writers that read the same version compare-and-swap at once; exactly one wins.
+async fn racing_writers(s: SharedTokenStore) {
+    let v0 = swapped(&s, "k", None, b"start").await;
+    let mut tasks = Vec::new();
+    for i in 0..32u8 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            matches!(
+                s.compare_and_swap("k", Some(v0), vec![i]).await.unwrap(),
+                Swap::Swapped { .. }
+            )
+        }));
+    }
+    let mut winners = 0;
+    for t in tasks {
+        winners += usize::from(t.await.unwrap());
+    }
+    assert_eq!(winners, 1);
+}
+
+/// An authorization server's token endpoint with strict refresh-token rotation and reuse
+/// detection: each refresh token is good once; presenting a used one revokes its whole family
+/// (as Azure Entra and others do).
+///
+/// Tokens name their key, family and issue number (`at:<key>:<family>:<n>`), so tests can check
+/// where a token came from with [`FakeAuthServer::parse`].
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use token_storage::{Refresher, RefreshRequest, SharedClock, TokenKey, testkit::FakeAuthServer};
+///
+/// let server = FakeAuthServer::new(SharedClock::system());
+/// let key = TokenKey::new("t", "u", "s");
+/// let login = server.issue(&key);
+/// let first = server.redeem(&key, login.refresh_token.as_ref().unwrap().expose()).await.unwrap();
+/// assert!(server.redeem(&key, login.refresh_token.as_ref().unwrap().expose()).await.is_err());
+/// assert_eq!(server.reuse_detected(), 1);
+/// // The family is revoked: the rotated token is dead too.
+/// assert!(server.redeem(&key, first.refresh_token.as_ref().unwrap().expose()).await.is_err());
+/// # }
+/// ```
+pub struct FakeAuthServer {
+    clock: SharedClock,
+    state: Mutex<FakeState>,
+}
+
+impl std::fmt::Debug for FakeAuthServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The issued tokens are secrets too: only counters print.
+        self.with(|s| {
+            f.debug_struct("FakeAuthServer")
+                .field("calls", &s.calls)
+                .field("redemptions", &s.redemptions)
+                .field("reuse_detected", &s.reuse_detected)
+                .finish_non_exhaustive()
+        })
+    }
+}
+
+#[derive(Default)]
+struct FakeState {
+    next: u64,
+    refresh_tokens: HashMap<String, (u64, bool)>,
+    revoked: HashSet<u64>,
+    latency: Duration,
+    lifetime: Option<Duration>,
+    rotate: bool,
+    redemptions: u64,
+    calls: u64,
+    reuse_detected: u64,
+    fail_next: VecDeque<RefreshError>,
+}
+
+/// Where a token issued by [`FakeAuthServer`] came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issued {
+    /// The key it was issued for (`tenant/user/server`).
+    pub key: String,
+    /// The grant family (one per interactive login).
+    pub family: u64,
+    /// The issue number, increasing across the whole server.
+    pub n: u64,
+}
+
+impl FakeAuthServer {
+    /// A server issuing one-hour access tokens with rotation, answering at once.
+    pub fn new(clock: SharedClock) -> Arc<Self> {
+        let state = FakeState {
+            lifetime: Some(Duration::from_secs(3600)),
+            rotate: true,
+            ..FakeState::default()
+        };
+        Arc::new(FakeAuthServer { clock, state: Mutex::new(state) })
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut FakeState) -> T) -> T {
+        f(&mut self.state.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Answer each refresh after `latency` on the server's clock.
+    pub fn set_latency(&self, latency: Duration) {
+        self.with(|s| s.latency = latency);
+    }
+
+    /// The `expires_in` of issued access tokens (`None`: none given).
+    pub fn set_lifetime(&self, lifetime: Option<Duration>) {
+        self.with(|s| s.lifetime = lifetime);
+    }
+
+    /// Whether refreshes return a new refresh token (default) or none (a non-rotating server,
+    /// whose refresh tokens stay good).
+    pub fn set_rotation(&self, rotate: bool) {
+        self.with(|s| s.rotate = rotate);
+    }
+
+    /// Fail the next refresh call with `error`, before looking at its refresh token.
+    pub fn fail_next(&self, error: RefreshError) {
+        self.with(|s| s.fail_next.push_back(error));
+    }
+
+    /// How many refresh calls arrived (including failed ones).
+    pub fn calls(&self) -> u64 {
+        self.with(|s| s.calls)
+    }
+
+    /// How many refresh tokens were redeemed successfully.
+    pub fn redemptions(&self) -> u64 {
+        self.with(|s| s.redemptions)
+    }
+
+    /// How many times a refresh token was presented a second time.
+    pub fn reuse_detected(&self) -> u64 {
+        self.with(|s| s.reuse_detected)
+    }
+
+    /// Revoke every refresh token issued for `key` so far (the user revoked the grant).
+    pub fn revoke_all(&self) {
+        self.with(|s| {
+            let families: Vec<u64> = s.refresh_tokens.values().map(|(f, _)| *f).collect();
+            s.revoked.extend(families);
+        });
+    }
+
+    /// Tokens for a new grant family, as an interactive login would get.
+    pub fn issue(&self, key: &TokenKey) -> TokenResponse {
+        self.with(|s| {
+            s.next += 1;
+            let family = s.next;
+            s.mint(key, family, true)
+        })
+    }
+
+    /// Where a token issued by this server came from.
+    pub fn parse(token: &str) -> Option<Issued> {
+        let mut parts = token.rsplitn(3, ':');
+        let n = parts.next()?.parse().ok()?;
+        let family = parts.next()?.parse().ok()?;
+        let key = parts.next()?.split_once(':')?.1.to_owned();
+        Some(Issued { key, family, n })
+    }
+
+    /// The token endpoint: redeem `refresh_token` for `key`.
+    pub async fn redeem(
+        &self,
+        key: &TokenKey,
+        refresh_token: &str,
+    ) -> Result<TokenResponse, RefreshError> {
+        let latency = self.with(|s| {
+            s.calls += 1;
+            s.latency
+        });
+        if !latency.is_zero() {
+            self.clock.sleep(latency).await;
+        }
+        self.with(|s| {
+            if let Some(e) = s.fail_next.pop_front() {
+                return Err(e);
+            }
+            let dead = |d: &str| RefreshError::terminal(TerminalCode::InvalidGrant, Some(d.into()));
+            let Some(&(family, used)) = s.refresh_tokens.get(refresh_token) else {
+                return Err(dead("unknown refresh token"));
+            };
+            if Issued::key_of(refresh_token) != Some(key.to_string()) {
+                return Err(dead("refresh token issued for another key"));
+            }
+            if s.revoked.contains(&family) {
+                return Err(dead("grant revoked"));
+            }
+            if used {
+                s.reuse_detected += 1;
+                s.revoked.insert(family);
+                return Err(dead("refresh token reused; grant revoked"));
+            }
+            if s.rotate {
+                s.refresh_tokens.insert(refresh_token.to_owned(), (family, true));
+            }
+            s.redemptions += 1;
+            let rotate = s.rotate;
+            Ok(s.mint(key, family, rotate))
+        })
+    }
+}
+
+impl Issued {
+    fn key_of(token: &str) -> Option<String> {
+        FakeAuthServer::parse(token).map(|i| i.key)
+    }
+}
+
+impl FakeState {
+    fn mint(&mut self, key: &TokenKey, family: u64, with_refresh: bool) -> TokenResponse {
+        self.next += 1;
+        let n = self.next;
+        let mut response = TokenResponse::bearer(format!("at:{key}:{family}:{n}"));
+        if let Some(lifetime) = self.lifetime {
+            response = response.expires_in(lifetime);
+        }
+        if with_refresh {
+            let rt = format!("rt:{key}:{family}:{n}");
+            self.refresh_tokens.insert(rt.clone(), (family, false));
+            response = response.refresh_token(rt);
+        }
+        response
+    }
+}
+
+impl Refresher for FakeAuthServer {
+    fn refresh<'a>(
+        &'a self,
+        key: &'a TokenKey,
+        request: &'a RefreshRequest,
+    ) -> BoxFuture<'a, Result<TokenResponse, RefreshError>> {
+        Box::pin(self.redeem(key, request.refresh_token.expose()))
+    }
+}

@@ -1,0 +1,160 @@
+//! Crash safety: a process killed with SIGKILL in the middle of refreshing leaves a readable
+//! store holding either the old or the new token set, never a torn one.
+//!
+//! The test re-executes its own binary as the child (`crash_child`, which does nothing unless
+//! the environment variable below names a database), lets it refresh in a loop against sled, and
+//! kills it at varying points.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::*;
+use token_storage::{
+    BoxFuture, RefreshError, RefreshRequest, Refresher, SledTokenStore, TokenKey, TokenResponse,
+    TokenStorage,
+};
+
+const CHILD_DB: &str = "TOKEN_STORAGE_CRASH_CHILD_DB";
+const CHILD_HANG: &str = "TOKEN_STORAGE_CRASH_CHILD_HANG";
+
+/// Rotates `rt-<n>` into `at-<n+1>` / `rt-<n+1>`; in hang mode, announces the redemption and
+/// never answers.
+#[derive(Debug)]
+struct Counting {
+    hang: bool,
+}
+
+impl Refresher for Counting {
+    fn refresh<'a>(
+        &'a self,
+        _: &'a TokenKey,
+        r: &'a RefreshRequest,
+    ) -> BoxFuture<'a, Result<TokenResponse, RefreshError>> {
+        let n: u64 = r.refresh_token.expose().trim_start_matches("rt-").parse().unwrap();
+        Box::pin(async move {
+            if self.hang {
+                println!("redeeming {n}");
+                std::future::pending::<()>().await;
+            }
+            Ok(TokenResponse::bearer(format!("at-{}", n + 1))
+                .expires_in(HOUR)
+                .refresh_token(format!("rt-{}", n + 1)))
+        })
+    }
+}
+
+fn storage(dir: &str, hang: bool) -> TokenStorage {
+    let mut config = config();
+    config.storm_limit = u32::MAX;
+    TokenStorage::builder(
+        SledTokenStore::open(dir).unwrap().into(),
+        keyring(),
+        Arc::new(Counting { hang }),
+    )
+    .config(config)
+    .build()
+}
+
+fn seed() -> TokenResponse {
+    TokenResponse::bearer("at-0").expires_in(HOUR).refresh_token("rt-0")
+}
+
+/// Not a test on its own: the child process of `sigkill_mid_refresh_never_tears_a_record`.
+#[test]
+fn crash_child() {
+    let Ok(dir) = std::env::var(CHILD_DB) else { return };
+    let hang = std::env::var(CHILD_HANG).is_ok();
+    if std::env::var("CRASH_TRACE").is_ok() {
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(std::io::stderr)
+            .init();
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let storage = storage(&dir, hang);
+        let key = key();
+        if storage.tokens(&key).await.unwrap().is_none() {
+            storage.store(&key, ISS, seed()).await.unwrap();
+        }
+        loop {
+            let current = storage.tokens(&key).await.unwrap().unwrap();
+            let next = storage.force_refresh(&key, ISS, current.access_token()).await.unwrap();
+            println!("committed {}", next.access_token().expose().trim_start_matches("at-"));
+        }
+    });
+}
+
+/// Runs the child until it has printed `lines` lines starting with `prefix`, then SIGKILLs it.
+/// Returns the number on the last such line.
+fn run_and_kill(dir: &str, hang: bool, prefix: &str, lines: usize) -> u64 {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args(["crash_child", "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_DB, dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    if hang {
+        cmd.env(CHILD_HANG, "1");
+    }
+    let mut child = cmd.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    let prefix = prefix.to_owned();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            // The harness may print `test crash_child ... ` on the same line first.
+            if let Some(n) = line.find(&prefix).map(|i| &line[i + prefix.len()..])
+                && tx.send(n.trim().parse::<u64>().unwrap()).is_err()
+            {
+                break;
+            }
+        }
+    });
+    let mut last = 0;
+    for _ in 0..lines {
+        last = rx.recv_timeout(Duration::from_secs(60)).expect("the child makes progress");
+    }
+    child.kill().unwrap(); // SIGKILL on Unix.
+    child.wait().unwrap();
+    last
+}
+
+#[test]
+fn sigkill_mid_refresh_never_tears_a_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_str().unwrap().to_owned();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let key = key();
+    rt.block_on(async {
+        let s = storage(&path, false);
+        s.store(&key, ISS, seed()).await.unwrap();
+    });
+    let read_back = |min: u64| {
+        rt.block_on(async {
+            let s = storage(&path, false);
+            let set = s.tokens(&key).await.expect("readable after a crash").expect("present");
+            let at: u64 = set.access_token().expose().trim_start_matches("at-").parse().unwrap();
+            let rt: u64 =
+                set.refresh_token().unwrap().expose().trim_start_matches("rt-").parse().unwrap();
+            assert_eq!(at, rt, "a torn record: access token {at} with refresh token {rt}");
+            assert!(at >= min, "a committed refresh was lost: stored {at}, committed {min}");
+            at
+        })
+    };
+    // Kill while refreshing in a tight loop, at several points.
+    let mut stored = 0;
+    for lines in [1, 3, 8, 20, 45] {
+        let committed = run_and_kill(&path, false, "committed ", lines);
+        stored = read_back(committed);
+    }
+    // Kill while the redemption is in flight and nothing was written yet: the old set stays.
+    let redeeming = run_and_kill(&path, true, "redeeming ", 1);
+    assert_eq!(redeeming, stored);
+    assert_eq!(read_back(stored), stored);
+}
