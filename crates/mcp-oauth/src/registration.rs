@@ -3,6 +3,7 @@
 
 use std::fmt;
 
+use mcp_clock::Clock as _;
 use serde::{Deserialize, Serialize};
 use url::Url;
 
@@ -291,7 +292,12 @@ impl OAuthClient {
         let response =
             self.post_no_redirect(HttpRequest::post_json(endpoint.clone(), &body)).await?;
         if !response.is_success() {
-            return Err(endpoint_error(Endpoint::Registration, &endpoint, &response));
+            return Err(endpoint_error(
+                Endpoint::Registration,
+                &endpoint,
+                &response,
+                self.clock.now(),
+            ));
         }
         let reg: RegistrationResponse = parse_json("registration response", &endpoint, &response)?;
         if reg.client_id.is_empty() {

@@ -646,21 +646,25 @@ async fn injected_5xx_and_429_are_transient() {
         .unwrap_err();
     assert_eq!(oauth_error(&err), (503, "temporarily_unavailable"));
     assert_eq!(err.class(), ErrorClass::Transient);
+    assert_eq!(err.retry_after(), None, "no Retry-After was sent");
     // The refresh token was not consumed: retrying later succeeds with it.
     let ok =
         env.client.refresh(&s.discovery, &s.registration, &rt, s.scope.as_deref()).await.unwrap();
     rt = ok.refresh_token.unwrap();
 
-    // A 502 without an OAuth body.
-    knobs.fail_token_requests(InjectedFailure::server_error(1).with_status(502));
+    // A 502, with Retry-After this time.
+    knobs.fail_token_requests(
+        InjectedFailure::server_error(1).with_status(502).with_retry_after(Duration::from_secs(2)),
+    );
     let err = env
         .client
         .refresh(&s.discovery, &s.registration, &rt, s.scope.as_deref())
         .await
         .unwrap_err();
     assert_eq!(err.class(), ErrorClass::Transient, "{err:?}");
+    assert_eq!(err.retry_after(), Some(Duration::from_secs(2)));
 
-    // 429 with Retry-After. The crate classifies it; it does not expose the Retry-After value.
+    // 429 with Retry-After: transient, and the delay is surfaced.
     knobs.fail_token_requests(InjectedFailure::too_many_requests(1, Duration::from_secs(7)));
     let err = env
         .client
@@ -669,6 +673,7 @@ async fn injected_5xx_and_429_are_transient() {
         .unwrap_err();
     assert_eq!(oauth_error(&err).0, 429);
     assert_eq!(err.class(), ErrorClass::Transient);
+    assert_eq!(err.retry_after(), Some(Duration::from_secs(7)));
     let ok =
         env.client.refresh(&s.discovery, &s.registration, &rt, s.scope.as_deref()).await.unwrap();
     Mcp::open(&env, ok.access_token.secret()).await;

@@ -191,6 +191,7 @@ fn stale_registration_is_detected_from_invalid_client() {
         code: "invalid_client".into(),
         description: None,
         uri: None,
+        retry_after: None,
     };
     assert!(e.is_stale_registration());
     let e = Error::OAuth {
@@ -199,6 +200,7 @@ fn stale_registration_is_detected_from_invalid_client() {
         code: "invalid_grant".into(),
         description: None,
         uri: None,
+        retry_after: None,
     };
     assert!(!e.is_stale_registration());
 }
