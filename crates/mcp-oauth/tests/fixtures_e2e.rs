@@ -858,3 +858,65 @@ async fn step_up_on_insufficient_scope_for_the_counter_tool() {
     assert_eq!(env.fx.resource().stats().forbidden, 1);
     assert_eq!(attempts.made(), 2);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Server-side invalidation, refresh-token expiry, introspection
+
+#[tokio::test(flavor = "current_thread")]
+async fn server_side_invalidation_mid_session_then_reauthorization() {
+    let env = Env::start().await;
+    let s = env.logged_in().await;
+    let mut mcp = Mcp::open(&env, s.access()).await;
+    assert_eq!(mcp.request(s.access(), "tools/list", json!({})).await.status, 200);
+
+    env.fx.auth().revoke_all_tokens();
+    let resp = mcp.request(s.access(), "tools/list", json!({})).await;
+    assert_eq!(resp.status, 401);
+    let challenge = challenge_of(&resp);
+    assert_eq!(challenge.error_description.as_deref(), Some("the access token was revoked"));
+    // The refresh token went with it: terminal, so the caller authorizes again.
+    let err = env
+        .client
+        .refresh(&s.discovery, &s.registration, &s.refresh_token(), s.scope.as_deref())
+        .await
+        .unwrap_err();
+    assert_eq!(oauth_error(&err).1, "invalid_grant");
+    assert_eq!(err.class(), ErrorClass::Terminal);
+    assert!(!err.is_stale_registration(), "the registration itself is still good");
+    let scope = select_scope(Some(&challenge), &s.discovery);
+    let (_, tokens) = env.login(&s.discovery, &s.registration, scope.as_deref()).await;
+    let answer = mcp.call_tool(tokens.access_token.secret(), "echo", json!({"text": "back"})).await;
+    assert_eq!(tool_text(&answer), "back");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_expired_refresh_token_is_terminal() {
+    let env = Env::start().await;
+    env.fx.auth().knobs().set_refresh_token_lifetime(Some(Duration::from_secs(10)));
+    let s = env.logged_in().await;
+    env.fx.auth().knobs().set_clock_offset_millis(11_000);
+    let err = env
+        .client
+        .refresh(&s.discovery, &s.registration, &s.refresh_token(), s.scope.as_deref())
+        .await
+        .unwrap_err();
+    assert_eq!(oauth_error(&err), (400, "invalid_grant"));
+    assert_eq!(err.class(), ErrorClass::Terminal);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_resource_server_validating_by_introspection() {
+    let auth = AuthServer::builder().spawn().await.unwrap();
+    let resource = ResourceServer::builder(&auth).introspection(true).spawn().await.unwrap();
+    let env = Env::with(Fixtures::from_parts(auth, resource), HttpPolicy::default());
+    let s = env.logged_in().await;
+    let mut mcp = Mcp::open(&env, s.access()).await;
+    assert_eq!(tool_text(&mcp.call_tool(s.access(), "echo", json!({"text": "i"})).await), "i");
+    assert!(env.fx.auth().stats().introspections >= 2);
+    // Revocation through the client is seen by introspection too.
+    env.client
+        .revoke(&s.discovery, &s.registration, None, Some(&s.tokens.access_token))
+        .await
+        .unwrap();
+    assert_eq!(mcp.request(s.access(), "tools/list", json!({})).await.status, 401);
+}
