@@ -228,6 +228,7 @@ impl OAuthClient {
             return Err(Error::HttpStatus {
                 url: authorization_url.to_string(),
                 status: response.status,
+                retry_after: crate::client::retry_after(&response, self.clock.now()),
             });
         }
         let location = response.header("location").unwrap_or_default();

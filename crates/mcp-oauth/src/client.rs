@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use mcp_clock::SharedClock;
+use mcp_clock::{Clock, SharedClock, Timestamp};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
@@ -131,7 +131,11 @@ impl OAuthClient {
             return match response.status {
                 200..=299 => Ok(Some((current, response))),
                 400..=499 if response.status != 429 => Ok(None),
-                status => Err(Error::HttpStatus { url: current.to_string(), status }),
+                status => Err(Error::HttpStatus {
+                    url: current.to_string(),
+                    status,
+                    retry_after: retry_after(&response, self.clock.now()),
+                }),
             };
         }
     }
@@ -178,7 +182,14 @@ struct OAuthErrorBody {
 }
 
 /// An error response from `endpoint`: an OAuth error if the body is one, else the bare status.
-pub(crate) fn endpoint_error(endpoint: Endpoint, url: &Url, response: &HttpResponse) -> Error {
+/// `now` is the client's clock, for a `Retry-After` date when the response has no `Date`.
+pub(crate) fn endpoint_error(
+    endpoint: Endpoint,
+    url: &Url,
+    response: &HttpResponse,
+    now: Timestamp,
+) -> Error {
+    let retry_after = retry_after(response, now);
     match serde_json::from_slice::<OAuthErrorBody>(&response.body) {
         Ok(body) => Error::OAuth {
             endpoint,
@@ -186,7 +197,83 @@ pub(crate) fn endpoint_error(endpoint: Endpoint, url: &Url, response: &HttpRespo
             code: body.error,
             description: body.error_description,
             uri: body.error_uri,
+            retry_after,
         },
-        Err(_) => Error::HttpStatus { url: url.to_string(), status: response.status },
+        Err(_) => Error::HttpStatus { url: url.to_string(), status: response.status, retry_after },
+    }
+}
+
+fn http_date_millis(value: &str) -> Option<u64> {
+    let t = httpdate::parse_http_date(value.trim()).ok()?;
+    let since = t.duration_since(std::time::UNIX_EPOCH).ok()?;
+    Some(u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// RFC 9110 §10.2.3 `Retry-After`: delta-seconds, or an HTTP-date measured from the response's
+/// `Date` (else `now`). `None` when absent or unparsable; a past date is zero.
+pub(crate) fn retry_after(response: &HttpResponse, now: Timestamp) -> Option<Duration> {
+    let value = response.header("retry-after")?.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = http_date_millis(value)?;
+    let base = response.header("date").and_then(http_date_millis).unwrap_or(now.as_millis());
+    Some(Duration::from_millis(at.saturating_sub(base)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(headers: &[(&str, &str)]) -> HttpResponse {
+        headers.iter().fold(HttpResponse::new(429), |r, (n, v)| r.with_header(n, v))
+    }
+
+    #[test]
+    fn retry_after_as_delta_seconds() {
+        let now = Timestamp::from_secs(1_000);
+        assert_eq!(retry_after(&with(&[("retry-after", "7")]), now), Some(Duration::from_secs(7)));
+        assert_eq!(retry_after(&with(&[("Retry-After", " 0 ")]), now), Some(Duration::ZERO));
+        assert_eq!(retry_after(&with(&[]), now), None);
+        assert_eq!(retry_after(&with(&[("retry-after", "soon")]), now), None);
+        assert_eq!(retry_after(&with(&[("retry-after", "-5")]), now), None);
+    }
+
+    #[test]
+    fn retry_after_as_a_date_is_measured_from_the_response_date_else_our_clock() {
+        // 1445412480 is Wed, 21 Oct 2015 07:28:00 GMT.
+        let date = "Wed, 21 Oct 2015 07:28:00 GMT";
+        let later = "Wed, 21 Oct 2015 07:28:30 GMT";
+        let skewed = Timestamp::from_secs(1_445_412_480 + 3_600);
+        let r = with(&[("retry-after", later), ("date", date)]);
+        assert_eq!(
+            retry_after(&r, skewed),
+            Some(Duration::from_secs(30)),
+            "the server's Date wins"
+        );
+        let r = with(&[("retry-after", later)]);
+        let now = Timestamp::from_secs(1_445_412_480 + 10);
+        assert_eq!(retry_after(&r, now), Some(Duration::from_secs(20)));
+        assert_eq!(retry_after(&r, skewed), Some(Duration::ZERO), "a past date is no wait");
+    }
+
+    #[test]
+    fn endpoint_errors_carry_retry_after() {
+        let url: Url = "https://as.example.com/token".parse().unwrap();
+        let now = Timestamp::from_secs(0);
+        let oauth =
+            HttpResponse::json(503, &serde_json::json!({"error": "temporarily_unavailable"}))
+                .with_header("retry-after", "12");
+        let e = endpoint_error(Endpoint::Token, &url, &oauth, now);
+        assert!(matches!(e, Error::OAuth { status: 503, .. }));
+        assert_eq!(e.retry_after(), Some(Duration::from_secs(12)));
+        let bare = HttpResponse::new(502).with_header("retry-after", "3");
+        let e = endpoint_error(Endpoint::Token, &url, &bare, now);
+        assert!(matches!(e, Error::HttpStatus { status: 502, .. }));
+        assert_eq!(e.retry_after(), Some(Duration::from_secs(3)));
+        assert_eq!(
+            endpoint_error(Endpoint::Token, &url, &HttpResponse::new(500), now).retry_after(),
+            None
+        );
     }
 }

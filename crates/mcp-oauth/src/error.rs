@@ -121,6 +121,8 @@ pub enum Error {
         url: String,
         /// The status code.
         status: u16,
+        /// The response's `Retry-After` as a delay, when it sent one (see [`Error::retry_after`]).
+        retry_after: Option<Duration>,
     },
     /// A document or response that does not parse or lacks a required member: malformed JSON,
     /// a wrong content type, a missing `issuer` or `access_token`.
@@ -195,6 +197,8 @@ pub enum Error {
         description: Option<String>,
         /// The `error_uri`, if any.
         uri: Option<String>,
+        /// The response's `Retry-After` as a delay, when it sent one (see [`Error::retry_after`]).
+        retry_after: Option<Duration>,
     },
     /// A token response whose `token_type` is not `Bearer`.
     #[error("unsupported token type {0:?} (only Bearer is supported)")]
@@ -229,6 +233,7 @@ impl Error {
     ///     code: "invalid_grant".into(),
     ///     description: None,
     ///     uri: None,
+    ///     retry_after: None,
     /// };
     /// assert_eq!(e.class(), ErrorClass::Terminal);
     /// ```
@@ -261,6 +266,34 @@ impl Error {
     pub fn is_stale_registration(&self) -> bool {
         matches!(self, Error::OAuth { code, endpoint: Endpoint::Token | Endpoint::Revocation, .. }
             if code == "invalid_client" || code == "unauthorized_client")
+    }
+
+    /// How long the server asked us to wait before trying again: its `Retry-After` header on an
+    /// error response (typically 429 or 503), as delta-seconds or an HTTP-date. An HTTP-date is
+    /// measured from the response's own `Date` header when present (so clock skew does not
+    /// matter), else from the client's clock; a date in the past is a zero delay.
+    ///
+    /// ```
+    /// use mcp_oauth::{Endpoint, Error, ErrorClass};
+    /// use std::time::Duration;
+    /// let e = Error::OAuth {
+    ///     endpoint: Endpoint::Token,
+    ///     status: 429,
+    ///     code: "slow_down".into(),
+    ///     description: None,
+    ///     uri: None,
+    ///     retry_after: Some(Duration::from_secs(7)),
+    /// };
+    /// assert_eq!(e.class(), ErrorClass::Transient);
+    /// assert_eq!(e.retry_after(), Some(Duration::from_secs(7)));
+    /// ```
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Error::OAuth { retry_after, .. } | Error::HttpStatus { retry_after, .. } => {
+                *retry_after
+            }
+            _ => None,
+        }
     }
 
     /// The server's OAuth error code, when this is an OAuth error response.

@@ -44,7 +44,7 @@
 //! ```
 //!
 //! Errors are one [`Error`] enum; [`Error::class`] maps each onto the token-storage policy
-//! (terminal or transient).
+//! (terminal or transient), and [`Error::retry_after`] carries a server's `Retry-After`.
 //!
 //! # Why not the `oauth2` crate
 //! `oauth2` 5 was considered for grant mechanics and not used. Its client authenticates only

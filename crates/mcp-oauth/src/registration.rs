@@ -3,6 +3,7 @@
 
 use std::fmt;
 
+use mcp_clock::Clock as _;
 use serde::{Deserialize, Serialize};
 use url::Url;
 
@@ -155,8 +156,8 @@ pub struct ClientConfig {
     pub redirect_uris: Vec<String>,
     /// A client registered out of band, used first when present.
     pub pre_registered: Option<PreRegisteredClient>,
-    /// An HTTPS URL of this client's metadata document, used as the client ID when the server
-    /// supports client ID metadata documents.
+    /// An HTTPS URL of this client's metadata document (plain HTTP only on a loopback host),
+    /// used as the client ID when the server supports client ID metadata documents.
     pub metadata_document_url: Option<Url>,
 }
 
@@ -241,9 +242,13 @@ impl OAuthClient {
         if let Some(url) = &config.metadata_document_url
             && asm.client_id_metadata_document_supported
         {
-            if url.scheme() != "https" || url.path() == "/" {
+            // HTTPS, except on loopback (the same rule as every other URL this crate uses), so
+            // a local authorization server can fetch a document served by a local test.
+            let secure = url.scheme() == "https"
+                || (url.scheme() == "http" && crate::http::is_loopback_host(url));
+            if !secure || url.path() == "/" {
                 return Err(Error::Config(format!(
-                    "client metadata document URL {url} must be HTTPS with a path"
+                    "client metadata document URL {url} must be HTTPS (or loopback HTTP) with a path"
                 )));
             }
             return Ok(ClientRegistration {
@@ -287,7 +292,12 @@ impl OAuthClient {
         let response =
             self.post_no_redirect(HttpRequest::post_json(endpoint.clone(), &body)).await?;
         if !response.is_success() {
-            return Err(endpoint_error(Endpoint::Registration, &endpoint, &response));
+            return Err(endpoint_error(
+                Endpoint::Registration,
+                &endpoint,
+                &response,
+                self.clock.now(),
+            ));
         }
         let reg: RegistrationResponse = parse_json("registration response", &endpoint, &response)?;
         if reg.client_id.is_empty() {

@@ -240,7 +240,7 @@ impl OAuthClient {
         tracing::debug!(%url, grant, method = %method, "token request");
         let response = self.post_no_redirect(request).await?;
         if !response.is_success() {
-            let error = endpoint_error(endpoint, url, &response);
+            let error = endpoint_error(endpoint, url, &response, self.clock.now());
             tracing::debug!(%url, grant, error = %error, "token request failed");
             return Err(error);
         }
@@ -331,7 +331,7 @@ impl OAuthClient {
             if response.is_success() {
                 continue;
             }
-            let error = endpoint_error(Endpoint::Revocation, &url, &response);
+            let error = endpoint_error(Endpoint::Revocation, &url, &response, self.clock.now());
             if error.oauth_code() == Some("unsupported_token_type") {
                 tracing::debug!(hint, "revocation endpoint does not revoke this token type");
                 continue;

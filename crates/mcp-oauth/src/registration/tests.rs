@@ -61,6 +61,20 @@ async fn metadata_document_url_when_supported() {
 }
 
 #[tokio::test]
+async fn metadata_document_url_may_be_plain_http_on_loopback_only() {
+    let m = mock(|_| HttpResponse::new(500));
+    let d = discovery(serde_json::json!({"client_id_metadata_document_supported": true}));
+    let mut c = config();
+    c.metadata_document_url = Some("http://127.0.0.1:4000/client.json".parse().unwrap());
+    let r = m.client.register(&d, &c).await.unwrap();
+    assert_eq!(r.client_id, "http://127.0.0.1:4000/client.json");
+    assert_eq!(r.source, RegistrationSource::MetadataDocument);
+    c.metadata_document_url = Some("http://client.example.com/client.json".parse().unwrap());
+    assert!(matches!(m.client.register(&d, &c).await, Err(Error::Config(_))));
+    assert!(m.log.all().is_empty());
+}
+
+#[tokio::test]
 async fn dynamic_registration_when_metadata_documents_are_not_supported() {
     let m = mock(|_| {
         let mut r = json(
@@ -177,6 +191,7 @@ fn stale_registration_is_detected_from_invalid_client() {
         code: "invalid_client".into(),
         description: None,
         uri: None,
+        retry_after: None,
     };
     assert!(e.is_stale_registration());
     let e = Error::OAuth {
@@ -185,6 +200,7 @@ fn stale_registration_is_detected_from_invalid_client() {
         code: "invalid_grant".into(),
         description: None,
         uri: None,
+        retry_after: None,
     };
     assert!(!e.is_stale_registration());
 }
