@@ -15,6 +15,9 @@ Commands:
   test      run every test in the workspace (cargo test --workspace --all-features)
   layering  check the architecture's dependency rules (see ARCHITECTURE.md)
   features  lint every crate under each combination of its backend features
+  conformance  run the official MCP conformance suite's client auth scenarios against our
+            conformance client (needs ../shared/tools/conformance-client.sh; installs Node 22
+            and the suite from the npm registry on first use)
   fixture   start the fixture servers on loopback (flags: cargo xtask fixture --help)
   demo      run the demo
   help      this text
@@ -29,6 +32,7 @@ fn main() -> ExitCode {
         Some("features") => features(),
         Some("demo") => demo(),
         Some("fixture") => fixture(&args[1..]),
+        Some("conformance") => conformance(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
             print!("{HELP}");
             Ok(())
@@ -193,6 +197,24 @@ fn features() -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The conformance client: the suite appends the server URL as its last argument.
+fn conformance(filter: &[String]) -> Result<(), String> {
+    run(
+        "build the conformance client",
+        cargo(&["build", "-q", "-p", "mcp-oauth", "--example", "conformance"]),
+    )?;
+    let script = root().join("../shared/tools/conformance-client.sh");
+    if !script.exists() {
+        return Err(format!("{} is missing", script.display()));
+    }
+    let target =
+        env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root().join("target"));
+    let client = target.join("debug/examples/conformance");
+    let mut cmd = Command::new("bash");
+    cmd.arg(&script).arg(client.display().to_string()).args(filter).current_dir(root());
+    run("conformance suite (client auth scenarios)", cmd)
 }
 
 fn fixture(args: &[String]) -> Result<(), String> {
