@@ -217,13 +217,16 @@ async fn insufficient_scope_skips_refresh_and_is_typed() {
     assert_eq!(text(&conn.call_tool("echo", args("still here")).await.unwrap()), "still here");
 }
 
+/// One challenge shown to a provider: request, status, rejected token, resource_metadata.
+type Seen = (RequestKind, u16, Option<Secret>, Option<String>);
+
 /// A provider whose held token the server does not know: every request is refused once and
 /// retried with the good token. Records each challenge it is shown.
 #[derive(Debug)]
 struct StaleThenGood {
     stale: Secret,
     good: Secret,
-    seen: Mutex<Vec<(RequestKind, u16, Option<Secret>, Option<String>)>>,
+    seen: Mutex<Vec<Seen>>,
     calls: AtomicU64,
 }
 
