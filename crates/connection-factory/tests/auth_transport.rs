@@ -120,6 +120,12 @@ async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
     panic!("timed out waiting for {what}");
 }
 
+/// Wait until the resource server has seen `n` requests: after connect, rmcp's worker opens
+/// the GET SSE stream in the background, and tests that count requests wait for it.
+async fn requests_seen(fx: &Fixtures, n: u64) {
+    eventually("the session's background requests", || fx.resource().stats().requests >= n).await;
+}
+
 /// The race: 50 tool calls are in flight when the access token expires, so all 50 are refused
 /// with the same token at once, and all 50 call `on_unauthorized` concurrently. With rotation
 /// and strict reuse detection, a second redemption of the refresh token would revoke the whole
@@ -138,6 +144,7 @@ async fn fifty_concurrent_401s_redeem_the_refresh_token_once_and_all_succeed() {
     .await
     .unwrap();
     assert_eq!(text(&conn.call_tool("echo", args("warm")).await.unwrap()), "warm");
+    requests_seen(&fx, 4).await; // the GET stream is open before the tokens expire
     assert_eq!(fx.resource().stats().unauthorized, 0);
 
     clock.advance(LIFETIME + Duration::from_secs(1));
@@ -175,6 +182,7 @@ async fn revocation_gives_up_with_authorization_required_and_no_retry_loop() {
     let (provider, _) = provider(&fx, None);
     let conn = Connection::connect(fx.resource().url(), provider.clone(), options()).await.unwrap();
     conn.call_tool("echo", args("before")).await.unwrap();
+    requests_seen(&fx, 4).await; // initialize, initialized, the GET stream, the call
 
     fx.auth().revoke_all_tokens();
     let before = fx.resource().stats();
@@ -351,6 +359,7 @@ async fn the_provider_is_never_called_after_the_connection_is_dropped() {
         let p = Arc::new(Counting { inner, calls: AtomicU64::new(0) });
         let conn = Connection::connect(fx.resource().url(), p.clone(), options()).await.unwrap();
         conn.call_tool("echo", args("x")).await.unwrap();
+        requests_seen(&fx, 4).await;
         let calls = p.calls.load(Ordering::SeqCst);
         assert!(calls >= 3, "initialize, initialized, the GET and the call: {calls}");
         let requests = fx.resource().stats().requests;
@@ -414,4 +423,72 @@ async fn secrets_are_redacted() {
         assert!(!shown.contains(&access) && !shown.contains(&refresh), "{shown}");
     }
     assert!(format!("{conn:?}").contains("<redacted>"));
+}
+
+/// A provider that always "recovers" with another token the server does not know.
+#[derive(Debug, Default)]
+struct AlwaysBadRetry {
+    good_for_handshake: Mutex<Option<Secret>>,
+    recoveries: AtomicU64,
+}
+
+impl AuthProvider for AlwaysBadRetry {
+    fn current_token(&self) -> BoxFuture<'_, Result<Option<Secret>, Error>> {
+        Box::pin(async move { Ok(self.good_for_handshake.lock().unwrap().clone()) })
+    }
+    fn on_unauthorized<'a>(
+        &'a self,
+        _rejected: Option<&'a Secret>,
+        _challenge: &'a Challenge,
+    ) -> BoxFuture<'a, Result<Recovery, Error>> {
+        let n = self.recoveries.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async move { Ok(Recovery::Retry(Secret::new(format!("at_bogus-{n}")))) })
+    }
+}
+
+/// A retried request that is refused again is not retried a second time, and the provider is
+/// asked once per request: a server that keeps refusing cannot cause a loop.
+#[tokio::test]
+async fn a_refused_retry_is_surfaced_not_retried_again() {
+    let (_clock, fx) = fixtures().await;
+    let (_, tokens) = provider(&fx, None);
+    let p = Arc::new(AlwaysBadRetry::default());
+    *p.good_for_handshake.lock().unwrap() = Some(tokens.access.clone());
+    let conn = Connection::connect(fx.resource().url(), p.clone(), options()).await.unwrap();
+    requests_seen(&fx, 3).await;
+    fx.auth().revoke_all_tokens();
+    let before = fx.resource().stats();
+    let err = conn.call_tool("echo", args("x")).await.unwrap_err();
+    assert!(matches!(err, Error::AuthorizationRequired { .. }), "{err:?}");
+    assert_eq!(p.recoveries.load(Ordering::SeqCst), 1);
+    let after = fx.resource().stats();
+    assert_eq!(after.unauthorized - before.unauthorized, 2, "the request and its one retry");
+    assert_eq!(after.requests - before.requests, 2);
+}
+
+/// A call that outlives the request timeout fails with a typed Timeout; the timeout runs on the
+/// injected clock.
+#[tokio::test]
+async fn a_request_past_its_timeout_is_a_typed_timeout() {
+    let (_clock, fx) = fixtures().await;
+    let (p, _) = provider(&fx, None);
+    let clock = ManualClock::new(Timestamp::from_secs(1_800_000_000));
+    let opts = options().request_timeout(Duration::from_secs(5)).clock(clock.shared());
+    let conn = Arc::new(Connection::connect(fx.resource().url(), p, opts).await.unwrap());
+    let slow = json!({ "ms": 10_000 }).as_object().cloned();
+    let call = tokio::spawn({
+        let conn = conn.clone();
+        async move { conn.call_tool("slow", slow).await }
+    });
+    eventually("the slow call to reach the server", || {
+        fx.resource().stats().tool_calls.get("slow") == Some(&1)
+    })
+    .await;
+    clock.advance(Duration::from_secs(6));
+    let err = call.await.unwrap().unwrap_err();
+    assert!(
+        matches!(err, Error::Timeout { operation: "call_tool", after } if after == Duration::from_secs(5)),
+        "{err:?}"
+    );
+    assert_eq!(text(&conn.call_tool("echo", args("after")).await.unwrap()), "after");
 }
