@@ -288,9 +288,142 @@ fn per_call(c: &mut Criterion) {
     drop((bare, layered, conn));
 }
 
+/// One run of the 50-concurrent-401 scenario: what the authorization server saw, and how long
+/// the burst took.
+struct Burst {
+    ok: usize,
+    refused: u64,
+    refresh_requests: u64,
+    max_redemptions: u64,
+    families_revoked: u64,
+    wall: Duration,
+}
+
+/// Fixture with rotation and strict reuse detection; one session warmed up, then the access
+/// token expires and 50 concurrent calls are made. `rmcp_auth` picks rmcp's own `AuthClient`
+/// (feature `auth`, an `AuthorizationManager` over an in-memory credential store) instead of
+/// `Connection` + `RefreshingProvider`.
+async fn fifty_401s(rmcp_auth: bool) -> Burst {
+    use rmcp::transport::auth::{AuthClient, AuthorizationManager, InMemoryCredentialStore};
+    use rmcp::transport::{CredentialStore, StoredCredentials};
+
+    let clock = ManualClock::new(Timestamp::from_secs(1_800_000_000));
+    let mut knobs = KnobSettings::default();
+    knobs.access_token_lifetime = LIFETIME;
+    knobs.refresh_rotation = true;
+    knobs.reuse_detection = true;
+    knobs.reuse_grace = None;
+    let fx = Fixtures::start_with(clock.shared(), knobs).await.unwrap();
+    let client = fx.auth().register_client(ClientSpec::new(ClientAuth::None)).unwrap();
+    let issued = fx.auth().issue_tokens(client.client_id(), "mcp:tools", Some(fx.resource().url()));
+    let url = fx.resource().url().to_owned();
+    let calls: Vec<BoxFuture<'static, bool>>;
+    let keep: Box<dyn std::any::Any>;
+    if rmcp_auth {
+        let mut manager =
+            AuthorizationManager::new_allowing_private_addresses(url.as_str()).await.unwrap();
+        manager.set_metadata(
+            serde_json::from_value(json!({
+                "authorization_endpoint": fx.auth().authorization_endpoint(),
+                "token_endpoint": fx.auth().token_endpoint(),
+            }))
+            .unwrap(),
+        );
+        manager.configure_client_id(client.client_id()).unwrap();
+        let store = InMemoryCredentialStore::new();
+        let creds: StoredCredentials = serde_json::from_value(json!({
+            "client_id": client.client_id(),
+            "token_response": {
+                "access_token": issued.access_token(),
+                "refresh_token": issued.refresh_token(),
+                "token_type": "Bearer",
+            },
+            "granted_scopes": ["mcp:tools"],
+        }))
+        .unwrap();
+        store.save(creds).await.unwrap();
+        manager.set_credential_store(store);
+        let config =
+            StreamableHttpClientTransportConfig::with_uri(url.clone()).max_concurrent_requests(64);
+        let service = Arc::new(
+            ().serve(StreamableHttpClientTransport::with_client(
+                AuthClient::new(http(), manager),
+                config,
+            ))
+            .await
+            .unwrap(),
+        );
+        service.call_tool(echo()).await.unwrap();
+        calls = (0..50)
+            .map(|_| {
+                let service = service.clone();
+                Box::pin(async move { service.call_tool(echo()).await.is_ok() })
+                    as BoxFuture<'static, bool>
+            })
+            .collect();
+        keep = Box::new(service);
+    } else {
+        let provider = Arc::new(RefreshingProvider::new(
+            "side-by-side",
+            Tokens::new(issued.access_token(), issued.refresh_token().map(Secret::new)),
+            refresher(&fx, client.client_id()),
+            SharedClock::system(),
+        ));
+        let options = ConnectOptions::default().max_concurrent_requests(64);
+        let conn = Arc::new(Connection::connect(&url, provider, options).await.unwrap());
+        conn.call_tool("echo", json!({"text": "hi"}).as_object().cloned()).await.unwrap();
+        calls = (0..50)
+            .map(|_| {
+                let conn = conn.clone();
+                Box::pin(async move {
+                    conn.call_tool("echo", json!({"text": "hi"}).as_object().cloned()).await.is_ok()
+                }) as BoxFuture<'static, bool>
+            })
+            .collect();
+        keep = Box::new(conn);
+    }
+    // Let the background GET stream open before the tokens expire.
+    while fx.resource().stats().requests < 4 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    clock.advance(LIFETIME + Duration::from_secs(1));
+    let start = SystemClock::instant();
+    let handles: Vec<_> = calls.into_iter().map(tokio::spawn).collect();
+    let mut ok = 0;
+    for h in handles {
+        ok += usize::from(h.await.unwrap());
+    }
+    let wall = SystemClock::instant() - start;
+    drop(keep);
+    let stats = fx.auth().stats();
+    Burst {
+        ok,
+        refused: fx.resource().stats().unauthorized,
+        refresh_requests: stats.refresh_token_requests,
+        max_redemptions: stats.max_refresh_redemptions(),
+        families_revoked: stats.families_revoked,
+        wall,
+    }
+}
+
+/// The 50-concurrent-401 scenario through rmcp's own auth client and through this crate, in the
+/// same run. Prints one line each.
+fn side_by_side() {
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    for (name, rmcp_auth) in [("rmcp AuthClient", true), ("connection-factory", false)] {
+        let b = rt.block_on(fifty_401s(rmcp_auth));
+        println!(
+            "50 concurrent calls after expiry via {name}: {}/50 ok, {} refused with 401, {} refresh requests, max redemptions of one refresh token {}, families revoked {}, wall {:?}",
+            b.ok, b.refused, b.refresh_requests, b.max_redemptions, b.families_revoked, b.wall
+        );
+    }
+}
+
 criterion_group!(benches, per_call);
 
 fn main() {
+    side_by_side();
     benches();
     Criterion::default().configure_from_args().final_summary();
 }
