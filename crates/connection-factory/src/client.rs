@@ -56,6 +56,11 @@ struct Slot {
 ///
 /// The `auth_header` rmcp passes in is ignored: the provider is the only source of tokens.
 ///
+/// A refusal is what rmcp's reqwest client recognises as one: a 401 or 403 **with** a
+/// `WWW-Authenticate` header (as RFC 6750 and RFC 9728 require). A bare 401, or a server that
+/// reports an expired token with another status (such as 400), surfaces as a transport error
+/// without reaching the provider.
+///
 /// Clones share one attachment. [`AuthHttpClient::detach`] (done by dropping the
 /// [`Connection`](crate::Connection)) cuts every clone off from the provider: no provider call
 /// starts after it returns, and later requests (rmcp's session clean-up) carry the last token
