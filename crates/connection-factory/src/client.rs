@@ -1,0 +1,326 @@
+//! The rmcp HTTP client whose every request goes through an [`AuthProvider`].
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use reqwest::header::{HeaderName, HeaderValue};
+use rmcp::model::ClientJsonRpcMessage;
+use rmcp::transport::common::client_side_sse::BoxedSseResponse;
+use rmcp::transport::streamable_http_client::{
+    AuthRequiredError, InsufficientScopeError, StreamableHttpClient, StreamableHttpError,
+    StreamableHttpPostResponse, StreamableHttpResponseLimits,
+};
+
+use crate::challenge::{Challenge, RequestKind};
+use crate::error::Error;
+use crate::provider::{AuthProvider, Recovery};
+use crate::secret::Secret;
+
+type HttpError = StreamableHttpError<reqwest::Error>;
+
+/// Carries an [`Error`] from the provider through rmcp's transport error (as the source of a
+/// `std::io::Error`), so that [`Connection`](crate::Connection) can hand it back typed.
+#[derive(Debug)]
+pub(crate) struct ProviderFailure(pub(crate) Error);
+
+impl fmt::Display for ProviderFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl std::error::Error for ProviderFailure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&self.0)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    provider: Option<Arc<dyn AuthProvider>>,
+    /// The last token a request carried, kept for requests made after detaching (rmcp's
+    /// session DELETE when the worker winds down), which must not reach the provider.
+    last_token: Option<Secret>,
+}
+
+/// rmcp's streamable-HTTP client (reqwest) with an [`AuthProvider`] in front of every request.
+///
+/// For each request (the POSTs, the GET SSE stream and its reconnects, the session DELETE) it
+/// asks the provider for the current token and sends it as `Authorization: Bearer`. On a 401,
+/// or a 403 with a `WWW-Authenticate` challenge, it calls
+/// [`AuthProvider::on_unauthorized`] with the token the request carried and, on
+/// [`Recovery::Retry`], sends the request **once** more with the new token. A second refusal is
+/// returned as it is, so a server that keeps refusing cannot cause a loop.
+///
+/// The `auth_header` rmcp passes in is ignored: the provider is the only source of tokens.
+///
+/// A refusal is what rmcp's reqwest client recognises as one: a 401 or 403 **with** a
+/// `WWW-Authenticate` header (as RFC 6750 and RFC 9728 require). A bare 401, or a server that
+/// reports an expired token with another status (such as 400), surfaces as a transport error
+/// without reaching the provider.
+///
+/// Clones share one attachment. [`AuthHttpClient::detach`] (done by dropping the
+/// [`Connection`](crate::Connection)) cuts every clone off from the provider: no provider call
+/// starts after it returns, and later requests (rmcp's session clean-up) carry the last token
+/// used, without recovery.
+///
+/// ```
+/// # #[derive(Debug)] struct P;
+/// # impl connection_factory::AuthProvider for P {
+/// #     fn current_token(&self) -> connection_factory::BoxFuture<'_, Result<Option<connection_factory::Secret>, connection_factory::Error>> { Box::pin(async { Ok(None) }) }
+/// #     fn on_unauthorized<'a>(&'a self, _: Option<&'a connection_factory::Secret>, _: &'a connection_factory::Challenge) -> connection_factory::BoxFuture<'a, Result<connection_factory::Recovery, connection_factory::Error>> { Box::pin(async { Ok(connection_factory::Recovery::AuthorizationRequired) }) }
+/// # }
+/// use connection_factory::AuthHttpClient;
+/// use std::sync::Arc;
+///
+/// let client = AuthHttpClient::new(Arc::new(P))?;
+/// assert!(client.is_attached());
+/// let clone = client.clone();
+/// client.detach();
+/// assert!(!clone.is_attached());
+/// # Ok::<(), connection_factory::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct AuthHttpClient {
+    http: reqwest::Client,
+    slot: Arc<Mutex<Slot>>,
+}
+
+impl fmt::Debug for AuthHttpClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let slot = self.lock();
+        f.debug_struct("AuthHttpClient")
+            .field("provider", &slot.provider)
+            .field("last_token", &slot.last_token)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AuthHttpClient {
+    /// A client with its own reqwest connection pool (no proxy, no redirects: a bearer token
+    /// is never sent on to another URL).
+    ///
+    /// # Errors
+    /// [`Error::Transport`] when the HTTP client cannot be built.
+    pub fn new(provider: Arc<dyn AuthProvider>) -> Result<Self, Error> {
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| Error::Transport(Arc::new(e)))?;
+        Ok(Self::with_reqwest(http, provider))
+    }
+
+    pub(crate) fn with_reqwest(http: reqwest::Client, provider: Arc<dyn AuthProvider>) -> Self {
+        AuthHttpClient {
+            http,
+            slot: Arc::new(Mutex::new(Slot { provider: Some(provider), last_token: None })),
+        }
+    }
+
+    /// Cut this client and all its clones off from the provider. Idempotent.
+    pub fn detach(&self) {
+        self.lock().provider = None;
+    }
+
+    /// Whether the provider is still attached.
+    pub fn is_attached(&self) -> bool {
+        self.lock().provider.is_some()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Slot> {
+        self.slot.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn provider(&self) -> Option<Arc<dyn AuthProvider>> {
+        self.lock().provider.clone()
+    }
+
+    fn remember(&self, token: Option<&Secret>) {
+        if let Some(token) = token {
+            let mut slot = self.lock();
+            if slot.last_token.as_ref() != Some(token) {
+                slot.last_token = Some(token.clone());
+            }
+        }
+    }
+
+    /// Send with the current token; on a refusal, ask the provider and retry once.
+    async fn authorized<T, F, Fut>(&self, kind: RequestKind, send: F) -> Result<T, HttpError>
+    where
+        F: Fn(Option<String>) -> Fut,
+        Fut: Future<Output = Result<T, HttpError>>,
+    {
+        let Some(provider) = self.provider() else {
+            let token = self.lock().last_token.clone();
+            return send(token.map(|t| t.expose().to_owned())).await;
+        };
+        let token = provider.current_token().await.map_err(layer_error)?;
+        drop(provider);
+        self.remember(token.as_ref());
+        let first = send(token.as_ref().map(|t| t.expose().to_owned())).await;
+        let challenge = match &first {
+            Err(StreamableHttpError::AuthRequired(e)) => {
+                Challenge::new(401, kind, vec![e.www_authenticate_header.clone()])
+            }
+            Err(StreamableHttpError::InsufficientScope(e)) => {
+                Challenge::new(403, kind, vec![e.www_authenticate_header.clone()])
+            }
+            _ => return first,
+        };
+        // Dropping the connection while the request was in flight detaches the provider.
+        let Some(provider) = self.provider() else { return first };
+        let recovery = provider.on_unauthorized(token.as_ref(), &challenge).await;
+        drop(provider);
+        match recovery.map_err(layer_error)? {
+            Recovery::Retry(fresh) if Some(&fresh) != token.as_ref() => {
+                tracing::debug!(request = %kind, status = challenge.status(), "retrying once with a recovered token");
+                self.remember(Some(&fresh));
+                send(Some(fresh.expose().to_owned())).await
+            }
+            Recovery::Retry(_) => first,
+            Recovery::AuthorizationRequired => {
+                let header = challenge.www_authenticate().first().cloned().unwrap_or_default();
+                Err(StreamableHttpError::AuthRequired(AuthRequiredError::new(header)))
+            }
+            Recovery::InsufficientScope => {
+                let header = challenge.www_authenticate().first().cloned().unwrap_or_default();
+                Err(StreamableHttpError::InsufficientScope(InsufficientScopeError::new(
+                    header,
+                    challenge.scope(),
+                )))
+            }
+        }
+    }
+}
+
+fn layer_error(e: Error) -> HttpError {
+    StreamableHttpError::Io(std::io::Error::other(ProviderFailure(e)))
+}
+
+type Headers = HashMap<HeaderName, HeaderValue>;
+
+impl StreamableHttpClient for AuthHttpClient {
+    type Error = reqwest::Error;
+
+    async fn post_message(
+        &self,
+        uri: Arc<str>,
+        message: ClientJsonRpcMessage,
+        session_id: Option<Arc<str>>,
+        _auth_header: Option<String>,
+        custom_headers: Headers,
+    ) -> Result<StreamableHttpPostResponse, HttpError> {
+        self.authorized(RequestKind::Post, |token| {
+            self.http.post_message(
+                uri.clone(),
+                message.clone(),
+                session_id.clone(),
+                token,
+                custom_headers.clone(),
+            )
+        })
+        .await
+    }
+
+    async fn post_message_with_max_sse_event_size(
+        &self,
+        uri: Arc<str>,
+        message: ClientJsonRpcMessage,
+        session_id: Option<Arc<str>>,
+        _auth_header: Option<String>,
+        custom_headers: Headers,
+        max_sse_event_size: usize,
+    ) -> Result<StreamableHttpPostResponse, HttpError> {
+        self.authorized(RequestKind::Post, |token| {
+            self.http.post_message_with_max_sse_event_size(
+                uri.clone(),
+                message.clone(),
+                session_id.clone(),
+                token,
+                custom_headers.clone(),
+                max_sse_event_size,
+            )
+        })
+        .await
+    }
+
+    async fn post_message_with_response_limits(
+        &self,
+        uri: Arc<str>,
+        message: ClientJsonRpcMessage,
+        session_id: Option<Arc<str>>,
+        _auth_header: Option<String>,
+        custom_headers: Headers,
+        limits: StreamableHttpResponseLimits,
+    ) -> Result<StreamableHttpPostResponse, HttpError> {
+        self.authorized(RequestKind::Post, |token| {
+            self.http.post_message_with_response_limits(
+                uri.clone(),
+                message.clone(),
+                session_id.clone(),
+                token,
+                custom_headers.clone(),
+                limits,
+            )
+        })
+        .await
+    }
+
+    async fn delete_session(
+        &self,
+        uri: Arc<str>,
+        session_id: Arc<str>,
+        _auth_header: Option<String>,
+        custom_headers: Headers,
+    ) -> Result<(), HttpError> {
+        self.authorized(RequestKind::DeleteSession, |token| {
+            self.http.delete_session(uri.clone(), session_id.clone(), token, custom_headers.clone())
+        })
+        .await
+    }
+
+    async fn get_stream(
+        &self,
+        uri: Arc<str>,
+        session_id: Option<Arc<str>>,
+        last_event_id: Option<String>,
+        _auth_header: Option<String>,
+        custom_headers: Headers,
+    ) -> Result<BoxedSseResponse, HttpError> {
+        self.authorized(RequestKind::GetStream, |token| {
+            self.http.get_stream(
+                uri.clone(),
+                session_id.clone(),
+                last_event_id.clone(),
+                token,
+                custom_headers.clone(),
+            )
+        })
+        .await
+    }
+
+    async fn get_stream_with_max_sse_event_size(
+        &self,
+        uri: Arc<str>,
+        session_id: Option<Arc<str>>,
+        last_event_id: Option<String>,
+        _auth_header: Option<String>,
+        custom_headers: Headers,
+        max_sse_event_size: usize,
+    ) -> Result<BoxedSseResponse, HttpError> {
+        self.authorized(RequestKind::GetStream, |token| {
+            self.http.get_stream_with_max_sse_event_size(
+                uri.clone(),
+                session_id.clone(),
+                last_event_id.clone(),
+                token,
+                custom_headers.clone(),
+                max_sse_event_size,
+            )
+        })
+        .await
+    }
+}

@@ -1,0 +1,53 @@
+//! MCP connections whose OAuth handling lives as long as the connection.
+//!
+//! This first part of the connection factory is the auth transport:
+//!
+//! - [`AuthProvider`]: the seam. The transport asks it for the token of every request and tells
+//!   it about every 401 or 403 ([`Challenge`]); it answers with a [`Recovery`]. Token storage and
+//!   the OAuth client plug in behind it.
+//! - [`AuthHttpClient`]: rmcp's streamable-HTTP client with the provider in front of **every**
+//!   request (POSTs, the GET SSE stream, its reconnects, the session DELETE): bearer injection,
+//!   and one recovery plus one retry per refused request.
+//! - [`Connection`]: an rmcp client session over that client (`connect`, `list_tools`,
+//!   `call_tool`, `close`) with typed [`Error`]s. The provider stays attached until the
+//!   connection is dropped.
+//! - [`RefreshingProvider`]: a reference provider whose refresh on a burst of 401s is coalesced
+//!   with [`flow_state::SingleFlight`], so the refresh token is redeemed once.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), connection_factory::Error> {
+//! use connection_factory::{ConnectOptions, Connection, RefreshingProvider, Secret, Tokens};
+//! use mcp_clock::SharedClock;
+//! use std::sync::Arc;
+//!
+//! let provider = RefreshingProvider::new(
+//!     "tenant:user:server",
+//!     Tokens::new("access-token", Some(Secret::new("refresh-token"))),
+//!     Arc::new(|_refresh_token: Secret| -> connection_factory::BoxFuture<'static, _> {
+//!         Box::pin(async { Err(connection_factory::Error::AuthorizationRequired { www_authenticate: None }) })
+//!     }),
+//!     SharedClock::system(),
+//! );
+//! let conn = Connection::connect("http://127.0.0.1:8080/mcp", Arc::new(provider), ConnectOptions::default()).await?;
+//! let tools = conn.list_tools().await?;
+//! # drop(tools);
+//! # Ok(()) }
+//! ```
+
+mod challenge;
+mod client;
+mod connection;
+mod error;
+mod provider;
+mod refreshing;
+mod secret;
+
+pub use challenge::{Challenge, RequestKind};
+pub use client::AuthHttpClient;
+pub use connection::{ConnectOptions, Connection};
+pub use error::Error;
+pub use mcp_clock::BoxFuture;
+pub use provider::{AuthProvider, Recovery};
+pub use refreshing::{RefreshFn, RefreshingProvider, Tokens};
+pub use rmcp::model::{CallToolResult, Tool};
+pub use secret::Secret;

@@ -1,0 +1,87 @@
+//! The auth seam: what the transport asks of whoever owns the tokens.
+
+use mcp_clock::BoxFuture;
+
+use crate::challenge::Challenge;
+use crate::error::Error;
+use crate::secret::Secret;
+
+/// What to do after the server refused a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Recovery {
+    /// Send the request again, once, with this token. A token equal to the rejected one is not
+    /// retried: the refusal is surfaced instead.
+    Retry(Secret),
+    /// Give up: a new (interactive) authorization is needed. The request fails with
+    /// [`Error::AuthorizationRequired`].
+    AuthorizationRequired,
+    /// Give up: the token lacks a scope and a refresh cannot add it. The request fails with
+    /// [`Error::InsufficientScope`].
+    InsufficientScope,
+}
+
+/// The auth seam of an MCP connection. [`AuthHttpClient`](crate::AuthHttpClient) asks it for the
+/// token of **every** request (the POSTs, the GET SSE stream and its reconnects, the session
+/// DELETE) and tells it about every 401 or 403.
+///
+/// # Contract
+/// - [`current_token`](Self::current_token) is called once per HTTP request, so it must be cheap
+///   (a memory read). `Ok(None)` sends the request without credentials.
+/// - [`on_unauthorized`](Self::on_unauthorized) is called once per refused request, with the
+///   token that request carried. **Concurrent refusals call it concurrently**: 50 requests
+///   that fail with the same expired token make 50 calls. The provider must coalesce them, so
+///   that one refresh serves all: compare `rejected` with the token it holds now (someone may
+///   have refreshed already: return [`Recovery::Retry`] with the newer token), and run the
+///   refresh itself single-flight per tenant, user and server. [`RefreshingProvider`] is a
+///   reference implementation.
+/// - A 403, or a challenge with `error="insufficient_scope"`, should not trigger a refresh
+///   ([`Challenge::is_insufficient_scope`]).
+/// - An `Err` is for failures that may pass (the token endpoint is down); a definitive refusal
+///   is [`Recovery::AuthorizationRequired`].
+///
+/// The trait is dyn-compatible: connections hold an `Arc<dyn AuthProvider>`.
+///
+/// [`RefreshingProvider`]: crate::RefreshingProvider
+///
+/// ```
+/// use connection_factory::{AuthProvider, BoxFuture, Challenge, Error, Recovery, Secret};
+///
+/// /// A fixed token that is never refreshed.
+/// #[derive(Debug)]
+/// struct Static(Secret);
+///
+/// impl AuthProvider for Static {
+///     fn current_token(&self) -> BoxFuture<'_, Result<Option<Secret>, Error>> {
+///         Box::pin(async move { Ok(Some(self.0.clone())) })
+///     }
+///     fn on_unauthorized<'a>(
+///         &'a self,
+///         _rejected: Option<&'a Secret>,
+///         challenge: &'a Challenge,
+///     ) -> BoxFuture<'a, Result<Recovery, Error>> {
+///         Box::pin(async move {
+///             Ok(if challenge.is_insufficient_scope() {
+///                 Recovery::InsufficientScope
+///             } else {
+///                 Recovery::AuthorizationRequired
+///             })
+///         })
+///     }
+/// }
+///
+/// let provider: std::sync::Arc<dyn AuthProvider> = std::sync::Arc::new(Static("t".into()));
+/// # drop(provider);
+/// ```
+pub trait AuthProvider: Send + Sync + std::fmt::Debug + 'static {
+    /// The token to send with the next request, if any.
+    fn current_token(&self) -> BoxFuture<'_, Result<Option<Secret>, Error>>;
+
+    /// The server refused a request that carried `rejected` (`None`: it carried no token).
+    /// Decide whether to retry it, and with which token.
+    fn on_unauthorized<'a>(
+        &'a self,
+        rejected: Option<&'a Secret>,
+        challenge: &'a Challenge,
+    ) -> BoxFuture<'a, Result<Recovery, Error>>;
+}
