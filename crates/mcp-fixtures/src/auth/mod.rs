@@ -6,6 +6,7 @@ mod http;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use mcp_clock::SharedClock;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -266,8 +267,14 @@ impl AuthServerBuilder {
         let router = http::router(app);
         let stop = shutdown.clone();
         let task = tokio::spawn(async move {
-            let served =
-                axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).await;
+            let served = axum::serve(
+                listener.tap_io(|tcp| {
+                    let _ = tcp.set_nodelay(true);
+                }),
+                router,
+            )
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await;
             if let Err(e) = served {
                 tracing::warn!(error = %e, "authorization server stopped with an error");
             }
