@@ -9,7 +9,8 @@
 //! - **Re-read before redeeming.** The refresh reads the store when it starts (never a caller's
 //!   snapshot) and skips the network call when the tokens were already replaced (a 401 for a
 //!   token that is no longer current, or a peer that already refreshed). The cross-process
-//!   lease of a later issue wraps exactly this step.
+//!   [`RefreshLease`] (when configured) wraps exactly this step: taken before the re-read,
+//!   renewed while the token endpoint is slow, checked before the commit, released after it.
 //! - **Compare-and-swap commit.** The result is written only if the stored version is still the
 //!   one read before redeeming; otherwise it is discarded and logged (an interactive login, or
 //!   an uninstall, won).
@@ -28,6 +29,7 @@ use tracing::{debug, info, warn};
 
 use crate::error::{DecryptFailure, ReauthReason};
 use crate::key::{RecordKind, user_prefix};
+use crate::lease::{Held, RefreshLease};
 use crate::model::{ClientRecord, TokenRecord};
 use crate::refresher::{RefreshError, RefreshRequest, Refresher, TerminalCode};
 use crate::store::{SharedTokenStore, Swap, TokenStore, Versioned};
@@ -102,6 +104,7 @@ pub struct TokenStorageBuilder {
     clock: SharedClock,
     config: TokenStorageConfig,
     on_refresh: Option<RefreshHook>,
+    lease: Option<RefreshLease>,
 }
 
 /// Called after a refresh result is persisted: (key, the set it replaced, the new set).
@@ -129,6 +132,13 @@ impl TokenStorageBuilder {
         self
     }
 
+    /// Coordinate refreshes with other processes that share the store (default: none, for a
+    /// store only this process uses). See [`RefreshLease`].
+    pub fn lease(mut self, lease: RefreshLease) -> Self {
+        self.lease = Some(lease);
+        self
+    }
+
     /// The clock expiry, backoff and deadlines run on (default: the system clock).
     pub fn clock(mut self, clock: SharedClock) -> Self {
         self.clock = clock;
@@ -152,6 +162,7 @@ impl TokenStorageBuilder {
                 clock: self.clock,
                 config: self.config,
                 on_refresh: self.on_refresh,
+                lease: self.lease,
                 flights,
                 views: RwLock::default(),
                 deletions: AtomicU64::new(0),
@@ -232,6 +243,7 @@ struct Inner {
     clock: SharedClock,
     config: TokenStorageConfig,
     on_refresh: Option<RefreshHook>,
+    lease: Option<RefreshLease>,
     flights: SingleFlight<TokenKey, FlightResult>,
     views: RwLock<HashMap<TokenKey, View>>,
     /// Bumped by every uninstall, so a read that raced it does not put the deleted set back
@@ -295,6 +307,7 @@ impl TokenStorage {
             clock: SharedClock::system(),
             config: TokenStorageConfig::default(),
             on_refresh: None,
+            lease: None,
         }
     }
 
@@ -674,8 +687,33 @@ impl Inner {
         trigger: Trigger,
         cancel: CancellationToken,
     ) -> Result<Arc<TokenSet>, Error> {
-        // A cross-process lease (a later issue) is taken here; everything below then runs
-        // under it, so the re-read sees a peer's rotation and skips the network call.
+        // The cross-process lease is taken here; everything below then runs under it, so the
+        // re-read sees a peer's rotation and skips the network call.
+        let mut held = match &self.lease {
+            Some(lease) => {
+                let held = lease.acquire(&key).await?;
+                debug!(%key, fence = ?held.fence(), "took the refresh lease");
+                Some(held)
+            }
+            None => None,
+        };
+        let result = self.refresh_held(&key, &issuer, trigger, &cancel, &mut held).await;
+        if let Some(held) = held {
+            held.release().await;
+        }
+        result
+    }
+
+    /// The refresh proper, under the lease when there is one.
+    async fn refresh_held(
+        &self,
+        key: &TokenKey,
+        issuer: &str,
+        trigger: Trigger,
+        cancel: &CancellationToken,
+        held: &mut Option<Held>,
+    ) -> Result<Arc<TokenSet>, Error> {
+        let (key, issuer) = (key.clone(), issuer.to_owned());
         let Some(view) = self.load(&key).await? else {
             return Err(auth(&key, ReauthReason::Missing));
         };
@@ -727,8 +765,21 @@ impl Inner {
             }
             attempt += 1;
             debug!(%key, attempt, version = current.version, "redeeming the refresh token");
-            match self.refresher.refresh(&key, &request).await {
-                Ok(response) => return self.commit(&key, &current, response).await,
+            match self.redeem(&key, &request, held).await {
+                Ok(response) => {
+                    if let Some(h) = held
+                        && !h.still_held(&key).await?
+                    {
+                        warn!(%key, "lost the refresh lease while redeeming; discarding the result");
+                        return Err(Error::RefreshUnavailable {
+                            key,
+                            message: "lost the refresh lease while the token endpoint was slow"
+                                .into(),
+                            retry_after: None,
+                        });
+                    }
+                    return self.commit(&key, &current, response).await;
+                }
                 Err(RefreshError::Terminal { code, description }) => {
                     return self.terminal(&key, &issuer, &current, client, code, description).await;
                 }
@@ -749,6 +800,31 @@ impl Inner {
                     tokio::select! {
                         () = self.clock.sleep(delay) => {}
                         () = cancel.cancelled() => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Call the refresher, renewing the lease while it runs.
+    async fn redeem(
+        &self,
+        key: &TokenKey,
+        request: &RefreshRequest,
+        held: &mut Option<Held>,
+    ) -> Result<crate::TokenResponse, RefreshError> {
+        let call = self.refresher.refresh(key, request);
+        let (Some(h), Some(lease)) = (held.as_mut(), &self.lease) else {
+            return call.await;
+        };
+        tokio::pin!(call);
+        loop {
+            tokio::select! {
+                result = &mut call => return result,
+                () = self.clock.sleep(lease.renew_every()) => {
+                    if let Err(e) = h.renew(key).await {
+                        // Keep waiting for the answer: the check before the commit decides.
+                        warn!(%key, error = %e, "could not renew the refresh lease");
                     }
                 }
             }
