@@ -7,10 +7,22 @@
 //!   `flow_state::RedisStore` this is the lease of a fleet: `SET NX PX` with a fencing version,
 //!   renewed while the token endpoint is slow, expiring after its TTL when the holder dies.
 //! - [`RefreshLease::lock_files`]: an advisory lock (`flock`) on one file per key in a
-//!   directory, for several processes on one host (sled allows one process per database, so
-//!   processes on one host that share tokens share them through files or a server anyway; the
-//!   lock file is what coordinates them). The kernel drops the lock when its holder dies, so it
-//!   needs no TTL and no renewal.
+//!   directory, for several processes on one host that share a store which is not Redis (a
+//!   `TokenStore` of the host's own; sled itself admits one process per database). The kernel
+//!   drops the lock when its holder dies, so it needs no TTL and no renewal. Local file systems
+//!   only: advisory locks over NFS are unreliable.
+//!
+//! Why one type and not a `Store`-compatible lock-file store: a lease is all the refresh needs
+//! (take, renew, check, release), and a lock file gives exactly that with the kernel's crash
+//! release, where a TTL store would have to guess how long a dead holder takes to expire.
+//!
+//! What the lease does not close: the token record and the lease may live in different stores,
+//! so the commit cannot carry the fencing token atomically. The commit checks the lease and
+//! then compare-and-swaps on the version it read; a holder that stalls (not its token endpoint:
+//! the process itself) for longer than the TTL between redeeming and that check loses the lease
+//! and discards its result, and one that stalls between the check and the swap could still
+//! commit after a successor started. Renewal runs every third of the TTL, so keep the TTL well
+//! above any plausible pause of a process.
 
 use std::fmt;
 use std::fs::{File, OpenOptions, TryLockError};

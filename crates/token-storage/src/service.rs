@@ -178,9 +178,11 @@ impl TokenStorageBuilder {
 /// Cheap to clone; clones share everything. Holds a decrypted in-memory view of the records it
 /// has read or written, so [`TokenStorage::get_valid`] on a fresh token touches neither the
 /// store nor the cipher. The view is this process's: when several processes share a store
-/// (Redis, later), tokens another process rotated are picked up when this one's view reaches
+/// (Redis), tokens another process rotated are picked up when this one's view reaches
 /// its refresh time (the refresh re-reads the store first) or when a 401 leads to
-/// [`TokenStorage::force_refresh`], which always reads the store.
+/// [`TokenStorage::force_refresh`], which always reads the store. Such processes need a
+/// [`RefreshLease`] ([`TokenStorageBuilder::lease`]) so that one of them redeems a rotating
+/// refresh token and the others adopt its result.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), token_storage::Error> {
