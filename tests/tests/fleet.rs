@@ -18,9 +18,9 @@ use flow_state::{FlowKey, FlowManager, RedisStore, SharedStore};
 use mcp_clock::{Clock, SystemClock};
 use mcp_fixtures::{AuthServer, AuthServerHandle, ClientAuth, ClientSpec, InjectedFailure};
 use token_storage::{
-    BoxFuture, EncryptionKey, Keyring, RedisTokenStore, RefreshError, RefreshLease, RefreshRequest,
-    Refresher, SharedClock, SharedTokenStore, TerminalCode, TokenKey, TokenResponse, TokenStorage,
-    TokenStorageConfig, TransientKind,
+    BoxFuture, EncryptionKey, Error, Keyring, RedisTokenStore, RefreshError, RefreshLease,
+    RefreshRequest, Refresher, SharedClock, SharedTokenStore, TerminalCode, TokenKey,
+    TokenResponse, TokenStorage, TokenStorageConfig, TransientKind,
 };
 
 const LEASE_TTL: Duration = Duration::from_millis(900);
@@ -175,6 +175,47 @@ fn fleet_child() {
                     Err(e) => println!("RESULT error {e}"),
                 }
             }
+            "restart" => {
+                // Read until the server has gone away and come back (bounded), then refresh.
+                println!("READY");
+                let deadline = SystemClock::instant() + Duration::from_secs(20);
+                let (mut errors, mut recovered) = (0, false);
+                while SystemClock::instant() < deadline {
+                    match storage.tokens(&key()).await {
+                        Ok(Some(_)) if errors > 0 => {
+                            recovered = true;
+                            break;
+                        }
+                        Ok(Some(_)) => {}
+                        Ok(None) => panic!("the tokens were lost"),
+                        Err(Error::StoreUnavailable { .. }) => errors += 1,
+                        Err(e) => panic!("not the typed transient error: {e:?}"),
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                assert!(recovered, "no outage seen and recovered from ({errors} errors)");
+                println!("RECOVERED errors={errors}");
+                let mut line = String::new();
+                tokio::task::spawn_blocking(move || std::io::stdin().read_line(&mut line))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                // A connection not used during the outage (the lease store's) reports it on
+                // its first command after the restart: a typed transient error, retried.
+                let stored = storage.tokens(&key()).await.unwrap().unwrap();
+                let mut transient = 0;
+                let set = loop {
+                    match storage.force_refresh(&key(), &issuer, stored.access_token()).await {
+                        Ok(set) => break set,
+                        Err(Error::StoreUnavailable { .. }) if transient < 20 => {
+                            transient += 1;
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        Err(e) => panic!("refresh after the restart: {e:?}"),
+                    }
+                };
+                println!("RESULT version={} transient={transient}", set.version());
+            }
             other => panic!("unknown role {other}"),
         }
     });
@@ -265,7 +306,12 @@ impl Fleet {
     /// Redis, the fixture AS (strict rotation, reuse detection), a public client, and tokens
     /// for [`key`] in the shared store whose access token has already expired.
     async fn start(prefix: &str) -> Option<Fleet> {
-        let redis = RedisServer::start()?;
+        Fleet::start_with(prefix, false).await
+    }
+
+    /// [`Fleet::start`], with Redis persisting to an append-only file.
+    async fn start_with(prefix: &str, append_only: bool) -> Option<Fleet> {
+        let redis = RedisServer::start_with(append_only)?;
         let auth = AuthServer::builder().spawn().await.unwrap();
         auth.knobs().set_refresh_rotation(true);
         auth.knobs().set_reuse_detection(true);
@@ -371,6 +417,40 @@ async fn a_killed_lease_holder_is_taken_over_after_the_ttl() {
     let stats = fleet.auth.stats();
     assert_eq!(stats.max_refresh_redemptions(), 1, "{stats:?}");
     assert_eq!(stats.authorization_code_requests, 0, "no re-authorization: {stats:?}");
+}
+
+/// redis-server restarted (append-only file on) under two processes: each sees typed transient
+/// errors, then its tokens again; then both refresh at once, once between them, with the lease
+/// held in the restarted server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_is_survived_by_every_process() {
+    let Some(mut fleet) = Fleet::start_with("restart", true).await else { return };
+    let vars = fleet.vars();
+    let mut procs: Vec<Proc> = (0..2).map(|_| Proc::spawn("restart", &vars)).collect();
+    for p in &procs {
+        p.expect("READY", Duration::from_secs(20));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    fleet.redis.stop();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    fleet.redis.restart();
+    for p in &procs {
+        let errors: u64 = p.expect("RECOVERED errors=", Duration::from_secs(25)).parse().unwrap();
+        assert!(errors >= 1);
+    }
+    for p in &mut procs {
+        p.go();
+    }
+    let mut versions = BTreeSet::new();
+    for p in procs {
+        let result = p.expect("RESULT version=", Duration::from_secs(30));
+        versions.insert(result.split(' ').next().unwrap().to_owned());
+        p.finish();
+    }
+    assert_eq!(versions.len(), 1, "{versions:?}");
+    let stats = fleet.auth.stats();
+    assert_eq!(stats.refresh_token_requests, 1, "{stats:?}");
+    assert_eq!(stats.max_refresh_redemptions(), 1, "{stats:?}");
 }
 
 /// An OAuth callback lands on process B; process A, waiting on the flow, gets the result.
