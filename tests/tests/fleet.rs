@@ -382,8 +382,10 @@ async fn four_processes_redeem_a_rotating_refresh_token_once() {
     assert_eq!(stats.max_refresh_redemptions(), 1, "{stats:?}");
 }
 
-/// The holder of the lease is SIGKILLed while the token endpoint hangs; another process waits
-/// out the lease TTL and refreshes, with no re-authorization and no second redemption.
+/// The holder of the lease hangs at the token endpoint past several TTLs while a successor
+/// waits: the holder's renewals keep the successor out (it never reaches the endpoint). Then the
+/// holder is SIGKILLed; the successor takes over once the lease expires, with no
+/// re-authorization and no second redemption.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_lease_holder_is_taken_over_after_the_ttl() {
     let Some(fleet) = Fleet::start("takeover").await else { return };
@@ -397,14 +399,20 @@ async fn a_killed_lease_holder_is_taken_over_after_the_ttl() {
         assert!(SystemClock::instant() < deadline, "the holder never reached the token endpoint");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    // Hold past one TTL: the holder must be renewing, or a peer could take over now.
-    tokio::time::sleep(LEASE_TTL + LEASE_TTL / 2).await;
+    let successor = Proc::spawn("takeover", &vars);
+    successor.expect("REFRESHING", Duration::from_secs(20));
+    // Three TTLs: without renewal the successor would take the lease and reach the endpoint.
+    tokio::time::sleep(LEASE_TTL * 3).await;
+    let stats = fleet.auth.stats();
+    assert_eq!(
+        stats.refresh_token_requests, 1,
+        "the renewed lease kept the successor out: {stats:?}"
+    );
     drop(holder); // SIGKILL, and reaped.
     // If the fixture still finishes the dead request once released, it gets a 503 instead of
     // redeeming; otherwise the successor's first attempt does, and it retries.
     knobs.fail_token_requests(InjectedFailure::server_error(1));
     knobs.set_token_hang(false);
-    let successor = Proc::spawn("takeover", &vars);
     let result = successor.expect("RESULT ", Duration::from_secs(30));
     let waited: u128 = result
         .strip_prefix("ok version=")
@@ -412,7 +420,8 @@ async fn a_killed_lease_holder_is_taken_over_after_the_ttl() {
         .unwrap_or_else(|| panic!("the successor refreshed: {result}"))
         .parse()
         .unwrap();
-    assert!(waited >= 100, "the successor waited for the dead holder's lease: {waited} ms");
+    let floor = (LEASE_TTL * 3).as_millis();
+    assert!(waited >= floor, "the successor waited for the holder: {waited} ms < {floor} ms");
     successor.finish();
     let stats = fleet.auth.stats();
     assert_eq!(stats.max_refresh_redemptions(), 1, "{stats:?}");
