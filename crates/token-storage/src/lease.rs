@@ -131,10 +131,21 @@ impl RefreshLease {
             Kind::Store(leases) => {
                 let flow_key = FlowKey::new("token_refresh", &record)
                     .map_err(|e| Error::store("could not name the refresh lease", e))?;
-                let lease = leases
-                    .acquire(&flow_key, self.ttl, self.wait)
-                    .await
-                    .map_err(|e| lease_error(key, e))?;
+                let lease = match leases.acquire(&flow_key, self.ttl, self.wait).await {
+                    Ok(lease) => lease,
+                    // A connection that sat idle through a server restart fails its first
+                    // command and reconnects: try once more before reporting it. (Were the
+                    // first insert applied after all, the retry finds that lease and waits
+                    // out its TTL: slower, never two holders.)
+                    Err(e) if unavailable(&e) => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        leases
+                            .acquire(&flow_key, self.ttl, self.wait)
+                            .await
+                            .map_err(|e| lease_error(key, e))?
+                    }
+                    Err(e) => return Err(lease_error(key, e)),
+                };
                 Ok(Held::Store { leases: leases.clone(), lease, ttl: self.ttl })
             }
             Kind::Files(dir) => {
@@ -174,6 +185,10 @@ impl RefreshLease {
             }
         }
     }
+}
+
+fn unavailable(e: &flow_state::Error) -> bool {
+    matches!(e, flow_state::Error::Store { source, .. } if source.kind() == StoreErrorKind::Unavailable)
 }
 
 fn lease_error(key: &TokenKey, e: flow_state::Error) -> Error {
