@@ -16,13 +16,16 @@
 //! (take, renew, check, release), and a lock file gives exactly that with the kernel's crash
 //! release, where a TTL store would have to guess how long a dead holder takes to expire.
 //!
-//! What the lease does not close: the token record and the lease may live in different stores,
-//! so the commit cannot carry the fencing token atomically. The commit checks the lease and
-//! then compare-and-swaps on the version it read; a holder that stalls (not its token endpoint:
-//! the process itself) for longer than the TTL between redeeming and that check loses the lease
-//! and discards its result, and one that stalls between the check and the swap could still
-//! commit after a successor started. Renewal runs every third of the TTL, so keep the TTL well
-//! above any plausible pause of a process.
+//! What the lease does not close, and why a lost lease does not discard a result: the token
+//! record and the lease may live in different stores, so the commit cannot carry the fencing
+//! token atomically; it is a compare-and-swap on the record version read under the lease. When
+//! the lease was lost during a slow redemption (its holder could not renew it in time), the
+//! refresh still offers its result to that compare-and-swap, with a warning: the redemption
+//! has already spent the old refresh token, so throwing the new one away would leave the slot
+//! with a dead token for certain, while the swap loses safely to a peer that committed first.
+//! A peer that took the lease over and redeemed the same token meanwhile trips the server's
+//! reuse detection either way; renewal every third of the TTL is what prevents that, so keep
+//! the TTL well above any plausible pause of a process.
 
 use std::fmt;
 use std::fs::{File, OpenOptions, TryLockError};
@@ -40,8 +43,9 @@ use crate::{Error, TokenKey};
 ///
 /// Under the lease the refresh re-reads the stored tokens and skips the network call when a
 /// peer already rotated them; it renews the lease every third of its TTL while the token
-/// endpoint is slow, and writes its result only if the lease still holds (and the record's
-/// version is still the one it read).
+/// endpoint is slow, checks it before writing, and writes its result only if the record's
+/// version is still the one it read. A lease lost by then is logged, not obeyed: the redemption
+/// has already spent the old refresh token, and the new one in hand is the only live one.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {

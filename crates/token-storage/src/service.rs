@@ -11,6 +11,9 @@
 //!   token that is no longer current, or a peer that already refreshed). The cross-process
 //!   [`RefreshLease`] (when configured) wraps exactly this step: taken before the re-read,
 //!   renewed while the token endpoint is slow, checked before the commit, released after it.
+//!   A lease lost by then is logged, not obeyed: the redemption has already spent the old
+//!   refresh token, so the result is still offered to the compare-and-swap below rather than
+//!   thrown away with the only live refresh token in it.
 //! - **Compare-and-swap commit.** The result is written only if the stored version is still the
 //!   one read before redeeming; otherwise it is discarded and logged (an interactive login, or
 //!   an uninstall, won).
@@ -769,16 +772,19 @@ impl Inner {
             debug!(%key, attempt, version = current.version, "redeeming the refresh token");
             match self.redeem(&key, &request, held).await {
                 Ok(response) => {
-                    if let Some(h) = held
-                        && !h.still_held(&key).await?
-                    {
-                        warn!(%key, "lost the refresh lease while redeeming; discarding the result");
-                        return Err(Error::RefreshUnavailable {
-                            key,
-                            message: "lost the refresh lease while the token endpoint was slow"
-                                .into(),
-                            retry_after: None,
-                        });
+                    if let Some(h) = held {
+                        // The redemption has happened: the response holds the only live refresh
+                        // token. Discarding it would leave the slot with a spent one, so even a
+                        // lost lease only warns; the compare-and-swap on the version read above
+                        // decides, and adopts a peer's newer tokens if one committed meanwhile.
+                        match h.still_held(&key).await {
+                            Ok(true) => {}
+                            Ok(false) => warn!(
+                                %key,
+                                "the refresh lease expired while the token endpoint was slow"
+                            ),
+                            Err(e) => warn!(%key, error = %e, "could not check the refresh lease"),
+                        }
                     }
                     return self.commit(&key, &current, response).await;
                 }
