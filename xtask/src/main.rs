@@ -176,7 +176,19 @@ const FEATURE_SETS: &[(&str, &[&str])] = &[
             "sled,redis,test-util",
         ],
     ),
-    ("token-storage", &["", "sled", "test-util", "sled,test-util"]),
+    (
+        "token-storage",
+        &[
+            "",
+            "sled",
+            "redis",
+            "test-util",
+            "sled,test-util",
+            "sled,redis",
+            "redis,test-util",
+            "sled,redis,test-util",
+        ],
+    ),
 ];
 
 fn features() -> Result<(), String> {

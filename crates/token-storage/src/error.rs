@@ -16,6 +16,7 @@ use crate::refresher::TerminalCode;
 ///   the stored credentials are untouched.
 /// - [`Error::Decrypt`]: the stored record is unreadable with the configured keys; it is left as
 ///   it was for a person to inspect (or to remove with `TokenStorage::delete_all`).
+/// - [`Error::StoreUnavailable`]: the backend is away for now (Redis restarting); try again.
 /// - [`Error::Store`], [`Error::KeyProvider`]: configuration or backend trouble.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
@@ -69,6 +70,16 @@ pub enum Error {
     KeyProvider {
         /// What is wrong.
         message: String,
+    },
+    /// The store backend could not be reached (a connection refused or dropped, a timeout):
+    /// retrying later may help; nothing stored was changed by the failed call.
+    #[error("token store unavailable: {message}")]
+    StoreUnavailable {
+        /// What failed, naming the backend's address.
+        message: String,
+        /// The backend's own error.
+        #[source]
+        source: Option<Arc<dyn std::error::Error + Send + Sync>>,
     },
     /// The store backend failed.
     #[error("token store: {message}")]

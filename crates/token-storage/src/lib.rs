@@ -8,8 +8,10 @@
 //! - [`Refresher`]: the refresh grant, supplied by the OAuth layer (this crate does no HTTP),
 //!   failing with a terminal or transient [`RefreshError`].
 //! - [`TokenStore`]: the small compare-and-swap store trait, with [`MemoryTokenStore`] and
-//!   (feature `sled`) `SledTokenStore`.
+//!   (feature `sled`) `SledTokenStore`, (feature `redis`) `RedisTokenStore`.
 //! - [`KeyProvider`] / [`Keyring`]: XChaCha20-Poly1305 encryption at rest, with rotating key ids.
+//! - [`RefreshLease`]: the cross-process lease around each redemption, over a flow-state store
+//!   (Redis, for fleets) or lock files (processes on one host).
 //! - [`Secret`]: tokens and client secrets, redacted in `Debug` and `Display`.
 //!
 //! Every refresh for a key in the process runs once, detached from its callers, re-reads the
@@ -45,6 +47,7 @@
 mod crypto;
 mod error;
 mod key;
+mod lease;
 mod model;
 mod refresher;
 mod secret;
@@ -56,6 +59,7 @@ pub mod testkit;
 pub use crypto::{EncryptionKey, KeyProvider, Keyring};
 pub use error::{DecryptFailure, Error, ReauthReason};
 pub use key::TokenKey;
+pub use lease::RefreshLease;
 #[cfg(feature = "test-util")]
 pub use mcp_clock::ManualClock;
 pub use mcp_clock::{Clock, SharedClock, SystemClock, Timestamp};
@@ -66,6 +70,8 @@ pub use refresher::{
 pub use secret::Secret;
 pub use service::{TokenStorage, TokenStorageBuilder, TokenStorageConfig};
 pub use store::memory::MemoryTokenStore;
+#[cfg(feature = "redis")]
+pub use store::redis::{RedisTokenStore, RedisTokenStoreBuilder};
 #[cfg(feature = "sled")]
 pub use store::sled::SledTokenStore;
 pub use store::{SharedTokenStore, Swap, TokenStore, Versioned};

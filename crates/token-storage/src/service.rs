@@ -9,7 +9,11 @@
 //! - **Re-read before redeeming.** The refresh reads the store when it starts (never a caller's
 //!   snapshot) and skips the network call when the tokens were already replaced (a 401 for a
 //!   token that is no longer current, or a peer that already refreshed). The cross-process
-//!   lease of a later issue wraps exactly this step.
+//!   [`RefreshLease`] (when configured) wraps exactly this step: taken before the re-read,
+//!   renewed while the token endpoint is slow, checked before the commit, released after it.
+//!   A lease lost by then is logged, not obeyed: the redemption has already spent the old
+//!   refresh token, so the result is still offered to the compare-and-swap below rather than
+//!   thrown away with the only live refresh token in it.
 //! - **Compare-and-swap commit.** The result is written only if the stored version is still the
 //!   one read before redeeming; otherwise it is discarded and logged (an interactive login, or
 //!   an uninstall, won).
@@ -28,6 +32,7 @@ use tracing::{debug, info, warn};
 
 use crate::error::{DecryptFailure, ReauthReason};
 use crate::key::{RecordKind, user_prefix};
+use crate::lease::{Held, RefreshLease};
 use crate::model::{ClientRecord, TokenRecord};
 use crate::refresher::{RefreshError, RefreshRequest, Refresher, TerminalCode};
 use crate::store::{SharedTokenStore, Swap, TokenStore, Versioned};
@@ -102,6 +107,7 @@ pub struct TokenStorageBuilder {
     clock: SharedClock,
     config: TokenStorageConfig,
     on_refresh: Option<RefreshHook>,
+    lease: Option<RefreshLease>,
 }
 
 /// Called after a refresh result is persisted: (key, the set it replaced, the new set).
@@ -129,6 +135,13 @@ impl TokenStorageBuilder {
         self
     }
 
+    /// Coordinate refreshes with other processes that share the store (default: none, for a
+    /// store only this process uses). See [`RefreshLease`].
+    pub fn lease(mut self, lease: RefreshLease) -> Self {
+        self.lease = Some(lease);
+        self
+    }
+
     /// The clock expiry, backoff and deadlines run on (default: the system clock).
     pub fn clock(mut self, clock: SharedClock) -> Self {
         self.clock = clock;
@@ -152,6 +165,7 @@ impl TokenStorageBuilder {
                 clock: self.clock,
                 config: self.config,
                 on_refresh: self.on_refresh,
+                lease: self.lease,
                 flights,
                 views: RwLock::default(),
                 deletions: AtomicU64::new(0),
@@ -167,9 +181,11 @@ impl TokenStorageBuilder {
 /// Cheap to clone; clones share everything. Holds a decrypted in-memory view of the records it
 /// has read or written, so [`TokenStorage::get_valid`] on a fresh token touches neither the
 /// store nor the cipher. The view is this process's: when several processes share a store
-/// (Redis, later), tokens another process rotated are picked up when this one's view reaches
+/// (Redis), tokens another process rotated are picked up when this one's view reaches
 /// its refresh time (the refresh re-reads the store first) or when a 401 leads to
-/// [`TokenStorage::force_refresh`], which always reads the store.
+/// [`TokenStorage::force_refresh`], which always reads the store. Such processes need a
+/// [`RefreshLease`] ([`TokenStorageBuilder::lease`]) so that one of them redeems a rotating
+/// refresh token and the others adopt its result.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), token_storage::Error> {
@@ -232,6 +248,7 @@ struct Inner {
     clock: SharedClock,
     config: TokenStorageConfig,
     on_refresh: Option<RefreshHook>,
+    lease: Option<RefreshLease>,
     flights: SingleFlight<TokenKey, FlightResult>,
     views: RwLock<HashMap<TokenKey, View>>,
     /// Bumped by every uninstall, so a read that raced it does not put the deleted set back
@@ -295,6 +312,7 @@ impl TokenStorage {
             clock: SharedClock::system(),
             config: TokenStorageConfig::default(),
             on_refresh: None,
+            lease: None,
         }
     }
 
@@ -674,8 +692,33 @@ impl Inner {
         trigger: Trigger,
         cancel: CancellationToken,
     ) -> Result<Arc<TokenSet>, Error> {
-        // A cross-process lease (a later issue) is taken here; everything below then runs
-        // under it, so the re-read sees a peer's rotation and skips the network call.
+        // The cross-process lease is taken here; everything below then runs under it, so the
+        // re-read sees a peer's rotation and skips the network call.
+        let mut held = match &self.lease {
+            Some(lease) => {
+                let held = lease.acquire(&key).await?;
+                debug!(%key, fence = ?held.fence(), "took the refresh lease");
+                Some(held)
+            }
+            None => None,
+        };
+        let result = self.refresh_held(&key, &issuer, trigger, &cancel, &mut held).await;
+        if let Some(held) = held {
+            held.release().await;
+        }
+        result
+    }
+
+    /// The refresh proper, under the lease when there is one.
+    async fn refresh_held(
+        &self,
+        key: &TokenKey,
+        issuer: &str,
+        trigger: Trigger,
+        cancel: &CancellationToken,
+        held: &mut Option<Held>,
+    ) -> Result<Arc<TokenSet>, Error> {
+        let (key, issuer) = (key.clone(), issuer.to_owned());
         let Some(view) = self.load(&key).await? else {
             return Err(auth(&key, ReauthReason::Missing));
         };
@@ -727,8 +770,24 @@ impl Inner {
             }
             attempt += 1;
             debug!(%key, attempt, version = current.version, "redeeming the refresh token");
-            match self.refresher.refresh(&key, &request).await {
-                Ok(response) => return self.commit(&key, &current, response).await,
+            match self.redeem(&key, &request, held).await {
+                Ok(response) => {
+                    if let Some(h) = held {
+                        // The redemption has happened: the response holds the only live refresh
+                        // token. Discarding it would leave the slot with a spent one, so even a
+                        // lost lease only warns; the compare-and-swap on the version read above
+                        // decides, and adopts a peer's newer tokens if one committed meanwhile.
+                        match h.still_held(&key).await {
+                            Ok(true) => {}
+                            Ok(false) => warn!(
+                                %key,
+                                "the refresh lease expired while the token endpoint was slow"
+                            ),
+                            Err(e) => warn!(%key, error = %e, "could not check the refresh lease"),
+                        }
+                    }
+                    return self.commit(&key, &current, response).await;
+                }
                 Err(RefreshError::Terminal { code, description }) => {
                     return self.terminal(&key, &issuer, &current, client, code, description).await;
                 }
@@ -749,6 +808,31 @@ impl Inner {
                     tokio::select! {
                         () = self.clock.sleep(delay) => {}
                         () = cancel.cancelled() => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Call the refresher, renewing the lease while it runs.
+    async fn redeem(
+        &self,
+        key: &TokenKey,
+        request: &RefreshRequest,
+        held: &mut Option<Held>,
+    ) -> Result<crate::TokenResponse, RefreshError> {
+        let call = self.refresher.refresh(key, request);
+        let (Some(h), Some(lease)) = (held.as_mut(), &self.lease) else {
+            return call.await;
+        };
+        tokio::pin!(call);
+        loop {
+            tokio::select! {
+                result = &mut call => return result,
+                () = self.clock.sleep(lease.renew_every()) => {
+                    if let Err(e) = h.renew(key).await {
+                        // Keep waiting for the answer: the check before the commit decides.
+                        warn!(%key, error = %e, "could not renew the refresh lease");
                     }
                 }
             }

@@ -3,7 +3,7 @@
 //! A [`Store`] is a key-value map with per-record TTLs and versions. Its methods map onto atomic
 //! backend operations, so that the engine's guarantees hold across tasks, processes and replicas:
 //!
-//! | method | memory | sled | Redis (later) |
+//! | method | memory | sled | Redis |
 //! |---|---|---|---|
 //! | [`Store::get`] | shard lock + lookup | `get` | `GET` |
 //! | [`Store::insert_if_absent`] | shard lock | `compare_and_swap(None → new)` | `SET NX PX` |

@@ -1,14 +1,14 @@
 //! The store trait token records live in: [`TokenStore`], with [`MemoryTokenStore`] and
-//! (feature `sled`) `SledTokenStore`.
+//! (feature `sled`) `SledTokenStore`, (feature `redis`) `RedisTokenStore`.
 //!
 //! Records are opaque sealed bytes with a version. Every method is one atomic backend operation:
 //!
-//! | method | memory | sled | Redis (later) |
+//! | method | memory | sled | Redis |
 //! |---|---|---|---|
-//! | [`TokenStore::get`] | lock + lookup | `get` | `GET` |
+//! | [`TokenStore::get`] | lock + lookup | `get` | `HGETALL` |
 //! | [`TokenStore::compare_and_swap`] | lock | `compare_and_swap(old → new)` | Lua: compare version, `SET` (`SET NX` when absent) |
 //! | [`TokenStore::delete`] | lock | `compare_and_swap(old → None)` | Lua: compare version, `DEL` |
-//! | [`TokenStore::keys_with_prefix`] | range scan | `scan_prefix` | `SCAN MATCH prefix*` (or a per-user set) |
+//! | [`TokenStore::keys_with_prefix`] | range scan | `scan_prefix` | `ZRANGEBYLEX` on an index kept by the writes |
 //!
 //! Versions are unique across the whole store and increase with every write (a persisted
 //! counter: sled's id generator, Redis `INCR`), so a compare-and-swap can never succeed against
@@ -21,6 +21,8 @@ use crate::Error;
 use crate::refresher::BoxFuture;
 
 pub(crate) mod memory;
+#[cfg(feature = "redis")]
+pub(crate) mod redis;
 #[cfg(feature = "sled")]
 pub(crate) mod sled;
 

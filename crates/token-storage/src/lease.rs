@@ -1,0 +1,249 @@
+//! The cross-process refresh lease: [`RefreshLease`], which makes sure that one process of
+//! many redeems a rotating refresh token.
+//!
+//! Two implementations behind one small type, chosen by the deployment:
+//!
+//! - [`RefreshLease::store`]: a [`flow_state::Leases`] over any flow-state store. With a
+//!   `flow_state::RedisStore` this is the lease of a fleet: `SET NX PX` with a fencing version,
+//!   renewed while the token endpoint is slow, expiring after its TTL when the holder dies.
+//! - [`RefreshLease::lock_files`]: an advisory lock (`flock`) on one file per key in a
+//!   directory, for several processes on one host that share a store which is not Redis (a
+//!   `TokenStore` of the host's own; sled itself admits one process per database). The kernel
+//!   drops the lock when its holder dies, so it needs no TTL and no renewal. Local file systems
+//!   only: advisory locks over NFS are unreliable.
+//!
+//! Why one type and not a `Store`-compatible lock-file store: a lease is all the refresh needs
+//! (take, renew, check, release), and a lock file gives exactly that with the kernel's crash
+//! release, where a TTL store would have to guess how long a dead holder takes to expire.
+//!
+//! What the lease does not close, and why a lost lease does not discard a result: the token
+//! record and the lease may live in different stores, so the commit cannot carry the fencing
+//! token atomically; it is a compare-and-swap on the record version read under the lease. When
+//! the lease was lost during a slow redemption (its holder could not renew it in time), the
+//! refresh still offers its result to that compare-and-swap, with a warning: the redemption
+//! has already spent the old refresh token, so throwing the new one away would leave the slot
+//! with a dead token for certain, while the swap loses safely to a peer that committed first.
+//! A peer that took the lease over and redeemed the same token meanwhile trips the server's
+//! reuse detection either way; renewal every third of the TTL is what prevents that, so keep
+//! the TTL well above any plausible pause of a process.
+
+use std::fmt;
+use std::fs::{File, OpenOptions, TryLockError};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use flow_state::{FlowKey, Lease, Leases, SharedStore, StoreErrorKind};
+use mcp_clock::SharedClock;
+
+use crate::key::RecordKind;
+use crate::{Error, TokenKey};
+
+/// How processes that share a token store agree on which of them redeems a refresh token.
+/// Give one to [`TokenStorageBuilder::lease`](crate::TokenStorageBuilder::lease).
+///
+/// Under the lease the refresh re-reads the stored tokens and skips the network call when a
+/// peer already rotated them; it renews the lease every third of its TTL while the token
+/// endpoint is slow, checks it before writing, and writes its result only if the record's
+/// version is still the one it read. A lease lost by then is logged, not obeyed: the redemption
+/// has already spent the old refresh token, and the new one in hand is the only live one.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use std::time::Duration;
+/// use token_storage::{RefreshLease, SharedClock};
+/// use flow_state::{MemoryStore, SharedStore};
+///
+/// // A fleet passes a `flow_state::RedisStore` here.
+/// let fleet = RefreshLease::store(SharedStore::new(MemoryStore::new()), SharedClock::system())
+///     .ttl(Duration::from_secs(5))
+///     .wait(Duration::from_secs(20));
+/// let one_host = RefreshLease::lock_files(std::env::temp_dir().join("my-app-refresh-locks"));
+/// # drop((fleet, one_host));
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct RefreshLease {
+    kind: Kind,
+    ttl: Duration,
+    wait: Duration,
+}
+
+#[derive(Clone)]
+enum Kind {
+    Store(Leases),
+    Files(PathBuf),
+}
+
+impl fmt::Debug for RefreshLease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("RefreshLease");
+        match &self.kind {
+            Kind::Store(leases) => d.field("store", leases),
+            Kind::Files(dir) => d.field("lock_files", dir),
+        };
+        d.field("ttl", &self.ttl).field("wait", &self.wait).finish()
+    }
+}
+
+/// A lease held for one refresh.
+pub(crate) enum Held {
+    Store { leases: Leases, lease: Lease, ttl: Duration },
+    File(File),
+}
+
+impl RefreshLease {
+    /// Leases in `store` (a `flow_state::RedisStore` for a fleet), expiring on `clock`.
+    pub fn store(store: SharedStore, clock: SharedClock) -> Self {
+        RefreshLease {
+            kind: Kind::Store(Leases::new(store, clock)),
+            ttl: Duration::from_secs(10),
+            wait: Duration::from_secs(30),
+        }
+    }
+
+    /// Advisory locks on files in `dir` (created when missing), for processes on one host.
+    pub fn lock_files(dir: impl Into<PathBuf>) -> Self {
+        RefreshLease {
+            kind: Kind::Files(dir.into()),
+            ttl: Duration::from_secs(10),
+            wait: Duration::from_secs(30),
+        }
+    }
+
+    /// How long a store lease lasts without renewal (default 10 s): how long the fleet waits
+    /// for a crashed holder. Renewed every third of it while the refresh runs.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl.max(Duration::from_millis(30));
+        self
+    }
+
+    /// How long a refresh waits for a peer's lease before giving up with
+    /// [`Error::Timeout`] (default 30 s).
+    pub fn wait(mut self, wait: Duration) -> Self {
+        self.wait = wait;
+        self
+    }
+
+    pub(crate) fn renew_every(&self) -> Duration {
+        self.ttl / 3
+    }
+
+    /// Take the lease of `key`, waiting for a peer's to end.
+    pub(crate) async fn acquire(&self, key: &TokenKey) -> Result<Held, Error> {
+        let record = key.record(RecordKind::Tokens);
+        match &self.kind {
+            Kind::Store(leases) => {
+                let flow_key = FlowKey::new("token_refresh", &record)
+                    .map_err(|e| Error::store("could not name the refresh lease", e))?;
+                let lease = match leases.acquire(&flow_key, self.ttl, self.wait).await {
+                    Ok(lease) => lease,
+                    // A connection that sat idle through a server restart fails its first
+                    // command and reconnects: try once more before reporting it. (Were the
+                    // first insert applied after all, the retry finds that lease and waits
+                    // out its TTL: slower, never two holders.)
+                    Err(e) if unavailable(&e) => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        leases
+                            .acquire(&flow_key, self.ttl, self.wait)
+                            .await
+                            .map_err(|e| lease_error(key, e))?
+                    }
+                    Err(e) => return Err(lease_error(key, e)),
+                };
+                Ok(Held::Store { leases: leases.clone(), lease, ttl: self.ttl })
+            }
+            Kind::Files(dir) => {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    Error::store(format!("could not create lock directory {}", dir.display()), e)
+                })?;
+                let hex: String = record.bytes().map(|b| format!("{b:02x}")).collect();
+                let path = dir.join(format!("{hex}.lock"));
+                let file = OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(&path)
+                    .map_err(|e| {
+                        Error::store(format!("could not open lock file {}", path.display()), e)
+                    })?;
+                let step = Duration::from_millis(5);
+                let mut waited = Duration::ZERO;
+                loop {
+                    match file.try_lock() {
+                        Ok(()) => return Ok(Held::File(file)),
+                        Err(TryLockError::WouldBlock) if waited < self.wait => {
+                            tokio::time::sleep(step).await;
+                            waited += step;
+                        }
+                        Err(TryLockError::WouldBlock) => {
+                            return Err(Error::Timeout { key: key.clone() });
+                        }
+                        Err(TryLockError::Error(e)) => {
+                            return Err(Error::store(
+                                format!("could not lock {}", path.display()),
+                                e,
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn unavailable(e: &flow_state::Error) -> bool {
+    matches!(e, flow_state::Error::Store { source, .. } if source.kind() == StoreErrorKind::Unavailable)
+}
+
+fn lease_error(key: &TokenKey, e: flow_state::Error) -> Error {
+    match e {
+        flow_state::Error::TimedOut { .. } => Error::Timeout { key: key.clone() },
+        flow_state::Error::Store { source, .. } if source.kind() == StoreErrorKind::Unavailable => {
+            Error::StoreUnavailable {
+                message: format!("the refresh lease store is unavailable ({source})"),
+                source: Some(std::sync::Arc::new(*source)),
+            }
+        }
+        other => Error::store("the refresh lease failed", other),
+    }
+}
+
+impl Held {
+    /// Extend a store lease; fails if it was lost (expired, and perhaps taken by a peer).
+    pub(crate) async fn renew(&mut self, key: &TokenKey) -> Result<(), Error> {
+        match self {
+            Held::Store { leases, lease, ttl } => {
+                leases.renew(lease, *ttl).await.map_err(|e| lease_error(key, e))
+            }
+            Held::File(_) => Ok(()),
+        }
+    }
+
+    /// Whether the lease still holds.
+    pub(crate) async fn still_held(&self, key: &TokenKey) -> Result<bool, Error> {
+        match self {
+            Held::Store { leases, lease, .. } => {
+                leases.is_held(lease).await.map_err(|e| lease_error(key, e))
+            }
+            Held::File(_) => Ok(true),
+        }
+    }
+
+    /// The fencing token of a store lease.
+    pub(crate) fn fence(&self) -> Option<u64> {
+        match self {
+            Held::Store { lease, .. } => Some(lease.fence()),
+            Held::File(_) => None,
+        }
+    }
+
+    /// Give the lease up (a failure only means it expires on its own).
+    pub(crate) async fn release(self) {
+        match self {
+            Held::Store { leases, lease, .. } => {
+                let _ = leases.release(lease).await;
+            }
+            Held::File(file) => drop(file),
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! The Redis token store and the cross-process refresh lease, inside one test process: the
+//! conformance suite, bad input (an unreachable server, a foreign value), a Redis restart with
+//! the append-only file on, and two storages (as two processes would) sharing one store.
+//! The tests with real OS processes are in the workspace's `tests/` crate (`fleet.rs`).
+#![cfg(feature = "redis")]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::*;
+use flow_state::testkit::RedisServer;
+use flow_state::{MemoryStore, RedisStore, SharedStore};
+use mcp_clock::Clock;
+use token_storage::testkit::{FakeAuthServer, store_conformance};
+use token_storage::{
+    DecryptFailure, Error, MemoryTokenStore, RedisTokenStore, RefreshLease, SharedClock,
+    SharedTokenStore, TokenStorage, TokenStore,
+};
+
+static PREFIXES: AtomicUsize = AtomicUsize::new(0);
+
+async fn connect(server: &RedisServer) -> RedisTokenStore {
+    let prefix = format!("test{}", PREFIXES.fetch_add(1, Ordering::SeqCst));
+    RedisTokenStore::builder(server.url())
+        .prefix(prefix)
+        .timeout(Duration::from_millis(500))
+        .connect()
+        .await
+        .expect("connect to the test redis-server")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_store_conforms() {
+    let Some(server) = RedisServer::start() else { return };
+    store_conformance(|| {
+        tokio::task::block_in_place(|| {
+            let store = tokio::runtime::Handle::current().block_on(connect(&server));
+            SharedTokenStore::new(store)
+        })
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_unreachable_server_is_a_typed_error_naming_the_address() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("redis://127.0.0.1:{port}");
+    let err = RedisTokenStore::builder(&url)
+        .timeout(Duration::from_millis(300))
+        .connect()
+        .await
+        .expect_err("nothing listens there");
+    assert!(matches!(err, Error::StoreUnavailable { .. }), "{err:?}");
+    assert!(err.to_string().contains(&format!("127.0.0.1:{port}")), "{err}");
+}
+
+#[tokio::test]
+async fn a_password_in_the_url_is_not_shown() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let err = RedisTokenStore::builder(format!("redis://:hunter2@127.0.0.1:{port}"))
+        .timeout(Duration::from_millis(300))
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(!err.to_string().contains("hunter2"), "{err}");
+    assert!(!format!("{err:?}").contains("hunter2"));
+}
+
+/// Values under our prefix written by another program: typed errors on every read and
+/// conditional write, left as they are; an unconditional delete (uninstall) clears them.
+#[tokio::test]
+async fn a_foreign_value_is_a_typed_error_not_a_panic() {
+    let Some(server) = RedisServer::start() else { return };
+    let store = RedisTokenStore::builder(server.url()).prefix("p").connect().await.unwrap();
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () =
+        redis::cmd("SET").arg("{p}:r:str").arg("hello").query_async(&mut raw).await.unwrap();
+    let _: () =
+        redis::cmd("HSET").arg("{p}:r:hash").arg("x").arg("1").query_async(&mut raw).await.unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg("{p}:r:nan")
+        .arg("v")
+        .arg("seven")
+        .arg("d")
+        .arg("x")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let foreign = |r: Result<_, Error>, what: &str| match r {
+        Err(Error::Decrypt { reason: DecryptFailure::UnknownFormat, record }) => {
+            assert!(!record.is_empty());
+        }
+        other => panic!("{what}: expected a typed foreign-value error, got {other:?}"),
+    };
+    for key in ["str", "hash", "nan"] {
+        foreign(store.get(key).await.map(|_| ()), key);
+        foreign(store.compare_and_swap(key, None, b"x".to_vec()).await.map(|_| ()), key);
+        foreign(store.compare_and_swap(key, Some(1), b"x".to_vec()).await.map(|_| ()), key);
+        foreign(store.delete(key, Some(1)).await.map(|_| ()), key);
+    }
+    let value: String = redis::cmd("GET").arg("{p}:r:str").query_async(&mut raw).await.unwrap();
+    assert_eq!(value, "hello", "left as it was");
+    assert!(store.delete("str", None).await.unwrap(), "an unconditional delete clears it");
+    assert_eq!(store.get("str").await.unwrap(), None);
+}
+
+fn storage_on(
+    store: SharedTokenStore,
+    server: &Arc<FakeAuthServer>,
+    lease: Option<RefreshLease>,
+) -> TokenStorage {
+    let mut config = config();
+    config.storm_limit = u32::MAX;
+    let mut b = TokenStorage::builder(store, keyring(), server.clone()).config(config);
+    if let Some(lease) = lease {
+        b = b.lease(lease);
+    }
+    b.build()
+}
+
+/// Race: two storages (two processes' worth of single-flight) over one Redis store, 20
+/// concurrent 401s each for the same token. Returns the refresh calls that reached the server
+/// and the reuse detections. `with_lease` false is the control: without the
+/// lease both redeem (and trip reuse detection), which proves the test can see the race.
+async fn two_storages_race(with_lease: bool) -> (u64, u64) {
+    let Some(redis) = RedisServer::start() else { return (1, 0) };
+    let server = FakeAuthServer::new(SharedClock::system());
+    server.set_latency(Duration::from_millis(50));
+    let store = connect(&redis).await;
+    let flows = RedisStore::builder(redis.url()).prefix("leases").connect().await.unwrap();
+    let lease = with_lease.then(|| {
+        RefreshLease::store(SharedStore::new(flows.clone()), SharedClock::system())
+            .ttl(Duration::from_secs(2))
+    });
+    let a = storage_on(SharedTokenStore::new(store.clone()), &server, lease.clone());
+    let b = storage_on(SharedTokenStore::new(store), &server, lease);
+    let first = a.store(&key(), ISS, server.issue(&key())).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let rejected = first.access_token().clone();
+        tasks.push(tokio::spawn(async move { s.force_refresh(&key(), ISS, &rejected).await }));
+    }
+    let mut tokens = std::collections::BTreeSet::new();
+    for t in tasks {
+        if let Ok(set) = t.await.unwrap() {
+            tokens.insert(set.access_token().expose().to_owned());
+        }
+    }
+    if with_lease {
+        assert_eq!(tokens.len(), 1, "every caller got the one new token");
+        assert!(!tokens.contains(first.access_token().expose()));
+    }
+    (server.calls(), server.reuse_detected())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_lease_makes_two_storages_redeem_once() {
+    assert_eq!(two_storages_race(true).await, (1, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_lease_two_storages_redeem_twice() {
+    let (calls, reused) = two_storages_race(false).await;
+    if RedisServer::start().is_some() {
+        assert!(calls >= 2 && reused >= 1, "the control must show the race: {calls} calls");
+    }
+}
+
+/// The same race with lock files over one shared store (`flock` conflicts between two open
+/// files even inside one process, so two storages here stand for two processes on one host).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_files_make_two_storages_redeem_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = FakeAuthServer::new(SharedClock::system());
+    server.set_latency(Duration::from_millis(50));
+    let store = Arc::new(MemoryTokenStore::new());
+    let lease = RefreshLease::lock_files(dir.path().join("locks"));
+    let a = storage_on(SharedTokenStore::from_arc(store.clone()), &server, Some(lease.clone()));
+    let b = storage_on(SharedTokenStore::from_arc(store), &server, Some(lease));
+    let first = a.store(&key(), ISS, server.issue(&key())).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let rejected = first.access_token().clone();
+        tasks.push(tokio::spawn(async move { s.force_refresh(&key(), ISS, &rejected).await }));
+    }
+    for t in tasks {
+        let set = t.await.unwrap().unwrap();
+        assert_ne!(set.access_token(), first.access_token());
+    }
+    assert_eq!((server.calls(), server.reuse_detected()), (1, 0));
+}
+
+/// A store lease over a memory flow store whose holder never renews (a crashed process: its
+/// lease is simply left in the store) blocks refreshes only until the TTL, then one takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_holders_lease_expires_and_the_refresh_takes_over() {
+    let flows = SharedStore::new(MemoryStore::new());
+    let ttl = Duration::from_millis(300);
+    let server = FakeAuthServer::new(SharedClock::system());
+    let tokens = Arc::new(MemoryTokenStore::new());
+    let storage = storage_on(
+        SharedTokenStore::from_arc(tokens.clone()),
+        &server,
+        Some(RefreshLease::store(flows.clone(), SharedClock::system()).ttl(ttl)),
+    );
+    let first = storage.store(&key(), ISS, server.issue(&key())).await.unwrap();
+    // The dead holder's lease, under the key the refresh uses.
+    let leases = flow_state::Leases::new(flows, SharedClock::system());
+    let record = tokens.keys_with_prefix("").await.unwrap().pop().unwrap();
+    let lease_key = flow_state::FlowKey::new("token_refresh", &record).unwrap();
+    let dead = leases.try_acquire(&lease_key, ttl).await.unwrap();
+    assert!(dead.is_some());
+    let clock = SharedClock::system();
+    let started = clock.now();
+    let fresh = storage.force_refresh(&key(), ISS, first.access_token()).await.unwrap();
+    assert_ne!(fresh.access_token(), first.access_token());
+    let waited = clock.now().saturating_since(started);
+    assert!(waited >= ttl / 2, "waited for the dead lease: {waited:?}");
+    assert_eq!(server.redemptions(), 1);
+}
+
+/// redis-server restarted (append-only file on): calls fail with a typed transient error while
+/// it is down, succeed again after, and nothing committed is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_is_transient_and_loses_nothing() {
+    let Some(mut redis) = RedisServer::start_with(true) else { return };
+    let server = FakeAuthServer::new(SharedClock::system());
+    let store = connect(&redis).await;
+    let storage = storage_on(SharedTokenStore::new(store), &server, None);
+    let first = storage.store(&key(), ISS, server.issue(&key())).await.unwrap();
+    let second = storage.force_refresh(&key(), ISS, first.access_token()).await.unwrap();
+    redis.stop();
+    let err = storage.tokens(&key()).await.expect_err("redis is down");
+    assert!(matches!(err, Error::StoreUnavailable { .. }), "{err:?}");
+    let err = storage.force_refresh(&key(), ISS, second.access_token()).await.unwrap_err();
+    assert!(matches!(err, Error::StoreUnavailable { .. }), "{err:?}");
+    redis.restart();
+    let mut back = None;
+    for _ in 0..100 {
+        match storage.tokens(&key()).await {
+            Ok(set) => {
+                back = set;
+                break;
+            }
+            Err(Error::StoreUnavailable { .. }) => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("unexpected error while redis comes back: {e:?}"),
+        }
+    }
+    let back = back.expect("the tokens survived the restart");
+    assert_eq!(back.access_token(), second.access_token());
+    let third = storage.force_refresh(&key(), ISS, second.access_token()).await.unwrap();
+    assert_ne!(third.access_token(), second.access_token());
+    assert!(third.version() > second.version(), "versions keep increasing after a restart");
+    assert_eq!(server.reuse_detected(), 0);
+}
