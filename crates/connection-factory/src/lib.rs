@@ -1,6 +1,25 @@
 //! MCP connections whose OAuth handling lives as long as the connection.
 //!
-//! This first part of the connection factory is the auth transport:
+//! The factory:
+//!
+//! - [`ConnectionFactory`]: makes [`Connection`]s for (tenant, user, server) triples
+//!   ([`FactoryConfig`]) over one injected [`flow_state::FlowManager`] and one
+//!   [`token_storage::TokenStorage`], so look-ups and refreshes are shared by every connection
+//!   of the process. Its [`FactoryProvider`] reads the current token through a cached,
+//!   tenant-scoped look-up flow ([`GET_TOKENS_FLOW`]), and on a 401 force-refreshes with the
+//!   rejected token (one redemption per key, bounded by [`FactoryConfig::refresh_budget`]),
+//!   invalidates the cached look-up and retries; on a refused or timed-out refresh it
+//!   invalidates the tenant's COMPLETED [`OAUTH_FLOW`] and fails the request. A 403
+//!   `insufficient_scope` never refreshes. Outcomes are counted ([`RefreshCounters`]) and traced
+//!   (span `mcp_refresh`, field `outcome`).
+//! - [`OAuthRefresher`]: token storage's refresh grant over [`mcp_oauth::OAuthClient`], with a
+//!   conservative terminal / transient classification; [`stored_client`] stores what it needs.
+//!
+//! Not here yet: the interactive authorization (discovery, registration, PKCE, the PENDING
+//! `mcp_oauth` flow, the callback router) and step-up; a refused refresh ends in
+//! [`Error::AuthorizationRequired`].
+//!
+//! The auth transport underneath:
 //!
 //! - [`AuthProvider`]: the seam. The transport asks it for the token of every request and tells
 //!   it about every 401 or 403 ([`Challenge`]); it answers with a [`Recovery`]. Token storage and
@@ -38,6 +57,7 @@ mod challenge;
 mod client;
 mod connection;
 mod error;
+mod factory;
 mod oauth_refresher;
 mod provider;
 mod refreshing;
@@ -47,6 +67,9 @@ pub use challenge::{Challenge, RequestKind};
 pub use client::AuthHttpClient;
 pub use connection::{ConnectOptions, Connection};
 pub use error::Error;
+pub use factory::{
+    ConnectionFactory, FactoryConfig, FactoryProvider, GET_TOKENS_FLOW, OAUTH_FLOW, RefreshCounters,
+};
 pub use mcp_clock::BoxFuture;
 pub use oauth_refresher::{OAuthRefresher, stored_client};
 pub use provider::{AuthProvider, Recovery};
