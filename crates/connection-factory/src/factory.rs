@@ -15,8 +15,14 @@ use tracing::Instrument as _;
 use crate::challenge::Challenge;
 use crate::connection::{ConnectOptions, Connection};
 use crate::error::Error;
+use crate::interactive::{
+    AuthorizationHook, AuthorizationReason, AuthorizationRequest, HookDecision, OAuthFlowMeta,
+    StateMeta, state_key,
+};
+use crate::oauth_refresher::{decode_stored_client, stored_client};
 use crate::provider::{AuthProvider, Recovery};
 use crate::secret::Secret;
+use mcp_oauth::OAuthClient;
 
 /// The flow type of the cached token look-up.
 pub const GET_TOKENS_FLOW: &str = "mcp_get_tokens";
@@ -48,6 +54,7 @@ pub struct FactoryConfig {
     connect_timeout: Duration,
     oauth_wait_timeout: Duration,
     scopes: Option<String>,
+    client: Option<mcp_oauth::ClientConfig>,
 }
 
 impl FactoryConfig {
@@ -66,6 +73,7 @@ impl FactoryConfig {
             connect_timeout: Duration::from_secs(30),
             oauth_wait_timeout: Duration::from_secs(120),
             scopes: None,
+            client: None,
         }
     }
 
@@ -84,6 +92,14 @@ impl FactoryConfig {
     /// The scopes to ask for.
     pub fn scopes(mut self, scopes: impl Into<String>) -> Self {
         self.scopes = Some(scopes.into());
+        self
+    }
+
+    /// How the client identifies itself for the interactive flow (pre-registered client,
+    /// metadata document or dynamic registration) and its redirect URI (the first one). Without
+    /// it there is no interactive flow.
+    pub fn client(mut self, client: mcp_oauth::ClientConfig) -> Self {
+        self.client = Some(client);
         self
     }
 
@@ -176,6 +192,7 @@ pub struct ConnectionFactory {
     flows: FlowManager,
     storage: TokenStorage,
     counters: Arc<Counters>,
+    interactive: Option<(OAuthClient, Arc<dyn AuthorizationHook>)>,
 }
 
 impl fmt::Debug for ConnectionFactory {
@@ -189,7 +206,19 @@ impl fmt::Debug for ConnectionFactory {
 impl ConnectionFactory {
     /// A factory over `flows` and `storage`. Time comes from the flow manager's clock.
     pub fn new(flows: FlowManager, storage: TokenStorage) -> Self {
-        ConnectionFactory { flows, storage, counters: Arc::default() }
+        ConnectionFactory { flows, storage, counters: Arc::default(), interactive: None }
+    }
+
+    /// Enable the interactive flow: discovery, registration and authorization with `oauth`, the
+    /// user prompted through `hook`. Serve [`callback_router`](crate::callback_router) on the
+    /// redirect URI with the same flow manager and storage.
+    pub fn with_interactive(
+        mut self,
+        oauth: OAuthClient,
+        hook: Arc<dyn AuthorizationHook>,
+    ) -> Self {
+        self.interactive = Some((oauth, hook));
+        self
     }
 
     /// The auth provider for `config`'s (tenant, user, server).
@@ -202,6 +231,7 @@ impl ConnectionFactory {
             flows: self.flows.clone(),
             storage: self.storage.clone(),
             counters: self.counters.clone(),
+            interactive: self.interactive.clone(),
         }))
     }
 
@@ -242,6 +272,7 @@ pub struct FactoryProvider {
     flows: FlowManager,
     storage: TokenStorage,
     counters: Arc<Counters>,
+    interactive: Option<(OAuthClient, Arc<dyn AuthorizationHook>)>,
 }
 
 impl fmt::Debug for FactoryProvider {
@@ -315,7 +346,21 @@ impl FactoryProvider {
         }
     }
 
-    async fn refresh(&self, rejected: &Secret) -> Result<Recovery, Error> {
+    async fn refresh(&self, rejected: &Secret, challenge: &Challenge) -> Result<Recovery, Error> {
+        let recovery = self.silent_refresh(rejected).await;
+        match recovery {
+            Ok(Recovery::AuthorizationRequired)
+            | Err(Error::Timeout { .. })
+            | Err(Error::Provider { .. })
+                if self.interactive.is_some() && self.config.client.is_some() =>
+            {
+                self.interactive(Some(challenge), AuthorizationReason::RefreshFailed).await
+            }
+            other => other,
+        }
+    }
+
+    async fn silent_refresh(&self, rejected: &Secret) -> Result<Recovery, Error> {
         let span = tracing::info_span!(
             "mcp_refresh",
             tenant = self.key.tenant(),
@@ -329,7 +374,7 @@ impl FactoryProvider {
             };
             let Some(issuer) = self.issuer().await? else {
                 record("rejected", &self.counters.rejected);
-                return self.fall_back().await;
+                return self.fall_back(Some(rejected)).await;
             };
             let rejected_ts = token_storage::Secret::new(rejected.expose());
             let before = self.storage.tokens(&self.key).await.ok().flatten();
@@ -356,21 +401,25 @@ impl FactoryProvider {
                 }
                 Ok(Ok(_)) => {
                     record("rejected", &self.counters.rejected);
-                    self.fall_back().await
+                    self.fall_back(Some(rejected)).await
                 }
                 Ok(Err(e)) if e.is_authorization_required() => {
                     record("rejected", &self.counters.rejected);
-                    self.fall_back().await
+                    self.fall_back(Some(rejected)).await
                 }
                 Ok(Err(e)) => {
                     record("transient", &self.counters.transient);
-                    self.fall_back().await?;
+                    if let Recovery::Retry(token) = self.fall_back(Some(rejected)).await? {
+                        return Ok(Recovery::Retry(token));
+                    }
                     Err(Error::provider("silent refresh failed", e))
                 }
                 Err(_) => {
                     record("timed_out", &self.counters.timed_out);
                     tracing::warn!(?budget, "silent refresh did not finish within its budget");
-                    self.fall_back().await?;
+                    if let Recovery::Retry(token) = self.fall_back(Some(rejected)).await? {
+                        return Ok(Recovery::Retry(token));
+                    }
                     Err(Error::Timeout { operation: "silent refresh", after: budget })
                 }
             }
@@ -379,11 +428,197 @@ impl FactoryProvider {
         .await
     }
 
-    /// The silent refresh failed: a COMPLETED interactive flow of this tenant is stale now.
-    async fn fall_back(&self) -> Result<Recovery, Error> {
-        let _ = self.flows.delete_if_status(&self.oauth, FlowStatus::Completed).await;
+    /// The silent refresh failed: a COMPLETED interactive flow of this tenant is stale now, and
+    /// so is its state mapping.
+    ///
+    /// Unless usable tokens other than `rejected` are stored by now (a re-authorization that
+    /// finished while this refresh failed): then that COMPLETED flow is current, and the request
+    /// is retried with its token.
+    async fn fall_back(&self, rejected: Option<&Secret>) -> Result<Recovery, Error> {
+        // Read the flow before the tokens: the callback stores tokens before it completes the
+        // flow, so a COMPLETED flow read here whose tokens are not newer is really stale.
+        let flow = self.flows.get::<serde_json::Value>(&self.oauth).await.ok().flatten();
+        if let Ok(Some(set)) = self.storage.tokens(&self.key).await
+            && set.needs_authorization().is_none()
+            && rejected.is_none_or(|r| set.access_token().expose() != r.expose())
+        {
+            bump(&self.counters.adopted);
+            return Ok(Recovery::Retry(Secret::new(set.access_token().expose())));
+        }
+        if let Some(flow) = flow
+            && flow.status == FlowStatus::Completed
+        {
+            if let Ok(meta) = serde_json::from_value::<OAuthFlowMeta>(flow.metadata)
+                && let Some(skey) = state_key(meta.pending.state.secret())
+            {
+                let _ = self.flows.delete(&skey).await;
+            }
+            let _ = self.flows.delete_if_status(&self.oauth, FlowStatus::Completed).await;
+        }
         self.invalidate_lookup(None).await;
         Ok(Recovery::AuthorizationRequired)
+    }
+
+    /// The interactive flow: reuse a fresh PENDING flow (no second prompt), else discover,
+    /// register (reusing the stored client), build the PKCE URL, create the PENDING flow and
+    /// its state mapping, and prompt. Then wait for the callback (or return early).
+    async fn interactive(
+        &self,
+        challenge: Option<&Challenge>,
+        reason: AuthorizationReason,
+    ) -> Result<Recovery, Error> {
+        let Some((oauth, hook)) = &self.interactive else {
+            return Ok(Recovery::AuthorizationRequired);
+        };
+        let Some(client_config) = &self.config.client else {
+            return Ok(Recovery::AuthorizationRequired);
+        };
+        let span = tracing::info_span!(
+            "mcp_interactive",
+            tenant = self.key.tenant(),
+            server = self.key.server(),
+            ?reason,
+        );
+        async {
+            let decision =
+                match self.prompt(oauth, hook.as_ref(), client_config, challenge, reason).await? {
+                    Some(decision) => decision,
+                    None => HookDecision::Wait, // joined a fresh PENDING flow: no second prompt
+                };
+            if decision == HookDecision::ReturnEarly {
+                return Ok(Recovery::AuthorizationRequired);
+            }
+            let wait = self.config.oauth_wait_timeout;
+            match tokio::time::timeout(wait, self.flows.wait::<serde_json::Value>(&self.oauth))
+                .await
+            {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::info!(error = %e, "interactive authorization did not complete");
+                    return Ok(Recovery::AuthorizationRequired);
+                }
+                Err(_) => {
+                    return Err(Error::Timeout {
+                        operation: "interactive authorization",
+                        after: wait,
+                    });
+                }
+            }
+            self.invalidate_lookup(None).await;
+            match self.lookup().await? {
+                Some(token) => Ok(Recovery::Retry(token)),
+                None => Ok(Recovery::AuthorizationRequired),
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Start a new authorization and prompt, or `None` when a fresh PENDING one exists.
+    async fn prompt(
+        &self,
+        oauth: &OAuthClient,
+        hook: &dyn AuthorizationHook,
+        client_config: &mcp_oauth::ClientConfig,
+        challenge: Option<&Challenge>,
+        reason: AuthorizationReason,
+    ) -> Result<Option<HookDecision>, Error> {
+        let current = self.flows.get::<serde_json::Value>(&self.oauth).await.ok().flatten();
+        // The fallback deleted any COMPLETED flow before coming here: one seen now was completed
+        // by a peer's authorization since, so it is joined, not replaced.
+        if current.as_ref().is_some_and(|f| f.status == FlowStatus::Completed) {
+            return Ok(None);
+        }
+        if let Some(flow) = current
+            && flow.status == FlowStatus::Pending
+        {
+            let stale = self
+                .flows
+                .staleness(&self.oauth, self.config.oauth_wait_timeout)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|s| s.is_stale);
+            if !stale {
+                return Ok(None);
+            }
+        }
+        let oauth_err = |what: &'static str| move |e: mcp_oauth::Error| Error::provider(what, e);
+        let server: url::Url = self
+            .config
+            .server_url
+            .parse()
+            .map_err(|e| Error::InvalidConfig(format!("server URL: {e}")))?;
+        let bearer = match challenge {
+            Some(c) => mcp_oauth::BearerChallenge::from_headers(
+                c.www_authenticate().iter().map(String::as_str),
+            )
+            .ok()
+            .flatten(),
+            None => None,
+        };
+        let discovery =
+            oauth.discover(&server, bearer.as_ref()).await.map_err(oauth_err("discovery"))?;
+        let stored = self.storage.client(&self.key).await.ok().flatten();
+        let registration = match stored.as_ref().and_then(decode_stored_client) {
+            Some((d, r)) if d.issuer() == discovery.issuer() => r,
+            _ => {
+                let r = oauth
+                    .register(&discovery, client_config)
+                    .await
+                    .map_err(oauth_err("registration"))?;
+                self.storage
+                    .store_client(&self.key, &stored_client(&discovery, &r))
+                    .await
+                    .map_err(|e| Error::provider("storing the client registration", e))?;
+                r
+            }
+        };
+        let scope = mcp_oauth::select_scope(bearer.as_ref(), &discovery)
+            .or_else(|| self.config.scopes.clone());
+        let redirect = client_config
+            .redirect_uris
+            .first()
+            .ok_or_else(|| Error::InvalidConfig("the client config has no redirect URI".into()))?;
+        let (url, pending) = oauth
+            .authorization_url(&discovery, &registration, redirect, scope.as_deref())
+            .map_err(oauth_err("authorization URL"))?;
+        let expires_at = pending.created_at.saturating_add(pending.ttl);
+        let state = pending.state.secret().to_owned();
+        let meta = serde_json::to_value(OAuthFlowMeta { pending, discovery })
+            .map_err(|e| Error::provider("encoding the pending authorization", e))?;
+        // A peer's authorization may have completed while this one was being prepared: init
+        // would replace it, so join it instead.
+        if let Ok(Some(flow)) = self.flows.get::<serde_json::Value>(&self.oauth).await
+            && flow.status == FlowStatus::Completed
+        {
+            return Ok(None);
+        }
+        match self.flows.init(&self.oauth, meta).await {
+            Ok(_) => {}
+            Err(flow_state::Error::AlreadyPending { .. }) => return Ok(None),
+            Err(e) => return Err(Error::provider("creating the authorization flow", e)),
+        }
+        let mapping = serde_json::to_value(StateMeta {
+            tenant: self.config.tenant.clone(),
+            user: self.config.user.clone(),
+            server: self.config.server_name.clone(),
+            flow_id: self.config.flow_id(),
+        })
+        .map_err(|e| Error::provider("encoding the state mapping", e))?;
+        let skey = state_key(&state).ok_or_else(|| Error::provider_msg("invalid state"))?;
+        self.flows
+            .init(&skey, mapping)
+            .await
+            .map_err(|e| Error::provider("creating the state mapping", e))?;
+        tracing::info!("interactive authorization started");
+        let request = AuthorizationRequest {
+            authorization_url: url.to_string(),
+            scopes: scope,
+            reason,
+            expires_at,
+        };
+        Ok(Some(hook.authorization_required(request).await))
     }
 }
 
@@ -403,8 +638,11 @@ impl AuthProvider for FactoryProvider {
                 return Ok(Recovery::InsufficientScope);
             }
             match rejected {
-                Some(rejected) => self.refresh(rejected).await,
-                None => self.fall_back().await,
+                Some(rejected) => self.refresh(rejected, challenge).await,
+                None => {
+                    self.fall_back(None).await?;
+                    self.interactive(Some(challenge), AuthorizationReason::NoTokens).await
+                }
             }
         })
     }

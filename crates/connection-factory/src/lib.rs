@@ -15,9 +15,16 @@
 //! - [`OAuthRefresher`]: token storage's refresh grant over [`mcp_oauth::OAuthClient`], with a
 //!   conservative terminal / transient classification; [`stored_client`] stores what it needs.
 //!
-//! Not here yet: the interactive authorization (discovery, registration, PKCE, the PENDING
-//! `mcp_oauth` flow, the callback router) and step-up; a refused refresh ends in
-//! [`Error::AuthorizationRequired`].
+//! - The interactive flow ([`ConnectionFactory::with_interactive`], a [`FactoryConfig::client`]):
+//!   on no tokens, or after a failed silent refresh, discovery from the challenge, registration
+//!   (a stored client is reused), a PKCE authorization URL, a PENDING `mcp_oauth` flow with a
+//!   CSRF state mapping ([`STATE_FLOW`]), and the host's [`AuthorizationHook`] (blocking or
+//!   return-early). A fresh PENDING flow is joined (one prompt per key), a stale one replaced.
+//!   [`callback_router`] (`GET /callback`) validates the state, exchanges the code, stores the
+//!   tokens and completes the flow; queued requests resume.
+//!
+//! Not here yet: step-up on 403 `insufficient_scope` (it fails with
+//! [`Error::InsufficientScope`]), reconnect backoff, a config digest in the coalescing key.
 //!
 //! The auth transport underneath:
 //!
@@ -58,6 +65,7 @@ mod client;
 mod connection;
 mod error;
 mod factory;
+mod interactive;
 mod oauth_refresher;
 mod provider;
 mod refreshing;
@@ -69,6 +77,10 @@ pub use connection::{ConnectOptions, Connection};
 pub use error::Error;
 pub use factory::{
     ConnectionFactory, FactoryConfig, FactoryProvider, GET_TOKENS_FLOW, OAUTH_FLOW, RefreshCounters,
+};
+pub use interactive::{
+    AuthorizationHook, AuthorizationReason, AuthorizationRequest, HookDecision, STATE_FLOW,
+    callback_router,
 };
 pub use mcp_clock::BoxFuture;
 pub use oauth_refresher::{OAuthRefresher, stored_client};

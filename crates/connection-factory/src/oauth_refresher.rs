@@ -159,7 +159,7 @@ impl Refresher for OAuthRefresher {
     }
 }
 
-fn convert_response(response: mcp_oauth::TokenResponse) -> TokenResponse {
+pub(crate) fn convert_response(response: mcp_oauth::TokenResponse) -> TokenResponse {
     TokenResponse {
         access_token: response.access_token.secret().into(),
         token_type: response.token_type,
