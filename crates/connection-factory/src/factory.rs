@@ -243,6 +243,16 @@ impl ConnectionFactory {
         Connection::connect(&url, self.provider(config)?, options).await
     }
 
+    /// The token storage this factory uses.
+    pub fn storage(&self) -> &TokenStorage {
+        &self.storage
+    }
+
+    /// The flow manager this factory uses.
+    pub fn flows(&self) -> &FlowManager {
+        &self.flows
+    }
+
     /// The refresh outcomes so far.
     pub fn counters(&self) -> RefreshCounters {
         self.counters.snapshot()

@@ -196,3 +196,18 @@ async fn the_callback_refuses_unknown_state() {
     let r = http.get(s.redirect.clone()).send().await.unwrap();
     assert_eq!(r.status(), 400);
 }
+
+/// The user denies: the error fails the flow (valid state), and the waiting request ends with
+/// AuthorizationRequired at once, not after the OAuth wait timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denied_authorization_fails_the_flow_and_the_request() {
+    let s = setup(HookDecision::Wait).await;
+    s.fx.auth().knobs().set_approval(Approval::Deny);
+    let started = mcp_clock::SystemClock::instant();
+    let err = s.factory.connect(s.config("tenant-a")).await.unwrap_err();
+    let took = mcp_clock::SystemClock::instant().duration_since(started);
+    assert!(matches!(err, Error::AuthorizationRequired { .. }), "{err:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert_eq!(s.fx.auth().stats().authorizations_denied, 1);
+    assert_eq!(s.fx.auth().stats().authorization_code_requests, 0);
+}
