@@ -1,6 +1,32 @@
 //! MCP connections whose OAuth handling lives as long as the connection.
 //!
-//! This first part of the connection factory is the auth transport:
+//! The factory:
+//!
+//! - [`ConnectionFactory`]: makes [`Connection`]s for (tenant, user, server) triples
+//!   ([`FactoryConfig`]) over one injected [`flow_state::FlowManager`] and one
+//!   [`token_storage::TokenStorage`], so look-ups and refreshes are shared by every connection
+//!   of the process. Its [`FactoryProvider`] reads the current token through a cached,
+//!   tenant-scoped look-up flow ([`GET_TOKENS_FLOW`]), and on a 401 force-refreshes with the
+//!   rejected token (one redemption per key, bounded by [`FactoryConfig::refresh_budget`]),
+//!   invalidates the cached look-up and retries; on a refused or timed-out refresh it
+//!   invalidates the tenant's COMPLETED [`OAUTH_FLOW`] and fails the request. A 403
+//!   `insufficient_scope` never refreshes. Outcomes are counted ([`RefreshCounters`]) and traced
+//!   (span `mcp_refresh`, field `outcome`).
+//! - [`OAuthRefresher`]: token storage's refresh grant over [`mcp_oauth::OAuthClient`], with a
+//!   conservative terminal / transient classification; [`stored_client`] stores what it needs.
+//!
+//! - The interactive flow ([`ConnectionFactory::with_interactive`], a [`FactoryConfig::client`]):
+//!   on no tokens, or after a failed silent refresh, discovery from the challenge, registration
+//!   (a stored client is reused), a PKCE authorization URL, a PENDING `mcp_oauth` flow with a
+//!   CSRF state mapping ([`STATE_FLOW`]), and the host's [`AuthorizationHook`] (blocking or
+//!   return-early). A fresh PENDING flow is joined (one prompt per key), a stale one replaced.
+//!   [`callback_router`] (`GET /callback`) validates the state, exchanges the code, stores the
+//!   tokens and completes the flow; queued requests resume.
+//!
+//! Not here yet: step-up on 403 `insufficient_scope` (it fails with
+//! [`Error::InsufficientScope`]), reconnect backoff, a config digest in the coalescing key.
+//!
+//! The auth transport underneath:
 //!
 //! - [`AuthProvider`]: the seam. The transport asks it for the token of every request and tells
 //!   it about every 401 or 403 ([`Challenge`]); it answers with a [`Recovery`]. Token storage and
@@ -38,6 +64,9 @@ mod challenge;
 mod client;
 mod connection;
 mod error;
+mod factory;
+mod interactive;
+mod oauth_refresher;
 mod provider;
 mod refreshing;
 mod secret;
@@ -46,7 +75,15 @@ pub use challenge::{Challenge, RequestKind};
 pub use client::AuthHttpClient;
 pub use connection::{ConnectOptions, Connection};
 pub use error::Error;
+pub use factory::{
+    ConnectionFactory, FactoryConfig, FactoryProvider, GET_TOKENS_FLOW, OAUTH_FLOW, RefreshCounters,
+};
+pub use interactive::{
+    AuthorizationHook, AuthorizationReason, AuthorizationRequest, HookDecision, STATE_FLOW,
+    callback_router,
+};
 pub use mcp_clock::BoxFuture;
+pub use oauth_refresher::{OAuthRefresher, stored_client};
 pub use provider::{AuthProvider, Recovery};
 pub use refreshing::{RefreshFn, RefreshingProvider, Tokens};
 pub use rmcp::model::{CallToolResult, Tool};

@@ -1,0 +1,659 @@
+//! [`ConnectionFactory`] and its per-(tenant, user, server) [`FactoryProvider`]: tokens through a
+//! cached look-up flow over token storage, and a budgeted, coalesced silent refresh on a 401.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use flow_state::{FlowError, FlowKey, FlowManager, FlowStatus};
+use mcp_clock::{BoxFuture, Clock as _, SharedClock};
+use serde::{Deserialize, Serialize};
+use token_storage::{TokenKey, TokenStorage};
+use tracing::Instrument as _;
+
+use crate::challenge::Challenge;
+use crate::connection::{ConnectOptions, Connection};
+use crate::error::Error;
+use crate::interactive::{
+    AuthorizationHook, AuthorizationReason, AuthorizationRequest, HookDecision, OAuthFlowMeta,
+    StateMeta, state_key,
+};
+use crate::oauth_refresher::{decode_stored_client, stored_client};
+use crate::provider::{AuthProvider, Recovery};
+use crate::secret::Secret;
+use mcp_oauth::OAuthClient;
+
+/// The flow type of the cached token look-up.
+pub const GET_TOKENS_FLOW: &str = "mcp_get_tokens";
+/// The flow type of the interactive authorization.
+pub const OAUTH_FLOW: &str = "mcp_oauth";
+/// The cap of the silent-refresh budget.
+const REFRESH_CAP: Duration = Duration::from_secs(5);
+/// The kind recorded on a look-up flow that found no usable tokens.
+const NO_TOKENS: &str = "authorization_required";
+
+/// What one connection of the factory is for: the server, who it is for, and its time limits.
+///
+/// ```
+/// use connection_factory::FactoryConfig;
+/// use std::time::Duration;
+///
+/// let config = FactoryConfig::new("http://127.0.0.1:8080/mcp", "acme", "alice", "github")
+///     .connect_timeout(Duration::from_secs(10))
+///     .oauth_wait_timeout(Duration::from_secs(120));
+/// // min(5 s, 0.4 x min(10 s, 120 s))
+/// assert_eq!(config.refresh_budget(), Duration::from_secs(4));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FactoryConfig {
+    server_url: String,
+    tenant: String,
+    user: String,
+    server_name: String,
+    connect_timeout: Duration,
+    oauth_wait_timeout: Duration,
+    scopes: Option<String>,
+    client: Option<mcp_oauth::ClientConfig>,
+}
+
+impl FactoryConfig {
+    /// A configuration with a 30 s connect timeout and a 120 s OAuth wait timeout.
+    pub fn new(
+        server_url: impl Into<String>,
+        tenant: impl Into<String>,
+        user: impl Into<String>,
+        server_name: impl Into<String>,
+    ) -> Self {
+        FactoryConfig {
+            server_url: server_url.into(),
+            tenant: tenant.into(),
+            user: user.into(),
+            server_name: server_name.into(),
+            connect_timeout: Duration::from_secs(30),
+            oauth_wait_timeout: Duration::from_secs(120),
+            scopes: None,
+            client: None,
+        }
+    }
+
+    /// How long connecting may take, recovery included.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// How long an interactive authorization may take.
+    pub fn oauth_wait_timeout(mut self, timeout: Duration) -> Self {
+        self.oauth_wait_timeout = timeout;
+        self
+    }
+
+    /// The scopes to ask for.
+    pub fn scopes(mut self, scopes: impl Into<String>) -> Self {
+        self.scopes = Some(scopes.into());
+        self
+    }
+
+    /// How the client identifies itself for the interactive flow (pre-registered client,
+    /// metadata document or dynamic registration) and its redirect URI (the first one). Without
+    /// it there is no interactive flow.
+    pub fn client(mut self, client: mcp_oauth::ClientConfig) -> Self {
+        self.client = Some(client);
+        self
+    }
+
+    /// How long a silent refresh after a 401 may take before the provider falls back:
+    /// `min(5 s, 0.4 x min(connect timeout, OAuth wait timeout))`, leaving the rest for the
+    /// interactive fallback.
+    pub fn refresh_budget(&self) -> Duration {
+        REFRESH_CAP.min(self.connect_timeout.min(self.oauth_wait_timeout).mul_f64(0.4))
+    }
+
+    /// The token-storage key: tenant, user, server name.
+    pub fn token_key(&self) -> TokenKey {
+        TokenKey::new(self.tenant.as_str(), self.user.as_str(), self.server_name.as_str())
+    }
+
+    fn flow_id(&self) -> String {
+        // Tenant is its own typed part of the FlowKey; user and server are joined unambiguously.
+        format!("{}:{}", self.user.len(), self.user) + ":" + &self.server_name
+    }
+
+    fn flow_key(&self, flow_type: &str) -> Result<FlowKey, Error> {
+        FlowKey::scoped(Some(&self.tenant), flow_type, &self.flow_id())
+            .map_err(|e| Error::InvalidConfig(e.to_string()))
+    }
+}
+
+/// Counts of silent-refresh outcomes, summed over every provider of a [`ConnectionFactory`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RefreshCounters {
+    /// 401s answered with a token this call's force-refresh obtained (joined refreshes count
+    /// here too: token storage redeems once per key).
+    pub refreshed: u64,
+    /// 401s answered with a token a peer had already stored (no refresh needed).
+    pub adopted: u64,
+    /// Refreshes the authorization server refused for good (authorization required).
+    pub rejected: u64,
+    /// Refreshes that failed in a way that may pass.
+    pub transient: u64,
+    /// Refreshes that did not finish within the budget.
+    pub timed_out: u64,
+    /// 403 / `insufficient_scope` refusals (no refresh tried).
+    pub insufficient_scope: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    refreshed: AtomicU64,
+    adopted: AtomicU64,
+    rejected: AtomicU64,
+    transient: AtomicU64,
+    timed_out: AtomicU64,
+    insufficient_scope: AtomicU64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> RefreshCounters {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        RefreshCounters {
+            refreshed: get(&self.refreshed),
+            adopted: get(&self.adopted),
+            rejected: get(&self.rejected),
+            transient: get(&self.transient),
+            timed_out: get(&self.timed_out),
+            insufficient_scope: get(&self.insufficient_scope),
+        }
+    }
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// What the cached look-up flow holds.
+#[derive(Clone, Serialize, Deserialize)]
+struct CachedToken {
+    access_token: String,
+    /// Milliseconds since the epoch.
+    expires_at: Option<u64>,
+}
+
+/// Makes MCP connections for (tenant, user, server) triples, sharing one flow manager and one
+/// token storage, so refreshes and look-ups are coalesced across every connection.
+///
+/// Token storage must have been built with a [`Refresher`](token_storage::Refresher) such as
+/// [`OAuthRefresher`](crate::OAuthRefresher), and the client registration stored for each key
+/// (see [`stored_client`](crate::stored_client)): its issuer is the one tokens must come from.
+#[derive(Clone)]
+pub struct ConnectionFactory {
+    flows: FlowManager,
+    storage: TokenStorage,
+    counters: Arc<Counters>,
+    interactive: Option<(OAuthClient, Arc<dyn AuthorizationHook>)>,
+}
+
+impl fmt::Debug for ConnectionFactory {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnectionFactory")
+            .field("counters", &self.counters)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConnectionFactory {
+    /// A factory over `flows` and `storage`. Time comes from the flow manager's clock.
+    pub fn new(flows: FlowManager, storage: TokenStorage) -> Self {
+        ConnectionFactory { flows, storage, counters: Arc::default(), interactive: None }
+    }
+
+    /// Enable the interactive flow: discovery, registration and authorization with `oauth`, the
+    /// user prompted through `hook`. Serve [`callback_router`](crate::callback_router) on the
+    /// redirect URI with the same flow manager and storage.
+    pub fn with_interactive(
+        mut self,
+        oauth: OAuthClient,
+        hook: Arc<dyn AuthorizationHook>,
+    ) -> Self {
+        self.interactive = Some((oauth, hook));
+        self
+    }
+
+    /// The auth provider for `config`'s (tenant, user, server).
+    pub fn provider(&self, config: FactoryConfig) -> Result<Arc<FactoryProvider>, Error> {
+        Ok(Arc::new(FactoryProvider {
+            key: config.token_key(),
+            lookup: config.flow_key(GET_TOKENS_FLOW)?,
+            oauth: config.flow_key(OAUTH_FLOW)?,
+            config,
+            flows: self.flows.clone(),
+            storage: self.storage.clone(),
+            counters: self.counters.clone(),
+            interactive: self.interactive.clone(),
+        }))
+    }
+
+    /// Connect to `config`'s server with its provider attached for the connection's lifetime.
+    pub async fn connect(&self, config: FactoryConfig) -> Result<Connection, Error> {
+        let options =
+            ConnectOptions::default().connect_timeout(config.connect_timeout).clock(self.clock());
+        let url = config.server_url.clone();
+        Connection::connect(&url, self.provider(config)?, options).await
+    }
+
+    /// The token storage this factory uses.
+    pub fn storage(&self) -> &TokenStorage {
+        &self.storage
+    }
+
+    /// The flow manager this factory uses.
+    pub fn flows(&self) -> &FlowManager {
+        &self.flows
+    }
+
+    /// The refresh outcomes so far.
+    pub fn counters(&self) -> RefreshCounters {
+        self.counters.snapshot()
+    }
+
+    fn clock(&self) -> SharedClock {
+        self.flows.clock().clone()
+    }
+}
+
+/// The [`AuthProvider`] of one (tenant, user, server): see [`ConnectionFactory`].
+///
+/// - The current token comes from a cached look-up flow (type [`GET_TOKENS_FLOW`], tenant-scoped)
+///   over [`TokenStorage::get_valid`]; an expired cached token is dropped and looked up again.
+/// - A 401 force-refreshes with the rejected token (token storage runs one refresh per key for
+///   the whole process), within [`FactoryConfig::refresh_budget`]. On success the cached
+///   look-up is invalidated (deleted if COMPLETED, completed with the fresh token if PENDING)
+///   and the request retried. On failure or timeout a COMPLETED [`OAUTH_FLOW`] of the same
+///   tenant is invalidated and the request fails: [`Recovery::AuthorizationRequired`] for a
+///   refused grant, [`Error::Provider`] for a failure that may pass.
+/// - A 403 / `insufficient_scope` skips the refresh: [`Recovery::InsufficientScope`].
+pub struct FactoryProvider {
+    config: FactoryConfig,
+    key: TokenKey,
+    lookup: FlowKey,
+    oauth: FlowKey,
+    flows: FlowManager,
+    storage: TokenStorage,
+    counters: Arc<Counters>,
+    interactive: Option<(OAuthClient, Arc<dyn AuthorizationHook>)>,
+}
+
+impl fmt::Debug for FactoryProvider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FactoryProvider").field("key", &self.key).finish_non_exhaustive()
+    }
+}
+
+impl FactoryProvider {
+    /// The configuration this provider serves.
+    pub fn config(&self) -> &FactoryConfig {
+        &self.config
+    }
+
+    async fn issuer(&self) -> Result<Option<String>, Error> {
+        let client = self
+            .storage
+            .client(&self.key)
+            .await
+            .map_err(|e| Error::provider("reading the client registration", e))?;
+        Ok(client.map(|c| c.issuer))
+    }
+
+    async fn lookup(&self) -> Result<Option<Secret>, Error> {
+        for _ in 0..2 {
+            let (storage, key) = (self.storage.clone(), self.key.clone());
+            let result = self
+                .flows
+                .run::<CachedToken, _, _>(&self.lookup, move || async move {
+                    let client = storage
+                        .client(&key)
+                        .await
+                        .map_err(|e| FlowError::new("store", e.to_string()))?
+                        .ok_or_else(|| FlowError::new(NO_TOKENS, "no client registration"))?;
+                    match storage.get_valid(&key, &client.issuer).await {
+                        Ok(set) => Ok(CachedToken {
+                            access_token: set.access_token().expose().to_owned(),
+                            expires_at: set.expires_at().map(|t| t.as_millis()),
+                        }),
+                        Err(e) if e.is_authorization_required() => {
+                            Err(FlowError::new(NO_TOKENS, e.to_string()))
+                        }
+                        Err(e) => Err(FlowError::new("store", e.to_string())),
+                    }
+                })
+                .await;
+            match result {
+                Ok(cached) => {
+                    let now = self.flows.clock().now().as_millis();
+                    if cached.expires_at.is_some_and(|at| at <= now) {
+                        self.invalidate_lookup(None).await;
+                        continue;
+                    }
+                    return Ok(Some(Secret::new(cached.access_token)));
+                }
+                Err(flow_state::Error::Failed { error, .. }) if error.kind == NO_TOKENS => {
+                    return Ok(None);
+                }
+                Err(e) => return Err(Error::provider("token look-up", e)),
+            }
+        }
+        // Still expired after a fresh look-up: send it; the 401 path refreshes.
+        Ok(None)
+    }
+
+    /// Drop the cached look-up if COMPLETED; complete it with `fresh` if PENDING.
+    async fn invalidate_lookup(&self, fresh: Option<&CachedToken>) {
+        let _ = self.flows.delete_if_status(&self.lookup, FlowStatus::Completed).await;
+        if let Some(fresh) = fresh {
+            let _ = self.flows.complete_if_pending(&self.lookup, fresh).await;
+        }
+    }
+
+    async fn refresh(&self, rejected: &Secret, challenge: &Challenge) -> Result<Recovery, Error> {
+        let recovery = self.silent_refresh(rejected).await;
+        match recovery {
+            Ok(Recovery::AuthorizationRequired)
+            | Err(Error::Timeout { .. })
+            | Err(Error::Provider { .. })
+                if self.interactive.is_some() && self.config.client.is_some() =>
+            {
+                self.interactive(Some(challenge), AuthorizationReason::RefreshFailed).await
+            }
+            other => other,
+        }
+    }
+
+    async fn silent_refresh(&self, rejected: &Secret) -> Result<Recovery, Error> {
+        let span = tracing::info_span!(
+            "mcp_refresh",
+            tenant = self.key.tenant(),
+            server = self.key.server(),
+            outcome = tracing::field::Empty,
+        );
+        async {
+            let record = |outcome: &'static str, counter: &AtomicU64| {
+                tracing::Span::current().record("outcome", outcome);
+                bump(counter);
+            };
+            let Some(issuer) = self.issuer().await? else {
+                record("rejected", &self.counters.rejected);
+                return self.fall_back(Some(rejected)).await;
+            };
+            let rejected_ts = token_storage::Secret::new(rejected.expose());
+            let before = self.storage.tokens(&self.key).await.ok().flatten();
+            let adopted = before.as_ref().is_some_and(|s| *s.access_token() != rejected_ts);
+            let budget = self.config.refresh_budget();
+            let outcome = tokio::time::timeout(
+                budget,
+                self.storage.force_refresh(&self.key, &issuer, &rejected_ts),
+            )
+            .await;
+            match outcome {
+                Ok(Ok(set)) if *set.access_token() != rejected_ts => {
+                    if adopted {
+                        record("adopted", &self.counters.adopted);
+                    } else {
+                        record("refreshed", &self.counters.refreshed);
+                    }
+                    let fresh = CachedToken {
+                        access_token: set.access_token().expose().to_owned(),
+                        expires_at: set.expires_at().map(|t| t.as_millis()),
+                    };
+                    self.invalidate_lookup(Some(&fresh)).await;
+                    Ok(Recovery::Retry(Secret::new(fresh.access_token)))
+                }
+                Ok(Ok(_)) => {
+                    record("rejected", &self.counters.rejected);
+                    self.fall_back(Some(rejected)).await
+                }
+                Ok(Err(e)) if e.is_authorization_required() => {
+                    record("rejected", &self.counters.rejected);
+                    self.fall_back(Some(rejected)).await
+                }
+                Ok(Err(e)) => {
+                    record("transient", &self.counters.transient);
+                    if let Recovery::Retry(token) = self.fall_back(Some(rejected)).await? {
+                        return Ok(Recovery::Retry(token));
+                    }
+                    Err(Error::provider("silent refresh failed", e))
+                }
+                Err(_) => {
+                    record("timed_out", &self.counters.timed_out);
+                    tracing::warn!(?budget, "silent refresh did not finish within its budget");
+                    if let Recovery::Retry(token) = self.fall_back(Some(rejected)).await? {
+                        return Ok(Recovery::Retry(token));
+                    }
+                    Err(Error::Timeout { operation: "silent refresh", after: budget })
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// The silent refresh failed: a COMPLETED interactive flow of this tenant is stale now, and
+    /// so is its state mapping.
+    ///
+    /// Unless usable tokens other than `rejected` are stored by now (a re-authorization that
+    /// finished while this refresh failed): then that COMPLETED flow is current, and the request
+    /// is retried with its token.
+    async fn fall_back(&self, rejected: Option<&Secret>) -> Result<Recovery, Error> {
+        // Read the flow before the tokens: the callback stores tokens before it completes the
+        // flow, so a COMPLETED flow read here whose tokens are not newer is really stale.
+        let flow = self.flows.get::<serde_json::Value>(&self.oauth).await.ok().flatten();
+        if let Ok(Some(set)) = self.storage.tokens(&self.key).await
+            && set.needs_authorization().is_none()
+            && rejected.is_none_or(|r| set.access_token().expose() != r.expose())
+        {
+            bump(&self.counters.adopted);
+            return Ok(Recovery::Retry(Secret::new(set.access_token().expose())));
+        }
+        if let Some(flow) = flow
+            && flow.status == FlowStatus::Completed
+        {
+            if let Ok(meta) = serde_json::from_value::<OAuthFlowMeta>(flow.metadata)
+                && let Some(skey) = state_key(meta.pending.state.secret())
+            {
+                let _ = self.flows.delete(&skey).await;
+            }
+            let _ = self.flows.delete_if_status(&self.oauth, FlowStatus::Completed).await;
+        }
+        self.invalidate_lookup(None).await;
+        Ok(Recovery::AuthorizationRequired)
+    }
+
+    /// The interactive flow: reuse a fresh PENDING flow (no second prompt), else discover,
+    /// register (reusing the stored client), build the PKCE URL, create the PENDING flow and
+    /// its state mapping, and prompt. Then wait for the callback (or return early).
+    async fn interactive(
+        &self,
+        challenge: Option<&Challenge>,
+        reason: AuthorizationReason,
+    ) -> Result<Recovery, Error> {
+        let Some((oauth, hook)) = &self.interactive else {
+            return Ok(Recovery::AuthorizationRequired);
+        };
+        let Some(client_config) = &self.config.client else {
+            return Ok(Recovery::AuthorizationRequired);
+        };
+        let span = tracing::info_span!(
+            "mcp_interactive",
+            tenant = self.key.tenant(),
+            server = self.key.server(),
+            ?reason,
+        );
+        async {
+            let decision =
+                match self.prompt(oauth, hook.as_ref(), client_config, challenge, reason).await? {
+                    Some(decision) => decision,
+                    None => HookDecision::Wait, // joined a fresh PENDING flow: no second prompt
+                };
+            if decision == HookDecision::ReturnEarly {
+                return Ok(Recovery::AuthorizationRequired);
+            }
+            let wait = self.config.oauth_wait_timeout;
+            match tokio::time::timeout(wait, self.flows.wait::<serde_json::Value>(&self.oauth))
+                .await
+            {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::info!(error = %e, "interactive authorization did not complete");
+                    return Ok(Recovery::AuthorizationRequired);
+                }
+                Err(_) => {
+                    return Err(Error::Timeout {
+                        operation: "interactive authorization",
+                        after: wait,
+                    });
+                }
+            }
+            self.invalidate_lookup(None).await;
+            match self.lookup().await? {
+                Some(token) => Ok(Recovery::Retry(token)),
+                None => Ok(Recovery::AuthorizationRequired),
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Start a new authorization and prompt, or `None` when a fresh PENDING one exists.
+    async fn prompt(
+        &self,
+        oauth: &OAuthClient,
+        hook: &dyn AuthorizationHook,
+        client_config: &mcp_oauth::ClientConfig,
+        challenge: Option<&Challenge>,
+        reason: AuthorizationReason,
+    ) -> Result<Option<HookDecision>, Error> {
+        let current = self.flows.get::<serde_json::Value>(&self.oauth).await.ok().flatten();
+        // The fallback deleted any COMPLETED flow before coming here: one seen now was completed
+        // by a peer's authorization since, so it is joined, not replaced.
+        if current.as_ref().is_some_and(|f| f.status == FlowStatus::Completed) {
+            return Ok(None);
+        }
+        if let Some(flow) = current
+            && flow.status == FlowStatus::Pending
+        {
+            let stale = self
+                .flows
+                .staleness(&self.oauth, self.config.oauth_wait_timeout)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|s| s.is_stale);
+            if !stale {
+                return Ok(None);
+            }
+        }
+        let oauth_err = |what: &'static str| move |e: mcp_oauth::Error| Error::provider(what, e);
+        let server: url::Url = self
+            .config
+            .server_url
+            .parse()
+            .map_err(|e| Error::InvalidConfig(format!("server URL: {e}")))?;
+        let bearer = match challenge {
+            Some(c) => mcp_oauth::BearerChallenge::from_headers(
+                c.www_authenticate().iter().map(String::as_str),
+            )
+            .ok()
+            .flatten(),
+            None => None,
+        };
+        let discovery =
+            oauth.discover(&server, bearer.as_ref()).await.map_err(oauth_err("discovery"))?;
+        let stored = self.storage.client(&self.key).await.ok().flatten();
+        let registration = match stored.as_ref().and_then(decode_stored_client) {
+            Some((d, r)) if d.issuer() == discovery.issuer() => r,
+            _ => {
+                let r = oauth
+                    .register(&discovery, client_config)
+                    .await
+                    .map_err(oauth_err("registration"))?;
+                self.storage
+                    .store_client(&self.key, &stored_client(&discovery, &r))
+                    .await
+                    .map_err(|e| Error::provider("storing the client registration", e))?;
+                r
+            }
+        };
+        let scope = mcp_oauth::select_scope(bearer.as_ref(), &discovery)
+            .or_else(|| self.config.scopes.clone());
+        let redirect = client_config
+            .redirect_uris
+            .first()
+            .ok_or_else(|| Error::InvalidConfig("the client config has no redirect URI".into()))?;
+        let (url, pending) = oauth
+            .authorization_url(&discovery, &registration, redirect, scope.as_deref())
+            .map_err(oauth_err("authorization URL"))?;
+        let expires_at = pending.created_at.saturating_add(pending.ttl);
+        let state = pending.state.secret().to_owned();
+        let meta = serde_json::to_value(OAuthFlowMeta { pending, discovery })
+            .map_err(|e| Error::provider("encoding the pending authorization", e))?;
+        // A peer's authorization may have completed while this one was being prepared: init
+        // would replace it, so join it instead.
+        if let Ok(Some(flow)) = self.flows.get::<serde_json::Value>(&self.oauth).await
+            && flow.status == FlowStatus::Completed
+        {
+            return Ok(None);
+        }
+        match self.flows.init(&self.oauth, meta).await {
+            Ok(_) => {}
+            Err(flow_state::Error::AlreadyPending { .. }) => return Ok(None),
+            Err(e) => return Err(Error::provider("creating the authorization flow", e)),
+        }
+        let mapping = serde_json::to_value(StateMeta {
+            tenant: self.config.tenant.clone(),
+            user: self.config.user.clone(),
+            server: self.config.server_name.clone(),
+            flow_id: self.config.flow_id(),
+        })
+        .map_err(|e| Error::provider("encoding the state mapping", e))?;
+        let skey = state_key(&state).ok_or_else(|| Error::provider_msg("invalid state"))?;
+        self.flows
+            .init(&skey, mapping)
+            .await
+            .map_err(|e| Error::provider("creating the state mapping", e))?;
+        tracing::info!("interactive authorization started");
+        let request = AuthorizationRequest {
+            authorization_url: url.to_string(),
+            scopes: scope,
+            reason,
+            expires_at,
+        };
+        Ok(Some(hook.authorization_required(request).await))
+    }
+}
+
+impl AuthProvider for FactoryProvider {
+    fn current_token(&self) -> BoxFuture<'_, Result<Option<Secret>, Error>> {
+        Box::pin(self.lookup())
+    }
+
+    fn on_unauthorized<'a>(
+        &'a self,
+        rejected: Option<&'a Secret>,
+        challenge: &'a Challenge,
+    ) -> BoxFuture<'a, Result<Recovery, Error>> {
+        Box::pin(async move {
+            if challenge.is_insufficient_scope() {
+                bump(&self.counters.insufficient_scope);
+                return Ok(Recovery::InsufficientScope);
+            }
+            match rejected {
+                Some(rejected) => self.refresh(rejected, challenge).await,
+                None => {
+                    self.fall_back(None).await?;
+                    self.interactive(Some(challenge), AuthorizationReason::NoTokens).await
+                }
+            }
+        })
+    }
+}

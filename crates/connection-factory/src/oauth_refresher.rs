@@ -1,0 +1,230 @@
+//! [`OAuthRefresher`]: token-storage's [`Refresher`] over mcp-oauth's refresh grant, and the
+//! mapping of OAuth errors onto token-storage's terminal / transient policy.
+
+use std::fmt;
+
+use mcp_oauth::{Discovery, Endpoint, OAuthClient, RefreshToken, TokenEndpointAuthMethod};
+use token_storage::{
+    BoxFuture, RefreshError, RefreshRequest, Refresher, TerminalCode, TokenKey, TokenResponse,
+    TransientKind,
+};
+
+/// The `metadata` member under which a stored client registration keeps the discovery result.
+const DISCOVERY: &str = "discovery";
+/// The `metadata` member under which a stored client registration keeps the mcp-oauth
+/// registration, without its secret (kept in the redacted `client_secret`) and without a
+/// private key (`metadata` shows in `Debug`, so no secret may go there).
+const REGISTRATION: &str = "registration";
+
+/// Runs the refresh-token grant for [`token_storage::TokenStorage`] with
+/// [`OAuthClient::refresh`], sending the stored scope and the discovery's `resource`.
+///
+/// What the grant needs besides the refresh token (the token endpoint, the resource, the
+/// client and how it authenticates) comes from the client registration stored for the key
+/// ([`stored_client`] writes it), so a refresh works in any process that shares the store.
+///
+/// Errors are classified conservatively (**only what is safe to retry is transient**):
+///
+/// | mcp-oauth error | [`RefreshError`] |
+/// |---|---|
+/// | OAuth `invalid_grant` / `invalid_client` / `unauthorized_client` | `Terminal` with that code |
+/// | 5xx (with or without an OAuth body), OAuth `server_error` | `Transient(ServerError)` |
+/// | 429, OAuth `slow_down` | `Transient(RateLimited)`, with `Retry-After` |
+/// | OAuth `temporarily_unavailable` | `Transient(TemporarilyUnavailable)`, with `Retry-After` |
+/// | timeout, connection failure | `Transient(Network)` |
+/// | anything else: other OAuth codes, other statuses, a malformed or non-Bearer response, a refused URL, a cancelled request, no stored registration | `Terminal(InvalidGrant)`, with a description |
+///
+/// A malformed 200 is terminal on purpose: the server may have rotated the refresh token
+/// already, and redeeming the old one again would trip reuse detection.
+///
+/// ```
+/// use connection_factory::OAuthRefresher;
+/// use mcp_clock::SharedClock;
+/// use mcp_oauth::{HttpRequest, HttpResponse, OAuthClient};
+///
+/// let http = |_req: HttpRequest| async { Ok(HttpResponse::new(503)) };
+/// let refresher = OAuthRefresher::new(OAuthClient::new(http, SharedClock::system()));
+/// # drop(refresher);
+/// ```
+#[derive(Clone)]
+pub struct OAuthRefresher {
+    client: OAuthClient,
+}
+
+impl fmt::Debug for OAuthRefresher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OAuthRefresher").finish_non_exhaustive()
+    }
+}
+
+impl OAuthRefresher {
+    /// A refresher that sends its grants with `client`.
+    pub fn new(client: OAuthClient) -> Self {
+        OAuthRefresher { client }
+    }
+}
+
+/// The token-storage client registration for `registration`, carrying `discovery` and the
+/// mcp-oauth registration in its `metadata` (the client secret goes in the redacted
+/// `client_secret`), so that [`OAuthRefresher`] can refresh from the store alone.
+///
+/// A `private_key_jwt` key is **not** stored (nothing secret goes in `metadata`): such clients
+/// cannot yet be refreshed from the store.
+///
+/// ```
+/// # use mcp_oauth::*;
+/// # fn demo(discovery: Discovery, registration: ClientRegistration) {
+/// let stored = connection_factory::stored_client(&discovery, &registration);
+/// assert_eq!(stored.client_id, registration.client_id);
+/// # }
+/// ```
+pub fn stored_client(
+    discovery: &Discovery,
+    registration: &mcp_oauth::ClientRegistration,
+) -> token_storage::ClientRegistration {
+    let mut stored = token_storage::ClientRegistration::new(
+        registration.client_id.clone(),
+        discovery.issuer().to_owned(),
+    );
+    if let Some(secret) = &registration.client_secret {
+        stored = stored.client_secret(secret.secret().to_owned());
+    }
+    stored = stored.auth_method(registration.auth_method.as_str());
+    let mut public = registration.clone();
+    public.client_secret = None;
+    public.client_key = None;
+    stored.metadata = serde_json::json!({
+        DISCOVERY: discovery,
+        REGISTRATION: public,
+    });
+    stored
+}
+
+/// The discovery and mcp-oauth registration kept in a stored client registration.
+pub(crate) fn decode_stored_client(
+    stored: &token_storage::ClientRegistration,
+) -> Option<(Discovery, mcp_oauth::ClientRegistration)> {
+    let discovery: Discovery =
+        serde_json::from_value(stored.metadata.get(DISCOVERY)?.clone()).ok()?;
+    let secret = stored.client_secret.as_ref().map(|s| mcp_oauth::ClientSecret::new(s.expose()));
+    let registration = match stored.metadata.get(REGISTRATION) {
+        Some(value) => {
+            let mut registration: mcp_oauth::ClientRegistration =
+                serde_json::from_value(value.clone()).ok()?;
+            registration.client_secret = secret;
+            registration
+        }
+        None => mcp_oauth::ClientRegistration {
+            client_id: stored.client_id.clone(),
+            client_secret: secret,
+            client_key: None,
+            auth_method: TokenEndpointAuthMethod::from_name(&stored.token_endpoint_auth_method)?,
+            source: mcp_oauth::RegistrationSource::PreRegistered,
+            issuer: stored.issuer.clone(),
+            client_secret_expires_at: None,
+        },
+    };
+    Some((discovery, registration))
+}
+
+impl Refresher for OAuthRefresher {
+    fn refresh<'a>(
+        &'a self,
+        key: &'a TokenKey,
+        request: &'a RefreshRequest,
+    ) -> BoxFuture<'a, Result<TokenResponse, RefreshError>> {
+        Box::pin(async move {
+            let Some((discovery, registration)) =
+                request.client.as_ref().and_then(decode_stored_client)
+            else {
+                tracing::warn!(
+                    server = key.server(),
+                    "no usable client registration stored: cannot refresh"
+                );
+                return Err(RefreshError::terminal(
+                    TerminalCode::InvalidGrant,
+                    Some("no usable client registration is stored for this key".into()),
+                ));
+            };
+            let refresh_token = RefreshToken::new(request.refresh_token.expose());
+            match self
+                .client
+                .refresh(&discovery, &registration, &refresh_token, request.scope.as_deref())
+                .await
+            {
+                Ok(response) => Ok(convert_response(response)),
+                Err(error) => Err(classify(&error)),
+            }
+        })
+    }
+}
+
+pub(crate) fn convert_response(response: mcp_oauth::TokenResponse) -> TokenResponse {
+    TokenResponse {
+        access_token: response.access_token.secret().into(),
+        token_type: response.token_type,
+        expires_in: response.expires_in,
+        refresh_token: response.refresh_token.map(|t| t.secret().into()),
+        refresh_token_expires_in: None,
+        scope: response.scope,
+        date: response.date,
+    }
+}
+
+/// Map an mcp-oauth error from a refresh grant onto token-storage's policy (see
+/// [`OAuthRefresher`]). Only what is safe to retry is transient.
+pub(crate) fn classify(error: &mcp_oauth::Error) -> RefreshError {
+    use mcp_oauth::Error as E;
+    let retry_after = error.retry_after();
+    let transient = |kind: TransientKind, message: String| RefreshError::Transient {
+        kind,
+        retry_after,
+        message,
+    };
+    match error {
+        E::Timeout { timeout, .. } => {
+            transient(TransientKind::Network, format!("token request timed out after {timeout:?}"))
+        }
+        E::Transport { .. } => {
+            transient(TransientKind::Network, "token endpoint unreachable".into())
+        }
+        E::HttpStatus { status: 429, .. } => {
+            transient(TransientKind::RateLimited, "token endpoint answered 429".into())
+        }
+        E::HttpStatus { status, .. } if (500..=599).contains(status) => transient(
+            TransientKind::ServerError(*status),
+            format!("token endpoint answered {status}"),
+        ),
+        E::OAuth { endpoint: Endpoint::Token, status, code, description, .. } => {
+            let message = format!("token endpoint answered {status} {code}");
+            match code.as_str() {
+                "invalid_grant" => {
+                    RefreshError::terminal(TerminalCode::InvalidGrant, description.clone())
+                }
+                "invalid_client" => {
+                    RefreshError::terminal(TerminalCode::InvalidClient, description.clone())
+                }
+                "unauthorized_client" => {
+                    RefreshError::terminal(TerminalCode::UnauthorizedClient, description.clone())
+                }
+                "temporarily_unavailable" => {
+                    transient(TransientKind::TemporarilyUnavailable, message)
+                }
+                "slow_down" => transient(TransientKind::RateLimited, message),
+                _ if *status == 429 => transient(TransientKind::RateLimited, message),
+                _ if (500..=599).contains(status) => {
+                    transient(TransientKind::ServerError(*status), message)
+                }
+                "server_error" => transient(TransientKind::ServerError(500), message),
+                _ => RefreshError::terminal(
+                    TerminalCode::InvalidGrant,
+                    Some(format!("refresh refused: {code}")),
+                ),
+            }
+        }
+        other => RefreshError::terminal(
+            TerminalCode::InvalidGrant,
+            Some(format!("refresh failed and is not safe to retry: {other}")),
+        ),
+    }
+}

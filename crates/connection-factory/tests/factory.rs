@@ -1,0 +1,299 @@
+//! The connection factory end to end against the fixture servers (real loopback HTTP, a manual
+//! clock): coalesced silent refresh, the refresh budget, a late refresh that never overwrites,
+//! revocation, insufficient scope, tenant isolation.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use connection_factory::{
+    AuthProvider, ConnectionFactory, Error, FactoryConfig, GET_TOKENS_FLOW, OAUTH_FLOW,
+    OAuthRefresher, stored_client,
+};
+use flow_state::{FlowKey, FlowManager, MemoryStore, SharedStore};
+use mcp_clock::{ManualClock, SystemClock, Timestamp};
+use mcp_fixtures::{ClientAuth, ClientSpec, Fixtures, KnobSettings};
+use mcp_oauth::{HttpPolicy, OAuthClient, ReqwestHttpClient};
+use serde_json::{Value, json};
+use token_storage::{
+    Keyring, MemoryTokenStore, TokenKey, TokenResponse, TokenStorage, TokenStorageConfig,
+};
+
+/// What the fixture's tokens really live; the client is told they live an hour, so it keeps
+/// sending them and the server answers 401 (a mid-session expiry the client did not foresee).
+const LIFETIME: Duration = Duration::from_secs(60);
+const CLAIMED: Duration = Duration::from_secs(3600);
+
+struct Setup {
+    clock: ManualClock,
+    fx: Fixtures,
+    flows: FlowManager,
+    storage: TokenStorage,
+    factory: ConnectionFactory,
+    issuer: String,
+    client_id: String,
+}
+
+async fn setup() -> Setup {
+    let clock = ManualClock::new(Timestamp::from_secs(1_800_000_000));
+    let mut knobs = KnobSettings::default();
+    knobs.access_token_lifetime = LIFETIME;
+    knobs.refresh_rotation = true;
+    knobs.reuse_detection = true;
+    knobs.reuse_grace = None;
+    let fx = Fixtures::start_with(clock.shared(), knobs).await.unwrap();
+
+    let oauth =
+        OAuthClient::new(ReqwestHttpClient::new(HttpPolicy::default()).unwrap(), clock.shared());
+    let discovery = oauth.discover(&fx.resource().url().parse().unwrap(), None).await.unwrap();
+    let client = fx.auth().register_client(ClientSpec::new(ClientAuth::None)).unwrap();
+    let registration = mcp_oauth::ClientRegistration {
+        client_id: client.client_id().to_owned(),
+        client_secret: None,
+        client_key: None,
+        auth_method: mcp_oauth::TokenEndpointAuthMethod::None,
+        source: mcp_oauth::RegistrationSource::Dynamic,
+        issuer: discovery.issuer().to_owned(),
+        client_secret_expires_at: None,
+    };
+    let storage = TokenStorage::builder(
+        MemoryTokenStore::new().into(),
+        Arc::new(Keyring::parse(&"42".repeat(32)).unwrap()),
+        Arc::new(OAuthRefresher::new(oauth)),
+    )
+    .clock(clock.shared())
+    .config(storage_config())
+    .build();
+    for tenant in ["tenant-a", "tenant-b"] {
+        storage
+            .store_client(&key(tenant), &stored_client(&discovery, &registration))
+            .await
+            .unwrap();
+    }
+    let flows = FlowManager::builder(SharedStore::new(MemoryStore::new()))
+        .clock(clock.shared())
+        .build()
+        .unwrap();
+    let factory = ConnectionFactory::new(flows.clone(), storage.clone());
+    Setup {
+        clock,
+        issuer: discovery.issuer().to_owned(),
+        client_id: client.client_id().to_owned(),
+        fx,
+        flows,
+        storage,
+        factory,
+    }
+}
+
+impl Setup {
+    /// Issue fresh tokens at the fixture and store them for `tenant`; returns the access token.
+    async fn issue(&self, tenant: &str) -> String {
+        let issued = self.fx.auth().issue_tokens(
+            &self.client_id,
+            "mcp:tools",
+            Some(self.fx.resource().url()),
+        );
+        let response = TokenResponse::bearer(issued.access_token())
+            .expires_in(CLAIMED)
+            .refresh_token(issued.refresh_token().unwrap())
+            .scope("mcp:tools");
+        self.storage.store(&key(tenant), &self.issuer, response).await.unwrap();
+        issued.access_token().to_owned()
+    }
+
+    fn config(&self, tenant: &str) -> FactoryConfig {
+        FactoryConfig::new(self.fx.resource().url(), tenant, "alice", "fixture")
+            .connect_timeout(Duration::from_secs(10))
+            .oauth_wait_timeout(Duration::from_secs(60))
+    }
+
+    async fn stored_access(&self, tenant: &str) -> String {
+        let set = self.storage.tokens(&key(tenant)).await.unwrap().unwrap();
+        set.access_token().expose().to_owned()
+    }
+}
+
+/// The fixture's HTTP `Date` header is the real time (hyper adds it), while expiry runs on the
+/// manual clock: without this, the date correction would make every refreshed token look
+/// expired once the manual clock is advanced.
+fn storage_config() -> TokenStorageConfig {
+    let mut config = TokenStorageConfig::default();
+    config.max_date_correction = Duration::ZERO;
+    config
+}
+
+fn key(tenant: &str) -> TokenKey {
+    TokenKey::new(tenant, "alice", "fixture")
+}
+
+fn args(text: &str) -> Option<serde_json::Map<String, Value>> {
+    json!({ "text": text }).as_object().cloned()
+}
+
+fn text(result: &connection_factory::CallToolResult) -> String {
+    result.content[0].as_text().expect("text content").text.clone()
+}
+
+async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    for _ in 0..1000 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// Tokens expire mid-session with rotation and strict reuse detection: 50 concurrent tool
+/// calls are refused; the refresh token is redeemed once; all 50 succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_concurrent_401s_one_redemption_all_succeed() {
+    let s = setup().await;
+    s.issue("tenant-a").await;
+    let conn = Arc::new(s.factory.connect(s.config("tenant-a")).await.unwrap());
+    assert_eq!(text(&conn.call_tool("echo", args("warm")).await.unwrap()), "warm");
+
+    s.clock.advance(LIFETIME + Duration::from_secs(1));
+    let calls: Vec<_> = (0..50)
+        .map(|i| {
+            let conn = conn.clone();
+            tokio::spawn(async move { conn.call_tool("echo", args(&format!("call {i}"))).await })
+        })
+        .collect();
+    for (i, call) in calls.into_iter().enumerate() {
+        let result = call.await.unwrap().unwrap_or_else(|e| panic!("call {i}: {e:?}"));
+        assert_eq!(text(&result), format!("call {i}"));
+    }
+
+    let auth = s.fx.auth().stats();
+    assert_eq!(auth.refresh_token_requests, 1, "{auth:?}");
+    assert_eq!(auth.max_refresh_redemptions(), 1);
+    assert_eq!(auth.reuse_detections, 0);
+    assert_eq!(auth.families_revoked, 0);
+    let rs = s.fx.resource().stats();
+    assert!(rs.unauthorized >= 1, "{rs:?}");
+    let c = s.factory.counters();
+    assert_eq!(c.refreshed + c.adopted, rs.unauthorized, "every 401 recovered: {c:?} {rs:?}");
+    assert_eq!(c.rejected + c.transient + c.timed_out, 0, "{c:?}");
+}
+
+/// A hung token endpoint: the refused call fails within the refresh budget (not the 30 s HTTP
+/// timeout), a COMPLETED interactive flow of the tenant is invalidated, and when the hung
+/// refresh finally lands after newer tokens were stored, it does not overwrite them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_token_endpoint_falls_back_within_budget_and_the_late_refresh_never_overwrites() {
+    let s = setup().await;
+    s.issue("tenant-a").await;
+    let config = s.config("tenant-a").connect_timeout(Duration::from_secs(2));
+    assert_eq!(config.refresh_budget(), Duration::from_millis(800));
+    let conn = s.factory.connect(config).await.unwrap();
+    assert_eq!(text(&conn.call_tool("echo", args("warm")).await.unwrap()), "warm");
+
+    // A COMPLETED interactive flow for tenant A and for tenant B (same user, same server).
+    let oauth_a = FlowKey::scoped(Some("tenant-a"), OAUTH_FLOW, "5:alice:fixture").unwrap();
+    let oauth_b = FlowKey::scoped(Some("tenant-b"), OAUTH_FLOW, "5:alice:fixture").unwrap();
+    for k in [&oauth_a, &oauth_b] {
+        s.flows.init(k, json!({})).await.unwrap();
+        s.flows.complete(k, &"done").await.unwrap();
+    }
+
+    s.fx.auth().knobs().set_token_hang(true);
+    s.clock.advance(LIFETIME + Duration::from_secs(1));
+    let started = SystemClock::instant();
+    let err = conn.call_tool("echo", args("hung")).await.unwrap_err();
+    let took = SystemClock::instant().duration_since(started);
+    assert!(took < Duration::from_secs(2), "fell back after {took:?}");
+    assert!(took >= Duration::from_millis(800), "gave up before the budget: {took:?}");
+    assert!(
+        matches!(err, Error::Timeout { .. } | Error::Provider { .. } | Error::Transport(_)),
+        "{err:?}"
+    );
+    assert_eq!(s.factory.counters().timed_out, 1);
+    assert!(
+        s.flows.get::<String>(&oauth_a).await.unwrap().is_none(),
+        "tenant A's flow invalidated"
+    );
+    assert!(s.flows.get::<String>(&oauth_b).await.unwrap().is_some(), "tenant B's flow untouched");
+
+    // The interactive fallback stores newer tokens; then the hung refresh is answered.
+    let newer = s.issue("tenant-a").await;
+    let redeemed = s.fx.auth().stats().max_refresh_redemptions();
+    assert_eq!(redeemed, 0);
+    s.fx.auth().knobs().set_token_hang(false);
+    eventually("the late redemption", || s.fx.auth().stats().max_refresh_redemptions() == 1).await;
+    tokio::time::sleep(Duration::from_millis(200)).await; // let the late result try to commit
+    assert_eq!(s.stored_access("tenant-a").await, newer, "the late refresh overwrote newer tokens");
+    // And the connection works with them.
+    assert_eq!(text(&conn.call_tool("echo", args("after")).await.unwrap()), "after");
+}
+
+/// Server-side revocation: the refresh is refused; the call fails with AuthorizationRequired;
+/// the dead refresh token is not redeemed again.
+#[tokio::test]
+async fn revocation_is_authorization_required_without_a_retry_loop() {
+    let s = setup().await;
+    s.issue("tenant-a").await;
+    let conn = s.factory.connect(s.config("tenant-a")).await.unwrap();
+    s.fx.auth().knobs().revoke_all_tokens();
+    let err = conn.call_tool("echo", args("x")).await.unwrap_err();
+    assert!(matches!(err, Error::AuthorizationRequired { .. }), "{err:?}");
+    // The call and (perhaps) the session's GET stream were refused: one refresh for both.
+    assert!(s.factory.counters().rejected >= 1, "{:?}", s.factory.counters());
+    assert_eq!(s.fx.auth().stats().refresh_token_requests, 1);
+    let err = conn.call_tool("echo", args("y")).await.unwrap_err();
+    assert!(matches!(err, Error::AuthorizationRequired { .. }), "{err:?}");
+    assert_eq!(
+        s.fx.auth().stats().refresh_token_requests,
+        1,
+        "the dead refresh token is not resent"
+    );
+}
+
+/// A 403 insufficient_scope never triggers a refresh.
+#[tokio::test]
+async fn insufficient_scope_skips_refresh() {
+    let s = setup().await;
+    s.issue("tenant-a").await;
+    let conn = s.factory.connect(s.config("tenant-a")).await.unwrap();
+    let err = conn.call_tool("counter", None).await.unwrap_err();
+    assert!(matches!(err, Error::InsufficientScope { .. }), "{err:?}");
+    assert_eq!(s.fx.auth().stats().refresh_token_requests, 0);
+    assert_eq!(s.factory.counters().insufficient_scope, 1);
+}
+
+/// Tenant A and tenant B, same user id and server name: separate tokens, separate cached
+/// look-ups, and a refresh for A leaves B's tokens alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_never_share_tokens_or_flows() {
+    let s = setup().await;
+    let a = s.issue("tenant-a").await;
+    let b = s.issue("tenant-b").await;
+    assert_ne!(a, b);
+    let pa = s.factory.provider(s.config("tenant-a")).unwrap();
+    let pb = s.factory.provider(s.config("tenant-b")).unwrap();
+    assert_eq!(pa.current_token().await.unwrap().unwrap().expose(), a);
+    assert_eq!(pb.current_token().await.unwrap().unwrap().expose(), b);
+    let lookup_a = FlowKey::scoped(Some("tenant-a"), GET_TOKENS_FLOW, "5:alice:fixture").unwrap();
+    let lookup_b = FlowKey::scoped(Some("tenant-b"), GET_TOKENS_FLOW, "5:alice:fixture").unwrap();
+    assert!(s.flows.get::<Value>(&lookup_a).await.unwrap().is_some());
+    assert!(s.flows.get::<Value>(&lookup_b).await.unwrap().is_some());
+
+    let conn_a = s.factory.connect(s.config("tenant-a")).await.unwrap();
+    s.clock.advance(LIFETIME + Duration::from_secs(1));
+    assert_eq!(text(&conn_a.call_tool("echo", args("a")).await.unwrap()), "a");
+    let a2 = s.stored_access("tenant-a").await;
+    assert_ne!(a2, a, "tenant A refreshed");
+    assert_eq!(s.stored_access("tenant-b").await, b, "tenant B untouched");
+    assert_eq!(pa.current_token().await.unwrap().unwrap().expose(), a2);
+    assert_eq!(pb.current_token().await.unwrap().unwrap().expose(), b);
+}
+
+/// Without any stored tokens the provider sends no credentials, and the 401 is
+/// AuthorizationRequired (the interactive flow is not part of this crate yet).
+#[tokio::test]
+async fn no_tokens_is_authorization_required_at_connect() {
+    let s = setup().await;
+    let err = s.factory.connect(s.config("tenant-a")).await.unwrap_err();
+    assert!(matches!(err, Error::AuthorizationRequired { .. }), "{err:?}");
+    assert_eq!(s.fx.auth().stats().refresh_token_requests, 0);
+}
