@@ -202,7 +202,9 @@ async fn hung_token_endpoint_falls_back_within_budget_and_the_late_refresh_never
     let started = SystemClock::instant();
     let err = conn.call_tool("echo", args("hung")).await.unwrap_err();
     let took = SystemClock::instant().duration_since(started);
-    assert!(took < Duration::from_secs(2), "fell back after {took:?}");
+    // The budget (0.8 s) ends the wait, not the 30 s HTTP timeout: `timed_out` below says which.
+    // The upper bound leaves room for a loaded CI machine.
+    assert!(took < Duration::from_secs(10), "fell back after {took:?}");
     assert!(took >= Duration::from_millis(800), "gave up before the budget: {took:?}");
     assert!(
         matches!(err, Error::Timeout { .. } | Error::Provider { .. } | Error::Transport(_)),
