@@ -54,6 +54,7 @@ mod fixtures;
 mod knobs;
 mod resource;
 mod secret;
+mod serve;
 mod stats;
 
 pub use auth::{

@@ -12,7 +12,6 @@ use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{ServerCapabilities, ServerConfig};
@@ -357,20 +356,7 @@ impl ResourceServerBuilder {
         }
         let router = router.merge(mcp);
 
-        let stop = shutdown.clone();
-        let task = tokio::spawn(async move {
-            let served = axum::serve(
-                listener.tap_io(|tcp| {
-                    let _ = tcp.set_nodelay(true);
-                }),
-                router,
-            )
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await;
-            if let Err(e) = served {
-                tracing::warn!(error = %e, "resource server stopped with an error");
-            }
-        });
+        let task = crate::serve::spawn(listener, router, shutdown.clone(), "resource server");
         tracing::debug!(%url, "resource server listening");
         Ok(ResourceServerHandle { url, base_url, metadata_url, shared, shutdown, task: Some(task) })
     }

@@ -6,7 +6,6 @@ mod http;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use mcp_clock::SharedClock;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -265,20 +264,7 @@ impl AuthServerBuilder {
                 .map_err(|e| FixtureError::Server(Box::new(e)))?,
         };
         let router = http::router(app);
-        let stop = shutdown.clone();
-        let task = tokio::spawn(async move {
-            let served = axum::serve(
-                listener.tap_io(|tcp| {
-                    let _ = tcp.set_nodelay(true);
-                }),
-                router,
-            )
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await;
-            if let Err(e) = served {
-                tracing::warn!(error = %e, "authorization server stopped with an error");
-            }
-        });
+        let task = crate::serve::spawn(listener, router, shutdown.clone(), "authorization server");
         tracing::debug!(%issuer, "authorization server listening");
         Ok(AuthServerHandle { core, issuer, base_url, shutdown, task: Some(task) })
     }
