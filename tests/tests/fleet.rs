@@ -236,29 +236,50 @@ fn echo_args(text: &str) -> Option<serde_json::Map<String, serde_json::Value>> {
     serde_json::json!({ "text": text }).as_object().cloned()
 }
 
+/// An error and its sources, joined.
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        out = format!("{out}: {e}");
+        source = e.source();
+    }
+    out
+}
+
 fn text(result: &CallToolResult) -> String {
     result.content[0].as_text().expect("text content").text.clone()
 }
 
-/// One process of the MCP fleet: a connection factory over the shared Redis (flows and tokens),
-/// refreshing with [`OAuthRefresher`] from the client registration the parent stored. It opens
-/// one MCP session, warms it up with a tool call, says `READY`, and on `go` makes [`CALLS`]
-/// concurrent `echo` calls on that session.
-async fn mcp_child(redis: &str, prefix: &str) {
+/// A connection factory over the shared Redis (flows and tokens), refreshing with
+/// [`OAuthRefresher`] from the client registration the parent stored.
+async fn mcp_factory(redis: &str, prefix: &str) -> ConnectionFactory {
     let refresher = Arc::new(OAuthRefresher::new(oauth_client()));
     let storage = fleet_storage(redis, prefix, refresher).await;
     let flows =
         RedisStore::builder(redis).prefix(format!("{prefix}-flows")).connect().await.unwrap();
     let flows = FlowManager::builder(SharedStore::new(flows)).build().unwrap();
-    let factory = ConnectionFactory::new(flows, storage);
-    let config = FactoryConfig::new(env("FLEET_MCP_URL"), "acme", "alice", "fixture");
-    // `factory.connect(config)` with room for all the calls at once: rmcp's default of 16 POSTs
-    // in flight would hold the rest back until the refresh has landed, and they would never
-    // meet a 401. `FactoryConfig` has no such knob, so the factory's provider is attached here.
-    let url = env("FLEET_MCP_URL");
+    ConnectionFactory::new(flows, storage)
+}
+
+/// `factory.connect(config)` for [`key`], with room for [`CALLS`] requests at once: rmcp's
+/// default of 16 POSTs in flight would hold the rest back until the refresh has landed, and
+/// they would never meet a 401. `FactoryConfig` has no such knob, so the factory's provider is
+/// attached here.
+async fn mcp_connect(
+    factory: &ConnectionFactory,
+    url: &str,
+) -> Result<Connection, connection_factory::Error> {
+    let config = FactoryConfig::new(url, "acme", "alice", "fixture");
     let options = ConnectOptions::default().max_concurrent_requests(CALLS);
-    let provider = factory.provider(config).unwrap();
-    let conn = Arc::new(Connection::connect(&url, provider, options).await.unwrap());
+    Connection::connect(url, factory.provider(config)?, options).await
+}
+
+/// One process of the MCP fleet ([`mcp_factory`]): it opens one MCP session, warms it up with a
+/// tool call, says `READY`, and on `go` makes [`CALLS`] concurrent `echo` calls on that session.
+async fn mcp_child(redis: &str, prefix: &str) {
+    let factory = mcp_factory(redis, prefix).await;
+    let conn = Arc::new(mcp_connect(&factory, &env("FLEET_MCP_URL")).await.unwrap());
     assert_eq!(text(&conn.call_tool("echo", echo_args("warm")).await.unwrap()), "warm");
     println!("READY");
     let mut line = String::new();
@@ -493,10 +514,10 @@ async fn four_processes_of_mcp_tool_calls_redeem_a_rotating_refresh_token_once()
     assert_eq!(warm.tool_calls.get("echo"), Some(&4), "{warm:?}");
 
     // Every access token expires at once on the server (its clock jumps past their lifetime);
-    // the token endpoint answers slowly, so all 100 calls are in flight with the old token
-    // before any refresh lands: each of them is refused.
+    // the token endpoint answers slowly (a second: ample room on a loaded machine), so all 100
+    // calls are sent with the old token before any refresh lands: each of them is refused.
     let knobs = fleet.fx.auth().knobs();
-    knobs.set_token_delay(Duration::from_millis(300));
+    knobs.set_token_delay(Duration::from_secs(1));
     knobs.set_clock_offset_millis(
         i64::try_from((LIFETIME + Duration::from_secs(1)).as_millis()).unwrap(),
     );
@@ -641,4 +662,69 @@ async fn a_callback_on_another_process_completes_the_wait() {
     let result =
         tokio::time::timeout(Duration::from_secs(10), waiter).await.expect("woken").unwrap();
     assert_eq!(result.unwrap(), "code-from-the-callback");
+}
+
+/// Bad input through the whole stack: values under the fleet's Redis prefixes written by another
+/// program (a string where a record belongs).
+///
+/// - At the token record: connecting fails with a typed error, not a panic and not "no tokens"
+///   (so nothing re-authorizes over it); the value is left as it was.
+/// - At the refresh lease: the 401's refresh fails with a typed error before the token endpoint
+///   is reached (the rotating refresh token is not spent), the stored tokens are intact, and once
+///   the value is gone the next call refreshes and succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_values_under_the_fleet_prefixes_are_typed_errors() {
+    let Some(fleet) = McpFleet::start("foreign").await else { return };
+    let client = redis::Client::open(fleet.redis.url()).unwrap();
+    let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+    let records: Vec<String> =
+        redis::cmd("KEYS").arg("{foreign}:r:*").query_async(&mut raw).await.unwrap();
+    let tokens = records
+        .iter()
+        .find(|k| k.ends_with("/tokens"))
+        .unwrap_or_else(|| panic!("no token record among {records:?}"))
+        .clone();
+    let record = tokens.strip_prefix("{foreign}:r:").unwrap();
+    let lease =
+        format!("foreign-leases:L{}", FlowKey::new("token_refresh", record).unwrap().as_str());
+    let factory = mcp_factory(&fleet.redis.url(), "foreign").await;
+    let url = fleet.fx.resource().url().to_owned();
+
+    // The token record.
+    let aside = format!("{tokens}.aside");
+    let _: () = redis::cmd("RENAME").arg(&tokens).arg(&aside).query_async(&mut raw).await.unwrap();
+    let _: () = redis::cmd("SET").arg(&tokens).arg("hello").query_async(&mut raw).await.unwrap();
+    let err = mcp_connect(&factory, &url).await.expect_err("the token record is not ours");
+    assert!(matches!(err, connection_factory::Error::Provider { .. }), "{err:?}");
+    assert!(chain(&err).contains("unreadable"), "{}", chain(&err));
+    let value: String = redis::cmd("GET").arg(&tokens).query_async(&mut raw).await.unwrap();
+    assert_eq!(value, "hello", "left as it was");
+    let _: () = redis::cmd("RENAME").arg(&aside).arg(&tokens).query_async(&mut raw).await.unwrap();
+
+    // The refresh lease, met by a mid-session 401.
+    let conn = mcp_connect(&factory, &url).await.unwrap();
+    assert_eq!(text(&conn.call_tool("echo", echo_args("warm")).await.unwrap()), "warm");
+    let stored = factory.storage().tokens(&key()).await.unwrap().unwrap();
+    let _: () = redis::cmd("SET").arg(&lease).arg("hello").query_async(&mut raw).await.unwrap();
+    let offset = LIFETIME + Duration::from_secs(1);
+    fleet.fx.auth().knobs().set_clock_offset_millis(i64::try_from(offset.as_millis()).unwrap());
+    let err =
+        conn.call_tool("echo", echo_args("refused")).await.expect_err("the lease is not ours");
+    assert!(matches!(err, connection_factory::Error::Provider { .. }), "{err:?}");
+    assert!(chain(&err).contains("corrupt"), "{}", chain(&err));
+    let auth = fleet.fx.auth().stats();
+    assert_eq!(auth.refresh_token_requests, 0, "the refresh token was not spent: {auth:?}");
+    let value: String = redis::cmd("GET").arg(&lease).query_async(&mut raw).await.unwrap();
+    assert_eq!(value, "hello", "left as it was");
+    let now = factory.storage().tokens(&key()).await.unwrap().unwrap();
+    assert_eq!(now.version(), stored.version(), "the stored tokens are intact");
+    assert_eq!(now.access_token(), stored.access_token());
+
+    let _: () = redis::cmd("DEL").arg(&lease).query_async(&mut raw).await.unwrap();
+    assert_eq!(text(&conn.call_tool("echo", echo_args("after")).await.unwrap()), "after");
+    let auth = fleet.fx.auth().stats();
+    assert_eq!(auth.refresh_token_requests, 1, "{auth:?}");
+    assert_eq!(auth.reuse_detections, 0, "{auth:?}");
+    assert_eq!(auth.authorization_code_requests, 0, "no re-authorization: {auth:?}");
+    conn.close().await.unwrap();
 }
