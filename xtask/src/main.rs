@@ -11,7 +11,7 @@ cargo xtask <command>
 
 Commands:
   ci        everything CI checks: fmt, clippy (-D warnings), docs (-D warnings), the layering
-            rules, the feature matrix, and the whole test suite
+            rules, the feature matrix, the whole test suite, and the demo
   test      run every test in the workspace (cargo test --workspace --all-features)
   layering  check the architecture's dependency rules (see ARCHITECTURE.md)
   features  lint every crate under each combination of its backend features
@@ -91,7 +91,9 @@ fn ci() -> Result<(), String> {
     run("cargo doc", doc)?;
     layering()?;
     features()?;
-    test()
+    test()?;
+    // Under a second once built: the whole token life cycle against the fixtures.
+    demo()
 }
 
 fn test() -> Result<(), String> {
