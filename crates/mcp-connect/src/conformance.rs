@@ -27,9 +27,10 @@ use connection_factory::{
 };
 use mcp_clock::SharedClock;
 use mcp_oauth::{
-    AuthAttempts, BearerChallenge, ClientConfig, ClientKey, ClientRegistration, ClientSecret,
-    Discovery, EnterpriseGrant, HttpPolicy, IdToken, OAuthClient, PreRegisteredClient,
-    RegistrationSource, ReqwestHttpClient, TokenEndpointAuthMethod, TokenResponse, select_scope,
+    AuthAttempts, AuthorizationServerMetadata, BearerChallenge, ClientConfig, ClientKey,
+    ClientRegistration, ClientSecret, Discovery, EnterpriseGrant, HttpPolicy, IdToken, OAuthClient,
+    PreRegisteredClient, RegistrationSource, ReqwestHttpClient, TokenEndpointAuthMethod,
+    TokenResponse, select_scope,
 };
 use serde::Deserialize;
 use url::Url;
@@ -54,6 +55,37 @@ struct Context {
     idp_id_token: Option<String>,
     idp_issuer: Option<String>,
     idp_token_endpoint: Option<String>,
+}
+
+/// The grant a run uses, decided from the context and the authorization server's metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Grant {
+    /// SEP-990: token exchange at the identity provider, then the jwt-bearer grant.
+    CrossApp,
+    /// PKCE authorization code, authorized headlessly.
+    AuthorizationCode,
+    /// Client credentials with the context's secret or key.
+    ClientCredentials,
+}
+
+/// What to do, from what the suite handed over and what the server supports. An ID token in
+/// the context means cross-app access when the server takes the jwt-bearer grant; otherwise the
+/// user-facing authorization code grant is preferred; client credentials are the machine
+/// fallback and need credentials from the context.
+fn choose_grant(context: &Context, asm: &AuthorizationServerMetadata) -> Result<Grant, Error> {
+    if context.idp_id_token.is_some() && asm.supports_grant(JWT_BEARER) {
+        return Ok(Grant::CrossApp);
+    }
+    if asm.supports_grant("authorization_code") {
+        return Ok(Grant::AuthorizationCode);
+    }
+    if asm.supports_grant("client_credentials") && context.client_id.is_some() {
+        return Ok(Grant::ClientCredentials);
+    }
+    Err(Error::provider_msg(format!(
+        "the authorization server {} offers no grant this client can use",
+        asm.issuer
+    )))
 }
 
 /// Authorization state, changed only under the async lock (one authorization at a time).
@@ -141,27 +173,23 @@ impl ConformanceProvider {
             .discover(&self.server, challenge)
             .await
             .map_err(|e| oauth_error("discovery failed", e))?;
-        let asm = &discovery.authorization_server;
-        if self.context.idp_id_token.is_some() && asm.supports_grant(JWT_BEARER) {
-            eprintln!("conformance: cross-app access (token exchange, then jwt-bearer)");
-            return self.cross_app(&discovery, scope).await;
+        match choose_grant(&self.context, &discovery.authorization_server)? {
+            Grant::CrossApp => {
+                eprintln!("conformance: cross-app access (token exchange, then jwt-bearer)");
+                self.cross_app(&discovery, scope).await
+            }
+            Grant::AuthorizationCode => {
+                self.authorization_code(state, &discovery, challenge, scope, step_up).await
+            }
+            Grant::ClientCredentials => {
+                eprintln!("conformance: client credentials");
+                let registration = self.register(state, &discovery).await?;
+                self.oauth
+                    .client_credentials(&discovery, &registration, scope.as_deref())
+                    .await
+                    .map_err(|e| oauth_error("client credentials grant failed", e))
+            }
         }
-        if asm.supports_grant("authorization_code") {
-            return self.authorization_code(state, &discovery, challenge, scope, step_up).await;
-        }
-        if asm.supports_grant("client_credentials") {
-            eprintln!("conformance: client credentials");
-            let registration = self.register(state, &discovery).await?;
-            return self
-                .oauth
-                .client_credentials(&discovery, &registration, scope.as_deref())
-                .await
-                .map_err(|e| oauth_error("client credentials grant failed", e));
-        }
-        Err(Error::provider_msg(format!(
-            "the authorization server {} offers no grant this client can use",
-            asm.issuer
-        )))
     }
 
     async fn authorization_code(
@@ -300,20 +328,11 @@ impl AuthProvider for ConformanceProvider {
     }
 }
 
-/// Connect, list the tools and call `test-tool`.
-async fn session(server_url: &str) -> Result<(), Error> {
-    let server: Url = server_url
-        .parse()
-        .map_err(|e| Error::InvalidConfig(format!("server URL {server_url:?}: {e}")))?;
-    let context = match std::env::var("MCP_CONFORMANCE_CONTEXT") {
-        Ok(json) => serde_json::from_str(&json).map_err(|e| {
-            Error::InvalidConfig(format!("MCP_CONFORMANCE_CONTEXT is not the expected JSON: {e}"))
-        })?,
-        Err(_) => Context::default(),
-    };
+/// The conformance mode's provider for `server`, with what the suite handed over.
+fn provider(server: Url, context: Context) -> Result<Arc<ConformanceProvider>, Error> {
     let http = ReqwestHttpClient::new(HttpPolicy::default())
         .map_err(|e| oauth_error("could not build the HTTP client", e))?;
-    let provider = Arc::new(ConformanceProvider {
+    Ok(Arc::new(ConformanceProvider {
         oauth: OAuthClient::new(http, SharedClock::system()),
         server,
         context,
@@ -323,18 +342,41 @@ async fn session(server_url: &str) -> Result<(), Error> {
             scope: None,
             registration: None,
         }),
-    });
-    let conn = Connection::connect(server_url, provider, ConnectOptions::default()).await?;
+    }))
+}
+
+/// Connect, list the tools and call `tool` with `arguments` (an error result is a failure).
+async fn session(
+    provider: Arc<ConformanceProvider>,
+    tool: &str,
+    arguments: serde_json::Map<String, serde_json::Value>,
+) -> Result<(), Error> {
+    let url = provider.server.to_string();
+    let conn = Connection::connect(&url, provider, ConnectOptions::default()).await?;
     let tools = conn.list_tools().await?;
     eprintln!(
         "conformance: tools: {:?}",
         tools.iter().map(|t| t.name.as_ref()).collect::<Vec<&str>>()
     );
-    let result = conn.call_tool("test-tool", Some(serde_json::Map::new())).await?;
+    let result = conn.call_tool(tool, Some(arguments)).await?;
     if result.is_error == Some(true) {
-        return Err(Error::Protocol("test-tool answered with an error result".into()));
+        return Err(Error::Protocol(format!("{tool} answered with an error result")));
     }
     conn.close().await
+}
+
+/// Read the environment and run the suite's session: `tools/call test-tool {}`.
+async fn conformance_session(server_url: &str) -> Result<(), Error> {
+    let server: Url = server_url
+        .parse()
+        .map_err(|e| Error::InvalidConfig(format!("server URL {server_url:?}: {e}")))?;
+    let context = match std::env::var("MCP_CONFORMANCE_CONTEXT") {
+        Ok(json) => serde_json::from_str(&json).map_err(|e| {
+            Error::InvalidConfig(format!("MCP_CONFORMANCE_CONTEXT is not the expected JSON: {e}"))
+        })?,
+        Err(_) => Context::default(),
+    };
+    session(provider(server, context)?, "test-tool", serde_json::Map::new()).await
 }
 
 /// Runs the conformance client against `server_url`; returns the process exit code.
@@ -354,7 +396,7 @@ async fn session(server_url: &str) -> Result<(), Error> {
 pub async fn run_conformance(server_url: &str) -> ExitCode {
     let scenario = std::env::var("MCP_CONFORMANCE_SCENARIO").unwrap_or_default();
     eprintln!("conformance: scenario {scenario:?}, server {server_url}");
-    match session(server_url).await {
+    match conformance_session(server_url).await {
         Ok(()) => {
             eprintln!("conformance: connected, listed tools, called test-tool");
             ExitCode::SUCCESS
@@ -370,5 +412,107 @@ pub async fn run_conformance(server_url: &str) -> ExitCode {
             eprintln!("conformance: failed: {message}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mcp_fixtures::{AuthServer, Fixtures, ResourceServer};
+    use serde_json::json;
+
+    fn metadata(grants: &[&str]) -> AuthorizationServerMetadata {
+        serde_json::from_value(json!({
+            "issuer": "http://127.0.0.1:1",
+            "token_endpoint": "http://127.0.0.1:1/token",
+            "grant_types_supported": grants,
+        }))
+        .unwrap()
+    }
+
+    fn context(value: serde_json::Value) -> Context {
+        serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn the_grant_follows_the_context_and_the_metadata() {
+        let none = Context::default();
+        let secret = context(json!({"client_id": "c", "client_secret": "s"}));
+        let idp = context(json!({"client_id": "c", "client_secret": "s", "idp_id_token": "t"}));
+        let code = metadata(&["authorization_code", "refresh_token"]);
+        let cc = metadata(&["client_credentials"]);
+        let jwt = metadata(&[JWT_BEARER]);
+        assert_eq!(choose_grant(&none, &code).unwrap(), Grant::AuthorizationCode);
+        // Pre-registered credentials alone do not turn a user flow into a machine flow.
+        assert_eq!(choose_grant(&secret, &code).unwrap(), Grant::AuthorizationCode);
+        assert_eq!(choose_grant(&secret, &cc).unwrap(), Grant::ClientCredentials);
+        assert_eq!(choose_grant(&idp, &jwt).unwrap(), Grant::CrossApp);
+        // No credentials for a machine-only server, or an ID token the server cannot take.
+        assert!(matches!(choose_grant(&none, &cc), Err(Error::Provider { .. })));
+        assert!(matches!(choose_grant(&idp, &cc), Ok(Grant::ClientCredentials)));
+        assert!(matches!(choose_grant(&none, &jwt), Err(Error::Provider { .. })));
+    }
+
+    #[test]
+    fn the_context_key_selects_private_key_jwt_and_other_algorithms_are_refused() {
+        let server: Url = "http://127.0.0.1:1/mcp".parse().unwrap();
+        let es256 = context(json!({"client_id": "c", "private_key_pem": "pem"}));
+        let config = provider(server.clone(), es256).unwrap().client_config().unwrap();
+        let pre = config.pre_registered.unwrap();
+        assert_eq!(pre.auth_method, Some(TokenEndpointAuthMethod::PrivateKeyJwt));
+        assert!(pre.client_key.is_some());
+
+        let rs256 = context(
+            json!({"client_id": "c", "private_key_pem": "pem", "signing_algorithm": "RS256"}),
+        );
+        let err = provider(server.clone(), rs256).unwrap().client_config().unwrap_err();
+        assert!(matches!(&err, Error::InvalidConfig(m) if m.contains("RS256")), "{err:?}");
+
+        let config = provider(server, Context::default()).unwrap().client_config().unwrap();
+        assert!(config.pre_registered.is_none());
+        assert_eq!(config.metadata_document_url.unwrap().as_str(), CIMD_URL);
+    }
+
+    /// Against the fixtures: dynamic registration, a headless authorization, then a 403
+    /// `insufficient_scope` on `counter` steps up (a second authorization with the union of
+    /// the scopes, the registration reused) and the retried call succeeds.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn authorizes_headlessly_and_steps_up_on_insufficient_scope() {
+        let auth = AuthServer::builder().client_metadata_documents(false).spawn().await.unwrap();
+        let resource = ResourceServer::builder(&auth).spawn().await.unwrap();
+        let fx = Fixtures::from_parts(auth, resource);
+        let p = provider(fx.resource().url().parse().unwrap(), Context::default()).unwrap();
+        session(p.clone(), "counter", serde_json::Map::new()).await.unwrap();
+
+        let stats = fx.auth().stats();
+        assert_eq!(stats.registrations, 1, "{stats:?}");
+        assert_eq!(stats.authorization_code_requests, 2, "{stats:?}");
+        assert_eq!(fx.resource().stats().forbidden, 1);
+        assert_eq!(fx.resource().counter(), 1);
+        let state = p.auth.lock().await;
+        let scope = state.scope.clone().unwrap_or_default();
+        assert!(scope.contains("mcp:tools") && scope.contains("mcp:write"), "{scope}");
+        assert_eq!(state.attempts.made(), 2);
+        // The provider's Debug output carries no token.
+        let token = p.current().unwrap();
+        assert!(!format!("{p:?}").contains(token.expose()));
+    }
+
+    /// A protected-resource document naming another resource aborts before any authorization
+    /// request, and the run fails.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_resource_mismatch_aborts_before_authorizing() {
+        let auth = AuthServer::builder().client_metadata_documents(false).spawn().await.unwrap();
+        let resource = ResourceServer::builder(&auth)
+            .advertised_resource("https://evil.example.com/mcp")
+            .spawn()
+            .await
+            .unwrap();
+        let fx = Fixtures::from_parts(auth, resource);
+        let p = provider(fx.resource().url().parse().unwrap(), Context::default()).unwrap();
+        let err = session(p, "echo", serde_json::Map::new()).await.unwrap_err();
+        assert!(matches!(err, Error::Provider { .. }), "{err:?}");
+        assert_eq!(fx.auth().stats().authorization_requests, 0);
+        assert_eq!(fx.auth().stats().token_requests(), 0);
     }
 }
