@@ -161,19 +161,11 @@ impl Demo {
         self.fx.resource().stats()
     }
 
-    async fn stored_access(&self) -> Result<Option<String>, Failure> {
-        Ok(self
-            .factory
-            .storage()
-            .tokens(&self.key())
-            .await?
-            .map(|t| short(t.access_token().expose())))
+    /// The stored token set's version (tokens themselves are never printed).
+    async fn stored_version(&self) -> Result<String, Failure> {
+        let set = self.factory.storage().tokens(&self.key()).await?;
+        Ok(set.map_or_else(|| "none".to_owned(), |t| format!("v{}", t.version())))
     }
-}
-
-/// The first characters of a token: enough to tell tokens apart, too few to use one.
-fn short(token: &str) -> String {
-    format!("{}…", token.chars().take(6).collect::<String>())
 }
 
 fn args(text: &str) -> Option<serde_json::Map<String, Value>> {
@@ -256,10 +248,7 @@ async fn run(d: &Demo) -> Result<(), Failure> {
     t.expect(
         step,
         d.prompts() == 1 && auth.authorization_code_requests == 1,
-        format!(
-            "one prompt, one code exchange; token {} stored",
-            d.stored_access().await?.unwrap_or_default()
-        ),
+        format!("one prompt, one code exchange; token set {} stored", d.stored_version().await?),
     );
 
     // 2. Tool calls.
@@ -283,8 +272,8 @@ async fn run(d: &Demo) -> Result<(), Failure> {
             && after.0.refresh_token_requests == before.0.refresh_token_requests + 1
             && after.1.unauthorized == before.1.unauthorized,
         format!(
-            "the call refreshed first (1 refresh grant, no 401): token now {}",
-            d.stored_access().await?.unwrap_or_default()
+            "the call refreshed first (1 refresh grant, no 401): token set now {}",
+            d.stored_version().await?
         ),
     );
 
@@ -372,8 +361,8 @@ async fn run(d: &Demo) -> Result<(), Failure> {
         ok == QUEUED
             && after.0.authorization_code_requests == before.0.authorization_code_requests + 1,
         format!(
-            "resumed: {ok}/{QUEUED} queued calls answered after approval; token now {}",
-            d.stored_access().await?.unwrap_or_default()
+            "resumed: {ok}/{QUEUED} queued calls answered after approval; token set now {}",
+            d.stored_version().await?
         ),
     );
     // The connection keeps working on the new grant.
