@@ -515,4 +515,17 @@ mod tests {
         assert_eq!(fx.auth().stats().authorization_requests, 0);
         assert_eq!(fx.auth().stats().token_requests(), 0);
     }
+
+    /// Nothing listening: the run fails with a transport error, and authorizes nothing.
+    #[tokio::test]
+    async fn an_unreachable_server_fails_the_run() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/mcp", listener.local_addr().unwrap());
+        drop(listener);
+        let p = provider(url.parse().unwrap(), Context::default()).unwrap();
+        let err = session(p.clone(), "echo", serde_json::Map::new()).await.unwrap_err();
+        assert!(matches!(err, Error::Transport(_)), "{err:?}");
+        assert_eq!(p.auth.lock().await.attempts.made(), 0);
+        assert!(run_conformance(&url).await == ExitCode::FAILURE);
+    }
 }
