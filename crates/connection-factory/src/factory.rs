@@ -1,9 +1,11 @@
 //! [`ConnectionFactory`] and its per-(tenant, user, server) [`FactoryProvider`]: tokens through a
 //! cached look-up flow over token storage, and a budgeted, coalesced silent refresh on a 401.
 
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use flow_state::{FlowError, FlowKey, FlowManager, FlowStatus};
@@ -173,6 +175,45 @@ fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
+/// The step-ups made so far: for each token key and scope set, the access token the step-up
+/// authorization produced. A 403 for the same scope set refusing that very token means the
+/// authorization server did not grant the scope: a second prompt would loop.
+#[derive(Debug, Default)]
+struct StepUps(Mutex<HashMap<(TokenKey, String), Secret>>);
+
+impl StepUps {
+    fn produced(&self, key: &TokenKey, scopes: &str) -> Option<Secret> {
+        let map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        map.get(&(key.clone(), scopes.to_owned())).cloned()
+    }
+
+    fn record(&self, key: &TokenKey, scopes: &str, token: Secret) {
+        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        map.insert((key.clone(), scopes.to_owned()), token);
+    }
+}
+
+/// A scope list as a set: split, deduplicated, sorted, joined with spaces.
+fn scope_set(scopes: &str) -> String {
+    let mut v: Vec<&str> = scopes.split_ascii_whitespace().collect();
+    v.sort_unstable();
+    v.dedup();
+    v.join(" ")
+}
+
+/// `work`, unless `clock` says `after` has passed first (`None`). Timeouts run on the injected
+/// clock, so a test moves a `ManualClock` instead of waiting.
+async fn within<T>(
+    clock: &SharedClock,
+    after: Duration,
+    work: impl Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        out = work => Some(out),
+        () = clock.sleep(after) => None,
+    }
+}
+
 /// What the cached look-up flow holds.
 #[derive(Clone, Serialize, Deserialize)]
 struct CachedToken {
@@ -192,6 +233,7 @@ pub struct ConnectionFactory {
     flows: FlowManager,
     storage: TokenStorage,
     counters: Arc<Counters>,
+    step_ups: Arc<StepUps>,
     interactive: Option<(OAuthClient, Arc<dyn AuthorizationHook>)>,
 }
 
@@ -206,7 +248,13 @@ impl fmt::Debug for ConnectionFactory {
 impl ConnectionFactory {
     /// A factory over `flows` and `storage`. Time comes from the flow manager's clock.
     pub fn new(flows: FlowManager, storage: TokenStorage) -> Self {
-        ConnectionFactory { flows, storage, counters: Arc::default(), interactive: None }
+        ConnectionFactory {
+            flows,
+            storage,
+            counters: Arc::default(),
+            step_ups: Arc::default(),
+            interactive: None,
+        }
     }
 
     /// Enable the interactive flow: discovery, registration and authorization with `oauth`, the
@@ -231,6 +279,7 @@ impl ConnectionFactory {
             flows: self.flows.clone(),
             storage: self.storage.clone(),
             counters: self.counters.clone(),
+            step_ups: self.step_ups.clone(),
             interactive: self.interactive.clone(),
         }))
     }
@@ -273,7 +322,11 @@ impl ConnectionFactory {
 ///   and the request retried. On failure or timeout a COMPLETED [`OAUTH_FLOW`] of the same
 ///   tenant is invalidated and the request fails: [`Recovery::AuthorizationRequired`] for a
 ///   refused grant, [`Error::Provider`] for a failure that may pass.
-/// - A 403 / `insufficient_scope` skips the refresh: [`Recovery::InsufficientScope`].
+/// - A 403 / `insufficient_scope` skips the refresh. With the interactive flow it steps up:
+///   newer stored tokens are tried first, else the user authorizes the union of the held and
+///   the challenged scopes ([`AuthorizationReason::InsufficientScope`]). When the refused token
+///   is the one a step-up for the same scope set produced (the server did not grant the scope),
+///   or without an interactive flow: [`Recovery::InsufficientScope`].
 pub struct FactoryProvider {
     config: FactoryConfig,
     key: TokenKey,
@@ -282,6 +335,7 @@ pub struct FactoryProvider {
     flows: FlowManager,
     storage: TokenStorage,
     counters: Arc<Counters>,
+    step_ups: Arc<StepUps>,
     interactive: Option<(OAuthClient, Arc<dyn AuthorizationHook>)>,
 }
 
@@ -364,7 +418,7 @@ impl FactoryProvider {
             | Err(Error::Provider { .. })
                 if self.interactive.is_some() && self.config.client.is_some() =>
             {
-                self.interactive(Some(challenge), AuthorizationReason::RefreshFailed).await
+                self.interactive(Some(challenge), AuthorizationReason::RefreshFailed, None).await
             }
             other => other,
         }
@@ -390,13 +444,14 @@ impl FactoryProvider {
             let before = self.storage.tokens(&self.key).await.ok().flatten();
             let adopted = before.as_ref().is_some_and(|s| *s.access_token() != rejected_ts);
             let budget = self.config.refresh_budget();
-            let outcome = tokio::time::timeout(
+            let outcome = within(
+                self.flows.clock(),
                 budget,
                 self.storage.force_refresh(&self.key, &issuer, &rejected_ts),
             )
             .await;
             match outcome {
-                Ok(Ok(set)) if *set.access_token() != rejected_ts => {
+                Some(Ok(set)) if *set.access_token() != rejected_ts => {
                     if adopted {
                         record("adopted", &self.counters.adopted);
                     } else {
@@ -409,22 +464,22 @@ impl FactoryProvider {
                     self.invalidate_lookup(Some(&fresh)).await;
                     Ok(Recovery::Retry(Secret::new(fresh.access_token)))
                 }
-                Ok(Ok(_)) => {
+                Some(Ok(_)) => {
                     record("rejected", &self.counters.rejected);
                     self.fall_back(Some(rejected)).await
                 }
-                Ok(Err(e)) if e.is_authorization_required() => {
+                Some(Err(e)) if e.is_authorization_required() => {
                     record("rejected", &self.counters.rejected);
                     self.fall_back(Some(rejected)).await
                 }
-                Ok(Err(e)) => {
+                Some(Err(e)) => {
                     record("transient", &self.counters.transient);
                     if let Recovery::Retry(token) = self.fall_back(Some(rejected)).await? {
                         return Ok(Recovery::Retry(token));
                     }
                     Err(Error::provider("silent refresh failed", e))
                 }
-                Err(_) => {
+                None => {
                     record("timed_out", &self.counters.timed_out);
                     tracing::warn!(?budget, "silent refresh did not finish within its budget");
                     if let Recovery::Retry(token) = self.fall_back(Some(rejected)).await? {
@@ -469,6 +524,50 @@ impl FactoryProvider {
         Ok(Recovery::AuthorizationRequired)
     }
 
+    /// Step-up after a 403 / `insufficient_scope`: no refresh (it cannot add a scope), but a new
+    /// interactive authorization for the union of the held scopes and the challenged ones.
+    ///
+    /// Bounded: when the token refused now is the one a step-up for the same scope set already
+    /// produced, the authorization server did not grant the scope, and the request fails with
+    /// [`Recovery::InsufficientScope`] instead of prompting again. Without an interactive flow
+    /// it fails the same way at once.
+    async fn step_up(
+        &self,
+        rejected: Option<&Secret>,
+        challenge: &Challenge,
+    ) -> Result<Recovery, Error> {
+        if self.interactive.is_none() || self.config.client.is_none() {
+            return Ok(Recovery::InsufficientScope);
+        }
+        let held = self.storage.tokens(&self.key).await.ok().flatten();
+        let held_scope = held.as_ref().and_then(|s| s.scope().map(str::to_owned));
+        let held_scope = held_scope.or_else(|| self.config.scopes.clone()).unwrap_or_default();
+        let target = mcp_oauth::union_scopes(&held_scope, &challenge.scope().unwrap_or_default());
+        let set = scope_set(&target);
+        if let Some(rejected) = rejected
+            && self.step_ups.produced(&self.key, &set).as_ref() == Some(rejected)
+        {
+            tracing::info!(scopes = %set, "step-up already made for this scope set; not granted");
+            return Ok(Recovery::InsufficientScope);
+        }
+        // A peer's step-up (or refresh) may have stored newer tokens: try them first. Otherwise
+        // the COMPLETED authorization is spent for this purpose: a new one is needed.
+        if let Recovery::Retry(token) = self.fall_back(rejected).await? {
+            return Ok(Recovery::Retry(token));
+        }
+        match self
+            .interactive(Some(challenge), AuthorizationReason::InsufficientScope, Some(&target))
+            .await?
+        {
+            Recovery::Retry(token) if Some(&token) != rejected => {
+                self.step_ups.record(&self.key, &set, token.clone());
+                Ok(Recovery::Retry(token))
+            }
+            Recovery::Retry(_) => Ok(Recovery::InsufficientScope),
+            other => Ok(other),
+        }
+    }
+
     /// The interactive flow: reuse a fresh PENDING flow (no second prompt), else discover,
     /// register (reusing the stored client), build the PKCE URL, create the PENDING flow and
     /// its state mapping, and prompt. Then wait for the callback (or return early).
@@ -476,6 +575,7 @@ impl FactoryProvider {
         &self,
         challenge: Option<&Challenge>,
         reason: AuthorizationReason,
+        step_up: Option<&str>,
     ) -> Result<Recovery, Error> {
         let Some((oauth, hook)) = &self.interactive else {
             return Ok(Recovery::AuthorizationRequired);
@@ -490,24 +590,27 @@ impl FactoryProvider {
             ?reason,
         );
         async {
-            let decision =
-                match self.prompt(oauth, hook.as_ref(), client_config, challenge, reason).await? {
-                    Some(decision) => decision,
-                    None => HookDecision::Wait, // joined a fresh PENDING flow: no second prompt
-                };
+            let decision = match self
+                .prompt(oauth, hook.as_ref(), client_config, challenge, reason, step_up)
+                .await?
+            {
+                Some(decision) => decision,
+                None => HookDecision::Wait, // joined a fresh PENDING flow: no second prompt
+            };
             if decision == HookDecision::ReturnEarly {
                 return Ok(Recovery::AuthorizationRequired);
             }
             let wait = self.config.oauth_wait_timeout;
-            match tokio::time::timeout(wait, self.flows.wait::<serde_json::Value>(&self.oauth))
-                .await
-            {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
+            let waited =
+                within(self.flows.clock(), wait, self.flows.wait::<serde_json::Value>(&self.oauth))
+                    .await;
+            match waited {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
                     tracing::info!(error = %e, "interactive authorization did not complete");
                     return Ok(Recovery::AuthorizationRequired);
                 }
-                Err(_) => {
+                None => {
                     return Err(Error::Timeout {
                         operation: "interactive authorization",
                         after: wait,
@@ -532,6 +635,7 @@ impl FactoryProvider {
         client_config: &mcp_oauth::ClientConfig,
         challenge: Option<&Challenge>,
         reason: AuthorizationReason,
+        step_up: Option<&str>,
     ) -> Result<Option<HookDecision>, Error> {
         let current = self.flows.get::<serde_json::Value>(&self.oauth).await.ok().flatten();
         // The fallback deleted any COMPLETED flow before coming here: one seen now was completed
@@ -584,8 +688,14 @@ impl FactoryProvider {
                 r
             }
         };
-        let scope = mcp_oauth::select_scope(bearer.as_ref(), &discovery)
+        let selected = mcp_oauth::select_scope(bearer.as_ref(), &discovery)
             .or_else(|| self.config.scopes.clone());
+        let scope = match step_up {
+            Some(target) => {
+                Some(mcp_oauth::union_scopes(target, selected.as_deref().unwrap_or_default()))
+            }
+            None => selected,
+        };
         let redirect = client_config
             .redirect_uris
             .first()
@@ -645,13 +755,13 @@ impl AuthProvider for FactoryProvider {
         Box::pin(async move {
             if challenge.is_insufficient_scope() {
                 bump(&self.counters.insufficient_scope);
-                return Ok(Recovery::InsufficientScope);
+                return self.step_up(rejected, challenge).await;
             }
             match rejected {
                 Some(rejected) => self.refresh(rejected, challenge).await,
                 None => {
                     self.fall_back(None).await?;
-                    self.interactive(Some(challenge), AuthorizationReason::NoTokens).await
+                    self.interactive(Some(challenge), AuthorizationReason::NoTokens, None).await
                 }
             }
         })
