@@ -707,16 +707,15 @@ impl FactoryProvider {
         let state = pending.state.secret().to_owned();
         let meta = serde_json::to_value(OAuthFlowMeta { pending, discovery })
             .map_err(|e| Error::provider("encoding the pending authorization", e))?;
-        // A peer's authorization may have completed while this one was being prepared: init
-        // would replace it, so join it instead.
-        if let Ok(Some(flow)) = self.flows.get::<serde_json::Value>(&self.oauth).await
-            && flow.status == FlowStatus::Completed
-        {
-            return Ok(None);
-        }
-        match self.flows.init(&self.oauth, meta).await {
+        // A peer's authorization may have completed while this one was being prepared: it is
+        // joined, never replaced (atomically: no check-then-init window).
+        match self.flows.init_unless_completed(&self.oauth, meta).await {
             Ok(_) => {}
-            Err(flow_state::Error::AlreadyPending { .. }) => return Ok(None),
+            Err(
+                flow_state::Error::AlreadyPending { .. } | flow_state::Error::AlreadySettled { .. },
+            ) => {
+                return Ok(None);
+            }
             Err(e) => return Err(Error::provider("creating the authorization flow", e)),
         }
         let mapping = serde_json::to_value(StateMeta {
