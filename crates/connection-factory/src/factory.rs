@@ -112,14 +112,59 @@ impl FactoryConfig {
         REFRESH_CAP.min(self.connect_timeout.min(self.oauth_wait_timeout).mul_f64(0.4))
     }
 
-    /// The token-storage key: tenant, user, server name.
+    /// The token-storage key, which is also the key refreshes are coalesced on: tenant, user,
+    /// and the server name plus a digest of the OAuth configuration.
+    ///
+    /// The digest covers the server URL (the resource), the scopes (as a set) and the client's
+    /// fixed identity (a pre-registered client ID or a metadata document URL), so two
+    /// configurations for the same tenant, user and server that would be granted different
+    /// tokens never share tokens or a refresh. A plain configuration (no scopes, no fixed client
+    /// identity: dynamic registration or none) keeps the bare server name, the key hosts and
+    /// earlier versions use; tokens of another issuer under it are not served.
+    ///
+    /// ```
+    /// use connection_factory::FactoryConfig;
+    ///
+    /// let plain = FactoryConfig::new("http://127.0.0.1:8080/mcp", "acme", "alice", "github");
+    /// assert_eq!(plain.token_key().server(), "github");
+    /// let read = plain.clone().scopes("repo:read");
+    /// let write = plain.clone().scopes("repo:read repo:write");
+    /// assert!(read.token_key().server().starts_with("github#"));
+    /// assert_ne!(read.token_key(), write.token_key());
+    /// assert_eq!(write.token_key(), plain.scopes("repo:write  repo:read").token_key());
+    /// ```
     pub fn token_key(&self) -> TokenKey {
-        TokenKey::new(self.tenant.as_str(), self.user.as_str(), self.server_name.as_str())
+        TokenKey::new(self.tenant.as_str(), self.user.as_str(), self.key_server())
+    }
+
+    /// The server part of the token key: the name, plus `#` and the configuration digest unless
+    /// the configuration is plain.
+    fn key_server(&self) -> String {
+        use sha2::Digest as _;
+        let scopes = self.scopes.as_deref().map(scope_set).filter(|s| !s.is_empty());
+        let client = self.client.as_ref().and_then(|c| {
+            c.pre_registered
+                .as_ref()
+                .map(|p| format!("client_id:{}", p.client_id))
+                .or_else(|| c.metadata_document_url.as_ref().map(|u| format!("metadata:{u}")))
+        });
+        if scopes.is_none() && client.is_none() {
+            return self.server_name.clone();
+        }
+        let mut hash = sha2::Sha256::new();
+        for part in [Some(self.server_url.as_str()), scopes.as_deref(), client.as_deref()] {
+            let part = part.unwrap_or("");
+            hash.update((part.len() as u64).to_be_bytes());
+            hash.update(part.as_bytes());
+        }
+        let digest = hash.finalize();
+        let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        format!("{}#{hex}", self.server_name)
     }
 
     fn flow_id(&self) -> String {
         // Tenant is its own typed part of the FlowKey; user and server are joined unambiguously.
-        format!("{}:{}", self.user.len(), self.user) + ":" + &self.server_name
+        format!("{}:{}", self.user.len(), self.user) + ":" + &self.key_server()
     }
 
     fn flow_key(&self, flow_type: &str) -> Result<FlowKey, Error> {
@@ -132,9 +177,12 @@ impl FactoryConfig {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RefreshCounters {
-    /// 401s answered with a token this call's force-refresh obtained (joined refreshes count
-    /// here too: token storage redeems once per key).
+    /// 401s whose force-refresh this process led (one per refresh redemption, unless a led
+    /// refresh ran out of its budget and a later 401 led again: token storage still redeems
+    /// once per key).
     pub refreshed: u64,
+    /// 401s that joined a refresh another caller of this process was leading.
+    pub coalesced: u64,
     /// 401s answered with a token a peer had already stored (no refresh needed).
     pub adopted: u64,
     /// Refreshes the authorization server refused for good (authorization required).
@@ -150,6 +198,7 @@ pub struct RefreshCounters {
 #[derive(Debug, Default)]
 struct Counters {
     refreshed: AtomicU64,
+    coalesced: AtomicU64,
     adopted: AtomicU64,
     rejected: AtomicU64,
     transient: AtomicU64,
@@ -162,6 +211,7 @@ impl Counters {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         RefreshCounters {
             refreshed: get(&self.refreshed),
+            coalesced: get(&self.coalesced),
             adopted: get(&self.adopted),
             rejected: get(&self.rejected),
             transient: get(&self.transient),
@@ -190,6 +240,30 @@ impl StepUps {
     fn record(&self, key: &TokenKey, scopes: &str, token: Secret) {
         let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         map.insert((key.clone(), scopes.to_owned()), token);
+    }
+}
+
+/// The refreshes led right now, per token key (which includes the configuration digest): a 401
+/// that finds its key here joins that refresh (`coalesced`) instead of leading one.
+#[derive(Debug, Default)]
+struct Leaders(Mutex<std::collections::HashSet<TokenKey>>);
+
+/// Leadership of one refresh; ends when dropped.
+struct Lead<'a> {
+    leaders: &'a Leaders,
+    key: TokenKey,
+}
+
+impl Leaders {
+    fn lead(&self, key: &TokenKey) -> Option<Lead<'_>> {
+        let mut set = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        set.insert(key.clone()).then(|| Lead { leaders: self, key: key.clone() })
+    }
+}
+
+impl Drop for Lead<'_> {
+    fn drop(&mut self) {
+        self.leaders.0.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.key);
     }
 }
 
@@ -234,6 +308,7 @@ pub struct ConnectionFactory {
     storage: TokenStorage,
     counters: Arc<Counters>,
     step_ups: Arc<StepUps>,
+    leaders: Arc<Leaders>,
     interactive: Option<(OAuthClient, Arc<dyn AuthorizationHook>)>,
 }
 
@@ -253,6 +328,7 @@ impl ConnectionFactory {
             storage,
             counters: Arc::default(),
             step_ups: Arc::default(),
+            leaders: Arc::default(),
             interactive: None,
         }
     }
@@ -280,6 +356,7 @@ impl ConnectionFactory {
             storage: self.storage.clone(),
             counters: self.counters.clone(),
             step_ups: self.step_ups.clone(),
+            leaders: self.leaders.clone(),
             interactive: self.interactive.clone(),
         }))
     }
@@ -336,6 +413,7 @@ pub struct FactoryProvider {
     storage: TokenStorage,
     counters: Arc<Counters>,
     step_ups: Arc<StepUps>,
+    leaders: Arc<Leaders>,
     interactive: Option<(OAuthClient, Arc<dyn AuthorizationHook>)>,
 }
 
@@ -441,6 +519,10 @@ impl FactoryProvider {
                 return self.fall_back(Some(rejected)).await;
             };
             let rejected_ts = token_storage::Secret::new(rejected.expose());
+            // Lead or join first, then read: a refresh that finished before this 401 led is
+            // then seen as stored (adopted), not led again.
+            let lead = self.leaders.lead(&self.key);
+            let led = lead.is_some();
             let before = self.storage.tokens(&self.key).await.ok().flatten();
             let adopted = before.as_ref().is_some_and(|s| *s.access_token() != rejected_ts);
             let budget = self.config.refresh_budget();
@@ -450,12 +532,15 @@ impl FactoryProvider {
                 self.storage.force_refresh(&self.key, &issuer, &rejected_ts),
             )
             .await;
+            drop(lead);
             match outcome {
                 Some(Ok(set)) if *set.access_token() != rejected_ts => {
                     if adopted {
                         record("adopted", &self.counters.adopted);
-                    } else {
+                    } else if led {
                         record("refreshed", &self.counters.refreshed);
+                    } else {
+                        record("coalesced", &self.counters.coalesced);
                     }
                     let fresh = CachedToken {
                         access_token: set.access_token().expose().to_owned(),
@@ -721,7 +806,7 @@ impl FactoryProvider {
         let mapping = serde_json::to_value(StateMeta {
             tenant: self.config.tenant.clone(),
             user: self.config.user.clone(),
-            server: self.config.server_name.clone(),
+            server: self.config.key_server(),
             flow_id: self.config.flow_id(),
         })
         .map_err(|e| Error::provider("encoding the state mapping", e))?;

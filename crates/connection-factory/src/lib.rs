@@ -13,7 +13,10 @@
 //!   (or fails the request without one). A 403 / `insufficient_scope` never refreshes: it
 //!   steps up (an interactive authorization for the union of the held and the challenged
 //!   scopes), at most once per scope set and token, then fails with [`Error::InsufficientScope`].
-//!   Outcomes are counted ([`RefreshCounters`]) and traced (span `mcp_refresh`, field `outcome`).
+//!   Refreshes are coalesced per [`FactoryConfig::token_key`] (tenant, user, server and a digest
+//!   of the OAuth configuration). Outcomes are counted ([`RefreshCounters`]) and traced (span
+//!   `mcp_refresh`, field `outcome`: refreshed, coalesced, adopted, rejected, transient,
+//!   timed_out).
 //! - [`OAuthRefresher`]: token storage's refresh grant over [`mcp_oauth::OAuthClient`], with a
 //!   conservative terminal / transient classification; [`stored_client`] stores what it needs.
 //!
@@ -25,7 +28,7 @@
 //!   [`callback_router`] (`GET /callback`) validates the state, exchanges the code, stores the
 //!   tokens and completes the flow; queued requests resume.
 //!
-//! Not here yet: reconnect backoff, a config digest in the coalescing key.
+//! Not here yet: reconnect backoff.
 //!
 //! The auth transport underneath:
 //!

@@ -101,6 +101,21 @@ impl Setup {
         issued.access_token().to_owned()
     }
 
+    /// Issue fresh tokens at the fixture and store them under `key`; returns the access token.
+    async fn issue_for(&self, key: &TokenKey) -> String {
+        let issued = self.fx.auth().issue_tokens(
+            &self.client_id,
+            "mcp:tools",
+            Some(self.fx.resource().url()),
+        );
+        let response = TokenResponse::bearer(issued.access_token())
+            .expires_in(CLAIMED)
+            .refresh_token(issued.refresh_token().unwrap())
+            .scope("mcp:tools");
+        self.storage.store(key, &self.issuer, response).await.unwrap();
+        issued.access_token().to_owned()
+    }
+
     fn config(&self, tenant: &str) -> FactoryConfig {
         FactoryConfig::new(self.fx.resource().url(), tenant, "alice", "fixture")
             .connect_timeout(Duration::from_secs(10))
@@ -153,6 +168,10 @@ async fn fifty_concurrent_401s_one_redemption_all_succeed() {
     let conn = Arc::new(s.factory.connect(s.config("tenant-a")).await.unwrap());
     assert_eq!(text(&conn.call_tool("echo", args("warm")).await.unwrap()), "warm");
 
+    // The refresh answers after a (real-time) delay, so the other calls meet their 401 while it
+    // is in flight and join it; without it, the refresh can finish before they are even sent.
+    // The budget runs on the manual clock, which stands still: the delay cannot time it out.
+    s.fx.auth().knobs().set_token_delay(Duration::from_millis(300));
     s.clock.advance(LIFETIME + Duration::from_secs(1));
     let calls: Vec<_> = (0..50)
         .map(|i| {
@@ -173,8 +192,75 @@ async fn fifty_concurrent_401s_one_redemption_all_succeed() {
     let rs = s.fx.resource().stats();
     assert!(rs.unauthorized >= 1, "{rs:?}");
     let c = s.factory.counters();
-    assert_eq!(c.refreshed + c.adopted, rs.unauthorized, "every 401 recovered: {c:?} {rs:?}");
+    assert_eq!(c.refreshed, 1, "one 401 led the refresh: {c:?}");
+    assert!(c.coalesced >= 1, "concurrent 401s joined the refresh in flight: {c:?} {rs:?}");
+    assert_eq!(
+        c.refreshed + c.coalesced + c.adopted,
+        rs.unauthorized,
+        "every 401 recovered: {c:?} {rs:?}"
+    );
     assert_eq!(c.rejected + c.transient + c.timed_out, 0, "{c:?}");
+}
+
+/// Two OAuth configurations for the same tenant, user and server (other scopes) have their own
+/// token keys: their tokens and their refreshes are never shared, even when both connections
+/// meet a 401 at the same moment. A plain configuration keeps the bare key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configs_that_differ_in_oauth_settings_never_share_a_refresh() {
+    let s = setup().await;
+    let plain = s.config("tenant-a");
+    assert_eq!(plain.token_key(), key("tenant-a"));
+    let narrow = s.config("tenant-a").scopes("mcp:tools");
+    let wide = s.config("tenant-a").scopes("mcp:tools mcp:write");
+    assert_ne!(narrow.token_key(), wide.token_key());
+    assert_ne!(narrow.token_key(), plain.token_key());
+    assert_eq!(wide.token_key(), s.config("tenant-a").scopes("mcp:write mcp:tools").token_key());
+    let moved = FactoryConfig::new("http://127.0.0.1:1/mcp", "tenant-a", "alice", "fixture")
+        .scopes("mcp:tools");
+    assert_ne!(moved.token_key(), narrow.token_key(), "the server URL is in the digest");
+    let pre = |id: &str| {
+        let mut client = mcp_oauth::ClientConfig::new("t", "http://127.0.0.1:9/callback");
+        client.pre_registered = Some(mcp_oauth::PreRegisteredClient {
+            client_id: id.into(),
+            client_secret: None,
+            client_key: None,
+            auth_method: None,
+        });
+        s.config("tenant-a").client(client).token_key()
+    };
+    assert_ne!(pre("one"), pre("two"), "the client identity is in the digest");
+
+    let (narrow_key, wide_key) = (narrow.token_key(), wide.token_key());
+    for k in [&narrow_key, &wide_key] {
+        let client = s.storage.client(&key("tenant-a")).await.unwrap().unwrap();
+        s.storage.store_client(k, &client).await.unwrap();
+    }
+    let narrow_token = s.issue_for(&narrow_key).await;
+    assert!(s.factory.provider(wide.clone()).unwrap().current_token().await.unwrap().is_none());
+    let wide_token = s.issue_for(&wide_key).await;
+    let pn = s.factory.provider(narrow.clone()).unwrap();
+    assert_eq!(pn.current_token().await.unwrap().unwrap().expose(), narrow_token);
+
+    let conn_n = Arc::new(s.factory.connect(narrow).await.unwrap());
+    let conn_w = Arc::new(s.factory.connect(wide).await.unwrap());
+    s.clock.advance(LIFETIME + Duration::from_secs(1));
+    let calls: Vec<_> = [conn_n, conn_w]
+        .into_iter()
+        .flat_map(|c| (0..5).map(move |i| (c.clone(), i)))
+        .map(|(c, i)| tokio::spawn(async move { c.call_tool("echo", args(&format!("{i}"))).await }))
+        .collect();
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    let auth = s.fx.auth().stats();
+    assert_eq!(auth.refresh_token_requests, 2, "one refresh per configuration: {auth:?}");
+    assert_eq!(auth.max_refresh_redemptions(), 1);
+    assert_eq!(s.factory.counters().refreshed, 2, "{:?}", s.factory.counters());
+    let now_n = s.storage.tokens(&narrow_key).await.unwrap().unwrap();
+    let now_w = s.storage.tokens(&wide_key).await.unwrap().unwrap();
+    assert_ne!(now_n.access_token().expose(), narrow_token);
+    assert_ne!(now_w.access_token().expose(), wide_token);
+    assert_ne!(now_n.access_token(), now_w.access_token());
 }
 
 /// A hung token endpoint without an interactive flow, on the manual clock: the refused call
