@@ -288,12 +288,27 @@ async fn within<T>(
     }
 }
 
-/// What the cached look-up flow holds.
+/// What the cached look-up flow holds: which token set to serve, never the token itself (the
+/// flow store may be sled or Redis; tokens are sealed by token storage and served from its
+/// in-process cache).
 #[derive(Clone, Serialize, Deserialize)]
 struct CachedToken {
-    access_token: String,
+    /// The issuer the tokens must come from (the stored client registration's).
+    issuer: String,
+    /// The token set's version when it was looked up.
+    version: u64,
     /// Milliseconds since the epoch.
     expires_at: Option<u64>,
+}
+
+impl CachedToken {
+    fn of(set: &token_storage::TokenSet) -> Self {
+        CachedToken {
+            issuer: set.issuer().to_owned(),
+            version: set.version(),
+            expires_at: set.expires_at().map(|t| t.as_millis()),
+        }
+    }
 }
 
 /// Makes MCP connections for (tenant, user, server) triples, sharing one flow manager and one
@@ -450,10 +465,7 @@ impl FactoryProvider {
                         .map_err(|e| FlowError::new("store", e.to_string()))?
                         .ok_or_else(|| FlowError::new(NO_TOKENS, "no client registration"))?;
                     match storage.get_valid(&key, &client.issuer).await {
-                        Ok(set) => Ok(CachedToken {
-                            access_token: set.access_token().expose().to_owned(),
-                            expires_at: set.expires_at().map(|t| t.as_millis()),
-                        }),
+                        Ok(set) => Ok(CachedToken::of(&set)),
                         Err(e) if e.is_authorization_required() => {
                             Err(FlowError::new(NO_TOKENS, e.to_string()))
                         }
@@ -468,7 +480,16 @@ impl FactoryProvider {
                         self.invalidate_lookup(None).await;
                         continue;
                     }
-                    return Ok(Some(Secret::new(cached.access_token)));
+                    // The token itself comes from token storage (memory while fresh): the set
+                    // the look-up found, or a newer one.
+                    return match self.storage.get_valid(&self.key, &cached.issuer).await {
+                        Ok(set) => Ok(Some(Secret::new(set.access_token().expose()))),
+                        Err(e) if e.is_authorization_required() => {
+                            self.invalidate_lookup(None).await;
+                            Ok(None)
+                        }
+                        Err(e) => Err(Error::provider("reading the tokens", e)),
+                    };
                 }
                 Err(flow_state::Error::Failed { error, .. }) if error.kind == NO_TOKENS => {
                     return Ok(None);
@@ -542,12 +563,8 @@ impl FactoryProvider {
                     } else {
                         record("coalesced", &self.counters.coalesced);
                     }
-                    let fresh = CachedToken {
-                        access_token: set.access_token().expose().to_owned(),
-                        expires_at: set.expires_at().map(|t| t.as_millis()),
-                    };
-                    self.invalidate_lookup(Some(&fresh)).await;
-                    Ok(Recovery::Retry(Secret::new(fresh.access_token)))
+                    self.invalidate_lookup(Some(&CachedToken::of(&set))).await;
+                    Ok(Recovery::Retry(Secret::new(set.access_token().expose())))
                 }
                 Some(Ok(_)) => {
                     record("rejected", &self.counters.rejected);

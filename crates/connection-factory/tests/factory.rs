@@ -26,6 +26,7 @@ const CLAIMED: Duration = Duration::from_secs(3600);
 struct Setup {
     clock: ManualClock,
     fx: Fixtures,
+    store: SharedStore,
     flows: FlowManager,
     storage: TokenStorage,
     factory: ConnectionFactory,
@@ -69,13 +70,12 @@ async fn setup() -> Setup {
             .await
             .unwrap();
     }
-    let flows = FlowManager::builder(SharedStore::new(MemoryStore::new()))
-        .clock(clock.shared())
-        .build()
-        .unwrap();
+    let store = SharedStore::new(MemoryStore::new());
+    let flows = FlowManager::builder(store.clone()).clock(clock.shared()).build().unwrap();
     let factory = ConnectionFactory::new(flows.clone(), storage.clone());
     Setup {
         clock,
+        store,
         issuer: discovery.issuer().to_owned(),
         client_id: client.client_id().to_owned(),
         fx,
@@ -120,6 +120,11 @@ impl Setup {
         FactoryConfig::new(self.fx.resource().url(), tenant, "alice", "fixture")
             .connect_timeout(Duration::from_secs(10))
             .oauth_wait_timeout(Duration::from_secs(60))
+    }
+
+    async fn stored_refresh(&self, tenant: &str) -> String {
+        let set = self.storage.tokens(&key(tenant)).await.unwrap().unwrap();
+        set.refresh_token().unwrap().expose().to_owned()
     }
 
     async fn stored_access(&self, tenant: &str) -> String {
@@ -391,4 +396,37 @@ async fn no_tokens_is_authorization_required_at_connect() {
     let err = s.factory.connect(s.config("tenant-a")).await.unwrap_err();
     assert!(matches!(err, Error::AuthorizationRequired { .. }), "{err:?}");
     assert_eq!(s.fx.auth().stats().refresh_token_requests, 0);
+}
+
+/// The cached token look-up lives in the flow store (sled or Redis in a deployment): it names
+/// the token set (issuer, version, expiry) but never holds a token. The raw bytes of the
+/// look-up record, after the first look-up and after a refresh, contain neither the access
+/// token nor the refresh token, and the provider still serves the current token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_flow_store_never_holds_a_token() {
+    let s = setup().await;
+    let first = s.issue("tenant-a").await;
+    let first_refresh = s.stored_refresh("tenant-a").await;
+    let conn = s.factory.connect(s.config("tenant-a")).await.unwrap();
+    assert_eq!(text(&conn.call_tool("echo", args("one")).await.unwrap()), "one");
+    let lookup = FlowKey::scoped(Some("tenant-a"), GET_TOKENS_FLOW, "5:alice:fixture").unwrap();
+    let raw = s.store.get(lookup.as_str()).await.unwrap().expect("the look-up is cached");
+    let text_of = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    let record = text_of(&raw.value);
+    assert!(record.contains("version"), "the look-up record names the token set: {record}");
+    assert!(!record.contains(&first), "the access token is in the flow store");
+    assert!(!record.contains(&first_refresh), "the refresh token is in the flow store");
+
+    // A mid-session 401: the refresh completes or replaces the look-up, still without tokens.
+    s.clock.advance(LIFETIME + Duration::from_secs(1));
+    assert_eq!(text(&conn.call_tool("echo", args("two")).await.unwrap()), "two");
+    let second = s.stored_access("tenant-a").await;
+    assert_ne!(second, first);
+    let provider = s.factory.provider(s.config("tenant-a")).unwrap();
+    assert_eq!(provider.current_token().await.unwrap().unwrap().expose(), second);
+    let raw = s.store.get(lookup.as_str()).await.unwrap().expect("the look-up is cached again");
+    let record = text_of(&raw.value);
+    for secret in [first, second, first_refresh, s.stored_refresh("tenant-a").await] {
+        assert!(!record.contains(&secret), "a token is in the flow store: {record}");
+    }
 }
