@@ -28,7 +28,6 @@
 //!   [`callback_router`] (`GET /callback`) validates the state, exchanges the code, stores the
 //!   tokens and completes the flow; queued requests resume.
 //!
-//! Not here yet: reconnect backoff.
 //!
 //! The auth transport underneath:
 //!
@@ -40,7 +39,10 @@
 //!   and one recovery plus one retry per refused request.
 //! - [`Connection`]: an rmcp client session over that client (`connect`, `list_tools`,
 //!   `call_tool`, `close`) with typed [`Error`]s. The provider stays attached until the
-//!   connection is dropped.
+//!   connection is dropped. A lost session (transport closed, session expired and rmcp's own
+//!   re-initialization failed, server unreachable) is reconnected a bounded number of times
+//!   with exponential backoff and jitter on the injected clock ([`ConnectOptions::reconnect`]),
+//!   then the request fails with [`Error::Reconnect`].
 //! - [`RefreshingProvider`]: a reference provider whose refresh on a burst of 401s is coalesced
 //!   with [`flow_state::SingleFlight`], so the refresh token is redeemed once.
 //!
