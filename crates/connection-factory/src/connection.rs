@@ -12,6 +12,7 @@ use rmcp::service::{ClientInitializeError, RunningService, ServiceError};
 use rmcp::transport::StreamableHttpClientTransport;
 use rmcp::transport::streamable_http_client::{
     AuthRequiredError, InsufficientScopeError, StreamableHttpClientTransportConfig,
+    StreamableHttpError,
 };
 use rmcp::{RoleClient, ServiceExt};
 
@@ -37,16 +38,23 @@ pub struct ConnectOptions {
     request_timeout: Duration,
     max_concurrent_requests: usize,
     clock: SharedClock,
+    reconnect_attempts: u32,
+    reconnect_base: Duration,
+    reconnect_max: Duration,
 }
 
 impl Default for ConnectOptions {
-    /// 30 s to connect, 60 s per request, 16 POSTs in flight (rmcp's default), the system clock.
+    /// 30 s to connect, 60 s per request, 16 POSTs in flight (rmcp's default), the system clock,
+    /// 3 reconnect attempts with backoff from 250 ms up to 5 s.
     fn default() -> Self {
         ConnectOptions {
             connect_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(60),
             max_concurrent_requests: 16,
             clock: SharedClock::system(),
+            reconnect_attempts: 3,
+            reconnect_base: Duration::from_millis(250),
+            reconnect_max: Duration::from_secs(5),
         }
     }
 }
@@ -67,9 +75,20 @@ impl ConnectOptions {
         self.max_concurrent_requests = limit.max(1);
         self
     }
-    /// The clock the timeouts run on.
+    /// The clock the timeouts and the reconnect backoff run on.
     pub fn clock(mut self, clock: SharedClock) -> Self {
         self.clock = clock;
+        self
+    }
+    /// When the session is lost (the transport closed, or the session expired and rmcp's own
+    /// re-initialization failed), reconnect at most `attempts` times (0: never), waiting
+    /// between attempts with exponential backoff from `base` up to `max`, with jitter (each
+    /// wait is drawn between half and all of its step). Then the request fails with
+    /// [`Error::Reconnect`].
+    pub fn reconnect(mut self, attempts: u32, base: Duration, max: Duration) -> Self {
+        self.reconnect_attempts = attempts;
+        self.reconnect_base = base;
+        self.reconnect_max = max.max(base);
         self
     }
     /// The connect timeout.
@@ -102,20 +121,36 @@ impl ConnectOptions {
 /// # Ok(()) }
 /// ```
 pub struct Connection {
+    url: String,
+    provider: Arc<dyn AuthProvider>,
+    options: ConnectOptions,
+    /// The live session; locked only to read it, and to replace it on a reconnect (which
+    /// makes concurrent requests queue behind the reconnect).
+    live: tokio::sync::Mutex<Live>,
+}
+
+/// One MCP session and the auth client under it.
+struct Live {
     service: Option<RunningService<RoleClient, ()>>,
     client: AuthHttpClient,
-    options: ConnectOptions,
+    /// Bumped by every reconnect, so requests that failed on the same session reconnect once.
+    generation: u64,
+    /// Set by `close`: no reconnect after it.
+    closed: bool,
 }
 
 impl fmt::Debug for Connection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Connection")
-            .field("client", &self.client)
-            .field("options", &self.options)
-            .field("closed", &self.is_closed())
-            .finish()
+        let mut d = f.debug_struct("Connection");
+        d.field("url", &self.url).field("options", &self.options);
+        if let Ok(live) = self.live.try_lock() {
+            d.field("client", &live.client).field("generation", &live.generation);
+        }
+        d.field("closed", &self.is_closed()).finish()
     }
 }
+
+type Peer = rmcp::service::Peer<RoleClient>;
 
 impl Connection {
     /// Open an MCP session at `url` (http or https), with `provider` supplying the tokens.
@@ -133,28 +168,18 @@ impl Connection {
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             return Err(Error::InvalidConfig(format!("the MCP URL must be http(s), got {url:?}")));
         }
-        let client = AuthHttpClient::new(provider)?;
-        let config = StreamableHttpClientTransportConfig::with_uri(url.to_owned())
-            .max_concurrent_requests(options.max_concurrent_requests);
-        let transport = StreamableHttpClientTransport::with_client(client.clone(), config);
-        let handshake = async {
-            ().serve(transport).await.map_err(|e| {
-                let found = match &e {
-                    // Its `source()` does not lead to the transport error: look inside.
-                    ClientInitializeError::TransportError { error, .. } => classify(error),
-                    other => classify(other),
-                };
-                found.unwrap_or_else(|| Error::Transport(Arc::new(e)))
-            })
-        };
-        let connected = within(&options.clock, "connect", options.connect_timeout, handshake).await;
-        match connected {
-            Ok(service) => Ok(Connection { service: Some(service), client, options }),
-            Err(e) => {
-                client.detach();
-                Err(e)
-            }
-        }
+        let (service, client) = handshake(url, provider.clone(), &options).await?;
+        Ok(Connection {
+            url: url.to_owned(),
+            provider,
+            options,
+            live: tokio::sync::Mutex::new(Live {
+                service: Some(service),
+                client,
+                generation: 0,
+                closed: false,
+            }),
+        })
     }
 
     /// Every tool the server offers (all pages).
@@ -162,10 +187,8 @@ impl Connection {
     /// # Errors
     /// As [`Connection::call_tool`].
     pub async fn list_tools(&self) -> Result<Vec<Tool>, Error> {
-        let service = self.service()?;
-        let timeout = self.options.request_timeout;
-        within(&self.options.clock, "list_tools", timeout, async {
-            service.list_all_tools().await.map_err(service_error)
+        self.request("list_tools", |peer| async move {
+            peer.list_all_tools().await.map_err(service_error)
         })
         .await
     }
@@ -176,45 +199,212 @@ impl Connection {
     /// [`Error::AuthorizationRequired`] / [`Error::InsufficientScope`] when the server refused
     /// the request and the provider gave up; [`Error::Provider`] when the provider failed;
     /// [`Error::Timeout`] after the request timeout; [`Error::Protocol`] for a JSON-RPC error;
-    /// [`Error::Closed`] after the session ended; [`Error::Transport`] otherwise.
+    /// [`Error::Reconnect`] when the session was lost and could not be re-established;
+    /// [`Error::Closed`] after [`Connection::close`]; [`Error::Transport`] otherwise.
     pub async fn call_tool(
         &self,
         name: &str,
         arguments: Option<serde_json::Map<String, serde_json::Value>>,
     ) -> Result<CallToolResult, Error> {
-        let service = self.service()?;
         let mut params = CallToolRequestParams::new(name.to_owned());
         if let Some(arguments) = arguments {
             params = params.with_arguments(arguments);
         }
-        let timeout = self.options.request_timeout;
-        within(&self.options.clock, "call_tool", timeout, async {
-            service.call_tool(params).await.map_err(service_error)
+        self.request("call_tool", move |peer| {
+            let params = params.clone();
+            async move { peer.call_tool(params).await.map_err(service_error) }
         })
         .await
     }
 
-    /// Whether the session has ended (closed, or the transport gave up).
+    /// Whether the session has ended (closed, or the transport gave up and was not
+    /// re-established yet).
     pub fn is_closed(&self) -> bool {
-        self.service.as_ref().is_none_or(RunningService::is_closed)
+        match self.live.try_lock() {
+            Ok(live) => live.closed || live.service.as_ref().is_none_or(RunningService::is_closed),
+            Err(_) => false, // a reconnect is in progress
+        }
     }
 
     /// Detach the provider and end the session, waiting for rmcp's worker to stop.
     ///
     /// # Errors
     /// [`Error::Transport`] when the session task panicked.
-    pub async fn close(mut self) -> Result<(), Error> {
-        self.client.detach();
-        if let Some(service) = self.service.take() {
+    pub async fn close(self) -> Result<(), Error> {
+        let mut live = self.live.lock().await;
+        live.closed = true;
+        live.client.detach();
+        if let Some(service) = live.service.take() {
             service.cancel().await.map_err(|e| Error::Transport(Arc::new(e)))?;
         }
         Ok(())
     }
 
-    fn service(&self) -> Result<&RunningService<RoleClient, ()>, Error> {
-        match &self.service {
-            Some(s) if !s.is_closed() => Ok(s),
-            _ => Err(Error::Closed),
+    /// Run `op` on the session within the request timeout; if the session turns out lost,
+    /// reconnect (bounded, with backoff) and run it once more.
+    async fn request<T, F, Fut>(&self, operation: &'static str, op: F) -> Result<T, Error>
+    where
+        F: Fn(Peer) -> Fut,
+        Fut: Future<Output = Result<T, Error>>,
+    {
+        let timeout = self.options.request_timeout;
+        let (peer, generation) = match self.peer().await? {
+            Some(found) => found,
+            None => self.reconnect(0, None).await?,
+        };
+        let result = within(&self.options.clock, operation, timeout, op(peer)).await;
+        match result {
+            Err(e) if self.options.reconnect_attempts > 0 && self.session_lost(&e).await => {
+                tracing::info!(error = %e, "the MCP session was lost: reconnecting");
+                let (peer, _) = self.reconnect(generation, Some(e)).await?;
+                within(&self.options.clock, operation, timeout, op(peer)).await
+            }
+            other => other,
+        }
+    }
+
+    /// The live session's peer and generation; `None` when it has ended (and may reconnect).
+    async fn peer(&self) -> Result<Option<(Peer, u64)>, Error> {
+        let live = self.live.lock().await;
+        if live.closed {
+            return Err(Error::Closed);
+        }
+        match &live.service {
+            Some(s) if !s.is_closed() => Ok(Some((s.peer().clone(), live.generation))),
+            _ if self.options.reconnect_attempts == 0 => Err(Error::Closed),
+            _ => Ok(None),
+        }
+    }
+
+    /// Whether `e` means the session is gone (and the request was not processed): the
+    /// transport closed, or the server expired the session and rmcp's own re-initialization
+    /// did not recover it (see `session_lost_in`).
+    async fn session_lost(&self, e: &Error) -> bool {
+        if matches!(e, Error::Closed) {
+            return true;
+        }
+        if let Error::Transport(t) = e
+            && session_lost_in(t.as_ref())
+        {
+            return true;
+        }
+        let live = self.live.lock().await;
+        !live.closed && live.service.as_ref().is_none_or(RunningService::is_closed)
+    }
+
+    /// Replace the session of `generation` with a new one: at most `reconnect_attempts`
+    /// handshakes, with exponential backoff and jitter on the injected clock between them. A
+    /// session another request already replaced is used as it is. An auth refusal is not
+    /// retried (the provider already tried to recover).
+    async fn reconnect(&self, generation: u64, cause: Option<Error>) -> Result<(Peer, u64), Error> {
+        let mut live = self.live.lock().await;
+        if live.closed {
+            return Err(Error::Closed);
+        }
+        if live.generation != generation
+            && let Some(s) = &live.service
+            && !s.is_closed()
+        {
+            return Ok((s.peer().clone(), live.generation));
+        }
+        let attempts = self.options.reconnect_attempts;
+        let mut step = self.options.reconnect_base;
+        let mut last = cause.unwrap_or(Error::Closed);
+        for attempt in 1..=attempts {
+            match handshake(&self.url, self.provider.clone(), &self.options).await {
+                Ok((service, client)) => {
+                    live.client.detach();
+                    let peer = service.peer().clone();
+                    if let Some(old) = live.service.replace(service) {
+                        // The old worker winds down in the background.
+                        drop(old);
+                    }
+                    live.client = client;
+                    live.generation += 1;
+                    tracing::info!(attempt, "reconnected the MCP session");
+                    return Ok((peer, live.generation));
+                }
+                Err(
+                    e @ (Error::AuthorizationRequired { .. } | Error::InsufficientScope { .. }),
+                ) => {
+                    return Err(e);
+                }
+                Err(e) => {
+                    tracing::warn!(attempt, error = %e, "reconnect failed");
+                    last = e;
+                    if attempt < attempts {
+                        self.options.clock.sleep(jittered(step)).await;
+                        step = (step * 2).min(self.options.reconnect_max);
+                    }
+                }
+            }
+        }
+        Err(Error::Reconnect { attempts, last: Arc::new(last) })
+    }
+}
+
+/// A wait between half and all of `step` (exponential backoff with jitter, so reconnecting
+/// clients do not arrive together).
+fn jittered(step: Duration) -> Duration {
+    let half = step / 2;
+    let spread = u64::try_from(half.as_micros()).unwrap_or(u64::MAX);
+    let extra = if spread == 0 { 0 } else { getrandom::u64().unwrap_or(0) % (spread + 1) };
+    half + Duration::from_micros(extra)
+}
+
+/// Whether rmcp's transport error chain says the session is gone and the request was not
+/// processed, so that it is safe to send again on a new session: the server expired the
+/// session (404) and rmcp's re-initialization failed (refused with 404, 502 or 503, or with a
+/// JSON-RPC error), the worker's channel closed, or the server could not be reached. A
+/// recovery that timed out is not: the server may have processed the request.
+fn session_lost_in(e: &(dyn StdError + 'static)) -> bool {
+    let mut current: Option<&(dyn StdError + 'static)> = Some(e);
+    while let Some(err) = current {
+        if let Some(http) = err.downcast_ref::<StreamableHttpError<reqwest::Error>>() {
+            match http {
+                StreamableHttpError::SessionExpired
+                | StreamableHttpError::ReinitializationFailed(_)
+                | StreamableHttpError::TransportChannelClosed => return true,
+                StreamableHttpError::HttpStatus(status) => {
+                    return matches!(status.status, 404 | 502 | 503);
+                }
+                StreamableHttpError::Client(e) => return e.is_connect(),
+                _ => {}
+            }
+        }
+        if let Some(e) = err.downcast_ref::<reqwest::Error>() {
+            return e.is_connect();
+        }
+        current = err.source();
+    }
+    false
+}
+
+/// One MCP handshake at `url` over a new [`AuthHttpClient`], within the connect timeout.
+async fn handshake(
+    url: &str,
+    provider: Arc<dyn AuthProvider>,
+    options: &ConnectOptions,
+) -> Result<(RunningService<RoleClient, ()>, AuthHttpClient), Error> {
+    let client = AuthHttpClient::new(provider)?;
+    let config = StreamableHttpClientTransportConfig::with_uri(url.to_owned())
+        .max_concurrent_requests(options.max_concurrent_requests);
+    let transport = StreamableHttpClientTransport::with_client(client.clone(), config);
+    let handshake = async {
+        ().serve(transport).await.map_err(|e| {
+            let found = match &e {
+                // Its `source()` does not lead to the transport error: look inside.
+                ClientInitializeError::TransportError { error, .. } => classify(error),
+                other => classify(other),
+            };
+            found.unwrap_or_else(|| Error::Transport(Arc::new(e)))
+        })
+    };
+    match within(&options.clock, "connect", options.connect_timeout, handshake).await {
+        Ok(service) => Ok((service, client)),
+        Err(e) => {
+            client.detach();
+            Err(e)
         }
     }
 }
@@ -222,7 +412,7 @@ impl Connection {
 impl Drop for Connection {
     fn drop(&mut self) {
         // Detach first: nothing the winding-down worker sends may reach the provider.
-        self.client.detach();
+        self.live.get_mut().client.detach();
     }
 }
 

@@ -54,6 +54,16 @@ pub enum Error {
     /// The connection was closed.
     #[error("the connection is closed")]
     Closed,
+    /// The MCP session was lost (the transport closed, or the session expired) and every
+    /// reconnect attempt failed; the last failure is the source.
+    #[error("the MCP session was lost and {attempts} reconnect attempts failed")]
+    Reconnect {
+        /// How many reconnects were tried.
+        attempts: u32,
+        /// Why the last one failed.
+        #[source]
+        last: Arc<Error>,
+    },
     /// The configuration cannot work (e.g. a URL that is not http(s)).
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),

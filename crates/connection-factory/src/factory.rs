@@ -1,9 +1,11 @@
 //! [`ConnectionFactory`] and its per-(tenant, user, server) [`FactoryProvider`]: tokens through a
 //! cached look-up flow over token storage, and a budgeted, coalesced silent refresh on a 401.
 
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use flow_state::{FlowError, FlowKey, FlowManager, FlowStatus};
@@ -110,14 +112,59 @@ impl FactoryConfig {
         REFRESH_CAP.min(self.connect_timeout.min(self.oauth_wait_timeout).mul_f64(0.4))
     }
 
-    /// The token-storage key: tenant, user, server name.
+    /// The token-storage key, which is also the key refreshes are coalesced on: tenant, user,
+    /// and the server name plus a digest of the OAuth configuration.
+    ///
+    /// The digest covers the server URL (the resource), the scopes (as a set) and the client's
+    /// fixed identity (a pre-registered client ID or a metadata document URL), so two
+    /// configurations for the same tenant, user and server that would be granted different
+    /// tokens never share tokens or a refresh. A plain configuration (no scopes, no fixed client
+    /// identity: dynamic registration or none) keeps the bare server name, the key hosts and
+    /// earlier versions use; tokens of another issuer under it are not served.
+    ///
+    /// ```
+    /// use connection_factory::FactoryConfig;
+    ///
+    /// let plain = FactoryConfig::new("http://127.0.0.1:8080/mcp", "acme", "alice", "github");
+    /// assert_eq!(plain.token_key().server(), "github");
+    /// let read = plain.clone().scopes("repo:read");
+    /// let write = plain.clone().scopes("repo:read repo:write");
+    /// assert!(read.token_key().server().starts_with("github#"));
+    /// assert_ne!(read.token_key(), write.token_key());
+    /// assert_eq!(write.token_key(), plain.scopes("repo:write  repo:read").token_key());
+    /// ```
     pub fn token_key(&self) -> TokenKey {
-        TokenKey::new(self.tenant.as_str(), self.user.as_str(), self.server_name.as_str())
+        TokenKey::new(self.tenant.as_str(), self.user.as_str(), self.key_server())
+    }
+
+    /// The server part of the token key: the name, plus `#` and the configuration digest unless
+    /// the configuration is plain.
+    fn key_server(&self) -> String {
+        use sha2::Digest as _;
+        let scopes = self.scopes.as_deref().map(scope_set).filter(|s| !s.is_empty());
+        let client = self.client.as_ref().and_then(|c| {
+            c.pre_registered
+                .as_ref()
+                .map(|p| format!("client_id:{}", p.client_id))
+                .or_else(|| c.metadata_document_url.as_ref().map(|u| format!("metadata:{u}")))
+        });
+        if scopes.is_none() && client.is_none() {
+            return self.server_name.clone();
+        }
+        let mut hash = sha2::Sha256::new();
+        for part in [Some(self.server_url.as_str()), scopes.as_deref(), client.as_deref()] {
+            let part = part.unwrap_or("");
+            hash.update((part.len() as u64).to_be_bytes());
+            hash.update(part.as_bytes());
+        }
+        let digest = hash.finalize();
+        let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        format!("{}#{hex}", self.server_name)
     }
 
     fn flow_id(&self) -> String {
         // Tenant is its own typed part of the FlowKey; user and server are joined unambiguously.
-        format!("{}:{}", self.user.len(), self.user) + ":" + &self.server_name
+        format!("{}:{}", self.user.len(), self.user) + ":" + &self.key_server()
     }
 
     fn flow_key(&self, flow_type: &str) -> Result<FlowKey, Error> {
@@ -130,9 +177,12 @@ impl FactoryConfig {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RefreshCounters {
-    /// 401s answered with a token this call's force-refresh obtained (joined refreshes count
-    /// here too: token storage redeems once per key).
+    /// 401s whose force-refresh this process led (one per refresh redemption, unless a led
+    /// refresh ran out of its budget and a later 401 led again: token storage still redeems
+    /// once per key).
     pub refreshed: u64,
+    /// 401s that joined a refresh another caller of this process was leading.
+    pub coalesced: u64,
     /// 401s answered with a token a peer had already stored (no refresh needed).
     pub adopted: u64,
     /// Refreshes the authorization server refused for good (authorization required).
@@ -148,6 +198,7 @@ pub struct RefreshCounters {
 #[derive(Debug, Default)]
 struct Counters {
     refreshed: AtomicU64,
+    coalesced: AtomicU64,
     adopted: AtomicU64,
     rejected: AtomicU64,
     transient: AtomicU64,
@@ -160,6 +211,7 @@ impl Counters {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         RefreshCounters {
             refreshed: get(&self.refreshed),
+            coalesced: get(&self.coalesced),
             adopted: get(&self.adopted),
             rejected: get(&self.rejected),
             transient: get(&self.transient),
@@ -173,12 +225,90 @@ fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
-/// What the cached look-up flow holds.
+/// The step-ups made so far: for each token key and scope set, the access token the step-up
+/// authorization produced. A 403 for the same scope set refusing that very token means the
+/// authorization server did not grant the scope: a second prompt would loop.
+#[derive(Debug, Default)]
+struct StepUps(Mutex<HashMap<(TokenKey, String), Secret>>);
+
+impl StepUps {
+    fn produced(&self, key: &TokenKey, scopes: &str) -> Option<Secret> {
+        let map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        map.get(&(key.clone(), scopes.to_owned())).cloned()
+    }
+
+    fn record(&self, key: &TokenKey, scopes: &str, token: Secret) {
+        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        map.insert((key.clone(), scopes.to_owned()), token);
+    }
+}
+
+/// The refreshes led right now, per token key (which includes the configuration digest): a 401
+/// that finds its key here joins that refresh (`coalesced`) instead of leading one.
+#[derive(Debug, Default)]
+struct Leaders(Mutex<std::collections::HashSet<TokenKey>>);
+
+/// Leadership of one refresh; ends when dropped.
+struct Lead<'a> {
+    leaders: &'a Leaders,
+    key: TokenKey,
+}
+
+impl Leaders {
+    fn lead(&self, key: &TokenKey) -> Option<Lead<'_>> {
+        let mut set = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        set.insert(key.clone()).then(|| Lead { leaders: self, key: key.clone() })
+    }
+}
+
+impl Drop for Lead<'_> {
+    fn drop(&mut self) {
+        self.leaders.0.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.key);
+    }
+}
+
+/// A scope list as a set: split, deduplicated, sorted, joined with spaces.
+fn scope_set(scopes: &str) -> String {
+    let mut v: Vec<&str> = scopes.split_ascii_whitespace().collect();
+    v.sort_unstable();
+    v.dedup();
+    v.join(" ")
+}
+
+/// `work`, unless `clock` says `after` has passed first (`None`). Timeouts run on the injected
+/// clock, so a test moves a `ManualClock` instead of waiting.
+async fn within<T>(
+    clock: &SharedClock,
+    after: Duration,
+    work: impl Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        out = work => Some(out),
+        () = clock.sleep(after) => None,
+    }
+}
+
+/// What the cached look-up flow holds: which token set to serve, never the token itself (the
+/// flow store may be sled or Redis; tokens are sealed by token storage and served from its
+/// in-process cache).
 #[derive(Clone, Serialize, Deserialize)]
 struct CachedToken {
-    access_token: String,
+    /// The issuer the tokens must come from (the stored client registration's).
+    issuer: String,
+    /// The token set's version when it was looked up.
+    version: u64,
     /// Milliseconds since the epoch.
     expires_at: Option<u64>,
+}
+
+impl CachedToken {
+    fn of(set: &token_storage::TokenSet) -> Self {
+        CachedToken {
+            issuer: set.issuer().to_owned(),
+            version: set.version(),
+            expires_at: set.expires_at().map(|t| t.as_millis()),
+        }
+    }
 }
 
 /// Makes MCP connections for (tenant, user, server) triples, sharing one flow manager and one
@@ -192,6 +322,8 @@ pub struct ConnectionFactory {
     flows: FlowManager,
     storage: TokenStorage,
     counters: Arc<Counters>,
+    step_ups: Arc<StepUps>,
+    leaders: Arc<Leaders>,
     interactive: Option<(OAuthClient, Arc<dyn AuthorizationHook>)>,
 }
 
@@ -206,7 +338,14 @@ impl fmt::Debug for ConnectionFactory {
 impl ConnectionFactory {
     /// A factory over `flows` and `storage`. Time comes from the flow manager's clock.
     pub fn new(flows: FlowManager, storage: TokenStorage) -> Self {
-        ConnectionFactory { flows, storage, counters: Arc::default(), interactive: None }
+        ConnectionFactory {
+            flows,
+            storage,
+            counters: Arc::default(),
+            step_ups: Arc::default(),
+            leaders: Arc::default(),
+            interactive: None,
+        }
     }
 
     /// Enable the interactive flow: discovery, registration and authorization with `oauth`, the
@@ -231,6 +370,8 @@ impl ConnectionFactory {
             flows: self.flows.clone(),
             storage: self.storage.clone(),
             counters: self.counters.clone(),
+            step_ups: self.step_ups.clone(),
+            leaders: self.leaders.clone(),
             interactive: self.interactive.clone(),
         }))
     }
@@ -273,7 +414,11 @@ impl ConnectionFactory {
 ///   and the request retried. On failure or timeout a COMPLETED [`OAUTH_FLOW`] of the same
 ///   tenant is invalidated and the request fails: [`Recovery::AuthorizationRequired`] for a
 ///   refused grant, [`Error::Provider`] for a failure that may pass.
-/// - A 403 / `insufficient_scope` skips the refresh: [`Recovery::InsufficientScope`].
+/// - A 403 / `insufficient_scope` skips the refresh. With the interactive flow it steps up:
+///   newer stored tokens are tried first, else the user authorizes the union of the held and
+///   the challenged scopes ([`AuthorizationReason::InsufficientScope`]). When the refused token
+///   is the one a step-up for the same scope set produced (the server did not grant the scope),
+///   or without an interactive flow: [`Recovery::InsufficientScope`].
 pub struct FactoryProvider {
     config: FactoryConfig,
     key: TokenKey,
@@ -282,6 +427,8 @@ pub struct FactoryProvider {
     flows: FlowManager,
     storage: TokenStorage,
     counters: Arc<Counters>,
+    step_ups: Arc<StepUps>,
+    leaders: Arc<Leaders>,
     interactive: Option<(OAuthClient, Arc<dyn AuthorizationHook>)>,
 }
 
@@ -318,10 +465,7 @@ impl FactoryProvider {
                         .map_err(|e| FlowError::new("store", e.to_string()))?
                         .ok_or_else(|| FlowError::new(NO_TOKENS, "no client registration"))?;
                     match storage.get_valid(&key, &client.issuer).await {
-                        Ok(set) => Ok(CachedToken {
-                            access_token: set.access_token().expose().to_owned(),
-                            expires_at: set.expires_at().map(|t| t.as_millis()),
-                        }),
+                        Ok(set) => Ok(CachedToken::of(&set)),
                         Err(e) if e.is_authorization_required() => {
                             Err(FlowError::new(NO_TOKENS, e.to_string()))
                         }
@@ -336,7 +480,16 @@ impl FactoryProvider {
                         self.invalidate_lookup(None).await;
                         continue;
                     }
-                    return Ok(Some(Secret::new(cached.access_token)));
+                    // The token itself comes from token storage (memory while fresh): the set
+                    // the look-up found, or a newer one.
+                    return match self.storage.get_valid(&self.key, &cached.issuer).await {
+                        Ok(set) => Ok(Some(Secret::new(set.access_token().expose()))),
+                        Err(e) if e.is_authorization_required() => {
+                            self.invalidate_lookup(None).await;
+                            Ok(None)
+                        }
+                        Err(e) => Err(Error::provider("reading the tokens", e)),
+                    };
                 }
                 Err(flow_state::Error::Failed { error, .. }) if error.kind == NO_TOKENS => {
                     return Ok(None);
@@ -364,7 +517,7 @@ impl FactoryProvider {
             | Err(Error::Provider { .. })
                 if self.interactive.is_some() && self.config.client.is_some() =>
             {
-                self.interactive(Some(challenge), AuthorizationReason::RefreshFailed).await
+                self.interactive(Some(challenge), AuthorizationReason::RefreshFailed, None).await
             }
             other => other,
         }
@@ -387,44 +540,48 @@ impl FactoryProvider {
                 return self.fall_back(Some(rejected)).await;
             };
             let rejected_ts = token_storage::Secret::new(rejected.expose());
+            // Lead or join first, then read: a refresh that finished before this 401 led is
+            // then seen as stored (adopted), not led again.
+            let lead = self.leaders.lead(&self.key);
+            let led = lead.is_some();
             let before = self.storage.tokens(&self.key).await.ok().flatten();
             let adopted = before.as_ref().is_some_and(|s| *s.access_token() != rejected_ts);
             let budget = self.config.refresh_budget();
-            let outcome = tokio::time::timeout(
+            let outcome = within(
+                self.flows.clock(),
                 budget,
                 self.storage.force_refresh(&self.key, &issuer, &rejected_ts),
             )
             .await;
+            drop(lead);
             match outcome {
-                Ok(Ok(set)) if *set.access_token() != rejected_ts => {
+                Some(Ok(set)) if *set.access_token() != rejected_ts => {
                     if adopted {
                         record("adopted", &self.counters.adopted);
-                    } else {
+                    } else if led {
                         record("refreshed", &self.counters.refreshed);
+                    } else {
+                        record("coalesced", &self.counters.coalesced);
                     }
-                    let fresh = CachedToken {
-                        access_token: set.access_token().expose().to_owned(),
-                        expires_at: set.expires_at().map(|t| t.as_millis()),
-                    };
-                    self.invalidate_lookup(Some(&fresh)).await;
-                    Ok(Recovery::Retry(Secret::new(fresh.access_token)))
+                    self.invalidate_lookup(Some(&CachedToken::of(&set))).await;
+                    Ok(Recovery::Retry(Secret::new(set.access_token().expose())))
                 }
-                Ok(Ok(_)) => {
+                Some(Ok(_)) => {
                     record("rejected", &self.counters.rejected);
                     self.fall_back(Some(rejected)).await
                 }
-                Ok(Err(e)) if e.is_authorization_required() => {
+                Some(Err(e)) if e.is_authorization_required() => {
                     record("rejected", &self.counters.rejected);
                     self.fall_back(Some(rejected)).await
                 }
-                Ok(Err(e)) => {
+                Some(Err(e)) => {
                     record("transient", &self.counters.transient);
                     if let Recovery::Retry(token) = self.fall_back(Some(rejected)).await? {
                         return Ok(Recovery::Retry(token));
                     }
                     Err(Error::provider("silent refresh failed", e))
                 }
-                Err(_) => {
+                None => {
                     record("timed_out", &self.counters.timed_out);
                     tracing::warn!(?budget, "silent refresh did not finish within its budget");
                     if let Recovery::Retry(token) = self.fall_back(Some(rejected)).await? {
@@ -469,6 +626,50 @@ impl FactoryProvider {
         Ok(Recovery::AuthorizationRequired)
     }
 
+    /// Step-up after a 403 / `insufficient_scope`: no refresh (it cannot add a scope), but a new
+    /// interactive authorization for the union of the held scopes and the challenged ones.
+    ///
+    /// Bounded: when the token refused now is the one a step-up for the same scope set already
+    /// produced, the authorization server did not grant the scope, and the request fails with
+    /// [`Recovery::InsufficientScope`] instead of prompting again. Without an interactive flow
+    /// it fails the same way at once.
+    async fn step_up(
+        &self,
+        rejected: Option<&Secret>,
+        challenge: &Challenge,
+    ) -> Result<Recovery, Error> {
+        if self.interactive.is_none() || self.config.client.is_none() {
+            return Ok(Recovery::InsufficientScope);
+        }
+        let held = self.storage.tokens(&self.key).await.ok().flatten();
+        let held_scope = held.as_ref().and_then(|s| s.scope().map(str::to_owned));
+        let held_scope = held_scope.or_else(|| self.config.scopes.clone()).unwrap_or_default();
+        let target = mcp_oauth::union_scopes(&held_scope, &challenge.scope().unwrap_or_default());
+        let set = scope_set(&target);
+        if let Some(rejected) = rejected
+            && self.step_ups.produced(&self.key, &set).as_ref() == Some(rejected)
+        {
+            tracing::info!(scopes = %set, "step-up already made for this scope set; not granted");
+            return Ok(Recovery::InsufficientScope);
+        }
+        // A peer's step-up (or refresh) may have stored newer tokens: try them first. Otherwise
+        // the COMPLETED authorization is spent for this purpose: a new one is needed.
+        if let Recovery::Retry(token) = self.fall_back(rejected).await? {
+            return Ok(Recovery::Retry(token));
+        }
+        match self
+            .interactive(Some(challenge), AuthorizationReason::InsufficientScope, Some(&target))
+            .await?
+        {
+            Recovery::Retry(token) if Some(&token) != rejected => {
+                self.step_ups.record(&self.key, &set, token.clone());
+                Ok(Recovery::Retry(token))
+            }
+            Recovery::Retry(_) => Ok(Recovery::InsufficientScope),
+            other => Ok(other),
+        }
+    }
+
     /// The interactive flow: reuse a fresh PENDING flow (no second prompt), else discover,
     /// register (reusing the stored client), build the PKCE URL, create the PENDING flow and
     /// its state mapping, and prompt. Then wait for the callback (or return early).
@@ -476,6 +677,7 @@ impl FactoryProvider {
         &self,
         challenge: Option<&Challenge>,
         reason: AuthorizationReason,
+        step_up: Option<&str>,
     ) -> Result<Recovery, Error> {
         let Some((oauth, hook)) = &self.interactive else {
             return Ok(Recovery::AuthorizationRequired);
@@ -490,24 +692,27 @@ impl FactoryProvider {
             ?reason,
         );
         async {
-            let decision =
-                match self.prompt(oauth, hook.as_ref(), client_config, challenge, reason).await? {
-                    Some(decision) => decision,
-                    None => HookDecision::Wait, // joined a fresh PENDING flow: no second prompt
-                };
+            let decision = match self
+                .prompt(oauth, hook.as_ref(), client_config, challenge, reason, step_up)
+                .await?
+            {
+                Some(decision) => decision,
+                None => HookDecision::Wait, // joined a fresh PENDING flow: no second prompt
+            };
             if decision == HookDecision::ReturnEarly {
                 return Ok(Recovery::AuthorizationRequired);
             }
             let wait = self.config.oauth_wait_timeout;
-            match tokio::time::timeout(wait, self.flows.wait::<serde_json::Value>(&self.oauth))
-                .await
-            {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
+            let waited =
+                within(self.flows.clock(), wait, self.flows.wait::<serde_json::Value>(&self.oauth))
+                    .await;
+            match waited {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
                     tracing::info!(error = %e, "interactive authorization did not complete");
                     return Ok(Recovery::AuthorizationRequired);
                 }
-                Err(_) => {
+                None => {
                     return Err(Error::Timeout {
                         operation: "interactive authorization",
                         after: wait,
@@ -532,6 +737,7 @@ impl FactoryProvider {
         client_config: &mcp_oauth::ClientConfig,
         challenge: Option<&Challenge>,
         reason: AuthorizationReason,
+        step_up: Option<&str>,
     ) -> Result<Option<HookDecision>, Error> {
         let current = self.flows.get::<serde_json::Value>(&self.oauth).await.ok().flatten();
         // The fallback deleted any COMPLETED flow before coming here: one seen now was completed
@@ -584,8 +790,14 @@ impl FactoryProvider {
                 r
             }
         };
-        let scope = mcp_oauth::select_scope(bearer.as_ref(), &discovery)
+        let selected = mcp_oauth::select_scope(bearer.as_ref(), &discovery)
             .or_else(|| self.config.scopes.clone());
+        let scope = match step_up {
+            Some(target) => {
+                Some(mcp_oauth::union_scopes(target, selected.as_deref().unwrap_or_default()))
+            }
+            None => selected,
+        };
         let redirect = client_config
             .redirect_uris
             .first()
@@ -597,22 +809,21 @@ impl FactoryProvider {
         let state = pending.state.secret().to_owned();
         let meta = serde_json::to_value(OAuthFlowMeta { pending, discovery })
             .map_err(|e| Error::provider("encoding the pending authorization", e))?;
-        // A peer's authorization may have completed while this one was being prepared: init
-        // would replace it, so join it instead.
-        if let Ok(Some(flow)) = self.flows.get::<serde_json::Value>(&self.oauth).await
-            && flow.status == FlowStatus::Completed
-        {
-            return Ok(None);
-        }
-        match self.flows.init(&self.oauth, meta).await {
+        // A peer's authorization may have completed while this one was being prepared: it is
+        // joined, never replaced (atomically: no check-then-init window).
+        match self.flows.init_unless_completed(&self.oauth, meta).await {
             Ok(_) => {}
-            Err(flow_state::Error::AlreadyPending { .. }) => return Ok(None),
+            Err(
+                flow_state::Error::AlreadyPending { .. } | flow_state::Error::AlreadySettled { .. },
+            ) => {
+                return Ok(None);
+            }
             Err(e) => return Err(Error::provider("creating the authorization flow", e)),
         }
         let mapping = serde_json::to_value(StateMeta {
             tenant: self.config.tenant.clone(),
             user: self.config.user.clone(),
-            server: self.config.server_name.clone(),
+            server: self.config.key_server(),
             flow_id: self.config.flow_id(),
         })
         .map_err(|e| Error::provider("encoding the state mapping", e))?;
@@ -645,13 +856,13 @@ impl AuthProvider for FactoryProvider {
         Box::pin(async move {
             if challenge.is_insufficient_scope() {
                 bump(&self.counters.insufficient_scope);
-                return Ok(Recovery::InsufficientScope);
+                return self.step_up(rejected, challenge).await;
             }
             match rejected {
                 Some(rejected) => self.refresh(rejected, challenge).await,
                 None => {
                     self.fall_back(None).await?;
-                    self.interactive(Some(challenge), AuthorizationReason::NoTokens).await
+                    self.interactive(Some(challenge), AuthorizationReason::NoTokens, None).await
                 }
             }
         })

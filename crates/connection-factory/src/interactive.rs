@@ -26,6 +26,9 @@ pub enum AuthorizationReason {
     NoTokens,
     /// The silent refresh after a 401 was refused, failed or ran out of its budget.
     RefreshFailed,
+    /// The server refused the token for a missing scope (403 `insufficient_scope`): step-up to
+    /// the union of the held and the challenged scopes.
+    InsufficientScope,
 }
 
 /// What the host's UI gets: where to send the user, and until when the request is valid.

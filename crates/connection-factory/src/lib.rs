@@ -9,9 +9,14 @@
 //!   tenant-scoped look-up flow ([`GET_TOKENS_FLOW`]), and on a 401 force-refreshes with the
 //!   rejected token (one redemption per key, bounded by [`FactoryConfig::refresh_budget`]),
 //!   invalidates the cached look-up and retries; on a refused or timed-out refresh it
-//!   invalidates the tenant's COMPLETED [`OAUTH_FLOW`] and fails the request. A 403
-//!   `insufficient_scope` never refreshes. Outcomes are counted ([`RefreshCounters`]) and traced
-//!   (span `mcp_refresh`, field `outcome`).
+//!   invalidates the tenant's COMPLETED [`OAUTH_FLOW`] and falls back to the interactive flow
+//!   (or fails the request without one). A 403 / `insufficient_scope` never refreshes: it
+//!   steps up (an interactive authorization for the union of the held and the challenged
+//!   scopes), at most once per scope set and token, then fails with [`Error::InsufficientScope`].
+//!   Refreshes are coalesced per [`FactoryConfig::token_key`] (tenant, user, server and a digest
+//!   of the OAuth configuration). Outcomes are counted ([`RefreshCounters`]) and traced (span
+//!   `mcp_refresh`, field `outcome`: refreshed, coalesced, adopted, rejected, transient,
+//!   timed_out).
 //! - [`OAuthRefresher`]: token storage's refresh grant over [`mcp_oauth::OAuthClient`], with a
 //!   conservative terminal / transient classification; [`stored_client`] stores what it needs.
 //!
@@ -23,8 +28,6 @@
 //!   [`callback_router`] (`GET /callback`) validates the state, exchanges the code, stores the
 //!   tokens and completes the flow; queued requests resume.
 //!
-//! Not here yet: step-up on 403 `insufficient_scope` (it fails with
-//! [`Error::InsufficientScope`]), reconnect backoff, a config digest in the coalescing key.
 //!
 //! The auth transport underneath:
 //!
@@ -36,7 +39,10 @@
 //!   and one recovery plus one retry per refused request.
 //! - [`Connection`]: an rmcp client session over that client (`connect`, `list_tools`,
 //!   `call_tool`, `close`) with typed [`Error`]s. The provider stays attached until the
-//!   connection is dropped.
+//!   connection is dropped. A lost session (transport closed, session expired and rmcp's own
+//!   re-initialization failed, server unreachable) is reconnected a bounded number of times
+//!   with exponential backoff and jitter on the injected clock ([`ConnectOptions::reconnect`]),
+//!   then the request fails with [`Error::Reconnect`].
 //! - [`RefreshingProvider`]: a reference provider whose refresh on a burst of 401s is coalesced
 //!   with [`flow_state::SingleFlight`], so the refresh token is redeemed once.
 //!

@@ -15,6 +15,9 @@ const DISCOVERY: &str = "discovery";
 /// registration, without its secret (kept in the redacted `client_secret`) and without a
 /// private key (`metadata` shows in `Debug`, so no secret may go there).
 const REGISTRATION: &str = "registration";
+/// The `metadata` member naming a `private_key_jwt` key's algorithm and key ID; its PEM is in
+/// the redacted, sealed `client_secret`.
+const CLIENT_KEY: &str = "client_key";
 
 /// Runs the refresh-token grant for [`token_storage::TokenStorage`] with
 /// [`OAuthClient::refresh`], sending the stored scope and the discovery's `resource`.
@@ -68,8 +71,11 @@ impl OAuthRefresher {
 /// mcp-oauth registration in its `metadata` (the client secret goes in the redacted
 /// `client_secret`), so that [`OAuthRefresher`] can refresh from the store alone.
 ///
-/// A `private_key_jwt` key is **not** stored (nothing secret goes in `metadata`): such clients
-/// cannot yet be refreshed from the store.
+/// A `private_key_jwt` client's private key (PKCS#8 PEM) goes in `client_secret`, which such a
+/// client does not otherwise use: it is redacted in `Debug` and sealed with the rest of the
+/// record by token storage. Its algorithm and key ID go in `metadata` (nothing secret goes
+/// there). So a `private_key_jwt` client refreshes from the store alone, in any process that
+/// shares it and holds the storage key.
 ///
 /// ```
 /// # use mcp_oauth::*;
@@ -86,7 +92,13 @@ pub fn stored_client(
         registration.client_id.clone(),
         discovery.issuer().to_owned(),
     );
-    if let Some(secret) = &registration.client_secret {
+    let key = match (&registration.auth_method, &registration.client_key) {
+        (TokenEndpointAuthMethod::PrivateKeyJwt, Some(key)) => Some(key),
+        _ => None,
+    };
+    if let Some(key) = key {
+        stored = stored.client_secret(key.pem.secret().to_owned());
+    } else if let Some(secret) = &registration.client_secret {
         stored = stored.client_secret(secret.secret().to_owned());
     }
     stored = stored.auth_method(registration.auth_method.as_str());
@@ -97,6 +109,10 @@ pub fn stored_client(
         DISCOVERY: discovery,
         REGISTRATION: public,
     });
+    if let Some(key) = key {
+        stored.metadata[CLIENT_KEY] =
+            serde_json::json!({ "algorithm": key.algorithm, "key_id": key.key_id });
+    }
     stored
 }
 
@@ -111,7 +127,17 @@ pub(crate) fn decode_stored_client(
         Some(value) => {
             let mut registration: mcp_oauth::ClientRegistration =
                 serde_json::from_value(value.clone()).ok()?;
-            registration.client_secret = secret;
+            match stored.metadata.get(CLIENT_KEY) {
+                Some(key) if registration.auth_method == TokenEndpointAuthMethod::PrivateKeyJwt => {
+                    let pem = stored.client_secret.as_ref()?.expose();
+                    registration.client_key = Some(mcp_oauth::ClientKey {
+                        pem: mcp_oauth::PrivateKeyPem::new(pem),
+                        algorithm: key.get("algorithm")?.as_str()?.to_owned(),
+                        key_id: key.get("key_id").and_then(|k| k.as_str()).map(str::to_owned),
+                    });
+                }
+                _ => registration.client_secret = secret,
+            }
             registration
         }
         None => mcp_oauth::ClientRegistration {

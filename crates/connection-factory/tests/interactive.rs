@@ -22,6 +22,7 @@ struct Browser {
     http: reqwest::Client,
     prompts: AtomicU64,
     reasons: std::sync::Mutex<Vec<AuthorizationReason>>,
+    scopes: std::sync::Mutex<Vec<Option<String>>>,
     decision: HookDecision,
 }
 
@@ -29,6 +30,7 @@ impl AuthorizationHook for Browser {
     fn authorization_required(&self, request: AuthorizationRequest) -> BoxFuture<'_, HookDecision> {
         self.prompts.fetch_add(1, Ordering::SeqCst);
         self.reasons.lock().unwrap().push(request.reason);
+        self.scopes.lock().unwrap().push(request.scopes.clone());
         let http = self.http.clone();
         tokio::spawn(async move {
             let _ = http.get(request.authorization_url).send().await;
@@ -80,6 +82,7 @@ async fn setup(decision: HookDecision) -> Setup {
         http: reqwest::Client::builder().no_proxy().build().unwrap(),
         prompts: AtomicU64::new(0),
         reasons: Default::default(),
+        scopes: Default::default(),
         decision,
     });
     let factory = ConnectionFactory::new(flows, storage).with_interactive(oauth, browser.clone());
@@ -203,11 +206,123 @@ async fn the_callback_refuses_unknown_state() {
 async fn a_denied_authorization_fails_the_flow_and_the_request() {
     let s = setup(HookDecision::Wait).await;
     s.fx.auth().knobs().set_approval(Approval::Deny);
-    let started = mcp_clock::SystemClock::instant();
+    // The OAuth wait timeout runs on the manual clock, which stands still: returning at all
+    // means the denial ended the wait.
     let err = s.factory.connect(s.config("tenant-a")).await.unwrap_err();
-    let took = mcp_clock::SystemClock::instant().duration_since(started);
     assert!(matches!(err, Error::AuthorizationRequired { .. }), "{err:?}");
-    assert!(took < Duration::from_secs(5), "{took:?}");
     assert_eq!(s.fx.auth().stats().authorizations_denied, 1);
     assert_eq!(s.fx.auth().stats().authorization_code_requests, 0);
+}
+
+/// Step-up: `counter` needs `mcp:write`, the token holds `mcp:tools`. The 403
+/// `insufficient_scope` skips the refresh and prompts once for the union of the held and the
+/// challenged scopes; the new token is granted and the call succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn insufficient_scope_steps_up_to_the_union_of_scopes() {
+    let s = setup(HookDecision::Wait).await;
+    let conn = s.factory.connect(s.config("tenant-a")).await.unwrap();
+    assert_eq!(s.prompts(), 1);
+    let result = conn.call_tool("counter", None).await.unwrap();
+    assert!(result.is_error != Some(true), "{result:?}");
+    assert_eq!(s.prompts(), 2, "one step-up prompt");
+    assert_eq!(s.browser.reasons.lock().unwrap()[1], AuthorizationReason::InsufficientScope);
+    let scopes = s.browser.scopes.lock().unwrap()[1].clone().unwrap_or_default();
+    let asked: Vec<&str> = scopes.split(' ').collect();
+    assert!(asked.contains(&"mcp:tools") && asked.contains(&"mcp:write"), "{scopes}");
+    let auth = s.fx.auth().stats();
+    assert_eq!(auth.refresh_token_requests, 0, "no refresh for a missing scope: {auth:?}");
+    assert_eq!(auth.authorization_code_requests, 2, "{auth:?}");
+    assert_eq!(s.factory.counters().insufficient_scope, 1);
+    // The stepped-up token serves the next calls without another prompt.
+    conn.call_tool("counter", None).await.unwrap();
+    assert_eq!(text(&conn.call_tool("echo", args("still")).await.unwrap()), "still");
+    assert_eq!(s.prompts(), 2);
+}
+
+/// Step-up that the authorization server does not grant (it withholds `mcp:write`): the retry
+/// is refused again and the call ends with InsufficientScope; the next call for the same
+/// scope set fails the same way without a new prompt (no loop).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_refusal_for_the_same_scope_set_is_insufficient_scope_without_a_loop() {
+    let s = setup(HookDecision::Wait).await;
+    s.fx.auth().knobs().set_withheld_scopes(["mcp:write"]);
+    let conn = s.factory.connect(s.config("tenant-a")).await.unwrap();
+    let err = conn.call_tool("counter", None).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::InsufficientScope { scope: Some(scope), .. } if scope.contains("mcp:write")),
+        "{err:?}"
+    );
+    assert_eq!(s.prompts(), 2, "one step-up prompt");
+    let err = conn.call_tool("counter", None).await.unwrap_err();
+    assert!(matches!(err, Error::InsufficientScope { .. }), "{err:?}");
+    assert_eq!(s.prompts(), 2, "no second prompt for the same scope set");
+    assert_eq!(s.fx.auth().stats().authorization_code_requests, 2);
+    assert_eq!(s.fx.auth().stats().refresh_token_requests, 0);
+    // The connection still works for what the token does allow.
+    assert_eq!(text(&conn.call_tool("echo", args("ok")).await.unwrap()), "ok");
+}
+
+async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    for _ in 0..2000 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// A hung token endpoint with the interactive fallback, deterministic on the manual clock: the
+/// refresh after a mid-session 401 hangs; moving the clock past the refresh budget ends the
+/// wait; the fallback prompts once, the callback stores newer tokens and the call succeeds.
+/// When the hung refresh is finally answered, its late result never overwrites them (the race
+/// this pins: a detached refresh committing after a newer authorization).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_refresh_falls_back_to_the_interactive_flow_and_the_late_result_never_overwrites() {
+    let s = setup(HookDecision::Wait).await;
+    // Tokens the client believes live an hour; the server's clock jumps ahead to expire them.
+    s.fx.auth().knobs().set_access_token_lifetime(Duration::from_secs(3600));
+    let config = s.config("tenant-a");
+    let budget = config.refresh_budget();
+    assert_eq!(budget, Duration::from_secs(4));
+    let key = config.token_key();
+    let conn = Arc::new(s.factory.connect(config).await.unwrap());
+    assert_eq!(text(&conn.call_tool("echo", args("warm")).await.unwrap()), "warm");
+    let storage = s.factory.storage();
+    let first = storage.tokens(&key).await.unwrap().unwrap();
+    let issuer = storage.client(&key).await.unwrap().unwrap().issuer;
+
+    s.fx.auth().knobs().set_refresh_hang(true);
+    s.fx.auth().knobs().set_clock_offset_millis(3_601_000);
+    let call = tokio::spawn({
+        let conn = conn.clone();
+        async move { conn.call_tool("echo", args("hung")).await }
+    });
+    // The refresh is at the (hung) token endpoint, so the budget's deadline is set: pass it.
+    eventually("the refresh request", || s.fx.auth().stats().refresh_token_requests == 1).await;
+    assert_eq!(s.factory.counters().timed_out, 0);
+    s.clock.advance(budget);
+    let result = call.await.unwrap().unwrap_or_else(|e| panic!("{e:?} {:?}", s.factory.counters()));
+    assert_eq!(text(&result), "hung");
+    assert_eq!(s.factory.counters().timed_out, 1, "{:?}", s.factory.counters());
+    assert_eq!(s.prompts(), 2, "one fallback prompt");
+    assert_eq!(s.browser.reasons.lock().unwrap()[1], AuthorizationReason::RefreshFailed);
+    let newer = storage.tokens(&key).await.unwrap().unwrap();
+    assert_ne!(newer.access_token(), first.access_token());
+    assert_eq!(s.fx.auth().stats().max_refresh_redemptions(), 0, "the refresh still hangs");
+
+    // Release the hung refresh. A force-refresh for the old token joins the late refresh if it
+    // is still running (else finds the newer tokens): after it, the late result has landed.
+    s.fx.auth().knobs().set_refresh_hang(false);
+    eventually("the late redemption", || s.fx.auth().stats().max_refresh_redemptions() == 1).await;
+    let joined = storage.force_refresh(&key, &issuer, first.access_token()).await;
+    let after = storage.tokens(&key).await.unwrap().unwrap();
+    assert_eq!(
+        after.access_token(),
+        newer.access_token(),
+        "the late refresh overwrote: {joined:?}"
+    );
+    assert_eq!(s.fx.auth().stats().refresh_token_requests, 1, "no second refresh");
+    assert_eq!(text(&conn.call_tool("echo", args("after")).await.unwrap()), "after");
+    assert_eq!(s.prompts(), 2);
 }

@@ -239,3 +239,54 @@ async fn a_confidential_client_authenticates_with_its_stored_secret() {
     let seen = seen.lock().unwrap();
     assert_eq!(seen[0].form_value("client_secret").as_deref(), Some("s3cret-value"));
 }
+
+/// A test-only EC P-256 key (PKCS#8).
+const TEST_KEY_PEM: &str = "-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgPgCZ+zY/Qk6Q/CAT
+XY9V/PuXKW/EqDeNVl/v6PrE1GmhRANCAARAao1TfTTf784PxaC+gS5JTXfPFtdw
+yliqImdfQPj8y0KAc3bmRPsA4VAM+eU6a26HpJ+AHzMic52ZjjiYQFo+
+-----END PRIVATE KEY-----
+";
+
+/// A private_key_jwt client: its key is stored (sealed, redacted, never in `metadata`), comes
+/// back through token storage, and the refresh signs a client assertion with it.
+#[tokio::test]
+async fn a_private_key_jwt_client_refreshes_from_the_store() {
+    let mut reg = registration();
+    let mut key = mcp_oauth::ClientKey::es256(TEST_KEY_PEM);
+    key.key_id = Some("kid-1".into());
+    reg.client_key = Some(key);
+    reg.auth_method = mcp_oauth::TokenEndpointAuthMethod::PrivateKeyJwt;
+    let stored = stored_client(&discovery(), &reg);
+    assert_eq!(stored.token_endpoint_auth_method, "private_key_jwt");
+    let pem_line = "XY9V/PuXKW/EqDeNVl/v6PrE1GmhRANCAARAao1TfTTf784PxaC+gS5JTXfPFtdw";
+    assert!(!format!("{stored:?}").contains(pem_line), "the key shows in Debug");
+    assert!(!stored.metadata.to_string().contains(pem_line), "the key is in metadata");
+
+    // Through token storage (sealed at rest) and back.
+    let storage = token_storage::TokenStorage::builder(
+        token_storage::MemoryTokenStore::new().into(),
+        Arc::new(token_storage::Keyring::parse(&"42".repeat(32)).unwrap()),
+        Arc::new(refresher(|| Ok(oauth_error(400, "invalid_grant"))).0),
+    )
+    .build();
+    let tkey = TokenKey::new("t", "u", "s");
+    storage.store_client(&tkey, &stored).await.unwrap();
+    let back = storage.client(&tkey).await.unwrap().unwrap();
+
+    let (r, seen) = refresher(|| Ok(oauth_error(400, "invalid_grant")));
+    let req = RefreshRequest::new("rt-1", "http://127.0.0.1:9").client(back);
+    assert!(matches!(
+        r.refresh(&tkey, &req).await,
+        Err(RefreshError::Terminal { code: TerminalCode::InvalidGrant, .. })
+    ));
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 1, "the grant was sent");
+    assert_eq!(
+        seen[0].form_value("client_assertion_type").as_deref(),
+        Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
+    );
+    let assertion = seen[0].form_value("client_assertion").expect("a signed client assertion");
+    assert_eq!(assertion.split('.').count(), 3, "a JWS");
+    assert!(seen[0].form_value("client_secret").is_none(), "the PEM is never sent");
+}

@@ -169,3 +169,177 @@ async fn a_401_on_a_get_stream_reconnect_reaches_the_provider_and_is_retried() {
     assert_eq!(result.content[0].as_text().unwrap().text, "after reconnect");
     assert_eq!(provider.seen.lock().unwrap().len(), 1, "no further refusals");
 }
+
+/// An MCP server whose sessions the test can kill (every request of a dead session gets 404,
+/// "session expired") and whose `initialize` POSTs it can refuse (503) a number of times.
+#[derive(Debug, Default)]
+struct Sessions {
+    known: Mutex<std::collections::HashSet<String>>,
+    dead: Mutex<std::collections::HashSet<String>>,
+    refuse_inits: AtomicU64,
+    inits: AtomicU64,
+}
+
+impl Sessions {
+    fn kill_all(&self) {
+        let known: Vec<String> = self.known.lock().unwrap().drain().collect();
+        self.dead.lock().unwrap().extend(known);
+    }
+    fn inits(&self) -> u64 {
+        self.inits.load(Ordering::SeqCst)
+    }
+}
+
+async fn sessions_gate(State(g): State<Arc<Sessions>>, req: Request, next: Next) -> Response {
+    let sid = req.headers().get("mcp-session-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    if let Some(sid) = &sid
+        && g.dead.lock().unwrap().contains(sid)
+    {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    if req.method() == Method::POST && sid.is_none() {
+        g.inits.fetch_add(1, Ordering::SeqCst);
+        let refused = g
+            .refuse_inits
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if refused {
+            return StatusCode::SERVICE_UNAVAILABLE.into_response();
+        }
+    }
+    let resp = next.run(req).await;
+    if let Some(new) = resp.headers().get("mcp-session-id").and_then(|v| v.to_str().ok()) {
+        g.known.lock().unwrap().insert(new.to_owned());
+    }
+    resp
+}
+
+async fn serve_sessions(g: Arc<Sessions>) -> String {
+    let service: StreamableHttpService<Echo, LocalSessionManager> = StreamableHttpService::new(
+        || Ok(Echo::new()),
+        Arc::new(LocalSessionManager::default()),
+        StreamableHttpServerConfig::default(),
+    );
+    let router = axum::Router::new()
+        .route_service("/mcp", service)
+        .layer(middleware::from_fn_with_state(g, sessions_gate));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/mcp", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    url
+}
+
+/// No credentials (the server has no auth); a refusal is final.
+#[derive(Debug)]
+struct Anonymous;
+
+impl AuthProvider for Anonymous {
+    fn current_token(&self) -> BoxFuture<'_, Result<Option<Secret>, Error>> {
+        Box::pin(async { Ok(None) })
+    }
+    fn on_unauthorized<'a>(
+        &'a self,
+        _: Option<&'a Secret>,
+        _: &'a Challenge,
+    ) -> BoxFuture<'a, Result<Recovery, Error>> {
+        Box::pin(async { Ok(Recovery::AuthorizationRequired) })
+    }
+}
+
+const STEP: Duration = Duration::from_secs(1);
+const MAX_STEP: Duration = Duration::from_secs(4);
+
+async fn session_conn(g: &Arc<Sessions>, clock: &mcp_clock::ManualClock) -> Connection {
+    let url = serve_sessions(g.clone()).await;
+    let options = ConnectOptions::default()
+        .clock(clock.shared())
+        .request_timeout(Duration::from_secs(3600))
+        .reconnect(3, STEP, MAX_STEP);
+    Connection::connect(&url, Arc::new(Anonymous), options).await.unwrap()
+}
+
+/// Await `task`, moving the manual clock past every backoff wait until it finishes.
+async fn drive<T>(clock: &mcp_clock::ManualClock, task: tokio::task::JoinHandle<T>) -> T {
+    for _ in 0..2000 {
+        if task.is_finished() {
+            return task.await.unwrap();
+        }
+        clock.advance(MAX_STEP);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("the request never finished");
+}
+
+fn echo_args(text: &str) -> Option<serde_json::Map<String, serde_json::Value>> {
+    json!({ "text": text }).as_object().cloned()
+}
+
+/// The server forgets the session and refuses the next initializes: the connection
+/// reconnects with backoff on the injected clock, and the request succeeds on the new session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_session_is_reconnected_with_backoff_and_the_request_retried() {
+    let g = Arc::new(Sessions::default());
+    let clock = mcp_clock::ManualClock::default();
+    let conn = Arc::new(session_conn(&g, &clock).await);
+    assert_eq!(
+        conn.call_tool("echo", echo_args("one")).await.unwrap().content[0].as_text().unwrap().text,
+        "one"
+    );
+    assert_eq!(g.inits(), 1);
+
+    g.kill_all();
+    g.refuse_inits.store(2, Ordering::SeqCst);
+    let call = tokio::spawn({
+        let conn = conn.clone();
+        async move { conn.call_tool("echo", echo_args("two")).await }
+    });
+    let result = drive(&clock, call).await.unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(result.content[0].as_text().unwrap().text, "two");
+    assert_eq!(g.refuse_inits.load(Ordering::SeqCst), 0, "both refusals were met");
+    let inits = g.inits();
+    assert!((3..=4).contains(&inits), "{inits} initializes");
+    // The new session serves later calls without another reconnect.
+    assert_eq!(
+        conn.call_tool("echo", echo_args("three")).await.unwrap().content[0]
+            .as_text()
+            .unwrap()
+            .text,
+        "three"
+    );
+    assert_eq!(g.inits(), inits);
+    assert!(!conn.is_closed());
+}
+
+/// A server that never takes a new session: the reconnects are bounded (3 here), spaced by
+/// backoff on the injected clock, and the request ends with a typed Reconnect error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnects_are_bounded_then_a_typed_error() {
+    let g = Arc::new(Sessions::default());
+    let clock = mcp_clock::ManualClock::default();
+    let conn = Arc::new(session_conn(&g, &clock).await);
+    conn.list_tools().await.unwrap();
+    g.kill_all();
+    g.refuse_inits.store(u64::MAX, Ordering::SeqCst);
+    let call = tokio::spawn({
+        let conn = conn.clone();
+        async move { conn.call_tool("echo", echo_args("never")).await }
+    });
+    // Without the clock moving, the first reconnect fails and the backoff waits: no second.
+    let mut seen = g.inits();
+    for _ in 0..1000 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = g.inits();
+        if now == seen && now >= 2 {
+            break;
+        }
+        seen = now;
+    }
+    assert!(!call.is_finished(), "the backoff runs on the injected clock");
+    assert!((2..=3).contains(&g.inits()), "one reconnect before the clock moves: {}", g.inits());
+    let err = drive(&clock, call).await.unwrap_err();
+    assert!(matches!(err, Error::Reconnect { attempts: 3, .. }), "{err:?}");
+    let tries = g.inits() - 1;
+    // Ours (3), plus at most one re-initialization by rmcp itself.
+    assert!((3..=4).contains(&tries), "{tries} initializes after the loss");
+    assert!(std::error::Error::source(&err).is_some(), "the last failure is the source");
+}

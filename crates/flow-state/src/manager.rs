@@ -241,6 +241,41 @@ impl FlowManager {
     /// A COMPLETED, FAILED or stale PENDING flow is replaced; a live PENDING one is not
     /// ([`Error::AlreadyPending`]), so two callers cannot both start the same interactive flow.
     pub async fn init(&self, key: &FlowKey, metadata: Value) -> Result<Timestamp, Error> {
+        self.init_with(key, metadata, true).await
+    }
+
+    /// [`FlowManager::init`] that never replaces a COMPLETED flow: it writes a new PENDING flow
+    /// only if there is none (or it expired), or it is FAILED, or it is a stale PENDING one.
+    /// Atomic over the store's compare-and-set, so a check-then-init cannot wipe a result a
+    /// peer completed in between: a COMPLETED flow is [`Error::AlreadySettled`] (left
+    /// unchanged, for the caller to read), a live PENDING one [`Error::AlreadyPending`].
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), flow_state::Error> {
+    /// use flow_state::{Error, FlowKey, FlowManager, FlowStatus, MemoryStore, SharedStore};
+    ///
+    /// let flows = FlowManager::builder(SharedStore::new(MemoryStore::new())).build()?;
+    /// let key = FlowKey::new("oauth", "alice")?;
+    /// flows.init_unless_completed(&key, serde_json::json!({})).await?;
+    /// flows.complete(&key, &"tokens stored").await?;
+    /// let again = flows.init_unless_completed(&key, serde_json::json!({})).await;
+    /// assert!(matches!(again, Err(Error::AlreadySettled { status: FlowStatus::Completed, .. })));
+    /// # Ok(()) }
+    /// ```
+    pub async fn init_unless_completed(
+        &self,
+        key: &FlowKey,
+        metadata: Value,
+    ) -> Result<Timestamp, Error> {
+        self.init_with(key, metadata, false).await
+    }
+
+    async fn init_with(
+        &self,
+        key: &FlowKey,
+        metadata: Value,
+        replace_completed: bool,
+    ) -> Result<Timestamp, Error> {
         let config = self.config(key).clone();
         loop {
             let now = self.now();
@@ -259,6 +294,14 @@ impl FlowManager {
                     return Err(Error::AlreadyPending {
                         key: key.clone(),
                         created_at: current.created_at,
+                    });
+                }
+                Some((_, current))
+                    if current.status == FlowStatus::Completed && !replace_completed =>
+                {
+                    return Err(Error::AlreadySettled {
+                        key: key.clone(),
+                        status: FlowStatus::Completed,
                     });
                 }
                 Some((v, _)) => {

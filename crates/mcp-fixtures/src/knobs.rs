@@ -121,11 +121,25 @@ pub struct KnobSettings {
     pub token_delay: Duration,
     /// Never answer the token endpoint (until the knob is cleared or the server stops).
     pub token_hang: bool,
+    /// Never answer `refresh_token` grants (until the knob is cleared or the server stops);
+    /// the other grants answer as usual, so an interactive authorization still completes.
+    pub refresh_hang: bool,
     /// How the authorize endpoint answers.
     pub approval: Approval,
     /// Shift the server's clock by this many milliseconds (positive: ahead). Moving it ahead
     /// mid-session expires tokens as if that much time had passed on the server only.
     pub clock_offset_millis: i64,
+    /// Scopes an approved authorization never grants, even when asked for (the server may
+    /// issue a narrower scope than requested, RFC 6749 §3.3): the code and its tokens carry the
+    /// requested scope without these. Default none.
+    pub withheld_scopes: Vec<String>,
+}
+
+impl KnobSettings {
+    /// Whether the token endpoint holds a request of this grant type.
+    pub(crate) fn hangs(&self, grant: &str) -> bool {
+        self.token_hang || (self.refresh_hang && grant == "refresh_token")
+    }
 }
 
 impl Default for KnobSettings {
@@ -145,8 +159,10 @@ impl Default for KnobSettings {
             expired_token_status: 401,
             token_delay: Duration::ZERO,
             token_hang: false,
+            refresh_hang: false,
             approval: Approval::Auto,
             clock_offset_millis: 0,
+            withheld_scopes: Vec::new(),
         }
     }
 }
@@ -242,6 +258,12 @@ impl Knobs {
         self.update(|s| s.omit_refresh_on_refresh = on);
     }
 
+    /// Scopes approved authorizations never grant from now on (down-scoping, RFC 6749 §3.3).
+    pub fn set_withheld_scopes<S: Into<String>>(&self, scopes: impl IntoIterator<Item = S>) {
+        let scopes: Vec<String> = scopes.into_iter().map(Into::into).collect();
+        self.update(|s| s.withheld_scopes = scopes);
+    }
+
     /// Require `scope` on refresh (Entra-style).
     pub fn set_require_scope_on_refresh(&self, on: bool) {
         self.update(|s| s.require_scope_on_refresh = on);
@@ -265,6 +287,11 @@ impl Knobs {
     /// Make the token endpoint hang (never answer) or answer again.
     pub fn set_token_hang(&self, hang: bool) {
         self.update(|s| s.token_hang = hang);
+    }
+
+    /// Hang only the `refresh_token` grant (`false` releases the requests held so far).
+    pub fn set_refresh_hang(&self, hang: bool) {
+        self.update(|s| s.refresh_hang = hang);
     }
 
     /// How the authorize endpoint answers.
@@ -327,11 +354,11 @@ impl Knobs {
         fire
     }
 
-    /// Resolves once `token_hang` is off.
-    pub(crate) async fn hang_cleared(&self) {
+    /// Resolves once no hang knob holds a request of this grant type.
+    pub(crate) async fn hang_cleared(&self, grant: &str) {
         let mut rx = self.state.subscribe();
         // The sender lives as long as this `Knobs`, so `wait_for` only fails if it is gone.
-        let _ = rx.wait_for(|s| !s.settings.token_hang).await;
+        let _ = rx.wait_for(|s| !s.settings.hangs(grant)).await;
     }
 }
 

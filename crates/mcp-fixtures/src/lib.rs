@@ -25,9 +25,11 @@
 //! | `set_refresh_requires_offline_access` | refresh tokens only with `offline_access` | `--refresh-requires-offline-access` |
 //! | `set_expired_token_status` | the resource server's status for an expired token (400) | `--expired-token-status` |
 //! | `set_token_delay`, `set_token_hang` | slow or hung token endpoint | `--token-delay-ms`, `--token-hang` |
+//! | `set_refresh_hang` | only `refresh_token` grants hang (an authorization still completes) | |
 //! | `fail_token_requests`, `fail_resource_requests` | 5xx or 429 + `Retry-After` on the Nth request | `--fail-nth`, `--resource-fail-nth`, ... |
 //! | `revoke_all_tokens` | server-side invalidation of every token | |
 //! | `set_clock_offset_millis` | the server's clock runs ahead or behind | `--clock-offset-ms` |
+//! | `set_withheld_scopes` | approved authorizations grant the requested scope without these (down-scoping) | |
 //! | `set_approval` | authorize auto-approves, waits for the test, or denies | `--deny` |
 //!
 //! Everything binds 127.0.0.1. Time comes from an injected [`mcp_clock::SharedClock`], so a

@@ -758,3 +758,51 @@ async fn scopes_and_client_metadata_documents_are_configurable() {
         http().get(authorize_url(&auth, url_client, &challenge, None, None)).send().await.unwrap();
     assert_eq!(resp.status(), 400, "URL client ids are unknown clients when documents are off");
 }
+
+#[tokio::test]
+async fn withheld_scopes_are_left_out_of_approved_grants() {
+    let auth = server().await;
+    let client = register(&auth, ClientAuth::None);
+    auth.knobs().set_withheld_scopes(["mcp:write"]);
+    let tokens = code_flow(&auth, &client, Some("mcp:tools mcp:write"), None).await;
+    assert_eq!(tokens["scope"], "mcp:tools", "down-scoped");
+    let form = [
+        ("grant_type", "refresh_token"),
+        ("refresh_token", tokens["refresh_token"].as_str().unwrap()),
+    ];
+    let refreshed: Value =
+        post_form(&auth.token_endpoint(), &client, &form).await.json().await.unwrap();
+    assert_eq!(refreshed["scope"], "mcp:tools", "a refresh does not bring it back");
+    auth.knobs().set_withheld_scopes(Vec::<String>::new());
+    let tokens = code_flow(&auth, &client, Some("mcp:tools mcp:write"), None).await;
+    assert_eq!(tokens["scope"], "mcp:tools mcp:write");
+}
+
+#[tokio::test]
+async fn refresh_hang_holds_only_refresh_grants() {
+    let auth = server().await;
+    let client = register(&auth, ClientAuth::None);
+    let tokens = code_flow(&auth, &client, None, None).await;
+    auth.knobs().set_refresh_hang(true);
+    let hung = {
+        let (client, url) = (client.clone(), auth.token_endpoint());
+        let refresh = s(&tokens, "refresh_token");
+        tokio::spawn(async move {
+            let form = [("grant_type", "refresh_token"), ("refresh_token", refresh.as_str())];
+            post_form(&url, &client, &form).await.status()
+        })
+    };
+    for _ in 0..1000 {
+        if auth.stats().refresh_token_requests == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(auth.stats().refresh_token_requests, 1);
+    // An authorization code grant still answers while the refresh hangs.
+    let again = code_flow(&auth, &client, None, None).await;
+    assert!(again["access_token"].is_string());
+    assert!(!hung.is_finished(), "the refresh must still hang");
+    auth.knobs().set_refresh_hang(false);
+    assert_eq!(tokio::time::timeout(Duration::from_secs(10), hung).await.unwrap().unwrap(), 200);
+}

@@ -242,6 +242,55 @@ async fn init_writes_pending_and_refuses_a_live_one() {
     }
 }
 
+/// init-unless-completed: writes PENDING over nothing, an expired flow, a FAILED one or a stale
+/// PENDING one; refuses a live PENDING one; never replaces a COMPLETED one (the race it closes:
+/// a check-then-init that wipes a result a peer completed in between).
+#[tokio::test]
+async fn init_unless_completed_never_replaces_a_completed_flow() {
+    for backend in BACKENDS {
+        let Some(h) = harness(backend).await else { continue };
+        let k = key("kept", "x");
+        let created = h.flows.init_unless_completed(&k, json!({"n": 1})).await.unwrap();
+        assert!(
+            matches!(
+                h.flows.init_unless_completed(&k, json!({})).await,
+                Err(Error::AlreadyPending { created_at, .. }) if created_at == created
+            ),
+            "{backend:?}"
+        );
+        h.flows.complete(&k, &"peer result").await.unwrap();
+        let refused = h.flows.init_unless_completed(&k, json!({"n": 2})).await;
+        assert!(
+            matches!(refused, Err(Error::AlreadySettled { status: FlowStatus::Completed, .. })),
+            "{backend:?}: {refused:?}"
+        );
+        let kept = h.flows.get::<String>(&k).await.unwrap().unwrap();
+        assert_eq!(kept.status, FlowStatus::Completed, "{backend:?}");
+        assert_eq!(kept.result.as_deref(), Some("peer result"), "{backend:?}");
+        assert_eq!(kept.metadata, json!({"n": 1}), "{backend:?}");
+
+        // A FAILED flow (kept failures) is replaced.
+        let f = key("kept", "failed");
+        h.flows.init(&f, json!({})).await.unwrap();
+        h.flows.fail(&f, FlowError::new("access_denied", "denied")).await.unwrap();
+        h.flows.init_unless_completed(&f, json!({"n": 3})).await.unwrap();
+        assert_eq!(h.flows.get::<String>(&f).await.unwrap().unwrap().status, FlowStatus::Pending);
+
+        // A stale PENDING flow is replaced.
+        let p = key("kept", "stale");
+        let first = h.flows.init_unless_completed(&p, json!({})).await.unwrap();
+        h.clock.advance(Duration::from_secs(10)); // the stale window (= wait timeout)
+        let second = h.flows.init_unless_completed(&p, json!({"n": 4})).await.unwrap();
+        assert!(second > first, "{backend:?}");
+
+        // An expired COMPLETED flow is gone: a new one is written.
+        h.clock.advance(Duration::from_secs(61));
+        h.flows.init_unless_completed(&k, json!({"n": 5})).await.unwrap();
+        let fresh = h.flows.get::<String>(&k).await.unwrap().unwrap();
+        assert_eq!((fresh.status, fresh.metadata), (FlowStatus::Pending, json!({"n": 5})));
+    }
+}
+
 /// 71: delete removes a flow and wakes its waiters with a typed error; a missing flow deletes
 /// nothing.
 #[tokio::test]

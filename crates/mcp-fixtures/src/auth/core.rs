@@ -448,7 +448,7 @@ impl Core {
                 client_id: req.client_id,
                 redirect_uri: req.redirect_uri,
                 challenge: req.challenge,
-                scope: req.scope,
+                scope: req.scope.into_iter().filter(|s| !k.withheld_scopes.contains(s)).collect(),
                 resource: req.resource,
                 expires: now + CODE_LIFETIME,
                 redeemed_family: None,

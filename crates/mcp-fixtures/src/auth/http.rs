@@ -407,9 +407,9 @@ async fn token(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Respo
             () = app.shutdown.cancelled() => return StatusCode::SERVICE_UNAVAILABLE.into_response(),
         }
     }
-    if knobs.token_hang {
+    if knobs.hangs(&grant) {
         tokio::select! {
-            () = app.core.knobs.hang_cleared() => {}
+            () = app.core.knobs.hang_cleared(&grant) => {}
             () = app.shutdown.cancelled() => return StatusCode::SERVICE_UNAVAILABLE.into_response(),
         }
     }
