@@ -15,8 +15,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use connection_factory::{
-    CallToolResult, ConnectOptions, Connection, ConnectionFactory, FactoryConfig, OAuthRefresher,
-    stored_client,
+    CallToolResult, Connection, ConnectionFactory, FactoryConfig, OAuthRefresher, stored_client,
 };
 use flow_state::testkit::RedisServer;
 use flow_state::{FlowKey, FlowManager, RedisStore, SharedStore};
@@ -264,15 +263,13 @@ async fn mcp_factory(redis: &str, prefix: &str) -> ConnectionFactory {
 
 /// `factory.connect(config)` for [`key`], with room for [`CALLS`] requests at once: rmcp's
 /// default of 16 POSTs in flight would hold the rest back until the refresh has landed, and
-/// they would never meet a 401. `FactoryConfig` has no such knob, so the factory's provider is
-/// attached here.
+/// they would never meet a 401.
 async fn mcp_connect(
     factory: &ConnectionFactory,
     url: &str,
 ) -> Result<Connection, connection_factory::Error> {
-    let config = FactoryConfig::new(url, "acme", "alice", "fixture");
-    let options = ConnectOptions::default().max_concurrent_requests(CALLS);
-    Connection::connect(url, factory.provider(config)?, options).await
+    let config = FactoryConfig::new(url, "acme", "alice", "fixture").max_concurrent_requests(CALLS);
+    factory.connect(config).await
 }
 
 /// One process of the MCP fleet ([`mcp_factory`]): it opens one MCP session, warms it up with a
@@ -316,7 +313,7 @@ async fn mcp_child(redis: &str, prefix: &str) {
     let version = factory.storage().tokens(&key()).await.unwrap().unwrap().version();
     println!(
         "RESULT ok={ok} version={version} recovered={} failed={}",
-        c.refreshed + c.adopted,
+        c.refreshed + c.coalesced + c.adopted,
         c.rejected + c.transient + c.timed_out + c.insufficient_scope
     );
     Arc::into_inner(conn).expect("every call finished").close().await.unwrap();

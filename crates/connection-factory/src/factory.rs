@@ -57,6 +57,7 @@ pub struct FactoryConfig {
     oauth_wait_timeout: Duration,
     scopes: Option<String>,
     client: Option<mcp_oauth::ClientConfig>,
+    max_concurrent_requests: Option<usize>,
 }
 
 impl FactoryConfig {
@@ -76,6 +77,7 @@ impl FactoryConfig {
             oauth_wait_timeout: Duration::from_secs(120),
             scopes: None,
             client: None,
+            max_concurrent_requests: None,
         }
     }
 
@@ -102,6 +104,13 @@ impl FactoryConfig {
     /// it there is no interactive flow.
     pub fn client(mut self, client: mcp_oauth::ClientConfig) -> Self {
         self.client = Some(client);
+        self
+    }
+
+    /// How many requests a connection made by [`ConnectionFactory::connect`] keeps in flight at
+    /// once (default: [`ConnectOptions`]'s, 16); more wait in rmcp's queue.
+    pub fn max_concurrent_requests(mut self, limit: usize) -> Self {
+        self.max_concurrent_requests = Some(limit.max(1));
         self
     }
 
@@ -378,8 +387,11 @@ impl ConnectionFactory {
 
     /// Connect to `config`'s server with its provider attached for the connection's lifetime.
     pub async fn connect(&self, config: FactoryConfig) -> Result<Connection, Error> {
-        let options =
+        let mut options =
             ConnectOptions::default().connect_timeout(config.connect_timeout).clock(self.clock());
+        if let Some(limit) = config.max_concurrent_requests {
+            options = options.max_concurrent_requests(limit);
+        }
         let url = config.server_url.clone();
         Connection::connect(&url, self.provider(config)?, options).await
     }
@@ -861,7 +873,11 @@ impl AuthProvider for FactoryProvider {
             match rejected {
                 Some(rejected) => self.refresh(rejected, challenge).await,
                 None => {
-                    self.fall_back(None).await?;
+                    // The request carried no token: tokens stored since (a peer's login or
+                    // refresh) are used before anyone is prompted.
+                    if let Recovery::Retry(token) = self.fall_back(None).await? {
+                        return Ok(Recovery::Retry(token));
+                    }
                     self.interactive(Some(challenge), AuthorizationReason::NoTokens, None).await
                 }
             }

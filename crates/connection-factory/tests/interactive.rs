@@ -130,6 +130,27 @@ async fn connect_without_tokens_authorizes_interactively() {
     assert_eq!(s.fx.auth().stats().registrations, 1);
 }
 
+/// The race: a request went out with no token (none was stored yet) while another process (a
+/// `login`, a peer's authorization) stored tokens, with no interactive flow of this process
+/// behind them. Its 401 must be answered with the stored tokens, not with a browser prompt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_without_a_token_adopts_tokens_stored_since_without_a_prompt() {
+    use connection_factory::{AuthProvider, Challenge, Recovery, RequestKind};
+    let s = setup(HookDecision::Wait).await;
+    let config = s.config("tenant-a");
+    let issuer = s.fx.auth().issuer().to_string();
+    let response = token_storage::TokenResponse::bearer("stored-by-a-peer")
+        .expires_in(Duration::from_secs(600));
+    s.factory.storage().store(&config.token_key(), &issuer, response).await.unwrap();
+    let provider = s.factory.provider(config).unwrap();
+    let challenge = Challenge::new(401, RequestKind::Post, vec!["Bearer".into()]);
+    match provider.on_unauthorized(None, &challenge).await.unwrap() {
+        Recovery::Retry(token) => assert_eq!(token.expose(), "stored-by-a-peer"),
+        other => panic!("expected the stored token, got {other:?}"),
+    }
+    assert_eq!(s.prompts(), 0, "no prompt while usable tokens are stored");
+}
+
 /// Server-side revocation mid-session: the refresh is refused, the interactive fallback prompts
 /// once (manual approval), and every queued call resumes after approval.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
