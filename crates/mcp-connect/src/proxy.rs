@@ -1,0 +1,140 @@
+//! `proxy`: newline-delimited JSON-RPC on stdin/stdout (what desktop hosts speak to a local
+//! MCP server) pumped to and from rmcp's streamable-HTTP client transport over
+//! connection-factory's [`AuthHttpClient`], so every request carries the current token and a
+//! 401 is answered with a silent refresh.
+//!
+//! A request the transport cannot deliver (the session is gone, the authorization was refused
+//! for good) is answered to the host with a JSON-RPC error naming the cause, so the host never
+//! waits for a response that will not come.
+
+use connection_factory::AuthHttpClient;
+use rmcp::RoleClient;
+use rmcp::model::{ClientJsonRpcMessage, ServerJsonRpcMessage};
+use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+use rmcp::transport::{StreamableHttpClientTransport, Transport};
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::sync::mpsc;
+
+use crate::client::{Client, Target};
+use crate::error::Error;
+use crate::store::chain;
+
+/// JSON-RPC "internal error".
+const INTERNAL_ERROR: i64 = -32603;
+/// JSON-RPC "parse error".
+const PARSE_ERROR: i64 = -32700;
+
+enum Event {
+    FromHost(Option<String>),
+    FromServer(Option<Box<ServerJsonRpcMessage>>),
+}
+
+/// Pump messages until the host closes stdin (Ok) or the server side ends (an error).
+pub(crate) async fn run(client: &Client, target: &Target) -> Result<(), Error> {
+    let provider = client.provider(target)?;
+    let http = AuthHttpClient::new(provider)
+        .map_err(|e| Error::Mcp(format!("cannot build the HTTP client: {}", chain(&e))))?;
+    let config = StreamableHttpClientTransportConfig::with_uri(target.as_str().to_owned());
+    let mut transport = StreamableHttpClientTransport::with_client(http, config);
+
+    let (out_tx, mut out_rx) = mpsc::channel::<String>(64);
+    let writer = tokio::spawn(async move {
+        let mut stdout = tokio::io::stdout();
+        while let Some(line) = out_rx.recv().await {
+            let written = async {
+                stdout.write_all(line.as_bytes()).await?;
+                stdout.write_all(b"\n").await?;
+                stdout.flush().await
+            };
+            if written.await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let server = target.as_str().to_owned();
+    let outcome = loop {
+        let event = tokio::select! {
+            line = lines.next_line() => Event::FromHost(line.ok().flatten()),
+            message = Transport::<RoleClient>::receive(&mut transport) => Event::FromServer(message.map(Box::new)),
+        };
+        match event {
+            Event::FromHost(None) => break Ok(()),
+            Event::FromHost(Some(line)) if line.trim().is_empty() => {}
+            Event::FromHost(Some(line)) => {
+                match serde_json::from_str::<ClientJsonRpcMessage>(&line) {
+                    Ok(message) => {
+                        let id = match &message {
+                            ClientJsonRpcMessage::Request(request) => {
+                                serde_json::to_value(&request.id).ok()
+                            }
+                            _ => None,
+                        };
+                        let sent = transport.send(message);
+                        let out = out_tx.clone();
+                        let server = server.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = sent.await {
+                                let cause = chain(&e);
+                                tracing::warn!(error = %cause, "the request could not be delivered");
+                                if let Some(id) = id {
+                                    let _ = out
+                                        .send(error_response(
+                                            id,
+                                            INTERNAL_ERROR,
+                                            &describe(&server, &cause),
+                                        ))
+                                        .await;
+                                }
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the host sent a line that is not a JSON-RPC message");
+                        let id = serde_json::from_str::<serde_json::Value>(&line)
+                            .ok()
+                            .and_then(|v| v.get("id").cloned())
+                            .unwrap_or(serde_json::Value::Null);
+                        let _ = out_tx
+                            .send(error_response(id, PARSE_ERROR, "not a JSON-RPC message"))
+                            .await;
+                    }
+                }
+            }
+            Event::FromServer(Some(message)) => match serde_json::to_string(&message) {
+                Ok(line) => {
+                    if out_tx.send(line).await.is_err() {
+                        break Ok(());
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "a server message could not be encoded"),
+            },
+            Event::FromServer(None) => {
+                break Err(Error::Mcp(format!("the MCP session with {server} ended")));
+            }
+        }
+    };
+    let _ = Transport::<RoleClient>::close(&mut transport).await;
+    drop(out_tx);
+    let _ = writer.await;
+    outcome
+}
+
+fn describe(server: &str, cause: &str) -> String {
+    if cause.contains("authorization required") || cause.contains("Auth required") {
+        format!(
+            "mcp-connect: not authorized for {server}: run `mcp-connect login {server}` ({cause})"
+        )
+    } else {
+        format!("mcp-connect: the request could not be delivered to {server}: {cause}")
+    }
+}
+
+fn error_response(id: serde_json::Value, code: i64, message: &str) -> String {
+    serde_json::json!({
+        "jsonrpc": "2.0",
+        "id": id,
+        "error": { "code": code, "message": message },
+    })
+    .to_string()
+}
