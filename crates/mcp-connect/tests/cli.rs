@@ -1,0 +1,184 @@
+//! The `mcp-connect` binary as users run it: real processes against the fixture servers on
+//! 127.0.0.1, the test playing the browser.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Store, URL_PREFIX, login, spawn, visit};
+use mcp_fixtures::Fixtures;
+use serde_json::{Value, json};
+
+async fn fixtures(lifetime: Duration) -> Fixtures {
+    let fx = Fixtures::start().await.unwrap();
+    let knobs = fx.auth().knobs();
+    knobs.set_access_token_lifetime(lifetime);
+    knobs.set_refresh_rotation(true);
+    knobs.set_reuse_detection(true);
+    knobs.set_reuse_grace(None);
+    fx
+}
+
+#[track_caller]
+fn assert_no_secret(outputs: &[String], secrets: &[String]) {
+    assert!(!secrets.is_empty());
+    for output in outputs {
+        for secret in secrets {
+            assert!(!output.contains(secret.as_str()), "a secret was printed in:\n{output}");
+        }
+    }
+}
+
+/// The whole life of one server: login in the browser, tools, call, a call after the access
+/// token expired (silent refresh), status in text and JSON, logout with revocation. No output
+/// (debug logs included) contains a token or a client secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_tools_call_status_logout() {
+    let fx = fixtures(Duration::from_secs(2)).await;
+    let server = fx.resource().url().to_owned();
+    let store = Store::new();
+    let mut outputs = Vec::new();
+    let mut secrets = Vec::new();
+
+    let login = login(&store, &server).await;
+    login.expect_code(0);
+    assert!(login.stdout.contains("Logged in"), "{login:#?}");
+    assert!(login.stderr.contains(URL_PREFIX));
+    outputs.push(login.all());
+    secrets.extend(store.secrets(&server).await);
+
+    let tools = store.run(&["-vv", "tools", &server]);
+    tools.expect_code(0);
+    assert!(tools.stdout.contains("echo"), "{tools:#?}");
+    assert!(tools.stderr.contains("DEBUG"), "debug logs are on: {tools:#?}");
+    outputs.push(tools.all());
+
+    let call = store.run(&["call", &server, "echo", r#"{"text":"hello"}"#]);
+    call.expect_code(0);
+    assert_eq!(call.stdout.trim(), "hello");
+
+    // The access token expires; the next call refreshes silently.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let call = store.run(&["-vv", "call", &server, "echo", r#"{"text":"later"}"#]);
+    call.expect_code(0);
+    assert_eq!(call.stdout.trim(), "later");
+    outputs.push(call.all());
+    secrets.extend(store.secrets(&server).await);
+    let stats = fx.auth().stats();
+    assert!(stats.refresh_token_requests >= 1, "{stats:?}");
+    assert_eq!(stats.max_refresh_redemptions(), 1, "{stats:?}");
+    assert_eq!((stats.registrations, stats.authorization_code_requests), (1, 1), "{stats:?}");
+
+    let status = store.run(&["status"]);
+    status.expect_code(0);
+    assert!(status.stdout.contains(&server), "{status:#?}");
+    assert!(status.stdout.contains(fx.auth().issuer()), "{status:#?}");
+    assert!(status.stdout.contains("refresh token: held"), "{status:#?}");
+    outputs.push(status.all());
+    let status = store.run(&["--json", "status"]);
+    status.expect_code(0);
+    let parsed: Value = serde_json::from_str(&status.stdout).unwrap();
+    let entry = &parsed["servers"][0];
+    assert_eq!(entry["server"], json!(server));
+    assert_eq!(entry["issuer"], json!(fx.auth().issuer()));
+    assert_eq!(entry["has_refresh_token"], json!(true));
+    assert!(entry["client_id"].as_str().is_some_and(|c| !c.is_empty()));
+    assert!(entry["expires_at"].as_u64().is_some());
+    outputs.push(status.all());
+
+    // Bad arguments: exit 2, nothing sent.
+    store.run(&["call", &server, "echo", "[1]"]).expect_code(2);
+    store.run(&["tools", "ftp://example.invalid/"]).expect_code(2);
+
+    assert_no_secret(&outputs, &secrets);
+
+    let logout = store.run(&["logout", &server]);
+    logout.expect_code(0);
+    assert!(logout.stdout.contains("revocation: revoked"), "{logout:#?}");
+    assert!(fx.auth().stats().revocations >= 1);
+    assert!(store.run(&["status"]).stdout.contains("No servers stored"));
+    let tools = store.run(&["tools", &server]);
+    tools.expect_code(5);
+    assert!(tools.stderr.contains("mcp-connect login"), "{tools:#?}");
+}
+
+/// The race this pins: two desktop hosts each start `mcp-connect proxy` for the same server with
+/// nothing stored. Both need a login, then both keep refreshing 2-second rotating tokens under
+/// strict reuse detection. One browser prompt between them (the other waits on the login lock
+/// and adopts the stored tokens), and no refresh token presented twice (a second redemption
+/// would revoke the family and break both sessions).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_proxies_share_one_login_and_never_redeem_a_refresh_token_twice() {
+    let fx = fixtures(Duration::from_secs(2)).await;
+    let server = fx.resource().url().to_owned();
+    let store = Store::new();
+    let args = ["proxy", server.as_str(), "--no-browser", "--port", "0", "--timeout", "30"];
+    let mut proxies = [spawn(store.command(&args), true), spawn(store.command(&args), true)];
+
+    let mut url = None;
+    for _ in 0..3000 {
+        url = proxies.iter().find_map(|p| p.urls.try_recv().ok());
+        if url.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let url = url.expect("one proxy prints the authorization URL");
+    visit(&url).await;
+
+    for proxy in &mut proxies {
+        proxy.send(json!({
+            "jsonrpc": "2.0", "id": 1, "method": "initialize",
+            "params": {
+                "protocolVersion": "2025-06-18", "capabilities": {},
+                "clientInfo": { "name": "host", "version": "1" }
+            }
+        }));
+        let init = proxy.response(1);
+        assert!(init["result"]["serverInfo"].is_object(), "{init}");
+        proxy.send(json!({ "jsonrpc": "2.0", "method": "notifications/initialized" }));
+    }
+    // Each round: let the access token expire, then put three calls into each proxy at once,
+    // so both processes find it expired together and race to refresh (the token endpoint is
+    // slowed down to widen the window).
+    fx.auth().knobs().set_token_delay(Duration::from_millis(150));
+    for round in 0..3u64 {
+        tokio::time::sleep(Duration::from_millis(2200)).await;
+        for (i, proxy) in proxies.iter_mut().enumerate() {
+            for n in 0..3u64 {
+                let id = 10 + round * 10 + n;
+                proxy.send(json!({
+                    "jsonrpc": "2.0", "id": id, "method": "tools/call",
+                    "params": { "name": "echo", "arguments": { "text": format!("{i}/{id}") } }
+                }));
+            }
+        }
+        for (i, proxy) in proxies.iter_mut().enumerate() {
+            for n in 0..3u64 {
+                let id = 10 + round * 10 + n;
+                let response = proxy.response(id);
+                assert_eq!(
+                    response["result"]["content"][0]["text"],
+                    json!(format!("{i}/{id}")),
+                    "{response}\nstats: {:?}",
+                    fx.auth().stats()
+                );
+            }
+        }
+    }
+    let [a, b] = proxies;
+    let outcomes = [a.finish(), b.finish()];
+    for outcome in &outcomes {
+        outcome.expect_code(0);
+    }
+    let prompts = outcomes.iter().filter(|o| o.stderr.contains(URL_PREFIX)).count();
+    assert_eq!(prompts, 1, "one browser prompt between the two: {outcomes:#?}");
+
+    let stats = fx.auth().stats();
+    assert_eq!((stats.registrations, stats.authorization_code_requests), (1, 1), "{stats:?}");
+    assert!(stats.refresh_token_requests >= 3, "tokens rotated while both ran: {stats:?}");
+    assert_eq!(stats.max_refresh_redemptions(), 1, "{stats:?}");
+    assert_eq!((stats.reuse_detections, stats.families_revoked), (0, 0), "{stats:?}");
+    let outputs: Vec<String> = outcomes.iter().map(|o| o.all()).collect();
+    assert_no_secret(&outputs, &store.secrets(&server).await);
+}
