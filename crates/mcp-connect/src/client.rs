@@ -309,7 +309,7 @@ impl Client {
         self.probe(&target).await?;
         self.stored(&target).await?;
         let _lock = self.login_lock(&target, options).await?;
-        self.login_locked(&target, options).await
+        self.login_locked(&target, options, false).await
     }
 
     async fn login_lock(
@@ -342,13 +342,16 @@ impl Client {
             tracing::info!(server = target.as_str(), "another process logged in");
             return Ok(false);
         }
-        Ok(self.login_locked(target, options).await?.prompted)
+        Ok(self.login_locked(target, options, false).await?.prompted)
     }
 
+    /// The login proper, under the login lock. `stale`: the stored authorization is known to
+    /// be refused, whatever the store says.
     async fn login_locked(
         &self,
         target: &Target,
         options: &LoginOptions,
+        stale: bool,
     ) -> Result<LoginReport, Error> {
         let listener =
             tokio::net::TcpListener::bind(("127.0.0.1", options.port)).await.map_err(|e| {
@@ -365,7 +368,7 @@ impl Client {
         if let Some(client) = &client
             && !client.redirect_uris.is_empty()
             && !client.redirect_uris.contains(&redirect)
-            && !self.usable(tokens.as_deref(), true)
+            && (stale || !self.usable(tokens.as_deref(), true))
         {
             self.storage.delete_client(&target.key).await.map_err(self.store_err())?;
         }
@@ -521,7 +524,24 @@ impl Client {
     pub async fn proxy(&self, url: &str, options: &LoginOptions) -> Result<(), Error> {
         let target = self.target(url)?;
         self.ensure_authorized(&target, options).await?;
-        crate::proxy::run(self, &target).await
+        crate::proxy::run(self, &target, options).await
+    }
+
+    /// A new login after the authorization was refused mid-session: under the login lock, so
+    /// one process prompts; a peer that logged in meanwhile left tokens that work, and then
+    /// there is no prompt.
+    pub(crate) async fn relogin(
+        &self,
+        target: &Target,
+        options: &LoginOptions,
+    ) -> Result<(), Error> {
+        let _lock = self.login_lock(target, options).await?;
+        if let Ok(conn) = self.factory().connect(self.factory_config(target)).await {
+            tracing::info!(server = target.as_str(), "another process logged in");
+            let _ = conn.close().await;
+            return Ok(());
+        }
+        self.login_locked(target, options, true).await.map(drop)
     }
 }
 

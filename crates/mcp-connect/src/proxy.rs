@@ -15,8 +15,12 @@ use rmcp::transport::{StreamableHttpClientTransport, Transport};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::sync::mpsc;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use crate::client::{Client, Target};
 use crate::error::Error;
+use crate::login::LoginOptions;
 use crate::store::chain;
 
 /// JSON-RPC "internal error".
@@ -30,7 +34,17 @@ enum Event {
 }
 
 /// Pump messages until the host closes stdin (Ok) or the server side ends (an error).
-pub(crate) async fn run(client: &Client, target: &Target) -> Result<(), Error> {
+///
+/// When a request fails because the authorization is gone for good (the refresh was refused),
+/// the host gets a JSON-RPC error for it, and a new login starts in the background under the
+/// login lock (one at a time; a peer's fresh login is used without a prompt), so that the
+/// following requests go through once the browser step is done.
+pub(crate) async fn run(
+    client: &Client,
+    target: &Target,
+    options: &LoginOptions,
+) -> Result<(), Error> {
+    let relogin = Arc::new(AtomicBool::new(false));
     let provider = client.provider(target)?;
     let http = AuthHttpClient::new(provider)
         .map_err(|e| Error::Mcp(format!("cannot build the HTTP client: {}", chain(&e))))?;
@@ -71,23 +85,13 @@ pub(crate) async fn run(client: &Client, target: &Target) -> Result<(), Error> {
                             _ => None,
                         };
                         let sent = transport.send(message);
-                        let out = out_tx.clone();
-                        let server = server.clone();
-                        tokio::spawn(async move {
-                            if let Err(e) = sent.await {
-                                let cause = chain(&e);
-                                tracing::warn!(error = %cause, "the request could not be delivered");
-                                if let Some(id) = id {
-                                    let _ = out
-                                        .send(error_response(
-                                            id,
-                                            INTERNAL_ERROR,
-                                            &describe(&server, &cause),
-                                        ))
-                                        .await;
-                                }
-                            }
-                        });
+                        let relogin = Relogin {
+                            busy: relogin.clone(),
+                            client: client.clone(),
+                            target: target.clone(),
+                            options: options.clone(),
+                        };
+                        tokio::spawn(deliver(sent, id, out_tx.clone(), relogin));
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "the host sent a line that is not a JSON-RPC message");
@@ -120,10 +124,47 @@ pub(crate) async fn run(client: &Client, target: &Target) -> Result<(), Error> {
     outcome
 }
 
+/// What a failed delivery needs to start a new login.
+struct Relogin {
+    busy: Arc<AtomicBool>,
+    client: Client,
+    target: Target,
+    options: LoginOptions,
+}
+
+/// Wait for one message to be delivered; on failure answer the host's request with an error,
+/// and start a new login (one at a time) when the authorization is gone.
+async fn deliver<E: std::error::Error + 'static>(
+    sent: impl std::future::Future<Output = Result<(), E>>,
+    id: Option<serde_json::Value>,
+    out: mpsc::Sender<String>,
+    relogin: Relogin,
+) {
+    let Err(e) = sent.await else { return };
+    let cause = chain(&e);
+    let server = relogin.target.as_str().to_owned();
+    tracing::warn!(error = %cause, "the request could not be delivered");
+    if is_auth_failure(&cause) && !relogin.busy.swap(true, Ordering::SeqCst) {
+        tokio::spawn(async move {
+            if let Err(e) = relogin.client.relogin(&relogin.target, &relogin.options).await {
+                eprintln!("mcp-connect: the new login failed: {e}");
+            }
+            relogin.busy.store(false, Ordering::SeqCst);
+        });
+    }
+    if let Some(id) = id {
+        let _ = out.send(error_response(id, INTERNAL_ERROR, &describe(&server, &cause))).await;
+    }
+}
+
+fn is_auth_failure(cause: &str) -> bool {
+    cause.contains("authorization required") || cause.contains("Auth required")
+}
+
 fn describe(server: &str, cause: &str) -> String {
-    if cause.contains("authorization required") || cause.contains("Auth required") {
+    if is_auth_failure(cause) {
         format!(
-            "mcp-connect: not authorized for {server}: run `mcp-connect login {server}` ({cause})"
+            "mcp-connect: not authorized for {server}: complete the browser step mcp-connect started (or run `mcp-connect login {server}`), then retry ({cause})"
         )
     } else {
         format!("mcp-connect: the request could not be delivered to {server}: {cause}")

@@ -182,3 +182,59 @@ async fn two_proxies_share_one_login_and_never_redeem_a_refresh_token_twice() {
     let outputs: Vec<String> = outcomes.iter().map(|o| o.all()).collect();
     assert_no_secret(&outputs, &store.secrets(&server).await);
 }
+
+/// Server-side revocation mid-session: the refresh is refused, the host gets a JSON-RPC error
+/// for that request (not a hang), the proxy starts one new login, and once the browser step is
+/// done the following requests go through on the same proxy, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_logs_in_again_after_a_revocation() {
+    let fx = fixtures(Duration::from_secs(3600)).await;
+    let server = fx.resource().url().to_owned();
+    let store = Store::new();
+    login(&store, &server).await.expect_code(0);
+    let args = ["proxy", server.as_str(), "--no-browser", "--port", "0", "--timeout", "30"];
+    let mut proxy = spawn(store.command(&args), true);
+    proxy.send(json!({
+        "jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": { "name": "host", "version": "1" }
+        }
+    }));
+    assert!(proxy.response(1)["result"].is_object());
+    proxy.send(json!({ "jsonrpc": "2.0", "method": "notifications/initialized" }));
+    let call = |id: u64| {
+        json!({
+            "jsonrpc": "2.0", "id": id, "method": "tools/call",
+            "params": { "name": "echo", "arguments": { "text": "ok" } }
+        })
+    };
+    proxy.send(call(2));
+    let first = proxy.response(2);
+    assert_eq!(first["result"]["content"][0]["text"], json!("ok"), "{first}\n{}", proxy.stderr());
+
+    fx.auth().revoke_all_tokens();
+    proxy.send(call(3));
+    let refused = proxy.response(3);
+    let message = refused["error"]["message"].as_str().unwrap_or_default().to_owned();
+    assert!(message.contains("not authorized"), "{refused}");
+
+    let url = tokio::task::block_in_place(|| proxy.urls.recv_timeout(Duration::from_secs(30)))
+        .unwrap_or_else(|_| panic!("no new authorization URL; stderr:\n{}", proxy.stderr()));
+    visit(&url).await;
+    let mut answered = None;
+    for id in 100..200 {
+        proxy.send(call(id));
+        let response = proxy.response(id);
+        if response["result"]["content"][0]["text"] == json!("ok") {
+            answered = Some(id);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(answered.is_some(), "the proxy recovered; stderr:\n{}", proxy.stderr());
+    let outcome = proxy.finish();
+    outcome.expect_code(0);
+    assert_eq!(outcome.stderr.matches(URL_PREFIX).count(), 1, "one new prompt: {outcome:#?}");
+    assert_eq!(fx.auth().stats().authorization_code_requests, 2);
+}
