@@ -149,6 +149,14 @@ pub struct LogoutReport {
     pub deleted: bool,
 }
 
+/// Returned by [`Client::settle`]: while it lives, no refresh of this store redeems a refresh
+/// token. Keep it until the process exits.
+#[derive(Debug)]
+#[must_use = "refreshes may start again once it is dropped"]
+pub struct Settled {
+    _leases: Vec<crate::store::FileLock>,
+}
+
 /// A server URL and its token key.
 #[derive(Debug, Clone)]
 pub(crate) struct Target {
@@ -213,6 +221,17 @@ impl Client {
             .build()
             .map_err(|e| Error::Mcp(format!("cannot build the flow manager: {e}")))?;
         Ok(Client { options, dir, oauth, storage, flows, clock })
+    }
+
+    /// Call before the process exits: waits (bounded by the lock wait) for refreshes in flight
+    /// to store their result, and holds every refresh lease of the store until the returned
+    /// guard is dropped, so that no refresh token is redeemed by a task that the exit would cut
+    /// off before it stores the rotated token (a lost refresh token).
+    ///
+    /// A refresh of a key that has never been refreshed before, starting during this call, is
+    /// not covered.
+    pub async fn settle(&self) -> Settled {
+        Settled { _leases: self.dir.hold_refresh_leases().await }
     }
 
     /// The options this client was opened with.

@@ -50,7 +50,7 @@ mod proxy;
 mod store;
 
 pub use client::{
-    Client, ClientOptions, DEFAULT_CALLBACK_PORT, LoginReport, LogoutReport, ServerStatus,
+    Client, ClientOptions, DEFAULT_CALLBACK_PORT, LoginReport, LogoutReport, ServerStatus, Settled,
     default_store_dir,
 };
 pub use conformance::run_conformance;

@@ -185,7 +185,14 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
     }
     let json = cli.json;
     let client = Client::open(options).await?;
-    match cli.command {
+    let outcome = command(&client, cli.command, json).await;
+    // Refreshes started in the background must store their result before the process ends.
+    let _settled = client.settle().await;
+    outcome
+}
+
+async fn command(client: &Client, command: Command, json: bool) -> Result<ExitCode, Error> {
+    match command {
         Command::Login { url, browser } => {
             let report = client.login(&url, &browser.options()).await?;
             if json {

@@ -92,6 +92,25 @@ impl StoreDir {
         RefreshLease::lock_files(self.root.join("refresh-locks")).wait(self.lock_wait)
     }
 
+    /// Take every refresh lease of the directory (each wait bounded), waiting for refreshes in
+    /// flight (in this process or another) to commit, and keeping new ones from redeeming while
+    /// the locks are held.
+    pub(crate) async fn hold_refresh_leases(&self) -> Vec<FileLock> {
+        let Ok(entries) = std::fs::read_dir(self.root.join("refresh-locks")) else {
+            return Vec::new();
+        };
+        let mut held = Vec::new();
+        for path in entries.flatten().map(|e| e.path()) {
+            if path.extension().is_some_and(|e| e == "lock") {
+                match lock_file(&path, self.lock_wait).await {
+                    Ok(lock) => held.push(lock),
+                    Err(e) => tracing::warn!(error = %e, "a refresh did not finish in time"),
+                }
+            }
+        }
+        held
+    }
+
     /// Take the store lock, waiting at most the configured lock wait.
     pub(crate) async fn lock_store(&self) -> Result<FileLock, token_storage::Error> {
         lock_file(&self.root.join("store.lock"), self.lock_wait).await

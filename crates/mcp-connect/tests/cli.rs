@@ -238,3 +238,31 @@ async fn a_proxy_logs_in_again_after_a_revocation() {
     assert_eq!(outcome.stderr.matches(URL_PREFIX).count(), 1, "one new prompt: {outcome:#?}");
     assert_eq!(fx.auth().stats().authorization_code_requests, 2);
 }
+
+/// The lost-refresh-token race: a command finds its access token inside the refresh window,
+/// starts the refresh in the background and has its answer before the (slow) token endpoint
+/// answers. It must not exit before the rotated tokens are stored: once the server has rotated
+/// them, the old refresh token is dead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_does_not_exit_before_its_background_refresh_is_stored() {
+    let fx = fixtures(Duration::from_secs(4)).await; // refresh window: the last 2 s
+    let server = fx.resource().url().to_owned();
+    let store = Store::new();
+    login(&store, &server).await.expect_code(0);
+    let expires_at = |store: &Store| {
+        let status = store.run(&["--json", "status"]);
+        let parsed: Value = serde_json::from_str(&status.stdout).unwrap();
+        parsed["servers"][0]["expires_at"].as_u64().unwrap()
+    };
+    let before = expires_at(&store);
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    fx.auth().knobs().set_token_delay(Duration::from_millis(800));
+    let call = store.run(&["call", &server, "echo", r#"{"text":"in the window"}"#]);
+    call.expect_code(0);
+    let stats = fx.auth().stats();
+    assert_eq!(stats.refresh_token_requests, 1, "{stats:?}");
+    fx.auth().knobs().set_token_delay(Duration::ZERO);
+    assert!(expires_at(&store) > before, "the refreshed tokens were stored before the exit");
+    store.run(&["call", &server, "echo", r#"{"text":"next"}"#]).expect_code(0);
+    assert_eq!(fx.auth().stats().max_refresh_redemptions(), 1);
+}
