@@ -45,6 +45,11 @@ async fn an_unreachable_server_is_exit_3() {
         out.expect_code(3);
         assert!(out.stderr.contains("cannot reach"), "{out:#?}");
     }
+    let out = store.run(&["--json", "tools", dead.as_str()]);
+    out.expect_code(3);
+    let parsed: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(parsed["error"]["exit_code"], Value::from(3), "{out:#?}");
+    assert!(parsed["error"]["message"].as_str().unwrap().contains("cannot reach"), "{out:#?}");
     assert_still_logged_in(&store, &server);
 }
 

@@ -112,7 +112,7 @@ async fn two_proxies_share_one_login_and_never_redeem_a_refresh_token_twice() {
     let fx = fixtures(Duration::from_secs(2)).await;
     let server = fx.resource().url().to_owned();
     let store = Store::new();
-    let args = ["proxy", server.as_str(), "--no-browser", "--port", "0", "--timeout", "30"];
+    let args = ["-vv", "proxy", server.as_str(), "--no-browser", "--port", "0", "--timeout", "30"];
     let mut proxies = [spawn(store.command(&args), true), spawn(store.command(&args), true)];
 
     let mut url = None;
