@@ -27,6 +27,9 @@
 //! - **Login.** The browser step runs under a per-server login lock (`login-locks/`). A second
 //!   process that needs a login waits for the lock (the browser timeout plus 30 s), then
 //!   re-reads the store and uses the tokens the first one stored: one prompt between them.
+//! - **Exit.** [`Client::settle`] (called by the binary before it exits) waits for refreshes
+//!   in flight to store their result and holds the refresh leases until the process ends, so
+//!   no rotated refresh token is lost to an exit between redemption and storage.
 //! - **Bounded waits.** Every lock wait is bounded (`--lock-timeout`, default 10 s; the login
 //!   lock by the browser timeout): a store held by a hung process ends in
 //!   [`Error::StoreLocked`] (exit 8), never in a hang.

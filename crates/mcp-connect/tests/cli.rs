@@ -47,6 +47,13 @@ async fn login_tools_call_status_logout() {
     outputs.push(login.all());
     secrets.extend(store.secrets(&server).await);
 
+    // A second login with valid tokens stored: no browser step.
+    let again = store.run(&["login", &server, "--no-browser", "--port", "0", "--timeout", "5"]);
+    again.expect_code(0);
+    assert!(again.stdout.contains("Already authorized"), "{again:#?}");
+    assert!(!again.stderr.contains(URL_PREFIX), "{again:#?}");
+    outputs.push(again.all());
+
     let tools = store.run(&["-vv", "tools", &server]);
     tools.expect_code(0);
     assert!(tools.stdout.contains("echo"), "{tools:#?}");
@@ -97,6 +104,7 @@ async fn login_tools_call_status_logout() {
     assert!(logout.stdout.contains("revocation: revoked"), "{logout:#?}");
     assert!(fx.auth().stats().revocations >= 1);
     assert!(store.run(&["status"]).stdout.contains("No servers stored"));
+    assert!(store.run(&["logout", &server]).stdout.contains("Nothing stored"));
     let tools = store.run(&["tools", &server]);
     tools.expect_code(5);
     assert!(tools.stderr.contains("mcp-connect login"), "{tools:#?}");
