@@ -15,8 +15,11 @@ use rmcp::transport::{StreamableHttpClientTransport, Transport};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::sync::mpsc;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Waker};
 
 use crate::client::{Client, Target};
 use crate::error::Error;
@@ -84,7 +87,7 @@ pub(crate) async fn run(
                             }
                             _ => None,
                         };
-                        let sent = transport.send(message);
+                        let sent = enqueue(transport.send(message));
                         let relogin = Relogin {
                             busy: relogin.clone(),
                             client: client.clone(),
@@ -124,6 +127,24 @@ pub(crate) async fn run(
     outcome
 }
 
+type Sending<E> = Pin<Box<dyn Future<Output = Result<(), E>> + Send>>;
+
+/// Put a message on the transport's queue now, in the order the host sent it.
+///
+/// rmcp's send future queues its message only when first polled, and the worker takes the
+/// message after `initialize` for the `initialized` notification: spawned unpolled, a request
+/// sent right behind the notification could overtake it and end the session. One poll here
+/// queues the message (the queue is FIFO); the rest (waiting for the POST) runs in a task.
+fn enqueue<E: Send + 'static>(
+    send: impl Future<Output = Result<(), E>> + Send + 'static,
+) -> Sending<E> {
+    let mut send: Sending<E> = Box::pin(send);
+    match send.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(result) => Box::pin(std::future::ready(result)),
+        Poll::Pending => send,
+    }
+}
+
 /// What a failed delivery needs to start a new login.
 struct Relogin {
     busy: Arc<AtomicBool>,
@@ -135,7 +156,7 @@ struct Relogin {
 /// Wait for one message to be delivered; on failure answer the host's request with an error,
 /// and start a new login (one at a time) when the authorization is gone.
 async fn deliver<E: std::error::Error + 'static>(
-    sent: impl std::future::Future<Output = Result<(), E>>,
+    sent: Sending<E>,
     id: Option<serde_json::Value>,
     out: mpsc::Sender<String>,
     relogin: Relogin,

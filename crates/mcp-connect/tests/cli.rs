@@ -274,3 +274,43 @@ async fn a_command_does_not_exit_before_its_background_refresh_is_stored() {
     store.run(&["call", &server, "echo", r#"{"text":"next"}"#]).expect_code(0);
     assert_eq!(fx.auth().stats().max_refresh_redemptions(), 1);
 }
+
+/// The race this pins: a host writes `initialize`, `notifications/initialized` and its first
+/// requests back to back. rmcp's worker takes the message after `initialize` for the
+/// `initialized` notification, so a request that overtook the notification on the way into
+/// the transport ended the session ("Transport channel closed"). Ten proxies, each fed the
+/// whole opening at once, all answer every request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_reach_the_server_in_the_order_the_host_sent_them() {
+    let fx = fixtures(Duration::from_secs(3600)).await;
+    let server = fx.resource().url().to_owned();
+    let store = Store::new();
+    login(&store, &server).await.expect_code(0);
+    for _ in 0..10 {
+        let mut proxy = spawn(store.command(&["proxy", server.as_str()]), true);
+        proxy.send(json!({
+            "jsonrpc": "2.0", "id": 1, "method": "initialize",
+            "params": {
+                "protocolVersion": "2025-06-18", "capabilities": {},
+                "clientInfo": { "name": "host", "version": "1" }
+            }
+        }));
+        proxy.send(json!({ "jsonrpc": "2.0", "method": "notifications/initialized" }));
+        for id in 2..6 {
+            proxy.send(json!({
+                "jsonrpc": "2.0", "id": id, "method": "tools/call",
+                "params": { "name": "echo", "arguments": { "text": format!("m{id}") } }
+            }));
+        }
+        assert!(proxy.response(1)["result"].is_object());
+        for id in 2..6 {
+            let response = proxy.response(id);
+            assert_eq!(
+                response["result"]["content"][0]["text"],
+                json!(format!("m{id}")),
+                "{response}"
+            );
+        }
+        proxy.finish().expect_code(0);
+    }
+}
