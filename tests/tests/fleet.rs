@@ -1,7 +1,8 @@
 //! A fleet of real OS processes sharing one Redis: token-storage over `RedisTokenStore` with a
 //! `RefreshLease` over flow-state's `RedisStore`, refreshing against the fixture authorization
-//! server with strict rotation and reuse detection; and a flow-state flow that one process waits
-//! on and another completes.
+//! server with strict rotation and reuse detection; MCP tool calls through `connection-factory`
+//! (a Redis-backed `FlowManager` and that token storage) against the fixture resource server;
+//! and a flow-state flow that one process waits on and another completes.
 //!
 //! The test binary re-executes itself as the children (`fleet_child`, which does nothing unless
 //! `FLEET_ROLE` is set). Every wait is bounded.
@@ -13,10 +14,17 @@ use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::Duration;
 
+use connection_factory::{
+    CallToolResult, ConnectOptions, Connection, ConnectionFactory, FactoryConfig, OAuthRefresher,
+    stored_client,
+};
 use flow_state::testkit::RedisServer;
 use flow_state::{FlowKey, FlowManager, RedisStore, SharedStore};
 use mcp_clock::{Clock, SystemClock};
-use mcp_fixtures::{AuthServer, AuthServerHandle, ClientAuth, ClientSpec, InjectedFailure};
+use mcp_fixtures::{
+    AuthServer, AuthServerHandle, ClientAuth, ClientSpec, Fixtures, InjectedFailure, KnobSettings,
+};
+use mcp_oauth::{HttpPolicy, OAuthClient, ReqwestHttpClient};
 use token_storage::{
     BoxFuture, EncryptionKey, Error, Keyring, RedisTokenStore, RefreshError, RefreshLease,
     RefreshRequest, Refresher, SharedClock, SharedTokenStore, TerminalCode, TokenKey,
@@ -25,6 +33,13 @@ use token_storage::{
 
 const LEASE_TTL: Duration = Duration::from_millis(900);
 const WAIT: Duration = Duration::from_secs(20);
+/// How long the fixture's access tokens really live in the MCP fleet test. The client is told
+/// they live [`CLAIMED`], so it keeps sending them once the server's clock has moved past this:
+/// every call meets a 401 (a mid-session expiry the client did not foresee).
+const LIFETIME: Duration = Duration::from_secs(60);
+const CLAIMED: Duration = Duration::from_secs(3600);
+/// Concurrent tool calls per process in the MCP fleet test.
+const CALLS: usize = 25;
 
 /// The refresh grant over raw HTTP (public client, `client_id` in the form).
 #[derive(Debug)]
@@ -79,6 +94,20 @@ impl Refresher for HttpRefresher {
     }
 }
 
+/// The parent's refresher: it only seeds the store.
+#[derive(Debug)]
+struct Never;
+
+impl Refresher for Never {
+    fn refresh<'a>(
+        &'a self,
+        _: &'a TokenKey,
+        _: &'a RefreshRequest,
+    ) -> BoxFuture<'a, Result<TokenResponse, RefreshError>> {
+        Box::pin(async { panic!("the parent never refreshes") })
+    }
+}
+
 fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| panic!("{name} is set for fleet children"))
 }
@@ -126,6 +155,10 @@ fn fleet_child() {
             println!("COMPLETED");
             return;
         }
+        if role == "mcp" {
+            mcp_child(&redis, &prefix).await;
+            return;
+        }
         let refresher = Arc::new(HttpRefresher {
             http: reqwest::Client::new(),
             token_endpoint: env("FLEET_TOKEN_ENDPOINT"),
@@ -134,32 +167,6 @@ fn fleet_child() {
         let issuer = env("FLEET_ISSUER");
         let storage = fleet_storage(&redis, &prefix, refresher).await;
         match role.as_str() {
-            "burst" => {
-                println!("READY");
-                let mut line = String::new();
-                tokio::task::spawn_blocking(move || std::io::stdin().read_line(&mut line))
-                    .await
-                    .unwrap()
-                    .unwrap();
-                let mut calls = Vec::new();
-                for _ in 0..25 {
-                    let (storage, issuer) = (storage.clone(), issuer.clone());
-                    calls.push(tokio::spawn(
-                        async move { storage.get_valid(&key(), &issuer).await },
-                    ));
-                }
-                let (mut ok, mut versions) = (0, BTreeSet::new());
-                for call in calls {
-                    match call.await.unwrap() {
-                        Ok(set) => {
-                            ok += 1;
-                            versions.insert(set.version());
-                        }
-                        Err(e) => eprintln!("call failed: {e}"),
-                    }
-                }
-                println!("RESULT ok={ok} versions={versions:?}");
-            }
             "hold" | "takeover" => {
                 let stored = storage.tokens(&key()).await.unwrap().unwrap();
                 let clock = SharedClock::system();
@@ -219,6 +226,100 @@ fn fleet_child() {
             other => panic!("unknown role {other}"),
         }
     });
+}
+
+fn oauth_client() -> OAuthClient {
+    OAuthClient::new(ReqwestHttpClient::new(HttpPolicy::default()).unwrap(), SharedClock::system())
+}
+
+fn echo_args(text: &str) -> Option<serde_json::Map<String, serde_json::Value>> {
+    serde_json::json!({ "text": text }).as_object().cloned()
+}
+
+/// An error and its sources, joined.
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        out = format!("{out}: {e}");
+        source = e.source();
+    }
+    out
+}
+
+fn text(result: &CallToolResult) -> String {
+    result.content[0].as_text().expect("text content").text.clone()
+}
+
+/// A connection factory over the shared Redis (flows and tokens), refreshing with
+/// [`OAuthRefresher`] from the client registration the parent stored.
+async fn mcp_factory(redis: &str, prefix: &str) -> ConnectionFactory {
+    let refresher = Arc::new(OAuthRefresher::new(oauth_client()));
+    let storage = fleet_storage(redis, prefix, refresher).await;
+    let flows =
+        RedisStore::builder(redis).prefix(format!("{prefix}-flows")).connect().await.unwrap();
+    let flows = FlowManager::builder(SharedStore::new(flows)).build().unwrap();
+    ConnectionFactory::new(flows, storage)
+}
+
+/// `factory.connect(config)` for [`key`], with room for [`CALLS`] requests at once: rmcp's
+/// default of 16 POSTs in flight would hold the rest back until the refresh has landed, and
+/// they would never meet a 401. `FactoryConfig` has no such knob, so the factory's provider is
+/// attached here.
+async fn mcp_connect(
+    factory: &ConnectionFactory,
+    url: &str,
+) -> Result<Connection, connection_factory::Error> {
+    let config = FactoryConfig::new(url, "acme", "alice", "fixture");
+    let options = ConnectOptions::default().max_concurrent_requests(CALLS);
+    Connection::connect(url, factory.provider(config)?, options).await
+}
+
+/// One process of the MCP fleet ([`mcp_factory`]): it opens one MCP session, warms it up with a
+/// tool call, says `READY`, and on `go` makes [`CALLS`] concurrent `echo` calls on that session.
+async fn mcp_child(redis: &str, prefix: &str) {
+    let factory = mcp_factory(redis, prefix).await;
+    let conn = Arc::new(mcp_connect(&factory, &env("FLEET_MCP_URL")).await.unwrap());
+    assert_eq!(text(&conn.call_tool("echo", echo_args("warm")).await.unwrap()), "warm");
+    println!("READY");
+    let mut line = String::new();
+    tokio::task::spawn_blocking(move || std::io::stdin().read_line(&mut line))
+        .await
+        .unwrap()
+        .unwrap();
+    let calls: Vec<_> = (0..CALLS)
+        .map(|i| {
+            let conn = conn.clone();
+            tokio::spawn(async move {
+                let sent = format!("{}-{i}", std::process::id());
+                match conn.call_tool("echo", echo_args(&sent)).await {
+                    Ok(result) if text(&result) == sent => true,
+                    Ok(result) => {
+                        eprintln!("call {i}: echoed {:?}, not {sent:?}", text(&result));
+                        false
+                    }
+                    Err(e) => {
+                        eprintln!("call {i} failed: {e:?}");
+                        false
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for call in calls {
+        if call.await.unwrap() {
+            ok += 1;
+        }
+    }
+    let c = factory.counters();
+    let version = factory.storage().tokens(&key()).await.unwrap().unwrap().version();
+    println!(
+        "RESULT ok={ok} version={version} recovered={} failed={}",
+        c.refreshed + c.adopted,
+        c.rejected + c.transient + c.timed_out + c.insufficient_scope
+    );
+    Arc::into_inner(conn).expect("every call finished").close().await.unwrap();
 }
 
 /// A child process with its stdout lines on a channel.
@@ -320,17 +421,6 @@ impl Fleet {
         let seed = TokenResponse::bearer(issued.access_token())
             .expires_in(Duration::from_millis(1))
             .refresh_token(issued.refresh_token().unwrap());
-        #[derive(Debug)]
-        struct Never;
-        impl Refresher for Never {
-            fn refresh<'a>(
-                &'a self,
-                _: &'a TokenKey,
-                _: &'a RefreshRequest,
-            ) -> BoxFuture<'a, Result<TokenResponse, RefreshError>> {
-                Box::pin(async { panic!("the parent never refreshes") })
-            }
-        }
         let storage = fleet_storage(&redis.url(), prefix, Arc::new(Never)).await;
         storage.store(&key(), auth.issuer(), seed).await.unwrap();
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -353,33 +443,118 @@ impl Fleet {
     }
 }
 
-/// Race: 4 processes x 25 concurrent calls, every access token expired at once, one rotating
-/// refresh token. Per-process single-flight alone would redeem it up to 4 times (and trip reuse
-/// detection); the Redis lease plus the re-read under it must make it exactly once.
+/// The MCP fleet: Redis, the fixture authorization server (rotation, strict reuse detection, no
+/// grace) and resource server, a public client whose registration is stored for [`key`], and
+/// tokens for it that the client believes live an hour while the server lets them live
+/// [`LIFETIME`].
+struct McpFleet {
+    redis: RedisServer,
+    fx: Fixtures,
+    prefix: String,
+}
+
+impl McpFleet {
+    async fn start(prefix: &str) -> Option<McpFleet> {
+        let redis = RedisServer::start()?;
+        let mut knobs = KnobSettings::default();
+        knobs.access_token_lifetime = LIFETIME;
+        knobs.refresh_rotation = true;
+        knobs.reuse_detection = true;
+        knobs.reuse_grace = None;
+        let fx = Fixtures::start_with(SharedClock::system(), knobs).await.unwrap();
+        let discovery =
+            oauth_client().discover(&fx.resource().url().parse().unwrap(), None).await.unwrap();
+        let client = fx.auth().register_client(ClientSpec::new(ClientAuth::None)).unwrap();
+        let registration = mcp_oauth::ClientRegistration {
+            client_id: client.client_id().to_owned(),
+            client_secret: None,
+            client_key: None,
+            auth_method: mcp_oauth::TokenEndpointAuthMethod::None,
+            source: mcp_oauth::RegistrationSource::Dynamic,
+            issuer: discovery.issuer().to_owned(),
+            client_secret_expires_at: None,
+        };
+        let storage = fleet_storage(&redis.url(), prefix, Arc::new(Never)).await;
+        storage.store_client(&key(), &stored_client(&discovery, &registration)).await.unwrap();
+        let issued =
+            fx.auth().issue_tokens(client.client_id(), "mcp:tools", Some(fx.resource().url()));
+        let seed = TokenResponse::bearer(issued.access_token())
+            .expires_in(CLAIMED)
+            .refresh_token(issued.refresh_token().unwrap())
+            .scope("mcp:tools");
+        storage.store(&key(), discovery.issuer(), seed).await.unwrap();
+        Some(McpFleet { redis, fx, prefix: prefix.to_owned() })
+    }
+
+    fn vars(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("FLEET_REDIS", self.redis.url()),
+            ("FLEET_PREFIX", self.prefix.clone()),
+            ("FLEET_MCP_URL", self.fx.resource().url().to_owned()),
+        ]
+    }
+}
+
+/// Race: 4 processes x 25 concurrent MCP tool calls through `connection-factory`, every access
+/// token expired at once on the server, one rotating refresh token under strict reuse detection.
+/// Every call is refused with a 401 and recovers by a silent refresh. Per-process single-flight
+/// alone would redeem the refresh token up to 4 times (the second redemption trips reuse
+/// detection and revokes the family, so calls fail); the Redis lease plus the re-read under it
+/// must make it exactly once, and every call must succeed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn four_processes_redeem_a_rotating_refresh_token_once() {
-    let Some(fleet) = Fleet::start("burst").await else { return };
+async fn four_processes_of_mcp_tool_calls_redeem_a_rotating_refresh_token_once() {
+    let Some(fleet) = McpFleet::start("mcp").await else { return };
     let vars = fleet.vars();
-    let mut procs: Vec<Proc> = (0..4).map(|_| Proc::spawn("burst", &vars)).collect();
+    let mut procs: Vec<Proc> = (0..4).map(|_| Proc::spawn("mcp", &vars)).collect();
     for p in &procs {
         p.expect("READY", Duration::from_secs(20));
     }
+    let warm = fleet.fx.resource().stats();
+    assert_eq!(warm.unauthorized, 0, "the seeded token works until it expires: {warm:?}");
+    assert_eq!(warm.tool_calls.get("echo"), Some(&4), "{warm:?}");
+
+    // Every access token expires at once on the server (its clock jumps past their lifetime);
+    // the token endpoint answers slowly (a second: ample room on a loaded machine), so all 100
+    // calls are sent with the old token before any refresh lands: each of them is refused.
+    let knobs = fleet.fx.auth().knobs();
+    knobs.set_token_delay(Duration::from_secs(1));
+    knobs.set_clock_offset_millis(
+        i64::try_from((LIFETIME + Duration::from_secs(1)).as_millis()).unwrap(),
+    );
     for p in &mut procs {
         p.go();
     }
-    let mut versions = BTreeSet::new();
+    let (mut versions, mut recovered) = (BTreeSet::new(), 0);
     for p in procs {
         let result = p.expect("RESULT ", Duration::from_secs(30));
-        let rest = result.strip_prefix("ok=25 versions={").unwrap_or_else(|| panic!("{result}"));
-        let v: Vec<&str> = rest.trim_end_matches('}').split(", ").collect();
-        assert_eq!(v.len(), 1, "one token per process: {result}");
-        versions.insert(v[0].to_owned());
+        let field = |name: &str| -> u64 {
+            result
+                .split(' ')
+                .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
+                .unwrap_or_else(|| panic!("no {name} in {result}"))
+                .parse()
+                .unwrap()
+        };
+        assert_eq!(field("ok"), CALLS as u64, "every call succeeded: {result}");
+        assert_eq!(field("failed"), 0, "no refresh failed: {result}");
+        assert!(field("recovered") >= CALLS as u64, "every call met a 401 and recovered: {result}");
+        recovered += field("recovered");
+        versions.insert(field("version"));
         p.finish();
     }
-    assert_eq!(versions.len(), 1, "every process got the same new token: {versions:?}");
-    let stats = fleet.auth.stats();
-    assert_eq!(stats.refresh_token_requests, 1, "{stats:?}");
-    assert_eq!(stats.max_refresh_redemptions(), 1, "{stats:?}");
+    assert_eq!(versions.len(), 1, "every process sees the same rotated token: {versions:?}");
+
+    let auth = fleet.fx.auth().stats();
+    assert_eq!(auth.refresh_token_requests, 1, "one refresh for the fleet: {auth:?}");
+    assert_eq!(auth.refresh_redemptions.len(), 1, "{auth:?}");
+    assert_eq!(auth.max_refresh_redemptions(), 1, "{auth:?}");
+    assert_eq!(auth.reuse_detections, 0, "{auth:?}");
+    assert_eq!(auth.families_revoked, 0, "{auth:?}");
+    assert_eq!(auth.authorization_code_requests, 0, "no re-authorization: {auth:?}");
+    let rs = fleet.fx.resource().stats();
+    assert!(rs.unauthorized >= 4 * CALLS as u64, "every call met a 401: {rs:?}");
+    assert_eq!(recovered, rs.unauthorized, "every 401 recovered: {rs:?}");
+    assert_eq!(rs.tool_calls.get("echo"), Some(&(4 + 4 * CALLS as u64)), "{rs:?}");
 }
 
 /// The holder of the lease hangs at the token endpoint past several TTLs while a successor
@@ -487,4 +662,69 @@ async fn a_callback_on_another_process_completes_the_wait() {
     let result =
         tokio::time::timeout(Duration::from_secs(10), waiter).await.expect("woken").unwrap();
     assert_eq!(result.unwrap(), "code-from-the-callback");
+}
+
+/// Bad input through the whole stack: values under the fleet's Redis prefixes written by another
+/// program (a string where a record belongs).
+///
+/// - At the token record: connecting fails with a typed error, not a panic and not "no tokens"
+///   (so nothing re-authorizes over it); the value is left as it was.
+/// - At the refresh lease: the 401's refresh fails with a typed error before the token endpoint
+///   is reached (the rotating refresh token is not spent), the stored tokens are intact, and once
+///   the value is gone the next call refreshes and succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_values_under_the_fleet_prefixes_are_typed_errors() {
+    let Some(fleet) = McpFleet::start("foreign").await else { return };
+    let client = redis::Client::open(fleet.redis.url()).unwrap();
+    let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+    let records: Vec<String> =
+        redis::cmd("KEYS").arg("{foreign}:r:*").query_async(&mut raw).await.unwrap();
+    let tokens = records
+        .iter()
+        .find(|k| k.ends_with("/tokens"))
+        .unwrap_or_else(|| panic!("no token record among {records:?}"))
+        .clone();
+    let record = tokens.strip_prefix("{foreign}:r:").unwrap();
+    let lease =
+        format!("foreign-leases:L{}", FlowKey::new("token_refresh", record).unwrap().as_str());
+    let factory = mcp_factory(&fleet.redis.url(), "foreign").await;
+    let url = fleet.fx.resource().url().to_owned();
+
+    // The token record.
+    let aside = format!("{tokens}.aside");
+    let _: () = redis::cmd("RENAME").arg(&tokens).arg(&aside).query_async(&mut raw).await.unwrap();
+    let _: () = redis::cmd("SET").arg(&tokens).arg("hello").query_async(&mut raw).await.unwrap();
+    let err = mcp_connect(&factory, &url).await.expect_err("the token record is not ours");
+    assert!(matches!(err, connection_factory::Error::Provider { .. }), "{err:?}");
+    assert!(chain(&err).contains("unreadable"), "{}", chain(&err));
+    let value: String = redis::cmd("GET").arg(&tokens).query_async(&mut raw).await.unwrap();
+    assert_eq!(value, "hello", "left as it was");
+    let _: () = redis::cmd("RENAME").arg(&aside).arg(&tokens).query_async(&mut raw).await.unwrap();
+
+    // The refresh lease, met by a mid-session 401.
+    let conn = mcp_connect(&factory, &url).await.unwrap();
+    assert_eq!(text(&conn.call_tool("echo", echo_args("warm")).await.unwrap()), "warm");
+    let stored = factory.storage().tokens(&key()).await.unwrap().unwrap();
+    let _: () = redis::cmd("SET").arg(&lease).arg("hello").query_async(&mut raw).await.unwrap();
+    let offset = LIFETIME + Duration::from_secs(1);
+    fleet.fx.auth().knobs().set_clock_offset_millis(i64::try_from(offset.as_millis()).unwrap());
+    let err =
+        conn.call_tool("echo", echo_args("refused")).await.expect_err("the lease is not ours");
+    assert!(matches!(err, connection_factory::Error::Provider { .. }), "{err:?}");
+    assert!(chain(&err).contains("corrupt"), "{}", chain(&err));
+    let auth = fleet.fx.auth().stats();
+    assert_eq!(auth.refresh_token_requests, 0, "the refresh token was not spent: {auth:?}");
+    let value: String = redis::cmd("GET").arg(&lease).query_async(&mut raw).await.unwrap();
+    assert_eq!(value, "hello", "left as it was");
+    let now = factory.storage().tokens(&key()).await.unwrap().unwrap();
+    assert_eq!(now.version(), stored.version(), "the stored tokens are intact");
+    assert_eq!(now.access_token(), stored.access_token());
+
+    let _: () = redis::cmd("DEL").arg(&lease).query_async(&mut raw).await.unwrap();
+    assert_eq!(text(&conn.call_tool("echo", echo_args("after")).await.unwrap()), "after");
+    let auth = fleet.fx.auth().stats();
+    assert_eq!(auth.refresh_token_requests, 1, "{auth:?}");
+    assert_eq!(auth.reuse_detections, 0, "{auth:?}");
+    assert_eq!(auth.authorization_code_requests, 0, "no re-authorization: {auth:?}");
+    conn.close().await.unwrap();
 }

@@ -11,15 +11,19 @@ cargo xtask <command>
 
 Commands:
   ci        everything CI checks: fmt, clippy (-D warnings), docs (-D warnings), the layering
-            rules, the feature matrix, and the whole test suite
+            rules, the feature matrix, the whole test suite, and the demo
   test      run every test in the workspace (cargo test --workspace --all-features)
   layering  check the architecture's dependency rules (see ARCHITECTURE.md)
   features  lint every crate under each combination of its backend features
-  conformance  run the official MCP conformance suite's client auth scenarios against our
-            conformance client (needs ../shared/tools/conformance-client.sh; installs Node 22
-            and the suite from the npm registry on first use)
+  conformance  run the official MCP conformance suite's client auth scenarios against
+            `mcp-connect conformance` (needs shared/tools/conformance-client.sh next to the
+            workspace; installs Node 22 and the suite from the npm registry on first use;
+            an optional argument filters scenarios, e.g. 'scope-')
   fixture   start the fixture servers on loopback (flags: cargo xtask fixture --help)
-  demo      run the demo
+  demo      the demo: fixture servers on loopback, and a client through discovery,
+            registration, authorization, expiry, a coalesced refresh, revocation, the
+            interactive fallback and logout (exits non-zero if a step misbehaves)
+  tour      the flow-state tour (sled on disk)
   help      this text
 ";
 
@@ -31,6 +35,7 @@ fn main() -> ExitCode {
         Some("layering") => layering(),
         Some("features") => features(),
         Some("demo") => demo(),
+        Some("tour") => tour(),
         Some("fixture") => fixture(&args[1..]),
         Some("conformance") => conformance(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
@@ -86,7 +91,9 @@ fn ci() -> Result<(), String> {
     run("cargo doc", doc)?;
     layering()?;
     features()?;
-    test()
+    test()?;
+    // Under a second once built: the whole token life cycle against the fixtures.
+    demo()
 }
 
 fn test() -> Result<(), String> {
@@ -211,21 +218,36 @@ fn features() -> Result<(), String> {
     Ok(())
 }
 
-/// The conformance client: the suite appends the server URL as its last argument.
+/// The runner script, `shared/tools/conformance-client.sh`, next to the workspace or next to
+/// one of its ancestors (a git worktree lives deeper than the main checkout).
+fn conformance_script() -> Result<PathBuf, String> {
+    let root = root();
+    root.ancestors()
+        .skip(1)
+        .map(|dir| dir.join("shared/tools/conformance-client.sh"))
+        .find(|p| p.exists())
+        .ok_or_else(|| {
+            format!("shared/tools/conformance-client.sh not found next to {}", root.display())
+        })
+}
+
+/// The conformance client is `mcp-connect conformance`; the suite appends the server URL as
+/// its last argument.
 fn conformance(filter: &[String]) -> Result<(), String> {
     run(
-        "build the conformance client",
-        cargo(&["build", "-q", "-p", "mcp-oauth", "--example", "conformance"]),
+        "build the conformance client (mcp-connect)",
+        cargo(&["build", "-q", "-p", "mcp-connect", "--bin", "mcp-connect"]),
     )?;
-    let script = root().join("../shared/tools/conformance-client.sh");
-    if !script.exists() {
-        return Err(format!("{} is missing", script.display()));
-    }
+    let script = conformance_script()?;
     let target =
         env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root().join("target"));
-    let client = target.join("debug/examples/conformance");
+    let target = if target.is_absolute() { target } else { root().join(target) };
+    let client = target.join("debug/mcp-connect");
     let mut cmd = Command::new("bash");
-    cmd.arg(&script).arg(client.display().to_string()).args(filter).current_dir(root());
+    cmd.arg(&script)
+        .arg(format!("{} conformance", client.display()))
+        .args(filter)
+        .current_dir(root());
     run("conformance suite (client auth scenarios)", cmd)
 }
 
@@ -235,7 +257,14 @@ fn fixture(args: &[String]) -> Result<(), String> {
     run("fixture servers", cmd)
 }
 
+/// The demo: fixture servers on loopback and the connection factory through a token's whole
+/// life (see `crates/mcp-connect/examples/demo.rs`).
 fn demo() -> Result<(), String> {
+    run("demo", cargo(&["run", "-q", "-p", "mcp-connect", "--example", "demo"]))
+}
+
+/// The flow-state tour (its `examples/tour.rs`).
+fn tour() -> Result<(), String> {
     run(
         "flow-state tour",
         cargo(&["run", "-q", "-p", "flow-state", "--example", "tour", "--features", "sled"]),

@@ -552,9 +552,10 @@ impl FlowManager {
                             .drive::<T, F, Fut>(&key, handler)
                             .await
                             .map(|v| Arc::new(v) as Shared);
-                        // Publish, then leave the map: a caller that arrives later reads the store.
-                        tx.send_replace(Some(outcome));
+                        // Leave the map, then publish: a caller that has the result and invalidates the
+                        // flow must find no run in flight (it would hand back that result).
                         drop(guard);
+                        tx.send_replace(Some(outcome));
                     });
                     rx
                 }

@@ -120,3 +120,41 @@ async fn no_waiter_misses_its_wake_up() {
         }
     }
 }
+
+/// The race: a run has published its result but has not yet left the in-flight map when its
+/// caller invalidates the flow (deletes the record) and runs it again. The second run must run
+/// its handler, never hand back the invalidated result (connection-factory's token look-up
+/// depends on this: an expired token, deleted, must not come back). Eight tasks on four worker
+/// threads, each invalidating and re-running its own key many times, make the preemption in
+/// that window likely.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deleted_result_is_never_handed_to_the_next_run() {
+    for backend in BACKENDS {
+        let Some(h) = harness(backend).await else { continue };
+        let rounds: u64 = match backend {
+            crate::harness::Backend::Memory => 2_000,
+            _ => 300,
+        };
+        let tasks: Vec<_> = (0..8)
+            .map(|t| {
+                let flows = h.flows.clone();
+                tokio::spawn(async move {
+                    let flow_key = key("cache", &format!("invalidated-{t}"));
+                    for round in 0..rounds {
+                        let got: u64 =
+                            flows.run(&flow_key, move || async move { Ok(round) }).await?;
+                        assert_eq!(
+                            got, round,
+                            "{backend:?} task {t}: an invalidated result came back"
+                        );
+                        flows.delete(&flow_key).await?;
+                    }
+                    Ok::<_, flow_state::Error>(())
+                })
+            })
+            .collect();
+        for t in tasks {
+            within(t).await.unwrap().unwrap();
+        }
+    }
+}
