@@ -1,5 +1,6 @@
 //! `mcp-connect`: see the crate docs and `mcp-connect --help`.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -121,7 +122,7 @@ async fn main() -> ExitCode {
         return mcp_connect::run_conformance(url).await;
     }
     let json = cli.json;
-    match run(cli).await {
+    let code = match run(cli).await {
         Ok(code) => code,
         Err(e) => {
             eprintln!("mcp-connect: error: {e}");
@@ -131,9 +132,15 @@ async fn main() -> ExitCode {
                 });
                 println!("{body}");
             }
-            ExitCode::from(e.exit_code())
+            e.exit_code()
         }
-    }
+    };
+    // Exit here rather than by returning: the runtime's shutdown would wait for its blocking
+    // stdin reader (the proxy's), which a host that stopped the proxy with a signal may never
+    // close. Refreshes have been settled by now (see `run`).
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    std::process::exit(i32::from(code))
 }
 
 fn print_json(value: &impl serde::Serialize) -> Result<(), Error> {
@@ -170,7 +177,7 @@ fn print_status(status: &ServerStatus) {
     }
 }
 
-async fn run(cli: Cli) -> Result<ExitCode, Error> {
+async fn run(cli: Cli) -> Result<u8, Error> {
     let store = cli
         .store
         .or_else(|| {
@@ -191,7 +198,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
     outcome
 }
 
-async fn command(client: &Client, command: Command, json: bool) -> Result<ExitCode, Error> {
+async fn command(client: &Client, command: Command, json: bool) -> Result<u8, Error> {
     match command {
         Command::Login { url, browser } => {
             let report = client.login(&url, &browser.options()).await?;
@@ -244,7 +251,7 @@ async fn command(client: &Client, command: Command, json: bool) -> Result<ExitCo
             }
             if result.is_error == Some(true) {
                 eprintln!("mcp-connect: error: {}", Error::ToolError);
-                return Ok(ExitCode::from(Error::ToolError.exit_code()));
+                return Ok(Error::ToolError.exit_code());
             }
         }
         Command::Status => {
@@ -270,5 +277,5 @@ async fn command(client: &Client, command: Command, json: bool) -> Result<ExitCo
         Command::Proxy { url, browser } => client.proxy(&url, &browser.options()).await?,
         Command::Conformance { .. } => unreachable!("handled before the store is opened"),
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(0)
 }

@@ -26,12 +26,17 @@ use crate::error::Error;
 use crate::login::LoginOptions;
 use crate::store::chain;
 
+/// How long closing the session (its DELETE) and flushing stdout may take at the end.
+const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// JSON-RPC "internal error".
 const INTERNAL_ERROR: i64 = -32603;
 /// JSON-RPC "parse error".
 const PARSE_ERROR: i64 = -32700;
 
 enum Event {
+    /// SIGTERM or SIGINT: hosts stop their servers with a signal more often than by closing
+    /// stdin. The proxy ends as if stdin had closed, so the exit settles refreshes in flight.
+    Stop,
     FromHost(Option<String>),
     FromServer(Option<Box<ServerJsonRpcMessage>>),
 }
@@ -70,13 +75,20 @@ pub(crate) async fn run(
     });
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let server = target.as_str().to_owned();
+    let stop = stop_signal();
+    tokio::pin!(stop);
     let outcome = loop {
         let event = tokio::select! {
+            () = &mut stop => Event::Stop,
             line = lines.next_line() => Event::FromHost(line.ok().flatten()),
             message = Transport::<RoleClient>::receive(&mut transport) => Event::FromServer(message.map(Box::new)),
         };
         match event {
             Event::FromHost(None) => break Ok(()),
+            Event::Stop => {
+                tracing::info!("stopped by a signal");
+                break Ok(());
+            }
             Event::FromHost(Some(line)) if line.trim().is_empty() => {}
             Event::FromHost(Some(line)) => {
                 match serde_json::from_str::<ClientJsonRpcMessage>(&line) {
@@ -121,10 +133,40 @@ pub(crate) async fn run(
             }
         }
     };
-    let _ = Transport::<RoleClient>::close(&mut transport).await;
+    // rmcp's worker waits for `notifications/initialized` without watching for cancellation, so
+    // closing a session the host stopped right after `initialize` would never end: bound it.
+    let closed =
+        tokio::time::timeout(CLOSE_TIMEOUT, Transport::<RoleClient>::close(&mut transport));
+    if closed.await.is_err() {
+        tracing::debug!("the MCP session did not close in time; dropping it");
+    }
+    drop(transport);
     drop(out_tx);
-    let _ = writer.await;
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, writer).await;
     outcome
+}
+
+/// Resolves on SIGTERM or SIGINT (never, if the handlers cannot be installed).
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => std::future::pending().await,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 type Sending<E> = Pin<Box<dyn Future<Output = Result<(), E>> + Send>>;

@@ -19,6 +19,13 @@ async fn fixtures(lifetime: Duration) -> Fixtures {
     fx
 }
 
+/// The stored access token's expiry (Unix seconds) of the only server in `store`.
+fn expires_at(store: &Store) -> u64 {
+    let status = store.run(&["--json", "status"]);
+    let parsed: Value = serde_json::from_str(&status.stdout).unwrap();
+    parsed["servers"][0]["expires_at"].as_u64().unwrap()
+}
+
 #[track_caller]
 fn assert_no_secret(outputs: &[String], secrets: &[String]) {
     assert!(!secrets.is_empty());
@@ -257,11 +264,6 @@ async fn a_command_does_not_exit_before_its_background_refresh_is_stored() {
     let server = fx.resource().url().to_owned();
     let store = Store::new();
     login(&store, &server).await.expect_code(0);
-    let expires_at = |store: &Store| {
-        let status = store.run(&["--json", "status"]);
-        let parsed: Value = serde_json::from_str(&status.stdout).unwrap();
-        parsed["servers"][0]["expires_at"].as_u64().unwrap()
-    };
     let before = expires_at(&store);
     tokio::time::sleep(Duration::from_millis(2300)).await;
     fx.auth().knobs().set_token_delay(Duration::from_millis(800));
@@ -313,4 +315,44 @@ async fn messages_reach_the_server_in_the_order_the_host_sent_them() {
         }
         proxy.finish().expect_code(0);
     }
+}
+
+/// A host stops its proxy with SIGTERM (more often than by closing stdin) right after a request
+/// that started a refresh ahead of expiry, while the token endpoint is still answering, and
+/// keeps stdin open: the proxy exits cleanly, and only after the rotated tokens are stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_stopped_by_sigterm_stores_its_refresh_first() {
+    let fx = fixtures(Duration::from_secs(4)).await; // refresh window: the last 2 s
+    let server = fx.resource().url().to_owned();
+    let store = Store::new();
+    login(&store, &server).await.expect_code(0);
+    let before = expires_at(&store);
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    fx.auth().knobs().set_token_delay(Duration::from_millis(800));
+    let mut proxy = spawn(store.command(&["proxy", server.as_str()]), true);
+    proxy.send(json!({
+        "jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": { "name": "host", "version": "1" }
+        }
+    }));
+    assert!(proxy.response(1)["result"].is_object());
+    let pid = proxy.child.id().to_string();
+    let killed = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(killed.success());
+    // The host keeps the pipe open: the proxy must exit all the same (bounded).
+    let mut status = None;
+    for _ in 0..200 {
+        status = proxy.child.try_wait().unwrap();
+        if status.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = status.unwrap_or_else(|| panic!("still running; stderr:\n{}", proxy.stderr()));
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", proxy.stderr());
+    assert_eq!(fx.auth().stats().refresh_token_requests, 1, "{:?}", fx.auth().stats());
+    fx.auth().knobs().set_token_delay(Duration::ZERO);
+    assert!(expires_at(&store) > before, "the refreshed tokens were stored before the exit");
 }
