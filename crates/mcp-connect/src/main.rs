@@ -1,18 +1,104 @@
 //! `mcp-connect`: see the crate docs and `mcp-connect --help`.
 
-use clap::{Parser, Subcommand};
+use std::io::Write as _;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-/// A command-line MCP client with OAuth.
+use clap::{Args, Parser, Subcommand};
+use mcp_connect::{
+    Client, ClientOptions, DEFAULT_CALLBACK_PORT, EXIT_CODES, Error, LoginOptions, ServerStatus,
+};
+
+/// A command-line MCP client with OAuth: log in once, then list and call tools, or bridge a
+/// desktop host's stdio to a remote server with `proxy`. Tokens are kept encrypted in the store
+/// directory and refreshed silently; several processes share them safely.
 #[derive(Debug, Parser)]
-#[command(name = "mcp-connect", version)]
+#[command(name = "mcp-connect", version, after_help = EXIT_CODES)]
 struct Cli {
+    /// The tenant the tokens belong to.
+    #[arg(long, global = true, default_value = "default")]
+    tenant: String,
+    /// The user the tokens belong to (default: $USER).
+    #[arg(long, global = true)]
+    user: Option<String>,
+    /// The store directory (default: $MCP_CONNECT_STORE, else $XDG_DATA_HOME/mcp-connect,
+    /// else ~/.local/share/mcp-connect).
+    #[arg(long, global = true)]
+    store: Option<PathBuf>,
+    /// Print results as JSON on stdout.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Seconds to wait for a store lock held by another process before giving up (exit 8).
+    #[arg(long, global = true, default_value_t = 10)]
+    lock_timeout: u64,
+    /// Log to stderr (-v: info, -vv: debug). Secrets are never logged.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(Debug, Args)]
+struct BrowserArgs {
+    /// The loopback port of the OAuth callback (0: any free port; a client registered for one
+    /// port is registered again for another).
+    #[arg(long, default_value_t = DEFAULT_CALLBACK_PORT)]
+    port: u16,
+    /// Seconds the browser step may take.
+    #[arg(long, default_value_t = 120)]
+    timeout: u64,
+    /// Do not open a browser; only print the URL (also: MCP_CONNECT_NO_BROWSER=1).
+    #[arg(long)]
+    no_browser: bool,
+}
+
+impl BrowserArgs {
+    fn options(&self) -> LoginOptions {
+        let options = LoginOptions::default()
+            .port(self.port)
+            .timeout(Duration::from_secs(self.timeout.max(1)));
+        if self.no_browser { options.open_browser(false) } else { options }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Discover, register and authorize in the browser (the URL is always printed on stderr).
+    Login {
+        /// The MCP server URL.
+        url: String,
+        #[command(flatten)]
+        browser: BrowserArgs,
+    },
+    /// List the server's tools.
+    Tools {
+        /// The MCP server URL.
+        url: String,
+    },
+    /// Call a tool.
+    Call {
+        /// The MCP server URL.
+        url: String,
+        /// The tool name.
+        tool: String,
+        /// The arguments, a JSON object.
+        arguments: Option<String>,
+    },
+    /// Show what is stored per server: expiry, refresh token held, issuer, client id.
+    Status,
+    /// Revoke the tokens at the authorization server (RFC 7009) and delete them.
+    Logout {
+        /// The MCP server URL.
+        url: String,
+    },
+    /// Bridge stdio (for a desktop MCP host) to the server's streamable HTTP endpoint.
+    Proxy {
+        /// The MCP server URL.
+        url: String,
+        #[command(flatten)]
+        browser: BrowserArgs,
+    },
     /// Client mode for the official MCP conformance suite (server URL last).
     #[command(hide = true)]
     Conformance {
@@ -24,7 +110,172 @@ enum Command {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Conformance { url } => mcp_connect::run_conformance(&url).await,
+    if cli.verbose > 0 {
+        let level = if cli.verbose > 1 { tracing::Level::DEBUG } else { tracing::Level::INFO };
+        tracing_subscriber::fmt()
+            .with_max_level(level)
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .init();
     }
+    if let Command::Conformance { url } = &cli.command {
+        return mcp_connect::run_conformance(url).await;
+    }
+    let json = cli.json;
+    let code = match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("mcp-connect: error: {e}");
+            if json {
+                let body = serde_json::json!({
+                    "error": { "message": e.to_string(), "exit_code": e.exit_code() }
+                });
+                println!("{body}");
+            }
+            e.exit_code()
+        }
+    };
+    // Exit here rather than by returning: the runtime's shutdown would wait for its blocking
+    // stdin reader (the proxy's), which a host that stopped the proxy with a signal may never
+    // close. Refreshes have been settled by now (see `run`).
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    std::process::exit(i32::from(code))
+}
+
+fn print_json(value: &impl serde::Serialize) -> Result<(), Error> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| Error::Mcp(format!("cannot encode the output: {e}")))?;
+    println!("{text}");
+    Ok(())
+}
+
+fn expiry(status: &ServerStatus) -> String {
+    match status.expires_in {
+        None => "no expiry".into(),
+        Some(s) if s >= 0 => format!("expires in {}", human(s.unsigned_abs())),
+        Some(s) => format!("expired {} ago", human(s.unsigned_abs())),
+    }
+}
+
+fn human(secs: u64) -> String {
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m{:02}s", secs / 60, secs % 60),
+        _ => format!("{}h{:02}m", secs / 3600, (secs % 3600) / 60),
+    }
+}
+
+fn print_status(status: &ServerStatus) {
+    println!("{}", status.server);
+    println!("  issuer:        {}", status.issuer.as_deref().unwrap_or("-"));
+    println!("  client id:     {}", status.client_id.as_deref().unwrap_or("-"));
+    println!("  access token:  {}", expiry(status));
+    println!("  refresh token: {}", if status.has_refresh_token { "held" } else { "none" });
+    if let Some(why) = &status.needs_login {
+        println!("  needs login:   {why}");
+    }
+}
+
+async fn run(cli: Cli) -> Result<u8, Error> {
+    let store = cli
+        .store
+        .or_else(|| {
+            std::env::var_os("MCP_CONNECT_STORE").filter(|s| !s.is_empty()).map(PathBuf::from)
+        })
+        .unwrap_or_else(mcp_connect::default_store_dir);
+    let mut options = ClientOptions::new(store)
+        .tenant(cli.tenant)
+        .lock_wait(Duration::from_secs(cli.lock_timeout));
+    if let Some(user) = cli.user {
+        options = options.user(user);
+    }
+    let json = cli.json;
+    let client = Client::open(options).await?;
+    let outcome = command(&client, cli.command, json).await;
+    // Refreshes started in the background must store their result before the process ends.
+    let _settled = client.settle().await;
+    outcome
+}
+
+async fn command(client: &Client, command: Command, json: bool) -> Result<u8, Error> {
+    match command {
+        Command::Login { url, browser } => {
+            let report = client.login(&url, &browser.options()).await?;
+            if json {
+                print_json(&report)?;
+            } else if report.prompted {
+                println!("Logged in to {}.", report.server);
+                print_status(&report.status);
+            } else {
+                println!("Already authorized for {}.", report.server);
+                print_status(&report.status);
+            }
+        }
+        Command::Tools { url } => {
+            let tools = client.tools(&url).await?;
+            if json {
+                print_json(&tools)?;
+            } else {
+                for tool in tools {
+                    match &tool.description {
+                        Some(d) => println!("{}\t{}", tool.name, d),
+                        None => println!("{}", tool.name),
+                    }
+                }
+            }
+        }
+        Command::Call { url, tool, arguments } => {
+            let arguments = match arguments {
+                None => None,
+                Some(text) => match serde_json::from_str::<serde_json::Value>(&text) {
+                    Ok(serde_json::Value::Object(map)) => Some(map),
+                    Ok(_) => {
+                        return Err(Error::Usage("the arguments must be a JSON object".into()));
+                    }
+                    Err(e) => {
+                        return Err(Error::Usage(format!("the arguments are not JSON: {e}")));
+                    }
+                },
+            };
+            let result = client.call(&url, &tool, arguments).await?;
+            if json {
+                print_json(&result)?;
+            } else {
+                for content in &result.content {
+                    match content.as_text() {
+                        Some(text) => println!("{}", text.text),
+                        None => print_json(content)?,
+                    }
+                }
+            }
+            if result.is_error == Some(true) {
+                eprintln!("mcp-connect: error: {}", Error::ToolError);
+                return Ok(Error::ToolError.exit_code());
+            }
+        }
+        Command::Status => {
+            let servers = client.status().await?;
+            if json {
+                print_json(&serde_json::json!({ "servers": servers }))?;
+            } else if servers.is_empty() {
+                println!("No servers stored.");
+            } else {
+                servers.iter().for_each(print_status);
+            }
+        }
+        Command::Logout { url } => {
+            let report = client.logout(&url).await?;
+            if json {
+                print_json(&report)?;
+            } else if report.deleted {
+                println!("Logged out of {} (revocation: {}).", report.server, report.revocation);
+            } else {
+                println!("Nothing stored for {}.", report.server);
+            }
+        }
+        Command::Proxy { url, browser } => client.proxy(&url, &browser.options()).await?,
+        Command::Conformance { .. } => unreachable!("handled before the store is opened"),
+    }
+    Ok(0)
 }

@@ -1,0 +1,651 @@
+//! [`Client`]: the commands (`login`, `tools`, `call`, `status`, `logout`, `proxy`) over one
+//! store directory, with their errors mapped onto [`Error`].
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use connection_factory::{
+    CallToolResult, Connection, ConnectionFactory, FactoryConfig, OAuthRefresher, Tool,
+    callback_router,
+};
+use flow_state::{FlowManager, MemoryStore, SharedStore};
+use mcp_clock::{Clock as _, SharedClock, Timestamp};
+use mcp_oauth::{ClientConfig, HttpPolicy, OAuthClient, ReqwestHttpClient};
+use serde::Serialize;
+use token_storage::{SharedTokenStore, TokenKey, TokenSet, TokenStorage};
+
+use crate::error::Error;
+use crate::login::{BrowserHook, LoginOptions};
+use crate::store::{LockedSledStore, StoreDir, StoreLocked, StoreUnreadable, chain, find};
+
+/// The default loopback port of the OAuth callback: fixed, so that a dynamically registered
+/// client (whose redirect URI names the port) stays valid from one login to the next.
+pub const DEFAULT_CALLBACK_PORT: u16 = 33418;
+
+/// How long to wait for a TCP connection to the server before calling it unreachable.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The connect timeout of the MCP handshake outside the browser step.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How much longer than the browser step a second process waits for the login lock.
+const LOGIN_LOCK_SLACK: Duration = Duration::from_secs(30);
+
+/// Who the tokens are for, and where they are kept.
+///
+/// ```
+/// use mcp_connect::ClientOptions;
+/// use std::time::Duration;
+///
+/// let options = ClientOptions::new("/tmp/my-store").tenant("acme").user("alice").lock_wait(Duration::from_secs(5));
+/// assert_eq!(options.get_store(), std::path::Path::new("/tmp/my-store"));
+/// ```
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    store: PathBuf,
+    tenant: String,
+    user: String,
+    lock_wait: Duration,
+}
+
+impl ClientOptions {
+    /// The store directory `store`, tenant `default`, the user from `$USER` (else `default`),
+    /// a 10 s bound on every lock wait.
+    pub fn new(store: impl Into<PathBuf>) -> Self {
+        ClientOptions {
+            store: store.into(),
+            tenant: "default".into(),
+            user: std::env::var("USER")
+                .ok()
+                .filter(|u| !u.is_empty())
+                .unwrap_or_else(|| "default".into()),
+            lock_wait: Duration::from_secs(10),
+        }
+    }
+
+    /// The tenant the tokens belong to.
+    pub fn tenant(mut self, tenant: impl Into<String>) -> Self {
+        self.tenant = tenant.into();
+        self
+    }
+
+    /// The user the tokens belong to.
+    pub fn user(mut self, user: impl Into<String>) -> Self {
+        self.user = user.into();
+        self
+    }
+
+    /// How long to wait for the store lock (and a peer's refresh) before failing with
+    /// [`Error::StoreLocked`].
+    pub fn lock_wait(mut self, wait: Duration) -> Self {
+        self.lock_wait = wait;
+        self
+    }
+
+    /// The store directory.
+    pub fn get_store(&self) -> &Path {
+        &self.store
+    }
+}
+
+/// The default store directory: `$XDG_DATA_HOME/mcp-connect`, else
+/// `$HOME/.local/share/mcp-connect`, else `./.mcp-connect`.
+///
+/// ```
+/// assert!(mcp_connect::default_store_dir().ends_with("mcp-connect") || mcp_connect::default_store_dir().ends_with(".mcp-connect"));
+/// ```
+pub fn default_store_dir() -> PathBuf {
+    if let Some(data) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(data).join("mcp-connect");
+    }
+    if let Some(home) = std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(home).join(".local/share/mcp-connect");
+    }
+    PathBuf::from(".mcp-connect")
+}
+
+/// What `login` did.
+#[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
+pub struct LoginReport {
+    /// The server URL.
+    pub server: String,
+    /// Whether the user went through the browser (false: valid tokens were already stored, or
+    /// another process logged in meanwhile).
+    pub prompted: bool,
+    /// The server's status after login.
+    pub status: ServerStatus,
+}
+
+/// What is stored for one server. Never a secret.
+#[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
+pub struct ServerStatus {
+    /// The server URL.
+    pub server: String,
+    /// The issuer the tokens come from.
+    pub issuer: Option<String>,
+    /// The registered client id.
+    pub client_id: Option<String>,
+    /// When the access token expires (Unix seconds), if known.
+    pub expires_at: Option<u64>,
+    /// Seconds until the access token expires (negative: expired), if known.
+    pub expires_in: Option<i64>,
+    /// Whether a refresh token is held.
+    pub has_refresh_token: bool,
+    /// Why a new login is needed, when it is.
+    pub needs_login: Option<String>,
+}
+
+/// What `logout` did.
+#[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
+pub struct LogoutReport {
+    /// The server URL.
+    pub server: String,
+    /// `revoked`, `no_endpoint` (the server offers no revocation), `nothing_to_revoke`, or
+    /// `failed: <why>`.
+    pub revocation: String,
+    /// Whether anything was stored (and is deleted now).
+    pub deleted: bool,
+}
+
+/// Returned by [`Client::settle`]: while it lives, no refresh of this store redeems a refresh
+/// token. Keep it until the process exits.
+#[derive(Debug)]
+#[must_use = "refreshes may start again once it is dropped"]
+pub struct Settled {
+    _leases: Vec<crate::store::FileLock>,
+}
+
+/// A server URL and its token key.
+#[derive(Debug, Clone)]
+pub(crate) struct Target {
+    pub(crate) url: url::Url,
+    pub(crate) key: TokenKey,
+}
+
+impl Target {
+    pub(crate) fn as_str(&self) -> &str {
+        self.url.as_str()
+    }
+}
+
+/// The commands over one store directory. Cheap to clone.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), mcp_connect::Error> {
+/// use mcp_connect::{Client, ClientOptions, LoginOptions};
+///
+/// let client = Client::open(ClientOptions::new(mcp_connect::default_store_dir())).await?;
+/// client.login("https://mcp.example.com/mcp", &LoginOptions::default()).await?;
+/// for tool in client.tools("https://mcp.example.com/mcp").await? {
+///     println!("{}", tool.name);
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Client {
+    options: ClientOptions,
+    dir: StoreDir,
+    oauth: OAuthClient,
+    storage: TokenStorage,
+    flows: FlowManager,
+    clock: SharedClock,
+}
+
+impl Client {
+    /// Open (or create) the store directory and its key.
+    ///
+    /// # Errors
+    /// [`Error::StoreLocked`], [`Error::StoreCorrupted`] (an unreadable key file) or
+    /// [`Error::Store`].
+    pub async fn open(options: ClientOptions) -> Result<Self, Error> {
+        let root = options.store.clone();
+        let dir =
+            StoreDir::open(root.clone(), options.lock_wait).map_err(|e| store_error(&root, &e))?;
+        let keys = dir.keyring().await.map_err(|e| store_error(&root, &e))?;
+        let clock = SharedClock::system();
+        let http = ReqwestHttpClient::new(HttpPolicy::default())
+            .map_err(|e| Error::Mcp(format!("cannot build the HTTP client: {e}")))?;
+        let oauth = OAuthClient::new(http, clock.clone());
+        let storage = TokenStorage::builder(
+            SharedTokenStore::new(LockedSledStore::new(dir.clone())),
+            Arc::new(keys),
+            Arc::new(OAuthRefresher::new(oauth.clone())),
+        )
+        .clock(clock.clone())
+        .lease(dir.refresh_lease())
+        .build();
+        let flows = FlowManager::builder(SharedStore::new(MemoryStore::new()))
+            .clock(clock.clone())
+            .build()
+            .map_err(|e| Error::Mcp(format!("cannot build the flow manager: {e}")))?;
+        Ok(Client { options, dir, oauth, storage, flows, clock })
+    }
+
+    /// Call before the process exits: waits (bounded by the lock wait) for refreshes in flight
+    /// to store their result, and holds every refresh lease of the store until the returned
+    /// guard is dropped, so that no refresh token is redeemed by a task that the exit would cut
+    /// off before it stores the rotated token (a lost refresh token).
+    ///
+    /// A refresh of a key that has never been refreshed before, starting during this call, is
+    /// not covered.
+    pub async fn settle(&self) -> Settled {
+        Settled { _leases: self.dir.hold_refresh_leases().await }
+    }
+
+    /// The options this client was opened with.
+    pub fn options(&self) -> &ClientOptions {
+        &self.options
+    }
+
+    pub(crate) fn target(&self, url: &str) -> Result<Target, Error> {
+        let parsed =
+            url::Url::parse(url).map_err(|e| Error::Usage(format!("{url:?} is not a URL: {e}")))?;
+        if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
+            return Err(Error::Usage(format!("{url:?} is not an http(s) URL")));
+        }
+        let key = TokenKey::new(
+            self.options.tenant.as_str(),
+            self.options.user.as_str(),
+            parsed.as_str(),
+        );
+        Ok(Target { url: parsed, key })
+    }
+
+    fn store_err(&self) -> impl Fn(token_storage::Error) -> Error + '_ {
+        move |e| store_error(&self.options.store, &e)
+    }
+
+    /// Is anything listening at the server's address?
+    async fn probe(&self, target: &Target) -> Result<(), Error> {
+        let unreachable =
+            |reason: String| Error::Unreachable { url: target.as_str().to_owned(), reason };
+        let addrs = target.url.socket_addrs(|| None).map_err(|e| unreachable(e.to_string()))?;
+        let mut last = String::from("no address");
+        for addr in addrs {
+            match tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(addr)).await {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(e)) => last = format!("{addr}: {e}"),
+                Err(_) => last = format!("{addr}: no answer within {PROBE_TIMEOUT:?}"),
+            }
+        }
+        Err(unreachable(last))
+    }
+
+    /// Read what is stored for `target`: store trouble surfaces here, typed, before any
+    /// network call.
+    async fn stored(
+        &self,
+        target: &Target,
+    ) -> Result<(Option<Arc<TokenSet>>, Option<token_storage::ClientRegistration>), Error> {
+        let tokens = self.storage.tokens(&target.key).await.map_err(self.store_err())?;
+        let client = self.storage.client(&target.key).await.map_err(self.store_err())?;
+        Ok((tokens, client))
+    }
+
+    fn usable(&self, tokens: Option<&TokenSet>, client_stored: bool) -> bool {
+        let now = self.clock.now();
+        client_stored
+            && tokens.is_some_and(|t| {
+                t.needs_authorization().is_none()
+                    && (t.refresh_token().is_some() || t.expires_at().is_none_or(|at| at > now))
+            })
+    }
+
+    fn factory_config(&self, target: &Target) -> FactoryConfig {
+        FactoryConfig::new(
+            target.as_str(),
+            self.options.tenant.as_str(),
+            self.options.user.as_str(),
+            target.as_str(),
+        )
+        .connect_timeout(CONNECT_TIMEOUT)
+    }
+
+    /// A factory without an interactive flow: a refused refresh ends in
+    /// [`Error::NotLoggedIn`].
+    pub(crate) fn factory(&self) -> ConnectionFactory {
+        ConnectionFactory::new(self.flows.clone(), self.storage.clone())
+    }
+
+    pub(crate) fn provider(
+        &self,
+        target: &Target,
+    ) -> Result<Arc<connection_factory::FactoryProvider>, Error> {
+        self.factory().provider(self.factory_config(target)).map_err(|e| connect_error(target, e))
+    }
+
+    /// Discovery, registration and authorization in the browser for `url`, unless usable
+    /// tokens are stored (then the session is only checked). One process at a time runs the
+    /// browser step for a server; another one waits for it and then uses its tokens.
+    ///
+    /// # Errors
+    /// [`Error::Unreachable`], [`Error::NotMcp`], [`Error::RegistrationRefused`],
+    /// [`Error::Authorization`], [`Error::BrowserTimeout`], store errors.
+    pub async fn login(&self, url: &str, options: &LoginOptions) -> Result<LoginReport, Error> {
+        let target = self.target(url)?;
+        self.probe(&target).await?;
+        self.stored(&target).await?;
+        let _lock = self.login_lock(&target, options).await?;
+        self.login_locked(&target, options, false).await
+    }
+
+    async fn login_lock(
+        &self,
+        target: &Target,
+        options: &LoginOptions,
+    ) -> Result<crate::store::FileLock, Error> {
+        self.dir
+            .lock_login(&target.key, options.timeout + LOGIN_LOCK_SLACK)
+            .await
+            .map_err(self.store_err())
+    }
+
+    /// Make sure usable tokens are stored for `target`, logging in (under the login lock) if
+    /// not. Whether this process prompted.
+    pub(crate) async fn ensure_authorized(
+        &self,
+        target: &Target,
+        options: &LoginOptions,
+    ) -> Result<bool, Error> {
+        let (tokens, client) = self.stored(target).await?;
+        if self.usable(tokens.as_deref(), client.is_some()) {
+            return Ok(false);
+        }
+        self.probe(target).await?;
+        let _lock = self.login_lock(target, options).await?;
+        // A peer may have logged in while this process waited for the lock.
+        let (tokens, client) = self.stored(target).await?;
+        if self.usable(tokens.as_deref(), client.is_some()) {
+            tracing::info!(server = target.as_str(), "another process logged in");
+            return Ok(false);
+        }
+        Ok(self.login_locked(target, options, false).await?.prompted)
+    }
+
+    /// The login proper, under the login lock. `stale`: the stored authorization is known to
+    /// be refused, whatever the store says.
+    async fn login_locked(
+        &self,
+        target: &Target,
+        options: &LoginOptions,
+        stale: bool,
+    ) -> Result<LoginReport, Error> {
+        let listener =
+            tokio::net::TcpListener::bind(("127.0.0.1", options.port)).await.map_err(|e| {
+                Error::Usage(format!("cannot listen on 127.0.0.1:{}: {e}", options.port))
+            })?;
+        let port = listener
+            .local_addr()
+            .map_err(|e| Error::Usage(format!("cannot read the callback address: {e}")))?
+            .port();
+        let redirect = format!("http://127.0.0.1:{port}/callback");
+        let (tokens, client) = self.stored(target).await?;
+        // A client registered for another callback port cannot complete this login: register
+        // again (only when there are no usable tokens that make the browser step unneeded).
+        if let Some(client) = &client
+            && !client.redirect_uris.is_empty()
+            && !client.redirect_uris.contains(&redirect)
+            && (stale || !self.usable(tokens.as_deref(), true))
+        {
+            self.storage.delete_client(&target.key).await.map_err(self.store_err())?;
+        }
+        let router = callback_router(self.flows.clone(), self.storage.clone(), self.oauth.clone());
+        let server = tokio::spawn(async move { axum::serve(listener, router).await });
+        let hook = Arc::new(BrowserHook::new(options.clone()));
+        let factory = self.factory().with_interactive(self.oauth.clone(), hook.clone());
+        let config = self
+            .factory_config(target)
+            .client(ClientConfig::new("mcp-connect", redirect.clone()))
+            .oauth_wait_timeout(options.timeout)
+            .connect_timeout(options.timeout + CONNECT_TIMEOUT);
+        let result = factory.connect(config).await;
+        hook.stop();
+        server.abort();
+        let conn = result.map_err(|e| login_error(target, options, e))?;
+        let _ = conn.close().await;
+        if let Some(mut client) =
+            self.storage.client(&target.key).await.map_err(self.store_err())?
+            && !client.redirect_uris.contains(&redirect)
+        {
+            client.redirect_uris = vec![redirect];
+            self.storage.store_client(&target.key, &client).await.map_err(self.store_err())?;
+        }
+        let status = self.status_of(&target.key).await?;
+        Ok(LoginReport { server: target.as_str().to_owned(), prompted: hook.prompted(), status })
+    }
+
+    /// Open an MCP session to `target` with the stored tokens (silent refresh on a 401).
+    async fn connect(&self, target: &Target) -> Result<Connection, Error> {
+        self.probe(target).await?;
+        self.stored(target).await?;
+        self.factory()
+            .connect(self.factory_config(target))
+            .await
+            .map_err(|e| connect_error(target, e))
+    }
+
+    /// The server's tools.
+    ///
+    /// # Errors
+    /// [`Error::NotLoggedIn`] when no usable authorization is stored; see [`Client::login`].
+    pub async fn tools(&self, url: &str) -> Result<Vec<Tool>, Error> {
+        let target = self.target(url)?;
+        let conn = self.connect(&target).await?;
+        let tools = conn.list_tools().await.map_err(|e| request_error(&target, e));
+        let _ = conn.close().await;
+        tools
+    }
+
+    /// Call `tool` with `arguments`. A result with `isError` is returned as it is.
+    ///
+    /// # Errors
+    /// As [`Client::tools`].
+    pub async fn call(
+        &self,
+        url: &str,
+        tool: &str,
+        arguments: Option<serde_json::Map<String, serde_json::Value>>,
+    ) -> Result<CallToolResult, Error> {
+        let target = self.target(url)?;
+        let conn = self.connect(&target).await?;
+        let result = conn.call_tool(tool, arguments).await.map_err(|e| request_error(&target, e));
+        let _ = conn.close().await;
+        result
+    }
+
+    async fn status_of(&self, key: &TokenKey) -> Result<ServerStatus, Error> {
+        let tokens = self.storage.tokens(key).await.map_err(self.store_err())?;
+        let client = self.storage.client(key).await.map_err(self.store_err())?;
+        let now = self.clock.now();
+        let expires_at = tokens.as_ref().and_then(|t| t.expires_at());
+        let needs_login = match (&tokens, &client) {
+            (_, None) => Some("no client registration".to_owned()),
+            (None, _) => Some("no tokens".to_owned()),
+            (Some(t), _) => t.needs_authorization().map(|r| r.to_string()),
+        };
+        Ok(ServerStatus {
+            server: key.server().to_owned(),
+            issuer: tokens
+                .as_ref()
+                .map(|t| t.issuer().to_owned())
+                .or_else(|| client.as_ref().map(|c| c.issuer.clone())),
+            client_id: client.map(|c| c.client_id),
+            expires_at: expires_at.map(Timestamp::as_secs),
+            expires_in: expires_at.map(|at| signed_secs(at, now)),
+            has_refresh_token: tokens.as_ref().is_some_and(|t| t.refresh_token().is_some()),
+            needs_login,
+        })
+    }
+
+    /// What is stored for each server of this tenant and user.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub async fn status(&self) -> Result<Vec<ServerStatus>, Error> {
+        let keys = self
+            .storage
+            .list(&self.options.tenant, &self.options.user)
+            .await
+            .map_err(self.store_err())?;
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            out.push(self.status_of(&key).await?);
+        }
+        Ok(out)
+    }
+
+    /// Revoke the stored tokens at the authorization server (RFC 7009), then delete the tokens
+    /// and the client registration. A failed revocation is reported, and the local copy is
+    /// deleted all the same.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub async fn logout(&self, url: &str) -> Result<LogoutReport, Error> {
+        let target = self.target(url)?;
+        let (tokens, client) = self.stored(&target).await?;
+        let deleted = tokens.is_some() || client.is_some();
+        let revocation = match (&tokens, &client) {
+            (Some(tokens), Some(client)) => self.revoke(tokens, client).await,
+            _ => "nothing_to_revoke".to_owned(),
+        };
+        if deleted {
+            self.storage.delete_all(&target.key).await.map_err(self.store_err())?;
+        }
+        Ok(LogoutReport { server: target.as_str().to_owned(), revocation, deleted })
+    }
+
+    async fn revoke(
+        &self,
+        tokens: &TokenSet,
+        client: &token_storage::ClientRegistration,
+    ) -> String {
+        let Some((discovery, registration)) = decode_client(client) else {
+            return "failed: the stored client registration lacks the server metadata".into();
+        };
+        let refresh = tokens.refresh_token().map(|t| mcp_oauth::RefreshToken::new(t.expose()));
+        let access = mcp_oauth::AccessToken::new(tokens.access_token().expose());
+        match self.oauth.revoke(&discovery, &registration, refresh.as_ref(), Some(&access)).await {
+            Ok(mcp_oauth::Revocation::Revoked) => "revoked".into(),
+            Ok(mcp_oauth::Revocation::NoEndpoint) => "no_endpoint".into(),
+            Ok(_) => "revoked".into(),
+            Err(e) => format!("failed: {e}"),
+        }
+    }
+
+    /// Bridge stdin/stdout (newline-delimited JSON-RPC, as desktop hosts speak it) to the
+    /// server's streamable HTTP endpoint, logging in first if needed (one browser prompt
+    /// between all processes), with silent refresh on a 401. Returns when stdin closes.
+    ///
+    /// # Errors
+    /// Login errors (see [`Client::login`]), or [`Error::Mcp`] when the session ends.
+    pub async fn proxy(&self, url: &str, options: &LoginOptions) -> Result<(), Error> {
+        let target = self.target(url)?;
+        self.ensure_authorized(&target, options).await?;
+        crate::proxy::run(self, &target, options).await
+    }
+
+    /// A new login after the authorization was refused mid-session: under the login lock, so
+    /// one process prompts; a peer that logged in meanwhile left tokens that work, and then
+    /// there is no prompt.
+    pub(crate) async fn relogin(
+        &self,
+        target: &Target,
+        options: &LoginOptions,
+    ) -> Result<(), Error> {
+        let _lock = self.login_lock(target, options).await?;
+        if let Ok(conn) = self.factory().connect(self.factory_config(target)).await {
+            tracing::info!(server = target.as_str(), "another process logged in");
+            let _ = conn.close().await;
+            return Ok(());
+        }
+        self.login_locked(target, options, true).await.map(drop)
+    }
+}
+
+fn signed_secs(at: Timestamp, now: Timestamp) -> i64 {
+    let secs = |d: Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+    if at >= now { secs(at.saturating_since(now)) } else { -secs(now.saturating_since(at)) }
+}
+
+/// The discovery and mcp-oauth registration connection-factory's `stored_client` keeps in the
+/// stored registration's metadata.
+fn decode_client(
+    stored: &token_storage::ClientRegistration,
+) -> Option<(mcp_oauth::Discovery, mcp_oauth::ClientRegistration)> {
+    let discovery = serde_json::from_value(stored.metadata.get("discovery")?.clone()).ok()?;
+    let mut registration: mcp_oauth::ClientRegistration =
+        serde_json::from_value(stored.metadata.get("registration")?.clone()).ok()?;
+    registration.client_secret =
+        stored.client_secret.as_ref().map(|s| mcp_oauth::ClientSecret::new(s.expose()));
+    Some((discovery, registration))
+}
+
+/// A token-storage error as the CLI reports it.
+pub(crate) fn store_error(root: &Path, e: &token_storage::Error) -> Error {
+    if let Some(locked) = find::<StoreLocked>(e) {
+        return Error::StoreLocked(locked.to_string());
+    }
+    if let Some(unreadable) = find::<StoreUnreadable>(e) {
+        return Error::StoreCorrupted { path: root.to_owned(), detail: unreadable.detail.clone() };
+    }
+    match e {
+        token_storage::Error::Decrypt { .. } | token_storage::Error::KeyProvider { .. } => {
+            Error::StoreCorrupted { path: root.to_owned(), detail: e.to_string() }
+        }
+        _ => Error::Store(chain(e)),
+    }
+}
+
+/// A connection-factory error from the provider, as text-matched fallbacks for errors that lost
+/// their type inside a flow.
+fn provider_error(text: String) -> Error {
+    if text.contains("is locked by another process") {
+        Error::StoreLocked(text)
+    } else if text.contains("cannot be opened") || text.contains("unreadable") {
+        Error::Store(text)
+    } else {
+        Error::Authorization(text)
+    }
+}
+
+/// An error while opening the MCP session.
+pub(crate) fn connect_error(target: &Target, e: connection_factory::Error) -> Error {
+    use connection_factory::Error as E;
+    let url = target.as_str().to_owned();
+    match e {
+        E::AuthorizationRequired { .. } => Error::NotLoggedIn { url },
+        E::Transport(_) | E::Protocol(_) => Error::NotMcp { url, detail: chain(&e) },
+        E::Provider { ref message, .. } if message == "registration" => {
+            Error::RegistrationRefused(chain(&e))
+        }
+        E::Provider { .. } => provider_error(chain(&e)),
+        E::InvalidConfig(m) => Error::Usage(m),
+        other => Error::Mcp(chain(&other)),
+    }
+}
+
+/// An error of a request on an open session.
+pub(crate) fn request_error(target: &Target, e: connection_factory::Error) -> Error {
+    use connection_factory::Error as E;
+    match e {
+        E::AuthorizationRequired { .. } => Error::NotLoggedIn { url: target.as_str().to_owned() },
+        E::Provider { .. } => provider_error(chain(&e)),
+        other => Error::Mcp(chain(&other)),
+    }
+}
+
+fn login_error(target: &Target, options: &LoginOptions, e: connection_factory::Error) -> Error {
+    use connection_factory::Error as E;
+    match e {
+        E::Timeout { operation, .. } if operation != "connect" => {
+            Error::BrowserTimeout { after: options.timeout }
+        }
+        E::Timeout { .. } => Error::BrowserTimeout { after: options.timeout },
+        E::AuthorizationRequired { .. } => Error::Authorization(
+            "the authorization was denied or did not complete (see the browser window)".into(),
+        ),
+        other => connect_error(target, other),
+    }
+}

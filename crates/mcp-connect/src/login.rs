@@ -1,0 +1,161 @@
+//! The browser step of `login`: the [`AuthorizationHook`] that always prints the authorization
+//! URL, opens the system browser when there is one, and shows a spinner with the time left while
+//! stderr is a terminal.
+
+use std::io::{IsTerminal as _, Write as _};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use connection_factory::{AuthorizationHook, AuthorizationRequest, BoxFuture, HookDecision};
+use flow_state::CancellationToken;
+
+/// The prefix of the stderr line that carries the authorization URL (scripts and tests look
+/// for it).
+pub const AUTHORIZATION_URL_PREFIX: &str = "Authorization URL: ";
+
+/// The environment variable that turns the browser off (any non-empty value but `0`).
+pub const NO_BROWSER_ENV: &str = "MCP_CONNECT_NO_BROWSER";
+
+/// How `login` (and `proxy`, when it has to log in) runs the browser step.
+///
+/// ```
+/// use mcp_connect::LoginOptions;
+/// use std::time::Duration;
+///
+/// let options = LoginOptions::default().port(0).timeout(Duration::from_secs(30)).open_browser(false);
+/// assert_eq!(options.get_timeout(), Duration::from_secs(30));
+/// ```
+#[derive(Debug, Clone)]
+pub struct LoginOptions {
+    pub(crate) port: u16,
+    pub(crate) timeout: Duration,
+    pub(crate) open_browser: bool,
+}
+
+impl Default for LoginOptions {
+    /// The default callback port ([`DEFAULT_CALLBACK_PORT`](crate::DEFAULT_CALLBACK_PORT)),
+    /// 120 s for the browser step, the browser on unless `MCP_CONNECT_NO_BROWSER` is set.
+    fn default() -> Self {
+        let off = std::env::var(NO_BROWSER_ENV).is_ok_and(|v| !v.is_empty() && v != "0");
+        LoginOptions {
+            port: crate::DEFAULT_CALLBACK_PORT,
+            timeout: Duration::from_secs(120),
+            open_browser: !off,
+        }
+    }
+}
+
+impl LoginOptions {
+    /// The loopback port the callback listens on (0: any free port).
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = port;
+        self
+    }
+
+    /// How long the browser step may take.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Whether to open the system browser (the URL is printed either way).
+    pub fn open_browser(mut self, open: bool) -> Self {
+        self.open_browser = open;
+        self
+    }
+
+    /// How long the browser step may take.
+    pub fn get_timeout(&self) -> Duration {
+        self.timeout
+    }
+}
+
+/// The hook of `login`: prints the URL to stderr, opens the browser, starts the spinner, and
+/// waits for the callback.
+#[derive(Debug)]
+pub(crate) struct BrowserHook {
+    options: LoginOptions,
+    prompted: AtomicBool,
+    stop: CancellationToken,
+}
+
+impl BrowserHook {
+    pub(crate) fn new(options: LoginOptions) -> Self {
+        BrowserHook { options, prompted: AtomicBool::new(false), stop: CancellationToken::new() }
+    }
+
+    /// Whether the user was sent to the browser.
+    pub(crate) fn prompted(&self) -> bool {
+        self.prompted.load(Ordering::SeqCst)
+    }
+
+    /// Stop the spinner (if any) and clear its line.
+    pub(crate) fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+impl AuthorizationHook for BrowserHook {
+    fn authorization_required(&self, request: AuthorizationRequest) -> BoxFuture<'_, HookDecision> {
+        self.prompted.store(true, Ordering::SeqCst);
+        let url = request.authorization_url;
+        let mut err = std::io::stderr().lock();
+        let _ = writeln!(err, "To authorize mcp-connect, open this URL in a browser:");
+        let _ = writeln!(err, "{AUTHORIZATION_URL_PREFIX}{url}");
+        let _ = err.flush();
+        drop(err);
+        if self.options.open_browser && !open_browser(&url) {
+            eprintln!("(no browser could be opened: open the URL above yourself)");
+        }
+        if std::io::stderr().is_terminal() {
+            tokio::spawn(spin(self.stop.clone(), self.options.timeout));
+        }
+        Box::pin(async { HookDecision::Wait })
+    }
+}
+
+/// Open `url` with the system's opener; whether one was started.
+fn open_browser(url: &str) -> bool {
+    let command: Option<(&str, Vec<&str>)> = if cfg!(target_os = "macos") {
+        Some(("open", vec![url]))
+    } else if cfg!(windows) {
+        Some(("cmd", vec!["/C", "start", "", url]))
+    } else if std::env::var_os("DISPLAY").is_some() || std::env::var_os("WAYLAND_DISPLAY").is_some()
+    {
+        Some(("xdg-open", vec![url]))
+    } else {
+        None
+    };
+    let Some((program, args)) = command else { return false };
+    std::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .is_ok()
+}
+
+/// The spinner: one frame every 100 ms with the time left, until `stop`.
+async fn spin(stop: CancellationToken, timeout: Duration) {
+    const FRAMES: [char; 4] = ['|', '/', '-', '\\'];
+    const STEP: Duration = Duration::from_millis(100);
+    let mut left = timeout;
+    let mut frame = 0;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(STEP) => {}
+        }
+        frame = (frame + 1) % FRAMES.len();
+        left = left.saturating_sub(STEP);
+        let secs = left.as_secs();
+        eprint!(
+            "\r{} waiting for the browser step ({}:{:02} left) ",
+            FRAMES[frame],
+            secs / 60,
+            secs % 60
+        );
+    }
+    eprint!("\r\x1b[2K");
+}

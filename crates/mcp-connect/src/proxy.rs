@@ -1,0 +1,244 @@
+//! `proxy`: newline-delimited JSON-RPC on stdin/stdout (what desktop hosts speak to a local
+//! MCP server) pumped to and from rmcp's streamable-HTTP client transport over
+//! connection-factory's [`AuthHttpClient`], so every request carries the current token and a
+//! 401 is answered with a silent refresh.
+//!
+//! A request the transport cannot deliver (the session is gone, the authorization was refused
+//! for good) is answered to the host with a JSON-RPC error naming the cause, so the host never
+//! waits for a response that will not come.
+
+use connection_factory::AuthHttpClient;
+use rmcp::RoleClient;
+use rmcp::model::{ClientJsonRpcMessage, ServerJsonRpcMessage};
+use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+use rmcp::transport::{StreamableHttpClientTransport, Transport};
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::sync::mpsc;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Waker};
+
+use crate::client::{Client, Target};
+use crate::error::Error;
+use crate::login::LoginOptions;
+use crate::store::chain;
+
+/// How long closing the session (its DELETE) and flushing stdout may take at the end.
+const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// JSON-RPC "internal error".
+const INTERNAL_ERROR: i64 = -32603;
+/// JSON-RPC "parse error".
+const PARSE_ERROR: i64 = -32700;
+
+enum Event {
+    /// SIGTERM or SIGINT: hosts stop their servers with a signal more often than by closing
+    /// stdin. The proxy ends as if stdin had closed, so the exit settles refreshes in flight.
+    Stop,
+    FromHost(Option<String>),
+    FromServer(Option<Box<ServerJsonRpcMessage>>),
+}
+
+/// Pump messages until the host closes stdin (Ok) or the server side ends (an error).
+///
+/// When a request fails because the authorization is gone for good (the refresh was refused),
+/// the host gets a JSON-RPC error for it, and a new login starts in the background under the
+/// login lock (one at a time; a peer's fresh login is used without a prompt), so that the
+/// following requests go through once the browser step is done.
+pub(crate) async fn run(
+    client: &Client,
+    target: &Target,
+    options: &LoginOptions,
+) -> Result<(), Error> {
+    let relogin = Arc::new(AtomicBool::new(false));
+    let provider = client.provider(target)?;
+    let http = AuthHttpClient::new(provider)
+        .map_err(|e| Error::Mcp(format!("cannot build the HTTP client: {}", chain(&e))))?;
+    let config = StreamableHttpClientTransportConfig::with_uri(target.as_str().to_owned());
+    let mut transport = StreamableHttpClientTransport::with_client(http, config);
+
+    let (out_tx, mut out_rx) = mpsc::channel::<String>(64);
+    let writer = tokio::spawn(async move {
+        let mut stdout = tokio::io::stdout();
+        while let Some(line) = out_rx.recv().await {
+            let written = async {
+                stdout.write_all(line.as_bytes()).await?;
+                stdout.write_all(b"\n").await?;
+                stdout.flush().await
+            };
+            if written.await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let server = target.as_str().to_owned();
+    let stop = stop_signal();
+    tokio::pin!(stop);
+    let outcome = loop {
+        let event = tokio::select! {
+            () = &mut stop => Event::Stop,
+            line = lines.next_line() => Event::FromHost(line.ok().flatten()),
+            message = Transport::<RoleClient>::receive(&mut transport) => Event::FromServer(message.map(Box::new)),
+        };
+        match event {
+            Event::FromHost(None) => break Ok(()),
+            Event::Stop => {
+                tracing::info!("stopped by a signal");
+                break Ok(());
+            }
+            Event::FromHost(Some(line)) if line.trim().is_empty() => {}
+            Event::FromHost(Some(line)) => {
+                match serde_json::from_str::<ClientJsonRpcMessage>(&line) {
+                    Ok(message) => {
+                        let id = match &message {
+                            ClientJsonRpcMessage::Request(request) => {
+                                serde_json::to_value(&request.id).ok()
+                            }
+                            _ => None,
+                        };
+                        let sent = enqueue(transport.send(message));
+                        let relogin = Relogin {
+                            busy: relogin.clone(),
+                            client: client.clone(),
+                            target: target.clone(),
+                            options: options.clone(),
+                        };
+                        tokio::spawn(deliver(sent, id, out_tx.clone(), relogin));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the host sent a line that is not a JSON-RPC message");
+                        let id = serde_json::from_str::<serde_json::Value>(&line)
+                            .ok()
+                            .and_then(|v| v.get("id").cloned())
+                            .unwrap_or(serde_json::Value::Null);
+                        let _ = out_tx
+                            .send(error_response(id, PARSE_ERROR, "not a JSON-RPC message"))
+                            .await;
+                    }
+                }
+            }
+            Event::FromServer(Some(message)) => match serde_json::to_string(&message) {
+                Ok(line) => {
+                    if out_tx.send(line).await.is_err() {
+                        break Ok(());
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "a server message could not be encoded"),
+            },
+            Event::FromServer(None) => {
+                break Err(Error::Mcp(format!("the MCP session with {server} ended")));
+            }
+        }
+    };
+    // rmcp's worker waits for `notifications/initialized` without watching for cancellation, so
+    // closing a session the host stopped right after `initialize` would never end: bound it.
+    let closed =
+        tokio::time::timeout(CLOSE_TIMEOUT, Transport::<RoleClient>::close(&mut transport));
+    if closed.await.is_err() {
+        tracing::debug!("the MCP session did not close in time; dropping it");
+    }
+    drop(transport);
+    drop(out_tx);
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, writer).await;
+    outcome
+}
+
+/// Resolves on SIGTERM or SIGINT (never, if the handlers cannot be installed).
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => std::future::pending().await,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+type Sending<E> = Pin<Box<dyn Future<Output = Result<(), E>> + Send>>;
+
+/// Put a message on the transport's queue now, in the order the host sent it.
+///
+/// rmcp's send future queues its message only when first polled, and the worker takes the
+/// message after `initialize` for the `initialized` notification: spawned unpolled, a request
+/// sent right behind the notification could overtake it and end the session. One poll here
+/// queues the message (the queue is FIFO); the rest (waiting for the POST) runs in a task.
+fn enqueue<E: Send + 'static>(
+    send: impl Future<Output = Result<(), E>> + Send + 'static,
+) -> Sending<E> {
+    let mut send: Sending<E> = Box::pin(send);
+    match send.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(result) => Box::pin(std::future::ready(result)),
+        Poll::Pending => send,
+    }
+}
+
+/// What a failed delivery needs to start a new login.
+struct Relogin {
+    busy: Arc<AtomicBool>,
+    client: Client,
+    target: Target,
+    options: LoginOptions,
+}
+
+/// Wait for one message to be delivered; on failure answer the host's request with an error,
+/// and start a new login (one at a time) when the authorization is gone.
+async fn deliver<E: std::error::Error + 'static>(
+    sent: Sending<E>,
+    id: Option<serde_json::Value>,
+    out: mpsc::Sender<String>,
+    relogin: Relogin,
+) {
+    let Err(e) = sent.await else { return };
+    let cause = chain(&e);
+    let server = relogin.target.as_str().to_owned();
+    tracing::warn!(error = %cause, "the request could not be delivered");
+    if is_auth_failure(&cause) && !relogin.busy.swap(true, Ordering::SeqCst) {
+        tokio::spawn(async move {
+            if let Err(e) = relogin.client.relogin(&relogin.target, &relogin.options).await {
+                eprintln!("mcp-connect: the new login failed: {e}");
+            }
+            relogin.busy.store(false, Ordering::SeqCst);
+        });
+    }
+    if let Some(id) = id {
+        let _ = out.send(error_response(id, INTERNAL_ERROR, &describe(&server, &cause))).await;
+    }
+}
+
+fn is_auth_failure(cause: &str) -> bool {
+    cause.contains("authorization required") || cause.contains("Auth required")
+}
+
+fn describe(server: &str, cause: &str) -> String {
+    if is_auth_failure(cause) {
+        format!(
+            "mcp-connect: not authorized for {server}: complete the browser step mcp-connect started (or run `mcp-connect login {server}`), then retry ({cause})"
+        )
+    } else {
+        format!("mcp-connect: the request could not be delivered to {server}: {cause}")
+    }
+}
+
+fn error_response(id: serde_json::Value, code: i64, message: &str) -> String {
+    serde_json::json!({
+        "jsonrpc": "2.0",
+        "id": id,
+        "error": { "code": code, "message": message },
+    })
+    .to_string()
+}

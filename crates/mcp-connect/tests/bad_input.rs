@@ -1,0 +1,168 @@
+//! Bad input: each failure gets a clear message and its documented exit code, and what the store
+//! held before (a logged-in server) is still there afterwards.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Store, dead_port, login, snapshot};
+use mcp_clock::SystemClock;
+use mcp_fixtures::{Approval, AuthServer, Fixtures, ResourceServer};
+use serde_json::Value;
+
+/// A store logged in to a fixture server.
+async fn logged_in() -> (Fixtures, Store, String) {
+    let fx = Fixtures::start().await.unwrap();
+    let server = fx.resource().url().to_owned();
+    let store = Store::new();
+    login(&store, &server).await.expect_code(0);
+    (fx, store, server)
+}
+
+#[track_caller]
+fn assert_still_logged_in(store: &Store, server: &str) {
+    let status = store.run(&["--json", "status"]);
+    status.expect_code(0);
+    let parsed: Value = serde_json::from_str(&status.stdout).unwrap();
+    let entry = parsed["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["server"] == server)
+        .unwrap_or_else(|| panic!("{server} is no longer stored: {status:#?}"));
+    assert_eq!(entry["has_refresh_token"], Value::from(true), "{status:#?}");
+    assert!(entry["needs_login"].is_null(), "{status:#?}");
+    store.run(&["call", server, "echo", r#"{"text":"still here"}"#]).expect_code(0);
+}
+
+/// Nothing listens at the address: exit 3 for `tools` and `login`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_server_is_exit_3() {
+    let (_fx, store, server) = logged_in().await;
+    let dead = format!("http://127.0.0.1:{}/mcp", dead_port());
+    for args in [vec!["tools", dead.as_str()], vec!["login", dead.as_str(), "--port", "0"]] {
+        let out = store.run(&args);
+        out.expect_code(3);
+        assert!(out.stderr.contains("cannot reach"), "{out:#?}");
+    }
+    let out = store.run(&["--json", "tools", dead.as_str()]);
+    out.expect_code(3);
+    let parsed: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(parsed["error"]["exit_code"], Value::from(3), "{out:#?}");
+    assert!(parsed["error"]["message"].as_str().unwrap().contains("cannot reach"), "{out:#?}");
+    assert_still_logged_in(&store, &server);
+}
+
+/// A web server that is not MCP (a 404 page, an HTML page): exit 4 for `tools` and `login`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_is_not_mcp_is_exit_4() {
+    use axum::http::StatusCode;
+    use axum::response::Html;
+    let (_fx, store, server) = logged_in().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let app = axum::Router::new()
+        .route("/html", axum::routing::any(|| async { Html("<html><body>hello</body></html>") }))
+        .fallback(|| async { (StatusCode::NOT_FOUND, Html("<html>not found</html>")) });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    for path in ["/mcp", "/html"] {
+        let url = format!("{base}{path}");
+        for args in [vec!["tools", url.as_str()], vec!["login", url.as_str(), "--port", "0"]] {
+            let out = store.run(&args);
+            out.expect_code(4);
+            assert!(out.stderr.contains("does not answer as an MCP server"), "{out:#?}");
+        }
+    }
+    assert_still_logged_in(&store, &server);
+}
+
+/// The authorization server offers no registration (no dynamic registration, no client
+/// metadata documents): exit 6 naming the registration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_registration_is_exit_6() {
+    let (_fx, store, server) = logged_in().await;
+    let auth = AuthServer::builder()
+        .dynamic_registration(false)
+        .client_metadata_documents(false)
+        .spawn()
+        .await
+        .unwrap();
+    let resource = ResourceServer::builder(&auth).spawn().await.unwrap();
+    let out = store.run(&["login", resource.url(), "--port", "0", "--no-browser"]);
+    out.expect_code(6);
+    assert!(out.stderr.contains("registration"), "{out:#?}");
+    assert_eq!(auth.stats().authorization_requests, 0);
+    assert_still_logged_in(&store, &server);
+}
+
+/// The user never completes the browser step: after `--timeout` the login ends with exit 7 and
+/// a message that says so (and how to allow more time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_step_never_completed_is_exit_7() {
+    let (_fx, store, server) = logged_in().await;
+    let other = Fixtures::start().await.unwrap();
+    other.auth().knobs().set_approval(Approval::Manual);
+    let started = SystemClock::instant();
+    let out = store.run(&["login", other.resource().url(), "--port", "0", "--timeout", "2"]);
+    out.expect_code(7);
+    assert!(out.stderr.contains("not completed within 2s"), "{out:#?}");
+    assert!(out.stderr.contains("--timeout"), "{out:#?}");
+    let took = SystemClock::instant() - started;
+    assert!(took < Duration::from_secs(30), "bounded: {took:?}");
+    assert_still_logged_in(&store, &server);
+}
+
+/// A store that cannot be read (a different key file; a damaged database): exit 9, and the
+/// store is left as it was, so restoring the key or the files brings everything back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_store_is_exit_9_and_left_untouched() {
+    let (_fx, store, server) = logged_in().await;
+    let key = store.path().join("key");
+    let original_key = std::fs::read(&key).unwrap();
+    std::fs::write(&key, format!("default:{}\n", "11".repeat(32))).unwrap();
+    for args in [vec!["status"], vec!["tools", server.as_str()], vec!["logout", server.as_str()]] {
+        let out = store.run(&args);
+        out.expect_code(9);
+        assert!(out.stderr.contains("unreadable"), "{out:#?}");
+        assert!(out.stderr.contains("left untouched"), "{out:#?}");
+    }
+    std::fs::write(&key, original_key).unwrap();
+    assert_still_logged_in(&store, &server);
+
+    let db = store.path().join("db");
+    let before = snapshot(&db);
+    for (path, _) in &before {
+        std::fs::write(path, b"this is not a sled database").unwrap();
+    }
+    let damaged = snapshot(&db);
+    let out = store.run(&["status"]);
+    out.expect_code(9);
+    assert!(out.stderr.contains("unreadable"), "{out:#?}");
+    assert_eq!(snapshot(&db), damaged, "the damaged store was not written to");
+    for (path, bytes) in &before {
+        std::fs::write(path, bytes).unwrap();
+    }
+    assert_still_logged_in(&store, &server);
+}
+
+/// Another process holds the store lock and does not let go: after `--lock-timeout` the command
+/// ends with exit 8 instead of hanging; once the lock is free everything is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_store_is_exit_8_not_a_hang() {
+    let (_fx, store, server) = logged_in().await;
+    let lock =
+        std::fs::OpenOptions::new().write(true).open(store.path().join("store.lock")).unwrap();
+    lock.lock().unwrap();
+    let started = SystemClock::instant();
+    for args in
+        [vec!["--lock-timeout", "1", "status"], vec!["--lock-timeout", "1", "tools", &server]]
+    {
+        let out = store.run(&args);
+        out.expect_code(8);
+        assert!(out.stderr.contains("locked by another process"), "{out:#?}");
+    }
+    let took = SystemClock::instant() - started;
+    assert!(took < Duration::from_secs(20), "bounded: {took:?}");
+    lock.unlock().unwrap();
+    assert_still_logged_in(&store, &server);
+}
