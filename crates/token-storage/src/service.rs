@@ -125,8 +125,10 @@ impl fmt::Debug for TokenStorageBuilder {
 
 impl TokenStorageBuilder {
     /// Run `hook` after every refresh result is persisted, with the key, the set it replaced
-    /// and the new set. It runs inside the detached refresh, so it runs even when every caller
-    /// has gone (the place to tell live connections about the new token). Keep it quick.
+    /// and the new set (the one this refresh wrote, with the version it created, even when a
+    /// login replaced it again before the write's reply came back). It runs inside the
+    /// detached refresh, so it runs even when every caller has gone (the place to tell live
+    /// connections about the new token). Keep it quick.
     pub fn on_refresh(
         mut self,
         hook: impl Fn(&TokenKey, &TokenSet, &TokenSet) + Send + Sync + 'static,
@@ -549,8 +551,9 @@ impl Inner {
         })
     }
 
-    /// Install a decrypted set as the view of `key` unless a newer one is there.
-    fn install(&self, key: &TokenKey, set: TokenSet) -> View {
+    /// Install a decrypted set as the view of `key` unless a newer one is there; returns the
+    /// view that is in place afterwards (which may be that newer one).
+    fn install(&self, key: &TokenKey, set: Arc<TokenSet>) -> View {
         self.install_unless_deleted(key, set, None)
     }
 
@@ -558,10 +561,9 @@ impl Inner {
     fn install_unless_deleted(
         &self,
         key: &TokenKey,
-        set: TokenSet,
+        set: Arc<TokenSet>,
         deletions: Option<u64>,
     ) -> View {
-        let set = Arc::new(set);
         let refresh_at = set.expires_at.map(|expires_at| {
             let lifetime = expires_at.saturating_since(set.obtained_at);
             let ahead = (self.config.refresh_buffer + random_up_to(self.config.refresh_jitter))
@@ -599,7 +601,7 @@ impl Inner {
             }
         }
         let set = open_tokens(&*self.keys, &record, &stored)?;
-        Ok(Some(self.install_unless_deleted(key, set, Some(deletions))))
+        Ok(Some(self.install_unless_deleted(key, Arc::new(set), Some(deletions))))
     }
 
     async fn load_client(
@@ -613,7 +615,8 @@ impl Inner {
         }
     }
 
-    /// Seal and compare-and-swap a token set; `Err(current)` on a conflict.
+    /// Seal and compare-and-swap a token set; `Ok(written)` with the set as written (its new
+    /// version), `Err(current)` on a conflict.
     async fn write_tokens(
         &self,
         key: &TokenKey,
@@ -627,7 +630,14 @@ impl Inner {
         match self.store.compare_and_swap(&record, expected, sealed).await? {
             Swap::Swapped { version } => {
                 set.version = version;
-                Ok(Ok(self.install(key, set).set))
+                let written = Arc::new(set);
+                // Between the swap and this line another writer (a login, a refresh) may have
+                // replaced this version and put its newer set in the view; the view keeps that
+                // one, but the caller gets the set this write stored: a login's own tokens, a
+                // refresh's own result for the `on_refresh` hook (never another grant's tokens
+                // reported as "the set the refresh replaced `old` with").
+                self.install(key, written.clone());
+                Ok(Ok(written))
             }
             Swap::Conflict(current) => Ok(Err(current)),
         }
@@ -903,7 +913,7 @@ impl Inner {
     ) -> Result<Arc<TokenSet>, Error> {
         let Some(newer) = newer else { return Err(auth(key, ReauthReason::Missing)) };
         let set = open_tokens(&*self.keys, &key.record(RecordKind::Tokens), &newer)?;
-        usable(key, self.install(key, set).set, issuer)
+        usable(key, self.install(key, Arc::new(set)).set, issuer)
     }
 
     /// A terminal refresh error: adopt a peer's newer tokens if there are any, else mark the
