@@ -56,10 +56,11 @@ struct Slot {
 ///
 /// The `auth_header` rmcp passes in is ignored: the provider is the only source of tokens.
 ///
-/// A refusal is what rmcp's reqwest client recognises as one: a 401 or 403 **with** a
-/// `WWW-Authenticate` header (as RFC 6750 and RFC 9728 require). A bare 401, or a server that
-/// reports an expired token with another status (such as 400), surfaces as a transport error
-/// without reaching the provider.
+/// A refusal is a 401 or 403 **with** a `WWW-Authenticate` header (as RFC 6750 and RFC 9728
+/// require), or a bare 401 without one, which some servers send: rmcp's reqwest client reports
+/// that as an unexpected response or a status error, and this client hands it to the provider
+/// as a [`Challenge`] with no header. A server that reports an expired token with another
+/// status (such as 400) surfaces as a transport error without reaching the provider.
 ///
 /// Clones share one attachment. [`AuthHttpClient::detach`] (done by dropping the
 /// [`Connection`](crate::Connection)) cuts every clone off from the provider: no provider call
@@ -168,6 +169,7 @@ impl AuthHttpClient {
             Err(StreamableHttpError::InsufficientScope(e)) => {
                 Challenge::new(403, kind, vec![e.www_authenticate_header.clone()])
             }
+            Err(e) if bare_unauthorized(e) => Challenge::new(401, kind, Vec::new()),
             _ => return first,
         };
         // Dropping the connection while the request was in flight detaches the provider.
@@ -193,6 +195,17 @@ impl AuthHttpClient {
                 )))
             }
         }
+    }
+}
+
+/// A 401 without a `WWW-Authenticate` header, as rmcp's reqwest client reports it: an
+/// unexpected response (`HTTP 401 Unauthorized: <body>`) on a POST, the HTTP client's status
+/// error on the GET stream and the session DELETE.
+fn bare_unauthorized(e: &HttpError) -> bool {
+    match e {
+        StreamableHttpError::UnexpectedServerResponse(message) => message.starts_with("HTTP 401 "),
+        StreamableHttpError::Client(e) => e.status() == Some(reqwest::StatusCode::UNAUTHORIZED),
+        _ => false,
     }
 }
 

@@ -207,6 +207,24 @@ async fn fifty_concurrent_401s_one_redemption_all_succeed() {
     assert_eq!(c.rejected + c.transient + c.timed_out, 0, "{c:?}");
 }
 
+/// A server that answers an expired token with a bare 401 (no `WWW-Authenticate` header, which
+/// rmcp's client does not treat as a challenge): the refusal still reaches the factory, which
+/// refreshes once and retries; the call succeeds on the same session.
+#[tokio::test]
+async fn a_bare_401_without_a_challenge_still_refreshes_and_retries() {
+    let s = setup().await;
+    s.issue("tenant-a").await;
+    let conn = s.factory.connect(s.config("tenant-a")).await.unwrap();
+    assert_eq!(text(&conn.call_tool("echo", args("warm")).await.unwrap()), "warm");
+    s.fx.auth().knobs().set_omit_challenge(true);
+    s.clock.advance(LIFETIME + Duration::from_secs(1));
+    assert_eq!(text(&conn.call_tool("echo", args("after")).await.unwrap()), "after");
+    let rs = s.fx.resource().stats();
+    assert!(rs.unauthorized >= 1, "the server refused the expired token: {rs:?}");
+    assert_eq!(s.fx.auth().stats().refresh_token_requests, 1);
+    assert_eq!(s.factory.counters().refreshed, 1, "{:?}", s.factory.counters());
+}
+
 /// Two OAuth configurations for the same tenant, user and server (other scopes) have their own
 /// token keys: their tokens and their refreshes are never shared, even when both connections
 /// meet a 401 at the same moment. A plain configuration keeps the bare key.

@@ -117,6 +117,9 @@ pub struct KnobSettings {
     /// The status the resource server answers for an expired access token (default 401;
     /// set 400 to model servers that answer 400 instead).
     pub expired_token_status: u16,
+    /// Answer every 401 from the resource server without a `WWW-Authenticate` header, as some
+    /// servers do (RFC 6750 requires one).
+    pub omit_challenge: bool,
     /// Delay every token endpoint answer by this much (real time).
     pub token_delay: Duration,
     /// Never answer the token endpoint (until the knob is cleared or the server stops).
@@ -157,6 +160,7 @@ impl Default for KnobSettings {
             require_scope_on_refresh: false,
             refresh_requires_offline_access: false,
             expired_token_status: 401,
+            omit_challenge: false,
             token_delay: Duration::ZERO,
             token_hang: false,
             refresh_hang: false,
@@ -279,7 +283,12 @@ impl Knobs {
         self.update(|s| s.expired_token_status = status);
     }
 
-    /// Delay every token endpoint answer.
+    /// Answer 401s without a `WWW-Authenticate` header.
+    pub fn set_omit_challenge(&self, on: bool) {
+        self.update(|s| s.omit_challenge = on);
+    }
+
+    /// Delay every token endpoint answer by this much (real time).
     pub fn set_token_delay(&self, delay: Duration) {
         self.update(|s| s.token_delay = delay);
     }

@@ -24,6 +24,7 @@
 //! | `set_require_scope_on_refresh` | refresh without `scope` is `invalid_request` (Entra) | `--require-scope-on-refresh` |
 //! | `set_refresh_requires_offline_access` | refresh tokens only with `offline_access` | `--refresh-requires-offline-access` |
 //! | `set_expired_token_status` | the resource server's status for an expired token (400) | `--expired-token-status` |
+//! | `set_omit_challenge` | the resource server's 401s carry no `WWW-Authenticate` header | `--omit-challenge` |
 //! | `set_token_delay`, `set_token_hang` | slow or hung token endpoint | `--token-delay-ms`, `--token-hang` |
 //! | `set_refresh_hang` | only `refresh_token` grants hang (an authorization still completes) | |
 //! | `fail_token_requests`, `fail_resource_requests` | 5xx or 429 + `Retry-After` on the Nth request | `--fail-nth`, `--resource-fail-nth`, ... |

@@ -59,6 +59,9 @@ struct Args {
     /// Status for an expired access token at the resource server (e.g. 400).
     #[arg(long, default_value_t = 401)]
     expired_token_status: u16,
+    /// Answer 401s without a WWW-Authenticate header.
+    #[arg(long)]
+    omit_challenge: bool,
     /// Delay every token response by this many milliseconds.
     #[arg(long, default_value_t = 0)]
     token_delay_ms: u64,
@@ -117,6 +120,7 @@ fn knobs(args: &Args) -> KnobSettings {
     k.require_scope_on_refresh = args.require_scope_on_refresh;
     k.refresh_requires_offline_access = args.refresh_requires_offline_access;
     k.expired_token_status = args.expired_token_status;
+    k.omit_challenge = args.omit_challenge;
     k.token_delay = Duration::from_millis(args.token_delay_ms);
     k.token_hang = args.token_hang;
     k.clock_offset_millis = args.clock_offset_ms;

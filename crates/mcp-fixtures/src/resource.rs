@@ -512,6 +512,9 @@ impl Guard {
         } else {
             body = json!({ "error": "unauthorized", "error_description": "a bearer token is required" });
         }
+        if status == StatusCode::UNAUTHORIZED && self.core.knobs.get().omit_challenge {
+            return (status, axum::Json(body)).into_response();
+        }
         with_challenge(status, &challenge, body)
     }
 

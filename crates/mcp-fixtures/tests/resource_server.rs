@@ -146,6 +146,26 @@ async fn expired_tokens_get_401_or_the_status_the_knob_says() {
 }
 
 #[tokio::test]
+async fn the_omit_challenge_knob_answers_401_without_www_authenticate() {
+    let clock = ManualClock::default();
+    let fx = Fixtures::start_with(clock.shared(), KnobSettings::default()).await.unwrap();
+    fx.auth().knobs().set_access_token_lifetime(Duration::from_secs(30));
+    let client = register(fx.auth(), ClientAuth::None);
+    let tokens = fx.auth().issue_tokens(&client.id, "mcp:tools", Some(fx.resource().url()));
+    clock.advance(Duration::from_secs(30));
+    let resp = post_mcp(fx.resource().url(), Some(tokens.access_token()), INITIALIZE).await;
+    assert_eq!(resp.status(), 401);
+    assert!(resp.headers().get("www-authenticate").is_some(), "a challenge by default");
+    fx.auth().knobs().set_omit_challenge(true);
+    let resp = post_mcp(fx.resource().url(), Some(tokens.access_token()), INITIALIZE).await;
+    assert_eq!(resp.status(), 401);
+    assert!(resp.headers().get("www-authenticate").is_none(), "a bare 401");
+    let resp = post_mcp(fx.resource().url(), None, INITIALIZE).await;
+    assert_eq!(resp.status(), 401);
+    assert!(resp.headers().get("www-authenticate").is_none(), "a bare 401 without a token too");
+}
+
+#[tokio::test]
 async fn tokens_for_another_resource_or_without_the_base_scope_are_refused() {
     let fx = Fixtures::start().await.unwrap();
     let client = register(fx.auth(), ClientAuth::None);
