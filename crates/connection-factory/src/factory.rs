@@ -741,7 +741,9 @@ impl FactoryProvider {
         .await
     }
 
-    /// Start a new authorization and prompt, or `None` when a fresh PENDING one exists.
+    /// Start a new authorization and prompt; or join a fresh PENDING one (no prompt: the hook's
+    /// [`AuthorizationHook::authorization_pending`] decides, `None` when the flow does not carry
+    /// its URL or was completed by a peer). A stale PENDING one is replaced.
     async fn prompt(
         &self,
         oauth: &OAuthClient,
@@ -767,9 +769,28 @@ impl FactoryProvider {
                 .ok()
                 .flatten()
                 .is_some_and(|s| s.is_stale);
+            let meta = serde_json::from_value::<OAuthFlowMeta>(flow.metadata).ok();
             if !stale {
-                return Ok(None);
+                // Joined: no second prompt, but the hook sees the pending authorization and
+                // decides whether this request waits for it.
+                let Some(OAuthFlowMeta { pending, authorization_url: Some(url), .. }) = meta else {
+                    return Ok(None);
+                };
+                let request = AuthorizationRequest {
+                    authorization_url: url,
+                    scopes: pending.scope.clone(),
+                    reason,
+                    expires_at: pending.created_at.saturating_add(pending.ttl),
+                };
+                return Ok(Some(hook.authorization_pending(request).await));
             }
+            // Stale for this factory (older than the OAuth wait timeout), though perhaps not yet
+            // for the flow manager's own stale window: drop it and its state mapping, so that
+            // the init below replaces it instead of joining it.
+            if let Some(skey) = meta.as_ref().and_then(|m| state_key(m.pending.state.secret())) {
+                let _ = self.flows.delete(&skey).await;
+            }
+            let _ = self.flows.delete_if_status(&self.oauth, FlowStatus::Pending).await;
         }
         let oauth_err = |what: &'static str| move |e: mcp_oauth::Error| Error::provider(what, e);
         let server: url::Url = self
@@ -819,8 +840,12 @@ impl FactoryProvider {
             .map_err(oauth_err("authorization URL"))?;
         let expires_at = pending.created_at.saturating_add(pending.ttl);
         let state = pending.state.secret().to_owned();
-        let meta = serde_json::to_value(OAuthFlowMeta { pending, discovery })
-            .map_err(|e| Error::provider("encoding the pending authorization", e))?;
+        let meta = serde_json::to_value(OAuthFlowMeta {
+            pending,
+            discovery,
+            authorization_url: Some(url.to_string()),
+        })
+        .map_err(|e| Error::provider("encoding the pending authorization", e))?;
         // A peer's authorization may have completed while this one was being prepared: it is
         // joined, never replaced (atomically: no check-then-init window).
         match self.flows.init_unless_completed(&self.oauth, meta).await {

@@ -74,6 +74,17 @@ pub enum HookDecision {
 pub trait AuthorizationHook: Send + Sync + fmt::Debug + 'static {
     /// The user must authorize: show `request`, and say whether the request should wait.
     fn authorization_required(&self, request: AuthorizationRequest) -> BoxFuture<'_, HookDecision>;
+
+    /// Another request already prompted for this tenant, user and server, and that
+    /// authorization is still PENDING and fresh: the user is not prompted again. `request` is
+    /// that authorization (its URL, scopes and expiry; the reason is this request's), for the
+    /// host to show again if it wishes (it is not a new authorization). Say whether this request
+    /// waits for it. The default waits; a host in return-early mode returns
+    /// [`HookDecision::ReturnEarly`] here too.
+    fn authorization_pending(&self, request: AuthorizationRequest) -> BoxFuture<'_, HookDecision> {
+        drop(request);
+        Box::pin(async { HookDecision::Wait })
+    }
 }
 
 /// What the PENDING `mcp_oauth` flow carries.
@@ -81,6 +92,9 @@ pub trait AuthorizationHook: Send + Sync + fmt::Debug + 'static {
 pub(crate) struct OAuthFlowMeta {
     pub(crate) pending: PendingAuthorization,
     pub(crate) discovery: Discovery,
+    /// The authorization URL the user was sent to (shown again to a request that joins).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) authorization_url: Option<String>,
 }
 
 /// What the state mapping carries: which flow and key the state belongs to.
