@@ -806,14 +806,21 @@ impl FactoryProvider {
             .flatten(),
             None => None,
         };
-        let discovery =
-            oauth.discover(&server, bearer.as_ref()).await.map_err(oauth_err("discovery"))?;
+        let discovery = oauth
+            .discover(&server, bearer.as_ref())
+            .instrument(tracing::info_span!("mcp_discovery", server = %server))
+            .await
+            .map_err(oauth_err("discovery"))?;
         let stored = self.storage.client(&self.key).await.ok().flatten();
         let registration = match stored.as_ref().and_then(decode_stored_client) {
             Some((d, r)) if d.issuer() == discovery.issuer() => r,
             _ => {
                 let r = oauth
                     .register(&discovery, client_config)
+                    .instrument(tracing::info_span!(
+                        "mcp_registration",
+                        issuer = discovery.issuer()
+                    ))
                     .await
                     .map_err(oauth_err("registration"))?;
                 self.storage

@@ -16,7 +16,8 @@
 //!   Refreshes are coalesced per [`FactoryConfig::token_key`] (tenant, user, server and a digest
 //!   of the OAuth configuration). Outcomes are counted ([`RefreshCounters`]) and traced (span
 //!   `mcp_refresh`, field `outcome`: refreshed, coalesced, adopted, rejected, transient,
-//!   timed_out).
+//!   timed_out; the interactive flow in `mcp_interactive`, with discovery and registration in
+//!   `mcp_discovery` and `mcp_registration` inside it).
 //! - [`OAuthRefresher`]: token storage's refresh grant over [`mcp_oauth::OAuthClient`], with a
 //!   conservative terminal / transient classification; [`stored_client`] stores what it needs.
 //!

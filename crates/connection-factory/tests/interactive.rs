@@ -1,114 +1,14 @@
 //! The interactive flow end to end: discovery, dynamic registration, PKCE, the PENDING flow and
 //! its state mapping, the callback router, one prompt per key, queued calls resuming.
 
+mod common;
+
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use connection_factory::{
-    AuthorizationHook, AuthorizationReason, AuthorizationRequest, BoxFuture, ConnectionFactory,
-    Error, FactoryConfig, HookDecision, OAuthRefresher, callback_router,
-};
-use flow_state::{FlowManager, MemoryStore, SharedStore};
-use mcp_clock::{ManualClock, Timestamp};
-use mcp_fixtures::{Approval, Fixtures, KnobSettings};
-use mcp_oauth::{ClientConfig, HttpPolicy, OAuthClient, ReqwestHttpClient};
-use serde_json::{Value, json};
-use token_storage::{Keyring, MemoryTokenStore, TokenStorage, TokenStorageConfig};
-
-/// A browser that visits the authorization URL (following the redirect to the callback).
-#[derive(Debug)]
-struct Browser {
-    http: reqwest::Client,
-    prompts: AtomicU64,
-    reasons: std::sync::Mutex<Vec<AuthorizationReason>>,
-    scopes: std::sync::Mutex<Vec<Option<String>>>,
-    decision: HookDecision,
-}
-
-impl AuthorizationHook for Browser {
-    fn authorization_required(&self, request: AuthorizationRequest) -> BoxFuture<'_, HookDecision> {
-        self.prompts.fetch_add(1, Ordering::SeqCst);
-        self.reasons.lock().unwrap().push(request.reason);
-        self.scopes.lock().unwrap().push(request.scopes.clone());
-        let http = self.http.clone();
-        tokio::spawn(async move {
-            let _ = http.get(request.authorization_url).send().await;
-        });
-        let decision = self.decision;
-        Box::pin(async move { decision })
-    }
-}
-
-struct Setup {
-    clock: ManualClock,
-    fx: Fixtures,
-    factory: ConnectionFactory,
-    browser: Arc<Browser>,
-    redirect: String,
-}
-
-async fn setup(decision: HookDecision) -> Setup {
-    let clock = ManualClock::new(Timestamp::from_secs(1_800_000_000));
-    let mut knobs = KnobSettings::default();
-    knobs.access_token_lifetime = Duration::from_secs(60);
-    knobs.refresh_rotation = true;
-    knobs.reuse_detection = true;
-    knobs.reuse_grace = None;
-    let fx = Fixtures::start_with(clock.shared(), knobs).await.unwrap();
-    let oauth =
-        OAuthClient::new(ReqwestHttpClient::new(HttpPolicy::default()).unwrap(), clock.shared());
-    let mut config = TokenStorageConfig::default();
-    config.max_date_correction = Duration::ZERO; // hyper's Date header is real time
-    let storage = TokenStorage::builder(
-        MemoryTokenStore::new().into(),
-        Arc::new(Keyring::parse(&"42".repeat(32)).unwrap()),
-        Arc::new(OAuthRefresher::new(oauth.clone())),
-    )
-    .clock(clock.shared())
-    .config(config)
-    .build();
-    let flows = FlowManager::builder(SharedStore::new(MemoryStore::new()))
-        .clock(clock.shared())
-        .build()
-        .unwrap();
-
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let redirect = format!("http://{}/callback", listener.local_addr().unwrap());
-    let router = callback_router(flows.clone(), storage.clone(), oauth.clone());
-    tokio::spawn(async move { axum::serve(listener, router).await });
-
-    let browser = Arc::new(Browser {
-        http: reqwest::Client::builder().no_proxy().build().unwrap(),
-        prompts: AtomicU64::new(0),
-        reasons: Default::default(),
-        scopes: Default::default(),
-        decision,
-    });
-    let factory = ConnectionFactory::new(flows, storage).with_interactive(oauth, browser.clone());
-    Setup { clock, fx, factory, browser, redirect }
-}
-
-impl Setup {
-    fn config(&self, tenant: &str) -> FactoryConfig {
-        FactoryConfig::new(self.fx.resource().url(), tenant, "alice", "fixture")
-            .connect_timeout(Duration::from_secs(10))
-            .oauth_wait_timeout(Duration::from_secs(10))
-            .client(ClientConfig::new("factory tests", self.redirect.clone()))
-    }
-
-    fn prompts(&self) -> u64 {
-        self.browser.prompts.load(Ordering::SeqCst)
-    }
-}
-
-fn args(text: &str) -> Option<serde_json::Map<String, Value>> {
-    json!({ "text": text }).as_object().cloned()
-}
-
-fn text(result: &connection_factory::CallToolResult) -> String {
-    result.content[0].as_text().expect("text content").text.clone()
-}
+use common::{args, setup, text};
+use connection_factory::{AuthorizationReason, Error, HookDecision};
+use mcp_fixtures::Approval;
 
 /// No tokens at connect: discovery, dynamic registration, one prompt, the callback stores the
 /// tokens and completes the flow, and the connect goes through.

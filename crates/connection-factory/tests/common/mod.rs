@@ -1,0 +1,112 @@
+//! The interactive-flow bench shared by test binaries: the fixture servers, a factory with an
+//! interactive flow, a callback listener, and a browser that follows the redirect.
+#![allow(dead_code)] // each test binary uses a different part of it
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use connection_factory::{
+    AuthorizationHook, AuthorizationReason, AuthorizationRequest, BoxFuture, ConnectionFactory,
+    FactoryConfig, HookDecision, OAuthRefresher, callback_router,
+};
+use flow_state::{FlowManager, MemoryStore, SharedStore};
+use mcp_clock::{ManualClock, Timestamp};
+use mcp_fixtures::{Fixtures, KnobSettings};
+use mcp_oauth::{ClientConfig, HttpPolicy, OAuthClient, ReqwestHttpClient};
+use serde_json::{Value, json};
+use token_storage::{Keyring, MemoryTokenStore, TokenStorage, TokenStorageConfig};
+
+/// A browser that visits the authorization URL (following the redirect to the callback).
+#[derive(Debug)]
+pub(crate) struct Browser {
+    pub(crate) http: reqwest::Client,
+    pub(crate) prompts: AtomicU64,
+    pub(crate) reasons: std::sync::Mutex<Vec<AuthorizationReason>>,
+    pub(crate) scopes: std::sync::Mutex<Vec<Option<String>>>,
+    pub(crate) decision: HookDecision,
+}
+
+impl AuthorizationHook for Browser {
+    fn authorization_required(&self, request: AuthorizationRequest) -> BoxFuture<'_, HookDecision> {
+        self.prompts.fetch_add(1, Ordering::SeqCst);
+        self.reasons.lock().unwrap().push(request.reason);
+        self.scopes.lock().unwrap().push(request.scopes.clone());
+        let http = self.http.clone();
+        tokio::spawn(async move {
+            let _ = http.get(request.authorization_url).send().await;
+        });
+        let decision = self.decision;
+        Box::pin(async move { decision })
+    }
+}
+
+pub(crate) struct Setup {
+    pub(crate) clock: ManualClock,
+    pub(crate) fx: Fixtures,
+    pub(crate) factory: ConnectionFactory,
+    pub(crate) browser: Arc<Browser>,
+    pub(crate) redirect: String,
+}
+
+pub(crate) async fn setup(decision: HookDecision) -> Setup {
+    let clock = ManualClock::new(Timestamp::from_secs(1_800_000_000));
+    let mut knobs = KnobSettings::default();
+    knobs.access_token_lifetime = Duration::from_secs(60);
+    knobs.refresh_rotation = true;
+    knobs.reuse_detection = true;
+    knobs.reuse_grace = None;
+    let fx = Fixtures::start_with(clock.shared(), knobs).await.unwrap();
+    let oauth =
+        OAuthClient::new(ReqwestHttpClient::new(HttpPolicy::default()).unwrap(), clock.shared());
+    let mut config = TokenStorageConfig::default();
+    config.max_date_correction = Duration::ZERO; // hyper's Date header is real time
+    let storage = TokenStorage::builder(
+        MemoryTokenStore::new().into(),
+        Arc::new(Keyring::parse(&"42".repeat(32)).unwrap()),
+        Arc::new(OAuthRefresher::new(oauth.clone())),
+    )
+    .clock(clock.shared())
+    .config(config)
+    .build();
+    let flows = FlowManager::builder(SharedStore::new(MemoryStore::new()))
+        .clock(clock.shared())
+        .build()
+        .unwrap();
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let redirect = format!("http://{}/callback", listener.local_addr().unwrap());
+    let router = callback_router(flows.clone(), storage.clone(), oauth.clone());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+
+    let browser = Arc::new(Browser {
+        http: reqwest::Client::builder().no_proxy().build().unwrap(),
+        prompts: AtomicU64::new(0),
+        reasons: Default::default(),
+        scopes: Default::default(),
+        decision,
+    });
+    let factory = ConnectionFactory::new(flows, storage).with_interactive(oauth, browser.clone());
+    Setup { clock, fx, factory, browser, redirect }
+}
+
+impl Setup {
+    pub(crate) fn config(&self, tenant: &str) -> FactoryConfig {
+        FactoryConfig::new(self.fx.resource().url(), tenant, "alice", "fixture")
+            .connect_timeout(Duration::from_secs(10))
+            .oauth_wait_timeout(Duration::from_secs(10))
+            .client(ClientConfig::new("factory tests", self.redirect.clone()))
+    }
+
+    pub(crate) fn prompts(&self) -> u64 {
+        self.browser.prompts.load(Ordering::SeqCst)
+    }
+}
+
+pub(crate) fn args(text: &str) -> Option<serde_json::Map<String, Value>> {
+    json!({ "text": text }).as_object().cloned()
+}
+
+pub(crate) fn text(result: &connection_factory::CallToolResult) -> String {
+    result.content[0].as_text().expect("text content").text.clone()
+}
