@@ -448,6 +448,11 @@ async fn s22_a_refresh_that_hangs_for_ever_frees_the_key_after_deadline_and_grac
     assert_eq!(s.refreshes(), 1, "within the grace the key is still held");
     s.clock.advance(Duration::from_millis(2)); // 4,001 ms: abandoned, the key is free
     let _ = two.await.unwrap();
+    // The key is released by the abandoned flight's own task, woken by the same clock step that
+    // ended `two`; let it run before the next 401 (one that came first would join the abandoned
+    // flight and wait out its own budget on the standing clock, which is correct but not this
+    // scenario).
+    settle().await;
 
     let three = tokio::spawn(call(provider.clone(), first.clone()));
     eventually("a second refresh request", || s.refreshes() == 2).await;
