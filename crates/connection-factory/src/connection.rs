@@ -252,12 +252,12 @@ impl Connection {
             Some(found) => found,
             None => self.reconnect(0, None).await?,
         };
-        let result = within(&self.options.clock, operation, timeout, op(peer)).await;
+        let result = timed(&self.options.clock, operation, timeout, op(peer)).await;
         match result {
             Err(e) if self.options.reconnect_attempts > 0 && self.session_lost(&e).await => {
                 tracing::info!(error = %e, "the MCP session was lost: reconnecting");
                 let (peer, _) = self.reconnect(generation, Some(e)).await?;
-                within(&self.options.clock, operation, timeout, op(peer)).await
+                timed(&self.options.clock, operation, timeout, op(peer)).await
             }
             other => other,
         }
@@ -400,7 +400,7 @@ async fn handshake(
             found.unwrap_or_else(|| Error::Transport(Arc::new(e)))
         })
     };
-    match within(&options.clock, "connect", options.connect_timeout, handshake).await {
+    match timed(&options.clock, "connect", options.connect_timeout, handshake).await {
         Ok(service) => Ok((service, client)),
         Err(e) => {
             client.detach();
@@ -416,16 +416,27 @@ impl Drop for Connection {
     }
 }
 
-async fn within<T>(
+/// `work`, unless `clock` says `after` has passed first (`None`). Timeouts run on the injected
+/// clock, so a test moves a `ManualClock` instead of waiting.
+pub(crate) async fn within<T>(
+    clock: &SharedClock,
+    after: Duration,
+    work: impl Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        out = work => Some(out),
+        () = clock.sleep(after) => None,
+    }
+}
+
+/// [`within`], with running out of time as [`Error::Timeout`] for `operation`.
+async fn timed<T>(
     clock: &SharedClock,
     operation: &'static str,
     after: Duration,
     work: impl Future<Output = Result<T, Error>>,
 ) -> Result<T, Error> {
-    tokio::select! {
-        result = work => result,
-        () = clock.sleep(after) => Err(Error::Timeout { operation, after }),
-    }
+    within(clock, after, work).await.unwrap_or(Err(Error::Timeout { operation, after }))
 }
 
 fn service_error(e: ServiceError) -> Error {

@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -15,7 +14,7 @@ use token_storage::{TokenKey, TokenStorage};
 use tracing::Instrument as _;
 
 use crate::challenge::Challenge;
-use crate::connection::{ConnectOptions, Connection};
+use crate::connection::{ConnectOptions, Connection, within};
 use crate::error::Error;
 use crate::interactive::{
     AuthorizationHook, AuthorizationReason, AuthorizationRequest, HookDecision, OAuthFlowMeta,
@@ -282,19 +281,6 @@ fn scope_set(scopes: &str) -> String {
     v.sort_unstable();
     v.dedup();
     v.join(" ")
-}
-
-/// `work`, unless `clock` says `after` has passed first (`None`). Timeouts run on the injected
-/// clock, so a test moves a `ManualClock` instead of waiting.
-async fn within<T>(
-    clock: &SharedClock,
-    after: Duration,
-    work: impl Future<Output = T>,
-) -> Option<T> {
-    tokio::select! {
-        out = work => Some(out),
-        () = clock.sleep(after) => None,
-    }
 }
 
 /// What the cached look-up flow holds: which token set to serve, never the token itself (the

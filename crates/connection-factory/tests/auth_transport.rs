@@ -1,11 +1,14 @@
 //! The auth transport against the fixture servers over real loopback HTTP: silent refresh on a
 //! mid-session 401, coalescing, revocation, insufficient scope, the GET SSE stream, detaching.
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::{args, eventually, text};
 use connection_factory::{
     AuthHttpClient, AuthProvider, BoxFuture, Challenge, ConnectOptions, Connection, Error,
     Recovery, RefreshFn, RefreshingProvider, RequestKind, Secret, Tokens,
@@ -95,29 +98,10 @@ fn provider(
     (Arc::new(provider), tokens)
 }
 
-fn args(text: &str) -> Option<serde_json::Map<String, Value>> {
-    json!({ "text": text }).as_object().cloned()
-}
-
-fn text(result: &connection_factory::CallToolResult) -> String {
-    result.content[0].as_text().expect("text content").text.clone()
-}
-
 fn options() -> ConnectOptions {
     ConnectOptions::default()
         .connect_timeout(Duration::from_secs(10))
         .request_timeout(Duration::from_secs(20))
-}
-
-/// Wait (bounded) until `done` holds.
-async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
-    for _ in 0..1000 {
-        if done() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("timed out waiting for {what}");
 }
 
 /// Wait until the resource server has seen `n` requests: after connect, rmcp's worker opens

@@ -2,9 +2,12 @@
 //! clock): coalesced silent refresh, the refresh budget, a late refresh that never overwrites,
 //! revocation, insufficient scope, tenant isolation.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{args, eventually, text};
 use connection_factory::{
     AuthProvider, ConnectionFactory, Error, FactoryConfig, GET_TOKENS_FLOW, OAUTH_FLOW,
     OAuthRefresher, stored_client,
@@ -144,24 +147,6 @@ fn storage_config() -> TokenStorageConfig {
 
 fn key(tenant: &str) -> TokenKey {
     TokenKey::new(tenant, "alice", "fixture")
-}
-
-fn args(text: &str) -> Option<serde_json::Map<String, Value>> {
-    json!({ "text": text }).as_object().cloned()
-}
-
-fn text(result: &connection_factory::CallToolResult) -> String {
-    result.content[0].as_text().expect("text content").text.clone()
-}
-
-async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
-    for _ in 0..1000 {
-        if done() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("timed out waiting for {what}");
 }
 
 /// Tokens expire mid-session with rotation and strict reuse detection: 50 concurrent tool

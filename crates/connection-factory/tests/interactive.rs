@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{args, setup, text};
+use common::{args, eventually, setup, text};
 use connection_factory::{AuthorizationReason, Error, HookDecision};
 use mcp_fixtures::Approval;
 
@@ -181,16 +181,6 @@ async fn a_second_refusal_for_the_same_scope_set_is_insufficient_scope_without_a
     assert_eq!(s.fx.auth().stats().refresh_token_requests, 0);
     // The connection still works for what the token does allow.
     assert_eq!(text(&conn.call_tool("echo", args("ok")).await.unwrap()), "ok");
-}
-
-async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
-    for _ in 0..2000 {
-        if done() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    panic!("timed out waiting for {what}");
 }
 
 /// A hung token endpoint with the interactive fallback, deterministic on the manual clock: the

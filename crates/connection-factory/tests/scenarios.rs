@@ -9,10 +9,13 @@
 //! grants counted by the fixture's authorization server; flows are records in the
 //! [`FlowManager`]. Real fixture servers on 127.0.0.1; every timeout runs on a [`ManualClock`].
 
+mod common;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::{args, eventually, text};
 use connection_factory::{
     AuthProvider, AuthorizationHook, AuthorizationReason, AuthorizationRequest, BoxFuture,
     Challenge, ConnectOptions, Connection, ConnectionFactory, Error, FactoryConfig,
@@ -202,24 +205,6 @@ fn retried(recovery: Result<Recovery, Error>) -> Secret {
         Ok(Recovery::Retry(token)) => token,
         other => panic!("expected a retry, got {other:?}"),
     }
-}
-
-fn args(text: &str) -> Option<serde_json::Map<String, Value>> {
-    json!({ "text": text }).as_object().cloned()
-}
-
-fn text(result: &connection_factory::CallToolResult) -> String {
-    result.content[0].as_text().expect("text content").text.clone()
-}
-
-async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
-    for _ in 0..2000 {
-        if done() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    panic!("timed out waiting for {what}");
 }
 
 /// Give spawned work a moment of real time to run (the manual clock does not move).

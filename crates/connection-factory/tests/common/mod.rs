@@ -110,3 +110,14 @@ pub(crate) fn args(text: &str) -> Option<serde_json::Map<String, Value>> {
 pub(crate) fn text(result: &connection_factory::CallToolResult) -> String {
     result.content[0].as_text().expect("text content").text.clone()
 }
+
+/// Wait (bounded: 10 s of real time) until `done` holds.
+pub(crate) async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    for _ in 0..2000 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
