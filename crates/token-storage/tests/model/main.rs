@@ -1,0 +1,64 @@
+//! A model checker for the refresh protocol (issue 12 section 3).
+//!
+//! `protocol` is a [`stateright`] model of the cross-process refresh of one token key:
+//! three processes (two `force_refresh`, one `get_valid`), the token store (compare-and-swap
+//! on a version), the lease store, and an authorization server with strict rotation and reuse
+//! detection (a reused refresh token revokes its family) and an optional grace window. The
+//! environment injects, each within a budget and at every step where it is possible: a crash
+//! (the request a crashed process had sent may or may not have reached the server; its lease
+//! lapses after the TTL), a lost answer (the server acted, the answer is lost), a connection
+//! failure (the request never reached the server), a failed store write (not applied, or
+//! applied and then reported failed), a lost renewal reply, a pause of the lease holder past
+//! the TTL, and the abandonment deadline. `checks` explores the bounded state space
+//! breadth-first.
+//!
+//! # Actions and the real code's await points
+//!
+//! | model action      | real code (token-storage `service.rs`, `lease.rs`)                  |
+//! |-------------------|---------------------------------------------------------------------|
+//! | `Start`           | `get_valid` / `force_refresh` read the view and join the flight     |
+//! | `AcquireLease`    | `refresh`: `lease.acquire(&key).await`                              |
+//! | `ReRead`          | `refresh_held`: `self.load(&key).await` (under the lease)           |
+//! | `RecordIntent`    | target protocol: in-doubt intent written before the first send      |
+//! | `CheckLease`      | target protocol: lease check before each send (`Held::still_held`)  |
+//! | `Send`            | `redeem`: `self.refresher.refresh(key, request)` goes out           |
+//! | `Receive`         | `redeem`: the refresher's future completes (or its answer is lost)  |
+//! | `RecordInDoubt`   | target protocol: a lost answer recorded in doubt (claims the retry) |
+//! | `Wake`            | `refresh_held`: `self.clock.sleep(delay)` (backoff) ends            |
+//! | `Commit`          | `commit` -> `write_tokens` -> `store.compare_and_swap(..).await`    |
+//! | `WriteMarker`     | `terminal` -> `write_tokens(marked)` (needs-authorization marker)   |
+//! | `Release`         | `refresh`: `held.release().await`                                   |
+//!
+//! Renewals are not separate actions: a lease is renewed wherever the protocol renews it, and
+//! `LeaseExpires` is enabled exactly where nobody does (a crashed or departed holder; a backoff
+//! sleep without `lease_through_backoff`; a lease whose renewal reply was lost, without
+//! `owner_token`). `Pause` lapses a live holder's lease before a send (after acquiring, before
+//! the lease check, in a backoff). The model assumes the TTL outlasts the time from the last
+//! lease check to the commit: a pause past the TTL while a request is pending defeats every
+//! lease protocol without server-side fencing, so it is not injected.
+//!
+//! # Rules (switches in `protocol::Rules`)
+//!
+//! | switch                       | issue 12 section 2 rule                                     |
+//! |------------------------------|-------------------------------------------------------------|
+//! | `lease_through_backoff`      | the lease covers the critical section, renewed throughout; checked before each send |
+//! | `owner_token`                | lease identity is an owner token                            |
+//! | `fenced_commit`              | the commit lands only while our lease holds                 |
+//! | `never_abandon`              | never abandon a sent request                                |
+//! | `in_doubt`                   | in-doubt record + one same-token retry under the lease      |
+//! | `in_doubt_before_send`       | (model finding) the in-doubt intent is written before sending too |
+//! | `commit_retry`               | a commit is retried on a transient store error              |
+//! | `marker_never_beats_token`   | a stale failure marker never beats a valid token            |
+//!
+//! # Invariants
+//!
+//! 1. A refresh token whose answer was delivered is presented at most once; one whose first
+//!    answer was lost at most twice; every presentation by the lease holder.
+//! 2. A token set that reached a process that did not crash is committed or superseded by a
+//!    newer one (or still held by that process on its way to the commit).
+//! 3. No write replaces a newer generation.
+//! 4. No process is told to re-authorize while the store holds a usable token (no marker, not
+//!    in doubt, and the server would accept its refresh token).
+
+mod checks;
+mod protocol;
