@@ -195,3 +195,21 @@ fn a_stale_failure_marker_beats_a_valid_token_without_the_rule() {
         INV_NOT_LOST,
     );
 }
+
+/// The existing compare-and-swap is what keeps a stale writer from replacing a newer
+/// generation once the fence is gone too: without both, a holder paused past the TTL after its
+/// re-read writes its intent for the old generation over a peer's commit. (With the fence on,
+/// the lease alone keeps invariant 3; the full check above has the compare-and-swap on.)
+#[test]
+fn without_compare_and_swap_or_fence_a_stale_write_replaces_a_newer_generation() {
+    assert_breaks(
+        "compare-and-swap and fence off",
+        |r| {
+            r.compare_and_swap = false;
+            r.fenced_commit = false;
+            r.marker_never_beats_token = false;
+        },
+        false,
+        INV_NO_OLDER_COMMIT,
+    );
+}

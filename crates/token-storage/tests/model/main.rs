@@ -39,16 +39,17 @@
 //!
 //! # Rules (switches in `protocol::Rules`)
 //!
-//! | switch                       | issue 12 section 2 rule                                     |
-//! |------------------------------|-------------------------------------------------------------|
-//! | `lease_through_backoff`      | the lease covers the critical section, renewed throughout; checked before each send |
-//! | `owner_token`                | lease identity is an owner token                            |
-//! | `fenced_commit`              | the commit lands only while our lease holds                 |
-//! | `never_abandon`              | never abandon a sent request                                |
-//! | `in_doubt`                   | in-doubt record + one same-token retry under the lease      |
-//! | `in_doubt_before_send`       | (model finding) the in-doubt intent is written before sending too |
-//! | `commit_retry`               | a commit is retried on a transient store error              |
-//! | `marker_never_beats_token`   | a stale failure marker never beats a valid token            |
+//! | switch                     | rule (issue 12 section 2)                  | off: broken |
+//! |----------------------------|--------------------------------------------|-------------|
+//! | `lease_through_backoff`    | the lease covers the critical section, renewed through the backoff; a lease found lost before a send ends the attempt | inv 1 |
+//! | `owner_token`              | lease identity is an owner token           | inv 1       |
+//! | `fenced_commit`            | the commit (and the in-doubt records) land only while our lease holds | inv 2 |
+//! | `never_abandon`            | never abandon a sent request               | inv 2       |
+//! | `in_doubt`                 | in-doubt record + one same-token retry under the lease | inv 1 |
+//! | `in_doubt_before_send`     | (model finding) the in-doubt intent is also written before the first send | inv 1 |
+//! | `commit_retry`             | a commit is retried on a transient store error; a conflict with our own set is success | inv 2 |
+//! | `marker_never_beats_token` | a stale failure marker never beats a valid token (the marker is fenced; a commit replaces an older marker) | inv 2 |
+//! | `compare_and_swap`         | (main already) writes compare-and-swap on the version read | inv 3, with the fence also off |
 //!
 //! # Invariants
 //!

@@ -51,6 +51,9 @@ pub(crate) struct Rules {
     /// `terminal`): the marker is a compare-and-swap on the version read, whatever became of
     /// the lease, and a commit that meets it adopts it and tells its caller to re-authorize.
     pub(crate) marker_never_beats_token: bool,
+    /// Not an issue-12 rule but the one main already has: every write is a compare-and-swap
+    /// on the store version read under the lease. Off: writes replace whatever is stored.
+    pub(crate) compare_and_swap: bool,
 }
 
 impl Rules {
@@ -64,6 +67,7 @@ impl Rules {
         in_doubt_before_send: true,
         commit_retry: true,
         marker_never_beats_token: true,
+        compare_and_swap: true,
     };
 }
 
@@ -176,9 +180,13 @@ pub(crate) struct Flight {
 pub(crate) enum Pc {
     Idle,
     /// Waiting for the lease (`RefreshLease::acquire`).
-    Acquiring { seen: u8 },
+    Acquiring {
+        seen: u8,
+    },
     /// Holds the lease; next: re-read the store (`refresh_held`'s `load`).
-    Acquired { seen: u8 },
+    Acquired {
+        seen: u8,
+    },
     /// Next: write the in-doubt intent before the first send.
     Intent(Flight),
     /// Next: check the lease before sending.
@@ -193,7 +201,10 @@ pub(crate) enum Pc {
     /// Sleeping before the next attempt (`clock.sleep(delay)`).
     Backoff(Flight),
     /// Holds the server's answer (token set `n`); next: the commit compare-and-swap.
-    Got { n: u8, ver: u8 },
+    Got {
+        n: u8,
+        ver: u8,
+    },
     /// Refused, or rotation lost in flight; next: write the needs-authorization marker.
     Fail(Flight),
     /// Next: release the lease.
@@ -401,8 +412,8 @@ impl RefreshModel {
     }
 
     /// A compare-and-swap of the token record expecting version `ver`, under fault `w`.
-    fn cas(s: &mut State, ver: u8, want: Rec, w: Write) -> Cas {
-        if s.store.ver != ver {
+    fn cas(&self, s: &mut State, ver: u8, want: Rec, w: Write) -> Cas {
+        if self.rules.compare_and_swap && s.store.ver != ver {
             return Cas::Conflict(s.store);
         }
         match w {
@@ -539,7 +550,10 @@ impl Model for RefreshModel {
             let holder = s.lease.is_some_and(|l| l.owner == p);
             if holder
                 && s.budget.pauses > 0
-                && matches!(proc.pc, Pc::Acquired { .. } | Pc::Intent(_) | Pc::Check(_) | Pc::Backoff(_))
+                && matches!(
+                    proc.pc,
+                    Pc::Acquired { .. } | Pc::Intent(_) | Pc::Check(_) | Pc::Backoff(_)
+                )
             {
                 out.push(Action::Pause(p));
             }
@@ -588,7 +602,8 @@ impl Model for RefreshModel {
             Action::ReRead(p) => {
                 let Pc::Acquired { seen } = s.procs[p as usize].pc else { return None };
                 let rec = s.store;
-                let f = Flight { t: rec.serial, ver: rec.ver, attempt: 1, retry: false, sent: false };
+                let f =
+                    Flight { t: rec.serial, ver: rec.ver, attempt: 1, retry: false, sent: false };
                 let pc = if rec.marker {
                     self.tell_reauth(&mut s);
                     Pc::Release
@@ -615,7 +630,7 @@ impl Model for RefreshModel {
                     return Some(s);
                 }
                 let want = Rec { serial: f.t, ver: 0, marker: false, doubt: 1 };
-                let pc = match Self::cas(&mut s, f.ver, want, w) {
+                let pc = match self.cas(&mut s, f.ver, want, w) {
                     Cas::Written(ver) => self.next_check(Flight { ver, ..f }),
                     Cas::Failed => Pc::Intent(f),
                     Cas::Conflict(r) if (r.serial, r.marker, r.doubt) == (f.t, false, 1) => {
@@ -632,7 +647,7 @@ impl Model for RefreshModel {
             }
             Action::Send(p) => {
                 let Pc::Ready(f) = s.procs[p as usize].pc else { return None };
-                if !s.lease.is_some_and(|l| l.owner == p) {
+                if s.lease.is_none_or(|l| l.owner != p) {
                     s.ghost.nonholder_send = true;
                 }
                 set_pc(&mut s, p, Pc::Sent(Flight { sent: true, ..f }));
@@ -674,7 +689,7 @@ impl Model for RefreshModel {
                 }
                 let want = Rec { serial: f.t, ver: 0, marker: false, doubt: 2 };
                 let claimed = |ver| Pc::Backoff(Flight { ver, retry: true, ..f });
-                let pc = match Self::cas(&mut s, f.ver, want, w) {
+                let pc = match self.cas(&mut s, f.ver, want, w) {
                     Cas::Written(ver) => claimed(ver),
                     Cas::Failed => Pc::Lost(f),
                     Cas::Conflict(r) if (r.serial, r.marker, r.doubt) == (f.t, false, 2) => {
@@ -697,7 +712,7 @@ impl Model for RefreshModel {
                     return Some(s);
                 }
                 let want = Rec { serial: n, ver: 0, marker: false, doubt: 0 };
-                let pc = match Self::cas(&mut s, ver, want, w) {
+                let pc = match self.cas(&mut s, ver, want, w) {
                     Cas::Written(_) => Pc::Release,
                     Cas::Failed if self.rules.commit_retry => Pc::Got { n, ver },
                     Cas::Failed => Pc::Release,
@@ -720,7 +735,7 @@ impl Model for RefreshModel {
                 let Pc::Fail(f) = s.procs[p as usize].pc else { return None };
                 if self.rules.marker_never_beats_token && !self.held(&s, p) {
                     // Not ours to mark any more: a transient failure, no marker.
-                } else if s.store.ver == f.ver {
+                } else if !self.rules.compare_and_swap || s.store.ver == f.ver {
                     Self::write(&mut s, Rec { serial: f.t, ver: 0, marker: true, doubt: 0 });
                     self.tell_reauth(&mut s);
                 } else if s.store.marker || s.store.serial <= f.t {
