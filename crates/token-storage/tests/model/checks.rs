@@ -24,7 +24,11 @@ pub(crate) struct Run {
 /// Check `model` breadth-first; with `stop_on`, stop as soon as that property has a
 /// discovery (a counterexample is then the shortest one), else explore everything.
 pub(crate) fn check(label: &str, model: RefreshModel, stop_on: Option<&'static str>) -> Run {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(2));
+    // A counterexample search runs on one thread, so its counts are the same every run.
+    let threads = match stop_on {
+        Some(_) => 1,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get().min(2)),
+    };
     let properties = model.properties();
     let mut builder = model.checker().threads(threads);
     if let Some(name) = stop_on {
@@ -75,6 +79,7 @@ fn every_fault(grace: bool) -> Faults {
         lost_renewals: 1,
         pauses: 1,
         abandons: 1,
+        pause_after_check: false,
         grace,
     }
 }
@@ -212,4 +217,21 @@ fn without_compare_and_swap_or_fence_a_stale_write_replaces_a_newer_generation()
         false,
         INV_NO_OLDER_COMMIT,
     );
+}
+
+/// The model's one assumption, pinned: the lease TTL outlasts the time from the last lease
+/// check to the commit. Let the holder be paused past the TTL anywhere after that check
+/// (before its send goes out, while the request is pending, with the answer in hand) and
+/// even the target protocol breaks invariant 1 (a send by a holder that lost its lease, or a
+/// peer that takes the lease over and redeems the same token): only server-side fencing could
+/// close that, so the TTL must be chosen above any plausible pause.
+#[test]
+fn a_pause_past_the_ttl_after_the_lease_check_defeats_the_lease() {
+    let faults = Faults { pause_after_check: true, ..every_fault(false) };
+    let run = check(
+        "all rules, pause after the check",
+        RefreshModel::new(Rules::ALL, faults),
+        Some(INV_PRESENTED),
+    );
+    assert!(run.violated.contains(&INV_PRESENTED), "found {:?}", run.violated);
 }

@@ -34,8 +34,10 @@
 //! sleep without `lease_through_backoff`; a lease whose renewal reply was lost, without
 //! `owner_token`). `Pause` lapses a live holder's lease before a send (after acquiring, before
 //! the lease check, in a backoff). The model assumes the TTL outlasts the time from the last
-//! lease check to the commit: a pause past the TTL while a request is pending defeats every
-//! lease protocol without server-side fencing, so it is not injected.
+//! lease check to the commit: a pause past the TTL there (before the send goes out, while the
+//! request is pending, with the answer in hand) defeats every lease protocol without
+//! server-side fencing, so the main checks do not inject it;
+//! `checks::a_pause_past_the_ttl_after_the_lease_check_defeats_the_lease` pins that.
 //!
 //! # Rules (switches in `protocol::Rules`)
 //!
@@ -54,7 +56,8 @@
 //! # Invariants
 //!
 //! 1. A refresh token whose answer was delivered is presented at most once; one whose first
-//!    answer was lost at most twice; every presentation by the lease holder.
+//!    answer was lost at most twice; every presentation by the lease holder. An answer that
+//!    reached a process which then crashed holding it counts as lost.
 //! 2. A token set that reached a process that did not crash is committed or superseded by a
 //!    newer one (or still held by that process on its way to the commit).
 //! 3. No write replaces a newer generation.

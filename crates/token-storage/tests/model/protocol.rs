@@ -91,6 +91,10 @@ pub(crate) struct Faults {
     /// The lease holder is paused longer than the lease TTL at a point before a send (after
     /// acquiring, before the lease check, in a backoff sleep), so its lease lapses.
     pub(crate) pauses: u8,
+    /// Outside the protocol's assumption: a pause past the TTL may also strike after the lease
+    /// check (before the send, while the request is pending, with the answer in hand);
+    /// `checks` shows no lease protocol survives it.
+    pub(crate) pause_after_check: bool,
     /// The refresh deadline passes (the single-flight abandons the flight).
     pub(crate) abandons: u8,
     /// The server's reuse grace window: a replay of a rotated refresh token returns the same
@@ -485,8 +489,7 @@ impl Model for RefreshModel {
     type Action = Action;
 
     fn init_states(&self) -> Vec<State> {
-        let mut tokens = [Tok::Live; MAX_TOKENS];
-        tokens[0] = Tok::Live;
+        let tokens = [Tok::Live; MAX_TOKENS];
         let f = self.faults;
         vec![State {
             procs: self.ops.iter().map(|_| Proc { pc: Pc::Idle, op_left: true }).collect(),
@@ -550,10 +553,10 @@ impl Model for RefreshModel {
             let holder = s.lease.is_some_and(|l| l.owner == p);
             if holder
                 && s.budget.pauses > 0
-                && matches!(
+                && (matches!(
                     proc.pc,
                     Pc::Acquired { .. } | Pc::Intent(_) | Pc::Check(_) | Pc::Backoff(_)
-                )
+                ) || (self.faults.pause_after_check && proc.pc != Pc::Release))
             {
                 out.push(Action::Pause(p));
             }
