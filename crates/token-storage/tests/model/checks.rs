@@ -235,3 +235,17 @@ fn a_pause_past_the_ttl_after_the_lease_check_defeats_the_lease() {
     );
     assert!(run.violated.contains(&INV_PRESENTED), "found {:?}", run.violated);
 }
+
+/// "A commit is retried (bounded, with backoff)": bounded is not enough if the flight then
+/// keeps the set in memory and releases the lease. Two failed writes, the holder gives up
+/// with the rotated set in its memory, and a peer re-reads the old generation and presents the
+/// spent refresh token again (a reuse under strict detection). The model's `commit_retry`
+/// therefore retries under the lease until the write lands.
+#[test]
+fn a_commit_that_gives_up_and_releases_the_lease_lets_a_peer_present_the_spent_token() {
+    let mut model =
+        RefreshModel::new(Rules::ALL, Faults { store_failures: 2, ..every_fault(false) });
+    model.commit_tries = Some(2);
+    let run = check("commit retries bounded at 2", model, Some(INV_PRESENTED));
+    assert!(run.violated.contains(&INV_PRESENTED), "found {:?}", run.violated);
+}

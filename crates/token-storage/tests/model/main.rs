@@ -49,9 +49,14 @@
 //! | `never_abandon`            | never abandon a sent request               | inv 2       |
 //! | `in_doubt`                 | in-doubt record + one same-token retry under the lease | inv 1 |
 //! | `in_doubt_before_send`     | (model finding) the in-doubt intent is also written before the first send | inv 1 |
-//! | `commit_retry`             | a commit is retried on a transient store error; a conflict with our own set is success | inv 2 |
+//! | `commit_retry`             | a commit is retried on a transient store error (under the lease until it lands); a conflict with our own set is success | inv 2 |
 //! | `marker_never_beats_token` | a stale failure marker never beats a valid token (the marker is fenced; a commit replaces an older marker) | inv 2 |
 //! | `compare_and_swap`         | (main already) writes compare-and-swap on the version read | inv 3, with the fence also off |
+//!
+//! `RefreshModel::commit_tries` bounds the commit's retries the way issue 12 words the rule
+//! ("bounded, with backoff, the answer held in memory"): giving up and releasing the lease
+//! with the set only in memory lets a peer present the spent token again (invariant 1), so the
+//! model's rule retries under the lease until the write lands.
 //!
 //! # Invariants
 //!

@@ -118,6 +118,10 @@ pub(crate) struct RefreshModel {
     pub(crate) ops: Vec<Op>,
     /// Attempts per refresh on transient failures (`max_attempts`).
     pub(crate) max_attempts: u8,
+    /// With `commit_retry`: `None`, the commit is retried under the lease until it is written
+    /// (the store's failures are bounded by the fault budget); `Some(k)`, after `k` failed
+    /// attempts the set is kept in the process's memory and the lease released.
+    pub(crate) commit_tries: Option<u8>,
     pub(crate) rules: Rules,
     pub(crate) faults: Faults,
 }
@@ -128,6 +132,7 @@ impl RefreshModel {
         RefreshModel {
             ops: vec![Op::ForceRefresh, Op::GetValid, Op::ForceRefresh],
             max_attempts: 2,
+            commit_tries: None,
             rules,
             faults,
         }
@@ -208,6 +213,8 @@ pub(crate) enum Pc {
     Got {
         n: u8,
         ver: u8,
+        /// Commit attempts that failed on a store error so far.
+        tries: u8,
     },
     /// Refused, or rotation lost in flight; next: write the needs-authorization marker.
     Fail(Flight),
@@ -221,6 +228,9 @@ pub(crate) enum Pc {
 pub(crate) struct Proc {
     pub(crate) pc: Pc,
     pub(crate) op_left: bool,
+    /// A token set this process gave up committing and keeps in memory (for its own next
+    /// refresh; no peer can see it).
+    pub(crate) pending: Option<u8>,
 }
 
 /// What the invariants need to remember.
@@ -492,7 +502,11 @@ impl Model for RefreshModel {
         let tokens = [Tok::Live; MAX_TOKENS];
         let f = self.faults;
         vec![State {
-            procs: self.ops.iter().map(|_| Proc { pc: Pc::Idle, op_left: true }).collect(),
+            procs: self
+                .ops
+                .iter()
+                .map(|_| Proc { pc: Pc::Idle, op_left: true, pending: None })
+                .collect(),
             store: Rec { serial: 0, ver: 0, marker: false, doubt: 0 },
             lease: None,
             tokens,
@@ -677,7 +691,7 @@ impl Model for RefreshModel {
                     Answer::Delivered => match self.server_act(&mut s, f.t, false) {
                         Some(n) => {
                             s.ghost.got[n as usize] |= bit(p);
-                            Pc::Got { n, ver: f.ver }
+                            Pc::Got { n, ver: f.ver, tries: 0 }
                         }
                         None => Pc::Fail(f),
                     },
@@ -707,7 +721,7 @@ impl Model for RefreshModel {
                 set_pc(&mut s, p, self.next_check(f));
             }
             Action::Commit(p, w) => {
-                let Pc::Got { n, ver } = s.procs[p as usize].pc else { return None };
+                let Pc::Got { n, ver, tries } = s.procs[p as usize].pc else { return None };
                 if self.fenced_out(&s, p) {
                     // The fence refuses: the lease is not ours (the answer is dropped; the
                     // invariants judge whether that can happen).
@@ -717,13 +731,21 @@ impl Model for RefreshModel {
                 let want = Rec { serial: n, ver: 0, marker: false, doubt: 0 };
                 let pc = match self.cas(&mut s, ver, want, w) {
                     Cas::Written(_) => Pc::Release,
-                    Cas::Failed if self.rules.commit_retry => Pc::Got { n, ver },
+                    Cas::Failed
+                        if self.rules.commit_retry
+                            && self.commit_tries.is_some_and(|k| tries + 1 >= k) =>
+                    {
+                        // Given up: held in this process's memory, the lease released.
+                        s.procs[p as usize].pending = Some(n);
+                        Pc::Release
+                    }
+                    Cas::Failed if self.rules.commit_retry => Pc::Got { n, ver, tries: tries + 1 },
                     Cas::Failed => Pc::Release,
                     Cas::Conflict(r) if r.serial == n && !r.marker => Pc::Release,
                     Cas::Conflict(r)
                         if r.marker && self.rules.marker_never_beats_token && n > r.serial =>
                     {
-                        Pc::Got { n, ver: r.ver }
+                        Pc::Got { n, ver: r.ver, tries }
                     }
                     Cas::Conflict(r) => {
                         if r.marker {
@@ -824,7 +846,8 @@ impl Model for RefreshModel {
                     (0..s.procs.len()).all(|p| {
                         let reached = s.ghost.got[n] & bit(p as u8) != 0;
                         let pc = s.procs[p].pc;
-                        let holds = matches!(pc, Pc::Got { n: m, .. } if m as usize == n);
+                        let holds = matches!(pc, Pc::Got { n: m, .. } if m as usize == n)
+                            || s.procs[p].pending.is_some_and(|m| m as usize == n);
                         !reached
                             || pc == Pc::Crashed
                             || holds
