@@ -42,8 +42,9 @@ pub(crate) struct Rules {
     /// the text; the model shows why it is needed (see `checks`).
     pub(crate) in_doubt_before_send: bool,
     /// A commit that fails on a transient store error is retried with the answer held in
-    /// memory; a conflict whose stored value is our own set counts as success. Off: the answer
-    /// is dropped with the error.
+    /// memory, under the lease until it lands (see `RefreshModel::commit_tries` for a bounded
+    /// variant); a conflict whose stored value is our own set counts as success. Off: the
+    /// answer is dropped with the error.
     pub(crate) commit_retry: bool,
     /// A stale failure marker never beats a valid token: the marker is written only under the
     /// lease (fenced like the commit), and a commit that finds a marker of an older generation
