@@ -356,3 +356,54 @@ async fn a_proxy_stopped_by_sigterm_stores_its_refresh_first() {
     fx.auth().knobs().set_token_delay(Duration::ZERO);
     assert!(expires_at(&store) > before, "the refreshed tokens were stored before the exit");
 }
+
+/// The 401 path across processes, through the binary: the tokens live an hour as far as the
+/// client knows, but the server's clock jumps two hours ahead, so the server refuses them while
+/// the client believes they are good (no refresh ahead is possible). Two `mcp-connect call`
+/// processes are refused at once; the race this pins is both redeeming the one refresh token
+/// (strict reuse detection would then revoke the family). The token endpoint holds the refresh
+/// until both processes have been refused, so the second 401 meets the first one's refresh in
+/// flight: exactly one redemption, and both calls succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_refused_at_once_redeem_the_refresh_token_once() {
+    let fx = fixtures(Duration::from_secs(3600)).await;
+    let server = fx.resource().url().to_owned();
+    let store = Store::new();
+    login(&store, &server).await.expect_code(0);
+    store.run(&["call", &server, "echo", r#"{"text":"before"}"#]).expect_code(0);
+    let before = fx.resource().stats().unauthorized;
+    assert_eq!(fx.auth().stats().refresh_token_requests, 0);
+
+    fx.auth().knobs().set_refresh_hang(true);
+    fx.auth().knobs().set_clock_offset_millis(2 * 3600 * 1000);
+    let calls: Vec<_> = (0..2)
+        .map(|i| {
+            let text = format!(r#"{{"text":"process {i}"}}"#);
+            spawn(store.command(&["-vv", "call", &server, "echo", &text]), false)
+        })
+        .collect();
+    let mut refused = false;
+    for _ in 0..3000 {
+        if fx.resource().stats().unauthorized >= before + 2 {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let stderr: Vec<String> = calls.iter().map(|c| c.stderr()).collect();
+    assert!(refused, "both processes were refused: {:?}\n{stderr:#?}", fx.resource().stats());
+    fx.auth().knobs().set_refresh_hang(false);
+    let outcomes: Vec<_> =
+        tokio::task::block_in_place(|| calls.into_iter().map(|c| c.finish()).collect());
+    for (i, outcome) in outcomes.iter().enumerate() {
+        outcome.expect_code(0);
+        assert_eq!(outcome.stdout.trim(), format!("process {i}"), "{outcome:#?}");
+        assert!(!outcome.stderr.contains(URL_PREFIX), "no login was needed: {outcome:#?}");
+    }
+    let stats = fx.auth().stats();
+    assert_eq!(stats.refresh_token_requests, 1, "one redemption between the two: {stats:?}");
+    assert_eq!(stats.max_refresh_redemptions(), 1, "{stats:?}");
+    assert_eq!((stats.reuse_detections, stats.families_revoked), (0, 0), "{stats:?}");
+    assert_eq!(stats.authorization_code_requests, 1, "{stats:?}");
+    assert_eq!(fx.resource().stats().unauthorized, before + 2, "each process was refused once");
+}
