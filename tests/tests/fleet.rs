@@ -153,7 +153,11 @@ fn main() -> std::process::ExitCode {
     child_harness::run(&[
         child_harness::Test {
             name: "four_processes_of_mcp_tool_calls_redeem_a_rotating_refresh_token_once",
-            run: || child_harness::block_on(four_processes_of_mcp_tool_calls_redeem_a_rotating_refresh_token_once()),
+            run: || {
+                child_harness::block_on(
+                    four_processes_of_mcp_tool_calls_redeem_a_rotating_refresh_token_once(),
+                )
+            },
         },
         child_harness::Test {
             name: "a_killed_lease_holder_is_taken_over_after_the_ttl",
@@ -169,7 +173,9 @@ fn main() -> std::process::ExitCode {
         },
         child_harness::Test {
             name: "foreign_values_under_the_fleet_prefixes_are_typed_errors",
-            run: || child_harness::block_on(foreign_values_under_the_fleet_prefixes_are_typed_errors()),
+            run: || {
+                child_harness::block_on(foreign_values_under_the_fleet_prefixes_are_typed_errors())
+            },
         },
     ])
 }

@@ -203,11 +203,8 @@ fn test(args: &[String]) -> Result<(), String> {
     cmd.env("MCP_TEST_SKIP_REDIS_LOG", &log);
     let result = run("cargo test", cmd);
     if skip {
-        let skipped: BTreeSet<String> = std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_owned)
-            .collect();
+        let skipped: BTreeSet<String> =
+            std::fs::read_to_string(&log).unwrap_or_default().lines().map(str::to_owned).collect();
         eprintln!(
             "xtask: {} test(s) skipped Redis because MCP_TEST_SKIP_REDIS=1 was set{}",
             skipped.len(),
@@ -321,10 +318,8 @@ fn tidy() -> Result<(), String> {
 
 /// The workspace's member crates, by package name.
 fn members() -> Result<Vec<String>, String> {
-    let text = output(
-        "cargo metadata",
-        cargo(&["metadata", "--no-deps", "--format-version", "1"]),
-    )?;
+    let text =
+        output("cargo metadata", cargo(&["metadata", "--no-deps", "--format-version", "1"]))?;
     // Package names appear as `"name":"..."` right after each package's opening; a tiny scan is
     // enough here and keeps xtask free of a JSON dependency.
     let names: Vec<String> = text
@@ -341,14 +336,11 @@ fn members() -> Result<Vec<String>, String> {
 /// The target directory (`cargo metadata` knows it, wherever `CARGO_TARGET_DIR` or a config
 /// puts it).
 fn target_dir() -> Result<PathBuf, String> {
-    let text = output(
-        "cargo metadata",
-        cargo(&["metadata", "--no-deps", "--format-version", "1"]),
-    )?;
-    let start = text
-        .find("\"target_directory\":\"")
-        .ok_or("cargo metadata: no target_directory")?
-        + "\"target_directory\":\"".len();
+    let text =
+        output("cargo metadata", cargo(&["metadata", "--no-deps", "--format-version", "1"]))?;
+    let start =
+        text.find("\"target_directory\":\"").ok_or("cargo metadata: no target_directory")?
+            + "\"target_directory\":\"".len();
     let end = text[start..].find('"').ok_or("cargo metadata: bad target_directory")? + start;
     Ok(PathBuf::from(text[start..end].replace("\\\\", "\\")))
 }
@@ -403,11 +395,8 @@ fn dependency_names(krate: &str) -> Result<BTreeSet<String>, String> {
             "{p}",
         ]),
     )?;
-    let names: BTreeSet<String> = text
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .map(str::to_owned)
-        .collect();
+    let names: BTreeSet<String> =
+        text.lines().filter_map(|l| l.split_whitespace().next()).map(str::to_owned).collect();
     if !names.contains(krate) {
         return Err(format!("cargo tree -p {krate} did not list {krate} itself:\n{text}"));
     }
@@ -436,7 +425,17 @@ fn layering() -> Result<(), String> {
             if deps.contains(*dep) {
                 let path = output(
                     "cargo tree -i",
-                    cargo(&["tree", "-q", "-p", krate, "--all-features", "-e", "normal", "-i", dep]),
+                    cargo(&[
+                        "tree",
+                        "-q",
+                        "-p",
+                        krate,
+                        "--all-features",
+                        "-e",
+                        "normal",
+                        "-i",
+                        dep,
+                    ]),
                 )
                 .unwrap_or_default();
                 broken.push(format!("{krate} depends on {dep} ({why}):\n{path}"));
@@ -506,7 +505,10 @@ fn feature_matrix() -> Result<Vec<(String, Vec<String>)>, String> {
             continue;
         }
         if features.len() > 6 {
-            return Err(format!("{dir}: {} features is too many for a full matrix", features.len()));
+            return Err(format!(
+                "{dir}: {} features is too many for a full matrix",
+                features.len()
+            ));
         }
         let name = package_name(&manifest).ok_or_else(|| format!("{dir}: no package name"))?;
         matrix.push((name, combinations(&features)));
@@ -563,8 +565,9 @@ fn fuzz() -> Result<(), String> {
     let mut cmd = Command::new(cargo_bin());
     cmd.args(["build", "-q", "--locked", "--bins"])
         .current_dir(&dir)
-        // Its own target directory inside the fuzz crate (ignored by git), as cargo-fuzz uses.
-        .env("CARGO_TARGET_DIR", dir.join("target"));
+        // The workspace's target directory: the fuzz crate's dependencies (mcp-oauth and its
+        // tree, at the same versions) are then mostly built already.
+        .env("CARGO_TARGET_DIR", target_dir()?);
     run("build the fuzz targets (crates/mcp-oauth/fuzz)", cmd)
 }
 

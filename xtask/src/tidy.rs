@@ -59,7 +59,9 @@ pub(crate) fn check(root: &Path) -> Vec<String> {
     for path in files {
         let shown = path.strip_prefix(root).unwrap_or(&path).display().to_string();
         match std::fs::read_to_string(&path) {
-            Ok(text) => problems.extend(check_file(&text).into_iter().map(|p| format!("{shown}: {p}"))),
+            Ok(text) => {
+                problems.extend(check_file(&text).into_iter().map(|p| format!("{shown}: {p}")))
+            }
             Err(e) => problems.push(format!("{shown}: unreadable: {e}")),
         }
     }
@@ -75,7 +77,11 @@ mod tests {
     fn the_workspace_is_tidy() {
         let root = crate::root();
         let files = rust_files(root);
-        assert!(files.iter().any(|f| f.ends_with("crates/mcp-oauth/fuzz/fuzz_targets/www_authenticate.rs")));
+        assert!(
+            files
+                .iter()
+                .any(|f| f.ends_with("crates/mcp-oauth/fuzz/fuzz_targets/www_authenticate.rs"))
+        );
         assert!(files.len() > 100, "walked only {} files", files.len());
         let problems = check(root);
         assert!(problems.is_empty(), "tidy rules broken:\n  {}", problems.join("\n  "));

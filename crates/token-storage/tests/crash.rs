@@ -106,9 +106,7 @@ fn crash_child(dir: String) {
 /// Returns the number on the last such line.
 fn run_and_kill(dir: &str, hang: bool, prefix: &str, lines: usize) -> u64 {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.env(CHILD_DB, dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+    cmd.env(CHILD_DB, dir).stdout(Stdio::piped()).stderr(Stdio::null());
     if hang {
         cmd.env(CHILD_HANG, "1");
     }

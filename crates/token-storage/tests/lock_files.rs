@@ -50,12 +50,10 @@ fn main() -> std::process::ExitCode {
         lock_child(dir);
         return std::process::ExitCode::SUCCESS;
     }
-    child_harness::run(&[
-        child_harness::Test {
-            name: "a_dead_processes_lock_is_released_at_once",
-            run: || child_harness::block_on(a_dead_processes_lock_is_released_at_once()),
-        },
-    ])
+    child_harness::run(&[child_harness::Test {
+        name: "a_dead_processes_lock_is_released_at_once",
+        run: || child_harness::block_on(a_dead_processes_lock_is_released_at_once()),
+    }])
 }
 
 /// The child process of `a_dead_processes_lock_is_released_at_once`: takes the lock and hangs.

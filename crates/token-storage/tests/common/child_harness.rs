@@ -53,7 +53,9 @@ pub fn run(tests: &[Test]) -> ExitCode {
         .iter()
         .filter(|t| {
             filters.is_empty()
-                || filters.iter().any(|f| if exact { t.name == f } else { t.name.contains(f.as_str()) })
+                || filters
+                    .iter()
+                    .any(|f| if exact { t.name == f } else { t.name.contains(f.as_str()) })
         })
         .collect();
     if list {
