@@ -298,7 +298,9 @@ fn benches() -> Result<(), String> {
     }
     run(
         "every bench once in test mode",
-        cargo(&["test", "--workspace", "--all-features", "--benches"]),
+        // `--bench '*'`: the bench targets only (`--benches` would run the libraries' unit
+        // tests again, since a library is a bench target too).
+        cargo(&["test", "--workspace", "--all-features", "--bench", "*"]),
     )
 }
 
@@ -563,7 +565,7 @@ fn features() -> Result<(), String> {
 fn fuzz() -> Result<(), String> {
     let dir = root().join("crates/mcp-oauth/fuzz");
     let mut cmd = Command::new(cargo_bin());
-    cmd.args(["build", "-q", "--locked", "--bins"])
+    cmd.args(["build", "-q", "--bins"])
         .current_dir(&dir)
         // The workspace's target directory: the fuzz crate's dependencies (mcp-oauth and its
         // tree, at the same versions) are then mostly built already.
