@@ -263,10 +263,17 @@ fn ensure_redis() -> Result<(), String> {
                 c.args(args).env("DEBIAN_FRONTEND", "noninteractive");
                 c
             };
-            run("apt-get update (for redis-server)", apt(&["update", "-qq"]))?;
-            run("apt-get install redis-server", apt(&["install", "-y", "-qq", "redis-server"]))?;
-            if redis_installed() {
-                return Ok(());
+            let installed = run("apt-get update (for redis-server)", apt(&["update", "-qq"]))
+                .and_then(|()| {
+                    run(
+                        "apt-get install redis-server",
+                        apt(&["install", "-y", "-qq", "redis-server"]),
+                    )
+                });
+            match installed {
+                Ok(()) if redis_installed() => return Ok(()),
+                Ok(()) => eprintln!("xtask: apt-get installed redis-server, but it is not on PATH"),
+                Err(e) => eprintln!("xtask: {e}"),
             }
         }
     }
