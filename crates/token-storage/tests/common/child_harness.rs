@@ -35,14 +35,16 @@ pub fn block_on<F: Future>(body: F) -> F::Output {
 /// and reports them as libtest does. Fails if any test failed.
 pub fn run(tests: &[Test]) -> ExitCode {
     let mut filters = Vec::new();
+    let mut skips = Vec::new();
     let (mut exact, mut list) = (false, false);
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--exact" => exact = true,
             "--list" => list = true,
-            // Options that take a value: skip it.
-            "--test-threads" | "--format" | "--color" | "--skip" | "-Z" | "--logfile" => {
+            "--skip" => skips.extend(args.next()),
+            // Other options that take a value: skip it.
+            "--test-threads" | "--format" | "--color" | "-Z" | "--logfile" => {
                 args.next();
             }
             a if a.starts_with('-') => {}
@@ -51,6 +53,7 @@ pub fn run(tests: &[Test]) -> ExitCode {
     }
     let selected: Vec<&Test> = tests
         .iter()
+        .filter(|t| !skips.iter().any(|s| t.name.contains(s.as_str())))
         .filter(|t| {
             filters.is_empty()
                 || filters
