@@ -4,8 +4,13 @@
 //! (a Redis-backed `FlowManager` and that token storage) against the fixture resource server;
 //! and a flow-state flow that one process waits on and another completes.
 //!
-//! The test binary re-executes itself as the children (`fleet_child`, which does nothing unless
-//! `FLEET_ROLE` is set). Every wait is bounded.
+//! The test binary re-executes itself as the children. It has its own `main` (`harness = false`,
+//! the runner in `crates/token-storage/tests/common/child_harness.rs`): it plays a child when
+//! `FLEET_ROLE` is set and runs the tests otherwise, so the child is not counted as a test.
+//! Every wait is bounded.
+
+#[path = "../../crates/token-storage/tests/common/child_harness.rs"]
+mod child_harness;
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
@@ -30,7 +35,11 @@ use token_storage::{
     TokenResponse, TokenStorage, TokenStorageConfig, TransientKind,
 };
 
-const LEASE_TTL: Duration = Duration::from_millis(900);
+/// The store lease's TTL. The holder renews every third of it, so a renewal must be delayed by
+/// two thirds (2 s) before a waiting process could take the lease from a live holder: long
+/// enough that a loaded machine does not lose a live holder's lease (which the takeover test
+/// would see as a second redemption), short enough to keep the takeover test quick.
+const LEASE_TTL: Duration = Duration::from_secs(3);
 const WAIT: Duration = Duration::from_secs(20);
 /// How long the fixture's access tokens really live in the MCP fleet test. The client is told
 /// they live [`CLAIMED`], so it keeps sending them once the server's clock has moved past this:
@@ -136,10 +145,43 @@ async fn fleet_storage(redis: &str, prefix: &str, refresher: Arc<dyn Refresher>)
         .build()
 }
 
-/// Not a test on its own: the child processes of the fleet tests.
-#[test]
-fn fleet_child() {
-    let Ok(role) = std::env::var("FLEET_ROLE") else { return };
+fn main() -> std::process::ExitCode {
+    if let Ok(role) = std::env::var("FLEET_ROLE") {
+        fleet_child(role);
+        return std::process::ExitCode::SUCCESS;
+    }
+    child_harness::run(&[
+        child_harness::Test {
+            name: "four_processes_of_mcp_tool_calls_redeem_a_rotating_refresh_token_once",
+            run: || {
+                child_harness::block_on(
+                    four_processes_of_mcp_tool_calls_redeem_a_rotating_refresh_token_once(),
+                )
+            },
+        },
+        child_harness::Test {
+            name: "a_killed_lease_holder_is_taken_over_after_the_ttl",
+            run: || child_harness::block_on(a_killed_lease_holder_is_taken_over_after_the_ttl()),
+        },
+        child_harness::Test {
+            name: "a_redis_restart_is_survived_by_every_process",
+            run: || child_harness::block_on(a_redis_restart_is_survived_by_every_process()),
+        },
+        child_harness::Test {
+            name: "a_callback_on_another_process_completes_the_wait",
+            run: || child_harness::block_on(a_callback_on_another_process_completes_the_wait()),
+        },
+        child_harness::Test {
+            name: "foreign_values_under_the_fleet_prefixes_are_typed_errors",
+            run: || {
+                child_harness::block_on(foreign_values_under_the_fleet_prefixes_are_typed_errors())
+            },
+        },
+    ])
+}
+
+/// The child processes of the fleet tests, by role.
+fn fleet_child(role: String) {
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async move {
@@ -329,8 +371,7 @@ struct Proc {
 impl Proc {
     fn spawn(role: &str, vars: &[(&str, String)]) -> Proc {
         let mut cmd = Command::new(std::env::current_exe().unwrap());
-        cmd.args(["fleet_child", "--exact", "--nocapture", "--test-threads=1"])
-            .env("FLEET_ROLE", role)
+        cmd.env("FLEET_ROLE", role)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -498,7 +539,6 @@ impl McpFleet {
 /// alone would redeem the refresh token up to 4 times (the second redemption trips reuse
 /// detection and revokes the family, so calls fail); the Redis lease plus the re-read under it
 /// must make it exactly once, and every call must succeed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_processes_of_mcp_tool_calls_redeem_a_rotating_refresh_token_once() {
     let Some(fleet) = McpFleet::start("mcp").await else { return };
     let vars = fleet.vars();
@@ -558,7 +598,6 @@ async fn four_processes_of_mcp_tool_calls_redeem_a_rotating_refresh_token_once()
 /// waits: the holder's renewals keep the successor out (it never reaches the endpoint). Then the
 /// holder is SIGKILLed; the successor takes over once the lease expires, with no
 /// re-authorization and no second redemption.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_lease_holder_is_taken_over_after_the_ttl() {
     let Some(fleet) = Fleet::start("takeover").await else { return };
     let vars = fleet.vars();
@@ -573,8 +612,8 @@ async fn a_killed_lease_holder_is_taken_over_after_the_ttl() {
     }
     let successor = Proc::spawn("takeover", &vars);
     successor.expect("REFRESHING", Duration::from_secs(20));
-    // Three TTLs: without renewal the successor would take the lease and reach the endpoint.
-    tokio::time::sleep(LEASE_TTL * 3).await;
+    // Two TTLs: without renewal the successor would take the lease and reach the endpoint.
+    tokio::time::sleep(LEASE_TTL * 2).await;
     let stats = fleet.auth.stats();
     assert_eq!(
         stats.refresh_token_requests, 1,
@@ -592,7 +631,9 @@ async fn a_killed_lease_holder_is_taken_over_after_the_ttl() {
         .unwrap_or_else(|| panic!("the successor refreshed: {result}"))
         .parse()
         .unwrap();
-    let floor = (LEASE_TTL * 3).as_millis();
+    // A lower bound by construction (the successor was waiting before the two TTLs slept
+    // above), so it cannot race: it catches a successor that did not wait at all.
+    let floor = (LEASE_TTL * 2).as_millis();
     assert!(waited >= floor, "the successor waited for the holder: {waited} ms < {floor} ms");
     successor.finish();
     let stats = fleet.auth.stats();
@@ -603,7 +644,6 @@ async fn a_killed_lease_holder_is_taken_over_after_the_ttl() {
 /// redis-server restarted (append-only file on) under two processes: each sees typed transient
 /// errors, then its tokens again; then both refresh at once, once between them, with the lease
 /// held in the restarted server.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_restart_is_survived_by_every_process() {
     let Some(mut fleet) = Fleet::start_with("restart", true).await else { return };
     let vars = fleet.vars();
@@ -635,7 +675,6 @@ async fn a_redis_restart_is_survived_by_every_process() {
 }
 
 /// An OAuth callback lands on process B; process A, waiting on the flow, gets the result.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_callback_on_another_process_completes_the_wait() {
     let Some(redis) = RedisServer::start() else { return };
     let store = RedisStore::builder(redis.url()).prefix("callbacks").connect().await.unwrap();
@@ -669,7 +708,6 @@ async fn a_callback_on_another_process_completes_the_wait() {
 /// - At the refresh lease: the 401's refresh fails with a typed error before the token endpoint
 ///   is reached (the rotating refresh token is not spent), the stored tokens are intact, and once
 ///   the value is gone the next call refreshes and succeeds.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn foreign_values_under_the_fleet_prefixes_are_typed_errors() {
     let Some(fleet) = McpFleet::start("foreign").await else { return };
     let client = redis::Client::open(fleet.redis.url()).unwrap();

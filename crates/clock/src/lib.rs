@@ -233,6 +233,27 @@ mod manual {
         pub fn shared(&self) -> SharedClock {
             SharedClock::new(self.clone())
         }
+
+        /// How many sleeps on this clock are pending: futures made by [`Clock::sleep`] or
+        /// [`Clock::sleep_until`] (through any clone) and not yet dropped. A test waits for this
+        /// to grow before it advances the clock, so the sleeper it means to wake has already
+        /// taken its deadline from the time before the advance.
+        ///
+        /// ```
+        /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+        /// use mcp_clock::{Clock, ManualClock};
+        /// use std::time::Duration;
+        ///
+        /// let clock = ManualClock::default();
+        /// let sleep = clock.sleep(Duration::from_secs(1));
+        /// assert_eq!(clock.sleepers(), 1);
+        /// drop(sleep);
+        /// assert_eq!(clock.sleepers(), 0);
+        /// # }
+        /// ```
+        pub fn sleepers(&self) -> usize {
+            self.now.receiver_count()
+        }
     }
 
     impl Default for ManualClock {

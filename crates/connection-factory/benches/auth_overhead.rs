@@ -1,7 +1,15 @@
 //! The auth layer's cost per tool call, against a bare rmcp client on the same fixture server,
 //! and the time from a mid-session 401 to the retried call's success. Results: BENCHMARKS.md.
 //!
-//! `cargo bench -p connection-factory --bench auth_overhead`
+//! The per-call figures drive a `Connection` over `RefreshingProvider` (the provider with the
+//! tokens in memory). The 50-401 side by side also drives the factory's own provider, the one
+//! `ConnectionFactory::connect` builds over token storage and flow-state, and runs each client
+//! [`SIDE_BY_SIDE_RUNS`] times, printing min and max and asserting one redemption per run for
+//! ours.
+//!
+//! `cargo bench -p connection-factory --bench auth_overhead`. Under `cargo test --benches`
+//! (`cargo xtask benches`, CI) every part runs once, small, without timing, and the asserted
+//! counts fail the build when they break.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -106,6 +114,20 @@ mod nodelay {
 
 const LIFETIME: Duration = Duration::from_secs(60);
 const PAIRED_ROUNDS: usize = 3_000;
+/// How many times the side by side runs each client (once in test mode).
+const SIDE_BY_SIDE_RUNS: usize = 5;
+
+/// Criterion's rule: without `--bench` (as under `cargo test --benches`), or with `--test`, the
+/// benches run once as tests. The parts outside criterion then use small sizes.
+fn test_mode() -> bool {
+    let args: Vec<String> = std::env::args().collect();
+    !args.iter().any(|a| a == "--bench") || args.iter().any(|a| a == "--test")
+}
+
+/// `full` when measuring, `quick` in test mode.
+fn size(full: usize, quick: usize) -> usize {
+    if test_mode() { quick } else { full }
+}
 
 fn http() -> reqwest::Client {
     reqwest::Client::builder().no_proxy().build().unwrap()
@@ -227,8 +249,9 @@ fn per_call(c: &mut Criterion) {
     {
         let args = json!({"text": "hi"}).as_object().cloned();
         let mut times: [Vec<Duration>; 3] = Default::default();
+        let rounds = size(PAIRED_ROUNDS, 10);
         rt.block_on(async {
-            for i in 0..PAIRED_ROUNDS {
+            for i in 0..rounds {
                 for k in 0..3 {
                     let which = (i + k) % 3;
                     let start = SystemClock::instant();
@@ -247,7 +270,7 @@ fn per_call(c: &mut Criterion) {
         };
         let [b, l, c] = times.each_mut().map(median);
         println!(
-            "paired medians over {PAIRED_ROUNDS} rounds: bare {b:?}, auth client {l:?} ({:+.1} us), connection {c:?} ({:+.1} us)",
+            "paired medians over {rounds} rounds: bare {b:?}, auth client {l:?} ({:+.1} us), connection {c:?} ({:+.1} us)",
             (l.as_secs_f64() - b.as_secs_f64()) * 1e6,
             (c.as_secs_f64() - b.as_secs_f64()) * 1e6,
         );
@@ -299,11 +322,22 @@ struct Burst {
     wall: Duration,
 }
 
+/// The client a side-by-side run drives.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Via {
+    /// rmcp's own `AuthClient` (feature `auth`, an `AuthorizationManager` over an in-memory
+    /// credential store).
+    RmcpAuthClient,
+    /// `Connection` over `RefreshingProvider` (tokens in memory).
+    RefreshingProvider,
+    /// `ConnectionFactory::connect`: the factory's own provider over token storage and
+    /// flow-state (memory stores).
+    Factory,
+}
+
 /// Fixture with rotation and strict reuse detection; one session warmed up, then the access
-/// token expires and 50 concurrent calls are made. `rmcp_auth` picks rmcp's own `AuthClient`
-/// (feature `auth`, an `AuthorizationManager` over an in-memory credential store) instead of
-/// `Connection` + `RefreshingProvider`.
-async fn fifty_401s(rmcp_auth: bool) -> Burst {
+/// token expires and 50 concurrent calls are made through `via`.
+async fn fifty_401s(via: Via) -> Burst {
     use rmcp::transport::auth::{AuthClient, AuthorizationManager, InMemoryCredentialStore};
     use rmcp::transport::{CredentialStore, StoredCredentials};
 
@@ -319,7 +353,7 @@ async fn fifty_401s(rmcp_auth: bool) -> Burst {
     let url = fx.resource().url().to_owned();
     let calls: Vec<BoxFuture<'static, bool>>;
     let keep: Box<dyn std::any::Any>;
-    if rmcp_auth {
+    if via == Via::RmcpAuthClient {
         let mut manager =
             AuthorizationManager::new_allowing_private_addresses(url.as_str()).await.unwrap();
         manager.set_metadata(
@@ -362,6 +396,18 @@ async fn fifty_401s(rmcp_auth: bool) -> Burst {
             })
             .collect();
         keep = Box::new(service);
+    } else if via == Via::Factory {
+        let conn = Arc::new(factory_connection(&fx, &clock, client.client_id(), &issued).await);
+        conn.call_tool("echo", json!({"text": "hi"}).as_object().cloned()).await.unwrap();
+        calls = (0..50)
+            .map(|_| {
+                let conn = conn.clone();
+                Box::pin(async move {
+                    conn.call_tool("echo", json!({"text": "hi"}).as_object().cloned()).await.is_ok()
+                }) as BoxFuture<'static, bool>
+            })
+            .collect();
+        keep = Box::new(conn);
     } else {
         let provider = Arc::new(RefreshingProvider::new(
             "side-by-side",
@@ -406,16 +452,103 @@ async fn fifty_401s(rmcp_auth: bool) -> Burst {
     }
 }
 
-/// The 50-concurrent-401 scenario through rmcp's own auth client and through this crate, in the
-/// same run. Prints one line each.
+/// A connection made by `ConnectionFactory::connect`, whose stored tokens (the fixture's
+/// `issued`, which the client believes live an hour) and registration are in token storage.
+async fn factory_connection(
+    fx: &Fixtures,
+    clock: &ManualClock,
+    client_id: &str,
+    issued: &mcp_fixtures::IssuedTokens,
+) -> Connection {
+    use connection_factory::{ConnectionFactory, FactoryConfig, OAuthRefresher, stored_client};
+    use flow_state::{FlowManager, MemoryStore, SharedStore};
+    use mcp_oauth::{HttpPolicy, OAuthClient, ReqwestHttpClient};
+    use token_storage::{Keyring, MemoryTokenStore, TokenKey, TokenResponse, TokenStorage};
+
+    let oauth =
+        OAuthClient::new(ReqwestHttpClient::new(HttpPolicy::default()).unwrap(), clock.shared());
+    let discovery = oauth.discover(&fx.resource().url().parse().unwrap(), None).await.unwrap();
+    let registration = mcp_oauth::ClientRegistration {
+        client_id: client_id.to_owned(),
+        client_secret: None,
+        client_key: None,
+        auth_method: mcp_oauth::TokenEndpointAuthMethod::None,
+        source: mcp_oauth::RegistrationSource::Dynamic,
+        issuer: discovery.issuer().to_owned(),
+        client_secret_expires_at: None,
+    };
+    let mut config = token_storage::TokenStorageConfig::default();
+    config.max_date_correction = Duration::ZERO; // hyper's Date header is real time
+    let storage = TokenStorage::builder(
+        MemoryTokenStore::new().into(),
+        Arc::new(Keyring::parse(&"42".repeat(32)).unwrap()),
+        Arc::new(OAuthRefresher::new(oauth)),
+    )
+    .clock(clock.shared())
+    .config(config)
+    .build();
+    let key = TokenKey::new("bench", "alice", "fixture");
+    storage.store_client(&key, &stored_client(&discovery, &registration)).await.unwrap();
+    let response = TokenResponse::bearer(issued.access_token())
+        .expires_in(Duration::from_secs(3600))
+        .refresh_token(issued.refresh_token().unwrap())
+        .scope("mcp:tools");
+    storage.store(&key, discovery.issuer(), response).await.unwrap();
+    let flows = FlowManager::builder(SharedStore::new(MemoryStore::new()))
+        .clock(clock.shared())
+        .build()
+        .unwrap();
+    ConnectionFactory::new(flows, storage)
+        .connect(
+            FactoryConfig::new(fx.resource().url(), "bench", "alice", "fixture")
+                .max_concurrent_requests(64),
+        )
+        .await
+        .unwrap()
+}
+
+/// The 50-concurrent-401 scenario through rmcp's own auth client, this crate's
+/// `RefreshingProvider` and the factory's provider, each [`SIDE_BY_SIDE_RUNS`] times in turn.
+/// Prints one line per client with the min and max of each figure; asserts, every run, that our
+/// two providers answered all 50 calls with one redemption and revoked nothing.
 fn side_by_side() {
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    for (name, rmcp_auth) in [("rmcp AuthClient", true), ("connection-factory", false)] {
-        let b = rt.block_on(fifty_401s(rmcp_auth));
+    let runs = size(SIDE_BY_SIDE_RUNS, 1);
+    let clients = [
+        ("rmcp AuthClient", Via::RmcpAuthClient),
+        ("connection-factory RefreshingProvider", Via::RefreshingProvider),
+        ("connection-factory ConnectionFactory (token storage + flow-state)", Via::Factory),
+    ];
+    let mut bursts: Vec<Vec<Burst>> = clients.iter().map(|_| Vec::new()).collect();
+    for _ in 0..runs {
+        for (i, (name, via)) in clients.iter().enumerate() {
+            let b = rt.block_on(fifty_401s(*via));
+            if *via != Via::RmcpAuthClient {
+                assert_eq!(b.ok, 50, "{name}: every call succeeded");
+                assert_eq!(b.refresh_requests, 1, "{name}: one refresh request");
+                assert_eq!(b.max_redemptions, 1, "{name}: one redemption of the refresh token");
+                assert_eq!(b.families_revoked, 0, "{name}: nothing revoked");
+            }
+            bursts[i].push(b);
+        }
+    }
+    for ((name, _), runs) in clients.iter().zip(&bursts) {
+        let range = |f: &dyn Fn(&Burst) -> u64| {
+            let (lo, hi) = (runs.iter().map(f).min().unwrap(), runs.iter().map(f).max().unwrap());
+            if lo == hi { format!("{lo}") } else { format!("{lo}-{hi}") }
+        };
+        let walls: Vec<Duration> = runs.iter().map(|b| b.wall).collect();
         println!(
-            "50 concurrent calls after expiry via {name}: {}/50 ok, {} refused with 401, {} refresh requests, max redemptions of one refresh token {}, families revoked {}, wall {:?}",
-            b.ok, b.refused, b.refresh_requests, b.max_redemptions, b.families_revoked, b.wall
+            "50 concurrent calls after expiry via {name}, {} runs (min-max): {}/50 ok, {} refused with 401, {} refresh requests, max redemptions of one refresh token {}, families revoked {}, wall {:?}-{:?}",
+            runs.len(),
+            range(&|b| b.ok as u64),
+            range(&|b| b.refused),
+            range(&|b| b.refresh_requests),
+            range(&|b| b.max_redemptions),
+            range(&|b| b.families_revoked),
+            walls.iter().min().unwrap(),
+            walls.iter().max().unwrap(),
         );
     }
 }

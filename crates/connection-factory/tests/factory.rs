@@ -150,25 +150,33 @@ fn key(tenant: &str) -> TokenKey {
 }
 
 /// Tokens expire mid-session with rotation and strict reuse detection: 50 concurrent tool
-/// calls are refused; the refresh token is redeemed once; all 50 succeed.
+/// calls are refused; the refresh token is redeemed once; all 50 succeed. The race: a 401 that
+/// arrives while the refresh is in flight starts a second redemption (which strict reuse
+/// detection would punish by revoking the family). The token endpoint holds every refresh until
+/// all 50 calls have been refused, so every 401 meets the refresh in flight.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fifty_concurrent_401s_one_redemption_all_succeed() {
+    const CALLS: u64 = 50;
     let s = setup().await;
     s.issue("tenant-a").await;
-    let conn = Arc::new(s.factory.connect(s.config("tenant-a")).await.unwrap());
+    // Room for all 50 POSTs at once (the default is 16), so all 50 can be refused together.
+    let config = s.config("tenant-a").max_concurrent_requests(64);
+    let conn = Arc::new(s.factory.connect(config).await.unwrap());
     assert_eq!(text(&conn.call_tool("echo", args("warm")).await.unwrap()), "warm");
 
-    // The refresh answers after a (real-time) delay, so the other calls meet their 401 while it
-    // is in flight and join it; without it, the refresh can finish before they are even sent.
-    // The budget runs on the manual clock, which stands still: the delay cannot time it out.
-    s.fx.auth().knobs().set_token_delay(Duration::from_millis(300));
+    // The server's tokens expire (the client believes they live an hour, so it sends them); the
+    // refresh grant hangs until released, which happens once the server has refused all 50.
+    s.fx.auth().knobs().set_refresh_hang(true);
     s.clock.advance(LIFETIME + Duration::from_secs(1));
-    let calls: Vec<_> = (0..50)
+    let calls: Vec<_> = (0..CALLS)
         .map(|i| {
             let conn = conn.clone();
             tokio::spawn(async move { conn.call_tool("echo", args(&format!("call {i}"))).await })
         })
         .collect();
+    eventually("all 50 calls refused", || s.fx.resource().stats().unauthorized == CALLS).await;
+    assert_eq!(s.fx.auth().stats().refresh_token_requests, 1, "one redemption in flight");
+    s.fx.auth().knobs().set_refresh_hang(false);
     for (i, call) in calls.into_iter().enumerate() {
         let result = call.await.unwrap().unwrap_or_else(|e| panic!("call {i}: {e:?}"));
         assert_eq!(text(&result), format!("call {i}"));
@@ -180,15 +188,11 @@ async fn fifty_concurrent_401s_one_redemption_all_succeed() {
     assert_eq!(auth.reuse_detections, 0);
     assert_eq!(auth.families_revoked, 0);
     let rs = s.fx.resource().stats();
-    assert!(rs.unauthorized >= 1, "{rs:?}");
+    assert_eq!(rs.unauthorized, CALLS, "exactly the 50 calls were refused: {rs:?}");
     let c = s.factory.counters();
     assert_eq!(c.refreshed, 1, "one 401 led the refresh: {c:?}");
-    assert!(c.coalesced >= 1, "concurrent 401s joined the refresh in flight: {c:?} {rs:?}");
-    assert_eq!(
-        c.refreshed + c.coalesced + c.adopted,
-        rs.unauthorized,
-        "every 401 recovered: {c:?} {rs:?}"
-    );
+    assert_eq!(c.coalesced, CALLS - 1, "the other 49 joined the refresh in flight: {c:?}");
+    assert_eq!(c.adopted, 0, "{c:?}");
     assert_eq!(c.rejected + c.transient + c.timed_out, 0, "{c:?}");
 }
 

@@ -94,13 +94,17 @@ async fn return_early_then_the_callback_completes_in_the_background() {
     let err = s.factory.connect(s.config("tenant-a")).await.unwrap_err();
     assert!(matches!(err, Error::AuthorizationRequired { .. }), "{err:?}");
     assert_eq!(s.prompts(), 1);
-    for _ in 0..500 {
-        if s.fx.auth().stats().authorization_code_requests == 1 {
+    // The browser follows the URL in the background; the callback exchanges the code and
+    // stores the tokens. Wait for them to be stored (the state the next connect relies on).
+    let key = token_storage::TokenKey::new("tenant-a", "alice", "fixture");
+    for _ in 0..2000 {
+        if s.storage.tokens(&key).await.unwrap().is_some() {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(s.storage.tokens(&key).await.unwrap().is_some(), "the callback stored the tokens");
+    assert_eq!(s.fx.auth().stats().authorization_code_requests, 1);
     let conn = s.factory.connect(s.config("tenant-a")).await.unwrap();
     assert_eq!(text(&conn.call_tool("echo", args("later")).await.unwrap()), "later");
     assert_eq!(s.prompts(), 1);

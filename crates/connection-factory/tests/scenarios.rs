@@ -207,9 +207,18 @@ fn retried(recovery: Result<Recovery, Error>) -> Secret {
     }
 }
 
-/// Give spawned work a moment of real time to run (the manual clock does not move).
-async fn settle() {
+/// A moment of real time for spawned work to do what it must not, before a test asserts that
+/// nothing happened (a second refresh request, an early prompt). Never used to wait for something
+/// to happen: that waits on state ([`waits_on_the_clock`], [`eventually`]).
+async fn pause() {
     tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+/// Waits until more than `before` sleeps are pending on the manual clock: a task spawned since
+/// has taken its deadline (a refresh budget, a flow wait) from the clock's current time, so the
+/// next `advance` moves it.
+async fn waits_on_the_clock(clock: &ManualClock, before: usize) {
+    eventually("a new sleeper on the manual clock", || clock.sleepers() > before).await;
 }
 
 /// Counts the refusals that reach the provider it wraps.
@@ -371,26 +380,27 @@ async fn s21_a_timed_out_refresh_keeps_the_key_and_a_second_401_joins_it() {
     let err = one.await.unwrap().unwrap_err();
     assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
 
+    let sleepers = s.clock.sleepers();
     let two = tokio::spawn({
         let (p, t) = (provider.clone(), first.clone());
         async move { p.on_unauthorized(Some(&t), &unauthorized()).await }
     });
-    settle().await;
+    waits_on_the_clock(&s.clock, sleepers).await;
     s.clock.advance(Duration::from_millis(2001));
     let err = two.await.unwrap().unwrap_err();
     assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
     assert_eq!(s.plain.counters().timed_out, 2);
-    settle().await;
+    pause().await;
     assert_eq!(s.refreshes(), 1, "the second 401 joined the redemption in flight");
 
     s.fx.auth().knobs().set_refresh_hang(false);
     eventually("the late redemption", || s.fx.auth().stats().max_refresh_redemptions() == 1).await;
     let mut stored = s.stored("tenant-a").await;
-    for _ in 0..200 {
+    for _ in 0..2000 {
         if stored.access_token().expose() != first.expose() {
             break;
         }
-        settle().await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
         stored = s.stored("tenant-a").await;
     }
     assert_ne!(stored.access_token().expose(), first.expose(), "the late result was stored");
@@ -428,16 +438,21 @@ async fn s22_a_refresh_that_hangs_for_ever_frees_the_key_after_deadline_and_grac
     assert!(matches!(one.await.unwrap(), Err(Error::Timeout { .. })));
 
     s.clock.advance(Duration::from_millis(1998)); // 3,999 ms: cancelled, still in its grace
+    let sleepers = s.clock.sleepers();
     let two = tokio::spawn(call(provider.clone(), first.clone()));
-    settle().await;
+    waits_on_the_clock(&s.clock, sleepers).await;
+    pause().await;
     assert_eq!(s.refreshes(), 1, "within the grace the key is still held");
     s.clock.advance(Duration::from_millis(2)); // 4,001 ms: abandoned, the key is free
     let _ = two.await.unwrap();
     // The key is released by the abandoned flight's own task, woken by the same clock step that
     // ended `two`; let it run before the next 401 (one that came first would join the abandoned
     // flight and wait out its own budget on the standing clock, which is correct but not this
-    // scenario).
-    settle().await;
+    // scenario). The key is released right after that task's sleeps on the clock end, so wait
+    // for them to end (`sleepers` counted the flight's grace sleep, which is gone now, and not
+    // `two`'s budget sleep), then give the task its last moment to leave the map.
+    eventually("the abandoned flight's sleeps to end", || s.clock.sleepers() < sleepers).await;
+    pause().await;
 
     let three = tokio::spawn(call(provider.clone(), first.clone()));
     eventually("a second refresh request", || s.refreshes() == 2).await;
@@ -460,7 +475,7 @@ async fn hung_refresh_prompts_at_the_budget(s: &Setup, config: FactoryConfig, bu
     });
     eventually("the refresh request", || s.refreshes() == 1).await;
     s.clock.advance(budget - Duration::from_millis(1));
-    settle().await;
+    pause().await;
     assert!(!call.is_finished(), "gave up before the budget");
     assert_eq!(s.prompts(), 1, "no interactive flow before the budget");
     assert_eq!(s.interactive.counters().timed_out, 0);
@@ -599,12 +614,14 @@ async fn s35_a_pending_lookup_is_completed_with_the_refreshed_tokens_not_deleted
     let lookup = flow_key("tenant-a", GET_TOKENS_FLOW);
     s.flows.delete(&lookup).await.unwrap();
     s.flows.init(&lookup, json!({})).await.unwrap();
+    let sleepers = s.clock.sleepers();
     let waiter = tokio::spawn({
         let flows = s.flows.clone();
         let lookup = lookup.clone();
         async move { flows.wait::<Value>(&lookup).await }
     });
-    settle().await;
+    // The waiter is in: it sleeps on the clock until its wait times out.
+    waits_on_the_clock(&s.clock, sleepers).await;
 
     let provider = s.plain.provider(s.config("tenant-a")).unwrap();
     let fresh = retried(provider.on_unauthorized(Some(&first), &unauthorized()).await);

@@ -19,6 +19,27 @@ async fn fixtures(lifetime: Duration) -> Fixtures {
     fx
 }
 
+/// The refresh-window tests' tokens: 8 s, so the refresh window (half the lifetime, capped at
+/// the buffer) opens at 4 s at the latest. Processes cannot share a manual clock, so the tests
+/// use real time with bounds that cannot race: they sleep past the window's opening (4.3 s),
+/// and [`still_before`] fails a test whose process ended after the old token's expiry (a slow
+/// machine would otherwise turn the refresh ahead into a plain expiry and pass vacuously).
+const WINDOW_LIFETIME: Duration = Duration::from_secs(8);
+const INTO_THE_WINDOW: Duration = Duration::from_millis(4300);
+
+/// Fails unless the time now is before `expires_at` (Unix seconds, as `status` prints it):
+/// everything so far happened while the old access token was still valid.
+#[track_caller]
+fn still_before(expires_at: u64, what: &str) {
+    use mcp_clock::Clock as _;
+    let now = mcp_clock::SharedClock::system().now();
+    assert!(
+        now < mcp_clock::Timestamp::from_secs(expires_at),
+        "{what} ended after the old token expired (now {now}, expiry {expires_at} s): the \
+         machine was too slow for this test to see a refresh ahead of expiry"
+    );
+}
+
 /// The stored access token's expiry (Unix seconds) of the only server in `store`.
 fn expires_at(store: &Store) -> u64 {
     let status = store.run(&["--json", "status"]);
@@ -260,14 +281,15 @@ async fn a_proxy_logs_in_again_after_a_revocation() {
 /// them, the old refresh token is dead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_does_not_exit_before_its_background_refresh_is_stored() {
-    let fx = fixtures(Duration::from_secs(4)).await; // refresh window: the last 2 s
+    let fx = fixtures(WINDOW_LIFETIME).await;
     let server = fx.resource().url().to_owned();
     let store = Store::new();
     login(&store, &server).await.expect_code(0);
     let before = expires_at(&store);
-    tokio::time::sleep(Duration::from_millis(2300)).await;
+    tokio::time::sleep(INTO_THE_WINDOW).await;
     fx.auth().knobs().set_token_delay(Duration::from_millis(800));
     let call = store.run(&["call", &server, "echo", r#"{"text":"in the window"}"#]);
+    still_before(before, "the call");
     call.expect_code(0);
     let stats = fx.auth().stats();
     assert_eq!(stats.refresh_token_requests, 1, "{stats:?}");
@@ -322,12 +344,12 @@ async fn messages_reach_the_server_in_the_order_the_host_sent_them() {
 /// keeps stdin open: the proxy exits cleanly, and only after the rotated tokens are stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_stopped_by_sigterm_stores_its_refresh_first() {
-    let fx = fixtures(Duration::from_secs(4)).await; // refresh window: the last 2 s
+    let fx = fixtures(WINDOW_LIFETIME).await;
     let server = fx.resource().url().to_owned();
     let store = Store::new();
     login(&store, &server).await.expect_code(0);
     let before = expires_at(&store);
-    tokio::time::sleep(Duration::from_millis(2300)).await;
+    tokio::time::sleep(INTO_THE_WINDOW).await;
     fx.auth().knobs().set_token_delay(Duration::from_millis(800));
     let mut proxy = spawn(store.command(&["proxy", server.as_str()]), true);
     proxy.send(json!({
@@ -351,8 +373,60 @@ async fn a_proxy_stopped_by_sigterm_stores_its_refresh_first() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let status = status.unwrap_or_else(|| panic!("still running; stderr:\n{}", proxy.stderr()));
+    still_before(before, "the proxy");
     assert_eq!(status.code(), Some(0), "stderr:\n{}", proxy.stderr());
     assert_eq!(fx.auth().stats().refresh_token_requests, 1, "{:?}", fx.auth().stats());
     fx.auth().knobs().set_token_delay(Duration::ZERO);
     assert!(expires_at(&store) > before, "the refreshed tokens were stored before the exit");
+}
+
+/// The 401 path across processes, through the binary: the tokens live an hour as far as the
+/// client knows, but the server's clock jumps two hours ahead, so the server refuses them while
+/// the client believes they are good (no refresh ahead is possible). Two `mcp-connect call`
+/// processes are refused at once; the race this pins is both redeeming the one refresh token
+/// (strict reuse detection would then revoke the family). The token endpoint holds the refresh
+/// until both processes have been refused, so the second 401 meets the first one's refresh in
+/// flight: exactly one redemption, and both calls succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_refused_at_once_redeem_the_refresh_token_once() {
+    let fx = fixtures(Duration::from_secs(3600)).await;
+    let server = fx.resource().url().to_owned();
+    let store = Store::new();
+    login(&store, &server).await.expect_code(0);
+    store.run(&["call", &server, "echo", r#"{"text":"before"}"#]).expect_code(0);
+    let before = fx.resource().stats().unauthorized;
+    assert_eq!(fx.auth().stats().refresh_token_requests, 0);
+
+    fx.auth().knobs().set_refresh_hang(true);
+    fx.auth().knobs().set_clock_offset_millis(2 * 3600 * 1000);
+    let calls: Vec<_> = (0..2)
+        .map(|i| {
+            let text = format!(r#"{{"text":"process {i}"}}"#);
+            spawn(store.command(&["-vv", "call", &server, "echo", &text]), false)
+        })
+        .collect();
+    let mut refused = false;
+    for _ in 0..3000 {
+        if fx.resource().stats().unauthorized >= before + 2 {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let stderr: Vec<String> = calls.iter().map(|c| c.stderr()).collect();
+    assert!(refused, "both processes were refused: {:?}\n{stderr:#?}", fx.resource().stats());
+    fx.auth().knobs().set_refresh_hang(false);
+    let outcomes: Vec<_> =
+        tokio::task::block_in_place(|| calls.into_iter().map(|c| c.finish()).collect());
+    for (i, outcome) in outcomes.iter().enumerate() {
+        outcome.expect_code(0);
+        assert_eq!(outcome.stdout.trim(), format!("process {i}"), "{outcome:#?}");
+        assert!(!outcome.stderr.contains(URL_PREFIX), "no login was needed: {outcome:#?}");
+    }
+    let stats = fx.auth().stats();
+    assert_eq!(stats.refresh_token_requests, 1, "one redemption between the two: {stats:?}");
+    assert_eq!(stats.max_refresh_redemptions(), 1, "{stats:?}");
+    assert_eq!((stats.reuse_detections, stats.families_revoked), (0, 0), "{stats:?}");
+    assert_eq!(stats.authorization_code_requests, 1, "{stats:?}");
+    assert_eq!(fx.resource().stats().unauthorized, before + 2, "each process was refused once");
 }

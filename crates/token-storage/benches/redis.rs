@@ -1,14 +1,16 @@
 //! Redis figures for `BENCHMARKS.md` (section "Redis"):
 //!
 //! - commands per read through Redis, counted with `INFO commandstats` before and after;
-//! - read throughput (50 concurrent callers) beside `redis-benchmark -t get` on the same server
-//!   in the same run;
+//! - read throughput (50 concurrent callers) beside `redis-benchmark` running the command our
+//!   read path sends (`HGETALL` of the stored record, one command per request, no pipelining,
+//!   50 connections) on the same key of the same server in the same run;
 //! - wake-up latency across processes: a flow completed in this process wakes a waiter in a
 //!   child process, which completes a reply flow that wakes this one (ping-pong);
 //! - criterion timings of a read through Redis and of a fresh `get_valid` hit.
 //!
-//! `cargo bench -p token-storage --features redis --bench redis`. Skips (loudly) without
-//! `redis-server` on `PATH`.
+//! `cargo bench -p token-storage --features redis --bench redis`. Needs `redis-server` and
+//! `redis-benchmark` on `PATH` (`MCP_TEST_SKIP_REDIS=1` skips it on purpose). Under
+//! `cargo test --benches` (`cargo xtask benches`) every part runs once, small, without timing.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -25,7 +27,19 @@ use token_storage::{
 };
 
 const CHILD: &str = "TOKEN_STORAGE_REDIS_BENCH_CHILD";
-const ROUNDS: usize = 500;
+const CHILD_ROUNDS: &str = "TOKEN_STORAGE_REDIS_BENCH_ROUNDS";
+
+/// Criterion's rule: without `--bench` (as under `cargo test --benches`), or with `--test`, the
+/// benches run once as tests. The parts outside criterion then use small sizes.
+fn test_mode() -> bool {
+    let args: Vec<String> = std::env::args().collect();
+    !args.iter().any(|a| a == "--bench") || args.iter().any(|a| a == "--test")
+}
+
+/// `full` when measuring, `quick` in test mode.
+fn size(full: usize, quick: usize) -> usize {
+    if test_mode() { quick } else { full }
+}
 
 #[derive(Debug)]
 struct NoRefresh;
@@ -49,10 +63,10 @@ async fn flows(url: &str) -> FlowManager {
 }
 
 /// The child: wait for each ping, answer with a pong.
-async fn child(url: String) {
+async fn child(url: String, rounds: usize) {
     let flows = flows(&url).await;
     println!("READY");
-    for i in 0..ROUNDS {
+    for i in 0..rounds {
         flows.wait::<u64>(&flow("ping", i)).await.unwrap();
         flows.complete(&flow("pong", i), &0u64).await.unwrap();
     }
@@ -76,9 +90,11 @@ fn main() {
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     if let Ok(url) = std::env::var(CHILD) {
-        rt.block_on(child(url));
+        let rounds = std::env::var(CHILD_ROUNDS).unwrap().parse().unwrap();
+        rt.block_on(child(url, rounds));
         return;
     }
+    let rounds = size(500, 10);
     let Some(server) = RedisServer::start() else { return };
     let url = server.url();
     let key = TokenKey::new("acme", "alice", "github");
@@ -101,7 +117,7 @@ fn main() {
     rt.block_on(async {
         let client = redis::Client::open(url.as_str()).unwrap();
         let mut raw = client.get_multiplexed_async_connection().await.unwrap();
-        let n = 1000u64;
+        let n = size(1000, 10) as u64;
         let before = commands(&mut raw).await;
         for _ in 0..n {
             storage.tokens(&key).await.unwrap().unwrap();
@@ -122,9 +138,25 @@ fn main() {
         );
     });
 
-    // 2. Throughput beside redis-benchmark GET, 50 connections / callers each.
-    let total = 100_000usize;
+    // 2. Throughput beside redis-benchmark running our read's command (HGETALL of the stored
+    // record), 50 connections / callers each, one command per request.
+    let total = size(100_000, 500);
     let record = rt.block_on(store.keys_with_prefix("")).unwrap().pop().expect("the stored record");
+    // The record's Redis key: the one hash under the bench prefix (its layout is the store's).
+    let redis_key: String = rt.block_on(async {
+        let client = redis::Client::open(url.as_str()).unwrap();
+        let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+        let mut hashes = Vec::new();
+        let keys: Vec<String> = redis::cmd("KEYS").arg("*").query_async(&mut raw).await.unwrap();
+        for k in keys {
+            let kind: String = redis::cmd("TYPE").arg(&k).query_async(&mut raw).await.unwrap();
+            if kind == "hash" {
+                hashes.push(k);
+            }
+        }
+        assert_eq!(hashes.len(), 1, "one stored record: {hashes:?}");
+        hashes.pop().unwrap()
+    });
     let ours = rt.block_on(async {
         let started = SystemClock::instant();
         let mut tasks = Vec::new();
@@ -166,24 +198,26 @@ fn main() {
             "127.0.0.1",
             "-p",
             &port,
-            "-t",
-            "get",
             "-n",
             &total.to_string(),
             "-c",
             "50",
+            "-P",
+            "1",
             "-q",
+            "HGETALL",
+            &redis_key,
         ])
         .output()
         .expect("redis-benchmark");
     let text = String::from_utf8_lossy(&out.stdout);
     let theirs: f64 = text
         .split(['\r', '\n'])
-        .filter_map(|l| l.trim().strip_prefix("GET: "))
-        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .filter_map(|l| l.trim().strip_prefix("HGETALL "))
+        .filter_map(|l| l.split(": ").nth(1)?.split_whitespace().next()?.parse().ok())
         .next_back()
-        .unwrap_or(0.0);
-    println!("redis-benchmark -t get -n {total} -c 50: {theirs:.0} requests/s");
+        .unwrap_or_else(|| panic!("no rate in redis-benchmark's output: {text}"));
+    println!("redis-benchmark -n {total} -c 50 -P 1 HGETALL <the record>: {theirs:.0} requests/s");
     println!(
         "RedisTokenStore::get, 50 concurrent callers: {ours:.0} reads/s ({:.2}x redis-benchmark)",
         ours / theirs
@@ -196,20 +230,21 @@ fn main() {
     // 3. Wake-up latency across processes (ping-pong).
     rt.block_on(async {
         let flows = flows(&url).await;
-        for i in 0..ROUNDS {
+        for i in 0..rounds {
             flows.init(&flow("ping", i), serde_json::json!({})).await.unwrap();
             flows.init(&flow("pong", i), serde_json::json!({})).await.unwrap();
         }
         let mut child = Command::new(std::env::current_exe().unwrap())
             .env(CHILD, &url)
+            .env(CHILD_ROUNDS, rounds.to_string())
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
         let mut ready = String::new();
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut ready).unwrap();
         assert_eq!(ready.trim(), "READY");
-        let mut rtts = Vec::with_capacity(ROUNDS);
-        for i in 0..ROUNDS {
+        let mut rtts = Vec::with_capacity(rounds);
+        for i in 0..rounds {
             let started = SystemClock::instant();
             flows.complete(&flow("ping", i), &0u64).await.unwrap();
             tokio::time::timeout(Duration::from_secs(5), flows.wait::<u64>(&flow("pong", i)))
@@ -221,7 +256,7 @@ fn main() {
         child.wait().unwrap();
         rtts.sort();
         println!(
-            "cross-process ping-pong over {ROUNDS} rounds (complete -> waiter in the other process -> complete -> waiter here): \
+            "cross-process ping-pong over {rounds} rounds (complete -> waiter in the other process -> complete -> waiter here): \
              round trip p50 {:?}, p99 {:?}, max {:?}; one wake-up (half) p50 {:?}, p99 {:?}",
             percentile(&rtts, 0.5),
             percentile(&rtts, 0.99),

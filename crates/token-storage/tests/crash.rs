@@ -1,10 +1,13 @@
 //! Crash safety: a process killed with SIGKILL in the middle of refreshing leaves a readable
 //! store holding either the old or the new token set, never a torn one.
 //!
-//! The test re-executes its own binary as the child (`crash_child`, which does nothing unless
-//! the environment variable below names a database), lets it refresh in a loop against sled, and
-//! kills it at varying points.
+//! The test re-executes its own binary as the child, lets it refresh in a loop against sled, and
+//! kills it at varying points. This binary has its own `main` (`harness = false`): it plays the
+//! child when the environment variable below names a database and runs the tests otherwise, so
+//! the child is not counted as a test.
 
+#[path = "common/child_harness.rs"]
+mod child_harness;
 mod common;
 
 use std::io::{BufRead, BufReader};
@@ -64,10 +67,19 @@ fn seed() -> TokenResponse {
     TokenResponse::bearer("at-0").expires_in(HOUR).refresh_token("rt-0")
 }
 
-/// Not a test on its own: the child process of `sigkill_mid_refresh_never_tears_a_record`.
-#[test]
-fn crash_child() {
-    let Ok(dir) = std::env::var(CHILD_DB) else { return };
+fn main() -> std::process::ExitCode {
+    if let Ok(dir) = std::env::var(CHILD_DB) {
+        crash_child(dir);
+        return std::process::ExitCode::SUCCESS;
+    }
+    child_harness::run(&[child_harness::Test {
+        name: "sigkill_mid_refresh_never_tears_a_record",
+        run: sigkill_mid_refresh_never_tears_a_record,
+    }])
+}
+
+/// The child process of `sigkill_mid_refresh_never_tears_a_record`: refreshes in a loop.
+fn crash_child(dir: String) {
     let hang = std::env::var(CHILD_HANG).is_ok();
     if std::env::var("CRASH_TRACE").is_ok() {
         tracing_subscriber::fmt()
@@ -94,10 +106,7 @@ fn crash_child() {
 /// Returns the number on the last such line.
 fn run_and_kill(dir: &str, hang: bool, prefix: &str, lines: usize) -> u64 {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args(["crash_child", "--exact", "--nocapture", "--test-threads=1"])
-        .env(CHILD_DB, dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+    cmd.env(CHILD_DB, dir).stdout(Stdio::piped()).stderr(Stdio::null());
     if hang {
         cmd.env(CHILD_HANG, "1");
     }
@@ -125,7 +134,6 @@ fn run_and_kill(dir: &str, hang: bool, prefix: &str, lines: usize) -> u64 {
     last
 }
 
-#[test]
 fn sigkill_mid_refresh_never_tears_a_record() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_str().unwrap().to_owned();

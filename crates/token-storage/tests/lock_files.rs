@@ -2,9 +2,12 @@
 //! token endpoint hangs; the parent's refresh of the same key waits, and goes ahead as soon as
 //! the child is SIGKILLed (the kernel releases the lock of a dead process; no TTL involved).
 //!
-//! The test re-executes its own binary as the child (`lock_child`, which does nothing unless the
-//! environment variable below names a lock directory).
+//! The test re-executes its own binary as the child: this binary has its own `main`
+//! (`harness = false`), which plays the child when the environment variable below names a lock
+//! directory and runs the tests otherwise, so the child is not counted as a test.
 
+#[path = "common/child_harness.rs"]
+mod child_harness;
 mod common;
 
 use std::io::{BufRead, BufReader};
@@ -42,10 +45,19 @@ fn seed() -> TokenResponse {
     TokenResponse::bearer("at-0").expires_in(HOUR).refresh_token("rt-0")
 }
 
-/// Not a test on its own: the child process of `a_dead_processes_lock_is_released_at_once`.
-#[test]
-fn lock_child() {
-    let Ok(dir) = std::env::var(CHILD_DIR) else { return };
+fn main() -> std::process::ExitCode {
+    if let Ok(dir) = std::env::var(CHILD_DIR) {
+        lock_child(dir);
+        return std::process::ExitCode::SUCCESS;
+    }
+    child_harness::run(&[child_harness::Test {
+        name: "a_dead_processes_lock_is_released_at_once",
+        run: || child_harness::block_on(a_dead_processes_lock_is_released_at_once()),
+    }])
+}
+
+/// The child process of `a_dead_processes_lock_is_released_at_once`: takes the lock and hangs.
+fn lock_child(dir: String) {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let storage =
@@ -57,12 +69,10 @@ fn lock_child() {
     });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_processes_lock_is_released_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let locks = dir.path().join("locks");
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["lock_child", "--exact", "--nocapture", "--test-threads=1"])
         .env(CHILD_DIR, &locks)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

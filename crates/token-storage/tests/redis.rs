@@ -13,7 +13,6 @@ use std::time::Duration;
 use common::*;
 use flow_state::testkit::RedisServer;
 use flow_state::{MemoryStore, RedisStore, SharedStore};
-use mcp_clock::Clock;
 use token_storage::testkit::{FakeAuthServer, store_conformance};
 use token_storage::{
     DecryptFailure, Error, MemoryTokenStore, RedisTokenStore, RefreshLease, SharedClock,
@@ -126,8 +125,9 @@ fn storage_on(
 /// concurrent 401s each for the same token. Returns the refresh calls that reached the server
 /// and the reuse detections. `with_lease` false is the control: without the
 /// lease both redeem (and trip reuse detection), which proves the test can see the race.
-async fn two_storages_race(with_lease: bool) -> (u64, u64) {
-    let Some(redis) = RedisServer::start() else { return (1, 0) };
+/// `None` when the Redis tests are skipped (`MCP_TEST_SKIP_REDIS=1`).
+async fn two_storages_race(with_lease: bool) -> Option<(u64, u64)> {
+    let redis = RedisServer::start()?;
     let server = FakeAuthServer::new(SharedClock::system());
     server.set_latency(Duration::from_millis(50));
     let store = connect(&redis).await;
@@ -155,20 +155,19 @@ async fn two_storages_race(with_lease: bool) -> (u64, u64) {
         assert_eq!(tokens.len(), 1, "every caller got the one new token");
         assert!(!tokens.contains(first.access_token().expose()));
     }
-    (server.calls(), server.reuse_detected())
+    Some((server.calls(), server.reuse_detected()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_lease_makes_two_storages_redeem_once() {
-    assert_eq!(two_storages_race(true).await, (1, 0));
+    let Some(counts) = two_storages_race(true).await else { return };
+    assert_eq!(counts, (1, 0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_lease_two_storages_redeem_twice() {
-    let (calls, reused) = two_storages_race(false).await;
-    if RedisServer::start().is_some() {
-        assert!(calls >= 2 && reused >= 1, "the control must show the race: {calls} calls");
-    }
+    let Some((calls, reused)) = two_storages_race(false).await else { return };
+    assert!(calls >= 2 && reused >= 1, "the control must show the race: {calls} calls");
 }
 
 /// The same race with lock files over one shared store (`flock` conflicts between two open
@@ -198,30 +197,45 @@ async fn lock_files_make_two_storages_redeem_once() {
 
 /// A store lease over a memory flow store whose holder never renews (a crashed process: its
 /// lease is simply left in the store) blocks refreshes only until the TTL, then one takes over.
+/// On a manual clock: at 1 ms before the TTL the refresh still waits and nothing is redeemed;
+/// just after it, the refresh takes over and redeems once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_holders_lease_expires_and_the_refresh_takes_over() {
-    let flows = SharedStore::new(MemoryStore::new());
-    let ttl = Duration::from_millis(300);
+    let clock = token_storage::ManualClock::default();
+    let flows = SharedStore::new(MemoryStore::with_clock(clock.shared()));
+    let ttl = Duration::from_secs(2);
     let server = FakeAuthServer::new(SharedClock::system());
     let tokens = Arc::new(MemoryTokenStore::new());
     let storage = storage_on(
         SharedTokenStore::from_arc(tokens.clone()),
         &server,
-        Some(RefreshLease::store(flows.clone(), SharedClock::system()).ttl(ttl)),
+        Some(RefreshLease::store(flows.clone(), clock.shared()).ttl(ttl)),
     );
     let first = storage.store(&key(), ISS, server.issue(&key())).await.unwrap();
     // The dead holder's lease, under the key the refresh uses.
-    let leases = flow_state::Leases::new(flows, SharedClock::system());
+    let leases = flow_state::Leases::new(flows, clock.shared());
     let record = tokens.keys_with_prefix("").await.unwrap().pop().unwrap();
     let lease_key = flow_state::FlowKey::new("token_refresh", &record).unwrap();
     let dead = leases.try_acquire(&lease_key, ttl).await.unwrap();
     assert!(dead.is_some());
-    let clock = SharedClock::system();
-    let started = clock.now();
-    let fresh = storage.force_refresh(&key(), ISS, first.access_token()).await.unwrap();
+    let sleepers = clock.sleepers();
+    let refresh = tokio::spawn({
+        let (storage, rejected) = (storage.clone(), first.access_token().clone());
+        async move { storage.force_refresh(&key(), ISS, &rejected).await }
+    });
+    // The refresh waits on the clock for the dead lease's expiry.
+    until("the refresh to wait for the lease", || clock.sleepers() > sleepers).await;
+    clock.advance(ttl - Duration::from_millis(1));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!refresh.is_finished(), "the refresh waits for the dead lease until its TTL");
+    assert_eq!(server.redemptions(), 0);
+    clock.advance(Duration::from_millis(2));
+    let fresh = tokio::time::timeout(Duration::from_secs(10), refresh)
+        .await
+        .expect("the refresh took over at the TTL")
+        .unwrap()
+        .unwrap();
     assert_ne!(fresh.access_token(), first.access_token());
-    let waited = clock.now().saturating_since(started);
-    assert!(waited >= ttl / 2, "waited for the dead lease: {waited:?}");
     assert_eq!(server.redemptions(), 1);
 }
 

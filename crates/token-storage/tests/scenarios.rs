@@ -246,6 +246,70 @@ async fn a_burst_of_401s_redeems_once() {
     assert_eq!((f.server.calls(), f.server.reuse_detected()), (1, 0));
 }
 
+/// The count `benches/token_storage.rs` (`force_refresh_burst/1000`) asserts, as a test: 1,000
+/// concurrent `force_refresh` calls for one rejected token. The race: a caller reads the
+/// rejected token as still current after another has started the refresh, and redeems again. The
+/// refresher holds until all 1,000 callers have called `force_refresh`, so they all overlap the
+/// one redemption; exactly one refresher call, and every caller gets the one new token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_forced_refreshes_call_the_refresher_once() {
+    const CALLERS: usize = 1000;
+    #[derive(Debug)]
+    struct HeldUntilAllArrived {
+        arrived: Arc<AtomicUsize>,
+        calls: AtomicUsize,
+    }
+    impl Refresher for HeldUntilAllArrived {
+        fn refresh<'a>(
+            &'a self,
+            _: &'a TokenKey,
+            r: &'a RefreshRequest,
+        ) -> BoxFuture<'a, Result<TokenResponse, RefreshError>> {
+            Box::pin(async move {
+                let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+                while self.arrived.load(Ordering::SeqCst) < CALLERS {
+                    tokio::task::yield_now().await;
+                }
+                Ok(TokenResponse::bearer(format!("at-{n}"))
+                    .expires_in(HOUR)
+                    .refresh_token(format!("{}+", r.refresh_token.expose())))
+            })
+        }
+    }
+    let arrived = Arc::new(AtomicUsize::new(0));
+    let refresher =
+        Arc::new(HeldUntilAllArrived { arrived: arrived.clone(), calls: AtomicUsize::new(0) });
+    let storage = TokenStorage::builder(
+        SharedTokenStore::new(token_storage::MemoryTokenStore::new()),
+        keyring(),
+        refresher.clone(),
+    )
+    .clock(token_storage::ManualClock::default().shared())
+    .config(config())
+    .build();
+    let key = key();
+    let first = storage
+        .store(&key, ISS, TokenResponse::bearer("at-0").expires_in(HOUR).refresh_token("rt"))
+        .await
+        .unwrap();
+    let tasks: Vec<_> = (0..CALLERS)
+        .map(|_| {
+            let (storage, key, rejected, arrived) =
+                (storage.clone(), key.clone(), first.access_token().clone(), arrived.clone());
+            tokio::spawn(async move {
+                arrived.fetch_add(1, Ordering::SeqCst);
+                storage.force_refresh(&key, ISS, &rejected).await
+            })
+        })
+        .collect();
+    let mut tokens = std::collections::HashSet::new();
+    for t in tasks {
+        tokens.insert(t.await.unwrap().unwrap().access_token().expose().to_owned());
+    }
+    assert_eq!(refresher.calls.load(Ordering::SeqCst), 1, "one refresher call for the burst");
+    assert_eq!(tokens.into_iter().collect::<Vec<_>>(), ["at-1"], "every caller got the new token");
+}
+
 /// 101, anchors §d 7: inside the refresh window the old token is served at once while one
 /// background refresh runs; then the new one is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -47,6 +47,8 @@ pub(crate) struct Setup {
     pub(crate) factory: ConnectionFactory,
     pub(crate) browser: Arc<Browser>,
     pub(crate) redirect: String,
+    /// The factory's token storage (what the callback stores into).
+    pub(crate) storage: TokenStorage,
 }
 
 pub(crate) async fn setup(decision: HookDecision) -> Setup {
@@ -86,8 +88,9 @@ pub(crate) async fn setup(decision: HookDecision) -> Setup {
         scopes: Default::default(),
         decision,
     });
-    let factory = ConnectionFactory::new(flows, storage).with_interactive(oauth, browser.clone());
-    Setup { clock, fx, factory, browser, redirect }
+    let factory =
+        ConnectionFactory::new(flows, storage.clone()).with_interactive(oauth, browser.clone());
+    Setup { clock, fx, factory, browser, redirect, storage }
 }
 
 impl Setup {

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use flow_state::{CallOptions, CancellationToken, ManualClock, SingleFlight, SingleFlightError};
-use tokio::sync::Notify;
+use tokio::sync::watch;
 
 use crate::harness::{settle, within};
 
@@ -18,9 +18,13 @@ fn options() -> CallOptions {
         .caller_deadline(Duration::from_millis(2_000))
 }
 
+/// A refresh that waits until [`Refresher::release`] (a level, not an edge: a release before the
+/// refresh starts waiting is not lost, as `Notify::notify_waiters` would lose it).
 struct Refresher {
     calls: AtomicUsize,
-    release: Notify,
+    /// Refreshes waiting for the release right now.
+    waiting: AtomicUsize,
+    release: watch::Sender<bool>,
     tokens: std::sync::Mutex<Vec<CancellationToken>>,
 }
 
@@ -28,9 +32,14 @@ impl Refresher {
     fn new() -> Arc<Self> {
         Arc::new(Refresher {
             calls: AtomicUsize::new(0),
-            release: Notify::new(),
+            waiting: AtomicUsize::new(0),
+            release: watch::Sender::new(false),
             tokens: Default::default(),
         })
+    }
+
+    fn release(&self) {
+        self.release.send_replace(true);
     }
 
     fn start(
@@ -42,11 +51,14 @@ impl Refresher {
             this.calls.fetch_add(1, Ordering::SeqCst);
             this.tokens.lock().unwrap().push(token);
             let this = this.clone();
+            let mut released = this.release.subscribe();
             Box::pin(async move {
                 if hang_forever {
                     std::future::pending::<()>().await;
                 }
-                this.release.notified().await;
+                this.waiting.fetch_add(1, Ordering::SeqCst);
+                let _ = released.wait_for(|r| *r).await;
+                this.waiting.fetch_sub(1, Ordering::SeqCst);
                 7
             })
         }
@@ -57,8 +69,24 @@ impl Refresher {
     }
 }
 
+/// Lets spawned tasks run (yields only, no real time) until `done` holds.
+async fn until(what: &str, done: impl Fn() -> bool) {
+    for _ in 0..100_000 {
+        if done() {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("never happened: {what}");
+}
+
 mod futures_like {
     pub(crate) type Fut = std::pin::Pin<Box<dyn std::future::Future<Output = u32> + Send>>;
+}
+
+/// A 60 s attempt whose callers also give up after 60 s (so each holds a sleep on the clock).
+fn caller_with_deadline() -> CallOptions {
+    CallOptions::new(Duration::from_secs(60)).caller_deadline(Duration::from_secs(60))
 }
 
 /// 19: two concurrent calls while the refresh waits to be released: one refresh, both get it.
@@ -69,14 +97,17 @@ async fn concurrent_calls_share_one_attempt() {
     let r = Refresher::new();
     let a = tokio::spawn({
         let (sf, r) = (sf.clone(), r.clone());
-        async move { sf.call("t:u:s", CallOptions::new(Duration::from_secs(60)), r.start(false)).await }
+        async move { sf.call("t:u:s", caller_with_deadline(), r.start(false)).await }
     });
     let b = tokio::spawn({
         let (sf, r) = (sf.clone(), r.clone());
-        async move { sf.call("t:u:s", CallOptions::new(Duration::from_secs(60)), r.start(false)).await }
+        async move { sf.call("t:u:s", caller_with_deadline(), r.start(false)).await }
     });
-    settle().await;
-    r.release.notify_waiters();
+    // Both callers are in: the one attempt waits for its release and holds a deadline sleep on
+    // the clock, and each caller holds a sleep on the clock for its own deadline.
+    until("the attempt to wait", || r.waiting.load(Ordering::SeqCst) == 1).await;
+    until("both callers to wait", || clock.sleepers() >= 3).await;
+    r.release();
     assert_eq!(within(a).await.unwrap(), Ok(7));
     assert_eq!(within(b).await.unwrap(), Ok(7));
     assert_eq!(r.calls.load(Ordering::SeqCst), 1);
@@ -111,7 +142,8 @@ async fn a_slow_attempt_is_signalled_and_joinable_until_released() {
         let (sf, r) = (sf.clone(), r.clone());
         async move { sf.call("k", options(), r.start(false)).await }
     });
-    settle().await;
+    until("the attempt to wait", || r.waiting.load(Ordering::SeqCst) == 1).await;
+    until("the caller's and the attempt's deadlines", || clock.sleepers() == 2).await;
     clock.advance(Duration::from_millis(1_999));
     settle().await;
     assert!(!r.token(0).is_cancelled(), "24: not aborted before the budget");
@@ -121,13 +153,14 @@ async fn a_slow_attempt_is_signalled_and_joinable_until_released() {
     settle().await;
     assert!(r.token(0).is_cancelled(), "the refresh signal is aborted at the budget");
     assert_eq!(sf.in_flight(), 1);
+    let sleepers = clock.sleepers();
     let second = tokio::spawn({
         let (sf, r) = (sf.clone(), r.clone());
-        async move { sf.call("k", CallOptions::new(Duration::from_secs(60)), r.start(false)).await }
+        async move { sf.call("k", caller_with_deadline(), r.start(false)).await }
     });
-    settle().await;
+    until("the second caller to wait", || clock.sleepers() > sleepers).await;
     assert_eq!(r.calls.load(Ordering::SeqCst), 1, "the second call joined");
-    r.release.notify_waiters();
+    r.release();
     assert_eq!(within(second).await.unwrap(), Ok(7));
     assert_eq!(sf.in_flight(), 0);
 }
@@ -159,7 +192,7 @@ async fn a_hung_attempt_is_dropped_after_its_grace() {
     settle().await;
     assert_eq!(r.calls.load(Ordering::SeqCst), 2, "a second attempt");
     assert!(!r.token(1).is_cancelled(), "with a new signal");
-    r.release.notify_waiters();
+    r.release();
     assert_eq!(within(second).await.unwrap(), Ok(7));
 }
 

@@ -158,3 +158,41 @@ async fn a_deleted_result_is_never_handed_to_the_next_run() {
         }
     }
 }
+
+/// The count `benches/flows.rs` (`cold_key_1000_callers_1ms_handler`) asserts, as a test: 1,000
+/// callers on one cold key, in one process, while the handler runs. The race: a caller arrives
+/// between the map look-up and the PENDING write of another and starts a second handler. The
+/// handler holds until every caller has called `run`, so all 1,000 overlap the one run; exactly
+/// one handler run, and every caller gets its result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_callers_on_a_cold_key_run_the_handler_once() {
+    for backend in BACKENDS {
+        let Some(h) = harness(backend).await else { continue };
+        let flow_key = key("cache", "cold");
+        let runs = Arc::new(AtomicUsize::new(0));
+        let arrived = Arc::new(AtomicUsize::new(0));
+        let callers: Vec<_> = (0..TASKS)
+            .map(|_| {
+                let (flows, flow_key, runs, arrived) =
+                    (h.flows.clone(), flow_key.clone(), runs.clone(), arrived.clone());
+                tokio::spawn(async move {
+                    let arrivals = arrived.clone();
+                    arrivals.fetch_add(1, Ordering::SeqCst);
+                    flows
+                        .run(&flow_key, move || async move {
+                            runs.fetch_add(1, Ordering::SeqCst);
+                            while arrived.load(Ordering::SeqCst) < TASKS {
+                                tokio::task::yield_now().await;
+                            }
+                            Ok(7u64)
+                        })
+                        .await
+                })
+            })
+            .collect();
+        for c in callers {
+            assert_eq!(within(c).await.unwrap().unwrap(), 7, "{backend:?}");
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "{backend:?}: exactly one handler run");
+    }
+}

@@ -127,6 +127,8 @@ pub struct Running {
     pub stdin: Option<ChildStdin>,
     /// Responses read while waiting for another id (hosts may get them out of order).
     pub early: std::collections::HashMap<u64, serde_json::Value>,
+    /// The thread collecting stderr: it ends when the process's stderr closes.
+    stderr_reader: Option<std::thread::JoinHandle<()>>,
 }
 
 pub fn spawn(mut cmd: Command, with_stdio: bool) -> Running {
@@ -139,7 +141,7 @@ pub fn spawn(mut cmd: Command, with_stdio: bool) -> Running {
     let (url_tx, urls) = channel();
     let err = BufReader::new(child.stderr.take().unwrap());
     let collected = stderr.clone();
-    std::thread::spawn(move || {
+    let stderr_reader = std::thread::spawn(move || {
         for line in err.lines().map_while(Result::ok) {
             if let Some(url) = line.strip_prefix(URL_PREFIX) {
                 let _ = url_tx.send(url.to_owned());
@@ -159,7 +161,15 @@ pub fn spawn(mut cmd: Command, with_stdio: bool) -> Running {
         }
     });
     let stdin = child.stdin.take();
-    Running { child, stderr, urls, stdout: Some(out_rx), stdin, early: Default::default() }
+    Running {
+        child,
+        stderr,
+        urls,
+        stdout: Some(out_rx),
+        stdin,
+        early: Default::default(),
+        stderr_reader: Some(stderr_reader),
+    }
 }
 
 impl Running {
@@ -168,7 +178,10 @@ impl Running {
         drop(self.stdin.take());
         let status = self.child.wait().unwrap();
         let stdout: Vec<String> = self.stdout.take().unwrap().iter().collect();
-        std::thread::sleep(Duration::from_millis(50));
+        // Everything the process wrote to stderr is collected once its reader has seen the end.
+        if let Some(reader) = self.stderr_reader.take() {
+            reader.join().expect("the stderr reader panicked");
+        }
         Outcome {
             code: status.code(),
             stdout: stdout.join("\n"),
