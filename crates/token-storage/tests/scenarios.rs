@@ -656,8 +656,12 @@ async fn callers_that_leave_do_not_lose_the_rotated_token() {
         tokio::spawn(async move { storage.force_refresh(&key, ISS, &rejected).await })
     };
     let dropped = spawn();
-    let timed_out = spawn();
     until("the redemption to start", || f.server.calls() == 1).await;
+    // The second caller must have taken its deadline from the clock before the clock moves (a
+    // deadline taken after the advance would never pass, and the test would hang).
+    let sleepers = f.clock.sleepers();
+    let timed_out = spawn();
+    until("the second caller to wait", || f.clock.sleepers() > sleepers).await;
     dropped.abort();
     f.clock.advance(Duration::from_secs(2));
     assert!(matches!(timed_out.await.unwrap(), Err(Error::Timeout { .. })));
