@@ -68,4 +68,4 @@ pub use fixtures::Fixtures;
 pub use knobs::{Approval, InjectedFailure, KnobSettings, Knobs};
 pub use resource::{ResourceServer, ResourceServerBuilder, ResourceServerHandle};
 pub use secret::{IssuedTokens, RegisteredClient, TokenFingerprint};
-pub use stats::{AuthEvent, AuthEventKind, AuthStats, ResourceStats};
+pub use stats::{AuthEvent, AuthEventKind, AuthStats, PostRecord, ResourceStats};
