@@ -11,6 +11,8 @@
 //!
 //! - an ID token in the context and a server that takes the jwt-bearer grant: SEP-990
 //!   cross-app access ([`OAuthClient::enterprise_token`]);
+//! - a workload assertion in the context and a server that takes the jwt-bearer grant:
+//!   SEP-1933 workload identity ([`OAuthClient::jwt_bearer`]);
 //! - a server that takes `authorization_code`: PKCE authorization, headless (the authorization
 //!   URL is requested without following the redirect, and the code is read from `Location`),
 //!   with pre-registered, metadata-document or dynamic registration;
@@ -30,7 +32,7 @@ use mcp_oauth::{
     AuthAttempts, AuthorizationServerMetadata, BearerChallenge, ClientConfig, ClientKey,
     ClientRegistration, ClientSecret, Discovery, EnterpriseGrant, HttpPolicy, IdToken, OAuthClient,
     PreRegisteredClient, RegistrationSource, ReqwestHttpClient, TokenEndpointAuthMethod,
-    TokenResponse, select_scope,
+    TokenResponse, WorkloadIdentity, select_scope,
 };
 use serde::Deserialize;
 use url::Url;
@@ -55,6 +57,8 @@ struct Context {
     idp_id_token: Option<String>,
     idp_issuer: Option<String>,
     idp_token_endpoint: Option<String>,
+    /// A workload identity assertion (SEP-1933) the platform issued for this client.
+    valid_jwt: Option<String>,
 }
 
 /// The grant a run uses, decided from the context and the authorization server's metadata.
@@ -62,6 +66,8 @@ struct Context {
 enum Grant {
     /// SEP-990: token exchange at the identity provider, then the jwt-bearer grant.
     CrossApp,
+    /// SEP-1933: the jwt-bearer grant with the workload's own assertion.
+    WorkloadIdentity,
     /// PKCE authorization code, authorized headlessly.
     AuthorizationCode,
     /// Client credentials with the context's secret or key.
@@ -69,12 +75,16 @@ enum Grant {
 }
 
 /// What to do, from what the suite handed over and what the server supports. An ID token in
-/// the context means cross-app access when the server takes the jwt-bearer grant; otherwise the
+/// the context means cross-app access when the server takes the jwt-bearer grant, a workload
+/// assertion means workload identity federation with that grant; otherwise the
 /// user-facing authorization code grant is preferred; client credentials are the machine
 /// fallback and need credentials from the context.
 fn choose_grant(context: &Context, asm: &AuthorizationServerMetadata) -> Result<Grant, Error> {
     if context.idp_id_token.is_some() && asm.supports_grant(JWT_BEARER) {
         return Ok(Grant::CrossApp);
+    }
+    if context.valid_jwt.is_some() && asm.supports_grant(JWT_BEARER) {
+        return Ok(Grant::WorkloadIdentity);
     }
     if asm.supports_grant("authorization_code") {
         return Ok(Grant::AuthorizationCode);
@@ -95,6 +105,9 @@ struct AuthState {
     /// The scope of the current token (granted, else requested).
     scope: Option<String>,
     registration: Option<ClientRegistration>,
+    /// The issuer the context's credentials belong to. The suite does not name it: they are
+    /// bound to the first authorization server discovered, and never offered to another.
+    credentials_issuer: Option<String>,
 }
 
 /// The conformance mode's [`AuthProvider`]: authorizes on demand with [`OAuthClient`].
@@ -178,6 +191,16 @@ impl ConformanceProvider {
                 eprintln!("conformance: cross-app access (token exchange, then jwt-bearer)");
                 self.cross_app(&discovery, scope).await
             }
+            Grant::WorkloadIdentity => {
+                eprintln!("conformance: workload identity (jwt-bearer)");
+                let registration = self.register(state, &discovery).await?;
+                let assertion = self.context.valid_jwt.clone().unwrap_or_default();
+                let identity = WorkloadIdentity::fixed(IdToken::new(assertion));
+                self.oauth
+                    .jwt_bearer(&discovery, &registration, &identity, scope.as_deref())
+                    .await
+                    .map_err(|e| oauth_error("jwt-bearer grant failed", e))
+            }
             Grant::AuthorizationCode => {
                 self.authorization_code(state, &discovery, challenge, scope, step_up).await
             }
@@ -258,7 +281,7 @@ impl ConformanceProvider {
         };
         let registration = self
             .oauth
-            .register(discovery, &self.client_config()?)
+            .register(discovery, &self.client_config(discovery.issuer())?)
             .await
             .map_err(|e| oauth_error("client identification failed", e))?;
         self.oauth
@@ -278,18 +301,20 @@ impl ConformanceProvider {
         {
             return Ok(registration.clone());
         }
+        let issuer = state.credentials_issuer.get_or_insert_with(|| discovery.issuer().to_owned());
         let registration = self
             .oauth
-            .register(discovery, &self.client_config()?)
+            .register(discovery, &self.client_config(issuer)?)
             .await
             .map_err(|e| oauth_error("client registration failed", e))?;
         state.registration = Some(registration.clone());
         Ok(registration)
     }
 
-    /// How the client identifies itself: the context's credentials when it has some, else a
-    /// metadata document (used when the server supports it), else dynamic registration.
-    fn client_config(&self) -> Result<ClientConfig, Error> {
+    /// How the client identifies itself: the context's credentials (for `issuer`) when it has
+    /// some, else a metadata document (used when the server supports it), else dynamic
+    /// registration.
+    fn client_config(&self, issuer: &str) -> Result<ClientConfig, Error> {
         let mut config = ClientConfig::new("mcp-connect conformance", REDIRECT_URI);
         config.metadata_document_url = Url::parse(CIMD_URL).ok();
         let c = &self.context;
@@ -304,6 +329,7 @@ impl ConformanceProvider {
                 }
             };
             config.pre_registered = Some(PreRegisteredClient {
+                issuer: issuer.to_owned(),
                 client_id: client_id.clone(),
                 client_secret: c.client_secret.clone().map(ClientSecret::new),
                 auth_method: client_key.as_ref().map(|_| TokenEndpointAuthMethod::PrivateKeyJwt),
@@ -341,6 +367,7 @@ fn provider(server: Url, context: Context) -> Result<Arc<ConformanceProvider>, E
             attempts: AuthAttempts::new(MAX_AUTHORIZATIONS),
             scope: None,
             registration: None,
+            credentials_issuer: None,
         }),
     }))
 }
@@ -442,6 +469,9 @@ mod tests {
         let code = metadata(&["authorization_code", "refresh_token"]);
         let cc = metadata(&["client_credentials"]);
         let jwt = metadata(&[JWT_BEARER]);
+        let workload = context(json!({"client_id": "w", "valid_jwt": "eyJ.a.b"}));
+        assert_eq!(choose_grant(&workload, &jwt).unwrap(), Grant::WorkloadIdentity);
+        assert_eq!(choose_grant(&workload, &code).unwrap(), Grant::AuthorizationCode);
         assert_eq!(choose_grant(&none, &code).unwrap(), Grant::AuthorizationCode);
         // Pre-registered credentials alone do not turn a user flow into a machine flow.
         assert_eq!(choose_grant(&secret, &code).unwrap(), Grant::AuthorizationCode);
@@ -457,7 +487,8 @@ mod tests {
     fn the_context_key_selects_private_key_jwt_and_other_algorithms_are_refused() {
         let server: Url = "http://127.0.0.1:1/mcp".parse().unwrap();
         let es256 = context(json!({"client_id": "c", "private_key_pem": "pem"}));
-        let config = provider(server.clone(), es256).unwrap().client_config().unwrap();
+        let config =
+            provider(server.clone(), es256).unwrap().client_config("http://127.0.0.1:1").unwrap();
         let pre = config.pre_registered.unwrap();
         assert_eq!(pre.auth_method, Some(TokenEndpointAuthMethod::PrivateKeyJwt));
         assert!(pre.client_key.is_some());
@@ -465,10 +496,16 @@ mod tests {
         let rs256 = context(
             json!({"client_id": "c", "private_key_pem": "pem", "signing_algorithm": "RS256"}),
         );
-        let err = provider(server.clone(), rs256).unwrap().client_config().unwrap_err();
+        let err = provider(server.clone(), rs256)
+            .unwrap()
+            .client_config("http://127.0.0.1:1")
+            .unwrap_err();
         assert!(matches!(&err, Error::InvalidConfig(m) if m.contains("RS256")), "{err:?}");
 
-        let config = provider(server, Context::default()).unwrap().client_config().unwrap();
+        let config = provider(server, Context::default())
+            .unwrap()
+            .client_config("http://127.0.0.1:1")
+            .unwrap();
         assert!(config.pre_registered.is_none());
         assert_eq!(config.metadata_document_url.unwrap().as_str(), CIMD_URL);
     }

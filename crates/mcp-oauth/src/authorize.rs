@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 use url::Url;
 
 use crate::client::OAuthClient;
-use crate::discovery::{Discovery, issuer_eq};
+use crate::discovery::Discovery;
 use crate::error::{Error, Result};
 use crate::registration::ClientRegistration;
 use crate::secret::{AuthorizationCode, CsrfState, PkceVerifier, ct_eq, random_urlsafe};
@@ -240,9 +240,13 @@ impl OAuthClient {
 
     /// Check the callback against `pending` and exchange its code for tokens.
     ///
-    /// Checks, in order: an `error` in the callback, the `state` (constant time), the TTL, the
-    /// RFC 9207 `iss` (required when the server advertises it, compared whenever present), then
-    /// sends the code with the PKCE verifier, the redirect URI and the same `resource`.
+    /// Checks first that `pending` was made with this discovery's issuer and this
+    /// registration's client ID, then, in order: the `state` (constant time), its TTL, the RFC 9207 `iss` (required
+    /// when the server advertises it, compared whenever present, by exact string comparison),
+    /// and only then an `error` in the callback, then the code, which is sent with the PKCE
+    /// verifier, the redirect URI and the same `resource`. An `error` in a callback that fails
+    /// the `state` or `iss` checks is neither acted on nor shown: it may come from an attacker
+    /// (a mix-up or a forged redirect).
     pub async fn exchange_code(
         &self,
         discovery: &Discovery,
@@ -250,11 +254,18 @@ impl OAuthClient {
         pending: &PendingAuthorization,
         callback: &CallbackParams,
     ) -> Result<TokenResponse> {
-        if let Some(error) = &callback.error {
-            return Err(Error::AuthorizationDenied {
-                error: error.clone(),
-                description: callback.error_description.clone(),
+        // The pending request must be this discovery's and this registration's.
+        if pending.issuer != discovery.issuer() {
+            return Err(Error::IssuerMismatch {
+                expected: discovery.issuer().to_owned(),
+                found: pending.issuer.clone(),
             });
+        }
+        if pending.client_id != registration.client_id {
+            return Err(Error::Config(format!(
+                "the pending authorization was made for client {:?}, not {:?}",
+                pending.client_id, registration.client_id
+            )));
         }
         match &callback.state {
             Some(s) if ct_eq(s.secret(), pending.state.secret()) => {}
@@ -265,7 +276,7 @@ impl OAuthClient {
         }
         let asm = &discovery.authorization_server;
         match &callback.iss {
-            Some(iss) if !issuer_eq(iss, &pending.issuer) => {
+            Some(iss) if *iss != pending.issuer => {
                 return Err(Error::IssuerMismatch {
                     expected: pending.issuer.clone(),
                     found: iss.clone(),
@@ -278,6 +289,12 @@ impl OAuthClient {
                 });
             }
             _ => {}
+        }
+        if let Some(error) = &callback.error {
+            return Err(Error::AuthorizationDenied {
+                error: error.clone(),
+                description: callback.error_description.clone(),
+            });
         }
         let code = callback.code.as_ref().ok_or(Error::AuthorizationDenied {
             error: "missing_code".into(),

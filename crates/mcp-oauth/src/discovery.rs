@@ -9,7 +9,8 @@
 //! Authorization server metadata for issuer `https://as/<path>` is tried at
 //! `/.well-known/oauth-authorization-server/<path>`, `/.well-known/openid-configuration/<path>`,
 //! then `/<path>/.well-known/openid-configuration` (for an issuer without a path: the RFC 8414
-//! URL, then OpenID's). The document's `issuer` must equal the expected issuer.
+//! URL, then OpenID's). The document's `issuer` must equal the expected issuer exactly (simple
+//! string comparison, no normalisation: MCP 2026-07-28, RFC 8414 §3.3).
 //!
 //! Without any protected-resource metadata the 2025-03-26 rules apply: authorization server
 //! metadata at the MCP server's origin root, else `/authorize`, `/token` and `/register` there.
@@ -191,11 +192,6 @@ fn trimmed_path(url: &Url) -> String {
     url.path().trim_end_matches('/').to_owned()
 }
 
-/// Issuer identifiers compare equal when identical up to one trailing slash.
-pub(crate) fn issuer_eq(a: &str, b: &str) -> bool {
-    a.trim_end_matches('/') == b.trim_end_matches('/')
-}
-
 /// Does `resource` cover `server`: same origin, and a path that is a segment prefix?
 fn resource_covers(resource: &Url, server: &Url) -> bool {
     if !same_origin(resource, server) {
@@ -347,7 +343,7 @@ impl OAuthClient {
             let Some((final_url, response)) = self.get_document(url).await? else { continue };
             match self.parse_asm(&final_url, &response) {
                 Ok(asm) => {
-                    if !issuer_eq(&asm.issuer, expected) {
+                    if asm.issuer != expected {
                         return Err(Error::IssuerMismatch {
                             expected: expected.to_owned(),
                             found: asm.issuer,
@@ -503,9 +499,7 @@ impl DiscoveryCache {
             CacheEntry { discovery: discovery.clone(), stored_at: now, unauthorized: 0 },
         );
         match previous {
-            Some(p) if !issuer_eq(&p, discovery.issuer()) => {
-                CacheUpdate::IssuerChanged { previous: p }
-            }
+            Some(p) if p != discovery.issuer() => CacheUpdate::IssuerChanged { previous: p },
             _ => CacheUpdate::Stored,
         }
     }

@@ -161,6 +161,16 @@ pub enum Error {
         /// What the server said (empty when the `iss` parameter was missing).
         found: String,
     },
+    /// Client credentials registered with one authorization server were about to be used with
+    /// another (MCP 2026-07-28, SEP-2352: credentials are bound to their issuer). Nothing was
+    /// sent; register with the new server instead.
+    #[error("the client registration belongs to issuer {registered}, not {discovered}")]
+    RegistrationIssuerMismatch {
+        /// The issuer the registration belongs to.
+        registered: String,
+        /// The issuer discovery names now.
+        discovered: String,
+    },
     /// The authorization server lists PKCE methods and S256 is not among them.
     #[error("the authorization server does not support PKCE S256 (it lists {methods:?})")]
     PkceUnsupported {

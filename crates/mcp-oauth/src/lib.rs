@@ -12,7 +12,8 @@
 //!    URL with PKCE S256, `state` and `resource`, and returns a [`PendingAuthorization`].
 //! 5. On the callback, [`OAuthClient::exchange_code`] checks `state`, TTL and `iss`, and
 //!    exchanges the code. [`OAuthClient::refresh`], [`OAuthClient::client_credentials`] and
-//!    [`OAuthClient::revoke`] cover the rest of the token life cycle.
+//!    [`OAuthClient::revoke`] cover the rest of the token life cycle;
+//!    [`OAuthClient::jwt_bearer`] is the workload identity grant ([`WorkloadIdentity`]).
 //! 6. A 403 `insufficient_scope` goes through [`AuthAttempts`] for step-up with bounded retries.
 //!
 //! ```no_run
@@ -80,6 +81,7 @@ mod reqwest_client;
 mod scope;
 mod secret;
 mod token;
+mod workload;
 
 #[cfg(test)]
 mod testutil;
@@ -108,3 +110,4 @@ pub use secret::{
     RefreshToken,
 };
 pub use token::{Revocation, TokenResponse};
+pub use workload::WorkloadIdentity;

@@ -195,13 +195,16 @@ impl OAuthClient {
         Ok(())
     }
 
-    /// POST a grant to the token endpoint with the registration's client authentication.
+    /// POST a grant to the token endpoint with the registration's client authentication, after
+    /// checking that the registration belongs to the discovered issuer (nothing is sent
+    /// otherwise: [`Error::RegistrationIssuerMismatch`]).
     pub(crate) async fn token_request(
         &self,
         discovery: &Discovery,
         registration: &ClientRegistration,
         form: Vec<(&'static str, String)>,
     ) -> Result<TokenResponse> {
+        registration.check_issuer(discovery)?;
         let asm = &discovery.authorization_server;
         let url = asm.token_endpoint.clone().ok_or(Error::Unsupported("token endpoint"))?;
         self.post_grant(
@@ -297,6 +300,7 @@ impl OAuthClient {
         refresh_token: Option<&RefreshToken>,
         access_token: Option<&AccessToken>,
     ) -> Result<Revocation> {
+        registration.check_issuer(discovery)?;
         let asm = &discovery.authorization_server;
         let Some(url) = asm.revocation_endpoint.clone() else { return Ok(Revocation::NoEndpoint) };
         let method = match &asm.revocation_endpoint_auth_methods_supported {

@@ -233,7 +233,12 @@ async fn pre_registered_clients_with_each_authentication_method() {
     ] {
         let client =
             env.fx.auth().register_client(ClientSpec::new(auth).redirect_uri(REDIRECT)).unwrap();
-        let config = pre_registered(client.client_id(), client.client_secret(), method);
+        let config = pre_registered(
+            env.fx.auth().issuer(),
+            client.client_id(),
+            client.client_secret(),
+            method,
+        );
         let registration = env.client.register(&discovery, &config).await.unwrap();
         assert_eq!(registration.source, RegistrationSource::PreRegistered);
         assert_eq!(registration.auth_method, method);
@@ -269,6 +274,7 @@ async fn a_wrong_authentication_method_is_a_terminal_stale_registration() {
         .unwrap();
     // Registered for client_secret_basic; configured (wrongly) for client_secret_post.
     let config = pre_registered(
+        env.fx.auth().issuer(),
         client.client_id(),
         client.client_secret(),
         TokenEndpointAuthMethod::ClientSecretPost,
@@ -285,6 +291,7 @@ async fn a_wrong_authentication_method_is_a_terminal_stale_registration() {
 
     // A wrong secret with the right method: the same classification.
     let config = pre_registered(
+        env.fx.auth().issuer(),
         client.client_id(),
         Some("not-the-secret"),
         TokenEndpointAuthMethod::ClientSecretBasic,
@@ -754,6 +761,7 @@ async fn client_credentials_grant_for_a_machine_client() {
     let machine =
         env.fx.auth().register_client(ClientSpec::new(ClientAuth::ClientSecretPost)).unwrap();
     let config = pre_registered(
+        env.fx.auth().issuer(),
         machine.client_id(),
         machine.client_secret(),
         TokenEndpointAuthMethod::ClientSecretPost,
@@ -784,6 +792,7 @@ async fn revocation_of_refresh_then_access_token() {
         .unwrap();
     let (challenge, discovery) = env.discover().await;
     let config = pre_registered(
+        env.fx.auth().issuer(),
         client.client_id(),
         client.client_secret(),
         TokenEndpointAuthMethod::ClientSecretBasic,

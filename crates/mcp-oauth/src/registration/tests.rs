@@ -10,6 +10,7 @@ fn config() -> ClientConfig {
 
 fn pre(secret: bool) -> PreRegisteredClient {
     PreRegisteredClient {
+        issuer: "https://as.example.com".into(),
         client_id: "pre-registered-client".into(),
         client_secret: secret.then(|| ClientSecret::new("pre-registered-secret")),
         client_key: None,
@@ -225,4 +226,51 @@ async fn an_unrequested_secret_does_not_change_the_method() {
         serde_json::json!({"token_endpoint_auth_methods_supported": ["client_secret_post"]}),
     );
     assert_eq!(m.client.register(&d, &config()).await.unwrap().auth_method, M::None);
+}
+
+/// SEP-2352: a pre-registered client belongs to its issuer. When discovery names another
+/// authorization server, its credentials are not used: the client registers dynamically with
+/// the new server, whose registration request carries no trace of the old secret.
+#[tokio::test]
+async fn a_pre_registered_client_of_another_issuer_registers_anew() {
+    let m = mock(|_| {
+        let mut r = json(serde_json::json!({"client_id": "new-as-client"}));
+        r.status = 201;
+        r
+    });
+    let mut c = config();
+    let mut other = pre(true);
+    other.issuer = "https://old-as.example.com".into();
+    c.pre_registered = Some(other);
+    let d = discovery(serde_json::json!({}));
+    let r = m.client.register(&d, &c).await.unwrap();
+    assert_eq!(r.source, RegistrationSource::Dynamic);
+    assert_eq!(r.client_id, "new-as-client");
+    assert_eq!(r.issuer, "https://as.example.com");
+    let sent = m.log.last();
+    assert_eq!(sent.url.as_str(), "https://as.example.com/register");
+    let body = String::from_utf8_lossy(&sent.body);
+    assert!(!body.contains("pre-registered"), "{body}");
+    assert!(sent.header("authorization").is_none());
+}
+
+/// Without dynamic registration or metadata documents at the new server, the client is not
+/// identified at all: a typed error, nothing sent.
+#[tokio::test]
+async fn a_pre_registered_client_of_another_issuer_is_refused_without_registration() {
+    let m = mock(|_| HttpResponse::new(500));
+    let mut c = config();
+    let mut other = pre(true);
+    other.issuer = "https://as.example.com/".into(); // exact comparison: another issuer
+    c.pre_registered = Some(other);
+    let mut d = discovery(serde_json::json!({}));
+    d.authorization_server.registration_endpoint = None;
+    let err = m.client.register(&d, &c).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::RegistrationIssuerMismatch { registered, discovered }
+            if registered == "https://as.example.com/" && discovered == "https://as.example.com"),
+        "{err:?}"
+    );
+    assert!(!err.to_string().contains("pre-registered-secret"));
+    assert!(m.log.all().is_empty());
 }

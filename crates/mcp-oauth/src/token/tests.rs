@@ -395,3 +395,26 @@ async fn enterprise_exchange_must_issue_an_id_jag() {
     assert!(matches!(err, Error::Malformed { .. }), "{err:?}");
     assert_eq!(m.log.all().len(), 1);
 }
+
+/// SEP-2352: the grants and revocation refuse a registration whose issuer is not the
+/// discovery's, before anything is sent (the old server's secret never reaches the new one);
+/// a metadata document client ID is portable.
+#[tokio::test]
+async fn grants_and_revocation_refuse_a_registration_of_another_issuer() {
+    let m = mock(|_| token_body());
+    let mut reg = registration(M::ClientSecretPost);
+    reg.issuer = "https://old-as.example.com".into();
+    let is_mismatch = |r: Result<TokenResponse>| matches!(r, Err(Error::RegistrationIssuerMismatch { ref registered, .. }) if registered == "https://old-as.example.com");
+    assert!(is_mismatch(m.client.refresh(&d(), &reg, &rt(), None).await));
+    assert!(is_mismatch(m.client.client_credentials(&d(), &reg, None).await));
+    let revoked = m.client.revoke(&d(), &reg, Some(&rt()), None).await;
+    assert!(matches!(revoked, Err(Error::RegistrationIssuerMismatch { .. })), "{revoked:?}");
+    assert!(m.log.all().is_empty(), "nothing was sent");
+
+    let mut cimd = registration(M::None);
+    cimd.source = RegistrationSource::MetadataDocument;
+    cimd.client_id = "https://client.example.com/meta.json".into();
+    cimd.issuer = "https://old-as.example.com".into();
+    m.client.refresh(&d(), &cimd, &rt(), None).await.unwrap();
+    assert_eq!(m.log.all().len(), 1);
+}
