@@ -53,6 +53,8 @@ pub struct OAuthClient {
     pub(crate) clock: SharedClock,
     pub(crate) config: Arc<OAuthConfig>,
     pub(crate) cancel: CancellationToken,
+    /// The DPoP key token requests are bound to, if any.
+    pub(crate) dpop: Option<crate::dpop::DpopKey>,
 }
 
 impl OAuthClient {
@@ -63,6 +65,7 @@ impl OAuthClient {
             clock,
             config: Arc::new(OAuthConfig::default()),
             cancel: CancellationToken::new(),
+            dpop: None,
         }
     }
 

@@ -88,6 +88,10 @@ pub struct AuthorizationServerMetadata {
     /// The server accepts client ID metadata document URLs as client IDs.
     #[serde(default)]
     pub client_id_metadata_document_supported: bool,
+    /// RFC 9449: the JWS algorithms the server accepts in DPoP proofs (it issues DPoP-bound
+    /// tokens).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dpop_signing_alg_values_supported: Option<Vec<String>>,
 }
 
 impl AuthorizationServerMetadata {
@@ -108,6 +112,7 @@ impl AuthorizationServerMetadata {
             token_endpoint_auth_methods_supported: None,
             authorization_response_iss_parameter_supported: false,
             client_id_metadata_document_supported: false,
+            dpop_signing_alg_values_supported: None,
         }
     }
 
@@ -118,6 +123,14 @@ impl AuthorizationServerMetadata {
             Some(list) => list.iter().any(|g| g == grant),
             None => grant == "authorization_code",
         }
+    }
+
+    /// True when the server takes DPoP proofs signed with ES256 (the algorithm [`crate::DpopKey`]
+    /// uses).
+    pub fn supports_dpop_es256(&self) -> bool {
+        self.dpop_signing_alg_values_supported
+            .as_ref()
+            .is_some_and(|algs| algs.iter().any(|a| a == "ES256"))
     }
 
     /// True when `scopes_supported` lists `scope`.

@@ -73,6 +73,7 @@ mod authorize;
 mod challenge;
 mod client;
 mod discovery;
+mod dpop;
 mod enterprise;
 mod error;
 mod http;
@@ -93,6 +94,7 @@ pub use discovery::{
     AuthorizationServerMetadata, CacheUpdate, Discovery, DiscoveryCache, MetadataSource,
     ProtectedResourceMetadata,
 };
+pub use dpop::DpopKey;
 pub use enterprise::EnterpriseGrant;
 pub use error::{Endpoint, Error, ErrorClass, Result};
 pub use http::{
