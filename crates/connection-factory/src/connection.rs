@@ -461,7 +461,7 @@ async fn attempt(
     Result<(RunningService<RoleClient, ClientConfig>, AuthHttpClient), ClientInitializeError>,
     Error,
 > {
-    let client = AuthHttpClient::new(provider.clone())?;
+    let client = AuthHttpClient::new(provider.clone())?.with_clock(options.clock.clone());
     made.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(client.clone());
     let config = StreamableHttpClientTransportConfig::with_uri(url.to_owned())
         .max_concurrent_requests(options.max_concurrent_requests);

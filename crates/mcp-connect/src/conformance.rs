@@ -18,6 +18,10 @@
 //!   with pre-registered, metadata-document or dynamic registration;
 //! - else `client_credentials` with the context's secret or `private_key_jwt` key.
 //!
+//! When the authorization server advertises ES256 DPoP proofs, the grants carry proofs from a
+//! key made for the run (kept in memory only), and a DPoP-bound token goes to the MCP server
+//! as `Authorization: DPoP` with a proof per request.
+//!
 //! A 401 authorizes (again); a 403 `insufficient_scope` steps up to the union of the scopes.
 //! At most [`MAX_AUTHORIZATIONS`] authorizations are made in one run.
 
@@ -30,9 +34,9 @@ use connection_factory::{
 use mcp_clock::SharedClock;
 use mcp_oauth::{
     AuthAttempts, AuthorizationServerMetadata, BearerChallenge, ClientConfig, ClientKey,
-    ClientRegistration, ClientSecret, Discovery, EnterpriseGrant, HttpPolicy, IdToken, OAuthClient,
-    PreRegisteredClient, RegistrationSource, ReqwestHttpClient, TokenEndpointAuthMethod,
-    TokenResponse, WorkloadIdentity, select_scope,
+    ClientRegistration, ClientSecret, Discovery, DpopKey, EnterpriseGrant, HttpPolicy, IdToken,
+    OAuthClient, PreRegisteredClient, RegistrationSource, ReqwestHttpClient,
+    TokenEndpointAuthMethod, TokenResponse, WorkloadIdentity, select_scope,
 };
 use serde::Deserialize;
 use url::Url;
@@ -115,6 +119,11 @@ struct ConformanceProvider {
     oauth: OAuthClient,
     server: Url,
     context: Context,
+    /// The DPoP key of this run, used with an authorization server that advertises ES256 DPoP
+    /// proofs. It lives as long as the process (the conformance client stores nothing).
+    dpop: DpopKey,
+    /// Whether the current token is DPoP-bound (the token endpoint said `token_type` DPoP).
+    dpop_bound: Mutex<bool>,
     token: Mutex<Option<Secret>>,
     auth: tokio::sync::Mutex<AuthState>,
 }
@@ -168,6 +177,8 @@ impl ConformanceProvider {
             });
         }
         let tokens = self.authorize(&mut state, bearer.as_ref(), scope, step_up).await?;
+        *self.dpop_bound.lock().unwrap_or_else(PoisonError::into_inner) =
+            tokens.token_type.eq_ignore_ascii_case("dpop");
         let token = Secret::new(tokens.access_token.secret().to_owned());
         *self.token.lock().unwrap_or_else(PoisonError::into_inner) = Some(token.clone());
         Ok(Recovery::Retry(token))
@@ -186,28 +197,35 @@ impl ConformanceProvider {
             .discover(&self.server, challenge)
             .await
             .map_err(|e| oauth_error("discovery failed", e))?;
+        // DPoP-bound tokens when the authorization server takes ES256 proofs (RFC 9449).
+        let oauth = if discovery.authorization_server.supports_dpop_es256() {
+            eprintln!("conformance: DPoP (key {})", self.dpop.thumbprint());
+            self.oauth.clone().with_dpop(self.dpop.clone())
+        } else {
+            self.oauth.clone()
+        };
         match choose_grant(&self.context, &discovery.authorization_server)? {
             Grant::CrossApp => {
                 eprintln!("conformance: cross-app access (token exchange, then jwt-bearer)");
-                self.cross_app(&discovery, scope).await
+                self.cross_app(&oauth, &discovery, scope).await
             }
             Grant::WorkloadIdentity => {
                 eprintln!("conformance: workload identity (jwt-bearer)");
                 let registration = self.register(state, &discovery).await?;
                 let assertion = self.context.valid_jwt.clone().unwrap_or_default();
                 let identity = WorkloadIdentity::fixed(IdToken::new(assertion));
-                self.oauth
+                oauth
                     .jwt_bearer(&discovery, &registration, &identity, scope.as_deref())
                     .await
                     .map_err(|e| oauth_error("jwt-bearer grant failed", e))
             }
             Grant::AuthorizationCode => {
-                self.authorization_code(state, &discovery, challenge, scope, step_up).await
+                self.authorization_code(&oauth, state, &discovery, challenge, scope, step_up).await
             }
             Grant::ClientCredentials => {
                 eprintln!("conformance: client credentials");
                 let registration = self.register(state, &discovery).await?;
-                self.oauth
+                oauth
                     .client_credentials(&discovery, &registration, scope.as_deref())
                     .await
                     .map_err(|e| oauth_error("client credentials grant failed", e))
@@ -217,6 +235,7 @@ impl ConformanceProvider {
 
     async fn authorization_code(
         &self,
+        oauth: &OAuthClient,
         state: &mut AuthState,
         discovery: &Discovery,
         challenge: Option<&BearerChallenge>,
@@ -243,8 +262,7 @@ impl ConformanceProvider {
             .authorize_without_browser(&url)
             .await
             .map_err(|e| oauth_error("headless authorization failed", e))?;
-        let tokens = self
-            .oauth
+        let tokens = oauth
             .exchange_code(discovery, &registration, &pending, &callback)
             .await
             .map_err(|e| oauth_error("code exchange failed", e))?;
@@ -254,6 +272,7 @@ impl ConformanceProvider {
 
     async fn cross_app(
         &self,
+        oauth: &OAuthClient,
         discovery: &Discovery,
         scope: Option<String>,
     ) -> Result<TokenResponse, Error> {
@@ -284,7 +303,7 @@ impl ConformanceProvider {
             .register(discovery, &self.client_config(discovery.issuer())?)
             .await
             .map_err(|e| oauth_error("client identification failed", e))?;
-        self.oauth
+        oauth
             .enterprise_token(discovery, &registration, &grant)
             .await
             .map_err(|e| oauth_error("cross-app access failed", e))
@@ -352,6 +371,11 @@ impl AuthProvider for ConformanceProvider {
     ) -> BoxFuture<'a, Result<Recovery, Error>> {
         Box::pin(self.recover(rejected, challenge))
     }
+
+    fn dpop_key(&self) -> Option<DpopKey> {
+        let bound = *self.dpop_bound.lock().unwrap_or_else(PoisonError::into_inner);
+        bound.then(|| self.dpop.clone())
+    }
 }
 
 /// The conformance mode's provider for `server`, with what the suite handed over.
@@ -362,6 +386,8 @@ fn provider(server: Url, context: Context) -> Result<Arc<ConformanceProvider>, E
         oauth: OAuthClient::new(http, SharedClock::system()),
         server,
         context,
+        dpop: DpopKey::generate().map_err(|e| oauth_error("could not make a DPoP key", e))?,
+        dpop_bound: Mutex::new(false),
         token: Mutex::new(None),
         auth: tokio::sync::Mutex::new(AuthState {
             attempts: AuthAttempts::new(MAX_AUTHORIZATIONS),
