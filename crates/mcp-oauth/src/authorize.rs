@@ -166,8 +166,9 @@ impl OAuthClient {
     /// Build the authorization URL for the browser, and the pending state to keep until the
     /// callback.
     ///
-    /// Refuses a server whose `code_challenge_methods_supported` lacks `S256`. When the server
-    /// does not list methods at all, S256 is sent anyway (OAuth 2.1 requires PKCE support).
+    /// Refuses a server whose `code_challenge_methods_supported` lacks `S256` or is absent (MCP
+    /// 2025-11-25 and 2026-07-28: the client must not proceed without it), except for the
+    /// 2025-03-26 default endpoints, used when the server publishes no metadata at all.
     pub fn authorization_url(
         &self,
         discovery: &Discovery,
@@ -176,10 +177,12 @@ impl OAuthClient {
         scope: Option<&str>,
     ) -> Result<(Url, PendingAuthorization)> {
         let asm = &discovery.authorization_server;
-        if let Some(methods) = &asm.code_challenge_methods_supported
-            && !methods.iter().any(|m| m == "S256")
-        {
-            return Err(Error::PkceUnsupported { methods: methods.clone() });
+        match &asm.code_challenge_methods_supported {
+            Some(methods) if methods.iter().any(|m| m == "S256") => {}
+            Some(methods) => return Err(Error::PkceUnsupported { methods: methods.clone() }),
+            // 2025-03-26 without any metadata: the default endpoints, where S256 is assumed.
+            None if discovery.source == crate::MetadataSource::LegacyDefaultEndpoints => {}
+            None => return Err(Error::PkceUnsupported { methods: Vec::new() }),
         }
         let mut url = asm
             .authorization_endpoint
@@ -223,18 +226,23 @@ impl OAuthClient {
         &self,
         authorization_url: &Url,
     ) -> Result<CallbackParams> {
-        let response = self.send(crate::http::HttpRequest::get(authorization_url.clone())).await?;
+        // The URL carries the `state` and the redirect the `code`: errors name neither.
+        let response = self
+            .send(crate::http::HttpRequest::get(authorization_url.clone()))
+            .await
+            .map_err(Error::without_query)?;
         if !response.is_redirect() {
             return Err(Error::HttpStatus {
                 url: authorization_url.to_string(),
                 status: response.status,
                 retry_after: crate::client::retry_after(&response, self.clock.now()),
-            });
+            }
+            .without_query());
         }
         let location = response.header("location").unwrap_or_default();
-        let target = authorization_url
-            .join(location)
-            .map_err(|e| Error::InvalidUrl { url: location.to_owned(), reason: e.to_string() })?;
+        let target = authorization_url.join(location).map_err(|e| {
+            Error::InvalidUrl { url: location.to_owned(), reason: e.to_string() }.without_query()
+        })?;
         Ok(CallbackParams::from_url(&target))
     }
 

@@ -171,8 +171,11 @@ pub enum Error {
         /// The issuer discovery names now.
         discovered: String,
     },
-    /// The authorization server lists PKCE methods and S256 is not among them.
-    #[error("the authorization server does not support PKCE S256 (it lists {methods:?})")]
+    /// The authorization server does not advertise PKCE S256: `code_challenge_methods_supported`
+    /// lacks it, or is absent (MCP 2025-11-25 and later: the client must not proceed).
+    #[error(
+        "the authorization server does not advertise PKCE S256 (code_challenge_methods_supported: {methods:?})"
+    )]
     PkceUnsupported {
         /// The methods it lists.
         methods: Vec<String>,
@@ -281,7 +284,8 @@ impl Error {
     /// How long the server asked us to wait before trying again: its `Retry-After` header on an
     /// error response (typically 429 or 503), as delta-seconds or an HTTP-date. An HTTP-date is
     /// measured from the response's own `Date` header when present (so clock skew does not
-    /// matter), else from the client's clock; a date in the past is a zero delay.
+    /// matter), else from the client's clock; a date in the past is a zero delay. Longer delays
+    /// are clamped to one hour.
     ///
     /// ```
     /// use mcp_oauth::{Endpoint, Error, ErrorClass};
@@ -312,6 +316,43 @@ impl Error {
             Error::OAuth { code, .. } => Some(code),
             Error::AuthorizationDenied { error, .. } => Some(error),
             _ => None,
+        }
+    }
+
+    /// This error with the query and fragment cut from every URL it names, for errors about a
+    /// request whose URL carries secrets (the authorization URL's `state`, a redirect's `code`).
+    pub(crate) fn without_query(self) -> Self {
+        let cut = |url: String| match url::Url::parse(&url) {
+            Ok(mut u) => {
+                u.set_query(None);
+                u.set_fragment(None);
+                u.to_string()
+            }
+            // Not a URL: keep nothing after a '?' or '#'.
+            Err(_) => url.split(['?', '#']).next().unwrap_or_default().to_owned(),
+        };
+        match self {
+            Error::InvalidUrl { url, reason } => Error::InvalidUrl { url: cut(url), reason },
+            Error::InsecureUrl { url } => Error::InsecureUrl { url: cut(url) },
+            Error::SsrfRefused { url, kind } => Error::SsrfRefused { url: cut(url), kind },
+            Error::Timeout { url, timeout } => Error::Timeout { url: cut(url), timeout },
+            Error::Cancelled { url } => Error::Cancelled { url: cut(url) },
+            Error::Transport { url, source } => {
+                // The HTTP client's own message may quote the URL too.
+                let message = source.to_string().replace(&url, &cut(url.clone()));
+                Error::Transport { url: cut(url), source: Box::new(std::io::Error::other(message)) }
+            }
+            Error::BodyTooLarge { url, limit } => Error::BodyTooLarge { url: cut(url), limit },
+            Error::Redirect { from, to, reason } => {
+                Error::Redirect { from: cut(from), to: cut(to), reason }
+            }
+            Error::HttpStatus { url, status, retry_after } => {
+                Error::HttpStatus { url: cut(url), status, retry_after }
+            }
+            Error::Malformed { what, url, reason } => {
+                Error::Malformed { what, url: cut(url), reason }
+            }
+            other => other,
         }
     }
 

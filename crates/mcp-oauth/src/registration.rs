@@ -210,6 +210,18 @@ pub(crate) fn choose_auth_method(
     candidates.iter().copied().find(|m| supported.iter().any(|s| s == m.as_str()))
 }
 
+/// SEP-837 / OpenID registration: `web` when every redirect URI is HTTPS on a host other than
+/// loopback (a client served from the web), else `native` (loopback or private-use scheme
+/// redirects of an application on the user's device).
+pub(crate) fn application_type(redirect_uris: &[String]) -> &'static str {
+    let web = !redirect_uris.is_empty()
+        && redirect_uris.iter().all(|uri| {
+            Url::parse(uri)
+                .is_ok_and(|u| u.scheme() == "https" && !crate::http::is_loopback_host(&u))
+        });
+    if web { "web" } else { "native" }
+}
+
 #[derive(Deserialize)]
 struct RegistrationResponse {
     client_id: String,
@@ -279,9 +291,9 @@ impl OAuthClient {
             // a local authorization server can fetch a document served by a local test.
             let secure = url.scheme() == "https"
                 || (url.scheme() == "http" && crate::http::is_loopback_host(url));
-            if !secure || url.path() == "/" {
+            if !secure || url.path() == "/" || url.fragment().is_some() {
                 return Err(Error::Config(format!(
-                    "client metadata document URL {url} must be HTTPS (or loopback HTTP) with a path"
+                    "client metadata document URL {url} must be HTTPS (or loopback HTTP) with a path and no fragment"
                 )));
             }
             return Ok(ClientRegistration {
@@ -330,7 +342,7 @@ impl OAuthClient {
             "grant_types": grant_types,
             "response_types": ["code"],
             "token_endpoint_auth_method": requested.as_str(),
-            "application_type": "native",
+            "application_type": application_type(&config.redirect_uris),
         });
         let response =
             self.post_no_redirect(HttpRequest::post_json(endpoint.clone(), &body)).await?;

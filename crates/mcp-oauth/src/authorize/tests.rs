@@ -62,12 +62,21 @@ fn pkce_without_s256_is_refused() {
         .authorization_url(&d, &registration(M::None), "http://127.0.0.1:1/cb", None)
         .unwrap_err();
     assert!(matches!(err, Error::PkceUnsupported { ref methods } if methods == &["plain"]));
-    // An empty list refuses too; an absent list does not (the server just does not advertise).
+    // An empty list refuses.
     let d = discovery(serde_json::json!({"code_challenge_methods_supported": []}));
     let err = m.client.authorization_url(&d, &registration(M::None), "http://127.0.0.1:1/cb", None);
     assert!(matches!(err, Err(Error::PkceUnsupported { .. })));
+    // An absent list refuses too (MCP 2025-11-25 and later), with a clear error...
     let mut d = discovery(serde_json::json!({}));
     d.authorization_server.code_challenge_methods_supported = None;
+    let err = m
+        .client
+        .authorization_url(&d, &registration(M::None), "http://127.0.0.1:1/cb", None)
+        .unwrap_err();
+    assert!(matches!(err, Error::PkceUnsupported { ref methods } if methods.is_empty()));
+    assert!(err.to_string().contains("code_challenge_methods_supported"), "{err}");
+    // ...except on the 2025-03-26 default endpoints, where there is no metadata to read.
+    d.source = crate::MetadataSource::LegacyDefaultEndpoints;
     assert!(
         m.client
             .authorization_url(&d, &registration(M::None), "http://127.0.0.1:1/cb", None)
@@ -379,4 +388,41 @@ async fn the_pending_request_must_match_the_discovery_and_registration() {
     let err = m.client.exchange_code(&d, &other_client, &pending, &callback(&pending, None)).await;
     assert!(matches!(err, Err(Error::Config(ref m)) if m.contains("client-2")), "{err:?}");
     assert!(m.log.all().is_empty());
+}
+
+/// The authorization URL carries the `state` (and the redirect the `code`): when the headless
+/// authorization fails, the error names the endpoint but neither secret.
+#[tokio::test]
+async fn headless_authorization_errors_carry_no_state_or_code() {
+    let d = discovery(serde_json::json!({}));
+    let reg = registration(M::None);
+    for answer in [500u16, 302] {
+        let m = mock(move |_| {
+            let r = HttpResponse::new(answer);
+            if answer == 302 {
+                r.with_header("location", "http://[bad/cb?code=SECRET-CODE")
+            } else {
+                r
+            }
+        });
+        let (url, pending) =
+            m.client.authorization_url(&d, &reg, "http://127.0.0.1:1/cb", None).unwrap();
+        let err = m.client.authorize_without_browser(&url).await.unwrap_err();
+        let shown = format!("{err} {err:?}");
+        assert!(!shown.contains(pending.state.secret()), "{shown}");
+        assert!(!shown.contains("SECRET-CODE"), "{shown}");
+    }
+    // A transport failure whose message quotes the URL.
+    let failing = |req: crate::HttpRequest| async move {
+        Err(Error::Transport {
+            url: req.url.to_string(),
+            source: format!("error sending request for url ({})", req.url).into(),
+        })
+    };
+    let client = OAuthClient::new(failing, mcp_clock::ManualClock::default().shared());
+    let (url, pending) = client.authorization_url(&d, &reg, "http://127.0.0.1:1/cb", None).unwrap();
+    let err = client.authorize_without_browser(&url).await.unwrap_err();
+    let shown = format!("{err} {err:?} {}", std::error::Error::source(&err).unwrap());
+    assert!(!shown.contains(pending.state.secret()), "{shown}");
+    assert!(shown.contains("as.example.com/authorize"), "{shown}");
 }

@@ -274,3 +274,30 @@ async fn a_pre_registered_client_of_another_issuer_is_refused_without_registrati
     assert!(!err.to_string().contains("pre-registered-secret"));
     assert!(m.log.all().is_empty());
 }
+
+/// SEP-837: `application_type` follows the redirect URIs: `native` for loopback and private-use
+/// schemes, `web` for HTTPS redirects to a web host.
+#[test]
+fn application_type_follows_the_redirect_uris() {
+    let t =
+        |uris: &[&str]| application_type(&uris.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    assert_eq!(t(&["http://127.0.0.1:8765/callback"]), "native");
+    assert_eq!(t(&["http://localhost:3000/callback"]), "native");
+    assert_eq!(t(&["com.example.app:/oauth"]), "native");
+    assert_eq!(t(&["https://app.example.com/callback"]), "web");
+    assert_eq!(t(&["https://app.example.com/cb", "http://127.0.0.1:1/cb"]), "native");
+    assert_eq!(t(&[]), "native");
+}
+
+/// A metadata document URL with a fragment is refused (it cannot be a client ID).
+#[tokio::test]
+async fn a_metadata_document_url_with_a_fragment_is_refused() {
+    let m = mock(|_| HttpResponse::new(500));
+    let d = discovery(serde_json::json!({"client_id_metadata_document_supported": true}));
+    let mut c = config();
+    c.metadata_document_url = Some("https://client.example.com/meta.json#x".parse().unwrap());
+    assert!(
+        matches!(m.client.register(&d, &c).await, Err(Error::Config(ref e)) if e.contains("fragment"))
+    );
+    assert!(m.log.all().is_empty());
+}
