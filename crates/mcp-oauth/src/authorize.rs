@@ -87,19 +87,54 @@ impl CallbackParams {
     /// assert_eq!(p.code.unwrap().secret(), "abc");
     /// ```
     pub fn from_url(url: &Url) -> Self {
+        Self::collect(url).0
+    }
+
+    /// The parameters of a callback URL, refusing one that repeats `code`, `state`, `iss`,
+    /// `error` or `error_description` (which of two `state`s would be checked, and which
+    /// `code` sent?).
+    ///
+    /// ```
+    /// use mcp_oauth::CallbackParams;
+    /// let twice = "http://127.0.0.1:1/cb?code=a&state=s&state=t".parse().unwrap();
+    /// assert!(CallbackParams::parse(&twice).is_err());
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Malformed`] naming the repeated parameter (the URL is shown without its query).
+    pub fn parse(url: &Url) -> Result<Self> {
+        match Self::collect(url) {
+            (params, None) => Ok(params),
+            (_, Some(name)) => Err(Error::malformed(
+                "authorization callback",
+                url,
+                format!("the parameter {name} appears more than once"),
+            )
+            .without_query()),
+        }
+    }
+
+    /// The parameters, and the first one that was repeated.
+    fn collect(url: &Url) -> (Self, Option<&'static str>) {
         let mut p = CallbackParams::default();
+        let mut repeated = None;
         for (k, v) in url.query_pairs() {
             let v = v.into_owned();
-            match &*k {
-                "code" => p.code = Some(AuthorizationCode::new(v)),
-                "state" => p.state = Some(CsrfState::new(v)),
-                "iss" => p.iss = Some(v),
-                "error" => p.error = Some(v),
-                "error_description" => p.error_description = Some(v),
-                _ => {}
+            let (name, was_set) = match &*k {
+                "code" => ("code", p.code.replace(AuthorizationCode::new(v)).is_some()),
+                "state" => ("state", p.state.replace(CsrfState::new(v)).is_some()),
+                "iss" => ("iss", p.iss.replace(v).is_some()),
+                "error" => ("error", p.error.replace(v).is_some()),
+                "error_description" => {
+                    ("error_description", p.error_description.replace(v).is_some())
+                }
+                _ => continue,
+            };
+            if was_set {
+                repeated.get_or_insert(name);
             }
         }
-        p
+        (p, repeated)
     }
 }
 
@@ -243,7 +278,7 @@ impl OAuthClient {
         let target = authorization_url.join(location).map_err(|e| {
             Error::InvalidUrl { url: location.to_owned(), reason: e.to_string() }.without_query()
         })?;
-        Ok(CallbackParams::from_url(&target))
+        CallbackParams::parse(&target)
     }
 
     /// Check the callback against `pending` and exchange its code for tokens.

@@ -38,7 +38,7 @@
 //!     client.authorization_url(&discovery, &registration, &config.redirect_uris[0], scope.as_deref())?;
 //! // ... send the user to `browser_url`; the loopback listener receives the callback URL ...
 //! # let callback_url = browser_url.clone();
-//! let callback = mcp_oauth::CallbackParams::from_url(&callback_url);
+//! let callback = mcp_oauth::CallbackParams::parse(&callback_url)?;
 //! let tokens = client.exchange_code(&discovery, &registration, &pending, &callback).await?;
 //! # let _ = tokens;
 //! # Ok(()) }

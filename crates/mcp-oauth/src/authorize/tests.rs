@@ -426,3 +426,16 @@ async fn headless_authorization_errors_carry_no_state_or_code() {
     assert!(!shown.contains(pending.state.secret()), "{shown}");
     assert!(shown.contains("as.example.com/authorize"), "{shown}");
 }
+
+/// A callback that repeats a parameter is refused, naming the parameter but not the values.
+#[test]
+fn a_callback_with_a_repeated_parameter_is_refused() {
+    for query in ["code=a&code=b&state=s", "code=a&state=s&state=t", "code=a&state=s&iss=x&iss=y"] {
+        let url: Url = format!("http://127.0.0.1:1/cb?{query}").parse().unwrap();
+        let err = CallbackParams::parse(&url).unwrap_err();
+        assert!(matches!(err, Error::Malformed { .. }), "{err:?}");
+        assert!(!err.to_string().contains("code=a"), "{err}");
+    }
+    let url: Url = "http://127.0.0.1:1/cb?code=a&state=s&iss=x&other=1&other=2".parse().unwrap();
+    assert_eq!(CallbackParams::parse(&url).unwrap().iss.as_deref(), Some("x"));
+}
