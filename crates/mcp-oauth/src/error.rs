@@ -273,12 +273,15 @@ impl Error {
         }
     }
 
-    /// True when the server no longer knows our client: `invalid_client` (or
-    /// `unauthorized_client`) from the token endpoint. The caller should drop the stored
-    /// registration and register again.
+    /// True when the server no longer knows our client: `invalid_client` from the token or
+    /// revocation endpoint. The caller should drop the stored registration and register again.
+    ///
+    /// `unauthorized_client` is not: the server knows the client and refuses it this grant
+    /// (RFC 6749 §5.2); registering again would not change that, and for a pre-registered or
+    /// workload client would only hide the refusal.
     pub fn is_stale_registration(&self) -> bool {
         matches!(self, Error::OAuth { code, endpoint: Endpoint::Token | Endpoint::Revocation, .. }
-            if code == "invalid_client" || code == "unauthorized_client")
+            if code == "invalid_client")
     }
 
     /// How long the server asked us to wait before trying again: its `Retry-After` header on an

@@ -204,6 +204,16 @@ fn stale_registration_is_detected_from_invalid_client() {
         retry_after: None,
     };
     assert!(!e.is_stale_registration());
+    // The server knows the client and refuses it this grant: not a stale registration.
+    let e = Error::OAuth {
+        endpoint: Endpoint::Token,
+        status: 400,
+        code: "unauthorized_client".into(),
+        description: None,
+        uri: None,
+        retry_after: None,
+    };
+    assert!(!e.is_stale_registration());
 }
 
 #[tokio::test]
