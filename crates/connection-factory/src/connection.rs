@@ -401,7 +401,7 @@ fn client_info() -> ClientConfig {
 /// `initialize` handshake is the way in: a JSON-RPC error other than the 2026-07-28 rejections
 /// (rmcp turns an older server's 4xx for the unknown method or the unknown
 /// `MCP-Protocol-Version` into one), or a server whose discovery lists only revisions that
-/// still have `initialize`.
+/// still have `initialize`, or an answer that is not a discovery result at all.
 fn speaks_only_initialize(e: &ClientInitializeError) -> bool {
     match e {
         ClientInitializeError::JsonRpcError(data) => !matches!(
@@ -413,6 +413,9 @@ fn speaks_only_initialize(e: &ClientInitializeError) -> bool {
         ClientInitializeError::NoCompatibleProtocolVersion { server_supported, .. } => {
             server_supported.iter().any(ProtocolVersion::has_initialize)
         }
+        // An answer that is not a discovery result (some older servers answer any unknown
+        // method with an empty result).
+        ClientInitializeError::ExpectedInitResult(_) => true,
         _ => false,
     }
 }
@@ -561,6 +564,30 @@ fn classify(e: &(dyn StdError + 'static)) -> Option<Error> {
 mod tests {
     use super::*;
     use rmcp::transport::streamable_http_client::StreamableHttpError;
+
+    /// Which failed discoveries lead to `initialize`: a JSON-RPC error that is not one of the
+    /// 2026-07-28 rejections, a discovery listing only revisions with `initialize`, and an
+    /// answer that is not a discovery result; not a 2026-07-28 rejection or a transport error.
+    #[test]
+    fn an_older_server_is_recognised_from_the_failed_discovery() {
+        let rpc = |code| {
+            ClientInitializeError::JsonRpcError(rmcp::model::ErrorData::new(code, "x", None))
+        };
+        assert!(speaks_only_initialize(&rpc(ErrorCode::METHOD_NOT_FOUND)));
+        assert!(speaks_only_initialize(&rpc(ErrorCode::INVALID_REQUEST)));
+        assert!(!speaks_only_initialize(&rpc(ErrorCode::HEADER_MISMATCH)));
+        assert!(!speaks_only_initialize(&rpc(ErrorCode::MISSING_REQUIRED_CLIENT_CAPABILITY)));
+        assert!(!speaks_only_initialize(&rpc(ErrorCode::UNSUPPORTED_PROTOCOL_VERSION)));
+        let versions =
+            |v: Vec<ProtocolVersion>| ClientInitializeError::NoCompatibleProtocolVersion {
+                client_supported: MODERN_VERSIONS.to_vec(),
+                server_supported: v,
+            };
+        assert!(speaks_only_initialize(&versions(vec![ProtocolVersion::V_2025_06_18])));
+        assert!(!speaks_only_initialize(&versions(Vec::new())));
+        assert!(speaks_only_initialize(&ClientInitializeError::ExpectedInitResult(None)));
+        assert!(!speaks_only_initialize(&ClientInitializeError::Cancelled));
+    }
 
     #[test]
     fn refusals_and_provider_failures_are_found_in_the_chain() {

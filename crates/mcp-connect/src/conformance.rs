@@ -3,7 +3,8 @@
 //! the environment, headless authorization).
 //!
 //! MCP goes through [`connection_factory::Connection`] (`initialize`, `tools/list`,
-//! `tools/call test-tool`); authorization goes through [`ConformanceProvider`], an
+//! `tools/call` of `test-tool`, else of the first tool listed, with arguments made from its
+//! schema); authorization goes through [`ConformanceProvider`], an
 //! [`AuthProvider`] on [`mcp_oauth::OAuthClient`]. Nothing branches on the scenario name: what
 //! to do is decided from the context JSON the suite hands over (pre-registered credentials, a
 //! private key, an identity provider's ID token) and from the authorization server's metadata
@@ -401,7 +402,7 @@ fn provider(server: Url, context: Context) -> Result<Arc<ConformanceProvider>, E
 /// Connect, list the tools and call `tool` with `arguments` (an error result is a failure).
 async fn session(
     provider: Arc<ConformanceProvider>,
-    tool: &str,
+    tool: Option<&str>,
     arguments: serde_json::Map<String, serde_json::Value>,
 ) -> Result<(), Error> {
     let url = provider.server.to_string();
@@ -411,14 +412,60 @@ async fn session(
         "conformance: tools: {:?}",
         tools.iter().map(|t| t.name.as_ref()).collect::<Vec<&str>>()
     );
-    let result = conn.call_tool(tool, Some(arguments)).await?;
+    // The tool asked for; else `test-tool` when the server has it; else the first tool the
+    // server lists, with arguments made from its input schema (a smoke test of a server).
+    // A server without tools has nothing more to try.
+    let (tool, arguments) = match tool {
+        Some(name) => (name.to_owned(), arguments),
+        None => {
+            let Some(chosen) = tools.iter().find(|t| t.name == "test-tool").or(tools.first())
+            else {
+                return conn.close().await;
+            };
+            (chosen.name.to_string(), sample_arguments(&chosen.input_schema))
+        }
+    };
+    eprintln!("conformance: calling {tool} with {}", serde_json::Value::Object(arguments.clone()));
+    let result = conn.call_tool(&tool, Some(arguments)).await?;
     if result.is_error == Some(true) {
         return Err(Error::Protocol(format!("{tool} answered with an error result")));
     }
     conn.close().await
 }
 
-/// Read the environment and run the suite's session: `tools/call test-tool {}`.
+/// Arguments for a tool from its JSON Schema: each required property gets a plain value of
+/// its type (1 for numbers, "test" for strings, true, [] or {}).
+fn sample_arguments(
+    schema: &serde_json::Map<String, serde_json::Value>,
+) -> serde_json::Map<String, serde_json::Value> {
+    use serde_json::Value;
+    let required: Vec<&str> = schema
+        .get("required")
+        .and_then(Value::as_array)
+        .map(|r| r.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let properties = schema.get("properties").and_then(Value::as_object);
+    required
+        .into_iter()
+        .map(|name| {
+            let kind = properties
+                .and_then(|p| p.get(name))
+                .and_then(|p| p.get("type"))
+                .and_then(Value::as_str)
+                .unwrap_or("string");
+            let value = match kind {
+                "number" | "integer" => Value::from(1),
+                "boolean" => Value::Bool(true),
+                "array" => Value::Array(Vec::new()),
+                "object" => Value::Object(serde_json::Map::new()),
+                _ => Value::String("test".into()),
+            };
+            (name.to_owned(), value)
+        })
+        .collect()
+}
+
+/// Read the environment and run the suite's session: list the tools and call one.
 async fn conformance_session(server_url: &str) -> Result<(), Error> {
     let server: Url = server_url
         .parse()
@@ -429,12 +476,13 @@ async fn conformance_session(server_url: &str) -> Result<(), Error> {
         })?,
         Err(_) => Context::default(),
     };
-    session(provider(server, context)?, "test-tool", serde_json::Map::new()).await
+    session(provider(server, context)?, None, serde_json::Map::new()).await
 }
 
 /// Runs the conformance client against `server_url`; returns the process exit code.
 ///
-/// It connects (authorizing as the server demands), lists the tools, calls `test-tool`, and
+/// It connects (authorizing as the server demands), lists the tools, calls `test-tool` (else
+/// the first tool listed, with arguments made from its schema; none when there is none), and
 /// exits 0 only if all of that succeeded. The scenario name
 /// (`MCP_CONFORMANCE_SCENARIO`) is only printed; the context JSON
 /// (`MCP_CONFORMANCE_CONTEXT`) supplies pre-registered credentials, a private key or an
@@ -451,7 +499,7 @@ pub async fn run_conformance(server_url: &str) -> ExitCode {
     eprintln!("conformance: scenario {scenario:?}, server {server_url}");
     match conformance_session(server_url).await {
         Ok(()) => {
-            eprintln!("conformance: connected, listed tools, called test-tool");
+            eprintln!("conformance: connected, listed tools, called a tool");
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -485,6 +533,18 @@ mod tests {
 
     fn context(value: serde_json::Value) -> Context {
         serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn sample_arguments_follow_the_required_properties() {
+        let schema = json!({
+            "type": "object",
+            "properties": {"a": {"type": "number"}, "b": {"type": "integer"}, "s": {"type": "string"}, "o": {}},
+            "required": ["a", "b", "s"]
+        });
+        let args = sample_arguments(schema.as_object().unwrap());
+        assert_eq!(serde_json::Value::Object(args), json!({"a": 1, "b": 1, "s": "test"}));
+        assert!(sample_arguments(json!({"type": "object"}).as_object().unwrap()).is_empty());
     }
 
     #[test]
@@ -545,7 +605,7 @@ mod tests {
         let resource = ResourceServer::builder(&auth).spawn().await.unwrap();
         let fx = Fixtures::from_parts(auth, resource);
         let p = provider(fx.resource().url().parse().unwrap(), Context::default()).unwrap();
-        session(p.clone(), "counter", serde_json::Map::new()).await.unwrap();
+        session(p.clone(), Some("counter"), serde_json::Map::new()).await.unwrap();
 
         let stats = fx.auth().stats();
         assert_eq!(stats.registrations, 1, "{stats:?}");
@@ -573,7 +633,7 @@ mod tests {
             .unwrap();
         let fx = Fixtures::from_parts(auth, resource);
         let p = provider(fx.resource().url().parse().unwrap(), Context::default()).unwrap();
-        let err = session(p, "echo", serde_json::Map::new()).await.unwrap_err();
+        let err = session(p, Some("echo"), serde_json::Map::new()).await.unwrap_err();
         assert!(matches!(err, Error::Provider { .. }), "{err:?}");
         assert_eq!(fx.auth().stats().authorization_requests, 0);
         assert_eq!(fx.auth().stats().token_requests(), 0);
@@ -586,7 +646,7 @@ mod tests {
         let url = format!("http://{}/mcp", listener.local_addr().unwrap());
         drop(listener);
         let p = provider(url.parse().unwrap(), Context::default()).unwrap();
-        let err = session(p.clone(), "echo", serde_json::Map::new()).await.unwrap_err();
+        let err = session(p.clone(), Some("echo"), serde_json::Map::new()).await.unwrap_err();
         assert!(matches!(err, Error::Transport(_)), "{err:?}");
         assert_eq!(p.auth.lock().await.attempts.made(), 0);
         assert!(run_conformance(&url).await == ExitCode::FAILURE);
