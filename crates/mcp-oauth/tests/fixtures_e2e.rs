@@ -21,7 +21,7 @@ use e2e::{
 use mcp_clock::SharedClock;
 use mcp_fixtures::{
     Approval, AuthEventKind, AuthServer, ClientAuth, ClientSpec, Fixtures, InjectedFailure,
-    ResourceServer,
+    RedirectIss, ResourceServer,
 };
 use mcp_oauth::{
     AuthAttempts, CallbackParams, ClientConfig, Error, ErrorClass, HttpPolicy, MetadataSource,
@@ -928,4 +928,39 @@ async fn a_resource_server_validating_by_introspection() {
         .await
         .unwrap();
     assert_eq!(mcp.request(s.access(), "tools/list", json!({})).await.status, 401);
+}
+
+/// RFC 9207 against the fixture, whose metadata says it sends `iss`: a redirect without
+/// `iss`, with another server's, or with the issuer plus a trailing slash is refused before
+/// the code goes anywhere (exact comparison); the exact issuer is accepted.
+#[tokio::test(flavor = "current_thread")]
+async fn the_redirect_iss_is_required_and_compared_exactly() {
+    let env = Env::start().await;
+    let (_, discovery, registration) = env.discover_and_register().await;
+    for knob in [RedirectIss::Missing, RedirectIss::Wrong, RedirectIss::TrailingSlash] {
+        env.fx.auth().knobs().update(|k| k.redirect_iss = knob);
+        let (url, pending) =
+            env.client.authorization_url(&discovery, &registration, REDIRECT, None).unwrap();
+        let callback = env.client.authorize_without_browser(&url).await.unwrap();
+        let before = env.fx.auth().stats().authorization_code_requests;
+        let err = env.client.exchange_code(&discovery, &registration, &pending, &callback).await;
+        assert!(matches!(err, Err(Error::IssuerMismatch { .. })), "{knob:?}: {err:?}");
+        assert_eq!(env.fx.auth().stats().authorization_code_requests, before, "{knob:?}");
+    }
+    env.fx.auth().knobs().update(|k| k.redirect_iss = RedirectIss::Correct);
+    env.login(&discovery, &registration, None).await;
+}
+
+/// Metadata without `code_challenge_methods_supported`: the client refuses to start the
+/// authorization (MCP 2025-11-25 and later), with a clear error, and sends nothing.
+#[tokio::test(flavor = "current_thread")]
+async fn missing_pkce_metadata_stops_the_authorization() {
+    let env = Env::start().await;
+    env.fx.auth().knobs().update(|k| k.omit_pkce_metadata = true);
+    let (_, discovery, registration) = env.discover_and_register().await;
+    assert_eq!(discovery.authorization_server.code_challenge_methods_supported, None);
+    let err = env.client.authorization_url(&discovery, &registration, REDIRECT, None).unwrap_err();
+    assert!(matches!(err, Error::PkceUnsupported { .. }), "{err:?}");
+    assert!(err.to_string().contains("code_challenge_methods_supported"));
+    assert_eq!(env.fx.auth().stats().authorization_requests, 0);
 }
