@@ -86,10 +86,10 @@ pub(crate) fn metadata(app: &App) -> Value {
     if cfg.advertise_scopes {
         m["scopes_supported"] = cfg.scopes_supported.clone().into();
     }
-    if app.core.knobs.get().omit_pkce_metadata {
-        if let Some(doc) = m.as_object_mut() {
-            doc.remove("code_challenge_methods_supported");
-        }
+    if app.core.knobs.get().omit_pkce_metadata
+        && let Some(doc) = m.as_object_mut()
+    {
+        doc.remove("code_challenge_methods_supported");
     }
     m
 }
