@@ -591,7 +591,12 @@ struct Suite {
 }
 
 /// Every suite `cargo xtask conformance` runs, in order.
-const SUITES: &[Suite] = &[Suite { version: "0.1.16", scenarios: 22, dir: "/tmp/conf" }];
+const SUITES: &[Suite] = &[
+    Suite { version: "0.1.16", scenarios: 22, dir: "/tmp/conf" },
+    // The pre-release with the MCP 2026-07-28 scenarios (`iss`, authorization-server migration,
+    // DPoP, workload identity); its own directory, so neither install replaces the other.
+    Suite { version: "0.2.0-alpha.12", scenarios: 33, dir: "/tmp/conf-0.2.0-alpha.12" },
+];
 
 /// The runner script, `shared/tools/conformance-client.sh`, next to the workspace or next to
 /// one of its ancestors (a git worktree lives deeper than the main checkout);

@@ -5,6 +5,8 @@ use std::fmt;
 use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use mcp_clock::{Clock as _, SharedClock};
+use mcp_oauth::DpopKey;
 use reqwest::header::{HeaderName, HeaderValue};
 use rmcp::model::ClientJsonRpcMessage;
 use rmcp::transport::common::client_side_sse::BoxedSseResponse;
@@ -87,6 +89,8 @@ struct Slot {
 pub struct AuthHttpClient {
     http: reqwest::Client,
     slot: Arc<Mutex<Slot>>,
+    /// The clock of DPoP proofs' `iat`.
+    clock: SharedClock,
 }
 
 impl fmt::Debug for AuthHttpClient {
@@ -118,6 +122,69 @@ impl AuthHttpClient {
         AuthHttpClient {
             http,
             slot: Arc::new(Mutex::new(Slot { provider: Some(provider), last_token: None })),
+            clock: SharedClock::system(),
+        }
+    }
+
+    /// This client with `clock` for the `iat` of DPoP proofs (default: the system clock).
+    pub fn with_clock(mut self, clock: SharedClock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The `Authorization` of a request carrying `token`: Bearer (as rmcp's auth header), or
+    /// with a DPoP key, `DPoP <token>` and a fresh proof for `method` on `uri`.
+    fn credentials(
+        &self,
+        dpop: Option<&DpopKey>,
+        token: Option<&Secret>,
+        method: &str,
+        uri: &str,
+    ) -> Result<(Option<String>, Headers), HttpError> {
+        let (Some(key), Some(token)) = (dpop, token) else {
+            return Ok((token.map(|t| t.expose().to_owned()), Headers::new()));
+        };
+        let url: url::Url = uri
+            .parse()
+            .map_err(|e| layer_error(Error::InvalidConfig(format!("the MCP URL {uri:?}: {e}"))))?;
+        let proof = key
+            .proof(method, &url, Some(token.expose()), self.clock.now())
+            .map_err(|e| layer_error(Error::provider("signing a DPoP proof", e)))?;
+        let header = |v: String| {
+            HeaderValue::from_str(&v).map_err(|_| {
+                layer_error(Error::provider_msg("the token cannot be sent in a header"))
+            })
+        };
+        let mut headers = Headers::new();
+        headers.insert(reqwest::header::AUTHORIZATION, header(format!("DPoP {}", token.expose()))?);
+        headers.insert(HeaderName::from_static("dpop"), header(proof)?);
+        Ok((None, headers))
+    }
+
+    /// RFC 9449 §9: the server refused a DPoP request for want of its nonce. rmcp's transport
+    /// does not hand back the `DPoP-Nonce` response header, so ask for it with a `ping` (a
+    /// request without effects, refused for the same reason before it is processed) and
+    /// remember it. Returns whether a nonce was learnt.
+    async fn fetch_nonce(&self, key: &DpopKey, token: &Secret, uri: &str) -> bool {
+        let Ok((_, headers)) = self.credentials(Some(key), Some(token), "POST", uri) else {
+            return false;
+        };
+        let body = r#"{"jsonrpc":"2.0","id":"dpop-nonce","method":"ping"}"#;
+        let request = self
+            .http
+            .post(uri)
+            .headers(headers.into_iter().collect())
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(reqwest::header::ACCEPT, "application/json, text/event-stream")
+            .body(body);
+        let Ok(response) = request.send().await else { return false };
+        let nonce = response.headers().get("dpop-nonce").and_then(|v| v.to_str().ok());
+        match (nonce, uri.parse::<url::Url>()) {
+            (Some(nonce), Ok(url)) => {
+                key.remember_nonce(&url, nonce);
+                true
+            }
+            _ => false,
         }
     }
 
@@ -148,20 +215,28 @@ impl AuthHttpClient {
         }
     }
 
-    /// Send with the current token; on a refusal, ask the provider and retry once.
-    async fn authorized<T, F, Fut>(&self, kind: RequestKind, send: F) -> Result<T, HttpError>
+    /// Send with the current token; on a refusal, ask the provider and retry once. `method` and
+    /// `uri` are the request's, for DPoP proofs.
+    async fn authorized<T, F, Fut>(
+        &self,
+        kind: RequestKind,
+        method: &str,
+        uri: &str,
+        send: F,
+    ) -> Result<T, HttpError>
     where
-        F: Fn(Option<String>) -> Fut,
+        F: Fn(Option<String>, Headers) -> Fut,
         Fut: Future<Output = Result<T, HttpError>>,
     {
         let Some(provider) = self.provider() else {
             let token = self.lock().last_token.clone();
-            return send(token.map(|t| t.expose().to_owned())).await;
+            return send(token.map(|t| t.expose().to_owned()), Headers::new()).await;
         };
         let token = provider.current_token().await.map_err(layer_error)?;
+        let dpop = provider.dpop_key();
         drop(provider);
         self.remember(token.as_ref());
-        let first = send(token.as_ref().map(|t| t.expose().to_owned())).await;
+        let first = self.send_as(&send, kind, dpop.as_ref(), token.as_ref(), method, uri).await;
         let challenge = match &first {
             Err(StreamableHttpError::AuthRequired(e)) => {
                 Challenge::new(401, kind, vec![e.www_authenticate_header.clone()])
@@ -175,12 +250,13 @@ impl AuthHttpClient {
         // Dropping the connection while the request was in flight detaches the provider.
         let Some(provider) = self.provider() else { return first };
         let recovery = provider.on_unauthorized(token.as_ref(), &challenge).await;
+        let dpop = provider.dpop_key();
         drop(provider);
         match recovery.map_err(layer_error)? {
             Recovery::Retry(fresh) if Some(&fresh) != token.as_ref() => {
                 tracing::debug!(request = %kind, status = challenge.status(), "retrying once with a recovered token");
                 self.remember(Some(&fresh));
-                send(Some(fresh.expose().to_owned())).await
+                self.send_as(&send, kind, dpop.as_ref(), Some(&fresh), method, uri).await
             }
             Recovery::Retry(_) => first,
             Recovery::AuthorizationRequired => {
@@ -196,6 +272,45 @@ impl AuthHttpClient {
             }
         }
     }
+}
+
+impl AuthHttpClient {
+    /// One request with `token` (DPoP-bound when `dpop` is set). A DPoP server that refuses it
+    /// for want of its nonce (`use_dpop_nonce`) gets it once more with the nonce.
+    async fn send_as<T, F, Fut>(
+        &self,
+        send: &F,
+        kind: RequestKind,
+        dpop: Option<&DpopKey>,
+        token: Option<&Secret>,
+        method: &str,
+        uri: &str,
+    ) -> Result<T, HttpError>
+    where
+        F: Fn(Option<String>, Headers) -> Fut,
+        Fut: Future<Output = Result<T, HttpError>>,
+    {
+        let (auth, headers) = self.credentials(dpop, token, method, uri)?;
+        let result = send(auth, headers).await;
+        if let (Some(key), Some(t), Err(StreamableHttpError::AuthRequired(e))) =
+            (dpop, token, &result)
+            && Challenge::new(401, kind, vec![e.www_authenticate_header.clone()]).error().as_deref()
+                == Some("use_dpop_nonce")
+            && self.fetch_nonce(key, t, uri).await
+        {
+            tracing::debug!(request = %kind, "retrying once with the server's DPoP nonce");
+            let (auth, headers) = self.credentials(Some(key), Some(t), method, uri)?;
+            return send(auth, headers).await;
+        }
+        result
+    }
+}
+
+/// `base` with `extra` added (the credentials of one attempt).
+fn merged(base: &Headers, extra: Headers) -> Headers {
+    let mut all = base.clone();
+    all.extend(extra);
+    all
 }
 
 /// A 401 without a `WWW-Authenticate` header, as rmcp's reqwest client reports it: an
@@ -226,13 +341,13 @@ impl StreamableHttpClient for AuthHttpClient {
         _auth_header: Option<String>,
         custom_headers: Headers,
     ) -> Result<StreamableHttpPostResponse, HttpError> {
-        self.authorized(RequestKind::Post, |token| {
+        self.authorized(RequestKind::Post, "POST", &uri, |token, extra| {
             self.http.post_message(
                 uri.clone(),
                 message.clone(),
                 session_id.clone(),
                 token,
-                custom_headers.clone(),
+                merged(&custom_headers, extra),
             )
         })
         .await
@@ -247,13 +362,13 @@ impl StreamableHttpClient for AuthHttpClient {
         custom_headers: Headers,
         max_sse_event_size: usize,
     ) -> Result<StreamableHttpPostResponse, HttpError> {
-        self.authorized(RequestKind::Post, |token| {
+        self.authorized(RequestKind::Post, "POST", &uri, |token, extra| {
             self.http.post_message_with_max_sse_event_size(
                 uri.clone(),
                 message.clone(),
                 session_id.clone(),
                 token,
-                custom_headers.clone(),
+                merged(&custom_headers, extra),
                 max_sse_event_size,
             )
         })
@@ -269,13 +384,13 @@ impl StreamableHttpClient for AuthHttpClient {
         custom_headers: Headers,
         limits: StreamableHttpResponseLimits,
     ) -> Result<StreamableHttpPostResponse, HttpError> {
-        self.authorized(RequestKind::Post, |token| {
+        self.authorized(RequestKind::Post, "POST", &uri, |token, extra| {
             self.http.post_message_with_response_limits(
                 uri.clone(),
                 message.clone(),
                 session_id.clone(),
                 token,
-                custom_headers.clone(),
+                merged(&custom_headers, extra),
                 limits,
             )
         })
@@ -289,8 +404,13 @@ impl StreamableHttpClient for AuthHttpClient {
         _auth_header: Option<String>,
         custom_headers: Headers,
     ) -> Result<(), HttpError> {
-        self.authorized(RequestKind::DeleteSession, |token| {
-            self.http.delete_session(uri.clone(), session_id.clone(), token, custom_headers.clone())
+        self.authorized(RequestKind::DeleteSession, "DELETE", &uri, |token, extra| {
+            self.http.delete_session(
+                uri.clone(),
+                session_id.clone(),
+                token,
+                merged(&custom_headers, extra),
+            )
         })
         .await
     }
@@ -303,13 +423,13 @@ impl StreamableHttpClient for AuthHttpClient {
         _auth_header: Option<String>,
         custom_headers: Headers,
     ) -> Result<BoxedSseResponse, HttpError> {
-        self.authorized(RequestKind::GetStream, |token| {
+        self.authorized(RequestKind::GetStream, "GET", &uri, |token, extra| {
             self.http.get_stream(
                 uri.clone(),
                 session_id.clone(),
                 last_event_id.clone(),
                 token,
-                custom_headers.clone(),
+                merged(&custom_headers, extra),
             )
         })
         .await
@@ -324,13 +444,13 @@ impl StreamableHttpClient for AuthHttpClient {
         custom_headers: Headers,
         max_sse_event_size: usize,
     ) -> Result<BoxedSseResponse, HttpError> {
-        self.authorized(RequestKind::GetStream, |token| {
+        self.authorized(RequestKind::GetStream, "GET", &uri, |token, extra| {
             self.http.get_stream_with_max_sse_event_size(
                 uri.clone(),
                 session_id.clone(),
                 last_event_id.clone(),
                 token,
-                custom_headers.clone(),
+                merged(&custom_headers, extra),
                 max_sse_event_size,
             )
         })

@@ -7,14 +7,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mcp_clock::{Clock, SharedClock};
-use rmcp::model::{CallToolRequestParams, CallToolResult, Tool};
+use rmcp::model::{
+    CallToolRequestParams, CallToolResult, ClientCapabilities, ClientConfig, ErrorCode,
+    Implementation, ProtocolVersion, Tool,
+};
 use rmcp::service::{ClientInitializeError, RunningService, ServiceError};
 use rmcp::transport::StreamableHttpClientTransport;
 use rmcp::transport::streamable_http_client::{
     AuthRequiredError, InsufficientScopeError, StreamableHttpClientTransportConfig,
     StreamableHttpError,
 };
-use rmcp::{RoleClient, ServiceExt};
+use rmcp::{ClientLifecycleMode, ClientServiceExt, RoleClient};
 
 use crate::client::{AuthHttpClient, ProviderFailure};
 use crate::error::Error;
@@ -131,7 +134,7 @@ pub struct Connection {
 
 /// One MCP session and the auth client under it.
 struct Live {
-    service: Option<RunningService<RoleClient, ()>>,
+    service: Option<RunningService<RoleClient, ClientConfig>>,
     client: AuthHttpClient,
     /// Bumped by every reconnect, so requests that failed on the same session reconnect once.
     generation: u64,
@@ -380,33 +383,107 @@ fn session_lost_in(e: &(dyn StdError + 'static)) -> bool {
     false
 }
 
-/// One MCP handshake at `url` over a new [`AuthHttpClient`], within the connect timeout.
+/// The revisions a [`Connection`] asks for with `server/discover`, newest first.
+const MODERN_VERSIONS: [ProtocolVersion; 1] = [ProtocolVersion::V_2026_07_28];
+
+/// What the client tells the server about itself: in `initialize` (2025-11-25 and older, whose
+/// negotiation answers with the server's own version when it does not speak 2025-11-25) and
+/// in every request's `_meta` (2026-07-28).
+fn client_info() -> ClientConfig {
+    ClientConfig::new(
+        ClientCapabilities::default(),
+        Implementation::new("connection-factory", env!("CARGO_PKG_VERSION")),
+    )
+    .with_protocol_version(ProtocolVersion::LATEST_WITH_INITIALIZE)
+}
+
+/// Whether a failed `server/discover` says the server predates 2026-07-28, so that the
+/// `initialize` handshake is the way in: a JSON-RPC error other than the 2026-07-28 rejections
+/// (rmcp turns an older server's 4xx for the unknown method or the unknown
+/// `MCP-Protocol-Version` into one), or a server whose discovery lists only revisions that
+/// still have `initialize`, or an answer that is not a discovery result at all.
+fn speaks_only_initialize(e: &ClientInitializeError) -> bool {
+    match e {
+        ClientInitializeError::JsonRpcError(data) => !matches!(
+            data.code,
+            ErrorCode::MISSING_REQUIRED_CLIENT_CAPABILITY
+                | ErrorCode::HEADER_MISMATCH
+                | ErrorCode::UNSUPPORTED_PROTOCOL_VERSION
+        ),
+        ClientInitializeError::NoCompatibleProtocolVersion { server_supported, .. } => {
+            server_supported.iter().any(ProtocolVersion::has_initialize)
+        }
+        // An answer that is not a discovery result (some older servers answer any unknown
+        // method with an empty result).
+        ClientInitializeError::ExpectedInitResult(_) => true,
+        _ => false,
+    }
+}
+
+/// One MCP handshake at `url`, within the connect timeout: MCP 2026-07-28 first
+/// (`server/discover`; every later POST carries `MCP-Protocol-Version`, `Mcp-Method` and the
+/// request `_meta`), and when the server turns out older, the `initialize` handshake of
+/// 2025-11-25 on a fresh transport (the server answers with the revision it speaks, down to
+/// 2025-03-26). No wall-clock probe timeout decides between them: a discovery that needs the
+/// provider (a 401 first, then an interactive login) may take as long as the connect timeout.
 async fn handshake(
     url: &str,
     provider: Arc<dyn AuthProvider>,
     options: &ConnectOptions,
-) -> Result<(RunningService<RoleClient, ()>, AuthHttpClient), Error> {
-    let client = AuthHttpClient::new(provider)?;
+) -> Result<(RunningService<RoleClient, ClientConfig>, AuthHttpClient), Error> {
+    // Every client made, so that a handshake cut short by the timeout detaches them all.
+    let made = std::sync::Mutex::new(Vec::new());
+    let handshake = async {
+        let modern = ClientLifecycleMode::Discover { preferred_versions: MODERN_VERSIONS.to_vec() };
+        let result = match attempt(url, &provider, options, modern, &made).await? {
+            Err(e) if speaks_only_initialize(&e) => {
+                tracing::debug!(error = %e, "the server predates MCP 2026-07-28: initialize");
+                attempt(url, &provider, options, ClientLifecycleMode::Initialize, &made).await?
+            }
+            other => other,
+        };
+        result.map_err(initialize_error)
+    };
+    let result = timed(&options.clock, "connect", options.connect_timeout, handshake).await;
+    if result.is_err() {
+        for client in made.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter() {
+            client.detach();
+        }
+    }
+    result
+}
+
+/// One handshake over a new [`AuthHttpClient`] (detached again when it fails).
+async fn attempt(
+    url: &str,
+    provider: &Arc<dyn AuthProvider>,
+    options: &ConnectOptions,
+    lifecycle: ClientLifecycleMode,
+    made: &std::sync::Mutex<Vec<AuthHttpClient>>,
+) -> Result<
+    Result<(RunningService<RoleClient, ClientConfig>, AuthHttpClient), ClientInitializeError>,
+    Error,
+> {
+    let client = AuthHttpClient::new(provider.clone())?.with_clock(options.clock.clone());
+    made.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(client.clone());
     let config = StreamableHttpClientTransportConfig::with_uri(url.to_owned())
         .max_concurrent_requests(options.max_concurrent_requests);
     let transport = StreamableHttpClientTransport::with_client(client.clone(), config);
-    let handshake = async {
-        ().serve(transport).await.map_err(|e| {
-            let found = match &e {
-                // Its `source()` does not lead to the transport error: look inside.
-                ClientInitializeError::TransportError { error, .. } => classify(error),
-                other => classify(other),
-            };
-            found.unwrap_or_else(|| Error::Transport(Arc::new(e)))
-        })
-    };
-    match timed(&options.clock, "connect", options.connect_timeout, handshake).await {
-        Ok(service) => Ok((service, client)),
-        Err(e) => {
-            client.detach();
-            Err(e)
-        }
+    let served = client_info().serve_with_lifecycle(transport, lifecycle).await;
+    if served.is_err() {
+        client.detach();
     }
+    Ok(served.map(|service| (service, client)))
+}
+
+/// rmcp's handshake failure as this crate's [`Error`].
+fn initialize_error(e: ClientInitializeError) -> Error {
+    let found = match &e {
+        // Its `source()` does not lead to the transport error: look inside.
+        ClientInitializeError::TransportError { error, .. } => classify(error),
+        other => classify(other),
+    };
+    found.unwrap_or_else(|| Error::Transport(Arc::new(e)))
 }
 
 impl Drop for Connection {
@@ -487,6 +564,30 @@ fn classify(e: &(dyn StdError + 'static)) -> Option<Error> {
 mod tests {
     use super::*;
     use rmcp::transport::streamable_http_client::StreamableHttpError;
+
+    /// Which failed discoveries lead to `initialize`: a JSON-RPC error that is not one of the
+    /// 2026-07-28 rejections, a discovery listing only revisions with `initialize`, and an
+    /// answer that is not a discovery result; not a 2026-07-28 rejection or a transport error.
+    #[test]
+    fn an_older_server_is_recognised_from_the_failed_discovery() {
+        let rpc = |code| {
+            ClientInitializeError::JsonRpcError(rmcp::model::ErrorData::new(code, "x", None))
+        };
+        assert!(speaks_only_initialize(&rpc(ErrorCode::METHOD_NOT_FOUND)));
+        assert!(speaks_only_initialize(&rpc(ErrorCode::INVALID_REQUEST)));
+        assert!(!speaks_only_initialize(&rpc(ErrorCode::HEADER_MISMATCH)));
+        assert!(!speaks_only_initialize(&rpc(ErrorCode::MISSING_REQUIRED_CLIENT_CAPABILITY)));
+        assert!(!speaks_only_initialize(&rpc(ErrorCode::UNSUPPORTED_PROTOCOL_VERSION)));
+        let versions =
+            |v: Vec<ProtocolVersion>| ClientInitializeError::NoCompatibleProtocolVersion {
+                client_supported: MODERN_VERSIONS.to_vec(),
+                server_supported: v,
+            };
+        assert!(speaks_only_initialize(&versions(vec![ProtocolVersion::V_2025_06_18])));
+        assert!(!speaks_only_initialize(&versions(Vec::new())));
+        assert!(speaks_only_initialize(&ClientInitializeError::ExpectedInitResult(None)));
+        assert!(!speaks_only_initialize(&ClientInitializeError::Cancelled));
+    }
 
     #[test]
     fn refusals_and_provider_failures_are_found_in_the_chain() {

@@ -121,7 +121,7 @@ struct CallbackState {
 /// its redirect URI. It validates the state through the state mapping, exchanges the code,
 /// stores the tokens, and completes the `mcp_oauth` flow, waking the waiters in whichever
 /// process shares the flow store. A repeated callback is harmless; an `error` fails the flow
-/// only with a valid state.
+/// only with a valid, unexpired state and a matching `iss`.
 pub fn callback_router(
     flows: FlowManager,
     storage: TokenStorage,
@@ -178,12 +178,6 @@ async fn callback(
         let _ = s.flows.complete_if_pending(&skey, &"replaced").await;
         return (StatusCode::BAD_REQUEST, "this authorization was replaced by a newer one");
     }
-    if let Some(error) = &q.error {
-        tracing::info!(error = %error, "the authorization server refused the authorization");
-        let _ = s.flows.fail(&okey, FlowError::new(error.clone(), "authorization refused")).await;
-        let _ = s.flows.complete_if_pending(&skey, &"failed").await;
-        return (StatusCode::OK, "authorization was refused; you can close this window");
-    }
     let key = TokenKey::new(meta.tenant.as_str(), meta.user.as_str(), meta.server.as_str());
     let registration = match s.storage.client(&key).await {
         Ok(Some(stored)) => decode_stored_client(&stored).map(|(_, r)| r),
@@ -199,20 +193,29 @@ async fn callback(
         code: q.code.map(mcp_oauth::AuthorizationCode::new),
         state: q.state.map(mcp_oauth::CsrfState::new),
         iss: q.iss,
-        error: None,
+        error: q.error,
         error_description: q.error_description,
     };
-    let tokens =
-        match s.oauth.exchange_code(&fmeta.discovery, &registration, &fmeta.pending, &params).await
-        {
-            Ok(tokens) => tokens,
-            Err(e) => {
-                tracing::warn!(error = %e, "code exchange failed");
-                let _ = s.flows.fail(&okey, FlowError::new("exchange_failed", e.to_string())).await;
-                let _ = s.flows.complete_if_pending(&skey, &"failed").await;
-                return (StatusCode::BAD_GATEWAY, "the code exchange failed");
-            }
-        };
+    // `exchange_code` checks the state's expiry and `iss` before it looks at `error`.
+    let tokens = match s
+        .oauth
+        .exchange_code(&fmeta.discovery, &registration, &fmeta.pending, &params)
+        .await
+    {
+        Ok(tokens) => tokens,
+        Err(mcp_oauth::Error::AuthorizationDenied { error, .. }) => {
+            tracing::info!(error = %error, "the authorization server refused the authorization");
+            let _ = s.flows.fail(&okey, FlowError::new(error, "authorization refused")).await;
+            let _ = s.flows.complete_if_pending(&skey, &"failed").await;
+            return (StatusCode::OK, "authorization was refused; you can close this window");
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "code exchange failed");
+            let _ = s.flows.fail(&okey, FlowError::new("exchange_failed", e.to_string())).await;
+            let _ = s.flows.complete_if_pending(&skey, &"failed").await;
+            return (StatusCode::BAD_GATEWAY, "the code exchange failed");
+        }
+    };
     if let Err(e) = s.storage.store(&key, fmeta.discovery.issuer(), convert_response(tokens)).await
     {
         tracing::warn!(error = %e, "storing the tokens failed");

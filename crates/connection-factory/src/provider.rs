@@ -84,4 +84,13 @@ pub trait AuthProvider: Send + Sync + std::fmt::Debug + 'static {
         rejected: Option<&'a Secret>,
         challenge: &'a Challenge,
     ) -> BoxFuture<'a, Result<Recovery, Error>>;
+
+    /// The DPoP key (RFC 9449) the current token is bound to, if any. With one, every request
+    /// carries `Authorization: DPoP <token>` and a fresh proof in the `DPoP` header (`htm`,
+    /// `htu`, `iat`, `jti`, `ath`, and the server's nonce once known), and a `use_dpop_nonce`
+    /// refusal is retried once with the server's nonce without reaching
+    /// [`on_unauthorized`](Self::on_unauthorized). Default: `None`, `Authorization: Bearer`.
+    fn dpop_key(&self) -> Option<mcp_oauth::DpopKey> {
+        None
+    }
 }

@@ -14,7 +14,7 @@ use connection_factory::{
     Recovery, RefreshFn, RefreshingProvider, RequestKind, Secret, Tokens,
 };
 use mcp_clock::{ManualClock, SharedClock, Timestamp};
-use mcp_fixtures::{ClientAuth, ClientSpec, Fixtures, KnobSettings};
+use mcp_fixtures::{AuthServer, ClientAuth, ClientSpec, Fixtures, KnobSettings, ResourceServer};
 use rmcp::transport::streamable_http_client::{
     StreamableHttpClient, StreamableHttpError, StreamableHttpPostResponse,
 };
@@ -105,7 +105,9 @@ fn options() -> ConnectOptions {
 }
 
 /// Wait until the resource server has seen `n` requests: after connect, rmcp's worker opens
-/// the GET SSE stream in the background, and tests that count requests wait for it.
+/// the GET SSE stream in the background, and tests that count requests wait for it. The
+/// fixture speaks the revisions up to 2025-11-25, so a handshake is three POSTs: the
+/// `server/discover` probe (refused), `initialize` and `notifications/initialized`.
 async fn requests_seen(fx: &Fixtures, n: u64) {
     eventually("the session's background requests", || fx.resource().stats().requests >= n).await;
 }
@@ -128,7 +130,7 @@ async fn fifty_concurrent_401s_redeem_the_refresh_token_once_and_all_succeed() {
     .await
     .unwrap();
     assert_eq!(text(&conn.call_tool("echo", args("warm")).await.unwrap()), "warm");
-    requests_seen(&fx, 4).await; // the GET stream is open before the tokens expire
+    requests_seen(&fx, 5).await; // the GET stream is open before the tokens expire
     assert_eq!(fx.resource().stats().unauthorized, 0);
 
     clock.advance(LIFETIME + Duration::from_secs(1));
@@ -166,7 +168,7 @@ async fn revocation_gives_up_with_authorization_required_and_no_retry_loop() {
     let (provider, _) = provider(&fx, None);
     let conn = Connection::connect(fx.resource().url(), provider.clone(), options()).await.unwrap();
     conn.call_tool("echo", args("before")).await.unwrap();
-    requests_seen(&fx, 4).await; // initialize, initialized, the GET stream, the call
+    requests_seen(&fx, 5).await; // the discover probe, initialize, initialized, the GET stream, the call
 
     fx.auth().revoke_all_tokens();
     let before = fx.resource().stats();
@@ -343,7 +345,7 @@ async fn the_provider_is_never_called_after_the_connection_is_dropped() {
         let p = Arc::new(Counting { inner, calls: AtomicU64::new(0) });
         let conn = Connection::connect(fx.resource().url(), p.clone(), options()).await.unwrap();
         conn.call_tool("echo", args("x")).await.unwrap();
-        requests_seen(&fx, 4).await;
+        requests_seen(&fx, 5).await;
         let calls = p.calls.load(Ordering::SeqCst);
         assert!(calls >= 3, "initialize, initialized, the GET and the call: {calls}");
         let requests = fx.resource().stats().requests;
@@ -439,7 +441,7 @@ async fn a_refused_retry_is_surfaced_not_retried_again() {
     let p = Arc::new(AlwaysBadRetry::default());
     *p.good_for_handshake.lock().unwrap() = Some(tokens.access.clone());
     let conn = Connection::connect(fx.resource().url(), p.clone(), options()).await.unwrap();
-    requests_seen(&fx, 3).await;
+    requests_seen(&fx, 4).await; // the discover probe, initialize, initialized, the GET stream
     fx.auth().revoke_all_tokens();
     let before = fx.resource().stats();
     let err = conn.call_tool("echo", args("x")).await.unwrap_err();
@@ -475,4 +477,50 @@ async fn a_request_past_its_timeout_is_a_typed_timeout() {
         "{err:?}"
     );
     assert_eq!(text(&conn.call_tool("echo", args("after")).await.unwrap()), "after");
+}
+
+/// The protocol revisions: against a server that speaks MCP 2026-07-28 the client opens with
+/// `server/discover` (no `initialize`), and every POST carries `MCP-Protocol-Version:
+/// 2026-07-28`, an `Mcp-Method` header naming the body's method and the request `_meta`
+/// protocol version. Against servers of 2025-11-25, 2025-06-18 and 2025-03-26 only, the
+/// probe is refused (400, as those servers answer an unknown `MCP-Protocol-Version`), the
+/// client initializes, and every later POST carries the revision the server chose.
+#[tokio::test]
+async fn speaks_2026_07_28_and_falls_back_to_older_revisions() {
+    let modern = vec!["2025-03-26", "2025-06-18", "2025-11-25", "2026-07-28"];
+    for versions in [modern, vec!["2025-11-25"], vec!["2025-06-18"], vec!["2025-03-26"]] {
+        let auth = AuthServer::builder().spawn().await.unwrap();
+        let resource = ResourceServer::builder(&auth)
+            .protocol_versions(versions.clone())
+            .spawn()
+            .await
+            .unwrap();
+        let fx = Fixtures::from_parts(auth, resource);
+        let (provider, _) = provider(&fx, None);
+        let conn = Connection::connect(fx.resource().url(), provider, options()).await.unwrap();
+        assert_eq!(conn.list_tools().await.unwrap().len(), 3, "{versions:?}");
+        assert_eq!(text(&conn.call_tool("echo", args("hi")).await.unwrap()), "hi");
+        conn.close().await.unwrap();
+
+        let posts = fx.resource().stats().posts;
+        let methods: Vec<&str> = posts.iter().filter_map(|p| p.method.as_deref()).collect();
+        assert_eq!(methods.first(), Some(&"server/discover"), "{versions:?}: {posts:?}");
+        assert!(methods.contains(&"tools/list") && methods.contains(&"tools/call"), "{posts:?}");
+        let newest = *versions.last().unwrap();
+        if newest == "2026-07-28" {
+            assert!(!methods.contains(&"initialize"), "{posts:?}");
+            for post in &posts {
+                assert_eq!(post.protocol_version.as_deref(), Some("2026-07-28"), "{post:?}");
+                assert_eq!(post.mcp_method, post.method, "{post:?}");
+                assert_eq!(post.meta_protocol_version.as_deref(), Some("2026-07-28"), "{post:?}");
+            }
+        } else {
+            let init = methods.iter().position(|m| *m == "initialize").expect("initialize");
+            assert_eq!(init, 1, "{posts:?}");
+            for post in &posts[init + 1..] {
+                assert_eq!(post.protocol_version.as_deref(), Some(newest), "{post:?}");
+                assert_eq!(post.mcp_method, None, "{post:?}");
+            }
+        }
+    }
 }

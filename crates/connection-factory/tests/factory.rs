@@ -233,6 +233,7 @@ async fn configs_that_differ_in_oauth_settings_never_share_a_refresh() {
     let pre = |id: &str| {
         let mut client = mcp_oauth::ClientConfig::new("t", "http://127.0.0.1:9/callback");
         client.pre_registered = Some(mcp_oauth::PreRegisteredClient {
+            issuer: "http://127.0.0.1:1".into(),
             client_id: id.into(),
             client_secret: None,
             client_key: None,

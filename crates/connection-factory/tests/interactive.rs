@@ -241,3 +241,27 @@ async fn hung_refresh_falls_back_to_the_interactive_flow_and_the_late_result_nev
     assert_eq!(text(&conn.call_tool("echo", args("after")).await.unwrap()), "after");
     assert_eq!(s.prompts(), 2);
 }
+
+/// SEP-2352 through the factory: the host's pre-registered client belongs to another
+/// authorization server than the one the MCP server now names. Its credentials are not
+/// offered: the factory registers anew with the server it discovered (one dynamic
+/// registration) and the authorization completes with that registration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pre_registered_client_of_another_issuer_is_not_offered_to_the_new_one() {
+    let s = setup(HookDecision::Wait).await;
+    let mut client = mcp_oauth::ClientConfig::new("factory tests", s.redirect.clone());
+    client.pre_registered = Some(mcp_oauth::PreRegisteredClient {
+        issuer: "https://old-as.example.com".into(),
+        client_id: "old-as-client".into(),
+        client_secret: Some(mcp_oauth::ClientSecret::new("OLD-AS-SECRET")),
+        client_key: None,
+        auth_method: None,
+    });
+    let conn = s.factory.connect(s.config("tenant-a").client(client)).await.unwrap();
+    assert_eq!(text(&conn.call_tool("echo", args("moved")).await.unwrap()), "moved");
+    let auth = s.fx.auth().stats();
+    assert_eq!(auth.registrations, 1, "registered anew with the discovered server: {auth:?}");
+    assert_eq!(auth.authorization_code_requests, 1, "{auth:?}");
+    let events = format!("{:?}", s.fx.auth().events());
+    assert!(!events.contains("old-as-client"), "the old client id never reached it: {events}");
+}

@@ -5,6 +5,10 @@
 //! streamable-HTTP server behind a small gate on 127.0.0.1: the first GET stream ends at once
 //! (with `retry: 10`), which makes rmcp's client reconnect, and reconnects are refused unless
 //! they carry the second token.
+//!
+//! The servers here speak the revisions with sessions (up to 2025-11-25): like servers of
+//! those revisions, they refuse the client's MCP 2026-07-28 `server/discover` probe with 400
+//! (`older_revision_only`), and the client initializes.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -69,7 +73,21 @@ struct Gate {
     get_tokens: Mutex<Vec<Option<String>>>,
 }
 
+/// What a server of a revision before 2026-07-28 answers a POST naming that revision in
+/// `MCP-Protocol-Version` (the client's `server/discover` probe): 400 with a JSON-RPC error.
+fn older_revision_only(req: &Request) -> Option<Response> {
+    let version = req.headers().get("mcp-protocol-version")?.to_str().ok()?;
+    (version == "2026-07-28").then(|| {
+        let body = json!({"jsonrpc": "2.0", "id": null,
+            "error": {"code": -32000, "message": "Bad Request: Unsupported protocol version"}});
+        (StatusCode::BAD_REQUEST, axum::Json(body)).into_response()
+    })
+}
+
 async fn gate(State(gate): State<Arc<Gate>>, req: Request, next: Next) -> Response {
+    if let Some(refused) = older_revision_only(&req) {
+        return refused;
+    }
     let token = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -191,6 +209,9 @@ impl Sessions {
 }
 
 async fn sessions_gate(State(g): State<Arc<Sessions>>, req: Request, next: Next) -> Response {
+    if let Some(refused) = older_revision_only(&req) {
+        return refused;
+    }
     let sid = req.headers().get("mcp-session-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
     if let Some(sid) = &sid
         && g.dead.lock().unwrap().contains(sid)

@@ -3,7 +3,8 @@
 //! the environment, headless authorization).
 //!
 //! MCP goes through [`connection_factory::Connection`] (`initialize`, `tools/list`,
-//! `tools/call test-tool`); authorization goes through [`ConformanceProvider`], an
+//! `tools/call` of `test-tool`, else of the first tool listed, with arguments made from its
+//! schema); authorization goes through [`ConformanceProvider`], an
 //! [`AuthProvider`] on [`mcp_oauth::OAuthClient`]. Nothing branches on the scenario name: what
 //! to do is decided from the context JSON the suite hands over (pre-registered credentials, a
 //! private key, an identity provider's ID token) and from the authorization server's metadata
@@ -11,10 +12,16 @@
 //!
 //! - an ID token in the context and a server that takes the jwt-bearer grant: SEP-990
 //!   cross-app access ([`OAuthClient::enterprise_token`]);
+//! - a workload assertion in the context and a server that takes the jwt-bearer grant:
+//!   SEP-1933 workload identity ([`OAuthClient::jwt_bearer`]);
 //! - a server that takes `authorization_code`: PKCE authorization, headless (the authorization
 //!   URL is requested without following the redirect, and the code is read from `Location`),
 //!   with pre-registered, metadata-document or dynamic registration;
 //! - else `client_credentials` with the context's secret or `private_key_jwt` key.
+//!
+//! When the authorization server advertises ES256 DPoP proofs, the grants carry proofs from a
+//! key made for the run (kept in memory only), and a DPoP-bound token goes to the MCP server
+//! as `Authorization: DPoP` with a proof per request.
 //!
 //! A 401 authorizes (again); a 403 `insufficient_scope` steps up to the union of the scopes.
 //! At most [`MAX_AUTHORIZATIONS`] authorizations are made in one run.
@@ -28,9 +35,9 @@ use connection_factory::{
 use mcp_clock::SharedClock;
 use mcp_oauth::{
     AuthAttempts, AuthorizationServerMetadata, BearerChallenge, ClientConfig, ClientKey,
-    ClientRegistration, ClientSecret, Discovery, EnterpriseGrant, HttpPolicy, IdToken, OAuthClient,
-    PreRegisteredClient, RegistrationSource, ReqwestHttpClient, TokenEndpointAuthMethod,
-    TokenResponse, select_scope,
+    ClientRegistration, ClientSecret, Discovery, DpopKey, EnterpriseGrant, HttpPolicy, IdToken,
+    OAuthClient, PreRegisteredClient, RegistrationSource, ReqwestHttpClient,
+    TokenEndpointAuthMethod, TokenResponse, WorkloadIdentity, select_scope,
 };
 use serde::Deserialize;
 use url::Url;
@@ -55,6 +62,8 @@ struct Context {
     idp_id_token: Option<String>,
     idp_issuer: Option<String>,
     idp_token_endpoint: Option<String>,
+    /// A workload identity assertion (SEP-1933) the platform issued for this client.
+    valid_jwt: Option<String>,
 }
 
 /// The grant a run uses, decided from the context and the authorization server's metadata.
@@ -62,6 +71,8 @@ struct Context {
 enum Grant {
     /// SEP-990: token exchange at the identity provider, then the jwt-bearer grant.
     CrossApp,
+    /// SEP-1933: the jwt-bearer grant with the workload's own assertion.
+    WorkloadIdentity,
     /// PKCE authorization code, authorized headlessly.
     AuthorizationCode,
     /// Client credentials with the context's secret or key.
@@ -69,12 +80,16 @@ enum Grant {
 }
 
 /// What to do, from what the suite handed over and what the server supports. An ID token in
-/// the context means cross-app access when the server takes the jwt-bearer grant; otherwise the
+/// the context means cross-app access when the server takes the jwt-bearer grant, a workload
+/// assertion means workload identity federation with that grant; otherwise the
 /// user-facing authorization code grant is preferred; client credentials are the machine
 /// fallback and need credentials from the context.
 fn choose_grant(context: &Context, asm: &AuthorizationServerMetadata) -> Result<Grant, Error> {
     if context.idp_id_token.is_some() && asm.supports_grant(JWT_BEARER) {
         return Ok(Grant::CrossApp);
+    }
+    if context.valid_jwt.is_some() && asm.supports_grant(JWT_BEARER) {
+        return Ok(Grant::WorkloadIdentity);
     }
     if asm.supports_grant("authorization_code") {
         return Ok(Grant::AuthorizationCode);
@@ -95,6 +110,9 @@ struct AuthState {
     /// The scope of the current token (granted, else requested).
     scope: Option<String>,
     registration: Option<ClientRegistration>,
+    /// The issuer the context's credentials belong to. The suite does not name it: they are
+    /// bound to the first authorization server discovered, and never offered to another.
+    credentials_issuer: Option<String>,
 }
 
 /// The conformance mode's [`AuthProvider`]: authorizes on demand with [`OAuthClient`].
@@ -102,6 +120,11 @@ struct ConformanceProvider {
     oauth: OAuthClient,
     server: Url,
     context: Context,
+    /// The DPoP key of this run, used with an authorization server that advertises ES256 DPoP
+    /// proofs. It lives as long as the process (the conformance client stores nothing).
+    dpop: DpopKey,
+    /// Whether the current token is DPoP-bound (the token endpoint said `token_type` DPoP).
+    dpop_bound: Mutex<bool>,
     token: Mutex<Option<Secret>>,
     auth: tokio::sync::Mutex<AuthState>,
 }
@@ -155,6 +178,8 @@ impl ConformanceProvider {
             });
         }
         let tokens = self.authorize(&mut state, bearer.as_ref(), scope, step_up).await?;
+        *self.dpop_bound.lock().unwrap_or_else(PoisonError::into_inner) =
+            tokens.token_type.eq_ignore_ascii_case("dpop");
         let token = Secret::new(tokens.access_token.secret().to_owned());
         *self.token.lock().unwrap_or_else(PoisonError::into_inner) = Some(token.clone());
         Ok(Recovery::Retry(token))
@@ -173,18 +198,35 @@ impl ConformanceProvider {
             .discover(&self.server, challenge)
             .await
             .map_err(|e| oauth_error("discovery failed", e))?;
+        // DPoP-bound tokens when the authorization server takes ES256 proofs (RFC 9449).
+        let oauth = if discovery.authorization_server.supports_dpop_es256() {
+            eprintln!("conformance: DPoP (key {})", self.dpop.thumbprint());
+            self.oauth.clone().with_dpop(self.dpop.clone())
+        } else {
+            self.oauth.clone()
+        };
         match choose_grant(&self.context, &discovery.authorization_server)? {
             Grant::CrossApp => {
                 eprintln!("conformance: cross-app access (token exchange, then jwt-bearer)");
-                self.cross_app(&discovery, scope).await
+                self.cross_app(&oauth, &discovery, scope).await
+            }
+            Grant::WorkloadIdentity => {
+                eprintln!("conformance: workload identity (jwt-bearer)");
+                let registration = self.register(state, &discovery).await?;
+                let assertion = self.context.valid_jwt.clone().unwrap_or_default();
+                let identity = WorkloadIdentity::fixed(IdToken::new(assertion));
+                oauth
+                    .jwt_bearer(&discovery, &registration, &identity, scope.as_deref())
+                    .await
+                    .map_err(|e| oauth_error("jwt-bearer grant failed", e))
             }
             Grant::AuthorizationCode => {
-                self.authorization_code(state, &discovery, challenge, scope, step_up).await
+                self.authorization_code(&oauth, state, &discovery, challenge, scope, step_up).await
             }
             Grant::ClientCredentials => {
                 eprintln!("conformance: client credentials");
                 let registration = self.register(state, &discovery).await?;
-                self.oauth
+                oauth
                     .client_credentials(&discovery, &registration, scope.as_deref())
                     .await
                     .map_err(|e| oauth_error("client credentials grant failed", e))
@@ -194,6 +236,7 @@ impl ConformanceProvider {
 
     async fn authorization_code(
         &self,
+        oauth: &OAuthClient,
         state: &mut AuthState,
         discovery: &Discovery,
         challenge: Option<&BearerChallenge>,
@@ -220,8 +263,7 @@ impl ConformanceProvider {
             .authorize_without_browser(&url)
             .await
             .map_err(|e| oauth_error("headless authorization failed", e))?;
-        let tokens = self
-            .oauth
+        let tokens = oauth
             .exchange_code(discovery, &registration, &pending, &callback)
             .await
             .map_err(|e| oauth_error("code exchange failed", e))?;
@@ -231,6 +273,7 @@ impl ConformanceProvider {
 
     async fn cross_app(
         &self,
+        oauth: &OAuthClient,
         discovery: &Discovery,
         scope: Option<String>,
     ) -> Result<TokenResponse, Error> {
@@ -258,10 +301,10 @@ impl ConformanceProvider {
         };
         let registration = self
             .oauth
-            .register(discovery, &self.client_config()?)
+            .register(discovery, &self.client_config(discovery.issuer())?)
             .await
             .map_err(|e| oauth_error("client identification failed", e))?;
-        self.oauth
+        oauth
             .enterprise_token(discovery, &registration, &grant)
             .await
             .map_err(|e| oauth_error("cross-app access failed", e))
@@ -278,18 +321,20 @@ impl ConformanceProvider {
         {
             return Ok(registration.clone());
         }
+        let issuer = state.credentials_issuer.get_or_insert_with(|| discovery.issuer().to_owned());
         let registration = self
             .oauth
-            .register(discovery, &self.client_config()?)
+            .register(discovery, &self.client_config(issuer)?)
             .await
             .map_err(|e| oauth_error("client registration failed", e))?;
         state.registration = Some(registration.clone());
         Ok(registration)
     }
 
-    /// How the client identifies itself: the context's credentials when it has some, else a
-    /// metadata document (used when the server supports it), else dynamic registration.
-    fn client_config(&self) -> Result<ClientConfig, Error> {
+    /// How the client identifies itself: the context's credentials (for `issuer`) when it has
+    /// some, else a metadata document (used when the server supports it), else dynamic
+    /// registration.
+    fn client_config(&self, issuer: &str) -> Result<ClientConfig, Error> {
         let mut config = ClientConfig::new("mcp-connect conformance", REDIRECT_URI);
         config.metadata_document_url = Url::parse(CIMD_URL).ok();
         let c = &self.context;
@@ -304,6 +349,7 @@ impl ConformanceProvider {
                 }
             };
             config.pre_registered = Some(PreRegisteredClient {
+                issuer: issuer.to_owned(),
                 client_id: client_id.clone(),
                 client_secret: c.client_secret.clone().map(ClientSecret::new),
                 auth_method: client_key.as_ref().map(|_| TokenEndpointAuthMethod::PrivateKeyJwt),
@@ -326,6 +372,11 @@ impl AuthProvider for ConformanceProvider {
     ) -> BoxFuture<'a, Result<Recovery, Error>> {
         Box::pin(self.recover(rejected, challenge))
     }
+
+    fn dpop_key(&self) -> Option<DpopKey> {
+        let bound = *self.dpop_bound.lock().unwrap_or_else(PoisonError::into_inner);
+        bound.then(|| self.dpop.clone())
+    }
 }
 
 /// The conformance mode's provider for `server`, with what the suite handed over.
@@ -336,11 +387,14 @@ fn provider(server: Url, context: Context) -> Result<Arc<ConformanceProvider>, E
         oauth: OAuthClient::new(http, SharedClock::system()),
         server,
         context,
+        dpop: DpopKey::generate().map_err(|e| oauth_error("could not make a DPoP key", e))?,
+        dpop_bound: Mutex::new(false),
         token: Mutex::new(None),
         auth: tokio::sync::Mutex::new(AuthState {
             attempts: AuthAttempts::new(MAX_AUTHORIZATIONS),
             scope: None,
             registration: None,
+            credentials_issuer: None,
         }),
     }))
 }
@@ -348,7 +402,7 @@ fn provider(server: Url, context: Context) -> Result<Arc<ConformanceProvider>, E
 /// Connect, list the tools and call `tool` with `arguments` (an error result is a failure).
 async fn session(
     provider: Arc<ConformanceProvider>,
-    tool: &str,
+    tool: Option<&str>,
     arguments: serde_json::Map<String, serde_json::Value>,
 ) -> Result<(), Error> {
     let url = provider.server.to_string();
@@ -358,14 +412,60 @@ async fn session(
         "conformance: tools: {:?}",
         tools.iter().map(|t| t.name.as_ref()).collect::<Vec<&str>>()
     );
-    let result = conn.call_tool(tool, Some(arguments)).await?;
+    // The tool asked for; else `test-tool` when the server has it; else the first tool the
+    // server lists, with arguments made from its input schema (a smoke test of a server).
+    // A server without tools has nothing more to try.
+    let (tool, arguments) = match tool {
+        Some(name) => (name.to_owned(), arguments),
+        None => {
+            let Some(chosen) = tools.iter().find(|t| t.name == "test-tool").or(tools.first())
+            else {
+                return conn.close().await;
+            };
+            (chosen.name.to_string(), sample_arguments(&chosen.input_schema))
+        }
+    };
+    eprintln!("conformance: calling {tool} with {}", serde_json::Value::Object(arguments.clone()));
+    let result = conn.call_tool(&tool, Some(arguments)).await?;
     if result.is_error == Some(true) {
         return Err(Error::Protocol(format!("{tool} answered with an error result")));
     }
     conn.close().await
 }
 
-/// Read the environment and run the suite's session: `tools/call test-tool {}`.
+/// Arguments for a tool from its JSON Schema: each required property gets a plain value of
+/// its type (1 for numbers, "test" for strings, true, [] or {}).
+fn sample_arguments(
+    schema: &serde_json::Map<String, serde_json::Value>,
+) -> serde_json::Map<String, serde_json::Value> {
+    use serde_json::Value;
+    let required: Vec<&str> = schema
+        .get("required")
+        .and_then(Value::as_array)
+        .map(|r| r.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let properties = schema.get("properties").and_then(Value::as_object);
+    required
+        .into_iter()
+        .map(|name| {
+            let kind = properties
+                .and_then(|p| p.get(name))
+                .and_then(|p| p.get("type"))
+                .and_then(Value::as_str)
+                .unwrap_or("string");
+            let value = match kind {
+                "number" | "integer" => Value::from(1),
+                "boolean" => Value::Bool(true),
+                "array" => Value::Array(Vec::new()),
+                "object" => Value::Object(serde_json::Map::new()),
+                _ => Value::String("test".into()),
+            };
+            (name.to_owned(), value)
+        })
+        .collect()
+}
+
+/// Read the environment and run the suite's session: list the tools and call one.
 async fn conformance_session(server_url: &str) -> Result<(), Error> {
     let server: Url = server_url
         .parse()
@@ -376,12 +476,13 @@ async fn conformance_session(server_url: &str) -> Result<(), Error> {
         })?,
         Err(_) => Context::default(),
     };
-    session(provider(server, context)?, "test-tool", serde_json::Map::new()).await
+    session(provider(server, context)?, None, serde_json::Map::new()).await
 }
 
 /// Runs the conformance client against `server_url`; returns the process exit code.
 ///
-/// It connects (authorizing as the server demands), lists the tools, calls `test-tool`, and
+/// It connects (authorizing as the server demands), lists the tools, calls `test-tool` (else
+/// the first tool listed, with arguments made from its schema; none when there is none), and
 /// exits 0 only if all of that succeeded. The scenario name
 /// (`MCP_CONFORMANCE_SCENARIO`) is only printed; the context JSON
 /// (`MCP_CONFORMANCE_CONTEXT`) supplies pre-registered credentials, a private key or an
@@ -398,7 +499,7 @@ pub async fn run_conformance(server_url: &str) -> ExitCode {
     eprintln!("conformance: scenario {scenario:?}, server {server_url}");
     match conformance_session(server_url).await {
         Ok(()) => {
-            eprintln!("conformance: connected, listed tools, called test-tool");
+            eprintln!("conformance: connected, listed tools, called a tool");
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -435,6 +536,18 @@ mod tests {
     }
 
     #[test]
+    fn sample_arguments_follow_the_required_properties() {
+        let schema = json!({
+            "type": "object",
+            "properties": {"a": {"type": "number"}, "b": {"type": "integer"}, "s": {"type": "string"}, "o": {}},
+            "required": ["a", "b", "s"]
+        });
+        let args = sample_arguments(schema.as_object().unwrap());
+        assert_eq!(serde_json::Value::Object(args), json!({"a": 1, "b": 1, "s": "test"}));
+        assert!(sample_arguments(json!({"type": "object"}).as_object().unwrap()).is_empty());
+    }
+
+    #[test]
     fn the_grant_follows_the_context_and_the_metadata() {
         let none = Context::default();
         let secret = context(json!({"client_id": "c", "client_secret": "s"}));
@@ -442,6 +555,9 @@ mod tests {
         let code = metadata(&["authorization_code", "refresh_token"]);
         let cc = metadata(&["client_credentials"]);
         let jwt = metadata(&[JWT_BEARER]);
+        let workload = context(json!({"client_id": "w", "valid_jwt": "eyJ.a.b"}));
+        assert_eq!(choose_grant(&workload, &jwt).unwrap(), Grant::WorkloadIdentity);
+        assert_eq!(choose_grant(&workload, &code).unwrap(), Grant::AuthorizationCode);
         assert_eq!(choose_grant(&none, &code).unwrap(), Grant::AuthorizationCode);
         // Pre-registered credentials alone do not turn a user flow into a machine flow.
         assert_eq!(choose_grant(&secret, &code).unwrap(), Grant::AuthorizationCode);
@@ -457,7 +573,8 @@ mod tests {
     fn the_context_key_selects_private_key_jwt_and_other_algorithms_are_refused() {
         let server: Url = "http://127.0.0.1:1/mcp".parse().unwrap();
         let es256 = context(json!({"client_id": "c", "private_key_pem": "pem"}));
-        let config = provider(server.clone(), es256).unwrap().client_config().unwrap();
+        let config =
+            provider(server.clone(), es256).unwrap().client_config("http://127.0.0.1:1").unwrap();
         let pre = config.pre_registered.unwrap();
         assert_eq!(pre.auth_method, Some(TokenEndpointAuthMethod::PrivateKeyJwt));
         assert!(pre.client_key.is_some());
@@ -465,10 +582,16 @@ mod tests {
         let rs256 = context(
             json!({"client_id": "c", "private_key_pem": "pem", "signing_algorithm": "RS256"}),
         );
-        let err = provider(server.clone(), rs256).unwrap().client_config().unwrap_err();
+        let err = provider(server.clone(), rs256)
+            .unwrap()
+            .client_config("http://127.0.0.1:1")
+            .unwrap_err();
         assert!(matches!(&err, Error::InvalidConfig(m) if m.contains("RS256")), "{err:?}");
 
-        let config = provider(server, Context::default()).unwrap().client_config().unwrap();
+        let config = provider(server, Context::default())
+            .unwrap()
+            .client_config("http://127.0.0.1:1")
+            .unwrap();
         assert!(config.pre_registered.is_none());
         assert_eq!(config.metadata_document_url.unwrap().as_str(), CIMD_URL);
     }
@@ -482,7 +605,7 @@ mod tests {
         let resource = ResourceServer::builder(&auth).spawn().await.unwrap();
         let fx = Fixtures::from_parts(auth, resource);
         let p = provider(fx.resource().url().parse().unwrap(), Context::default()).unwrap();
-        session(p.clone(), "counter", serde_json::Map::new()).await.unwrap();
+        session(p.clone(), Some("counter"), serde_json::Map::new()).await.unwrap();
 
         let stats = fx.auth().stats();
         assert_eq!(stats.registrations, 1, "{stats:?}");
@@ -510,7 +633,7 @@ mod tests {
             .unwrap();
         let fx = Fixtures::from_parts(auth, resource);
         let p = provider(fx.resource().url().parse().unwrap(), Context::default()).unwrap();
-        let err = session(p, "echo", serde_json::Map::new()).await.unwrap_err();
+        let err = session(p, Some("echo"), serde_json::Map::new()).await.unwrap_err();
         assert!(matches!(err, Error::Provider { .. }), "{err:?}");
         assert_eq!(fx.auth().stats().authorization_requests, 0);
         assert_eq!(fx.auth().stats().token_requests(), 0);
@@ -523,7 +646,7 @@ mod tests {
         let url = format!("http://{}/mcp", listener.local_addr().unwrap());
         drop(listener);
         let p = provider(url.parse().unwrap(), Context::default()).unwrap();
-        let err = session(p.clone(), "echo", serde_json::Map::new()).await.unwrap_err();
+        let err = session(p.clone(), Some("echo"), serde_json::Map::new()).await.unwrap_err();
         assert!(matches!(err, Error::Transport(_)), "{err:?}");
         assert_eq!(p.auth.lock().await.attempts.made(), 0);
         assert!(run_conformance(&url).await == ExitCode::FAILURE);

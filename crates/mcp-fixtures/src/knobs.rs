@@ -5,6 +5,22 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+/// The RFC 9207 `iss` the authorize endpoint puts in its redirect (the metadata always says
+/// it sends one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum RedirectIss {
+    /// The issuer, exactly.
+    #[default]
+    Correct,
+    /// No `iss` at all.
+    Missing,
+    /// Another server's issuer (`https://evil.example.com`), as in a mix-up attack.
+    Wrong,
+    /// The issuer with a trailing slash added (equal only after normalisation).
+    TrailingSlash,
+}
+
 /// How the authorize endpoint answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -136,6 +152,10 @@ pub struct KnobSettings {
     /// issue a narrower scope than requested, RFC 6749 §3.3): the code and its tokens carry the
     /// requested scope without these. Default none.
     pub withheld_scopes: Vec<String>,
+    /// The `iss` of authorization redirects (default: the issuer, exactly).
+    pub redirect_iss: RedirectIss,
+    /// Leave `code_challenge_methods_supported` out of the metadata (PKCE is still required).
+    pub omit_pkce_metadata: bool,
 }
 
 impl KnobSettings {
@@ -167,6 +187,8 @@ impl Default for KnobSettings {
             approval: Approval::Auto,
             clock_offset_millis: 0,
             withheld_scopes: Vec::new(),
+            redirect_iss: RedirectIss::Correct,
+            omit_pkce_metadata: false,
         }
     }
 }

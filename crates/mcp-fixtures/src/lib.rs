@@ -65,7 +65,7 @@ pub use auth::{
 };
 pub use error::FixtureError;
 pub use fixtures::Fixtures;
-pub use knobs::{Approval, InjectedFailure, KnobSettings, Knobs};
+pub use knobs::{Approval, InjectedFailure, KnobSettings, Knobs, RedirectIss};
 pub use resource::{ResourceServer, ResourceServerBuilder, ResourceServerHandle};
 pub use secret::{IssuedTokens, RegisteredClient, TokenFingerprint};
-pub use stats::{AuthEvent, AuthEventKind, AuthStats, ResourceStats};
+pub use stats::{AuthEvent, AuthEventKind, AuthStats, PostRecord, ResourceStats};

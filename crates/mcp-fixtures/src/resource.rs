@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
-use rmcp::model::{ServerCapabilities, ServerConfig};
+use rmcp::model::{ProtocolVersion, ServerCapabilities, ServerConfig};
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use rmcp::{ServerHandler, schemars, tool, tool_handler, tool_router};
@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{AuthMethod, AuthServerHandle, Core, TokenProblem};
 use crate::error::FixtureError;
 use crate::secret::RegisteredClient;
-use crate::stats::ResourceStats;
+use crate::stats::{PostRecord, ResourceStats};
 
 /// Largest JSON-RPC body the scope check reads.
 const MAX_BODY: usize = 4 * 1024 * 1024;
@@ -62,14 +62,16 @@ struct SlowArgs {
 #[derive(Debug, Clone)]
 struct FixtureTools {
     shared: Arc<Shared>,
+    /// The protocol revisions it speaks.
+    versions: Arc<[ProtocolVersion]>,
     #[allow(dead_code)] // Read by the code that `tool_handler` generates.
     tool_router: ToolRouter<Self>,
 }
 
 #[tool_router]
 impl FixtureTools {
-    fn new(shared: Arc<Shared>) -> Self {
-        FixtureTools { shared, tool_router: Self::tool_router() }
+    fn new(shared: Arc<Shared>, versions: Arc<[ProtocolVersion]>) -> Self {
+        FixtureTools { shared, versions, tool_router: Self::tool_router() }
     }
 
     #[tool(description = "Send the text back.")]
@@ -98,6 +100,20 @@ impl ServerHandler for FixtureTools {
         ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
             .with_instructions("mcp-fixtures resource server: tools echo, slow, counter")
     }
+
+    fn supported_protocol_versions(&self) -> std::borrow::Cow<'static, [ProtocolVersion]> {
+        std::borrow::Cow::Owned(self.versions.to_vec())
+    }
+}
+
+/// The revisions the fixture speaks unless told otherwise: every one with an `initialize`
+/// handshake (2024-11-05 to 2025-11-25), not 2026-07-28.
+fn legacy_versions() -> Vec<String> {
+    ProtocolVersion::KNOWN_VERSIONS
+        .iter()
+        .filter(|v| v.has_initialize())
+        .map(|v| v.as_str().to_owned())
+        .collect()
 }
 
 /// The MCP resource server fixture. Start one with [`ResourceServer::builder`].
@@ -124,7 +140,9 @@ pub struct ResourceServer;
 impl ResourceServer {
     /// A builder for a resource server that trusts `auth`, validating tokens in process.
     ///
-    /// Defaults: MCP endpoint `/mcp`; every request needs `mcp:tools`; the `counter` tool also
+    /// Defaults: MCP endpoint `/mcp`; the protocol revisions up to 2025-11-25 (the
+    /// `initialize` handshake; see [`ResourceServerBuilder::protocol_versions`]); every request
+    /// needs `mcp:tools`; the `counter` tool also
     /// needs `mcp:write`; protected-resource metadata at both the path-based and the root
     /// well-known URL; `scopes_supported` copied from the authorization server.
     pub fn builder(auth: &AuthServerHandle) -> ResourceServerBuilder {
@@ -144,6 +162,7 @@ impl ResourceServer {
             advertised_resource: None,
             introspection: false,
             introspection_endpoint: auth.introspection_endpoint(),
+            protocol_versions: legacy_versions(),
         }
     }
 }
@@ -166,9 +185,24 @@ pub struct ResourceServerBuilder {
     advertised_resource: Option<String>,
     introspection: bool,
     introspection_endpoint: String,
+    protocol_versions: Vec<String>,
 }
 
 impl ResourceServerBuilder {
+    /// The MCP protocol revisions the server speaks (default: 2024-11-05 to 2025-11-25).
+    /// Include `2026-07-28` for the stateless revision (`server/discover`, per-request `_meta`,
+    /// `MCP-Protocol-Version` and `Mcp-Method` on every POST). A POST whose
+    /// `MCP-Protocol-Version` header names a revision not listed is refused with 400 and a
+    /// JSON-RPC error, as servers of the older revisions do; `initialize` negotiates among the
+    /// listed revisions that still have it.
+    pub fn protocol_versions<S: Into<String>>(
+        mut self,
+        versions: impl IntoIterator<Item = S>,
+    ) -> Self {
+        self.protocol_versions = versions.into_iter().map(Into::into).collect();
+        self
+    }
+
     /// Check tokens with RFC 7662 introspection over HTTP instead of in process (default
     /// false). The server registers itself as a confidential client. Introspection does not
     /// say why a token is inactive, so the expired-token status knob does not apply.
@@ -259,6 +293,15 @@ impl ResourceServerBuilder {
                 "the metadata location must start with '/'".into(),
             ));
         }
+        let versions: Vec<ProtocolVersion> = self
+            .protocol_versions
+            .iter()
+            .map(|v| serde_json::from_value(Value::String(v.clone())))
+            .collect::<Result<_, _>>()
+            .map_err(|e| FixtureError::InvalidConfig(format!("protocol version: {e}")))?;
+        if versions.is_empty() {
+            return Err(FixtureError::InvalidConfig("no protocol version".into()));
+        }
         if !self.path.starts_with('/') || self.path.len() < 2 {
             return Err(FixtureError::InvalidConfig(
                 "the MCP path must start with '/' and name something".into(),
@@ -322,14 +365,16 @@ impl ResourceServerBuilder {
             anonymous_initialize: self.anonymous_initialize,
             validation,
             shared: shared.clone(),
+            versions: self.protocol_versions,
         });
 
         let factory_shared = shared.clone();
+        let versions: Arc<[ProtocolVersion]> = versions.into();
         let config =
             StreamableHttpServerConfig::default().with_cancellation_token(shutdown.child_token());
         let service: StreamableHttpService<FixtureTools, LocalSessionManager> =
             StreamableHttpService::new(
-                move || Ok(FixtureTools::new(factory_shared.clone())),
+                move || Ok(FixtureTools::new(factory_shared.clone(), versions.clone())),
                 Arc::new(LocalSessionManager::default()),
                 config,
             );
@@ -453,9 +498,25 @@ struct Guard {
     anonymous_initialize: bool,
     validation: Validation,
     shared: Arc<Shared>,
+    versions: Vec<String>,
 }
 
 impl Guard {
+    /// Let an accepted request through to the MCP server, unless its `MCP-Protocol-Version`
+    /// names a revision this server does not speak: that gets what the SDKs of the older
+    /// revisions answer, a 400 with a JSON-RPC error and no id.
+    async fn forward(&self, req: Request, next: Next) -> Response {
+        let version = req.headers().get("mcp-protocol-version").and_then(|v| v.to_str().ok());
+        if let Some(version) = version
+            && !self.versions.iter().any(|v| v == version)
+        {
+            let message = format!("Bad Request: Unsupported protocol version: {version}");
+            let body = json!({"jsonrpc": "2.0", "error": {"code": -32000, "message": message}, "id": null});
+            return (StatusCode::BAD_REQUEST, axum::Json(body)).into_response();
+        }
+        next.run(req).await
+    }
+
     async fn check(&self, token: &str) -> Result<Checked, Refusal> {
         let (endpoint, client, http) = match &self.validation {
             Validation::InProcess => {
@@ -580,10 +641,7 @@ async fn bearer_guard(State(guard): State<Arc<Guard>>, req: Request, next: Next)
         return crate::knobs::failure_response(failure);
     }
     let token = bearer(&req);
-    // Read the JSON-RPC body only when a decision depends on it.
-    let needs_body = req.method() == Method::POST
-        && ((token.is_none() && guard.anonymous_initialize) || !guard.tool_scopes.is_empty());
-    let (req, message) = if needs_body {
+    let (req, message) = if req.method() == Method::POST {
         let (parts, body) = req.into_parts();
         let Ok(bytes) = axum::body::to_bytes(body, MAX_BODY).await else {
             return (StatusCode::PAYLOAD_TOO_LARGE, "request body too large").into_response();
@@ -593,9 +651,28 @@ async fn bearer_guard(State(guard): State<Arc<Guard>>, req: Request, next: Next)
     } else {
         (req, None)
     };
+    if req.method() == Method::POST {
+        let header =
+            |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let record = PostRecord {
+            method: message
+                .as_ref()
+                .and_then(|m| m.get("method"))
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            protocol_version: header("mcp-protocol-version"),
+            mcp_method: header("mcp-method"),
+            meta_protocol_version: message
+                .as_ref()
+                .and_then(|m| m.pointer("/params/_meta/io.modelcontextprotocol~1protocolVersion"))
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+        };
+        guard.shared.stats().posts.push(record);
+    }
     let Some(token) = token else {
         if guard.anonymous_initialize && message.as_ref().is_some_and(is_handshake) {
-            return next.run(req).await;
+            return guard.forward(req, next).await;
         }
         return guard.unauthorized(StatusCode::UNAUTHORIZED, None);
     };
@@ -644,7 +721,7 @@ async fn bearer_guard(State(guard): State<Arc<Guard>>, req: Request, next: Next)
             return guard.forbidden(&needed);
         }
     }
-    next.run(req).await
+    guard.forward(req, next).await
 }
 
 #[cfg(test)]

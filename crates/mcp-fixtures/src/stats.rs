@@ -165,4 +165,20 @@ pub struct ResourceStats {
     pub injected_failures: u64,
     /// Tool calls that reached the MCP server, by tool name.
     pub tool_calls: BTreeMap<String, u64>,
+    /// Every POST to the MCP endpoint, in arrival order (refused ones included).
+    pub posts: Vec<PostRecord>,
+}
+
+/// What one POST to the MCP endpoint carried.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PostRecord {
+    /// The JSON-RPC `method` of the body (`None` for a response or an unreadable body).
+    pub method: Option<String>,
+    /// The `MCP-Protocol-Version` header.
+    pub protocol_version: Option<String>,
+    /// The `Mcp-Method` header (MCP 2026-07-28).
+    pub mcp_method: Option<String>,
+    /// The request's `_meta` `io.modelcontextprotocol/protocolVersion` (MCP 2026-07-28).
+    pub meta_protocol_version: Option<String>,
 }

@@ -406,3 +406,57 @@ async fn introspection_mode_checks_tokens_over_http() {
     assert_eq!(resp.status(), 401);
     assert!(challenge(&resp).contains("error=\"invalid_token\""));
 }
+
+const DISCOVER: &str = r#"{"jsonrpc":"2.0","id":1,"method":"server/discover","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"t","version":"0"},"io.modelcontextprotocol/clientCapabilities":{}}}}"#;
+
+async fn post_versioned(url: &str, token: &str, version: &str, body: &str) -> reqwest::Response {
+    http()
+        .post(url)
+        .bearer_auth(token)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", version)
+        .header("mcp-method", "server/discover")
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The protocol-version knob: by default the server speaks the revisions up to 2025-11-25 and
+/// refuses a POST naming 2026-07-28 the way those servers do (400, a JSON-RPC error, no id);
+/// with 2026-07-28 listed it answers `server/discover` with the listed revisions. Every POST is
+/// recorded with its version and method headers.
+#[tokio::test]
+async fn the_protocol_versions_knob_selects_the_revisions_spoken() {
+    let auth = AuthServer::builder().spawn().await.unwrap();
+    let client = auth.register_client(mcp_fixtures::ClientSpec::new(ClientAuth::None)).unwrap();
+    let token = auth.issue_tokens(client.client_id(), "mcp:tools", None).access_token().to_owned();
+
+    let legacy = ResourceServer::builder(&auth).spawn().await.unwrap();
+    let resp = post_versioned(legacy.url(), &token, "2026-07-28", DISCOVER).await;
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["id"], Value::Null);
+    assert!(body["error"]["message"].as_str().unwrap().contains("2026-07-28"), "{body}");
+    let posts = legacy.stats().posts;
+    assert_eq!(posts.len(), 1);
+    assert_eq!(posts[0].method.as_deref(), Some("server/discover"));
+    assert_eq!(posts[0].protocol_version.as_deref(), Some("2026-07-28"));
+    assert_eq!(posts[0].mcp_method.as_deref(), Some("server/discover"));
+    assert_eq!(posts[0].meta_protocol_version.as_deref(), Some("2026-07-28"));
+
+    let modern = ResourceServer::builder(&auth)
+        .protocol_versions(["2025-11-25", "2026-07-28"])
+        .spawn()
+        .await
+        .unwrap();
+    let resp = post_versioned(modern.url(), &token, "2026-07-28", DISCOVER).await;
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    assert!(text.contains(r#""supportedVersions":["2025-11-25","2026-07-28"]"#), "{text}");
+
+    let none: [&str; 0] = [];
+    let err = ResourceServer::builder(&auth).protocol_versions(none).spawn().await.unwrap_err();
+    assert!(matches!(err, mcp_fixtures::FixtureError::InvalidConfig(_)), "{err:?}");
+}

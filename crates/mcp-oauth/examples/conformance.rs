@@ -127,7 +127,10 @@ impl Session {
         let registration = match &self.registration {
             Some(r) if r.issuer == discovery.issuer() => r.clone(),
             _ => {
-                let r = self.oauth.register(&discovery, &self.client_config()).await?;
+                let r = self
+                    .oauth
+                    .register(&discovery, &self.client_config(discovery.issuer()))
+                    .await?;
                 self.registration = Some(r.clone());
                 r
             }
@@ -152,11 +155,14 @@ impl Session {
         Ok(())
     }
 
-    fn client_config(&self) -> ClientConfig {
+    /// The context's credentials are for the suite's authorization server, which the context
+    /// does not name: they are bound to the issuer discovered for this run.
+    fn client_config(&self, issuer: &str) -> ClientConfig {
         let mut config = ClientConfig::new("mcp-oauth conformance", REDIRECT_URI);
         config.metadata_document_url = Url::parse(CIMD_URL).ok();
         if let Some(id) = ctx_str(&self.context, "client_id") {
             config.pre_registered = Some(PreRegisteredClient {
+                issuer: issuer.to_owned(),
                 client_id: id.to_owned(),
                 client_secret: ctx_str(&self.context, "client_secret").map(ClientSecret::new),
                 client_key: None,
@@ -167,7 +173,7 @@ impl Session {
     }
 
     async fn pre_registered(&self, discovery: &Discovery) -> Result<ClientRegistration, Failure> {
-        let mut config = self.client_config();
+        let mut config = self.client_config(discovery.issuer());
         if let (Some(pre), Some(pem)) =
             (config.pre_registered.as_mut(), ctx_str(&self.context, "private_key_pem"))
         {

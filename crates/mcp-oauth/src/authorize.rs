@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 use url::Url;
 
 use crate::client::OAuthClient;
-use crate::discovery::{Discovery, issuer_eq};
+use crate::discovery::Discovery;
 use crate::error::{Error, Result};
 use crate::registration::ClientRegistration;
 use crate::secret::{AuthorizationCode, CsrfState, PkceVerifier, ct_eq, random_urlsafe};
@@ -87,19 +87,54 @@ impl CallbackParams {
     /// assert_eq!(p.code.unwrap().secret(), "abc");
     /// ```
     pub fn from_url(url: &Url) -> Self {
+        Self::collect(url).0
+    }
+
+    /// The parameters of a callback URL, refusing one that repeats `code`, `state`, `iss`,
+    /// `error` or `error_description` (which of two `state`s would be checked, and which
+    /// `code` sent?).
+    ///
+    /// ```
+    /// use mcp_oauth::CallbackParams;
+    /// let twice = "http://127.0.0.1:1/cb?code=a&state=s&state=t".parse().unwrap();
+    /// assert!(CallbackParams::parse(&twice).is_err());
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Malformed`] naming the repeated parameter (the URL is shown without its query).
+    pub fn parse(url: &Url) -> Result<Self> {
+        match Self::collect(url) {
+            (params, None) => Ok(params),
+            (_, Some(name)) => Err(Error::malformed(
+                "authorization callback",
+                url,
+                format!("the parameter {name} appears more than once"),
+            )
+            .without_query()),
+        }
+    }
+
+    /// The parameters, and the first one that was repeated.
+    fn collect(url: &Url) -> (Self, Option<&'static str>) {
         let mut p = CallbackParams::default();
+        let mut repeated = None;
         for (k, v) in url.query_pairs() {
             let v = v.into_owned();
-            match &*k {
-                "code" => p.code = Some(AuthorizationCode::new(v)),
-                "state" => p.state = Some(CsrfState::new(v)),
-                "iss" => p.iss = Some(v),
-                "error" => p.error = Some(v),
-                "error_description" => p.error_description = Some(v),
-                _ => {}
+            let (name, was_set) = match &*k {
+                "code" => ("code", p.code.replace(AuthorizationCode::new(v)).is_some()),
+                "state" => ("state", p.state.replace(CsrfState::new(v)).is_some()),
+                "iss" => ("iss", p.iss.replace(v).is_some()),
+                "error" => ("error", p.error.replace(v).is_some()),
+                "error_description" => {
+                    ("error_description", p.error_description.replace(v).is_some())
+                }
+                _ => continue,
+            };
+            if was_set {
+                repeated.get_or_insert(name);
             }
         }
-        p
+        (p, repeated)
     }
 }
 
@@ -166,8 +201,9 @@ impl OAuthClient {
     /// Build the authorization URL for the browser, and the pending state to keep until the
     /// callback.
     ///
-    /// Refuses a server whose `code_challenge_methods_supported` lacks `S256`. When the server
-    /// does not list methods at all, S256 is sent anyway (OAuth 2.1 requires PKCE support).
+    /// Refuses a server whose `code_challenge_methods_supported` lacks `S256` or is absent (MCP
+    /// 2025-11-25 and 2026-07-28: the client must not proceed without it), except for the
+    /// 2025-03-26 default endpoints, used when the server publishes no metadata at all.
     pub fn authorization_url(
         &self,
         discovery: &Discovery,
@@ -176,10 +212,12 @@ impl OAuthClient {
         scope: Option<&str>,
     ) -> Result<(Url, PendingAuthorization)> {
         let asm = &discovery.authorization_server;
-        if let Some(methods) = &asm.code_challenge_methods_supported
-            && !methods.iter().any(|m| m == "S256")
-        {
-            return Err(Error::PkceUnsupported { methods: methods.clone() });
+        match &asm.code_challenge_methods_supported {
+            Some(methods) if methods.iter().any(|m| m == "S256") => {}
+            Some(methods) => return Err(Error::PkceUnsupported { methods: methods.clone() }),
+            // 2025-03-26 without any metadata: the default endpoints, where S256 is assumed.
+            None if discovery.source == crate::MetadataSource::LegacyDefaultEndpoints => {}
+            None => return Err(Error::PkceUnsupported { methods: Vec::new() }),
         }
         let mut url = asm
             .authorization_endpoint
@@ -223,26 +261,35 @@ impl OAuthClient {
         &self,
         authorization_url: &Url,
     ) -> Result<CallbackParams> {
-        let response = self.send(crate::http::HttpRequest::get(authorization_url.clone())).await?;
+        // The URL carries the `state` and the redirect the `code`: errors name neither.
+        let response = self
+            .send(crate::http::HttpRequest::get(authorization_url.clone()))
+            .await
+            .map_err(Error::without_query)?;
         if !response.is_redirect() {
             return Err(Error::HttpStatus {
                 url: authorization_url.to_string(),
                 status: response.status,
                 retry_after: crate::client::retry_after(&response, self.clock.now()),
-            });
+            }
+            .without_query());
         }
         let location = response.header("location").unwrap_or_default();
-        let target = authorization_url
-            .join(location)
-            .map_err(|e| Error::InvalidUrl { url: location.to_owned(), reason: e.to_string() })?;
-        Ok(CallbackParams::from_url(&target))
+        let target = authorization_url.join(location).map_err(|e| {
+            Error::InvalidUrl { url: location.to_owned(), reason: e.to_string() }.without_query()
+        })?;
+        CallbackParams::parse(&target)
     }
 
     /// Check the callback against `pending` and exchange its code for tokens.
     ///
-    /// Checks, in order: an `error` in the callback, the `state` (constant time), the TTL, the
-    /// RFC 9207 `iss` (required when the server advertises it, compared whenever present), then
-    /// sends the code with the PKCE verifier, the redirect URI and the same `resource`.
+    /// Checks first that `pending` was made with this discovery's issuer and this
+    /// registration's client ID, then, in order: the `state` (constant time), its TTL, the RFC 9207 `iss` (required
+    /// when the server advertises it, compared whenever present, by exact string comparison),
+    /// and only then an `error` in the callback, then the code, which is sent with the PKCE
+    /// verifier, the redirect URI and the same `resource`. An `error` in a callback that fails
+    /// the `state` or `iss` checks is neither acted on nor shown: it may come from an attacker
+    /// (a mix-up or a forged redirect).
     pub async fn exchange_code(
         &self,
         discovery: &Discovery,
@@ -250,11 +297,18 @@ impl OAuthClient {
         pending: &PendingAuthorization,
         callback: &CallbackParams,
     ) -> Result<TokenResponse> {
-        if let Some(error) = &callback.error {
-            return Err(Error::AuthorizationDenied {
-                error: error.clone(),
-                description: callback.error_description.clone(),
+        // The pending request must be this discovery's and this registration's.
+        if pending.issuer != discovery.issuer() {
+            return Err(Error::IssuerMismatch {
+                expected: discovery.issuer().to_owned(),
+                found: pending.issuer.clone(),
             });
+        }
+        if pending.client_id != registration.client_id {
+            return Err(Error::Config(format!(
+                "the pending authorization was made for client {:?}, not {:?}",
+                pending.client_id, registration.client_id
+            )));
         }
         match &callback.state {
             Some(s) if ct_eq(s.secret(), pending.state.secret()) => {}
@@ -265,7 +319,7 @@ impl OAuthClient {
         }
         let asm = &discovery.authorization_server;
         match &callback.iss {
-            Some(iss) if !issuer_eq(iss, &pending.issuer) => {
+            Some(iss) if *iss != pending.issuer => {
                 return Err(Error::IssuerMismatch {
                     expected: pending.issuer.clone(),
                     found: iss.clone(),
@@ -278,6 +332,12 @@ impl OAuthClient {
                 });
             }
             _ => {}
+        }
+        if let Some(error) = &callback.error {
+            return Err(Error::AuthorizationDenied {
+                error: error.clone(),
+                description: callback.error_description.clone(),
+            });
         }
         let code = callback.code.as_ref().ok_or(Error::AuthorizationDenied {
             error: "missing_code".into(),

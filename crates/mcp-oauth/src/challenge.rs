@@ -98,8 +98,27 @@ impl BearerChallenge {
     /// assert_eq!(bearer.error.as_deref(), Some("insufficient_scope"));
     /// assert_eq!(bearer.scope.as_deref(), Some("files:read files:write"));
     /// ```
+    ///
+    /// A header value that does not parse as a whole keeps the challenges that come before the
+    /// fault (a server may add a challenge this parser refuses next to a good Bearer one);
+    /// the error is returned only when no Bearer challenge was found.
     pub fn from_headers<'a>(values: impl IntoIterator<Item = &'a str>) -> Result<Option<Self>> {
-        Ok(parse_challenges(values)?.iter().find_map(BearerChallenge::from_challenge))
+        let mut found = Vec::new();
+        let mut fault = None;
+        for value in values {
+            let (challenges, error) =
+                Parser { s: value.as_bytes(), input: value, pos: 0 }.header_partial();
+            found.extend(challenges);
+            if let Some(error) = error {
+                tracing::debug!(error = %error, "skipping a malformed part of a WWW-Authenticate header");
+                fault.get_or_insert(error);
+            }
+        }
+        match (found.iter().find_map(BearerChallenge::from_challenge), fault) {
+            (Some(bearer), _) => Ok(Some(bearer)),
+            (None, Some(error)) => Err(error),
+            (None, None) => Ok(None),
+        }
     }
 
     /// True when `error` is `insufficient_scope`.
@@ -173,12 +192,25 @@ impl Parser<'_> {
         &self.input[start..self.pos]
     }
 
-    fn header(mut self) -> Result<Vec<Challenge>> {
+    fn header(self) -> Result<Vec<Challenge>> {
+        match self.header_partial() {
+            (out, None) => Ok(out),
+            (_, Some(error)) => Err(error),
+        }
+    }
+
+    /// The challenges before the first fault, and the fault.
+    fn header_partial(mut self) -> (Vec<Challenge>, Option<Error>) {
         let mut out = Vec::new();
+        let fault = self.challenges(&mut out).err();
+        (out, fault)
+    }
+
+    fn challenges(&mut self, out: &mut Vec<Challenge>) -> Result<()> {
         loop {
             self.skip_ows_and_commas();
             if self.peek().is_none() {
-                return Ok(out);
+                return Ok(());
             }
             let scheme = self.token().to_owned();
             if scheme.is_empty() {
@@ -216,6 +248,10 @@ impl Parser<'_> {
                 self.pos += 1;
                 self.skip_ows();
                 let value = self.value()?;
+                // RFC 9110 §11.2: each parameter name only once per challenge.
+                if challenge.params.iter().any(|(n, _)| n.eq_ignore_ascii_case(&name)) {
+                    return self.err("duplicate auth-param");
+                }
                 challenge.params.push((name, value));
                 self.skip_ows();
                 match self.peek() {

@@ -53,6 +53,8 @@ pub struct OAuthClient {
     pub(crate) clock: SharedClock,
     pub(crate) config: Arc<OAuthConfig>,
     pub(crate) cancel: CancellationToken,
+    /// The DPoP key token requests are bound to, if any.
+    pub(crate) dpop: Option<crate::dpop::DpopKey>,
 }
 
 impl OAuthClient {
@@ -63,6 +65,7 @@ impl OAuthClient {
             clock,
             config: Arc::new(OAuthConfig::default()),
             cancel: CancellationToken::new(),
+            dpop: None,
         }
     }
 
@@ -213,13 +216,19 @@ fn http_date_millis(value: &str) -> Option<u64> {
 /// `Date` (else `now`). `None` when absent or unparsable; a past date is zero.
 pub(crate) fn retry_after(response: &HttpResponse, now: Timestamp) -> Option<Duration> {
     let value = response.header("retry-after")?.trim();
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    let at = http_date_millis(value)?;
-    let base = response.header("date").and_then(http_date_millis).unwrap_or(now.as_millis());
-    Some(Duration::from_millis(at.saturating_sub(base)))
+    let delay = if let Ok(secs) = value.parse::<u64>() {
+        Duration::from_secs(secs)
+    } else {
+        let at = http_date_millis(value)?;
+        let base = response.header("date").and_then(http_date_millis).unwrap_or(now.as_millis());
+        Duration::from_millis(at.saturating_sub(base))
+    };
+    // A server cannot park a client for days: a longer wait is cut to the limit.
+    Some(delay.min(MAX_RETRY_AFTER))
 }
+
+/// The longest `Retry-After` honoured.
+pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 #[cfg(test)]
 mod tests {
@@ -237,6 +246,12 @@ mod tests {
         assert_eq!(retry_after(&with(&[]), now), None);
         assert_eq!(retry_after(&with(&[("retry-after", "soon")]), now), None);
         assert_eq!(retry_after(&with(&[("retry-after", "-5")]), now), None);
+        // Clamped to one hour, as a number or a far-away date.
+        let hour = Some(Duration::from_secs(3600));
+        assert_eq!(retry_after(&with(&[("retry-after", "3601")]), now), hour);
+        assert_eq!(retry_after(&with(&[("retry-after", "99999999999")]), now), hour);
+        let far = with(&[("retry-after", "Fri, 31 Dec 2100 23:59:59 GMT")]);
+        assert_eq!(retry_after(&far, now), hour);
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //! Authorization server metadata for issuer `https://as/<path>` is tried at
 //! `/.well-known/oauth-authorization-server/<path>`, `/.well-known/openid-configuration/<path>`,
 //! then `/<path>/.well-known/openid-configuration` (for an issuer without a path: the RFC 8414
-//! URL, then OpenID's). The document's `issuer` must equal the expected issuer.
+//! URL, then OpenID's). The document's `issuer` must equal the expected issuer exactly (simple
+//! string comparison, no normalisation: MCP 2026-07-28, RFC 8414 §3.3).
 //!
 //! Without any protected-resource metadata the 2025-03-26 rules apply: authorization server
 //! metadata at the MCP server's origin root, else `/authorize`, `/token` and `/register` there.
@@ -87,6 +88,10 @@ pub struct AuthorizationServerMetadata {
     /// The server accepts client ID metadata document URLs as client IDs.
     #[serde(default)]
     pub client_id_metadata_document_supported: bool,
+    /// RFC 9449: the JWS algorithms the server accepts in DPoP proofs (it issues DPoP-bound
+    /// tokens).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dpop_signing_alg_values_supported: Option<Vec<String>>,
 }
 
 impl AuthorizationServerMetadata {
@@ -107,6 +112,7 @@ impl AuthorizationServerMetadata {
             token_endpoint_auth_methods_supported: None,
             authorization_response_iss_parameter_supported: false,
             client_id_metadata_document_supported: false,
+            dpop_signing_alg_values_supported: None,
         }
     }
 
@@ -117,6 +123,14 @@ impl AuthorizationServerMetadata {
             Some(list) => list.iter().any(|g| g == grant),
             None => grant == "authorization_code",
         }
+    }
+
+    /// True when the server takes DPoP proofs signed with ES256 (the algorithm [`crate::DpopKey`]
+    /// uses).
+    pub fn supports_dpop_es256(&self) -> bool {
+        self.dpop_signing_alg_values_supported
+            .as_ref()
+            .is_some_and(|algs| algs.iter().any(|a| a == "ES256"))
     }
 
     /// True when `scopes_supported` lists `scope`.
@@ -189,11 +203,6 @@ fn well_known(origin: &Url, path: &str) -> Option<Url> {
 
 fn trimmed_path(url: &Url) -> String {
     url.path().trim_end_matches('/').to_owned()
-}
-
-/// Issuer identifiers compare equal when identical up to one trailing slash.
-pub(crate) fn issuer_eq(a: &str, b: &str) -> bool {
-    a.trim_end_matches('/') == b.trim_end_matches('/')
 }
 
 /// Does `resource` cover `server`: same origin, and a path that is a segment prefix?
@@ -347,7 +356,7 @@ impl OAuthClient {
             let Some((final_url, response)) = self.get_document(url).await? else { continue };
             match self.parse_asm(&final_url, &response) {
                 Ok(asm) => {
-                    if !issuer_eq(&asm.issuer, expected) {
+                    if asm.issuer != expected {
                         return Err(Error::IssuerMismatch {
                             expected: expected.to_owned(),
                             found: asm.issuer,
@@ -503,9 +512,7 @@ impl DiscoveryCache {
             CacheEntry { discovery: discovery.clone(), stored_at: now, unauthorized: 0 },
         );
         match previous {
-            Some(p) if !issuer_eq(&p, discovery.issuer()) => {
-                CacheUpdate::IssuerChanged { previous: p }
-            }
+            Some(p) if p != discovery.issuer() => CacheUpdate::IssuerChanged { previous: p },
             _ => CacheUpdate::Stored,
         }
     }

@@ -161,8 +161,21 @@ pub enum Error {
         /// What the server said (empty when the `iss` parameter was missing).
         found: String,
     },
-    /// The authorization server lists PKCE methods and S256 is not among them.
-    #[error("the authorization server does not support PKCE S256 (it lists {methods:?})")]
+    /// Client credentials registered with one authorization server were about to be used with
+    /// another (MCP 2026-07-28, SEP-2352: credentials are bound to their issuer). Nothing was
+    /// sent; register with the new server instead.
+    #[error("the client registration belongs to issuer {registered}, not {discovered}")]
+    RegistrationIssuerMismatch {
+        /// The issuer the registration belongs to.
+        registered: String,
+        /// The issuer discovery names now.
+        discovered: String,
+    },
+    /// The authorization server does not advertise PKCE S256: `code_challenge_methods_supported`
+    /// lacks it, or is absent (MCP 2025-11-25 and later: the client must not proceed).
+    #[error(
+        "the authorization server does not advertise PKCE S256 (code_challenge_methods_supported: {methods:?})"
+    )]
     PkceUnsupported {
         /// The methods it lists.
         methods: Vec<String>,
@@ -260,18 +273,22 @@ impl Error {
         }
     }
 
-    /// True when the server no longer knows our client: `invalid_client` (or
-    /// `unauthorized_client`) from the token endpoint. The caller should drop the stored
-    /// registration and register again.
+    /// True when the server no longer knows our client: `invalid_client` from the token or
+    /// revocation endpoint. The caller should drop the stored registration and register again.
+    ///
+    /// `unauthorized_client` is not: the server knows the client and refuses it this grant
+    /// (RFC 6749 §5.2); registering again would not change that, and for a pre-registered or
+    /// workload client would only hide the refusal.
     pub fn is_stale_registration(&self) -> bool {
         matches!(self, Error::OAuth { code, endpoint: Endpoint::Token | Endpoint::Revocation, .. }
-            if code == "invalid_client" || code == "unauthorized_client")
+            if code == "invalid_client")
     }
 
     /// How long the server asked us to wait before trying again: its `Retry-After` header on an
     /// error response (typically 429 or 503), as delta-seconds or an HTTP-date. An HTTP-date is
     /// measured from the response's own `Date` header when present (so clock skew does not
-    /// matter), else from the client's clock; a date in the past is a zero delay.
+    /// matter), else from the client's clock; a date in the past is a zero delay. Longer delays
+    /// are clamped to one hour.
     ///
     /// ```
     /// use mcp_oauth::{Endpoint, Error, ErrorClass};
@@ -302,6 +319,43 @@ impl Error {
             Error::OAuth { code, .. } => Some(code),
             Error::AuthorizationDenied { error, .. } => Some(error),
             _ => None,
+        }
+    }
+
+    /// This error with the query and fragment cut from every URL it names, for errors about a
+    /// request whose URL carries secrets (the authorization URL's `state`, a redirect's `code`).
+    pub(crate) fn without_query(self) -> Self {
+        let cut = |url: String| match url::Url::parse(&url) {
+            Ok(mut u) => {
+                u.set_query(None);
+                u.set_fragment(None);
+                u.to_string()
+            }
+            // Not a URL: keep nothing after a '?' or '#'.
+            Err(_) => url.split(['?', '#']).next().unwrap_or_default().to_owned(),
+        };
+        match self {
+            Error::InvalidUrl { url, reason } => Error::InvalidUrl { url: cut(url), reason },
+            Error::InsecureUrl { url } => Error::InsecureUrl { url: cut(url) },
+            Error::SsrfRefused { url, kind } => Error::SsrfRefused { url: cut(url), kind },
+            Error::Timeout { url, timeout } => Error::Timeout { url: cut(url), timeout },
+            Error::Cancelled { url } => Error::Cancelled { url: cut(url) },
+            Error::Transport { url, source } => {
+                // The HTTP client's own message may quote the URL too.
+                let message = source.to_string().replace(&url, &cut(url.clone()));
+                Error::Transport { url: cut(url), source: Box::new(std::io::Error::other(message)) }
+            }
+            Error::BodyTooLarge { url, limit } => Error::BodyTooLarge { url: cut(url), limit },
+            Error::Redirect { from, to, reason } => {
+                Error::Redirect { from: cut(from), to: cut(to), reason }
+            }
+            Error::HttpStatus { url, status, retry_after } => {
+                Error::HttpStatus { url: cut(url), status, retry_after }
+            }
+            Error::Malformed { what, url, reason } => {
+                Error::Malformed { what, url: cut(url), reason }
+            }
+            other => other,
         }
     }
 

@@ -326,32 +326,55 @@ fn address_kind(ip: IpAddr) -> Option<&'static str> {
     match ip {
         IpAddr::V4(v4) => {
             let o = v4.octets();
-            if o == [169, 254, 169, 254] || o == [100, 100, 100, 200] {
+            // AWS instance metadata, Alibaba's, ECS task metadata and EKS pod identity.
+            if matches!(o, [169, 254, 169, 254] | [100, 100, 100, 200] | [169, 254, 170, 2 | 23]) {
                 Some("cloud metadata")
-            } else if v4.is_loopback() {
+            } else if v4.is_loopback() || v4.is_unspecified() {
+                // 0.0.0.0 reaches the local host on common stacks: loopback, not "public".
                 Some("loopback")
             } else if v4.is_link_local() {
                 Some("link-local")
-            } else if v4.is_private() || (o[0] == 100 && (o[1] & 0xc0) == 64) {
+            } else if v4.is_private()
+                || (o[0] == 100 && (o[1] & 0xc0) == 64)
+                || (o[0] == 198 && (o[1] & 0xfe) == 18)
+            {
+                // RFC 1918, CGNAT 100.64/10, benchmarking 198.18/15.
                 Some("private")
-            } else if v4.is_unspecified() || v4.is_broadcast() || o[0] == 0 {
-                Some("unspecified")
+            } else if v4.is_multicast() {
+                Some("multicast")
+            } else if o[0] >= 240 || o[0] == 0 {
+                // 240/4 reserved (and the broadcast address), 0/8 "this network".
+                Some("reserved")
             } else {
                 None
             }
         }
         IpAddr::V6(v6) => {
             let s = v6.segments();
+            let embedded = |hi: u16, lo: u16| {
+                let [a, b] = hi.to_be_bytes();
+                let [c, d] = lo.to_be_bytes();
+                std::net::Ipv4Addr::new(a, b, c, d)
+            };
             if s == [0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254] {
                 Some("cloud metadata")
-            } else if v6.is_loopback() {
+            } else if v6.is_loopback() || v6.is_unspecified() {
                 Some("loopback")
+            } else if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                // NAT64 (RFC 6052): the IPv4 address it translates to decides.
+                address_kind(IpAddr::V4(embedded(s[6], s[7])))
+            } else if s[0] == 0x2002 {
+                // 6to4 (RFC 3056): the IPv4 address in bits 16..48.
+                address_kind(IpAddr::V4(embedded(s[1], s[2])))
+            } else if s[..6] == [0; 6] {
+                // IPv4-compatible (deprecated, ::a.b.c.d).
+                address_kind(IpAddr::V4(embedded(s[6], s[7])))
             } else if (s[0] & 0xffc0) == 0xfe80 {
                 Some("link-local")
             } else if (s[0] & 0xfe00) == 0xfc00 {
                 Some("private")
-            } else if v6.is_unspecified() {
-                Some("unspecified")
+            } else if (s[0] & 0xff00) == 0xff00 {
+                Some("multicast")
             } else {
                 None
             }
@@ -453,7 +476,20 @@ mod tests {
             ("https://169.254.169.254/latest/meta-data", "cloud metadata"),
             ("https://[fd00:ec2::254]/x", "cloud metadata"),
             ("https://[::ffff:169.254.169.254]/x", "cloud metadata"),
-            ("https://0.0.0.0/x", "unspecified"),
+            ("https://169.254.170.2/v2/credentials", "cloud metadata"),
+            ("https://169.254.170.23/v1/credentials", "cloud metadata"),
+            ("https://198.18.0.1/x", "private"),
+            ("https://198.19.255.1/x", "private"),
+            ("https://240.0.0.1/x", "reserved"),
+            ("https://255.255.255.255/x", "reserved"),
+            ("https://224.0.0.1/x", "multicast"),
+            ("https://[ff02::1]/x", "multicast"),
+            // NAT64, 6to4 and IPv4-compatible addresses are judged by the IPv4 inside.
+            ("https://[64:ff9b::a9fe:a9fe]/x", "cloud metadata"),
+            ("https://[64:ff9b::a00:1]/x", "private"),
+            ("https://[2002:a9fe:a9fe::1]/x", "cloud metadata"),
+            ("https://[2002:a00:1::1]/x", "private"),
+            ("https://[::10.0.0.1]/x", "private"),
         ] {
             match check_url(&u(url), &p) {
                 Err(Error::SsrfRefused { kind: k, .. }) => assert_eq!(k, kind, "{url}"),
@@ -461,6 +497,23 @@ mod tests {
             }
         }
         assert!(check_url(&u("https://93.184.216.34/x"), &p).is_ok());
+        assert!(check_url(&u("https://198.20.0.1/x"), &p).is_ok());
+        assert!(
+            check_url(&u("https://[64:ff9b::5db8:d822]/x"), &p).is_ok(),
+            "NAT64 to a public address"
+        );
+        assert!(check_url(&u("https://[2606:4700::1]/x"), &p).is_ok());
+        // Loopback is allowed by default, and 0.0.0.0 is judged as loopback.
+        let loopback_off = SsrfPolicy { allow_loopback: false, ..SsrfPolicy::allow_all() };
+        for url in ["https://0.0.0.0/x", "https://[::]/x", "https://127.0.0.1/x"] {
+            assert!(
+                matches!(
+                    check_url(&u(url), &loopback_off),
+                    Err(Error::SsrfRefused { kind: "loopback", .. })
+                ),
+                "{url}"
+            );
+        }
     }
 
     #[test]

@@ -12,7 +12,8 @@
 //!    URL with PKCE S256, `state` and `resource`, and returns a [`PendingAuthorization`].
 //! 5. On the callback, [`OAuthClient::exchange_code`] checks `state`, TTL and `iss`, and
 //!    exchanges the code. [`OAuthClient::refresh`], [`OAuthClient::client_credentials`] and
-//!    [`OAuthClient::revoke`] cover the rest of the token life cycle.
+//!    [`OAuthClient::revoke`] cover the rest of the token life cycle;
+//!    [`OAuthClient::jwt_bearer`] is the workload identity grant ([`WorkloadIdentity`]).
 //! 6. A 403 `insufficient_scope` goes through [`AuthAttempts`] for step-up with bounded retries.
 //!
 //! ```no_run
@@ -37,7 +38,7 @@
 //!     client.authorization_url(&discovery, &registration, &config.redirect_uris[0], scope.as_deref())?;
 //! // ... send the user to `browser_url`; the loopback listener receives the callback URL ...
 //! # let callback_url = browser_url.clone();
-//! let callback = mcp_oauth::CallbackParams::from_url(&callback_url);
+//! let callback = mcp_oauth::CallbackParams::parse(&callback_url)?;
 //! let tokens = client.exchange_code(&discovery, &registration, &pending, &callback).await?;
 //! # let _ = tokens;
 //! # Ok(()) }
@@ -72,6 +73,7 @@ mod authorize;
 mod challenge;
 mod client;
 mod discovery;
+mod dpop;
 mod enterprise;
 mod error;
 mod http;
@@ -80,6 +82,7 @@ mod reqwest_client;
 mod scope;
 mod secret;
 mod token;
+mod workload;
 
 #[cfg(test)]
 mod testutil;
@@ -91,6 +94,7 @@ pub use discovery::{
     AuthorizationServerMetadata, CacheUpdate, Discovery, DiscoveryCache, MetadataSource,
     ProtectedResourceMetadata,
 };
+pub use dpop::DpopKey;
 pub use enterprise::EnterpriseGrant;
 pub use error::{Endpoint, Error, ErrorClass, Result};
 pub use http::{
@@ -108,3 +112,4 @@ pub use secret::{
     RefreshToken,
 };
 pub use token::{Revocation, TokenResponse};
+pub use workload::WorkloadIdentity;

@@ -132,11 +132,30 @@ impl ClientRegistration {
     pub fn secret_expired(&self, now: mcp_clock::Timestamp) -> bool {
         self.client_secret_expires_at.is_some_and(|at| now.as_secs() >= at)
     }
+
+    /// Refuse to use this registration with `discovery`'s authorization server unless it
+    /// belongs to it (exact issuer comparison). A metadata document client ID is portable: it
+    /// names the client, not a registration, and carries no secret.
+    pub(crate) fn check_issuer(&self, discovery: &Discovery) -> Result<()> {
+        if self.source == RegistrationSource::MetadataDocument || self.issuer == discovery.issuer()
+        {
+            return Ok(());
+        }
+        Err(Error::RegistrationIssuerMismatch {
+            registered: self.issuer.clone(),
+            discovered: discovery.issuer().to_owned(),
+        })
+    }
 }
 
-/// A client registered out of band.
+/// A client registered out of band, with one authorization server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PreRegisteredClient {
+    /// The issuer of the authorization server that knows this client (compared exactly with
+    /// the discovered issuer). The credentials are used with that server only (MCP 2026-07-28,
+    /// SEP-2352): with another, [`OAuthClient::register`] identifies the client as it would
+    /// without them.
+    pub issuer: String,
     /// The client ID.
     pub client_id: String,
     /// The client secret, if it has one.
@@ -191,6 +210,18 @@ pub(crate) fn choose_auth_method(
     candidates.iter().copied().find(|m| supported.iter().any(|s| s == m.as_str()))
 }
 
+/// SEP-837 / OpenID registration: `web` when every redirect URI is HTTPS on a host other than
+/// loopback (a client served from the web), else `native` (loopback or private-use scheme
+/// redirects of an application on the user's device).
+pub(crate) fn application_type(redirect_uris: &[String]) -> &'static str {
+    let web = !redirect_uris.is_empty()
+        && redirect_uris.iter().all(|uri| {
+            Url::parse(uri)
+                .is_ok_and(|u| u.scheme() == "https" && !crate::http::is_loopback_host(&u))
+        });
+    if web { "web" } else { "native" }
+}
+
 #[derive(Deserialize)]
 struct RegistrationResponse {
     client_id: String,
@@ -200,8 +231,14 @@ struct RegistrationResponse {
 }
 
 impl OAuthClient {
-    /// Identify the client to the discovered authorization server: the pre-registered client,
-    /// else the metadata document URL (when supported), else dynamic registration.
+    /// Identify the client to the discovered authorization server: the pre-registered client
+    /// when it belongs to this issuer, else the metadata document URL (when supported), else
+    /// dynamic registration.
+    ///
+    /// # Errors
+    /// [`Error::RegistrationIssuerMismatch`] when the pre-registered client belongs to another
+    /// issuer and the server offers neither metadata documents nor dynamic registration: its
+    /// credentials are never offered to another server.
     pub async fn register(
         &self,
         discovery: &Discovery,
@@ -209,7 +246,15 @@ impl OAuthClient {
     ) -> Result<ClientRegistration> {
         let asm = &discovery.authorization_server;
         let supported = asm.token_endpoint_auth_methods_supported.as_deref();
-        if let Some(pre) = &config.pre_registered {
+        let other_issuer = config.pre_registered.as_ref().filter(|pre| pre.issuer != asm.issuer);
+        if let Some(pre) = other_issuer {
+            tracing::info!(
+                registered = %pre.issuer,
+                discovered = %asm.issuer,
+                "the pre-registered client belongs to another issuer: registering anew"
+            );
+        }
+        if let Some(pre) = config.pre_registered.as_ref().filter(|pre| pre.issuer == asm.issuer) {
             // The configured method; else one the server lists that the credentials allow; else
             // what the credentials imply (the server's list may be incomplete).
             let implied = if pre.client_key.is_some() {
@@ -246,9 +291,9 @@ impl OAuthClient {
             // a local authorization server can fetch a document served by a local test.
             let secure = url.scheme() == "https"
                 || (url.scheme() == "http" && crate::http::is_loopback_host(url));
-            if !secure || url.path() == "/" {
+            if !secure || url.path() == "/" || url.fragment().is_some() {
                 return Err(Error::Config(format!(
-                    "client metadata document URL {url} must be HTTPS (or loopback HTTP) with a path"
+                    "client metadata document URL {url} must be HTTPS (or loopback HTTP) with a path and no fragment"
                 )));
             }
             return Ok(ClientRegistration {
@@ -261,10 +306,20 @@ impl OAuthClient {
                 client_secret_expires_at: None,
             });
         }
-        let endpoint = asm
-            .registration_endpoint
-            .clone()
-            .ok_or(Error::Unsupported("registration endpoint, and no client is pre-registered"))?;
+        let endpoint = match (&asm.registration_endpoint, other_issuer) {
+            (Some(endpoint), _) => endpoint.clone(),
+            (None, Some(pre)) => {
+                return Err(Error::RegistrationIssuerMismatch {
+                    registered: pre.issuer.clone(),
+                    discovered: asm.issuer.clone(),
+                });
+            }
+            (None, None) => {
+                return Err(Error::Unsupported(
+                    "registration endpoint, and no client is pre-registered",
+                ));
+            }
+        };
         let requested = match supported {
             Some(list) => [
                 TokenEndpointAuthMethod::None,
@@ -287,7 +342,7 @@ impl OAuthClient {
             "grant_types": grant_types,
             "response_types": ["code"],
             "token_endpoint_auth_method": requested.as_str(),
-            "application_type": "native",
+            "application_type": application_type(&config.redirect_uris),
         });
         let response =
             self.post_no_redirect(HttpRequest::post_json(endpoint.clone(), &body)).await?;

@@ -1,7 +1,7 @@
 //! Secret newtypes: tokens, client secrets, PKCE verifiers, private keys.
 //!
 //! Their `Debug` and `Display` print `[redacted]`; the value is reached only through
-//! `secret()`, and equality is constant-time.
+//! `secret()`, equality is constant-time, and the value is zeroized on drop.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -50,6 +50,13 @@ macro_rules! secret_type {
         }
 
         impl Eq for $name {}
+
+        impl Drop for $name {
+            /// The value is wiped from memory (not only freed).
+            fn drop(&mut self) {
+                zeroize::Zeroize::zeroize(&mut self.0);
+            }
+        }
     };
 }
 

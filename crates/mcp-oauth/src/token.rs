@@ -64,6 +64,7 @@ pub(crate) fn parse_token_response(
     url: &Url,
     response: &HttpResponse,
     allow_na: bool,
+    proof_sent: bool,
 ) -> Result<TokenResponse> {
     const WHAT: &str = "token response";
     let raw: RawTokenResponse = parse_json(WHAT, url, response)?;
@@ -73,8 +74,11 @@ pub(crate) fn parse_token_response(
         .ok_or_else(|| Error::malformed(WHAT, url, "missing access_token"))?;
     let token_type =
         raw.token_type.ok_or_else(|| Error::malformed(WHAT, url, "missing token_type"))?;
+    // A DPoP-bound token is usable only by the holder of the key that signed the request's
+    // proof: accepted only when one was sent (RFC 9449 §5).
     let accepted = token_type.eq_ignore_ascii_case("bearer")
-        || (allow_na && token_type.eq_ignore_ascii_case("n_a"));
+        || (allow_na && token_type.eq_ignore_ascii_case("n_a"))
+        || (proof_sent && token_type.eq_ignore_ascii_case("dpop"));
     if !accepted {
         return Err(Error::UnsupportedTokenType(token_type));
     }
@@ -195,13 +199,16 @@ impl OAuthClient {
         Ok(())
     }
 
-    /// POST a grant to the token endpoint with the registration's client authentication.
+    /// POST a grant to the token endpoint with the registration's client authentication, after
+    /// checking that the registration belongs to the discovered issuer (nothing is sent
+    /// otherwise: [`Error::RegistrationIssuerMismatch`]).
     pub(crate) async fn token_request(
         &self,
         discovery: &Discovery,
         registration: &ClientRegistration,
         form: Vec<(&'static str, String)>,
     ) -> Result<TokenResponse> {
+        registration.check_issuer(discovery)?;
         let asm = &discovery.authorization_server;
         let url = asm.token_endpoint.clone().ok_or(Error::Unsupported("token endpoint"))?;
         self.post_grant(
@@ -230,21 +237,44 @@ impl OAuthClient {
         let mut headers = Vec::new();
         self.authenticate(registration, method, audience, &mut form, &mut headers)?;
         let pairs: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let mut request = HttpRequest::post_form(url.clone(), &pairs);
-        request.headers.extend(headers);
         let grant = form
             .iter()
             .find(|(k, _)| *k == "grant_type")
             .map(|(_, v)| v.as_str())
             .unwrap_or_default();
-        tracing::debug!(%url, grant, method = %method, "token request");
-        let response = self.post_no_redirect(request).await?;
-        if !response.is_success() {
-            let error = endpoint_error(endpoint, url, &response, self.clock.now());
-            tracing::debug!(%url, grant, error = %error, "token request failed");
-            return Err(error);
+        // With a DPoP key: a proof on each attempt, and one retry when the server asks for its
+        // nonce (RFC 9449 §8).
+        let dpop = self.dpop.as_ref().filter(|_| endpoint == Endpoint::Token);
+        let mut nonce_retried = false;
+        loop {
+            let mut request = HttpRequest::post_form(url.clone(), &pairs);
+            request.headers.extend(headers.iter().cloned());
+            if let Some(key) = dpop {
+                request
+                    .headers
+                    .push(("dpop".into(), key.proof("POST", url, None, self.clock.now())?));
+            }
+            tracing::debug!(%url, grant, method = %method, dpop = dpop.is_some(), "token request");
+            let response = self.post_no_redirect(request).await?;
+            if let (Some(key), Some(nonce)) = (dpop, response.header("dpop-nonce")) {
+                key.remember_nonce(url, nonce);
+            }
+            if !response.is_success() {
+                let error = endpoint_error(endpoint, url, &response, self.clock.now());
+                if dpop.is_some()
+                    && !nonce_retried
+                    && error.oauth_code() == Some("use_dpop_nonce")
+                    && response.header("dpop-nonce").is_some()
+                {
+                    nonce_retried = true;
+                    tracing::debug!(%url, grant, "the token endpoint wants a DPoP nonce: retrying once");
+                    continue;
+                }
+                tracing::debug!(%url, grant, error = %error, "token request failed");
+                return Err(error);
+            }
+            return parse_token_response(url, &response, allow_na, dpop.is_some());
         }
-        parse_token_response(url, &response, allow_na)
     }
 
     /// Refresh: `grant_type=refresh_token` with `scope` (when given; Entra needs it) and the
@@ -297,6 +327,7 @@ impl OAuthClient {
         refresh_token: Option<&RefreshToken>,
         access_token: Option<&AccessToken>,
     ) -> Result<Revocation> {
+        registration.check_issuer(discovery)?;
         let asm = &discovery.authorization_server;
         let Some(url) = asm.revocation_endpoint.clone() else { return Ok(Revocation::NoEndpoint) };
         let method = match &asm.revocation_endpoint_auth_methods_supported {

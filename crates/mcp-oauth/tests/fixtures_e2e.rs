@@ -21,7 +21,7 @@ use e2e::{
 use mcp_clock::SharedClock;
 use mcp_fixtures::{
     Approval, AuthEventKind, AuthServer, ClientAuth, ClientSpec, Fixtures, InjectedFailure,
-    ResourceServer,
+    RedirectIss, ResourceServer,
 };
 use mcp_oauth::{
     AuthAttempts, CallbackParams, ClientConfig, Error, ErrorClass, HttpPolicy, MetadataSource,
@@ -233,7 +233,12 @@ async fn pre_registered_clients_with_each_authentication_method() {
     ] {
         let client =
             env.fx.auth().register_client(ClientSpec::new(auth).redirect_uri(REDIRECT)).unwrap();
-        let config = pre_registered(client.client_id(), client.client_secret(), method);
+        let config = pre_registered(
+            env.fx.auth().issuer(),
+            client.client_id(),
+            client.client_secret(),
+            method,
+        );
         let registration = env.client.register(&discovery, &config).await.unwrap();
         assert_eq!(registration.source, RegistrationSource::PreRegistered);
         assert_eq!(registration.auth_method, method);
@@ -269,6 +274,7 @@ async fn a_wrong_authentication_method_is_a_terminal_stale_registration() {
         .unwrap();
     // Registered for client_secret_basic; configured (wrongly) for client_secret_post.
     let config = pre_registered(
+        env.fx.auth().issuer(),
         client.client_id(),
         client.client_secret(),
         TokenEndpointAuthMethod::ClientSecretPost,
@@ -285,6 +291,7 @@ async fn a_wrong_authentication_method_is_a_terminal_stale_registration() {
 
     // A wrong secret with the right method: the same classification.
     let config = pre_registered(
+        env.fx.auth().issuer(),
         client.client_id(),
         Some("not-the-secret"),
         TokenEndpointAuthMethod::ClientSecretBasic,
@@ -754,6 +761,7 @@ async fn client_credentials_grant_for_a_machine_client() {
     let machine =
         env.fx.auth().register_client(ClientSpec::new(ClientAuth::ClientSecretPost)).unwrap();
     let config = pre_registered(
+        env.fx.auth().issuer(),
         machine.client_id(),
         machine.client_secret(),
         TokenEndpointAuthMethod::ClientSecretPost,
@@ -784,6 +792,7 @@ async fn revocation_of_refresh_then_access_token() {
         .unwrap();
     let (challenge, discovery) = env.discover().await;
     let config = pre_registered(
+        env.fx.auth().issuer(),
         client.client_id(),
         client.client_secret(),
         TokenEndpointAuthMethod::ClientSecretBasic,
@@ -919,4 +928,39 @@ async fn a_resource_server_validating_by_introspection() {
         .await
         .unwrap();
     assert_eq!(mcp.request(s.access(), "tools/list", json!({})).await.status, 401);
+}
+
+/// RFC 9207 against the fixture, whose metadata says it sends `iss`: a redirect without
+/// `iss`, with another server's, or with the issuer plus a trailing slash is refused before
+/// the code goes anywhere (exact comparison); the exact issuer is accepted.
+#[tokio::test(flavor = "current_thread")]
+async fn the_redirect_iss_is_required_and_compared_exactly() {
+    let env = Env::start().await;
+    let (_, discovery, registration) = env.discover_and_register().await;
+    for knob in [RedirectIss::Missing, RedirectIss::Wrong, RedirectIss::TrailingSlash] {
+        env.fx.auth().knobs().update(|k| k.redirect_iss = knob);
+        let (url, pending) =
+            env.client.authorization_url(&discovery, &registration, REDIRECT, None).unwrap();
+        let callback = env.client.authorize_without_browser(&url).await.unwrap();
+        let before = env.fx.auth().stats().authorization_code_requests;
+        let err = env.client.exchange_code(&discovery, &registration, &pending, &callback).await;
+        assert!(matches!(err, Err(Error::IssuerMismatch { .. })), "{knob:?}: {err:?}");
+        assert_eq!(env.fx.auth().stats().authorization_code_requests, before, "{knob:?}");
+    }
+    env.fx.auth().knobs().update(|k| k.redirect_iss = RedirectIss::Correct);
+    env.login(&discovery, &registration, None).await;
+}
+
+/// Metadata without `code_challenge_methods_supported`: the client refuses to start the
+/// authorization (MCP 2025-11-25 and later), with a clear error, and sends nothing.
+#[tokio::test(flavor = "current_thread")]
+async fn missing_pkce_metadata_stops_the_authorization() {
+    let env = Env::start().await;
+    env.fx.auth().knobs().update(|k| k.omit_pkce_metadata = true);
+    let (_, discovery, registration) = env.discover_and_register().await;
+    assert_eq!(discovery.authorization_server.code_challenge_methods_supported, None);
+    let err = env.client.authorization_url(&discovery, &registration, REDIRECT, None).unwrap_err();
+    assert!(matches!(err, Error::PkceUnsupported { .. }), "{err:?}");
+    assert!(err.to_string().contains("code_challenge_methods_supported"));
+    assert_eq!(env.fx.auth().stats().authorization_requests, 0);
 }

@@ -54,6 +54,7 @@ async fn a_full_run_at_trace_level_logs_no_secret() {
     let secret = client.client_secret().unwrap().to_owned();
     let (challenge, discovery) = env.discover().await;
     let config = pre_registered(
+        env.fx.auth().issuer(),
         client.client_id(),
         Some(&secret),
         TokenEndpointAuthMethod::ClientSecretBasic,

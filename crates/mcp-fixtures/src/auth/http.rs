@@ -86,6 +86,11 @@ pub(crate) fn metadata(app: &App) -> Value {
     if cfg.advertise_scopes {
         m["scopes_supported"] = cfg.scopes_supported.clone().into();
     }
+    if app.core.knobs.get().omit_pkce_metadata
+        && let Some(doc) = m.as_object_mut()
+    {
+        doc.remove("code_challenge_methods_supported");
+    }
     m
 }
 
@@ -257,10 +262,17 @@ async fn authorize(State(app): State<App>, RawQuery(query): RawQuery) -> Respons
         return bad_request("redirect_uri is not registered for this client");
     }
     let state = params.get("state").cloned();
-    let issuer = app.issuer.clone();
+    let issuer = match app.core.knobs.get().redirect_iss {
+        crate::knobs::RedirectIss::Correct => Some(app.issuer.clone()),
+        crate::knobs::RedirectIss::Missing => None,
+        crate::knobs::RedirectIss::Wrong => Some("https://evil.example.com".to_owned()),
+        crate::knobs::RedirectIss::TrailingSlash => Some(format!("{}/", app.issuer)),
+    };
     let fail = |error: &str, description: &str| {
-        let mut pairs =
-            vec![("error", error), ("error_description", description), ("iss", issuer.as_str())];
+        let mut pairs = vec![("error", error), ("error_description", description)];
+        if let Some(iss) = &issuer {
+            pairs.push(("iss", iss.as_str()));
+        }
         if let Some(s) = &state {
             pairs.push(("state", s.as_str()));
         }
@@ -311,7 +323,10 @@ async fn authorize(State(app): State<App>, RawQuery(query): RawQuery) -> Respons
         return fail("access_denied", "the user denied the request");
     }
     let code = app.core.approve(req);
-    let mut pairs = vec![("code", code.as_str()), ("iss", issuer.as_str())];
+    let mut pairs = vec![("code", code.as_str())];
+    if let Some(iss) = &issuer {
+        pairs.push(("iss", iss.as_str()));
+    }
     if let Some(s) = &state {
         pairs.push(("state", s.as_str()));
     }

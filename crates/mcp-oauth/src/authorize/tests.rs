@@ -62,12 +62,21 @@ fn pkce_without_s256_is_refused() {
         .authorization_url(&d, &registration(M::None), "http://127.0.0.1:1/cb", None)
         .unwrap_err();
     assert!(matches!(err, Error::PkceUnsupported { ref methods } if methods == &["plain"]));
-    // An empty list refuses too; an absent list does not (the server just does not advertise).
+    // An empty list refuses.
     let d = discovery(serde_json::json!({"code_challenge_methods_supported": []}));
     let err = m.client.authorization_url(&d, &registration(M::None), "http://127.0.0.1:1/cb", None);
     assert!(matches!(err, Err(Error::PkceUnsupported { .. })));
+    // An absent list refuses too (MCP 2025-11-25 and later), with a clear error...
     let mut d = discovery(serde_json::json!({}));
     d.authorization_server.code_challenge_methods_supported = None;
+    let err = m
+        .client
+        .authorization_url(&d, &registration(M::None), "http://127.0.0.1:1/cb", None)
+        .unwrap_err();
+    assert!(matches!(err, Error::PkceUnsupported { ref methods } if methods.is_empty()));
+    assert!(err.to_string().contains("code_challenge_methods_supported"), "{err}");
+    // ...except on the 2025-03-26 default endpoints, where there is no metadata to read.
+    d.source = crate::MetadataSource::LegacyDefaultEndpoints;
     assert!(
         m.client
             .authorization_url(&d, &registration(M::None), "http://127.0.0.1:1/cb", None)
@@ -117,7 +126,7 @@ async fn callback_checks_state_error_ttl_and_iss() {
         Err(Error::UnknownState)
     ));
 
-    let mut denied = callback(&pending, None);
+    let mut denied = callback(&pending, Some("https://as.example.com"));
     denied.error = Some("access_denied".into());
     assert!(matches!(
         m.client.exchange_code(&d, &reg, &pending, &denied).await,
@@ -153,6 +162,64 @@ async fn callback_checks_state_error_ttl_and_iss() {
             .await,
         Err(Error::StateExpired)
     ));
+}
+
+/// MCP 2026-07-28: the callback is checked in the order state, its expiry, `iss`, and only
+/// then `error`; an `error` (and its description) from a callback that fails the state or the
+/// `iss` checks is not acted on or shown. `iss` is compared exactly (no trailing-slash
+/// normalisation).
+#[tokio::test]
+async fn an_error_is_acted_on_only_after_state_and_iss_pass() {
+    let m = mock(|_| token_body());
+    let d = discovery(serde_json::json!({"authorization_response_iss_parameter_supported": true}));
+    let reg = registration(M::None);
+    let (_, pending) = m.client.authorization_url(&d, &reg, "http://127.0.0.1:1/cb", None).unwrap();
+    let with_error = |state: Option<CsrfState>, iss: Option<&str>| CallbackParams {
+        code: None,
+        state,
+        iss: iss.map(str::to_owned),
+        error: Some("access_denied".into()),
+        error_description: Some("ATTACKER TEXT".into()),
+    };
+    let good = Some(pending.state.clone());
+    let cases = [
+        (with_error(Some(CsrfState::new("forged")), Some("https://as.example.com")), "state"),
+        (with_error(None, Some("https://as.example.com")), "state"),
+        (with_error(good.clone(), Some("https://evil.example.com")), "iss"),
+        (with_error(good.clone(), Some("https://as.example.com/")), "iss"),
+        (with_error(good.clone(), None), "iss"),
+    ];
+    for (cb, what) in cases {
+        let err = m.client.exchange_code(&d, &reg, &pending, &cb).await.unwrap_err();
+        match what {
+            "state" => assert!(matches!(err, Error::UnknownState), "{err:?}"),
+            _ => assert!(matches!(err, Error::IssuerMismatch { .. }), "{err:?}"),
+        }
+        assert!(!format!("{err} {err:?}").contains("ATTACKER"), "{err:?}");
+    }
+    // Only a callback that passes both carries its error to the caller.
+    let err = m
+        .client
+        .exchange_code(
+            &d,
+            &reg,
+            &pending,
+            &with_error(good.clone(), Some("https://as.example.com")),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::AuthorizationDenied { ref error, .. } if error == "access_denied")
+    );
+    // An expired state is reported as expired, whatever error the callback carries.
+    m.clock.advance(Duration::from_secs(601));
+    let err = m
+        .client
+        .exchange_code(&d, &reg, &pending, &with_error(good, Some("https://as.example.com")))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::StateExpired), "{err:?}");
+    assert!(m.log.all().is_empty(), "no code was sent to the token endpoint");
 }
 
 #[tokio::test]
@@ -301,4 +368,74 @@ fn concurrent_takes_of_one_state_succeed_exactly_once() {
         assert_eq!(wins, 1, "round {round}");
     }
     assert!(store.is_empty());
+}
+
+/// `exchange_code` refuses a pending authorization made for another issuer or another client
+/// than the discovery and registration it is given, before looking at the callback or sending
+/// anything.
+#[tokio::test]
+async fn the_pending_request_must_match_the_discovery_and_registration() {
+    let m = mock(|_| token_body());
+    let d = discovery(serde_json::json!({}));
+    let reg = registration(M::None);
+    let (_, pending) = m.client.authorization_url(&d, &reg, "http://127.0.0.1:1/cb", None).unwrap();
+    let mut other_as = pending.clone();
+    other_as.issuer = "https://other-as.example.com".into();
+    let err = m.client.exchange_code(&d, &reg, &other_as, &callback(&other_as, None)).await;
+    assert!(matches!(err, Err(Error::IssuerMismatch { .. })), "{err:?}");
+    let mut other_client = reg.clone();
+    other_client.client_id = "client-2".into();
+    let err = m.client.exchange_code(&d, &other_client, &pending, &callback(&pending, None)).await;
+    assert!(matches!(err, Err(Error::Config(ref m)) if m.contains("client-2")), "{err:?}");
+    assert!(m.log.all().is_empty());
+}
+
+/// The authorization URL carries the `state` (and the redirect the `code`): when the headless
+/// authorization fails, the error names the endpoint but neither secret.
+#[tokio::test]
+async fn headless_authorization_errors_carry_no_state_or_code() {
+    let d = discovery(serde_json::json!({}));
+    let reg = registration(M::None);
+    for answer in [500u16, 302] {
+        let m = mock(move |_| {
+            let r = HttpResponse::new(answer);
+            if answer == 302 {
+                r.with_header("location", "http://[bad/cb?code=SECRET-CODE")
+            } else {
+                r
+            }
+        });
+        let (url, pending) =
+            m.client.authorization_url(&d, &reg, "http://127.0.0.1:1/cb", None).unwrap();
+        let err = m.client.authorize_without_browser(&url).await.unwrap_err();
+        let shown = format!("{err} {err:?}");
+        assert!(!shown.contains(pending.state.secret()), "{shown}");
+        assert!(!shown.contains("SECRET-CODE"), "{shown}");
+    }
+    // A transport failure whose message quotes the URL.
+    let failing = |req: crate::HttpRequest| async move {
+        Err(Error::Transport {
+            url: req.url.to_string(),
+            source: format!("error sending request for url ({})", req.url).into(),
+        })
+    };
+    let client = OAuthClient::new(failing, mcp_clock::ManualClock::default().shared());
+    let (url, pending) = client.authorization_url(&d, &reg, "http://127.0.0.1:1/cb", None).unwrap();
+    let err = client.authorize_without_browser(&url).await.unwrap_err();
+    let shown = format!("{err} {err:?} {}", std::error::Error::source(&err).unwrap());
+    assert!(!shown.contains(pending.state.secret()), "{shown}");
+    assert!(shown.contains("as.example.com/authorize"), "{shown}");
+}
+
+/// A callback that repeats a parameter is refused, naming the parameter but not the values.
+#[test]
+fn a_callback_with_a_repeated_parameter_is_refused() {
+    for query in ["code=a&code=b&state=s", "code=a&state=s&state=t", "code=a&state=s&iss=x&iss=y"] {
+        let url: Url = format!("http://127.0.0.1:1/cb?{query}").parse().unwrap();
+        let err = CallbackParams::parse(&url).unwrap_err();
+        assert!(matches!(err, Error::Malformed { .. }), "{err:?}");
+        assert!(!err.to_string().contains("code=a"), "{err}");
+    }
+    let url: Url = "http://127.0.0.1:1/cb?code=a&state=s&iss=x&other=1&other=2".parse().unwrap();
+    assert_eq!(CallbackParams::parse(&url).unwrap().iss.as_deref(), Some("x"));
 }

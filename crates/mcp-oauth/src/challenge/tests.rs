@@ -148,3 +148,33 @@ fn a_trailing_equals_is_token68_not_an_empty_param() {
     // RFC 9110: `error=` matches token68, and a parameter value cannot be empty.
     assert_eq!(p("Bearer error=")[0].token68.as_deref(), Some("error="));
 }
+
+/// One malformed challenge does not hide a good Bearer challenge: a bad header value next to a
+/// good one, or a fault after the Bearer challenge in the same value. Only when no Bearer
+/// challenge survives is the parse error returned.
+#[test]
+fn a_malformed_challenge_does_not_hide_the_bearer_one() {
+    let good = r#"Bearer resource_metadata="https://rs/.well-known/x", scope="a b""#;
+    let b = BearerChallenge::from_headers([r#"Broken "unterminated"#, good]).unwrap().unwrap();
+    assert_eq!(b.scope.as_deref(), Some("a b"));
+    let same_value = format!(r#"{good}, DPoP algs="ES256" junk"#);
+    let b = BearerChallenge::from_headers([same_value.as_str()]).unwrap().unwrap();
+    assert_eq!(b.resource_metadata.as_deref(), Some("https://rs/.well-known/x"));
+    assert!(BearerChallenge::from_headers([r#"Broken "unterminated"#]).is_err());
+    assert_eq!(BearerChallenge::from_headers([r#"DPoP algs="ES256""#]).unwrap(), None);
+    // Empty list elements are allowed (RFC 9110 §5.6.1).
+    let c = parse_challenge_header(r#", , Bearer scope="s", , error="invalid_token",,"#).unwrap();
+    assert_eq!(c.len(), 1);
+    assert_eq!((c[0].param("scope"), c[0].param("error")), (Some("s"), Some("invalid_token")));
+}
+
+/// A parameter given twice in one challenge is refused (which one would count?).
+#[test]
+fn a_duplicate_parameter_is_refused() {
+    let err = parse_challenge_header(r#"Bearer scope="a", SCOPE="b""#).unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidChallenge { reason: "duplicate auth-param", .. }),
+        "{err:?}"
+    );
+    assert!(BearerChallenge::from_headers([r#"Bearer scope="a", scope="b""#]).is_err());
+}

@@ -147,16 +147,28 @@ async fn issuer_mismatch_is_refused() {
     assert!(matches!(err, Error::IssuerMismatch { .. }), "{err:?}");
 }
 
+/// MCP 2026-07-28 (SEP-2468) and RFC 8414 §3.3: the metadata's `issuer` is compared with the
+/// issuer named by the protected-resource metadata as a plain string, in both directions of a
+/// trailing slash, and with no case folding.
 #[tokio::test]
-async fn issuer_trailing_slash_is_tolerated() {
-    let m = mock(|r| match r.url.path() {
-        "/.well-known/oauth-protected-resource/mcp" => {
-            json(prm(&format!("{S}/mcp"), &format!("{S}/")))
-        }
-        "/.well-known/oauth-authorization-server" => json(asm(S, S)),
-        _ => not_found(),
-    });
-    m.client.discover(&url(&format!("{S}/mcp")), None).await.unwrap();
+async fn an_issuer_that_differs_only_in_form_is_refused() {
+    for (named, published) in [
+        (format!("{S}/"), S.to_owned()),
+        (S.to_owned(), format!("{S}/")),
+        (S.to_owned(), S.to_uppercase()),
+    ] {
+        let (n, p) = (named.clone(), published.clone());
+        let m = mock(move |r| match r.url.path() {
+            "/.well-known/oauth-protected-resource/mcp" => json(prm(&format!("{S}/mcp"), &n)),
+            "/.well-known/oauth-authorization-server" => json(asm(&p, S)),
+            _ => not_found(),
+        });
+        let err = m.client.discover(&url(&format!("{S}/mcp")), None).await.unwrap_err();
+        assert!(
+            matches!(&err, Error::IssuerMismatch { expected, found } if *expected == named && *found == published),
+            "{named} / {published}: {err:?}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -334,7 +346,12 @@ fn cache_reports_an_issuer_change() {
     let cache =
         DiscoveryCache::new(mcp_clock::ManualClock::default().shared(), Duration::from_secs(60), 2);
     cache.insert(discovery_for(S));
-    assert_eq!(cache.insert(discovery_for(&format!("{S}/"))), CacheUpdate::Stored);
+    assert_eq!(cache.insert(discovery_for(S)), CacheUpdate::Stored);
+    // Issuers compare exactly: a trailing slash names another issuer.
+    assert_eq!(
+        cache.insert(discovery_for(&format!("{S}/"))),
+        CacheUpdate::IssuerChanged { previous: S.to_owned() }
+    );
     assert_eq!(
         cache.insert(discovery_for("https://new-as.example.com")),
         CacheUpdate::IssuerChanged { previous: format!("{S}/") }

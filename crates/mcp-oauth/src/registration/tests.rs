@@ -10,6 +10,7 @@ fn config() -> ClientConfig {
 
 fn pre(secret: bool) -> PreRegisteredClient {
     PreRegisteredClient {
+        issuer: "https://as.example.com".into(),
         client_id: "pre-registered-client".into(),
         client_secret: secret.then(|| ClientSecret::new("pre-registered-secret")),
         client_key: None,
@@ -203,6 +204,16 @@ fn stale_registration_is_detected_from_invalid_client() {
         retry_after: None,
     };
     assert!(!e.is_stale_registration());
+    // The server knows the client and refuses it this grant: not a stale registration.
+    let e = Error::OAuth {
+        endpoint: Endpoint::Token,
+        status: 400,
+        code: "unauthorized_client".into(),
+        description: None,
+        uri: None,
+        retry_after: None,
+    };
+    assert!(!e.is_stale_registration());
 }
 
 #[tokio::test]
@@ -225,4 +236,78 @@ async fn an_unrequested_secret_does_not_change_the_method() {
         serde_json::json!({"token_endpoint_auth_methods_supported": ["client_secret_post"]}),
     );
     assert_eq!(m.client.register(&d, &config()).await.unwrap().auth_method, M::None);
+}
+
+/// SEP-2352: a pre-registered client belongs to its issuer. When discovery names another
+/// authorization server, its credentials are not used: the client registers dynamically with
+/// the new server, whose registration request carries no trace of the old secret.
+#[tokio::test]
+async fn a_pre_registered_client_of_another_issuer_registers_anew() {
+    let m = mock(|_| {
+        let mut r = json(serde_json::json!({"client_id": "new-as-client"}));
+        r.status = 201;
+        r
+    });
+    let mut c = config();
+    let mut other = pre(true);
+    other.issuer = "https://old-as.example.com".into();
+    c.pre_registered = Some(other);
+    let d = discovery(serde_json::json!({}));
+    let r = m.client.register(&d, &c).await.unwrap();
+    assert_eq!(r.source, RegistrationSource::Dynamic);
+    assert_eq!(r.client_id, "new-as-client");
+    assert_eq!(r.issuer, "https://as.example.com");
+    let sent = m.log.last();
+    assert_eq!(sent.url.as_str(), "https://as.example.com/register");
+    let body = String::from_utf8_lossy(&sent.body);
+    assert!(!body.contains("pre-registered"), "{body}");
+    assert!(sent.header("authorization").is_none());
+}
+
+/// Without dynamic registration or metadata documents at the new server, the client is not
+/// identified at all: a typed error, nothing sent.
+#[tokio::test]
+async fn a_pre_registered_client_of_another_issuer_is_refused_without_registration() {
+    let m = mock(|_| HttpResponse::new(500));
+    let mut c = config();
+    let mut other = pre(true);
+    other.issuer = "https://as.example.com/".into(); // exact comparison: another issuer
+    c.pre_registered = Some(other);
+    let mut d = discovery(serde_json::json!({}));
+    d.authorization_server.registration_endpoint = None;
+    let err = m.client.register(&d, &c).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::RegistrationIssuerMismatch { registered, discovered }
+            if registered == "https://as.example.com/" && discovered == "https://as.example.com"),
+        "{err:?}"
+    );
+    assert!(!err.to_string().contains("pre-registered-secret"));
+    assert!(m.log.all().is_empty());
+}
+
+/// SEP-837: `application_type` follows the redirect URIs: `native` for loopback and private-use
+/// schemes, `web` for HTTPS redirects to a web host.
+#[test]
+fn application_type_follows_the_redirect_uris() {
+    let t =
+        |uris: &[&str]| application_type(&uris.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    assert_eq!(t(&["http://127.0.0.1:8765/callback"]), "native");
+    assert_eq!(t(&["http://localhost:3000/callback"]), "native");
+    assert_eq!(t(&["com.example.app:/oauth"]), "native");
+    assert_eq!(t(&["https://app.example.com/callback"]), "web");
+    assert_eq!(t(&["https://app.example.com/cb", "http://127.0.0.1:1/cb"]), "native");
+    assert_eq!(t(&[]), "native");
+}
+
+/// A metadata document URL with a fragment is refused (it cannot be a client ID).
+#[tokio::test]
+async fn a_metadata_document_url_with_a_fragment_is_refused() {
+    let m = mock(|_| HttpResponse::new(500));
+    let d = discovery(serde_json::json!({"client_id_metadata_document_supported": true}));
+    let mut c = config();
+    c.metadata_document_url = Some("https://client.example.com/meta.json#x".parse().unwrap());
+    assert!(
+        matches!(m.client.register(&d, &c).await, Err(Error::Config(ref e)) if e.contains("fragment"))
+    );
+    assert!(m.log.all().is_empty());
 }

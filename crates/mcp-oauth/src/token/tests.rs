@@ -150,7 +150,12 @@ async fn refresh_sends_scope_and_resource() {
 }
 
 fn parse(body: serde_json::Value) -> Result<TokenResponse> {
-    parse_token_response(&"https://as.example.com/token".parse().unwrap(), &json(body), false)
+    parse_token_response(
+        &"https://as.example.com/token".parse().unwrap(),
+        &json(body),
+        false,
+        false,
+    )
 }
 
 #[test]
@@ -189,15 +194,23 @@ fn token_response_policies() {
 #[test]
 fn token_response_date_header_is_kept() {
     let response = token_body().with_header("date", "Wed, 21 Oct 2015 07:28:00 GMT");
-    let t =
-        parse_token_response(&"https://as.example.com/token".parse().unwrap(), &response, false)
-            .unwrap();
+    let t = parse_token_response(
+        &"https://as.example.com/token".parse().unwrap(),
+        &response,
+        false,
+        false,
+    )
+    .unwrap();
     assert_eq!(t.date, Some(Timestamp::from_secs(1_445_412_480)));
     assert_eq!(t.expires_in, Some(Duration::from_secs(3600)));
     let response = token_body().with_header("date", "yesterday");
-    let t =
-        parse_token_response(&"https://as.example.com/token".parse().unwrap(), &response, false)
-            .unwrap();
+    let t = parse_token_response(
+        &"https://as.example.com/token".parse().unwrap(),
+        &response,
+        false,
+        false,
+    )
+    .unwrap();
     assert_eq!(t.date, None);
 }
 
@@ -394,4 +407,93 @@ async fn enterprise_exchange_must_issue_an_id_jag() {
     let err = m.client.enterprise_token(&d(), &registration(M::None), &grant).await.unwrap_err();
     assert!(matches!(err, Error::Malformed { .. }), "{err:?}");
     assert_eq!(m.log.all().len(), 1);
+}
+
+/// SEP-2352: the grants and revocation refuse a registration whose issuer is not the
+/// discovery's, before anything is sent (the old server's secret never reaches the new one);
+/// a metadata document client ID is portable.
+#[tokio::test]
+async fn grants_and_revocation_refuse_a_registration_of_another_issuer() {
+    let m = mock(|_| token_body());
+    let mut reg = registration(M::ClientSecretPost);
+    reg.issuer = "https://old-as.example.com".into();
+    let is_mismatch = |r: Result<TokenResponse>| matches!(r, Err(Error::RegistrationIssuerMismatch { ref registered, .. }) if registered == "https://old-as.example.com");
+    assert!(is_mismatch(m.client.refresh(&d(), &reg, &rt(), None).await));
+    assert!(is_mismatch(m.client.client_credentials(&d(), &reg, None).await));
+    let revoked = m.client.revoke(&d(), &reg, Some(&rt()), None).await;
+    assert!(matches!(revoked, Err(Error::RegistrationIssuerMismatch { .. })), "{revoked:?}");
+    assert!(m.log.all().is_empty(), "nothing was sent");
+
+    let mut cimd = registration(M::None);
+    cimd.source = RegistrationSource::MetadataDocument;
+    cimd.client_id = "https://client.example.com/meta.json".into();
+    cimd.issuer = "https://old-as.example.com".into();
+    m.client.refresh(&d(), &cimd, &rt(), None).await.unwrap();
+    assert_eq!(m.log.all().len(), 1);
+}
+
+fn proof_claims(req: &HttpRequest) -> serde_json::Value {
+    let proof = req.header("dpop").expect("a DPoP proof");
+    let claims = proof.split('.').nth(1).unwrap();
+    serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(claims).unwrap(),
+    )
+    .unwrap()
+}
+
+/// RFC 9449 at the token endpoint: each token request carries a fresh proof for `POST` on the
+/// token endpoint; a `use_dpop_nonce` answer is retried once with the server's nonce, and the
+/// `DPoP` token type is accepted because a proof was sent. A server that keeps asking gets
+/// exactly one retry.
+#[tokio::test]
+async fn dpop_proofs_at_the_token_endpoint_with_one_nonce_retry() {
+    let m = mock(|req| {
+        let claims = proof_claims(req);
+        if claims.get("nonce").and_then(|n| n.as_str()) == Some("as-nonce-1") {
+            json(
+                serde_json::json!({"access_token": "bound", "token_type": "DPoP", "expires_in": 60}),
+            )
+        } else {
+            crate::HttpResponse::new(400)
+                .with_header("content-type", "application/json")
+                .with_header("dpop-nonce", "as-nonce-1")
+                .with_body(br#"{"error":"use_dpop_nonce"}"#)
+        }
+    });
+    let key = crate::DpopKey::generate().unwrap();
+    let client = m.client.clone().with_dpop(key.clone());
+    let tokens = client.refresh(&d(), &registration(M::None), &rt(), None).await.unwrap();
+    assert_eq!(tokens.token_type, "DPoP");
+    let sent = m.log.all();
+    assert_eq!(sent.len(), 2, "the request and one retry with the nonce");
+    let (first, second) = (proof_claims(&sent[0]), proof_claims(&sent[1]));
+    assert_eq!(first["htm"], "POST");
+    assert_eq!(first["htu"], "https://as.example.com/token");
+    assert!(first.get("nonce").is_none() && first.get("ath").is_none());
+    assert_eq!(second["nonce"], "as-nonce-1");
+    assert_ne!(first["jti"], second["jti"]);
+    // The nonce is remembered: the next grant sends it at once.
+    client.refresh(&d(), &registration(M::None), &rt(), None).await.unwrap();
+    assert_eq!(m.log.all().len(), 3);
+
+    // A server that never accepts the nonce: one retry, then its error.
+    let m = mock(|_| {
+        crate::HttpResponse::new(400)
+            .with_header("content-type", "application/json")
+            .with_header("dpop-nonce", "always-new")
+            .with_body(br#"{"error":"use_dpop_nonce"}"#)
+    });
+    let err =
+        m.client.clone().with_dpop(key).refresh(&d(), &registration(M::None), &rt(), None).await;
+    assert_eq!(err.unwrap_err().oauth_code(), Some("use_dpop_nonce"));
+    assert_eq!(m.log.all().len(), 2);
+}
+
+/// A `DPoP` token type is refused when no proof was sent (the client could not use it).
+#[tokio::test]
+async fn a_dpop_token_type_without_a_proof_is_refused() {
+    let m = mock(|_| json(serde_json::json!({"access_token": "bound", "token_type": "DPoP"})));
+    let err = m.client.refresh(&d(), &registration(M::None), &rt(), None).await.unwrap_err();
+    assert!(matches!(err, Error::UnsupportedTokenType(ref t) if t == "DPoP"), "{err:?}");
+    assert!(m.log.last().header("dpop").is_none());
 }

@@ -262,12 +262,14 @@ pub(crate) fn oauth_error(e: &Error) -> (u16, &str) {
 }
 
 pub(crate) fn pre_registered(
+    issuer: &str,
     id: &str,
     secret: Option<&str>,
     method: TokenEndpointAuthMethod,
 ) -> ClientConfig {
     let mut config = ClientConfig::new("e2e", REDIRECT);
     config.pre_registered = Some(PreRegisteredClient {
+        issuer: issuer.into(),
         client_id: id.into(),
         client_secret: secret.map(ClientSecret::new),
         client_key: None,
