@@ -210,7 +210,7 @@ impl RefreshLease {
 
 /// The flow-state key of `key`'s store lease.
 fn flow_key(key: &TokenKey) -> Result<FlowKey, Error> {
-    FlowKey::new("token_refresh", &key.record(RecordKind::Tokens))
+    FlowKey::new("token_refresh", key.record(RecordKind::Tokens))
         .map_err(|e| Error::store("could not name the refresh lease", e))
 }
 

@@ -900,6 +900,9 @@ impl Inner {
             client: client.as_ref().map(|(_, c)| c.clone()),
         };
         let mut tries = 0;
+        // Whether an attempt of this flight may have been acted on (even if the store could
+        // not record it).
+        let mut sent_in_doubt = false;
         loop {
             if attempt.is_cancelled() {
                 warn!(%key, "refresh abandoned past its deadline before reaching the token endpoint");
@@ -928,7 +931,7 @@ impl Inner {
             match self.refresher.refresh(&key, &request).await {
                 Ok(response) => return self.commit(&key, &current, response).await.map(Some),
                 Err(RefreshError::Terminal { code, description }) => {
-                    let result = if current.in_doubt {
+                    let result = if current.in_doubt || sent_in_doubt {
                         warn!(%key, %code, "the in-doubt refresh token was refused: its rotation was lost in flight");
                         self.terminal(
                             &key,
@@ -950,6 +953,7 @@ impl Inner {
                     let RefreshError::Transient { kind, retry_after, message } = e else {
                         unreachable!()
                     };
+                    sent_in_doubt |= may_have_acted;
                     if may_have_acted && !current.in_doubt {
                         // The server may have rotated: record that before anything else, so
                         // whoever refreshes next (this flight, or a peer after a crash) knows
@@ -984,7 +988,8 @@ impl Inner {
         }
     }
 
-    /// Record in the store that a refresh of `current` was sent and got no answer.
+    /// Record in the store that a refresh of `current` was sent and got no answer (retried,
+    /// bounded, on a transient store error, like a commit).
     async fn mark_in_doubt(
         &self,
         key: &TokenKey,
@@ -992,7 +997,26 @@ impl Inner {
     ) -> Result<Result<Arc<TokenSet>, Option<Versioned>>, Error> {
         let mut marked = current.clone();
         marked.in_doubt = true;
-        self.write_tokens(key, Some(current.version), marked).await
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.write_tokens(key, Some(current.version), marked.clone()).await {
+                Err(e) if tries < COMMIT_TRIES && transient_store(&e) => {
+                    self.clock.sleep(self.backoff(tries, None)).await;
+                }
+                Ok(Err(Some(newer))) if tries > 1 => {
+                    // Perhaps our own marker, whose reply was lost.
+                    let found = open_tokens(&*self.keys, &key.record(RecordKind::Tokens), &newer)?;
+                    if found.in_doubt && found.access_token == current.access_token {
+                        let mut set = found;
+                        set.version = newer.version;
+                        return Ok(Ok(Arc::new(set)));
+                    }
+                    return Ok(Err(Some(newer)));
+                }
+                other => return other,
+            }
+        }
     }
 
     /// A refresh result that an earlier commit could not write, if it was derived from
@@ -1099,9 +1123,13 @@ impl Inner {
                         }
                         return Ok(stored);
                     }
-                    if found.needs_authorization.is_some() && found.refresh_token.is_none() {
-                        // A peer's failure marker (it presented a token this refresh had
-                        // already spent): never beats the valid new set in hand.
+                    if found.needs_authorization.is_some()
+                        && found.refresh_token.is_none()
+                        && found.access_token == current.access_token
+                    {
+                        // A peer's failure marker of the very set this refresh read (it
+                        // presented a token this refresh had already spent): never beats the
+                        // valid new set in hand. A marker of any other set is newer news.
                         warn!(%key, marker = newer.version, "replacing a peer's failure marker with a valid refreshed set");
                         expected = newer.version;
                         continue;
