@@ -38,15 +38,16 @@ impl Default for FlowTypeConfig {
 }
 
 impl FlowTypeConfig {
-    /// A configuration whose records live `ttl` after each write, and whose waits, handler
-    /// deadline and stale window all default to `ttl` as well.
+    /// A configuration whose records live `ttl` after each write, whose waits and stale window
+    /// default to `ttl` as well, and whose handler deadline defaults to the stale window less
+    /// its margin (see [`FlowTypeConfig::handler_timeout`]).
     pub fn new(ttl: Duration) -> Self {
         FlowTypeConfig {
             ttl,
             completed_ttl: ttl,
             wait_timeout: ttl,
             stale_after: ttl,
-            handler_timeout: ttl,
+            handler_timeout: ttl - margin(ttl),
             reuse_completed: true,
             keep_failures: false,
         }
@@ -60,11 +61,13 @@ impl FlowTypeConfig {
     }
 
     /// How long waiters wait, measured from the flow's creation (not from when each waiter
-    /// started). Also sets the stale window and the handler deadline when they were longer.
+    /// started). Also sets the stale window when it was longer, and the handler deadline when
+    /// it was longer than the new stale window less its margin.
     pub fn wait_timeout(mut self, timeout: Duration) -> Self {
         self.wait_timeout = timeout;
         self.stale_after = self.stale_after.min(timeout);
-        self.handler_timeout = self.handler_timeout.min(timeout);
+        self.handler_timeout =
+            self.handler_timeout.min(self.stale_after - margin(self.stale_after));
         self
     }
 
@@ -76,8 +79,9 @@ impl FlowTypeConfig {
     }
 
     /// How long a [`crate::FlowManager::run`] handler may run before it is dropped and its flow
-    /// recorded FAILED with kind [`crate::FlowError::TIMEOUT`]. Must not exceed the stale
-    /// window, or a live handler could be taken over.
+    /// recorded FAILED with kind [`crate::FlowError::TIMEOUT`]. Must end before the stale
+    /// window by a margin (a tenth of the window, at most 5 s), or a live handler could be taken
+    /// over while it records its result; the manager's builder refuses it otherwise.
     pub fn handler_timeout(mut self, timeout: Duration) -> Self {
         self.handler_timeout = timeout;
         self
@@ -125,11 +129,60 @@ impl FlowTypeConfig {
                 "{name}: wait_timeout exceeds ttl, so flows would expire under their waiters"
             )));
         }
-        if self.handler_timeout > self.stale_after {
+        if self.stale_after > self.ttl {
             return Err(Error::InvalidConfig(format!(
-                "{name}: handler_timeout exceeds stale_after, so a live handler could be taken over"
+                "{name}: stale_after exceeds ttl, so a PENDING record would expire before it is stale"
+            )));
+        }
+        let margin = margin(self.stale_after);
+        if self.handler_timeout + margin > self.stale_after {
+            return Err(Error::InvalidConfig(format!(
+                "{name}: handler_timeout of {:?} does not end {margin:?} before stale_after of {:?}, \
+                 so a live handler could be taken over",
+                self.handler_timeout, self.stale_after
             )));
         }
         Ok(())
+    }
+}
+
+/// How long before the stale window a handler's deadline must fall: a tenth of the window,
+/// at most 5 s (time to record the result, and clock skew between processes).
+pub(crate) fn margin(stale_after: Duration) -> Duration {
+    (stale_after / 10).min(Duration::from_secs(5))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Race: a handler whose deadline is its record's stale window (or later) is still running,
+    /// or still writing its result, when another process finds the record stale and takes it
+    /// over: two handlers for one flow. And a stale window past the TTL lets the record expire
+    /// first, so a new flow starts beside a live one. Both are refused when the manager is
+    /// built.
+    #[test]
+    fn a_handler_deadline_at_the_stale_window_is_refused() {
+        let s = Duration::from_secs;
+        let bad = [
+            FlowTypeConfig::new(s(60)).handler_timeout(s(60)),
+            FlowTypeConfig::new(s(60)).handler_timeout(s(58)),
+            FlowTypeConfig::new(s(60)).stale_after(s(10)).handler_timeout(s(10)),
+            FlowTypeConfig::new(s(60)).stale_after(s(61)),
+            FlowTypeConfig::new(s(60)).stale_after(s(120)).handler_timeout(s(30)),
+        ];
+        for config in bad {
+            let e = config.validate("t").unwrap_err();
+            assert!(matches!(e, Error::InvalidConfig(_)), "{config:?}");
+        }
+        for good in [
+            FlowTypeConfig::new(s(60)),
+            FlowTypeConfig::default(),
+            FlowTypeConfig::new(s(60)).wait_timeout(s(10)),
+            FlowTypeConfig::new(s(60)).stale_after(s(10)).handler_timeout(s(9)),
+            FlowTypeConfig::new(Duration::from_millis(10)),
+        ] {
+            good.validate("t").unwrap_or_else(|e| panic!("{good:?}: {e}"));
+        }
     }
 }

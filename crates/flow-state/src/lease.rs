@@ -8,8 +8,11 @@ use crate::{Error, FlowKey, Inserted, SharedStore, StoreErrorKind, Swapped};
 
 /// Exclusive, expiring holds on keys, shared by every process that uses the same store.
 ///
-/// A lease is a store record written with insert-if-absent (Redis `SET NX PX`). Its version is
-/// its fencing token: versions are unique and increasing across the store, so a later holder
+/// A lease is a store record written with insert-if-absent (Redis `SET NX PX`). Its value is a
+/// random owner token: renewal, [`Leases::is_held`] and release compare it, not the record's
+/// version, so a renewal whose reply was lost (applied, then reported as failed) does not lose
+/// the lease: the next renewal finds the owner token and goes on. Its first version is its
+/// fencing token: versions are unique and increasing across the store, so a later holder
 /// always has a larger fence than an earlier one. A holder that dies simply stops renewing, and
 /// the lease expires after its TTL, so another process takes over.
 ///
@@ -43,7 +46,7 @@ pub struct Leases {
 pub struct Lease {
     key: FlowKey,
     fence: u64,
-    version: u64,
+    owner: [u8; 16],
     expires_at: Timestamp,
 }
 
@@ -86,12 +89,22 @@ impl Leases {
     /// Take the lease for `ttl` if nobody holds it.
     pub async fn try_acquire(&self, key: &FlowKey, ttl: Duration) -> Result<Option<Lease>, Error> {
         let now = self.clock.now();
-        match self.store.insert_if_absent(&lease_key(key), Vec::new(), ttl).await {
+        let owner = owner_token();
+        match self.store.insert_if_absent(&lease_key(key), owner.to_vec(), ttl).await {
             Ok(Inserted::Inserted { version }) => {
-                Ok(Some(Lease { key: key.clone(), fence: version, version, expires_at: now + ttl }))
+                Ok(Some(Lease { key: key.clone(), fence: version, owner, expires_at: now + ttl }))
             }
             Ok(Inserted::Exists(_)) => Ok(None),
             Err(e) => Err(Self::error(key, e)),
+        }
+    }
+
+    /// The lease record if it is still `lease`'s (its owner token).
+    async fn ours(&self, lease: &Lease) -> Result<Option<u64>, Error> {
+        match self.store.get(&lease_key(&lease.key)).await {
+            Ok(Some(v)) if *v.value == lease.owner => Ok(Some(v.version)),
+            Ok(_) => Ok(None),
+            Err(e) => Err(Self::error(&lease.key, e)),
         }
     }
 
@@ -125,16 +138,19 @@ impl Leases {
     }
 
     /// Extend the lease by `ttl` from now. Fails with [`Error::NotFound`] if it was lost (it
-    /// expired, and possibly another process holds it now).
+    /// expired, and possibly another process holds it now). A store error leaves the lease as it
+    /// was (perhaps renewed: the next renewal or [`Leases::is_held`] tells).
     pub async fn renew(&self, lease: &mut Lease, ttl: Duration) -> Result<(), Error> {
         let now = self.clock.now();
+        let Some(version) = self.ours(lease).await? else {
+            return Err(Error::NotFound { key: lease.key.clone() });
+        };
         match self
             .store
-            .compare_and_set(&lease_key(&lease.key), lease.version, Vec::new(), ttl)
+            .compare_and_set(&lease_key(&lease.key), version, lease.owner.to_vec(), ttl)
             .await
         {
-            Ok(Swapped::Swapped { version }) => {
-                lease.version = version;
+            Ok(Swapped::Swapped { .. }) => {
                 lease.expires_at = now + ttl;
                 Ok(())
             }
@@ -145,17 +161,27 @@ impl Leases {
 
     /// Whether `lease` is still held (not expired, not taken over).
     pub async fn is_held(&self, lease: &Lease) -> Result<bool, Error> {
-        match self.store.get(&lease_key(&lease.key)).await {
-            Ok(found) => Ok(found.is_some_and(|v| v.version == lease.version)),
-            Err(e) => Err(Self::error(&lease.key, e)),
-        }
+        Ok(self.ours(lease).await?.is_some())
     }
 
     /// Give the lease up. Returns whether it was still held.
     pub async fn release(&self, lease: Lease) -> Result<bool, Error> {
+        let Some(version) = self.ours(&lease).await? else { return Ok(false) };
         self.store
-            .delete_if(&lease_key(&lease.key), Some(lease.version))
+            .delete_if(&lease_key(&lease.key), Some(version))
             .await
             .map_err(|e| Self::error(&lease.key, e))
     }
+}
+
+/// A random owner token (falls back to the time and a counter if the OS has no randomness).
+fn owner_token() -> [u8; 16] {
+    let mut owner = [0u8; 16];
+    if getrandom::fill(&mut owner).is_err() {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        owner[..8].copy_from_slice(&n.to_be_bytes());
+        owner[8..].copy_from_slice(&u64::from(std::process::id()).to_be_bytes());
+    }
+    owner
 }

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::hash::Hash;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -56,6 +56,42 @@ impl CallOptions {
     pub fn caller_deadline(mut self, deadline: Duration) -> Self {
         self.caller_deadline = Some(deadline);
         self
+    }
+}
+
+/// What an attempt started by [`SingleFlight::call_with`] gets: the token cancelled at its
+/// deadline, and a way to say it may no longer be dropped.
+///
+/// An attempt that has started a side effect which cannot be taken back (a request that may
+/// have reached a server which rotates credentials on arrival) calls [`Attempt::keep`]: from
+/// then on it is never dropped at its deadline plus grace; it runs until it ends (its own I/O
+/// timeouts bound it), and callers still leave at their own deadlines.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    token: CancellationToken,
+    kept: Arc<AtomicBool>,
+}
+
+impl Attempt {
+    /// The token cancelled at the attempt's deadline.
+    pub fn token(&self) -> &CancellationToken {
+        &self.token
+    }
+
+    /// Whether the attempt's deadline has passed.
+    pub fn is_cancelled(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    /// Never drop this attempt at its deadline plus grace from now on: it has done something
+    /// whose result must not be thrown away.
+    pub fn keep(&self) {
+        self.kept.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`Attempt::keep`] was called.
+    pub fn is_kept(&self) -> bool {
+        self.kept.load(Ordering::SeqCst)
     }
 }
 
@@ -143,6 +179,21 @@ where
         F: FnOnce(CancellationToken) -> Fut,
         Fut: Future<Output = V> + Send + 'static,
     {
+        self.call_with(key, options, |attempt| start(attempt.token().clone())).await
+    }
+
+    /// [`SingleFlight::call`], whose attempt gets an [`Attempt`]: one that called
+    /// [`Attempt::keep`] is not dropped at its deadline plus grace.
+    pub async fn call_with<F, Fut>(
+        &self,
+        key: K,
+        options: CallOptions,
+        start: F,
+    ) -> Result<V, SingleFlightError>
+    where
+        F: FnOnce(Attempt) -> Fut,
+        Fut: Future<Output = V> + Send + 'static,
+    {
         let clock = &self.inner.clock;
         let caller_deadline = options.caller_deadline.map(|d| clock.now() + d);
         let mut rx = {
@@ -154,7 +205,8 @@ where
                     let (tx, rx) = watch::channel(None);
                     map.insert(key.clone(), Entry { id, rx: rx.clone() });
                     let token = CancellationToken::new();
-                    let attempt = start(token.clone());
+                    let kept = Arc::new(AtomicBool::new(false));
+                    let attempt = start(Attempt { token: token.clone(), kept: kept.clone() });
                     let inner = self.inner.clone();
                     let deadline = clock.now() + options.leader_deadline;
                     let give_up = deadline + options.grace;
@@ -167,7 +219,14 @@ where
                                 token.cancel();
                                 tokio::select! {
                                     v = &mut attempt => Ok(v),
-                                    () = inner.clock.sleep_until(give_up) => Err(SingleFlightError::Abandoned),
+                                    () = inner.clock.sleep_until(give_up) => {
+                                        if kept.load(Ordering::SeqCst) {
+                                            // Past the point of no return: let it finish.
+                                            Ok(attempt.await)
+                                        } else {
+                                            Err(SingleFlightError::Abandoned)
+                                        }
+                                    }
                                 }
                             }
                         };

@@ -231,6 +231,9 @@ async fn racing_writers(s: SharedStore) {
     assert_eq!(winners, 1, "exactly one compare-and-set from the same version wins");
 }
 
+mod faulty;
+pub use faulty::FaultyStore;
+
 #[cfg(feature = "redis")]
 pub use redis_server::RedisServer;
 

@@ -124,8 +124,7 @@ impl StoreDir {
     ) -> Result<FileLock, token_storage::Error> {
         let dir = self.root.join("login-locks");
         create_private_dir(&dir)?;
-        let name: String = key.to_string().bytes().map(|b| format!("{b:02x}")).collect();
-        lock_file(&dir.join(format!("{name}.lock")), wait).await
+        lock_file(&dir.join(token_storage::lock_file_name(&key.to_string())), wait).await
     }
 
     /// The encryption keys: read from `key`, or created there (mode 0600) on first use, under

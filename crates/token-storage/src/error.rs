@@ -12,7 +12,8 @@ use crate::refresher::TerminalCode;
 /// What went wrong in token storage. Callers act on the variant:
 ///
 /// - [`Error::AuthorizationRequired`]: send the user through the browser again.
-/// - [`Error::RefreshUnavailable`], [`Error::Timeout`], [`Error::WriteStorm`]: try again later;
+/// - [`Error::RefreshUnavailable`], [`Error::Timeout`], [`Error::LeaseWait`],
+///   [`Error::WriteStorm`]: try again later;
 ///   the stored credentials are untouched.
 /// - [`Error::Decrypt`]: the stored record is unreadable with the configured keys; it is left as
 ///   it was for a person to inspect (or to remove with `TokenStorage::delete_all`).
@@ -39,6 +40,15 @@ pub enum Error {
         message: String,
         /// When the server asked to be left alone for a while.
         retry_after: Option<Duration>,
+    },
+    /// A refresh waited this long for a peer's refresh lease and gave up (a peer is refreshing
+    /// the same key, or died holding its lease): try again later; nothing was sent.
+    #[error("gave up after {waited:?} waiting for the refresh lease of {key} (a peer holds it)")]
+    LeaseWait {
+        /// The slot concerned.
+        key: TokenKey,
+        /// How long the refresh waited.
+        waited: Duration,
     },
     /// The caller's wait for a refresh ended (its deadline), or the refresh itself hung past its
     /// deadline and was abandoned.
@@ -124,6 +134,10 @@ pub enum ReauthReason {
         /// The issuer the caller expected.
         expected: String,
     },
+    /// A refresh was sent and its answer lost (a timeout, a reset connection), and the server
+    /// refused the refresh token when it was presented again: it had rotated it, and the
+    /// successor never arrived.
+    RotationLostInFlight,
     /// The authorization server rejected the refresh for good.
     Rejected {
         /// The OAuth error code.
@@ -141,6 +155,10 @@ impl fmt::Display for ReauthReason {
                 f.write_str("access token expired or rejected and no refresh token available")
             }
             ReauthReason::RefreshTokenExpired => f.write_str("the refresh token has expired"),
+            ReauthReason::RotationLostInFlight => f.write_str(
+                "rotation lost in flight: the refresh was answered but the answer never arrived, \
+                 and the refresh token was refused when presented again",
+            ),
             ReauthReason::IssuerChanged { stored, expected } => {
                 write!(f, "stored tokens were issued by {stored}, not {expected}")
             }

@@ -29,7 +29,9 @@
 
 use std::fmt;
 use std::fs::{File, OpenOptions, TryLockError};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
 use std::time::Duration;
 
 use flow_state::{FlowKey, Lease, Leases, SharedStore, StoreErrorKind};
@@ -118,7 +120,8 @@ impl RefreshLease {
     }
 
     /// How long a refresh waits for a peer's lease before giving up with
-    /// [`Error::Timeout`] (default 30 s).
+    /// [`Error::LeaseWait`] (default 30 s). A refresh ahead of expiry, while the token is still
+    /// valid, never waits: it only tries the lease.
     pub fn wait(mut self, wait: Duration) -> Self {
         self.wait = wait;
         self
@@ -128,13 +131,38 @@ impl RefreshLease {
         self.ttl / 3
     }
 
-    /// Take the lease of `key`, waiting for a peer's to end.
-    pub(crate) async fn acquire(&self, key: &TokenKey) -> Result<Held, Error> {
-        let record = key.record(RecordKind::Tokens);
+    /// Take the lease of `key` if nobody holds it, without waiting.
+    pub(crate) async fn try_acquire(&self, key: &TokenKey) -> Result<Option<Held>, Error> {
         match &self.kind {
             Kind::Store(leases) => {
-                let flow_key = FlowKey::new("token_refresh", &record)
-                    .map_err(|e| Error::store("could not name the refresh lease", e))?;
+                let flow_key = flow_key(key)?;
+                match leases.try_acquire(&flow_key, self.ttl).await {
+                    Ok(Some(lease)) => {
+                        Ok(Some(Held::Store { leases: leases.clone(), lease, ttl: self.ttl }))
+                    }
+                    Ok(None) => Ok(None),
+                    Err(e) => Err(lease_error(key, self.wait, e)),
+                }
+            }
+            Kind::Files(dir) => {
+                let file = open_lock_file(dir, key)?;
+                match file.try_lock() {
+                    Ok(()) => Ok(Some(Held::File(file))),
+                    Err(TryLockError::WouldBlock) => Ok(None),
+                    Err(TryLockError::Error(e)) => Err(Error::store(
+                        format!("could not lock {}", lock_path(dir, key).display()),
+                        e,
+                    )),
+                }
+            }
+        }
+    }
+
+    /// Take the lease of `key`, waiting for a peer's to end.
+    pub(crate) async fn acquire(&self, key: &TokenKey) -> Result<Held, Error> {
+        match &self.kind {
+            Kind::Store(leases) => {
+                let flow_key = flow_key(key)?;
                 let lease = match leases.acquire(&flow_key, self.ttl, self.wait).await {
                     Ok(lease) => lease,
                     // A connection that sat idle through a server restart fails its first
@@ -146,26 +174,15 @@ impl RefreshLease {
                         leases
                             .acquire(&flow_key, self.ttl, self.wait)
                             .await
-                            .map_err(|e| lease_error(key, e))?
+                            .map_err(|e| lease_error(key, self.wait, e))?
                     }
-                    Err(e) => return Err(lease_error(key, e)),
+                    Err(e) => return Err(lease_error(key, self.wait, e)),
                 };
                 Ok(Held::Store { leases: leases.clone(), lease, ttl: self.ttl })
             }
             Kind::Files(dir) => {
-                std::fs::create_dir_all(dir).map_err(|e| {
-                    Error::store(format!("could not create lock directory {}", dir.display()), e)
-                })?;
-                let hex: String = record.bytes().map(|b| format!("{b:02x}")).collect();
-                let path = dir.join(format!("{hex}.lock"));
-                let file = OpenOptions::new()
-                    .create(true)
-                    .truncate(false)
-                    .write(true)
-                    .open(&path)
-                    .map_err(|e| {
-                        Error::store(format!("could not open lock file {}", path.display()), e)
-                    })?;
+                let file = open_lock_file(dir, key)?;
+                let path = lock_path(dir, key);
                 let step = Duration::from_millis(5);
                 let mut waited = Duration::ZERO;
                 loop {
@@ -176,7 +193,7 @@ impl RefreshLease {
                             waited += step;
                         }
                         Err(TryLockError::WouldBlock) => {
-                            return Err(Error::Timeout { key: key.clone() });
+                            return Err(Error::LeaseWait { key: key.clone(), waited: self.wait });
                         }
                         Err(TryLockError::Error(e)) => {
                             return Err(Error::store(
@@ -191,13 +208,51 @@ impl RefreshLease {
     }
 }
 
+/// The flow-state key of `key`'s store lease.
+fn flow_key(key: &TokenKey) -> Result<FlowKey, Error> {
+    FlowKey::new("token_refresh", key.record(RecordKind::Tokens))
+        .map_err(|e| Error::store("could not name the refresh lease", e))
+}
+
+/// The name of a lock file for `name`: a fixed-length digest of it (SHA-256, 64 hex characters)
+/// and `.lock`, so any name, however long its URL or user name, fits a file name (file systems
+/// refuse names past 255 bytes).
+///
+/// ```
+/// let name = token_storage::lock_file_name(&"x".repeat(1000));
+/// assert_eq!(name.len(), 64 + ".lock".len());
+/// ```
+pub fn lock_file_name(name: &str) -> String {
+    let digest = Sha256::digest(name.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{hex}.lock")
+}
+
+/// The lock file of `key` in `dir`.
+fn lock_path(dir: &Path, key: &TokenKey) -> PathBuf {
+    dir.join(lock_file_name(&key.record(RecordKind::Tokens)))
+}
+
+fn open_lock_file(dir: &Path, key: &TokenKey) -> Result<File, Error> {
+    std::fs::create_dir_all(dir).map_err(|e| {
+        Error::store(format!("could not create lock directory {}", dir.display()), e)
+    })?;
+    let path = lock_path(dir, key);
+    OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::store(format!("could not open lock file {}", path.display()), e))
+}
+
 fn unavailable(e: &flow_state::Error) -> bool {
     matches!(e, flow_state::Error::Store { source, .. } if source.kind() == StoreErrorKind::Unavailable)
 }
 
-fn lease_error(key: &TokenKey, e: flow_state::Error) -> Error {
+fn lease_error(key: &TokenKey, wait: Duration, e: flow_state::Error) -> Error {
     match e {
-        flow_state::Error::TimedOut { .. } => Error::Timeout { key: key.clone() },
+        flow_state::Error::TimedOut { .. } => Error::LeaseWait { key: key.clone(), waited: wait },
         flow_state::Error::Store { source, .. } if source.kind() == StoreErrorKind::Unavailable => {
             Error::StoreUnavailable {
                 message: format!("the refresh lease store is unavailable ({source})"),
@@ -209,13 +264,16 @@ fn lease_error(key: &TokenKey, e: flow_state::Error) -> Error {
 }
 
 impl Held {
-    /// Extend a store lease; fails if it was lost (expired, and perhaps taken by a peer).
-    pub(crate) async fn renew(&mut self, key: &TokenKey) -> Result<(), Error> {
+    /// Extend a store lease: `Ok(false)` if it was lost (expired, and perhaps taken by a peer);
+    /// an error if the store could not be asked (the lease may or may not have been renewed).
+    pub(crate) async fn renew(&mut self, key: &TokenKey) -> Result<bool, Error> {
         match self {
-            Held::Store { leases, lease, ttl } => {
-                leases.renew(lease, *ttl).await.map_err(|e| lease_error(key, e))
-            }
-            Held::File(_) => Ok(()),
+            Held::Store { leases, lease, ttl } => match leases.renew(lease, *ttl).await {
+                Ok(()) => Ok(true),
+                Err(flow_state::Error::NotFound { .. }) => Ok(false),
+                Err(e) => Err(lease_error(key, *ttl, e)),
+            },
+            Held::File(_) => Ok(true),
         }
     }
 
@@ -223,7 +281,7 @@ impl Held {
     pub(crate) async fn still_held(&self, key: &TokenKey) -> Result<bool, Error> {
         match self {
             Held::Store { leases, lease, .. } => {
-                leases.is_held(lease).await.map_err(|e| lease_error(key, e))
+                leases.is_held(lease).await.map_err(|e| lease_error(key, Duration::ZERO, e))
             }
             Held::File(_) => Ok(true),
         }

@@ -45,6 +45,7 @@ pub struct TokenSet {
     pub(crate) obtained_at: Timestamp,
     pub(crate) version: u64,
     pub(crate) needs_authorization: Option<ReauthReason>,
+    pub(crate) in_doubt: bool,
 }
 
 impl TokenSet {
@@ -98,6 +99,14 @@ impl TokenSet {
         self.needs_authorization.as_ref()
     }
 
+    /// Whether a refresh of this set was sent and got no answer: the server may have rotated
+    /// its refresh token already. The next refresh presents it once more (a server with a
+    /// reuse grace window answers with the successor); if that is refused, the slot needs
+    /// authorization with [`ReauthReason::RotationLostInFlight`].
+    pub fn in_doubt(&self) -> bool {
+        self.in_doubt
+    }
+
     /// A new set from `response`, arrived at `now`.
     ///
     /// `expires_at` is `now + expires_in`, moved earlier to `date + expires_in` when the
@@ -124,6 +133,7 @@ impl TokenSet {
             obtained_at: now,
             version: 0,
             needs_authorization: None,
+            in_doubt: false,
         }
     }
 }
@@ -210,6 +220,9 @@ pub(crate) struct TokenRecord {
     issuer: String,
     obtained_at: Timestamp,
     needs_authorization: Option<ReauthReason>,
+    /// Absent in records written before it existed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    in_doubt: bool,
 }
 
 impl TokenRecord {
@@ -224,6 +237,7 @@ impl TokenRecord {
             issuer: set.issuer.clone(),
             obtained_at: set.obtained_at,
             needs_authorization: set.needs_authorization.clone(),
+            in_doubt: set.in_doubt,
         }
     }
 
@@ -239,6 +253,7 @@ impl TokenRecord {
             obtained_at: self.obtained_at,
             version,
             needs_authorization: self.needs_authorization,
+            in_doubt: self.in_doubt,
         }
     }
 }

@@ -184,8 +184,13 @@ impl fmt::Display for TerminalCode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum TransientKind {
-    /// The server could not be reached, or the connection broke before an answer.
+    /// The request did not reach the server (no connection, refused, DNS): the server cannot
+    /// have acted, so retrying with the same refresh token is safe.
     Network,
+    /// The request was sent (or may have been) and no answer came: a timeout or a connection
+    /// reset after sending. The server may have rotated the refresh token; the attempt is in
+    /// doubt.
+    Unanswered,
     /// A 5xx answer.
     ServerError(u16),
     /// 429 Too Many Requests (or `slow_down`).
@@ -217,6 +222,19 @@ pub enum RefreshError {
 }
 
 impl RefreshError {
+    /// Whether the request may have reached the server and been acted on: a transient failure
+    /// with no answer ([`TransientKind::Unanswered`]) or a 5xx answer (a server can fail after
+    /// rotating). Such an attempt is in doubt; the others ended before the server acted.
+    pub fn may_have_acted(&self) -> bool {
+        matches!(
+            self,
+            RefreshError::Transient {
+                kind: TransientKind::Unanswered | TransientKind::ServerError(_),
+                ..
+            }
+        )
+    }
+
     /// A terminal error.
     pub fn terminal(code: TerminalCode, description: Option<String>) -> Self {
         RefreshError::Terminal { code, description }

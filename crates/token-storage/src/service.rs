@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
-use flow_state::{CallOptions, CancellationToken, SingleFlight, SingleFlightError};
+use flow_state::{Attempt, CallOptions, SingleFlight, SingleFlightError};
 use mcp_clock::{Clock, SharedClock, Timestamp};
 use tracing::{debug, info, warn};
 
@@ -269,6 +269,8 @@ struct View {
 #[derive(Default)]
 struct SlotState {
     failure: Option<(Timestamp, Error)>,
+    /// A refresh result whose commit failed on the store, and the version it was derived from.
+    pending: Option<(u64, TokenSet)>,
     writes: VecDeque<Timestamp>,
     background: bool,
 }
@@ -276,8 +278,8 @@ struct SlotState {
 /// What started a refresh.
 #[derive(Clone)]
 enum Trigger {
-    /// The token is inside its refresh window or expired.
-    Due,
+    /// The token is inside its refresh window or expired; the caller saw version `seen`.
+    Due { seen: u64 },
     /// The server rejected this access token.
     Rejected(Secret),
 }
@@ -285,6 +287,63 @@ enum Trigger {
 impl<T: TokenStore + 'static> From<T> for SharedTokenStore {
     fn from(store: T) -> Self {
         SharedTokenStore::new(store)
+    }
+}
+
+/// How many times a commit is tried on transient store errors before the result is held in
+/// memory.
+const COMMIT_TRIES: u32 = 4;
+
+/// Whether a store error may pass (the backend was unreachable).
+fn transient_store(e: &Error) -> bool {
+    matches!(e, Error::StoreUnavailable { .. })
+}
+
+/// A held lease, renewed in the background while the refresh runs.
+struct LeaseGuard {
+    held: tokio::sync::Mutex<Held>,
+    lost: std::sync::atomic::AtomicBool,
+}
+
+impl LeaseGuard {
+    fn new(held: Held) -> Self {
+        LeaseGuard { held: tokio::sync::Mutex::new(held), lost: Default::default() }
+    }
+
+    /// Renew every `every` for as long as it is polled; stops renewing once the lease is lost.
+    async fn keep_renewed(
+        &self,
+        key: &TokenKey,
+        every: Duration,
+        clock: &SharedClock,
+    ) -> std::convert::Infallible {
+        loop {
+            clock.sleep(every).await;
+            if self.lost.load(Ordering::SeqCst) {
+                continue;
+            }
+            match self.held.lock().await.renew(key).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    warn!(%key, "the refresh lease was lost");
+                    self.lost.store(true, Ordering::SeqCst);
+                }
+                // Perhaps applied: the owner token tells at the next renewal or check.
+                Err(e) => warn!(%key, error = %e, "could not renew the refresh lease"),
+            }
+        }
+    }
+
+    /// Whether the lease still holds.
+    async fn check(&self, key: &TokenKey) -> Result<bool, Error> {
+        if self.lost.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        let held = self.held.lock().await.still_held(key).await?;
+        if !held {
+            self.lost.store(true, Ordering::SeqCst);
+        }
+        Ok(held)
     }
 }
 
@@ -377,10 +436,10 @@ impl TokenStorage {
         match (set.expires_at, view.refresh_at) {
             (Some(expires_at), Some(refresh_at)) if now >= refresh_at => {
                 if now < expires_at {
-                    inner.start_background(key, issuer, now);
+                    inner.start_background(key, issuer, set.version, now);
                     Ok(set)
                 } else {
-                    inner.run_flight(key, issuer, Trigger::Due).await
+                    inner.run_flight(key, issuer, Trigger::Due { seen: set.version }).await
                 }
             }
             _ => Ok(set),
@@ -643,7 +702,7 @@ impl Inner {
         }
     }
 
-    fn start_background(self: &Arc<Self>, key: &TokenKey, issuer: &str, now: Timestamp) {
+    fn start_background(self: &Arc<Self>, key: &TokenKey, issuer: &str, seen: u64, now: Timestamp) {
         let start = self.slot(key, |s| {
             let failing = s.failure.as_ref().is_some_and(|(until, _)| now < *until);
             let start = !s.background && !failing;
@@ -656,7 +715,7 @@ impl Inner {
         debug!(%key, "refreshing ahead of expiry in the background");
         let (inner, key, issuer) = (self.clone(), key.clone(), issuer.to_owned());
         tokio::spawn(async move {
-            if let Err(e) = inner.run_flight(&key, &issuer, Trigger::Due).await {
+            if let Err(e) = inner.run_flight(&key, &issuer, Trigger::Due { seen }).await {
                 debug!(%key, error = %e, "background refresh failed");
             }
             inner.slot(&key, |s| s.background = false);
@@ -677,8 +736,8 @@ impl Inner {
         let (inner, owned_key, issuer) = (self.clone(), key.clone(), issuer.to_owned());
         let outcome = self
             .flights
-            .call(key.clone(), options, move |cancel| async move {
-                inner.refresh(owned_key, issuer, trigger, cancel).await
+            .call_with(key.clone(), options, move |attempt| async move {
+                inner.refresh(owned_key, issuer, trigger, attempt).await
             })
             .await;
         match outcome {
@@ -695,61 +754,129 @@ impl Inner {
     }
 
     /// The shared refresh of one key; runs detached from every caller.
+    ///
+    /// Under the cross-process lease (when configured), renewed in the background for the whole
+    /// critical section: the re-read, every attempt, every backoff sleep and the commit. A lease
+    /// found lost before a request is sent ends the attempt; the refresh then starts over
+    /// (takes the lease again and re-reads, finding a peer's rotation).
     async fn refresh(
         self: Arc<Self>,
         key: TokenKey,
         issuer: String,
         trigger: Trigger,
-        cancel: CancellationToken,
+        attempt: Attempt,
     ) -> Result<Arc<TokenSet>, Error> {
-        // The cross-process lease is taken here; everything below then runs under it, so the
-        // re-read sees a peer's rotation and skips the network call.
-        let mut held = match &self.lease {
-            Some(lease) => {
-                let held = lease.acquire(&key).await?;
-                debug!(%key, fence = ?held.fence(), "took the refresh lease");
-                Some(held)
+        let mut restarts = 0;
+        loop {
+            let guard = match &self.lease {
+                Some(lease) => {
+                    // Refreshing ahead of expiry never queues behind a peer's refresh: while the
+                    // token is valid, only try the lease; the peer's result will be read later.
+                    let ahead = self.valid_ahead(&key, &trigger);
+                    let held = if let Some(valid) = ahead {
+                        match lease.try_acquire(&key).await? {
+                            Some(held) => held,
+                            None => {
+                                debug!(%key, "a peer holds the refresh lease; serving the valid token");
+                                return Ok(valid);
+                            }
+                        }
+                    } else {
+                        lease.acquire(&key).await?
+                    };
+                    debug!(%key, fence = ?held.fence(), "took the refresh lease");
+                    Some(LeaseGuard::new(held))
+                }
+                None => None,
+            };
+            let work = self.refresh_held(&key, &issuer, &trigger, &attempt, guard.as_ref());
+            let result = match (&guard, &self.lease) {
+                (Some(guard), Some(lease)) => {
+                    tokio::select! {
+                        r = work => r,
+                        never = guard.keep_renewed(&key, lease.renew_every(), &self.clock) => match never {},
+                    }
+                }
+                _ => work.await,
+            };
+            if let Some(guard) = guard {
+                guard.held.into_inner().release().await;
             }
-            None => None,
-        };
-        let result = self.refresh_held(&key, &issuer, trigger, &cancel, &mut held).await;
-        if let Some(held) = held {
-            held.release().await;
+            match result {
+                Ok(Some(set)) => return Ok(set),
+                Ok(None)
+                    if restarts < self.config.max_attempts.max(1) && !attempt.is_cancelled() =>
+                {
+                    restarts += 1;
+                    warn!(%key, restarts, "the refresh lease was lost before sending; starting over");
+                }
+                Ok(None) => {
+                    return Err(Error::RefreshUnavailable {
+                        key,
+                        message: "the refresh lease was lost before the request was sent".into(),
+                        retry_after: None,
+                    });
+                }
+                Err(e) => return Err(e),
+            }
         }
-        result
     }
 
-    /// The refresh proper, under the lease when there is one.
+    /// For a refresh ahead of expiry: the set in view if it is still valid.
+    fn valid_ahead(&self, key: &TokenKey, trigger: &Trigger) -> Option<Arc<TokenSet>> {
+        if !matches!(trigger, Trigger::Due { .. }) {
+            return None;
+        }
+        let now = self.clock.now();
+        let views = self.views.read().unwrap_or_else(PoisonError::into_inner);
+        let set = &views.get(key)?.set;
+        let valid = set.needs_authorization.is_none() && set.expires_at.is_some_and(|e| now < e);
+        valid.then(|| set.clone())
+    }
+
+    /// The refresh proper, under the lease when there is one. `Ok(None)`: the lease was found
+    /// lost before a request was sent; nothing was sent since.
     async fn refresh_held(
         &self,
         key: &TokenKey,
         issuer: &str,
-        trigger: Trigger,
-        cancel: &CancellationToken,
-        held: &mut Option<Held>,
-    ) -> Result<Arc<TokenSet>, Error> {
+        trigger: &Trigger,
+        attempt: &Attempt,
+        guard: Option<&LeaseGuard>,
+    ) -> Result<Option<Arc<TokenSet>>, Error> {
         let (key, issuer) = (key.clone(), issuer.to_owned());
         let Some(view) = self.load(&key).await? else {
             return Err(auth(&key, ReauthReason::Missing));
         };
-        let current = usable(&key, view.set, &issuer)?;
+        let mut current = usable(&key, view.set, &issuer)?;
         let now = self.clock.now();
         let still_valid = current.expires_at.is_none_or(|e| now < e);
-        match &trigger {
+        match trigger {
             Trigger::Rejected(rejected) if current.access_token != *rejected => {
                 debug!(%key, version = current.version, "rejected token already replaced");
-                return Ok(current);
+                return Ok(Some(current));
             }
-            Trigger::Due if view.refresh_at.is_none_or(|at| now < at) => {
+            Trigger::Due { .. } if view.refresh_at.is_none_or(|at| now < at) => {
                 debug!(%key, version = current.version, "already refreshed");
-                return Ok(current);
+                return Ok(Some(current));
+            }
+            Trigger::Due { seen } if current.version != *seen && still_valid => {
+                // A peer refreshed while this one waited: its token is valid, use it.
+                debug!(%key, version = current.version, "a peer refreshed meanwhile");
+                return Ok(Some(current));
             }
             _ => {}
         }
+        if let Some(pending) = self.pending_commit(&key, current.version) {
+            // An earlier refresh's answer that could not be written yet: write it now, never
+            // redeem its spent refresh token again.
+            info!(%key, "writing a refresh result held in memory since a failed commit");
+            return self.commit_set(&key, &current, pending).await.map(Some);
+        }
         let serve_or = |reason| {
             // Refreshing ahead of expiry cannot proceed, but the token is still good.
-            if matches!(trigger, Trigger::Due) && still_valid {
-                Ok(current.clone())
+            if matches!(trigger, Trigger::Due { .. }) && still_valid {
+                Ok(Some(current.clone()))
             } else {
                 Err(auth(&key, reason))
             }
@@ -772,40 +899,77 @@ impl Inner {
             issuer: current.issuer.clone(),
             client: client.as_ref().map(|(_, c)| c.clone()),
         };
-        let mut attempt = 0;
+        let mut tries = 0;
+        // Whether an attempt of this flight may have been acted on (even if the store could
+        // not record it).
+        let mut sent_in_doubt = false;
         loop {
-            if cancel.is_cancelled() {
+            if attempt.is_cancelled() {
                 warn!(%key, "refresh abandoned past its deadline before reaching the token endpoint");
                 return Err(Error::Timeout { key });
             }
-            attempt += 1;
-            debug!(%key, attempt, version = current.version, "redeeming the refresh token");
-            match self.redeem(&key, &request, held).await {
-                Ok(response) => {
-                    if let Some(h) = held {
-                        // The redemption has happened: the response holds the only live refresh
-                        // token. Discarding it would leave the slot with a spent one, so even a
-                        // lost lease only warns; the compare-and-swap on the version read above
-                        // decides, and adopts a peer's newer tokens if one committed meanwhile.
-                        match h.still_held(&key).await {
-                            Ok(true) => {}
-                            Ok(false) => warn!(
-                                %key,
-                                "the refresh lease expired while the token endpoint was slow"
-                            ),
-                            Err(e) => warn!(%key, error = %e, "could not check the refresh lease"),
+            // No request without the lease.
+            if let Some(guard) = guard {
+                match guard.check(&key).await {
+                    Ok(true) => {}
+                    Ok(false) => return Ok(None),
+                    Err(e) => {
+                        warn!(%key, error = %e, "could not check the refresh lease; not sending");
+                        return Err(Error::RefreshUnavailable {
+                            key,
+                            message: format!("could not check the refresh lease: {e}"),
+                            retry_after: None,
+                        });
+                    }
+                }
+            }
+            tries += 1;
+            debug!(%key, attempt = tries, version = current.version, in_doubt = current.in_doubt, "redeeming the refresh token");
+            // From here the request may reach the server, which rotates on arrival: the
+            // answer must be waited for and committed, never dropped at the flight's deadline.
+            attempt.keep();
+            match self.refresher.refresh(&key, &request).await {
+                Ok(response) => return self.commit(&key, &current, response).await.map(Some),
+                Err(RefreshError::Terminal { code, description }) => {
+                    let result = if current.in_doubt || sent_in_doubt {
+                        warn!(%key, %code, "the in-doubt refresh token was refused: its rotation was lost in flight");
+                        self.terminal(
+                            &key,
+                            &issuer,
+                            &current,
+                            client,
+                            code,
+                            ReauthReason::RotationLostInFlight,
+                        )
+                        .await
+                    } else {
+                        let reason = ReauthReason::Rejected { code, description };
+                        self.terminal(&key, &issuer, &current, client, code, reason).await
+                    };
+                    return result.map(Some);
+                }
+                Err(e @ RefreshError::Transient { .. }) => {
+                    let may_have_acted = e.may_have_acted();
+                    let RefreshError::Transient { kind, retry_after, message } = e else {
+                        unreachable!()
+                    };
+                    sent_in_doubt |= may_have_acted;
+                    if may_have_acted && !current.in_doubt {
+                        // The server may have rotated: record that before anything else, so
+                        // whoever refreshes next (this flight, or a peer after a crash) knows
+                        // the refresh token is in doubt.
+                        match self.mark_in_doubt(&key, &current).await {
+                            Ok(Ok(marked)) => current = marked,
+                            Ok(Err(newer)) => return self.adopt(&key, &issuer, newer).map(Some),
+                            Err(e) => {
+                                warn!(%key, error = %e, "could not record the refresh as in doubt")
+                            }
                         }
                     }
-                    return self.commit(&key, &current, response).await;
-                }
-                Err(RefreshError::Terminal { code, description }) => {
-                    return self.terminal(&key, &issuer, &current, client, code, description).await;
-                }
-                Err(RefreshError::Transient { kind, retry_after, message }) => {
-                    let delay = self.backoff(attempt, retry_after);
-                    let give_up = attempt >= self.config.max_attempts.max(1)
+                    let delay = self.backoff(tries, retry_after);
+                    let give_up = tries >= self.config.max_attempts.max(1)
                         || retry_after.is_some_and(|r| r > self.config.backoff_max);
-                    warn!(%key, attempt, ?kind, %message, give_up, "refresh failed transiently");
+                    warn!(%key, attempt = tries, ?kind, %message, give_up, may_have_acted, "refresh failed transiently");
                     if give_up {
                         let now = self.clock.now();
                         let until =
@@ -817,36 +981,51 @@ impl Inner {
                     }
                     tokio::select! {
                         () = self.clock.sleep(delay) => {}
-                        () = cancel.cancelled() => {}
+                        () = attempt.token().cancelled() => {}
                     }
                 }
             }
         }
     }
 
-    /// Call the refresher, renewing the lease while it runs.
-    async fn redeem(
+    /// Record in the store that a refresh of `current` was sent and got no answer (retried,
+    /// bounded, on a transient store error, like a commit).
+    async fn mark_in_doubt(
         &self,
         key: &TokenKey,
-        request: &RefreshRequest,
-        held: &mut Option<Held>,
-    ) -> Result<crate::TokenResponse, RefreshError> {
-        let call = self.refresher.refresh(key, request);
-        let (Some(h), Some(lease)) = (held.as_mut(), &self.lease) else {
-            return call.await;
-        };
-        tokio::pin!(call);
+        current: &TokenSet,
+    ) -> Result<Result<Arc<TokenSet>, Option<Versioned>>, Error> {
+        let mut marked = current.clone();
+        marked.in_doubt = true;
+        let mut tries = 0;
         loop {
-            tokio::select! {
-                result = &mut call => return result,
-                () = self.clock.sleep(lease.renew_every()) => {
-                    if let Err(e) = h.renew(key).await {
-                        // Keep waiting for the answer: the check before the commit decides.
-                        warn!(%key, error = %e, "could not renew the refresh lease");
-                    }
+            tries += 1;
+            match self.write_tokens(key, Some(current.version), marked.clone()).await {
+                Err(e) if tries < COMMIT_TRIES && transient_store(&e) => {
+                    self.clock.sleep(self.backoff(tries, None)).await;
                 }
+                Ok(Err(Some(newer))) if tries > 1 => {
+                    // Perhaps our own marker, whose reply was lost.
+                    let found = open_tokens(&*self.keys, &key.record(RecordKind::Tokens), &newer)?;
+                    if found.in_doubt && found.access_token == current.access_token {
+                        let mut set = found;
+                        set.version = newer.version;
+                        return Ok(Ok(Arc::new(set)));
+                    }
+                    return Ok(Err(Some(newer)));
+                }
+                other => return other,
             }
         }
+    }
+
+    /// A refresh result that an earlier commit could not write, if it was derived from
+    /// `version`.
+    fn pending_commit(&self, key: &TokenKey, version: u64) -> Option<TokenSet> {
+        self.slot(key, |s| match &s.pending {
+            Some((base, set)) if *base == version => Some(set.clone()),
+            _ => None,
+        })
     }
 
     fn backoff(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
@@ -883,23 +1062,92 @@ impl Inner {
             set.scope = current.scope.clone();
         }
         self.record_write(key, now);
-        match self.write_tokens(key, Some(current.version), set).await? {
-            Ok(stored) => {
-                self.clear_failure(key);
-                info!(%key, from = current.version, to = stored.version, "refreshed tokens");
-                if let Some(hook) = &self.on_refresh {
-                    hook(key, current, &stored);
+        self.commit_set(key, current, set).await
+    }
+
+    /// Write `set`, derived from `current`, with compare-and-swap. A transient store error is
+    /// retried (bounded, with backoff); a conflict whose stored value is this very set (a write
+    /// whose reply was lost) counts as written; a conflict with a peer's failure marker does not
+    /// beat this valid new set. If the store stays unavailable, the set is held in memory (the
+    /// next refresh writes it instead of redeeming again) and served meanwhile.
+    async fn commit_set(
+        &self,
+        key: &TokenKey,
+        current: &TokenSet,
+        set: TokenSet,
+    ) -> Result<Arc<TokenSet>, Error> {
+        let record = key.record(RecordKind::Tokens);
+        let mut expected = current.version;
+        let mut tries = 0u32;
+        loop {
+            tries += 1;
+            let outcome = match self.write_tokens(key, Some(expected), set.clone()).await {
+                Ok(outcome) => outcome,
+                Err(e) if tries < COMMIT_TRIES && transient_store(&e) => {
+                    warn!(%key, attempt = tries, error = %e, "could not write the refreshed tokens; retrying");
+                    self.clock.sleep(self.backoff(tries, None)).await;
+                    continue;
                 }
-                Ok(stored)
-            }
-            Err(newer) => {
-                warn!(
-                    %key,
-                    read = current.version,
-                    stored = ?newer.as_ref().map(|v| v.version),
-                    "discarding a refresh result: the tokens were replaced while it ran"
-                );
-                self.adopt(key, &current.issuer, newer)
+                Err(e) if transient_store(&e) => {
+                    warn!(%key, error = %e, "could not write the refreshed tokens; holding them in memory");
+                    self.slot(key, |s| s.pending = Some((current.version, set.clone())));
+                    let mut served = set;
+                    served.version = current.version;
+                    return Ok(Arc::new(served));
+                }
+                Err(e) => return Err(e),
+            };
+            match outcome {
+                Ok(stored) => {
+                    self.slot(key, |s| s.pending = None);
+                    self.clear_failure(key);
+                    info!(%key, from = current.version, to = stored.version, "refreshed tokens");
+                    if let Some(hook) = &self.on_refresh {
+                        hook(key, current, &stored);
+                    }
+                    return Ok(stored);
+                }
+                Err(Some(newer)) => {
+                    let found = open_tokens(&*self.keys, &record, &newer)?;
+                    if tries > 1 && found.access_token == set.access_token {
+                        // Our own write, whose reply was lost.
+                        let mut stored = set;
+                        stored.version = newer.version;
+                        let stored = Arc::new(stored);
+                        self.install(key, stored.clone());
+                        self.slot(key, |s| s.pending = None);
+                        self.clear_failure(key);
+                        info!(%key, from = current.version, to = stored.version, "refreshed tokens (the write's reply was lost)");
+                        if let Some(hook) = &self.on_refresh {
+                            hook(key, current, &stored);
+                        }
+                        return Ok(stored);
+                    }
+                    if found.needs_authorization.is_some()
+                        && found.refresh_token.is_none()
+                        && found.access_token == current.access_token
+                    {
+                        // A peer's failure marker of the very set this refresh read (it
+                        // presented a token this refresh had already spent): never beats the
+                        // valid new set in hand. A marker of any other set is newer news.
+                        warn!(%key, marker = newer.version, "replacing a peer's failure marker with a valid refreshed set");
+                        expected = newer.version;
+                        continue;
+                    }
+                    warn!(
+                        %key,
+                        read = current.version,
+                        stored = newer.version,
+                        "discarding a refresh result: the tokens were replaced while it ran"
+                    );
+                    self.slot(key, |s| s.pending = None);
+                    return self.adopt(key, &current.issuer, Some(newer));
+                }
+                Err(None) => {
+                    warn!(%key, read = current.version, "discarding a refresh result: the tokens were deleted while it ran");
+                    self.slot(key, |s| s.pending = None);
+                    return self.adopt(key, &current.issuer, None);
+                }
             }
         }
     }
@@ -925,7 +1173,7 @@ impl Inner {
         current: &TokenSet,
         client: Option<(u64, ClientRegistration)>,
         code: TerminalCode,
-        description: Option<String>,
+        reason: ReauthReason,
     ) -> Result<Arc<TokenSet>, Error> {
         let record = key.record(RecordKind::Tokens);
         let stored = self.store.get(&record).await?;
@@ -939,8 +1187,8 @@ impl Inner {
         {
             self.store.delete(&key.record(RecordKind::Client), Some(version)).await?;
         }
-        let reason = ReauthReason::Rejected { code, description };
         let mut marked = current.clone();
+        marked.in_doubt = false;
         marked.refresh_token = None;
         marked.refresh_token_expires_at = None;
         marked.needs_authorization = Some(reason.clone());

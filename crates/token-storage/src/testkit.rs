@@ -1,5 +1,6 @@
 //! Test helpers (feature `test-util`): the [`TokenStore`](crate::TokenStore) conformance suite and
-//! [`FakeAuthServer`], a [`Refresher`] with strict rotation and reuse detection.
+//! [`FakeAuthServer`], a [`Refresher`] with strict rotation and reuse detection that fails the way
+//! real token endpoints do, and [`FaultyTokenStore`], a store that fails the way stores do.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -13,7 +14,10 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use mcp_clock::{Clock, SharedClock};
+use mcp_clock::{Clock, SharedClock, Timestamp};
+
+mod faulty;
+pub use faulty::FaultyTokenStore;
 
 use crate::refresher::BoxFuture;
 use crate::{
@@ -151,6 +155,12 @@ async fn racing_writers(s: SharedTokenStore) {
 /// detection: each refresh token is good once; presenting a used one revokes its whole family
 /// (as Azure Entra and others do).
 ///
+/// It fails the way a real server does: a refresh token is burnt **when the request arrives**,
+/// and what happens to the answer afterwards is a separate fault ([`FakeAuthServer::lose_next_answer`],
+/// [`FakeAuthServer::fail_next_after_acting`], [`FakeAuthServer::set_latency`], which answers
+/// late after acting). [`FakeAuthServer::set_reuse_grace`] models the grace window of Okta and
+/// Auth0: a replay within it gets the same successor back.
+///
 /// Tokens name their key, family and issue number (`at:<key>:<family>:<n>`), so tests can check
 /// where a token came from with [`FakeAuthServer::parse`].
 ///
@@ -164,6 +174,7 @@ async fn racing_writers(s: SharedTokenStore) {
 /// let first = server.redeem(&key, login.refresh_token.as_ref().unwrap().expose()).await.unwrap();
 /// assert!(server.redeem(&key, login.refresh_token.as_ref().unwrap().expose()).await.is_err());
 /// assert_eq!(server.reuse_detected(), 1);
+/// assert_eq!(server.replays_after_delivery(), 1);
 /// // The family is revoked: the rotated token is dead too.
 /// assert!(server.redeem(&key, first.refresh_token.as_ref().unwrap().expose()).await.is_err());
 /// # }
@@ -186,18 +197,38 @@ impl std::fmt::Debug for FakeAuthServer {
     }
 }
 
+/// What the server knows of one refresh token it issued.
+struct RefreshState {
+    family: u64,
+    /// When it was first redeemed, and what it was redeemed for.
+    used: Option<(Timestamp, TokenResponse)>,
+    /// Whether an answer carrying its successor reached the client.
+    delivered: bool,
+}
+
+/// What becomes of the answer of a request the server acted on.
+enum After {
+    Deliver,
+    Lose,
+    Fail(RefreshError),
+}
+
 #[derive(Default)]
 struct FakeState {
     next: u64,
-    refresh_tokens: HashMap<String, (u64, bool)>,
+    refresh_tokens: HashMap<String, RefreshState>,
     revoked: HashSet<u64>,
     latency: Duration,
     lifetime: Option<Duration>,
     rotate: bool,
+    reuse_grace: Duration,
     redemptions: u64,
     calls: u64,
     reuse_detected: u64,
+    replays_after_delivery: u64,
+    lost_answers: u64,
     fail_next: VecDeque<RefreshError>,
+    after_next: VecDeque<After>,
 }
 
 /// Where a token issued by [`FakeAuthServer`] came from.
@@ -226,7 +257,8 @@ impl FakeAuthServer {
         f(&mut self.state.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
-    /// Answer each refresh after `latency` on the server's clock.
+    /// Answer each refresh `latency` (on the server's clock) after acting on it: the refresh
+    /// token is burnt when the request arrives, the answer comes later.
     pub fn set_latency(&self, latency: Duration) {
         self.with(|s| s.latency = latency);
     }
@@ -242,9 +274,49 @@ impl FakeAuthServer {
         self.with(|s| s.rotate = rotate);
     }
 
-    /// Fail the next refresh call with `error`, before looking at its refresh token.
+    /// A replay of a used refresh token within `grace` of its first redemption returns the same
+    /// successor instead of revoking the family (Okta's and Auth0's reuse interval). Zero (the
+    /// default): strict reuse detection.
+    pub fn set_reuse_grace(&self, grace: Duration) {
+        self.with(|s| s.reuse_grace = grace);
+    }
+
+    /// Fail the next refresh call with `error`, before looking at its refresh token (the
+    /// request never reached the token endpoint proper).
     pub fn fail_next(&self, error: RefreshError) {
         self.with(|s| s.fail_next.push_back(error));
+    }
+
+    /// Act on the next refresh call (rotate its refresh token), then lose the answer: the
+    /// client sees [`TransientKind::Unanswered`](crate::TransientKind::Unanswered), as after a
+    /// timeout or a reset connection.
+    pub fn lose_next_answer(&self) {
+        self.with(|s| s.after_next.push_back(After::Lose));
+    }
+
+    /// Act on the next refresh call (rotate its refresh token), then answer `error` (a 5xx
+    /// after the rotation was written, say).
+    pub fn fail_next_after_acting(&self, error: RefreshError) {
+        self.with(|s| s.after_next.push_back(After::Fail(error)));
+    }
+
+    /// Drop every armed fault ([`FakeAuthServer::fail_next`], [`FakeAuthServer::lose_next_answer`],
+    /// [`FakeAuthServer::fail_next_after_acting`]).
+    pub fn disarm(&self) {
+        self.with(|s| {
+            s.fail_next.clear();
+            s.after_next.clear();
+        });
+    }
+
+    /// Whether `refresh_token` would be honoured now: issued here, never redeemed, its family
+    /// not revoked.
+    pub fn is_live(&self, refresh_token: &str) -> bool {
+        self.with(|s| {
+            s.refresh_tokens
+                .get(refresh_token)
+                .is_some_and(|r| r.used.is_none() && !s.revoked.contains(&r.family))
+        })
     }
 
     /// How many refresh calls arrived (including failed ones).
@@ -257,15 +329,28 @@ impl FakeAuthServer {
         self.with(|s| s.redemptions)
     }
 
-    /// How many times a refresh token was presented a second time.
+    /// How many times a refresh token was presented a second time (within a grace window or
+    /// not).
     pub fn reuse_detected(&self) -> u64 {
         self.with(|s| s.reuse_detected)
+    }
+
+    /// How many times a refresh token was presented again after an answer to an earlier
+    /// presentation had reached the client: what the client must never do (an in-doubt retry,
+    /// after a lost answer, is not counted).
+    pub fn replays_after_delivery(&self) -> u64 {
+        self.with(|s| s.replays_after_delivery)
+    }
+
+    /// How many answers were lost or failed after acting.
+    pub fn lost_answers(&self) -> u64 {
+        self.with(|s| s.lost_answers)
     }
 
     /// Revoke every refresh token issued for `key` so far (the user revoked the grant).
     pub fn revoke_all(&self) {
         self.with(|s| {
-            let families: Vec<u64> = s.refresh_tokens.values().map(|(f, _)| *f).collect();
+            let families: Vec<u64> = s.refresh_tokens.values().map(|r| r.family).collect();
             s.revoked.extend(families);
         });
     }
@@ -288,44 +373,46 @@ impl FakeAuthServer {
         Some(Issued { key, family, n })
     }
 
-    /// The token endpoint: redeem `refresh_token` for `key`.
+    /// The token endpoint: redeem `refresh_token` for `key`. The token is burnt on arrival;
+    /// the answer comes after the latency, unless a fault loses or replaces it.
     pub async fn redeem(
         &self,
         key: &TokenKey,
         refresh_token: &str,
     ) -> Result<TokenResponse, RefreshError> {
-        let latency = self.with(|s| {
+        let now = self.clock.now();
+        let (outcome, latency, after) = self.with(|s| {
             s.calls += 1;
-            s.latency
+            if let Some(e) = s.fail_next.pop_front() {
+                return (Err(e), s.latency, After::Deliver);
+            }
+            let outcome = s.act(key, refresh_token, now);
+            let after = s.after_next.pop_front().unwrap_or(After::Deliver);
+            (outcome, s.latency, after)
         });
         if !latency.is_zero() {
             self.clock.sleep(latency).await;
         }
-        self.with(|s| {
-            if let Some(e) = s.fail_next.pop_front() {
-                return Err(e);
+        self.with(|s| match after {
+            After::Deliver => {
+                if outcome.is_ok()
+                    && let Some(r) = s.refresh_tokens.get_mut(refresh_token)
+                {
+                    r.delivered = true;
+                }
+                outcome
             }
-            let dead = |d: &str| RefreshError::terminal(TerminalCode::InvalidGrant, Some(d.into()));
-            let Some(&(family, used)) = s.refresh_tokens.get(refresh_token) else {
-                return Err(dead("unknown refresh token"));
-            };
-            if Issued::key_of(refresh_token) != Some(key.to_string()) {
-                return Err(dead("refresh token issued for another key"));
+            After::Lose => {
+                s.lost_answers += 1;
+                Err(RefreshError::transient(
+                    crate::TransientKind::Unanswered,
+                    "no answer from the token endpoint (lost after the server acted)",
+                ))
             }
-            if s.revoked.contains(&family) {
-                return Err(dead("grant revoked"));
+            After::Fail(e) => {
+                s.lost_answers += 1;
+                Err(e)
             }
-            if used {
-                s.reuse_detected += 1;
-                s.revoked.insert(family);
-                return Err(dead("refresh token reused; grant revoked"));
-            }
-            if s.rotate {
-                s.refresh_tokens.insert(refresh_token.to_owned(), (family, true));
-            }
-            s.redemptions += 1;
-            let rotate = s.rotate;
-            Ok(s.mint(key, family, rotate))
         })
     }
 }
@@ -337,6 +424,44 @@ impl Issued {
 }
 
 impl FakeState {
+    /// The token endpoint's decision, taken when the request arrives.
+    fn act(
+        &mut self,
+        key: &TokenKey,
+        refresh_token: &str,
+        now: Timestamp,
+    ) -> Result<TokenResponse, RefreshError> {
+        let dead = |d: &str| RefreshError::terminal(TerminalCode::InvalidGrant, Some(d.into()));
+        let Some(r) = self.refresh_tokens.get(refresh_token) else {
+            return Err(dead("unknown refresh token"));
+        };
+        let (family, used, delivered) = (r.family, r.used.clone(), r.delivered);
+        if Issued::key_of(refresh_token) != Some(key.to_string()) {
+            return Err(dead("refresh token issued for another key"));
+        }
+        if self.revoked.contains(&family) {
+            return Err(dead("grant revoked"));
+        }
+        if let Some((at, successor)) = used {
+            self.reuse_detected += 1;
+            if delivered {
+                self.replays_after_delivery += 1;
+            }
+            if now.saturating_since(at) <= self.reuse_grace && !self.reuse_grace.is_zero() {
+                return Ok(successor);
+            }
+            self.revoked.insert(family);
+            return Err(dead("refresh token reused; grant revoked"));
+        }
+        self.redemptions += 1;
+        let rotate = self.rotate;
+        let response = self.mint(key, family, rotate);
+        if rotate && let Some(r) = self.refresh_tokens.get_mut(refresh_token) {
+            r.used = Some((now, response.clone()));
+        }
+        Ok(response)
+    }
+
     fn mint(&mut self, key: &TokenKey, family: u64, with_refresh: bool) -> TokenResponse {
         self.next += 1;
         let n = self.next;
@@ -346,7 +471,8 @@ impl FakeState {
         }
         if with_refresh {
             let rt = format!("rt:{key}:{family}:{n}");
-            self.refresh_tokens.insert(rt.clone(), (family, false));
+            self.refresh_tokens
+                .insert(rt.clone(), RefreshState { family, used: None, delivered: false });
             response = response.refresh_token(rt);
         }
         response

@@ -676,8 +676,9 @@ async fn callers_that_leave_do_not_lose_the_rotated_token() {
     );
 }
 
-/// 106, 107: a refresh that hangs past its deadline is dropped and the next call starts anew;
-/// a refresh told to stop during its backoff never calls the server again.
+/// 106, 107: a refresh told to stop during its backoff never calls the server again; a
+/// refresh that hangs past its deadline after sending is kept (issue 12: never abandon a sent
+/// request), and the next call joins it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_refresh_is_abandoned_and_never_replays() {
     let mut config = config();
@@ -704,7 +705,9 @@ async fn a_hung_refresh_is_abandoned_and_never_replays() {
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert_eq!(f.server.calls(), 1, "no replay after the deadline");
 
-    // A redemption that hangs: dropped after deadline + grace; the next call starts a new one.
+    // A redemption that hangs past deadline + grace: it was sent, and the server burns the
+    // refresh token on arrival, so the flight is kept, never abandoned (issue 12); a later call
+    // joins it instead of presenting the spent token again, and both get its answer.
     f.server.set_latency(Duration::from_secs(1000));
     let hung = tokio::spawn({
         let (storage, key, rejected) =
@@ -716,10 +719,19 @@ async fn a_hung_refresh_is_abandoned_and_never_replays() {
     f.clock.advance(Duration::from_secs(60));
     tokio::time::sleep(Duration::from_millis(10)).await;
     f.clock.advance(Duration::from_secs(10));
-    assert!(matches!(hung.await.unwrap(), Err(Error::Timeout { .. })));
-    f.server.set_latency(Duration::ZERO);
-    let fresh = f.storage.force_refresh(&key, ISS, first.access_token()).await.unwrap();
-    assert_ne!(fresh.access_token(), first.access_token());
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(!hung.is_finished(), "a sent refresh is not abandoned at deadline + grace");
+    let joined = tokio::spawn({
+        let (storage, key, rejected) =
+            (f.storage.clone(), key.clone(), first.access_token().clone());
+        async move { storage.force_refresh(&key, ISS, &rejected).await }
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(f.server.calls(), 2, "the later call joined the sent refresh");
+    f.clock.advance(Duration::from_secs(1000));
+    let (a, b) = (hung.await.unwrap().unwrap(), joined.await.unwrap().unwrap());
+    assert_eq!(a.access_token(), b.access_token());
+    assert_ne!(a.access_token(), first.access_token());
     assert_eq!(f.server.reuse_detected(), 0);
 }
 

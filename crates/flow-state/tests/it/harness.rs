@@ -86,13 +86,13 @@ pub(crate) fn manager(store: &SharedStore, clock: &ManualClock) -> FlowManager {
         .flow_type("kept", FlowTypeConfig::new(secs(60)).wait_timeout(secs(10)).keep_failures(true))
         .flow_type(
             "cache",
-            FlowTypeConfig::new(secs(60)).handler_timeout(secs(5)).stale_after(secs(5)),
+            FlowTypeConfig::new(secs(60)).handler_timeout(secs(5)).stale_after(secs(6)),
         )
         .flow_type(
             "fresh",
             FlowTypeConfig::new(secs(60))
                 .handler_timeout(secs(5))
-                .stale_after(secs(5))
+                .stale_after(secs(6))
                 .reuse_completed(false),
         )
         .build()

@@ -111,3 +111,51 @@ async fn only_one_holder_at_a_time() {
         assert_eq!(overlaps.load(Ordering::SeqCst), 0, "{backend:?}");
     }
 }
+
+/// Race: a renewal is applied by the store but its reply is lost (a connection reset after the
+/// command ran). Were the lease identified by its record version, the holder would still hold
+/// the old version, and every later renewal (and the release) would find a "newer" record and
+/// report the lease lost for good, although nobody else ever took it. With an owner token in
+/// the lease value, the next renewal finds its own token and goes on.
+#[tokio::test]
+async fn a_lost_renew_reply_does_not_lose_the_lease() {
+    for backend in BACKENDS {
+        let Some(h) = harness(backend).await else { continue };
+        let faulty = flow_state::testkit::FaultyStore::new(h.store.clone(), h.clock.shared());
+        let leases =
+            Leases::new(flow_state::SharedStore::from_arc(faulty.clone()), h.clock.shared());
+        let mut lease = leases.try_acquire(&key(), TTL).await.unwrap().unwrap();
+        h.clock.advance(Duration::from_secs(5));
+        faulty.lose_next_write_reply();
+        assert!(leases.renew(&mut lease, TTL).await.is_err(), "{backend:?}: the reply was lost");
+        assert_eq!(faulty.injected(), 1);
+        assert!(leases.is_held(&lease).await.unwrap(), "{backend:?}: the renewal was applied");
+        h.clock.advance(Duration::from_secs(5));
+        leases.renew(&mut lease, TTL).await.unwrap_or_else(|e| {
+            panic!("{backend:?}: the next renewal must find the lease still ours: {e}")
+        });
+        h.clock.advance(Duration::from_secs(8));
+        assert!(leases.is_held(&lease).await.unwrap(), "{backend:?}");
+        assert!(leases.try_acquire(&key(), TTL).await.unwrap().is_none(), "{backend:?}");
+        assert!(leases.release(lease).await.unwrap(), "{backend:?}: the release finds it too");
+    }
+}
+
+/// A renewal that failed before it was applied leaves the lease as it was: still held until
+/// its old expiry, then lost.
+#[tokio::test]
+async fn a_failed_renewal_is_not_applied() {
+    for backend in BACKENDS {
+        let Some(h) = harness(backend).await else { continue };
+        let faulty = flow_state::testkit::FaultyStore::new(h.store.clone(), h.clock.shared());
+        let leases =
+            Leases::new(flow_state::SharedStore::from_arc(faulty.clone()), h.clock.shared());
+        let mut lease = leases.try_acquire(&key(), TTL).await.unwrap().unwrap();
+        h.clock.advance(Duration::from_secs(5));
+        faulty.fail_next_write();
+        assert!(leases.renew(&mut lease, TTL).await.is_err());
+        h.clock.advance(Duration::from_secs(5));
+        assert!(!leases.is_held(&lease).await.unwrap(), "{backend:?}: expired at its old time");
+        assert!(matches!(leases.renew(&mut lease, TTL).await, Err(Error::NotFound { .. })));
+    }
+}

@@ -240,3 +240,44 @@ async fn a_panicking_attempt_releases_the_key() {
         Ok(1)
     );
 }
+
+/// Race: an attempt that has sent a request the server acts on (a rotating refresh) is past its
+/// deadline and grace before the answer comes. Were it dropped there, the key would be free and
+/// the next call would start a second attempt that repeats the side effect; an attempt that
+/// called [`flow_state::Attempt::keep`] is not dropped: the next call joins it and gets its
+/// value, and only one attempt ever runs.
+#[tokio::test]
+async fn a_kept_attempt_is_not_dropped_after_its_grace() {
+    let clock = ManualClock::default();
+    let sf: Refreshes = SingleFlight::new(clock.shared());
+    let starts = Arc::new(AtomicUsize::new(0));
+    let release = Arc::new(Notify::new());
+    let opts = CallOptions::new(Duration::from_secs(2)).grace(Duration::from_secs(1));
+    let start = |starts: Arc<AtomicUsize>, release: Arc<Notify>| {
+        move |attempt: flow_state::Attempt| {
+            starts.fetch_add(1, Ordering::SeqCst);
+            async move {
+                attempt.keep();
+                release.notified().await;
+                7
+            }
+        }
+    };
+    let first = tokio::spawn({
+        let (sf, s, r) = (sf.clone(), starts.clone(), release.clone());
+        async move { sf.call_with("k", opts, start(s, r)).await }
+    });
+    settle().await;
+    clock.advance(Duration::from_secs(10));
+    settle().await;
+    assert_eq!(sf.in_flight(), 1, "a kept attempt stays past deadline + grace");
+    let second = tokio::spawn({
+        let (sf, s, r) = (sf.clone(), starts.clone(), release.clone());
+        async move { sf.call_with("k", opts, start(s, r)).await }
+    });
+    settle().await;
+    assert_eq!(starts.load(Ordering::SeqCst), 1, "the next call joins the kept attempt");
+    release.notify_one();
+    assert_eq!(within(first).await.unwrap(), Ok(7));
+    assert_eq!(within(second).await.unwrap(), Ok(7));
+}

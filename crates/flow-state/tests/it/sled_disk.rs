@@ -55,7 +55,7 @@ async fn flows_survive_a_restart_and_a_dead_owner_is_taken_over() {
     assert_eq!(done.metadata, json!({"a": 1}));
     let orphan = flows.get::<u32>(&key("cache", "orphan")).await.unwrap().unwrap();
     assert_eq!(orphan.status, FlowStatus::Pending);
-    clock.advance(Duration::from_secs(5)); // the stale window of "cache"
+    clock.advance(Duration::from_secs(6)); // the stale window of "cache"
     let got: u32 = flows.run(&key("cache", "orphan"), || async { Ok(12) }).await.unwrap();
     assert_eq!(got, 12, "the stale PENDING was taken over");
 }
