@@ -19,6 +19,7 @@ use rmcp::{RoleClient, ServiceExt};
 use crate::client::{AuthHttpClient, ProviderFailure};
 use crate::error::Error;
 use crate::provider::AuthProvider;
+use crate::secret::Secret;
 
 /// Limits for a [`Connection`].
 ///
@@ -41,6 +42,7 @@ pub struct ConnectOptions {
     reconnect_attempts: u32,
     reconnect_base: Duration,
     reconnect_max: Duration,
+    headers: Vec<(String, Secret)>,
 }
 
 impl Default for ConnectOptions {
@@ -55,6 +57,7 @@ impl Default for ConnectOptions {
             reconnect_attempts: 3,
             reconnect_base: Duration::from_millis(250),
             reconnect_max: Duration::from_secs(5),
+            headers: Vec::new(),
         }
     }
 }
@@ -89,6 +92,14 @@ impl ConnectOptions {
         self.reconnect_attempts = attempts;
         self.reconnect_base = base;
         self.reconnect_max = max.max(base);
+        self
+    }
+    /// Send the header `name: value` with every request (API keys, gateway headers). The value
+    /// is a [`Secret`]: redacted in `Debug` and marked sensitive on the wire. A name or value
+    /// HTTP does not allow, or a header the transport owns (`Accept`, `Mcp-Session-Id`,
+    /// `Last-Event-ID`), fails the connect with [`Error::InvalidConfig`].
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<Secret>) -> Self {
+        self.headers.push((name.into(), value.into()));
         self
     }
     /// The connect timeout.
@@ -388,7 +399,8 @@ async fn handshake(
 ) -> Result<(RunningService<RoleClient, ()>, AuthHttpClient), Error> {
     let client = AuthHttpClient::new(provider)?;
     let config = StreamableHttpClientTransportConfig::with_uri(url.to_owned())
-        .max_concurrent_requests(options.max_concurrent_requests);
+        .max_concurrent_requests(options.max_concurrent_requests)
+        .custom_headers(header_map(&options.headers)?);
     let transport = StreamableHttpClientTransport::with_client(client.clone(), config);
     let handshake = async {
         ().serve(transport).await.map_err(|e| {
@@ -407,6 +419,39 @@ async fn handshake(
             Err(e)
         }
     }
+}
+
+/// Custom headers (name, value) as rmcp's streamable-HTTP transport config takes them, for a
+/// transport built outside [`Connection`], with the checks of [`ConnectOptions::header`];
+/// values are marked sensitive. Errors never include a value.
+///
+/// # Errors
+/// [`Error::InvalidConfig`] for a bad name or value, or a header the transport owns.
+pub fn header_map(
+    headers: &[(String, Secret)],
+) -> Result<
+    std::collections::HashMap<reqwest::header::HeaderName, reqwest::header::HeaderValue>,
+    Error,
+> {
+    use reqwest::header::{HeaderName, HeaderValue};
+    let mut map = std::collections::HashMap::new();
+    for (name, value) in headers {
+        let name = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| Error::InvalidConfig(format!("{name:?} is not an HTTP header name")))?;
+        if ["accept", "mcp-session-id", "last-event-id"].contains(&name.as_str()) {
+            return Err(Error::InvalidConfig(format!(
+                "the header {name} is set by the MCP transport and cannot be given"
+            )));
+        }
+        let mut value = HeaderValue::from_str(value.expose()).map_err(|_| {
+            Error::InvalidConfig(format!(
+                "the value of the header {name} is not a valid HTTP header value"
+            ))
+        })?;
+        value.set_sensitive(true);
+        map.insert(name, value);
+    }
+    Ok(map)
 }
 
 impl Drop for Connection {

@@ -57,6 +57,7 @@ pub struct FactoryConfig {
     scopes: Option<String>,
     client: Option<mcp_oauth::ClientConfig>,
     max_concurrent_requests: Option<usize>,
+    headers: Vec<(String, Secret)>,
 }
 
 impl FactoryConfig {
@@ -77,6 +78,7 @@ impl FactoryConfig {
             scopes: None,
             client: None,
             max_concurrent_requests: None,
+            headers: Vec::new(),
         }
     }
 
@@ -110,6 +112,14 @@ impl FactoryConfig {
     /// once (default: [`ConnectOptions`]'s, 16); more wait in rmcp's queue.
     pub fn max_concurrent_requests(mut self, limit: usize) -> Self {
         self.max_concurrent_requests = Some(limit.max(1));
+        self
+    }
+
+    /// Send the header `name: value` with every MCP request of connections made by
+    /// [`ConnectionFactory::connect`] (see [`ConnectOptions::header`]). Not part of the token
+    /// key.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<Secret>) -> Self {
+        self.headers.push((name.into(), value.into()));
         self
     }
 
@@ -377,6 +387,9 @@ impl ConnectionFactory {
             ConnectOptions::default().connect_timeout(config.connect_timeout).clock(self.clock());
         if let Some(limit) = config.max_concurrent_requests {
             options = options.max_concurrent_requests(limit);
+        }
+        for (name, value) in &config.headers {
+            options = options.header(name.clone(), value.clone());
         }
         let url = config.server_url.clone();
         Connection::connect(&url, self.provider(config)?, options).await

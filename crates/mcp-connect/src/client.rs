@@ -45,6 +45,7 @@ pub struct ClientOptions {
     tenant: String,
     user: String,
     lock_wait: Duration,
+    headers: Vec<(String, connection_factory::Secret)>,
 }
 
 impl ClientOptions {
@@ -59,7 +60,15 @@ impl ClientOptions {
                 .filter(|u| !u.is_empty())
                 .unwrap_or_else(|| "default".into()),
             lock_wait: Duration::from_secs(10),
+            headers: Vec::new(),
         }
+    }
+
+    /// Send the header `name: value` with every request to the MCP server (not to the
+    /// authorization server). The value is kept as a secret: never printed or logged.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.push((name.into(), connection_factory::Secret::new(value.into())));
+        self
     }
 
     /// The tenant the tokens belong to.
@@ -198,7 +207,7 @@ impl Client {
     ///
     /// # Errors
     /// [`Error::StoreLocked`], [`Error::StoreCorrupted`] (an unreadable key file) or
-    /// [`Error::Store`].
+    /// [`Error::Store`]; [`Error::Usage`] for a header HTTP does not allow.
     pub async fn open(options: ClientOptions) -> Result<Self, Error> {
         let root = options.store.clone();
         let dir =
@@ -220,7 +229,10 @@ impl Client {
             .clock(clock.clone())
             .build()
             .map_err(|e| Error::Mcp(format!("cannot build the flow manager: {e}")))?;
-        Ok(Client { options, dir, oauth, storage, flows, clock })
+        let client = Client { options, dir, oauth, storage, flows, clock };
+        // A bad header is invalid input before anything else happens.
+        client.header_map()?;
+        Ok(client)
     }
 
     /// Call before the process exits: waits (bounded by the lock wait) for refreshes in flight
@@ -294,13 +306,30 @@ impl Client {
     }
 
     fn factory_config(&self, target: &Target) -> FactoryConfig {
-        FactoryConfig::new(
+        let mut config = FactoryConfig::new(
             target.as_str(),
             self.options.tenant.as_str(),
             self.options.user.as_str(),
             target.as_str(),
         )
-        .connect_timeout(CONNECT_TIMEOUT)
+        .connect_timeout(CONNECT_TIMEOUT);
+        for (name, value) in &self.options.headers {
+            config = config.header(name.clone(), value.clone());
+        }
+        config
+    }
+
+    /// The `--header`s as rmcp's transport takes them (the proxy builds its own transport).
+    pub(crate) fn header_map(
+        &self,
+    ) -> Result<
+        std::collections::HashMap<reqwest::header::HeaderName, reqwest::header::HeaderValue>,
+        Error,
+    > {
+        connection_factory::header_map(&self.options.headers).map_err(|e| match e {
+            connection_factory::Error::InvalidConfig(m) => Error::Usage(m),
+            other => Error::Usage(chain(&other)),
+        })
     }
 
     /// A factory without an interactive flow: a refused refresh ends in

@@ -62,6 +62,15 @@ impl BrowserArgs {
     }
 }
 
+/// mcp-remote's flags for the connection to one server.
+#[derive(Debug, Args, Default)]
+struct ServerArgs {
+    /// A header sent with every request to the MCP server, 'Name: value' (repeatable);
+    /// `${VAR}` in the value is taken from the environment. Never printed or logged.
+    #[arg(long = "header", value_name = "NAME: VALUE")]
+    headers: Vec<String>,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Discover, register and authorize in the browser (the URL is always printed on stderr).
@@ -70,11 +79,15 @@ enum Command {
         url: String,
         #[command(flatten)]
         browser: BrowserArgs,
+        #[command(flatten)]
+        server: ServerArgs,
     },
     /// List the server's tools.
     Tools {
         /// The MCP server URL.
         url: String,
+        #[command(flatten)]
+        server: ServerArgs,
     },
     /// Call a tool.
     Call {
@@ -84,6 +97,8 @@ enum Command {
         tool: String,
         /// The arguments, a JSON object.
         arguments: Option<String>,
+        #[command(flatten)]
+        server: ServerArgs,
     },
     /// Show what is stored per server: expiry, refresh token held, issuer, client id.
     Status,
@@ -98,6 +113,8 @@ enum Command {
         url: String,
         #[command(flatten)]
         browser: BrowserArgs,
+        #[command(flatten)]
+        server: ServerArgs,
     },
     /// Client mode for the official MCP conformance suite (server URL last).
     #[command(hide = true)]
@@ -190,6 +207,17 @@ async fn run(cli: Cli) -> Result<u8, Error> {
     if let Some(user) = cli.user {
         options = options.user(user);
     }
+    let server = match &cli.command {
+        Command::Login { server, .. }
+        | Command::Tools { server, .. }
+        | Command::Call { server, .. }
+        | Command::Proxy { server, .. } => Some(server),
+        _ => None,
+    };
+    for spec in server.map(|s| s.headers.as_slice()).unwrap_or_default() {
+        let (name, value) = mcp_connect::parse_header(spec)?;
+        options = options.header(name, value);
+    }
     let json = cli.json;
     let client = Client::open(options).await?;
     let outcome = command(&client, cli.command, json).await;
@@ -200,7 +228,7 @@ async fn run(cli: Cli) -> Result<u8, Error> {
 
 async fn command(client: &Client, command: Command, json: bool) -> Result<u8, Error> {
     match command {
-        Command::Login { url, browser } => {
+        Command::Login { url, browser, .. } => {
             let report = client.login(&url, &browser.options()).await?;
             if json {
                 print_json(&report)?;
@@ -212,7 +240,7 @@ async fn command(client: &Client, command: Command, json: bool) -> Result<u8, Er
                 print_status(&report.status);
             }
         }
-        Command::Tools { url } => {
+        Command::Tools { url, .. } => {
             let tools = client.tools(&url).await?;
             if json {
                 print_json(&tools)?;
@@ -225,7 +253,7 @@ async fn command(client: &Client, command: Command, json: bool) -> Result<u8, Er
                 }
             }
         }
-        Command::Call { url, tool, arguments } => {
+        Command::Call { url, tool, arguments, .. } => {
             let arguments = match arguments {
                 None => None,
                 Some(text) => match serde_json::from_str::<serde_json::Value>(&text) {
@@ -274,7 +302,7 @@ async fn command(client: &Client, command: Command, json: bool) -> Result<u8, Er
                 println!("Nothing stored for {}.", report.server);
             }
         }
-        Command::Proxy { url, browser } => client.proxy(&url, &browser.options()).await?,
+        Command::Proxy { url, browser, .. } => client.proxy(&url, &browser.options()).await?,
         Command::Conformance { .. } => unreachable!("handled before the store is opened"),
     }
     Ok(0)

@@ -56,7 +56,8 @@ pub(crate) async fn run(
     let provider = client.provider(target)?;
     let http = AuthHttpClient::new(provider)
         .map_err(|e| Error::Mcp(format!("cannot build the HTTP client: {}", chain(&e))))?;
-    let config = StreamableHttpClientTransportConfig::with_uri(target.as_str().to_owned());
+    let config = StreamableHttpClientTransportConfig::with_uri(target.as_str().to_owned())
+        .custom_headers(client.header_map()?);
     let mut transport = StreamableHttpClientTransport::with_client(http, config);
 
     let (out_tx, mut out_rx) = mpsc::channel::<String>(64);

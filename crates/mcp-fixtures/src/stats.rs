@@ -165,4 +165,7 @@ pub struct ResourceStats {
     pub injected_failures: u64,
     /// Tool calls that reached the MCP server, by tool name.
     pub tool_calls: BTreeMap<String, u64>,
+    /// Every extension header (a name starting with `x-`) the MCP endpoint received, as
+    /// `name: value` with the name in lower case, each once: proves custom headers arrive.
+    pub extension_headers: std::collections::BTreeSet<String>,
 }
