@@ -94,7 +94,8 @@ impl FactoryConfig {
         self
     }
 
-    /// The scopes to ask for.
+    /// The scopes to ask for in an interactive authorization, instead of the ones the challenge
+    /// or the server's metadata suggest (a step-up still adds the challenged scopes).
     pub fn scopes(mut self, scopes: impl Into<String>) -> Self {
         self.scopes = Some(scopes.into());
         self
@@ -829,8 +830,12 @@ impl FactoryProvider {
                 r
             }
         };
-        let selected = mcp_oauth::select_scope(bearer.as_ref(), &discovery)
-            .or_else(|| self.config.scopes.clone());
+        // Configured scopes are what the token key promises: they win over the server's choice.
+        let selected = self
+            .config
+            .scopes
+            .clone()
+            .or_else(|| mcp_oauth::select_scope(bearer.as_ref(), &discovery));
         let scope = match step_up {
             Some(target) => {
                 Some(mcp_oauth::union_scopes(target, selected.as_deref().unwrap_or_default()))

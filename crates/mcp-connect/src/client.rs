@@ -46,6 +46,8 @@ pub struct ClientOptions {
     user: String,
     lock_wait: Duration,
     headers: Vec<(String, connection_factory::Secret)>,
+    static_client: Option<crate::flags::StaticClient>,
+    scope: Option<String>,
 }
 
 impl ClientOptions {
@@ -61,7 +63,24 @@ impl ClientOptions {
                 .unwrap_or_else(|| "default".into()),
             lock_wait: Duration::from_secs(10),
             headers: Vec::new(),
+            static_client: None,
+            scope: None,
         }
+    }
+
+    /// Use this client registered out of band instead of dynamic registration. Tokens obtained
+    /// with it are kept apart from those of other clients for the same server (the stored
+    /// server name gets a `#` digest), so pass it to every command for that server.
+    pub fn static_client(mut self, client: crate::flags::StaticClient) -> Self {
+        self.static_client = Some(client);
+        self
+    }
+
+    /// Ask for these scopes (space separated) instead of the server's choice. Like
+    /// [`ClientOptions::static_client`], this keeps the tokens apart: pass it to every command.
+    pub fn scope(mut self, scope: impl Into<String>) -> Self {
+        self.scope = Some(scope.into()).filter(|s| !s.trim().is_empty());
+        self
     }
 
     /// Send the header `name: value` with every request to the MCP server (not to the
@@ -257,11 +276,8 @@ impl Client {
         if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
             return Err(Error::Usage(format!("{url:?} is not an http(s) URL")));
         }
-        let key = TokenKey::new(
-            self.options.tenant.as_str(),
-            self.options.user.as_str(),
-            parsed.as_str(),
-        );
+        // The factory's key: the URL, plus a digest when a static client or scopes are given.
+        let key = self.config_for(parsed.as_str()).token_key();
         Ok(Target { url: parsed, key })
     }
 
@@ -306,15 +322,39 @@ impl Client {
     }
 
     fn factory_config(&self, target: &Target) -> FactoryConfig {
-        let mut config = FactoryConfig::new(
-            target.as_str(),
-            self.options.tenant.as_str(),
-            self.options.user.as_str(),
-            target.as_str(),
-        )
-        .connect_timeout(CONNECT_TIMEOUT);
+        self.config_for(target.as_str())
+    }
+
+    fn config_for(&self, url: &str) -> FactoryConfig {
+        let mut config =
+            FactoryConfig::new(url, self.options.tenant.as_str(), self.options.user.as_str(), url)
+                .connect_timeout(CONNECT_TIMEOUT);
         for (name, value) in &self.options.headers {
             config = config.header(name.clone(), value.clone());
+        }
+        if let Some(scope) = &self.options.scope {
+            config = config.scopes(scope.clone());
+        }
+        if self.options.static_client.is_some() {
+            // Only the interactive flow (login) uses the redirect URI; the client's identity
+            // is part of the token key for every command.
+            config = config.client(
+                self.client_config(format!("http://127.0.0.1:{DEFAULT_CALLBACK_PORT}/callback")),
+            );
+        }
+        config
+    }
+
+    /// How this client identifies itself at the authorization server for a login.
+    fn client_config(&self, redirect: String) -> ClientConfig {
+        let mut config = ClientConfig::new("mcp-connect", redirect);
+        if let Some(client) = &self.options.static_client {
+            config.pre_registered = Some(mcp_oauth::PreRegisteredClient {
+                client_id: client.client_id.clone(),
+                client_secret: client.client_secret.as_deref().map(mcp_oauth::ClientSecret::new),
+                client_key: None,
+                auth_method: None,
+            });
         }
         config
     }
@@ -426,7 +466,7 @@ impl Client {
         let factory = self.factory().with_interactive(self.oauth.clone(), hook.clone());
         let config = self
             .factory_config(target)
-            .client(ClientConfig::new("mcp-connect", redirect.clone()))
+            .client(self.client_config(redirect.clone()))
             .oauth_wait_timeout(options.timeout)
             .connect_timeout(options.timeout + CONNECT_TIMEOUT);
         let result = factory.connect(config).await;

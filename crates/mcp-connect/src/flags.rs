@@ -52,3 +52,61 @@ fn expand(text: &str, header: &str) -> Result<String, Error> {
     out.push_str(rest);
     Ok(out)
 }
+
+/// A client registered out of band (`--static-oauth-client-info`): its id and, for a
+/// confidential client, its secret. `Debug` redacts the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StaticClient {
+    /// The client id.
+    pub client_id: String,
+    /// The client secret, if the client has one.
+    pub client_secret: Option<String>,
+}
+
+impl std::fmt::Debug for StaticClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StaticClient")
+            .field("client_id", &self.client_id)
+            .field("client_secret", &self.client_secret.as_ref().map(|_| "[redacted]"))
+            .finish()
+    }
+}
+
+impl StaticClient {
+    /// mcp-remote's `--static-oauth-client-info`: a JSON object with `client_id` and an optional
+    /// `client_secret` (other fields are ignored), or `@path` of a file holding one.
+    ///
+    /// ```
+    /// let c = mcp_connect::StaticClient::parse(r#"{"client_id":"abc","client_secret":"s3"}"#).unwrap();
+    /// assert_eq!(c.client_id, "abc");
+    /// assert!(!format!("{c:?}").contains("s3"));
+    /// assert!(mcp_connect::StaticClient::parse(r#"{"client_secret":"s3"}"#).is_err());
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Usage`] for an unreadable file, text that is not a JSON object, or a missing or
+    /// non-string `client_id` / `client_secret`. Messages never contain the secret.
+    pub fn parse(arg: &str) -> Result<Self, Error> {
+        let text = match arg.strip_prefix('@') {
+            Some(path) => std::fs::read_to_string(path).map_err(|e| {
+                Error::Usage(format!("cannot read --static-oauth-client-info file {path:?}: {e}"))
+            })?,
+            None => arg.to_owned(),
+        };
+        // Parse to a value first: serde's typed errors may quote the offending value.
+        let bad = |what: &str| Error::Usage(format!("--static-oauth-client-info: {what}"));
+        let value: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| bad(&format!("not JSON (line {}, column {})", e.line(), e.column())))?;
+        let object = value.as_object().ok_or_else(|| bad("not a JSON object"))?;
+        let client_id = match object.get("client_id") {
+            Some(serde_json::Value::String(id)) if !id.is_empty() => id.clone(),
+            _ => return Err(bad("client_id must be a non-empty string")),
+        };
+        let client_secret = match object.get("client_secret") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(secret)) => Some(secret.clone()),
+            Some(_) => return Err(bad("client_secret must be a string")),
+        };
+        Ok(StaticClient { client_id, client_secret })
+    }
+}

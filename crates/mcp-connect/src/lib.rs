@@ -59,7 +59,7 @@ pub use client::{
 };
 pub use conformance::run_conformance;
 pub use error::Error;
-pub use flags::parse_header;
+pub use flags::{StaticClient, parse_header};
 pub use login::{AUTHORIZATION_URL_PREFIX, LoginOptions, NO_BROWSER_ENV};
 
 /// The exit-code table printed by `mcp-connect --help`.

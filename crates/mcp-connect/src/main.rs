@@ -69,6 +69,14 @@ struct ServerArgs {
     /// `${VAR}` in the value is taken from the environment. Never printed or logged.
     #[arg(long = "header", value_name = "NAME: VALUE")]
     headers: Vec<String>,
+    /// A client registered out of band, used instead of dynamic registration: JSON with
+    /// `client_id` and an optional `client_secret`, or `@file` holding it. Give it to every
+    /// command for the server (the tokens are kept apart from other clients').
+    #[arg(long, value_name = "JSON|@FILE")]
+    static_oauth_client_info: Option<String>,
+    /// The scopes to ask for (space separated). Give it to every command for the server.
+    #[arg(long)]
+    scope: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -106,6 +114,8 @@ enum Command {
     Logout {
         /// The MCP server URL.
         url: String,
+        #[command(flatten)]
+        server: ServerArgs,
     },
     /// Bridge stdio (for a desktop MCP host) to the server's streamable HTTP endpoint.
     Proxy {
@@ -211,12 +221,21 @@ async fn run(cli: Cli) -> Result<u8, Error> {
         Command::Login { server, .. }
         | Command::Tools { server, .. }
         | Command::Call { server, .. }
-        | Command::Proxy { server, .. } => Some(server),
+        | Command::Proxy { server, .. }
+        | Command::Logout { server, .. } => Some(server),
         _ => None,
     };
-    for spec in server.map(|s| s.headers.as_slice()).unwrap_or_default() {
-        let (name, value) = mcp_connect::parse_header(spec)?;
-        options = options.header(name, value);
+    if let Some(server) = server {
+        for spec in &server.headers {
+            let (name, value) = mcp_connect::parse_header(spec)?;
+            options = options.header(name, value);
+        }
+        if let Some(info) = &server.static_oauth_client_info {
+            options = options.static_client(mcp_connect::StaticClient::parse(info)?);
+        }
+        if let Some(scope) = &server.scope {
+            options = options.scope(scope.clone());
+        }
     }
     let json = cli.json;
     let client = Client::open(options).await?;
@@ -292,7 +311,7 @@ async fn command(client: &Client, command: Command, json: bool) -> Result<u8, Er
                 servers.iter().for_each(print_status);
             }
         }
-        Command::Logout { url } => {
+        Command::Logout { url, .. } => {
             let report = client.logout(&url).await?;
             if json {
                 print_json(&report)?;

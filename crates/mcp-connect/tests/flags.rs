@@ -108,3 +108,101 @@ fn a_bad_header_is_invalid_input_and_its_value_is_not_repeated() {
         assert!(!out.all().contains(HEADER_VALUE), "{out:#?}");
     }
 }
+
+/// An authorization server without dynamic registration, with one pre-registered confidential
+/// client whose redirect URI is on `port`, and a resource server trusting it.
+async fn static_client_fixtures(port: u16) -> Fixtures {
+    use mcp_fixtures::{AuthServer, ClientAuth, ClientSpec, ResourceServer};
+    let auth = AuthServer::builder().dynamic_registration(false).spawn().await.unwrap();
+    auth.register_client(
+        ClientSpec::new(ClientAuth::ClientSecretBasic)
+            .client_id("static-client")
+            .client_secret(CLIENT_SECRET)
+            .redirect_uri(format!("http://127.0.0.1:{port}/callback")),
+    )
+    .unwrap();
+    let resource = ResourceServer::builder(&auth).spawn().await.unwrap();
+    Fixtures::from_parts(auth, resource)
+}
+
+const CLIENT_SECRET: &str = "cs-0b6e2f9d41a7c853";
+
+/// `login` through the test's browser with extra arguments.
+async fn login_with(store: &Store, server: &str, port: u16, extra: &[&str]) -> common::Outcome {
+    let port = port.to_string();
+    let mut args = vec!["-vv", "login", server, "--no-browser", "--port", &port, "--timeout", "30"];
+    args.extend_from_slice(extra);
+    let running = spawn(store.command(&args), false);
+    let url = tokio::task::block_in_place(|| {
+        running.urls.recv_timeout(std::time::Duration::from_secs(30))
+    })
+    .unwrap_or_else(|_| panic!("no authorization URL; stderr:\n{}", running.stderr()));
+    common::visit(&url).await;
+    tokio::task::block_in_place(|| running.finish())
+}
+
+/// `--static-oauth-client-info` (inline JSON and `@file`) with `--scope`: a server that offers
+/// no dynamic registration is usable; the client is used as given (no registration request),
+/// the scope is the one asked for, the same flags find the tokens for `tools`, and the client
+/// secret is never printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_static_client_logs_in_without_registration_and_with_the_given_scope() {
+    let port = common::dead_port();
+    let fx = static_client_fixtures(port).await;
+    let server = fx.resource().url().to_owned();
+    let store = Store::new();
+    let info = format!(r#"{{"client_id":"static-client","client_secret":"{CLIENT_SECRET}"}}"#);
+    let scope = "mcp:tools mcp:read";
+
+    // Without it, the server cannot be used: registration is refused (exit 6).
+    let refused = store.run(&["login", &server, "--no-browser", "--port", "0", "--timeout", "5"]);
+    refused.expect_code(6);
+
+    let login =
+        login_with(&store, &server, port, &["--static-oauth-client-info", &info, "--scope", scope])
+            .await;
+    login.expect_code(0);
+    assert!(login.stdout.contains("static-client"), "{login:#?}");
+    let stats = fx.auth().stats();
+    assert_eq!(stats.registrations, 0, "{stats:#?}");
+    assert_eq!(stats.authorization_code_requests, 1, "{stats:#?}");
+    let asked: Vec<String> = fx
+        .auth()
+        .events()
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            mcp_fixtures::AuthEventKind::AuthorizationRequested { client_id, scope } => {
+                Some(format!("{client_id} {scope}"))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(asked, [format!("static-client {scope}")]);
+
+    let file = store.dir.path().join("client.json");
+    std::fs::write(&file, &info).unwrap();
+    let at_file = format!("@{}", file.display());
+    let tools = store.run(&[
+        "-vv",
+        "tools",
+        &server,
+        "--static-oauth-client-info",
+        &at_file,
+        "--scope",
+        scope,
+    ]);
+    tools.expect_code(0);
+    assert!(tools.stdout.contains("echo"), "{tools:#?}");
+    assert_eq!(fx.auth().stats().registrations, 0);
+
+    let bad = store.run(&[
+        "tools",
+        &server,
+        "--static-oauth-client-info",
+        &format!(r#"{{"client_secret":"{CLIENT_SECRET}"}}"#),
+    ]);
+    bad.expect_code(2);
+    for output in [login.all(), tools.all(), bad.all()] {
+        assert!(!output.contains(CLIENT_SECRET), "the client secret was printed in:\n{output}");
+    }
+}
