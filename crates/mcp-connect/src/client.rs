@@ -48,6 +48,8 @@ pub struct ClientOptions {
     headers: Vec<(String, connection_factory::Secret)>,
     static_client: Option<crate::flags::StaticClient>,
     scope: Option<String>,
+    resource: Option<String>,
+    send_resource: bool,
 }
 
 impl ClientOptions {
@@ -65,6 +67,8 @@ impl ClientOptions {
             headers: Vec::new(),
             static_client: None,
             scope: None,
+            resource: None,
+            send_resource: true,
         }
     }
 
@@ -73,6 +77,19 @@ impl ClientOptions {
     /// server name gets a `#` digest), so pass it to every command for that server.
     pub fn static_client(mut self, client: crate::flags::StaticClient) -> Self {
         self.static_client = Some(client);
+        self
+    }
+
+    /// Send this RFC 8707 `resource` in authorization and token requests instead of the one the
+    /// server's metadata names.
+    pub fn resource(mut self, resource: impl Into<String>) -> Self {
+        self.resource = Some(resource.into());
+        self
+    }
+
+    /// Send no `resource` parameter at all (some servers, such as Microsoft Entra, reject it).
+    pub fn disable_resource_parameter(mut self) -> Self {
+        self.send_resource = false;
         self
     }
 
@@ -235,7 +252,11 @@ impl Client {
         let clock = SharedClock::system();
         let http = ReqwestHttpClient::new(HttpPolicy::default())
             .map_err(|e| Error::Mcp(format!("cannot build the HTTP client: {e}")))?;
-        let oauth = OAuthClient::new(http, clock.clone());
+        let oauth = OAuthClient::new(http, clock.clone()).with_config(mcp_oauth::OAuthConfig {
+            send_resource: options.send_resource,
+            resource_override: options.resource.clone(),
+            ..mcp_oauth::OAuthConfig::default()
+        });
         let storage = TokenStorage::builder(
             SharedTokenStore::new(LockedSledStore::new(dir.clone())),
             Arc::new(keys),

@@ -77,6 +77,13 @@ struct ServerArgs {
     /// The scopes to ask for (space separated). Give it to every command for the server.
     #[arg(long)]
     scope: Option<String>,
+    /// The RFC 8707 `resource` to send in authorization and token requests instead of the
+    /// one the server's metadata names.
+    #[arg(long, value_name = "URL")]
+    resource: Option<String>,
+    /// Send no `resource` parameter (Microsoft Entra rejects it).
+    #[arg(long, conflicts_with = "resource")]
+    disable_resource_parameter: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -235,6 +242,12 @@ async fn run(cli: Cli) -> Result<u8, Error> {
         }
         if let Some(scope) = &server.scope {
             options = options.scope(scope.clone());
+        }
+        if let Some(resource) = &server.resource {
+            options = options.resource(resource.clone());
+        }
+        if server.disable_resource_parameter {
+            options = options.disable_resource_parameter();
         }
     }
     let json = cli.json;

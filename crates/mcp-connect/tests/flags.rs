@@ -206,3 +206,48 @@ async fn a_static_client_logs_in_without_registration_and_with_the_given_scope()
         assert!(!output.contains(CLIENT_SECRET), "the client secret was printed in:\n{output}");
     }
 }
+
+/// `--disable-resource-parameter`: neither the authorization request nor the token requests
+/// (code exchange and refresh) carry `resource`, and the tokens work. `--resource URL`: that
+/// value is sent instead of the discovered one. Without either, the discovered one is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_resource_parameter_can_be_disabled_or_replaced() {
+    let fx = Fixtures::start().await.unwrap();
+    fx.auth().knobs().set_access_token_lifetime(std::time::Duration::from_secs(2));
+    let server = fx.resource().url().to_owned();
+    let flag = "--disable-resource-parameter";
+
+    let store = Store::new();
+    login_with(&store, &server, common::dead_port(), &[flag]).await.expect_code(0);
+    // The access token expires; the call refreshes it, again without `resource`.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let call = store.run(&["call", &server, "echo", r#"{"text":"no resource"}"#, flag]);
+    call.expect_code(0);
+    assert_eq!(call.stdout.trim(), "no resource");
+    assert_eq!(
+        fx.auth().stats().resource_parameters,
+        ["authorize -", "token authorization_code -", "token refresh_token -"]
+    );
+
+    // Another value (the same resource with a trailing slash, which the server accepts).
+    let other = format!("{server}/");
+    let store = Store::new();
+    login_with(&store, &server, common::dead_port(), &["--resource", &other]).await.expect_code(0);
+    let seen = fx.auth().stats().resource_parameters;
+    assert_eq!(
+        seen[3..],
+        [format!("authorize {other}"), format!("token authorization_code {other}")]
+    );
+
+    // The default: the discovered resource.
+    let store = Store::new();
+    login(&store, &server).await.expect_code(0);
+    let seen = fx.auth().stats().resource_parameters;
+    assert_eq!(
+        seen[5..],
+        [format!("authorize {server}"), format!("token authorization_code {server}")]
+    );
+
+    let both = Store::new().run(&["tools", &server, flag, "--resource", &other]);
+    both.expect_code(2);
+}
