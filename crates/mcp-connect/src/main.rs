@@ -26,7 +26,8 @@ struct Cli {
     /// else ~/.local/share/mcp-connect).
     #[arg(long, global = true)]
     store: Option<PathBuf>,
-    /// Print results as JSON on stdout.
+    /// Print results as JSON on stdout (errors too; with `proxy`, errors go to stderr, since
+    /// stdout carries only JSON-RPC).
     #[arg(long, global = true)]
     json: bool,
     /// Seconds to wait for a store lock held by another process before giving up (exit 8).
@@ -156,6 +157,8 @@ async fn main() -> ExitCode {
         return mcp_connect::run_conformance(url).await;
     }
     let json = cli.json;
+    // A proxy's stdout is the host's JSON-RPC stream: nothing else may go there.
+    let proxy = matches!(cli.command, Command::Proxy { .. });
     let code = match run(cli).await {
         Ok(code) => code,
         Err(e) => {
@@ -164,7 +167,11 @@ async fn main() -> ExitCode {
                 let body = serde_json::json!({
                     "error": { "message": e.to_string(), "exit_code": e.exit_code() }
                 });
-                println!("{body}");
+                if proxy {
+                    eprintln!("{body}");
+                } else {
+                    println!("{body}");
+                }
             }
             e.exit_code()
         }
