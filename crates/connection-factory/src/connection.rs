@@ -22,6 +22,7 @@ use rmcp::{ClientLifecycleMode, ClientServiceExt, RoleClient};
 use crate::client::{AuthHttpClient, ProviderFailure};
 use crate::error::Error;
 use crate::provider::AuthProvider;
+use crate::secret::Secret;
 
 /// Limits for a [`Connection`].
 ///
@@ -44,6 +45,7 @@ pub struct ConnectOptions {
     reconnect_attempts: u32,
     reconnect_base: Duration,
     reconnect_max: Duration,
+    headers: Vec<(String, Secret)>,
 }
 
 impl Default for ConnectOptions {
@@ -58,6 +60,7 @@ impl Default for ConnectOptions {
             reconnect_attempts: 3,
             reconnect_base: Duration::from_millis(250),
             reconnect_max: Duration::from_secs(5),
+            headers: Vec::new(),
         }
     }
 }
@@ -92,6 +95,14 @@ impl ConnectOptions {
         self.reconnect_attempts = attempts;
         self.reconnect_base = base;
         self.reconnect_max = max.max(base);
+        self
+    }
+    /// Send the header `name: value` with every request (API keys, gateway headers). The value
+    /// is a [`Secret`]: redacted in `Debug` and marked sensitive on the wire. A name or value
+    /// HTTP does not allow, or a header the transport owns (`Accept`, `Mcp-Session-Id`,
+    /// `Last-Event-ID`), fails the connect with [`Error::InvalidConfig`].
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<Secret>) -> Self {
+        self.headers.push((name.into(), value.into()));
         self
     }
     /// The connect timeout.
@@ -467,7 +478,8 @@ async fn attempt(
     let client = AuthHttpClient::new(provider.clone())?.with_clock(options.clock.clone());
     made.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(client.clone());
     let config = StreamableHttpClientTransportConfig::with_uri(url.to_owned())
-        .max_concurrent_requests(options.max_concurrent_requests);
+        .max_concurrent_requests(options.max_concurrent_requests)
+        .custom_headers(header_map(&options.headers)?);
     let transport = StreamableHttpClientTransport::with_client(client.clone(), config);
     let served = client_info().serve_with_lifecycle(transport, lifecycle).await;
     if served.is_err() {
@@ -484,6 +496,39 @@ fn initialize_error(e: ClientInitializeError) -> Error {
         other => classify(other),
     };
     found.unwrap_or_else(|| Error::Transport(Arc::new(e)))
+}
+
+/// Custom headers (name, value) as rmcp's streamable-HTTP transport config takes them, for a
+/// transport built outside [`Connection`], with the checks of [`ConnectOptions::header`];
+/// values are marked sensitive. Errors never include a value.
+///
+/// # Errors
+/// [`Error::InvalidConfig`] for a bad name or value, or a header the transport owns.
+pub fn header_map(
+    headers: &[(String, Secret)],
+) -> Result<
+    std::collections::HashMap<reqwest::header::HeaderName, reqwest::header::HeaderValue>,
+    Error,
+> {
+    use reqwest::header::{HeaderName, HeaderValue};
+    let mut map = std::collections::HashMap::new();
+    for (name, value) in headers {
+        let name = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| Error::InvalidConfig(format!("{name:?} is not an HTTP header name")))?;
+        if ["accept", "mcp-session-id", "last-event-id"].contains(&name.as_str()) {
+            return Err(Error::InvalidConfig(format!(
+                "the header {name} is set by the MCP transport and cannot be given"
+            )));
+        }
+        let mut value = HeaderValue::from_str(value.expose()).map_err(|_| {
+            Error::InvalidConfig(format!(
+                "the value of the header {name} is not a valid HTTP header value"
+            ))
+        })?;
+        value.set_sensitive(true);
+        map.insert(name, value);
+    }
+    Ok(map)
 }
 
 impl Drop for Connection {

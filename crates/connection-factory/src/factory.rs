@@ -57,6 +57,7 @@ pub struct FactoryConfig {
     scopes: Option<String>,
     client: Option<mcp_oauth::ClientConfig>,
     max_concurrent_requests: Option<usize>,
+    headers: Vec<(String, Secret)>,
 }
 
 impl FactoryConfig {
@@ -77,6 +78,7 @@ impl FactoryConfig {
             scopes: None,
             client: None,
             max_concurrent_requests: None,
+            headers: Vec::new(),
         }
     }
 
@@ -92,7 +94,8 @@ impl FactoryConfig {
         self
     }
 
-    /// The scopes to ask for.
+    /// The scopes to ask for in an interactive authorization, instead of the ones the challenge
+    /// or the server's metadata suggest (a step-up still adds the challenged scopes).
     pub fn scopes(mut self, scopes: impl Into<String>) -> Self {
         self.scopes = Some(scopes.into());
         self
@@ -110,6 +113,14 @@ impl FactoryConfig {
     /// once (default: [`ConnectOptions`]'s, 16); more wait in rmcp's queue.
     pub fn max_concurrent_requests(mut self, limit: usize) -> Self {
         self.max_concurrent_requests = Some(limit.max(1));
+        self
+    }
+
+    /// Send the header `name: value` with every MCP request of connections made by
+    /// [`ConnectionFactory::connect`] (see [`ConnectOptions::header`]). Not part of the token
+    /// key.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<Secret>) -> Self {
+        self.headers.push((name.into(), value.into()));
         self
     }
 
@@ -377,6 +388,9 @@ impl ConnectionFactory {
             ConnectOptions::default().connect_timeout(config.connect_timeout).clock(self.clock());
         if let Some(limit) = config.max_concurrent_requests {
             options = options.max_concurrent_requests(limit);
+        }
+        for (name, value) in &config.headers {
+            options = options.header(name.clone(), value.clone());
         }
         let url = config.server_url.clone();
         Connection::connect(&url, self.provider(config)?, options).await
@@ -816,8 +830,12 @@ impl FactoryProvider {
                 r
             }
         };
-        let selected = mcp_oauth::select_scope(bearer.as_ref(), &discovery)
-            .or_else(|| self.config.scopes.clone());
+        // Configured scopes are what the token key promises: they win over the server's choice.
+        let selected = self
+            .config
+            .scopes
+            .clone()
+            .or_else(|| mcp_oauth::select_scope(bearer.as_ref(), &discovery));
         let scope = match step_up {
             Some(target) => {
                 Some(mcp_oauth::union_scopes(target, selected.as_deref().unwrap_or_default()))

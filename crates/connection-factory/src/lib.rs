@@ -80,7 +80,7 @@ mod secret;
 
 pub use challenge::{Challenge, RequestKind};
 pub use client::AuthHttpClient;
-pub use connection::{ConnectOptions, Connection};
+pub use connection::{ConnectOptions, Connection, header_map};
 pub use error::Error;
 pub use factory::{
     ConnectionFactory, FactoryConfig, FactoryProvider, GET_TOKENS_FLOW, OAUTH_FLOW, RefreshCounters,

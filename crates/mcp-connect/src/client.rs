@@ -45,6 +45,11 @@ pub struct ClientOptions {
     tenant: String,
     user: String,
     lock_wait: Duration,
+    headers: Vec<(String, connection_factory::Secret)>,
+    static_client: Option<crate::flags::StaticClient>,
+    scope: Option<String>,
+    resource: Option<String>,
+    send_resource: bool,
 }
 
 impl ClientOptions {
@@ -59,7 +64,47 @@ impl ClientOptions {
                 .filter(|u| !u.is_empty())
                 .unwrap_or_else(|| "default".into()),
             lock_wait: Duration::from_secs(10),
+            headers: Vec::new(),
+            static_client: None,
+            scope: None,
+            resource: None,
+            send_resource: true,
         }
+    }
+
+    /// Use this client registered out of band instead of dynamic registration. Tokens obtained
+    /// with it are kept apart from those of other clients for the same server (the stored
+    /// server name gets a `#` digest), so pass it to every command for that server.
+    pub fn static_client(mut self, client: crate::flags::StaticClient) -> Self {
+        self.static_client = Some(client);
+        self
+    }
+
+    /// Send this RFC 8707 `resource` in authorization and token requests instead of the one the
+    /// server's metadata names.
+    pub fn resource(mut self, resource: impl Into<String>) -> Self {
+        self.resource = Some(resource.into());
+        self
+    }
+
+    /// Send no `resource` parameter at all (some servers, such as Microsoft Entra, reject it).
+    pub fn disable_resource_parameter(mut self) -> Self {
+        self.send_resource = false;
+        self
+    }
+
+    /// Ask for these scopes (space separated) instead of the server's choice. Like
+    /// [`ClientOptions::static_client`], this keeps the tokens apart: pass it to every command.
+    pub fn scope(mut self, scope: impl Into<String>) -> Self {
+        self.scope = Some(scope.into()).filter(|s| !s.trim().is_empty());
+        self
+    }
+
+    /// Send the header `name: value` with every request to the MCP server (not to the
+    /// authorization server). The value is kept as a secret: never printed or logged.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.push((name.into(), connection_factory::Secret::new(value.into())));
+        self
     }
 
     /// The tenant the tokens belong to.
@@ -198,7 +243,7 @@ impl Client {
     ///
     /// # Errors
     /// [`Error::StoreLocked`], [`Error::StoreCorrupted`] (an unreadable key file) or
-    /// [`Error::Store`].
+    /// [`Error::Store`]; [`Error::Usage`] for a header HTTP does not allow.
     pub async fn open(options: ClientOptions) -> Result<Self, Error> {
         let root = options.store.clone();
         let dir =
@@ -207,7 +252,11 @@ impl Client {
         let clock = SharedClock::system();
         let http = ReqwestHttpClient::new(HttpPolicy::default())
             .map_err(|e| Error::Mcp(format!("cannot build the HTTP client: {e}")))?;
-        let oauth = OAuthClient::new(http, clock.clone());
+        let oauth = OAuthClient::new(http, clock.clone()).with_config(mcp_oauth::OAuthConfig {
+            send_resource: options.send_resource,
+            resource_override: options.resource.clone(),
+            ..mcp_oauth::OAuthConfig::default()
+        });
         let storage = TokenStorage::builder(
             SharedTokenStore::new(LockedSledStore::new(dir.clone())),
             Arc::new(keys),
@@ -220,7 +269,10 @@ impl Client {
             .clock(clock.clone())
             .build()
             .map_err(|e| Error::Mcp(format!("cannot build the flow manager: {e}")))?;
-        Ok(Client { options, dir, oauth, storage, flows, clock })
+        let client = Client { options, dir, oauth, storage, flows, clock };
+        // A bad header is invalid input before anything else happens.
+        client.header_map()?;
+        Ok(client)
     }
 
     /// Call before the process exits: waits (bounded by the lock wait) for refreshes in flight
@@ -245,11 +297,8 @@ impl Client {
         if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
             return Err(Error::Usage(format!("{url:?} is not an http(s) URL")));
         }
-        let key = TokenKey::new(
-            self.options.tenant.as_str(),
-            self.options.user.as_str(),
-            parsed.as_str(),
-        );
+        // The factory's key: the URL, plus a digest when a static client or scopes are given.
+        let key = self.config_for(parsed.as_str()).token_key();
         Ok(Target { url: parsed, key })
     }
 
@@ -294,13 +343,54 @@ impl Client {
     }
 
     fn factory_config(&self, target: &Target) -> FactoryConfig {
-        FactoryConfig::new(
-            target.as_str(),
-            self.options.tenant.as_str(),
-            self.options.user.as_str(),
-            target.as_str(),
-        )
-        .connect_timeout(CONNECT_TIMEOUT)
+        self.config_for(target.as_str())
+    }
+
+    fn config_for(&self, url: &str) -> FactoryConfig {
+        let mut config =
+            FactoryConfig::new(url, self.options.tenant.as_str(), self.options.user.as_str(), url)
+                .connect_timeout(CONNECT_TIMEOUT);
+        for (name, value) in &self.options.headers {
+            config = config.header(name.clone(), value.clone());
+        }
+        if let Some(scope) = &self.options.scope {
+            config = config.scopes(scope.clone());
+        }
+        if self.options.static_client.is_some() {
+            // Only the interactive flow (login) uses the redirect URI; the client's identity
+            // is part of the token key for every command.
+            config = config.client(
+                self.client_config(format!("http://127.0.0.1:{DEFAULT_CALLBACK_PORT}/callback")),
+            );
+        }
+        config
+    }
+
+    /// How this client identifies itself at the authorization server for a login.
+    fn client_config(&self, redirect: String) -> ClientConfig {
+        let mut config = ClientConfig::new("mcp-connect", redirect);
+        if let Some(client) = &self.options.static_client {
+            config.pre_registered = Some(mcp_oauth::PreRegisteredClient {
+                client_id: client.client_id.clone(),
+                client_secret: client.client_secret.as_deref().map(mcp_oauth::ClientSecret::new),
+                client_key: None,
+                auth_method: None,
+            });
+        }
+        config
+    }
+
+    /// The `--header`s as rmcp's transport takes them (the proxy builds its own transport).
+    pub(crate) fn header_map(
+        &self,
+    ) -> Result<
+        std::collections::HashMap<reqwest::header::HeaderName, reqwest::header::HeaderValue>,
+        Error,
+    > {
+        connection_factory::header_map(&self.options.headers).map_err(|e| match e {
+            connection_factory::Error::InvalidConfig(m) => Error::Usage(m),
+            other => Error::Usage(chain(&other)),
+        })
     }
 
     /// A factory without an interactive flow: a refused refresh ends in
@@ -397,7 +487,7 @@ impl Client {
         let factory = self.factory().with_interactive(self.oauth.clone(), hook.clone());
         let config = self
             .factory_config(target)
-            .client(ClientConfig::new("mcp-connect", redirect.clone()))
+            .client(self.client_config(redirect.clone()))
             .oauth_wait_timeout(options.timeout)
             .connect_timeout(options.timeout + CONNECT_TIMEOUT);
         let result = factory.connect(config).await;

@@ -14,7 +14,8 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// Bad arguments (a URL that is not http(s), arguments that are not a JSON object). Exit 2.
+    /// Bad arguments (a URL that is not http(s), a bad flag value, arguments that are not a JSON
+    /// object), or a proxy's stdin that is not UTF-8. Exit 2.
     #[error("invalid input: {0}")]
     Usage(String),
     /// Nothing answers at the server's address. Exit 3.
@@ -121,7 +122,8 @@ pub(crate) const EXIT_CODES: &str = "\
 Exit codes:
   0   success
   1   the MCP session failed (protocol error, timeout)
-  2   invalid input (bad URL, arguments that are not a JSON object)
+  2   invalid input (bad URL or flag, arguments that are not a JSON object, a proxy's
+      stdin that is not UTF-8)
   3   the server is unreachable
   4   the server is not an MCP server (404, HTML, ...)
   5   not authorized: run `mcp-connect login <url>`

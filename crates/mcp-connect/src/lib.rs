@@ -48,6 +48,7 @@
 mod client;
 mod conformance;
 mod error;
+mod flags;
 mod login;
 mod proxy;
 mod store;
@@ -58,6 +59,7 @@ pub use client::{
 };
 pub use conformance::run_conformance;
 pub use error::Error;
+pub use flags::{StaticClient, parse_header};
 pub use login::{AUTHORIZATION_URL_PREFIX, LoginOptions, NO_BROWSER_ENV};
 
 /// The exit-code table printed by `mcp-connect --help`.

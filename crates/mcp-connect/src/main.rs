@@ -26,7 +26,8 @@ struct Cli {
     /// else ~/.local/share/mcp-connect).
     #[arg(long, global = true)]
     store: Option<PathBuf>,
-    /// Print results as JSON on stdout.
+    /// Print results as JSON on stdout (errors too; with `proxy`, errors go to stderr, since
+    /// stdout carries only JSON-RPC).
     #[arg(long, global = true)]
     json: bool,
     /// Seconds to wait for a store lock held by another process before giving up (exit 8).
@@ -62,6 +63,30 @@ impl BrowserArgs {
     }
 }
 
+/// mcp-remote's flags for the connection to one server.
+#[derive(Debug, Args, Default)]
+struct ServerArgs {
+    /// A header sent with every request to the MCP server, 'Name: value' (repeatable);
+    /// `${VAR}` in the value is taken from the environment. Never printed or logged.
+    #[arg(long = "header", value_name = "NAME: VALUE")]
+    headers: Vec<String>,
+    /// A client registered out of band, used instead of dynamic registration: JSON with
+    /// `client_id` and an optional `client_secret`, or `@file` holding it. Give it to every
+    /// command for the server (the tokens are kept apart from other clients').
+    #[arg(long, value_name = "JSON|@FILE")]
+    static_oauth_client_info: Option<String>,
+    /// The scopes to ask for (space separated). Give it to every command for the server.
+    #[arg(long)]
+    scope: Option<String>,
+    /// The RFC 8707 `resource` to send in authorization and token requests instead of the
+    /// one the server's metadata names.
+    #[arg(long, value_name = "URL")]
+    resource: Option<String>,
+    /// Send no `resource` parameter (Microsoft Entra rejects it).
+    #[arg(long, conflicts_with = "resource")]
+    disable_resource_parameter: bool,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Discover, register and authorize in the browser (the URL is always printed on stderr).
@@ -70,11 +95,15 @@ enum Command {
         url: String,
         #[command(flatten)]
         browser: BrowserArgs,
+        #[command(flatten)]
+        server: ServerArgs,
     },
     /// List the server's tools.
     Tools {
         /// The MCP server URL.
         url: String,
+        #[command(flatten)]
+        server: ServerArgs,
     },
     /// Call a tool.
     Call {
@@ -84,6 +113,8 @@ enum Command {
         tool: String,
         /// The arguments, a JSON object.
         arguments: Option<String>,
+        #[command(flatten)]
+        server: ServerArgs,
     },
     /// Show what is stored per server: expiry, refresh token held, issuer, client id.
     Status,
@@ -91,6 +122,8 @@ enum Command {
     Logout {
         /// The MCP server URL.
         url: String,
+        #[command(flatten)]
+        server: ServerArgs,
     },
     /// Bridge stdio (for a desktop MCP host) to the server's streamable HTTP endpoint.
     Proxy {
@@ -98,6 +131,8 @@ enum Command {
         url: String,
         #[command(flatten)]
         browser: BrowserArgs,
+        #[command(flatten)]
+        server: ServerArgs,
     },
     /// Client mode for the official MCP conformance suite (server URL last).
     #[command(hide = true)]
@@ -122,6 +157,8 @@ async fn main() -> ExitCode {
         return mcp_connect::run_conformance(url).await;
     }
     let json = cli.json;
+    // A proxy's stdout is the host's JSON-RPC stream: nothing else may go there.
+    let proxy = matches!(cli.command, Command::Proxy { .. });
     let code = match run(cli).await {
         Ok(code) => code,
         Err(e) => {
@@ -130,7 +167,11 @@ async fn main() -> ExitCode {
                 let body = serde_json::json!({
                     "error": { "message": e.to_string(), "exit_code": e.exit_code() }
                 });
-                println!("{body}");
+                if proxy {
+                    eprintln!("{body}");
+                } else {
+                    println!("{body}");
+                }
             }
             e.exit_code()
         }
@@ -190,6 +231,32 @@ async fn run(cli: Cli) -> Result<u8, Error> {
     if let Some(user) = cli.user {
         options = options.user(user);
     }
+    let server = match &cli.command {
+        Command::Login { server, .. }
+        | Command::Tools { server, .. }
+        | Command::Call { server, .. }
+        | Command::Proxy { server, .. }
+        | Command::Logout { server, .. } => Some(server),
+        _ => None,
+    };
+    if let Some(server) = server {
+        for spec in &server.headers {
+            let (name, value) = mcp_connect::parse_header(spec)?;
+            options = options.header(name, value);
+        }
+        if let Some(info) = &server.static_oauth_client_info {
+            options = options.static_client(mcp_connect::StaticClient::parse(info)?);
+        }
+        if let Some(scope) = &server.scope {
+            options = options.scope(scope.clone());
+        }
+        if let Some(resource) = &server.resource {
+            options = options.resource(resource.clone());
+        }
+        if server.disable_resource_parameter {
+            options = options.disable_resource_parameter();
+        }
+    }
     let json = cli.json;
     let client = Client::open(options).await?;
     let outcome = command(&client, cli.command, json).await;
@@ -200,7 +267,7 @@ async fn run(cli: Cli) -> Result<u8, Error> {
 
 async fn command(client: &Client, command: Command, json: bool) -> Result<u8, Error> {
     match command {
-        Command::Login { url, browser } => {
+        Command::Login { url, browser, .. } => {
             let report = client.login(&url, &browser.options()).await?;
             if json {
                 print_json(&report)?;
@@ -212,7 +279,7 @@ async fn command(client: &Client, command: Command, json: bool) -> Result<u8, Er
                 print_status(&report.status);
             }
         }
-        Command::Tools { url } => {
+        Command::Tools { url, .. } => {
             let tools = client.tools(&url).await?;
             if json {
                 print_json(&tools)?;
@@ -225,7 +292,7 @@ async fn command(client: &Client, command: Command, json: bool) -> Result<u8, Er
                 }
             }
         }
-        Command::Call { url, tool, arguments } => {
+        Command::Call { url, tool, arguments, .. } => {
             let arguments = match arguments {
                 None => None,
                 Some(text) => match serde_json::from_str::<serde_json::Value>(&text) {
@@ -264,7 +331,7 @@ async fn command(client: &Client, command: Command, json: bool) -> Result<u8, Er
                 servers.iter().for_each(print_status);
             }
         }
-        Command::Logout { url } => {
+        Command::Logout { url, .. } => {
             let report = client.logout(&url).await?;
             if json {
                 print_json(&report)?;
@@ -274,7 +341,7 @@ async fn command(client: &Client, command: Command, json: bool) -> Result<u8, Er
                 println!("Nothing stored for {}.", report.server);
             }
         }
-        Command::Proxy { url, browser } => client.proxy(&url, &browser.options()).await?,
+        Command::Proxy { url, browser, .. } => client.proxy(&url, &browser.options()).await?,
         Command::Conformance { .. } => unreachable!("handled before the store is opened"),
     }
     Ok(0)

@@ -37,7 +37,7 @@ enum Event {
     /// SIGTERM or SIGINT: hosts stop their servers with a signal more often than by closing
     /// stdin. The proxy ends as if stdin had closed, so the exit settles refreshes in flight.
     Stop,
-    FromHost(Option<String>),
+    FromHost(std::io::Result<Option<String>>),
     FromServer(Option<Box<ServerJsonRpcMessage>>),
 }
 
@@ -56,7 +56,8 @@ pub(crate) async fn run(
     let provider = client.provider(target)?;
     let http = AuthHttpClient::new(provider)
         .map_err(|e| Error::Mcp(format!("cannot build the HTTP client: {}", chain(&e))))?;
-    let config = StreamableHttpClientTransportConfig::with_uri(target.as_str().to_owned());
+    let config = StreamableHttpClientTransportConfig::with_uri(target.as_str().to_owned())
+        .custom_headers(client.header_map()?);
     let mut transport = StreamableHttpClientTransport::with_client(http, config);
 
     let (out_tx, mut out_rx) = mpsc::channel::<String>(64);
@@ -80,17 +81,26 @@ pub(crate) async fn run(
     let outcome = loop {
         let event = tokio::select! {
             () = &mut stop => Event::Stop,
-            line = lines.next_line() => Event::FromHost(line.ok().flatten()),
+            line = lines.next_line() => Event::FromHost(line),
             message = Transport::<RoleClient>::receive(&mut transport) => Event::FromServer(message.map(Box::new)),
         };
         match event {
-            Event::FromHost(None) => break Ok(()),
+            Event::FromHost(Ok(None)) => break Ok(()),
+            // Bytes that are not UTF-8 are a broken host, not the end of its input.
+            Event::FromHost(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+                break Err(Error::Usage(
+                    "the host wrote bytes to stdin that are not UTF-8; JSON-RPC over stdio is UTF-8 text".into(),
+                ));
+            }
+            Event::FromHost(Err(e)) => {
+                break Err(Error::Mcp(format!("cannot read stdin: {e}")));
+            }
             Event::Stop => {
                 tracing::info!("stopped by a signal");
                 break Ok(());
             }
-            Event::FromHost(Some(line)) if line.trim().is_empty() => {}
-            Event::FromHost(Some(line)) => {
+            Event::FromHost(Ok(Some(line))) if line.trim().is_empty() => {}
+            Event::FromHost(Ok(Some(line))) => {
                 match serde_json::from_str::<ClientJsonRpcMessage>(&line) {
                     Ok(message) => {
                         let id = match &message {

@@ -166,3 +166,52 @@ async fn a_locked_store_is_exit_8_not_a_hang() {
     lock.unlock().unwrap();
     assert_still_logged_in(&store, &server);
 }
+
+/// `--json` with `proxy`: stdout is the host's JSON-RPC stream, so the error (exit 3 here) is
+/// printed as JSON on stderr and stdout stays empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_prints_json_errors_on_stderr_never_on_stdout() {
+    let store = Store::new();
+    let dead = format!("http://127.0.0.1:{}/mcp", dead_port());
+    let out = store.run(&["--json", "proxy", dead.as_str(), "--port", "0"]);
+    out.expect_code(3);
+    assert!(out.stdout.is_empty(), "{out:#?}");
+    let line =
+        out.stderr.lines().find(|l| l.starts_with('{')).unwrap_or_else(|| panic!("{out:#?}"));
+    let parsed: Value = serde_json::from_str(line).unwrap();
+    assert_eq!(parsed["error"]["exit_code"], Value::from(3), "{out:#?}");
+}
+
+/// Bytes on stdin that are not UTF-8 are invalid input (exit 2, said on stderr), not the end
+/// of the host's input (which was exit 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_utf8_on_a_proxys_stdin_is_exit_2_not_an_end() {
+    use std::io::Write as _;
+    let (_fx, store, server) = logged_in().await;
+    let mut proxy = common::spawn(store.command(&["proxy", server.as_str()]), true);
+    proxy.send(serde_json::json!({
+        "jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": { "name": "host", "version": "1" }
+        }
+    }));
+    assert!(proxy.response(1)["result"].is_object());
+    let stdin = proxy.stdin.as_mut().unwrap();
+    stdin.write_all(b"{\"jsonrpc\":\"2.0\",\"id\":2,\"method\":\"ping\xff\xfe\"}\n").unwrap();
+    stdin.flush().unwrap();
+    // The process ends by itself: it does not wait for stdin to close.
+    let status = tokio::task::block_in_place(|| {
+        for _ in 0..300 {
+            if let Some(status) = proxy.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        None
+    });
+    assert!(status.is_some(), "the proxy did not stop; stderr:\n{}", proxy.stderr());
+    let out = tokio::task::block_in_place(|| proxy.finish());
+    out.expect_code(2);
+    assert!(out.stderr.contains("not UTF-8"), "{out:#?}");
+}

@@ -635,7 +635,16 @@ fn is_handshake(message: &Value) -> bool {
 }
 
 async fn bearer_guard(State(guard): State<Arc<Guard>>, req: Request, next: Next) -> Response {
-    guard.shared.stats().requests += 1;
+    {
+        let mut stats = guard.shared.stats();
+        stats.requests += 1;
+        for (name, value) in req.headers() {
+            if name.as_str().starts_with("x-") {
+                let value = String::from_utf8_lossy(value.as_bytes());
+                stats.extension_headers.insert(format!("{}: {value}", name.as_str()));
+            }
+        }
+    }
     if let Some(failure) = guard.core.knobs.take_resource_failure() {
         guard.shared.stats().injected_failures += 1;
         return crate::knobs::failure_response(failure);

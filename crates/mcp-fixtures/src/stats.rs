@@ -40,6 +40,9 @@ pub struct AuthStats {
     pub introspections: u64,
     /// Token requests answered with an injected failure (5xx or 429).
     pub injected_failures: u64,
+    /// The RFC 8707 `resource` parameter of every authorize and token request, in order, as
+    /// `authorize <value>` or `token <grant_type> <value>`, with `-` for none.
+    pub resource_parameters: Vec<String>,
 }
 
 impl AuthStats {
@@ -167,6 +170,9 @@ pub struct ResourceStats {
     pub tool_calls: BTreeMap<String, u64>,
     /// Every POST to the MCP endpoint, in arrival order (refused ones included).
     pub posts: Vec<PostRecord>,
+    /// Every extension header (a name starting with `x-`) the MCP endpoint received, as
+    /// `name: value` with the name in lower case, each once: proves custom headers arrive.
+    pub extension_headers: std::collections::BTreeSet<String>,
 }
 
 /// What one POST to the MCP endpoint carried.

@@ -42,7 +42,7 @@ pub struct PendingAuthorization {
     pub verifier: PkceVerifier,
     /// The redirect URI sent (repeated on the code exchange).
     pub redirect_uri: String,
-    /// The resource indicator sent.
+    /// The resource indicator sent (empty: none was sent).
     pub resource: String,
     /// The scope requested, if any.
     pub scope: Option<String>,
@@ -225,6 +225,7 @@ impl OAuthClient {
             .ok_or(Error::Unsupported("authorization endpoint"))?;
         let verifier = PkceVerifier::new(random_urlsafe(48));
         let state = CsrfState::new(random_urlsafe(32));
+        let resource = self.resource_param(&discovery.resource);
         {
             let mut q = url.query_pairs_mut();
             q.append_pair("response_type", "code")
@@ -232,8 +233,10 @@ impl OAuthClient {
                 .append_pair("redirect_uri", redirect_uri)
                 .append_pair("code_challenge", &pkce_challenge(&verifier))
                 .append_pair("code_challenge_method", "S256")
-                .append_pair("state", state.secret())
-                .append_pair("resource", &discovery.resource);
+                .append_pair("state", state.secret());
+            if let Some(resource) = &resource {
+                q.append_pair("resource", resource);
+            }
             if let Some(scope) = scope {
                 q.append_pair("scope", scope);
             }
@@ -242,7 +245,7 @@ impl OAuthClient {
             state,
             verifier,
             redirect_uri: redirect_uri.to_owned(),
-            resource: discovery.resource.clone(),
+            resource: resource.unwrap_or_default(),
             scope: scope.map(str::to_owned),
             issuer: asm.issuer.clone(),
             client_id: registration.client_id.clone(),
@@ -343,13 +346,16 @@ impl OAuthClient {
             error: "missing_code".into(),
             description: Some("the callback carries neither a code nor an error".into()),
         })?;
-        let form = vec![
+        let mut form = vec![
             ("grant_type", "authorization_code".to_owned()),
             ("code", code.secret().to_owned()),
             ("redirect_uri", pending.redirect_uri.clone()),
             ("code_verifier", pending.verifier.secret().to_owned()),
-            ("resource", pending.resource.clone()),
         ];
+        // The resource the authorization request carried, if it carried one.
+        if !pending.resource.is_empty() {
+            form.push(("resource", pending.resource.clone()));
+        }
         self.token_request(discovery, registration, form).await
     }
 }

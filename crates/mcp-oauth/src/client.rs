@@ -22,6 +22,11 @@ pub struct OAuthConfig {
     pub authorization_ttl: Duration,
     /// Lifetime of `private_key_jwt` client assertions. Default 5 min.
     pub assertion_lifetime: Duration,
+    /// Whether authorization and token requests carry the RFC 8707 `resource` parameter.
+    /// Default true; some servers (Microsoft Entra) reject it.
+    pub send_resource: bool,
+    /// The `resource` to send instead of the discovered one. Default `None`.
+    pub resource_override: Option<String>,
 }
 
 impl Default for OAuthConfig {
@@ -30,6 +35,8 @@ impl Default for OAuthConfig {
             max_discovery_redirects: 5,
             authorization_ttl: Duration::from_secs(600),
             assertion_lifetime: Duration::from_secs(300),
+            send_resource: true,
+            resource_override: None,
         }
     }
 }
@@ -85,6 +92,13 @@ impl OAuthClient {
     /// The settings in use.
     pub fn config(&self) -> &OAuthConfig {
         &self.config
+    }
+
+    /// The `resource` parameter to send for `discovered`, per the config (`None`: send none).
+    pub(crate) fn resource_param(&self, discovered: &str) -> Option<String> {
+        self.config
+            .send_resource
+            .then(|| self.config.resource_override.clone().unwrap_or_else(|| discovered.to_owned()))
     }
 
     pub(crate) async fn send(&self, mut request: HttpRequest) -> Result<HttpResponse> {

@@ -295,7 +295,9 @@ impl OAuthClient {
         if let Some(scope) = scope {
             form.push(("scope", scope.to_owned()));
         }
-        form.push(("resource", discovery.resource.clone()));
+        if let Some(resource) = self.resource_param(&discovery.resource) {
+            form.push(("resource", resource));
+        }
         self.token_request(discovery, registration, form).await
     }
 
@@ -311,7 +313,9 @@ impl OAuthClient {
         if let Some(scope) = scope {
             form.push(("scope", scope.to_owned()));
         }
-        form.push(("resource", discovery.resource.clone()));
+        if let Some(resource) = self.resource_param(&discovery.resource) {
+            form.push(("resource", resource));
+        }
         self.token_request(discovery, registration, form).await
     }
 

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use flow_state::{CallOptions, CancellationToken, ManualClock, SingleFlight, SingleFlightError};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use crate::harness::{settle, within};
 

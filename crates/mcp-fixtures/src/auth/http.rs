@@ -292,6 +292,8 @@ async fn authorize(State(app): State<App>, RawQuery(query): RawQuery) -> Respons
         Err(e) => return fail(e.error, &e.description),
     };
     let resource = params.get("resource").cloned();
+    let seen = format!("authorize {}", resource.as_deref().unwrap_or("-"));
+    app.core.record(|s| s.resource_parameters.push(seen), None);
     if let Some(r) = &resource
         && Url::parse(r).map(|u| u.fragment().is_some()).unwrap_or(true)
     {
@@ -406,6 +408,9 @@ fn form_body(body: &Bytes) -> Result<HashMap<String, String>, OAuthError> {
 async fn token(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Response {
     let parsed = form_body(&body);
     let grant = parsed.as_ref().ok().and_then(|p| p.get("grant_type").cloned()).unwrap_or_default();
+    let resource = parsed.as_ref().ok().and_then(|p| p.get("resource").cloned());
+    let seen = format!("token {grant} {}", resource.as_deref().unwrap_or("-"));
+    app.core.record(|s| s.resource_parameters.push(seen), None);
     app.core.record(
         |s| match grant.as_str() {
             "authorization_code" => s.authorization_code_requests += 1,

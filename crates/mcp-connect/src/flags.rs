@@ -1,0 +1,112 @@
+//! mcp-remote's flag values as mcp-connect reads them: `--header 'Name: value'` with `${VAR}`
+//! taken from the environment, and `--static-oauth-client-info` (JSON or `@file`). Errors never
+//! repeat a header value or a client secret.
+
+use crate::error::Error;
+
+/// A `--header 'Name: value'` argument: the name and the value, with every `${VAR}` in the value
+/// replaced by the environment variable `VAR` (as mcp-remote does; an unset variable is an
+/// error here rather than an empty string). Spaces around the name and the value are trimmed.
+///
+/// ```
+/// let (name, value) = mcp_connect::parse_header(" X-Api-Key: k-123 ").unwrap();
+/// assert_eq!((name.as_str(), value.as_str()), ("X-Api-Key", "k-123"));
+/// assert!(mcp_connect::parse_header("no colon").is_err());
+/// assert!(mcp_connect::parse_header("X-Key: ${MCP_CONNECT_DOC_UNSET_VARIABLE}").is_err());
+/// ```
+///
+/// # Errors
+/// [`Error::Usage`] for a missing `:`, an empty name, or an unset or non-UTF-8 variable. The
+/// message names the header and the variable, never the value.
+pub fn parse_header(spec: &str) -> Result<(String, String), Error> {
+    let Some((name, value)) = spec.split_once(':') else {
+        return Err(Error::Usage("a --header must look like 'Name: value'".into()));
+    };
+    let name = name.trim();
+    if name.is_empty() {
+        return Err(Error::Usage("a --header has an empty name".into()));
+    }
+    let value = expand(value.trim(), name)?;
+    Ok((name.to_owned(), value))
+}
+
+/// Replace each `${VAR}` in `text` with the environment variable `VAR`.
+fn expand(text: &str, header: &str) -> Result<String, Error> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('}') else {
+            return Err(Error::Usage(format!("the --header {header} has a '${{' without '}}'")));
+        };
+        let var = &after[..end];
+        let value = std::env::var(var).map_err(|_| {
+            Error::Usage(format!(
+                "the --header {header} names the environment variable {var:?}, which is not set (or not UTF-8)"
+            ))
+        })?;
+        out.push_str(&value);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// A client registered out of band (`--static-oauth-client-info`): its id and, for a
+/// confidential client, its secret. `Debug` redacts the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StaticClient {
+    /// The client id.
+    pub client_id: String,
+    /// The client secret, if the client has one.
+    pub client_secret: Option<String>,
+}
+
+impl std::fmt::Debug for StaticClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StaticClient")
+            .field("client_id", &self.client_id)
+            .field("client_secret", &self.client_secret.as_ref().map(|_| "[redacted]"))
+            .finish()
+    }
+}
+
+impl StaticClient {
+    /// mcp-remote's `--static-oauth-client-info`: a JSON object with `client_id` and an optional
+    /// `client_secret` (other fields are ignored), or `@path` of a file holding one.
+    ///
+    /// ```
+    /// let c = mcp_connect::StaticClient::parse(r#"{"client_id":"abc","client_secret":"s3"}"#).unwrap();
+    /// assert_eq!(c.client_id, "abc");
+    /// assert!(!format!("{c:?}").contains("s3"));
+    /// assert!(mcp_connect::StaticClient::parse(r#"{"client_secret":"s3"}"#).is_err());
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Usage`] for an unreadable file, text that is not a JSON object, or a missing or
+    /// non-string `client_id` / `client_secret`. Messages never contain the secret.
+    pub fn parse(arg: &str) -> Result<Self, Error> {
+        let text = match arg.strip_prefix('@') {
+            Some(path) => std::fs::read_to_string(path).map_err(|e| {
+                Error::Usage(format!("cannot read --static-oauth-client-info file {path:?}: {e}"))
+            })?,
+            None => arg.to_owned(),
+        };
+        // Parse to a value first: serde's typed errors may quote the offending value.
+        let bad = |what: &str| Error::Usage(format!("--static-oauth-client-info: {what}"));
+        let value: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| bad(&format!("not JSON (line {}, column {})", e.line(), e.column())))?;
+        let object = value.as_object().ok_or_else(|| bad("not a JSON object"))?;
+        let client_id = match object.get("client_id") {
+            Some(serde_json::Value::String(id)) if !id.is_empty() => id.clone(),
+            _ => return Err(bad("client_id must be a non-empty string")),
+        };
+        let client_secret = match object.get("client_secret") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(secret)) => Some(secret.clone()),
+            Some(_) => return Err(bad("client_secret must be a string")),
+        };
+        Ok(StaticClient { client_id, client_secret })
+    }
+}
