@@ -359,18 +359,22 @@ impl Client {
         if self.options.static_client.is_some() {
             // Only the interactive flow (login) uses the redirect URI; the client's identity
             // is part of the token key for every command.
-            config = config.client(
-                self.client_config(format!("http://127.0.0.1:{DEFAULT_CALLBACK_PORT}/callback")),
-            );
+            // The issuer is not needed here (the key digest names the client id only); a login
+            // binds the credentials to an issuer (`static_issuer`).
+            config = config.client(self.client_config(
+                format!("http://127.0.0.1:{DEFAULT_CALLBACK_PORT}/callback"),
+                "",
+            ));
         }
         config
     }
 
     /// How this client identifies itself at the authorization server for a login.
-    fn client_config(&self, redirect: String) -> ClientConfig {
+    fn client_config(&self, redirect: String, issuer: &str) -> ClientConfig {
         let mut config = ClientConfig::new("mcp-connect", redirect);
         if let Some(client) = &self.options.static_client {
             config.pre_registered = Some(mcp_oauth::PreRegisteredClient {
+                issuer: issuer.to_owned(),
                 client_id: client.client_id.clone(),
                 client_secret: client.client_secret.as_deref().map(mcp_oauth::ClientSecret::new),
                 client_key: None,
@@ -378,6 +382,25 @@ impl Client {
             });
         }
         config
+    }
+
+    /// The issuer `--static-oauth-client-info` credentials are presented to: the `issuer` the
+    /// JSON names, or else the authorization server this MCP server names at login (trust on
+    /// first use, as mcp-remote binds them to the server). The stored registration keeps that
+    /// issuer, and mcp-oauth refuses to present its credentials to another (SEP-2352).
+    async fn static_issuer(&self, target: &Target) -> Result<String, Error> {
+        let Some(client) = &self.options.static_client else { return Ok(String::new()) };
+        if let Some(issuer) = &client.issuer {
+            return Ok(issuer.clone());
+        }
+        let discovery = self.oauth.discover(&target.url, None).await.map_err(|e| {
+            Error::Authorization(format!(
+                "cannot find the authorization server of {} for --static-oauth-client-info: {}",
+                target.as_str(),
+                crate::store::chain(&e)
+            ))
+        })?;
+        Ok(discovery.issuer().to_owned())
     }
 
     /// The `--header`s as rmcp's transport takes them (the proxy builds its own transport).
@@ -485,9 +508,10 @@ impl Client {
         let server = tokio::spawn(async move { axum::serve(listener, router).await });
         let hook = Arc::new(BrowserHook::new(options.clone()));
         let factory = self.factory().with_interactive(self.oauth.clone(), hook.clone());
+        let issuer = self.static_issuer(target).await?;
         let config = self
             .factory_config(target)
-            .client(self.client_config(redirect.clone()))
+            .client(self.client_config(redirect.clone(), &issuer))
             .oauth_wait_timeout(options.timeout)
             .connect_timeout(options.timeout + CONNECT_TIMEOUT);
         let result = factory.connect(config).await;

@@ -61,6 +61,10 @@ pub struct StaticClient {
     pub client_id: String,
     /// The client secret, if the client has one.
     pub client_secret: Option<String>,
+    /// The issuer of the authorization server that knows this client (an `issuer` key in the
+    /// JSON, beyond mcp-remote's fields); when absent, a login binds the credentials to the
+    /// authorization server the MCP server names then.
+    pub issuer: Option<String>,
 }
 
 impl std::fmt::Debug for StaticClient {
@@ -68,13 +72,15 @@ impl std::fmt::Debug for StaticClient {
         f.debug_struct("StaticClient")
             .field("client_id", &self.client_id)
             .field("client_secret", &self.client_secret.as_ref().map(|_| "[redacted]"))
+            .field("issuer", &self.issuer)
             .finish()
     }
 }
 
 impl StaticClient {
-    /// mcp-remote's `--static-oauth-client-info`: a JSON object with `client_id` and an optional
-    /// `client_secret` (other fields are ignored), or `@path` of a file holding one.
+    /// mcp-remote's `--static-oauth-client-info`: a JSON object with `client_id`, an optional
+    /// `client_secret` and an optional `issuer` (other fields are ignored), or `@path` of a file
+    /// holding one.
     ///
     /// ```
     /// let c = mcp_connect::StaticClient::parse(r#"{"client_id":"abc","client_secret":"s3"}"#).unwrap();
@@ -107,6 +113,11 @@ impl StaticClient {
             Some(serde_json::Value::String(secret)) => Some(secret.clone()),
             Some(_) => return Err(bad("client_secret must be a string")),
         };
-        Ok(StaticClient { client_id, client_secret })
+        let issuer = match object.get("issuer") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(issuer)) if !issuer.is_empty() => Some(issuer.clone()),
+            Some(_) => return Err(bad("issuer must be a non-empty string")),
+        };
+        Ok(StaticClient { client_id, client_secret, issuer })
     }
 }
