@@ -361,10 +361,11 @@ impl Client {
             // is part of the token key for every command.
             // The issuer is not needed here (the key digest names the client id only); a login
             // binds the credentials to an issuer (`static_issuer`).
-            config = config.client(self.client_config(
-                format!("http://127.0.0.1:{DEFAULT_CALLBACK_PORT}/callback"),
-                "",
-            ));
+            config =
+                config.client(self.client_config(
+                    format!("http://127.0.0.1:{DEFAULT_CALLBACK_PORT}/callback"),
+                    "",
+                ));
         }
         config
     }
