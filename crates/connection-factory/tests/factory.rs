@@ -191,8 +191,12 @@ async fn fifty_concurrent_401s_one_redemption_all_succeed() {
     assert_eq!(rs.unauthorized, CALLS, "exactly the 50 calls were refused: {rs:?}");
     let c = s.factory.counters();
     assert_eq!(c.refreshed, 1, "one 401 led the refresh: {c:?}");
-    assert_eq!(c.coalesced, CALLS - 1, "the other 49 joined the refresh in flight: {c:?}");
-    assert_eq!(c.adopted, 0, "{c:?}");
+    // The server counts a refusal before the client has read it: under load a few refused
+    // calls reach the factory only after the release, find the refreshed tokens stored and
+    // adopt them (no redemption either way; the counts above pin that). Every other one joined
+    // the refresh in flight.
+    assert!(c.coalesced >= 1, "401s joined the refresh in flight: {c:?}");
+    assert_eq!(c.coalesced + c.adopted, CALLS - 1, "the other 49 joined or adopted it: {c:?}");
     assert_eq!(c.rejected + c.transient + c.timed_out, 0, "{c:?}");
 }
 
