@@ -4,8 +4,9 @@
 //! Two implementations behind one small type, chosen by the deployment:
 //!
 //! - [`RefreshLease::store`]: a [`flow_state::Leases`] over any flow-state store. With a
-//!   `flow_state::RedisStore` this is the lease of a fleet: `SET NX PX` with a fencing version,
-//!   renewed while the token endpoint is slow, expiring after its TTL when the holder dies.
+//!   `flow_state::RedisStore` this is the lease of a fleet: identified by a random owner token
+//!   in the lease value (so a lost renewal reply cannot lose it), renewed through the whole
+//!   refresh, expiring after its TTL when the holder dies.
 //! - [`RefreshLease::lock_files`]: an advisory lock (`flock`) on one file per key in a
 //!   directory, for several processes on one host that share a store which is not Redis (a
 //!   `TokenStore` of the host's own; sled itself admits one process per database). The kernel
@@ -24,8 +25,10 @@
 //! has already spent the old refresh token, so throwing the new one away would leave the slot
 //! with a dead token for certain, while the swap loses safely to a peer that committed first.
 //! A peer that took the lease over and redeemed the same token meanwhile trips the server's
-//! reuse detection either way; renewal every third of the TTL is what prevents that, so keep
-//! the TTL well above any plausible pause of a process.
+//! reuse detection either way; renewal every third of the TTL and the check before every send
+//! are what prevent that, so keep the TTL well above any plausible pause of a process (the
+//! model check in `tests/model` pins this assumption: a pause past the TTL after the last
+//! check defeats any lease without fencing at the server).
 
 use std::fmt;
 use std::fs::{File, OpenOptions, TryLockError};
