@@ -246,10 +246,10 @@ impl Client {
     /// [`Error::Store`]; [`Error::Usage`] for a header HTTP does not allow.
     pub async fn open(options: ClientOptions) -> Result<Self, Error> {
         let root = options.store.clone();
-        let dir =
-            StoreDir::open(root.clone(), options.lock_wait).map_err(|e| store_error(&root, &e))?;
-        let keys = dir.keyring().await.map_err(|e| store_error(&root, &e))?;
         let clock = SharedClock::system();
+        let dir = StoreDir::open(root.clone(), options.lock_wait, clock.clone())
+            .map_err(|e| store_error(&root, &e))?;
+        let keys = dir.keyring().await.map_err(|e| store_error(&root, &e))?;
         let http = ReqwestHttpClient::new(HttpPolicy::default())
             .map_err(|e| Error::Mcp(format!("cannot build the HTTP client: {e}")))?;
         let oauth = OAuthClient::new(http, clock.clone()).with_config(mcp_oauth::OAuthConfig {
@@ -507,7 +507,7 @@ impl Client {
         }
         let router = callback_router(self.flows.clone(), self.storage.clone(), self.oauth.clone());
         let server = tokio::spawn(async move { axum::serve(listener, router).await });
-        let hook = Arc::new(BrowserHook::new(options.clone()));
+        let hook = Arc::new(BrowserHook::new(options.clone(), self.clock.clone()));
         let factory = self.factory().with_interactive(self.oauth.clone(), hook.clone());
         let issuer = self.static_issuer(target).await?;
         let config = self

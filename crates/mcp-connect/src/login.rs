@@ -6,6 +6,8 @@ use std::io::{IsTerminal as _, Write as _};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use mcp_clock::{Clock as _, SharedClock};
+
 use connection_factory::{AuthorizationHook, AuthorizationRequest, BoxFuture, HookDecision};
 use flow_state::CancellationToken;
 
@@ -77,11 +79,18 @@ pub(crate) struct BrowserHook {
     options: LoginOptions,
     prompted: AtomicBool,
     stop: CancellationToken,
+    /// The clock the spinner's frames wait on.
+    clock: SharedClock,
 }
 
 impl BrowserHook {
-    pub(crate) fn new(options: LoginOptions) -> Self {
-        BrowserHook { options, prompted: AtomicBool::new(false), stop: CancellationToken::new() }
+    pub(crate) fn new(options: LoginOptions, clock: SharedClock) -> Self {
+        BrowserHook {
+            options,
+            prompted: AtomicBool::new(false),
+            stop: CancellationToken::new(),
+            clock,
+        }
     }
 
     /// Whether the user was sent to the browser.
@@ -108,7 +117,7 @@ impl AuthorizationHook for BrowserHook {
             eprintln!("(no browser could be opened: open the URL above yourself)");
         }
         if std::io::stderr().is_terminal() {
-            tokio::spawn(spin(self.stop.clone(), self.options.timeout));
+            tokio::spawn(spin(self.clock.clone(), self.stop.clone(), self.options.timeout));
         }
         Box::pin(async { HookDecision::Wait })
     }
@@ -137,7 +146,7 @@ fn open_browser(url: &str) -> bool {
 }
 
 /// The spinner: one frame every 100 ms with the time left, until `stop`.
-async fn spin(stop: CancellationToken, timeout: Duration) {
+async fn spin(clock: SharedClock, stop: CancellationToken, timeout: Duration) {
     const FRAMES: [char; 4] = ['|', '/', '-', '\\'];
     const STEP: Duration = Duration::from_millis(100);
     let mut left = timeout;
@@ -145,7 +154,7 @@ async fn spin(stop: CancellationToken, timeout: Duration) {
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
-            _ = tokio::time::sleep(STEP) => {}
+            _ = clock.sleep(STEP) => {}
         }
         frame = (frame + 1) % FRAMES.len();
         left = left.saturating_sub(STEP);

@@ -22,6 +22,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use mcp_clock::{Clock as _, SharedClock};
+
 use token_storage::{
     BoxFuture, Keyring, RefreshLease, SledTokenStore, Swap, TokenKey, TokenStore, Versioned,
 };
@@ -67,6 +69,8 @@ impl std::error::Error for StoreUnreadable {}
 pub(crate) struct StoreDir {
     root: PathBuf,
     lock_wait: Duration,
+    /// The clock every lock and reopen wait sleeps on.
+    clock: SharedClock,
 }
 
 /// An exclusive advisory lock on a file, released on drop (or by the kernel when the process
@@ -78,9 +82,13 @@ pub(crate) struct FileLock {
 
 impl StoreDir {
     /// The directory at `root` (created, mode 0700, when missing).
-    pub(crate) fn open(root: PathBuf, lock_wait: Duration) -> Result<Self, token_storage::Error> {
+    pub(crate) fn open(
+        root: PathBuf,
+        lock_wait: Duration,
+        clock: SharedClock,
+    ) -> Result<Self, token_storage::Error> {
         create_private_dir(&root)?;
-        Ok(StoreDir { root, lock_wait })
+        Ok(StoreDir { root, lock_wait, clock })
     }
 
     fn db_path(&self) -> PathBuf {
@@ -89,7 +97,9 @@ impl StoreDir {
 
     /// The refresh lease over lock files in the store directory.
     pub(crate) fn refresh_lease(&self) -> RefreshLease {
-        RefreshLease::lock_files(self.root.join("refresh-locks")).wait(self.lock_wait)
+        RefreshLease::lock_files(self.root.join("refresh-locks"))
+            .wait(self.lock_wait)
+            .clock(self.clock.clone())
     }
 
     /// Take every refresh lease of the directory (each wait bounded), waiting for refreshes in
@@ -102,7 +112,7 @@ impl StoreDir {
         let mut held = Vec::new();
         for path in entries.flatten().map(|e| e.path()) {
             if path.extension().is_some_and(|e| e == "lock") {
-                match lock_file(&path, self.lock_wait).await {
+                match lock_file(&self.clock, &path, self.lock_wait).await {
                     Ok(lock) => held.push(lock),
                     Err(e) => tracing::warn!(error = %e, "a refresh did not finish in time"),
                 }
@@ -113,7 +123,7 @@ impl StoreDir {
 
     /// Take the store lock, waiting at most the configured lock wait.
     pub(crate) async fn lock_store(&self) -> Result<FileLock, token_storage::Error> {
-        lock_file(&self.root.join("store.lock"), self.lock_wait).await
+        lock_file(&self.clock, &self.root.join("store.lock"), self.lock_wait).await
     }
 
     /// Take the login lock of `key`, waiting at most `wait`.
@@ -124,7 +134,8 @@ impl StoreDir {
     ) -> Result<FileLock, token_storage::Error> {
         let dir = self.root.join("login-locks");
         create_private_dir(&dir)?;
-        lock_file(&dir.join(token_storage::lock_file_name(&key.to_string())), wait).await
+        lock_file(&self.clock, &dir.join(token_storage::lock_file_name(&key.to_string())), wait)
+            .await
     }
 
     /// The encryption keys: read from `key`, or created there (mode 0600) on first use, under
@@ -163,7 +174,7 @@ impl StoreDir {
             match SledTokenStore::open(&path) {
                 Ok(store) => return Ok(store),
                 Err(e) if waited < REOPEN_WAIT && is_lock_error(&e) => {
-                    tokio::time::sleep(LOCK_STEP).await;
+                    self.clock.sleep(LOCK_STEP).await;
                     waited += LOCK_STEP;
                 }
                 Err(e) if is_lock_error(&e) => {
@@ -241,7 +252,11 @@ fn create_private_dir(dir: &Path) -> Result<(), token_storage::Error> {
         .map_err(|e| token_storage::Error::store(format!("could not create {}", dir.display()), e))
 }
 
-async fn lock_file(path: &Path, wait: Duration) -> Result<FileLock, token_storage::Error> {
+async fn lock_file(
+    clock: &SharedClock,
+    path: &Path,
+    wait: Duration,
+) -> Result<FileLock, token_storage::Error> {
     let file =
         OpenOptions::new().create(true).truncate(false).write(true).open(path).map_err(|e| {
             token_storage::Error::store(format!("could not open {}", path.display()), e)
@@ -251,7 +266,7 @@ async fn lock_file(path: &Path, wait: Duration) -> Result<FileLock, token_storag
         match file.try_lock() {
             Ok(()) => return Ok(FileLock { _file: file }),
             Err(TryLockError::WouldBlock) if waited < wait => {
-                tokio::time::sleep(LOCK_STEP).await;
+                clock.sleep(LOCK_STEP).await;
                 waited += LOCK_STEP;
             }
             Err(TryLockError::WouldBlock) => {
@@ -340,7 +355,9 @@ mod tests {
     #[tokio::test]
     async fn two_handles_share_one_database() {
         let tmp = tempfile::tempdir().unwrap();
-        let dir = StoreDir::open(tmp.path().join("s"), Duration::from_secs(2)).unwrap();
+        let dir =
+            StoreDir::open(tmp.path().join("s"), Duration::from_secs(2), SharedClock::system())
+                .unwrap();
         let a = LockedSledStore::new(dir.clone());
         let b = LockedSledStore::new(dir.clone());
         let Swap::Swapped { version } =
@@ -362,7 +379,12 @@ mod tests {
     #[tokio::test]
     async fn a_held_lock_is_a_typed_error_after_the_wait() {
         let tmp = tempfile::tempdir().unwrap();
-        let dir = StoreDir::open(tmp.path().to_owned(), Duration::from_millis(100)).unwrap();
+        let dir = StoreDir::open(
+            tmp.path().to_owned(),
+            Duration::from_millis(100),
+            SharedClock::system(),
+        )
+        .unwrap();
         let held = dir.lock_store().await.unwrap();
         let err = LockedSledStore::new(dir.clone()).get("k").await.unwrap_err();
         assert!(find::<StoreLocked>(&err).is_some(), "{err:?}");
@@ -374,7 +396,9 @@ mod tests {
     #[tokio::test]
     async fn the_key_file_is_private_and_stable() {
         let tmp = tempfile::tempdir().unwrap();
-        let dir = StoreDir::open(tmp.path().to_owned(), Duration::from_secs(1)).unwrap();
+        let dir =
+            StoreDir::open(tmp.path().to_owned(), Duration::from_secs(1), SharedClock::system())
+                .unwrap();
         let first = dir.keyring().await.unwrap();
         let text = std::fs::read_to_string(tmp.path().join("key")).unwrap();
         let second = dir.keyring().await.unwrap();

@@ -38,7 +38,7 @@ use sha2::{Digest, Sha256};
 use std::time::Duration;
 
 use flow_state::{FlowKey, Lease, Leases, SharedStore, StoreErrorKind};
-use mcp_clock::SharedClock;
+use mcp_clock::{Clock as _, SharedClock};
 
 use crate::key::RecordKind;
 use crate::{Error, TokenKey};
@@ -71,6 +71,8 @@ pub struct RefreshLease {
     kind: Kind,
     ttl: Duration,
     wait: Duration,
+    /// The clock every wait of the lease sleeps on.
+    clock: SharedClock,
 }
 
 #[derive(Clone)]
@@ -100,19 +102,29 @@ impl RefreshLease {
     /// Leases in `store` (a `flow_state::RedisStore` for a fleet), expiring on `clock`.
     pub fn store(store: SharedStore, clock: SharedClock) -> Self {
         RefreshLease {
-            kind: Kind::Store(Leases::new(store, clock)),
+            kind: Kind::Store(Leases::new(store, clock.clone())),
             ttl: Duration::from_secs(10),
             wait: Duration::from_secs(30),
+            clock,
         }
     }
 
     /// Advisory locks on files in `dir` (created when missing), for processes on one host.
+    /// Waits for a peer's lock sleep on the system clock; [`RefreshLease::clock`] changes it.
     pub fn lock_files(dir: impl Into<PathBuf>) -> Self {
         RefreshLease {
             kind: Kind::Files(dir.into()),
             ttl: Duration::from_secs(10),
             wait: Duration::from_secs(30),
+            clock: SharedClock::system(),
         }
+    }
+
+    /// The clock the lease's waits sleep on (for lock files; a store lease keeps the clock it
+    /// was made with for its expiry).
+    pub fn clock(mut self, clock: SharedClock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// How long a store lease lasts without renewal (default 10 s): how long the fleet waits
@@ -173,7 +185,7 @@ impl RefreshLease {
                     // first insert applied after all, the retry finds that lease and waits
                     // out its TTL: slower, never two holders.)
                     Err(e) if unavailable(&e) => {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        self.clock.sleep(Duration::from_millis(20)).await;
                         leases
                             .acquire(&flow_key, self.ttl, self.wait)
                             .await
@@ -192,7 +204,7 @@ impl RefreshLease {
                     match file.try_lock() {
                         Ok(()) => return Ok(Held::File(file)),
                         Err(TryLockError::WouldBlock) if waited < self.wait => {
-                            tokio::time::sleep(step).await;
+                            self.clock.sleep(step).await;
                             waited += step;
                         }
                         Err(TryLockError::WouldBlock) => {

@@ -236,7 +236,7 @@ async fn listen(
             }
         }
         notifier.notify_all();
-        tokio::time::sleep(backoff).await;
+        clock.sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
     }
 }
