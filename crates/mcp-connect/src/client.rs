@@ -19,8 +19,9 @@ use crate::error::Error;
 use crate::login::{BrowserHook, LoginOptions};
 use crate::store::{LockedSledStore, StoreDir, StoreLocked, StoreUnreadable, chain, find};
 
-/// The default loopback port of the OAuth callback: fixed, so that a dynamically registered
-/// client (whose redirect URI names the port) stays valid from one login to the next.
+/// The first of the derived callback ports ([`callback_port_for`]): each server gets a port
+/// of its own from here on, and a dynamically registered client (whose redirect URI names the
+/// port) keeps its port from one login to the next.
 pub const DEFAULT_CALLBACK_PORT: u16 = 33418;
 
 /// How long to wait for a TCP connection to the server before calling it unreachable.
@@ -50,6 +51,9 @@ pub struct ClientOptions {
     scope: Option<String>,
     resource: Option<String>,
     send_resource: bool,
+    request_timeout: Duration,
+    authorize_params: Vec<(String, String)>,
+    ignore_tools: Vec<String>,
 }
 
 impl ClientOptions {
@@ -69,6 +73,9 @@ impl ClientOptions {
             scope: None,
             resource: None,
             send_resource: true,
+            request_timeout: CONNECT_TIMEOUT,
+            authorize_params: Vec::new(),
+            ignore_tools: Vec::new(),
         }
     }
 
@@ -104,6 +111,45 @@ impl ClientOptions {
     /// authorization server). The value is kept as a secret: never printed or logged.
     pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.headers.push((name.into(), connection_factory::Secret::new(value.into())));
+        self
+    }
+
+    /// How long the MCP server may take to answer the handshake (outside the browser step)
+    /// before the command fails with [`Error::Timeout`]. Default 30 s.
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// Add `name=value` to the authorization URL (mcp-remote's `--authorize-param`, e.g.
+    /// `prompt=consent`). The protocol's own parameters cannot be replaced.
+    ///
+    /// # Errors
+    /// [`Error::Usage`] when `name` is one the protocol sets itself (`state`, `redirect_uri`,
+    /// `scope`, ...; use `--scope` and `--resource` for those two) or empty.
+    pub fn authorize_param(
+        mut self,
+        name: impl Into<String>,
+        value: impl Into<String>,
+    ) -> Result<Self, Error> {
+        let name = name.into();
+        if name.is_empty() {
+            return Err(Error::Usage("an --authorize-param has an empty name".into()));
+        }
+        if mcp_oauth::RESERVED_AUTHORIZATION_PARAMS.contains(&name.as_str()) {
+            return Err(Error::Usage(format!(
+                "--authorize-param cannot set {name:?}: the client sets it itself (use --scope or --resource for those)"
+            )));
+        }
+        self.authorize_params.push((name, value.into()));
+        Ok(self)
+    }
+
+    /// Hide the tools whose names match `pattern` (`*` for any run of characters, any case):
+    /// `tools` does not list them, `call` refuses them, and `proxy` removes them from the host's
+    /// `tools/list` and answers a call of one with an error without sending it.
+    pub fn ignore_tool(mut self, pattern: impl Into<String>) -> Self {
+        self.ignore_tools.push(pattern.into());
         self
     }
 
@@ -236,6 +282,7 @@ pub struct Client {
     storage: TokenStorage,
     flows: FlowManager,
     clock: SharedClock,
+    tools: Arc<crate::ignore::ToolFilter>,
 }
 
 impl Client {
@@ -255,6 +302,7 @@ impl Client {
         let oauth = OAuthClient::new(http, clock.clone()).with_config(mcp_oauth::OAuthConfig {
             send_resource: options.send_resource,
             resource_override: options.resource.clone(),
+            extra_authorization_params: options.authorize_params.clone(),
             ..mcp_oauth::OAuthConfig::default()
         });
         let storage = TokenStorage::builder(
@@ -269,7 +317,8 @@ impl Client {
             .clock(clock.clone())
             .build()
             .map_err(|e| Error::Mcp(format!("cannot build the flow manager: {e}")))?;
-        let client = Client { options, dir, oauth, storage, flows, clock };
+        let tools = Arc::new(crate::ignore::ToolFilter::new(options.ignore_tools.clone()));
+        let client = Client { options, dir, oauth, storage, flows, clock, tools };
         // A bad header is invalid input before anything else happens.
         client.header_map()?;
         Ok(client)
@@ -284,6 +333,11 @@ impl Client {
     /// not covered.
     pub async fn settle(&self) -> Settled {
         Settled { _leases: self.dir.hold_refresh_leases().await }
+    }
+
+    /// The `--ignore-tool` filter.
+    pub(crate) fn tool_filter(&self) -> &crate::ignore::ToolFilter {
+        &self.tools
     }
 
     /// The options this client was opened with.
@@ -349,7 +403,7 @@ impl Client {
     fn config_for(&self, url: &str) -> FactoryConfig {
         let mut config =
             FactoryConfig::new(url, self.options.tenant.as_str(), self.options.user.as_str(), url)
-                .connect_timeout(CONNECT_TIMEOUT);
+                .connect_timeout(self.options.request_timeout);
         for (name, value) in &self.options.headers {
             config = config.header(name.clone(), value.clone());
         }
@@ -486,16 +540,13 @@ impl Client {
         options: &LoginOptions,
         stale: bool,
     ) -> Result<LoginReport, Error> {
-        let listener =
-            tokio::net::TcpListener::bind(("127.0.0.1", options.port)).await.map_err(|e| {
-                Error::Usage(format!("cannot listen on 127.0.0.1:{}: {e}", options.port))
-            })?;
+        let (tokens, client) = self.stored(target).await?;
+        let listener = callback_listener(target, options, client.as_ref()).await?;
         let port = listener
             .local_addr()
             .map_err(|e| Error::Usage(format!("cannot read the callback address: {e}")))?
             .port();
         let redirect = format!("http://127.0.0.1:{port}/callback");
-        let (tokens, client) = self.stored(target).await?;
         // A client registered for another callback port cannot complete this login: register
         // again (only when there are no usable tokens that make the browser step unneeded).
         if let Some(client) = &client
@@ -514,14 +565,17 @@ impl Client {
             .factory_config(target)
             .client(self.client_config(redirect.clone(), &issuer))
             .oauth_wait_timeout(options.timeout)
-            .connect_timeout(options.timeout + CONNECT_TIMEOUT);
+            .connect_timeout(options.timeout + self.options.request_timeout);
         let result = factory.connect(config).await;
         hook.stop();
         server.abort();
         let conn = result.map_err(|e| login_error(target, options, e))?;
         let _ = conn.close().await;
-        if let Some(mut client) =
-            self.storage.client(&target.key).await.map_err(self.store_err())?
+        // The redirect URI is recorded only once the authorization server accepted it for this
+        // client (a completed browser step); a login that found usable tokens proved nothing.
+        if hook.prompted()
+            && let Some(mut client) =
+                self.storage.client(&target.key).await.map_err(self.store_err())?
             && !client.redirect_uris.contains(&redirect)
         {
             client.redirect_uris = vec![redirect];
@@ -550,7 +604,9 @@ impl Client {
         let conn = self.connect(&target).await?;
         let tools = conn.list_tools().await.map_err(|e| request_error(&target, e));
         let _ = conn.close().await;
-        tools
+        let mut tools = tools?;
+        tools.retain(|tool| !self.tools.hides(&tool.name));
+        Ok(tools)
     }
 
     /// Call `tool` with `arguments`. A result with `isError` is returned as it is.
@@ -564,6 +620,9 @@ impl Client {
         arguments: Option<serde_json::Map<String, serde_json::Value>>,
     ) -> Result<CallToolResult, Error> {
         let target = self.target(url)?;
+        if self.tools.hides(tool) {
+            return Err(Error::Usage(format!("the tool {tool:?} is hidden by --ignore-tool")));
+        }
         let conn = self.connect(&target).await?;
         let result = conn.call_tool(tool, arguments).await.map_err(|e| request_error(&target, e));
         let _ = conn.close().await;
@@ -679,6 +738,67 @@ impl Client {
     }
 }
 
+/// How many ports after the derived one a login tries when it is taken.
+const CALLBACK_PORT_TRIES: u16 = 10;
+/// The span of derived callback ports: `DEFAULT_CALLBACK_PORT ..` this many.
+const CALLBACK_PORT_SPAN: u16 = 2000;
+
+/// The callback port derived from the server URL: stable for one server, different (almost
+/// always) for two, so that two logins to two servers at once do not collide.
+///
+/// ```
+/// let a = mcp_connect::callback_port_for("https://a.example.com/mcp");
+/// assert_eq!(a, mcp_connect::callback_port_for("https://a.example.com/mcp"));
+/// assert_ne!(a, mcp_connect::callback_port_for("https://b.example.com/mcp"));
+/// assert!(a >= mcp_connect::DEFAULT_CALLBACK_PORT);
+/// ```
+pub fn callback_port_for(server: &str) -> u16 {
+    // FNV-1a: stable across builds and Rust versions (a port that moved would cost a new
+    // registration), and no secret is involved.
+    let hash = server
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    let offset = u16::try_from(hash % u64::from(CALLBACK_PORT_SPAN)).unwrap_or_default();
+    DEFAULT_CALLBACK_PORT + offset
+}
+
+/// The loopback listener of a login's callback: `--port` when given; otherwise the port of the
+/// stored client's redirect URI (so the registration stays valid), then the port derived from
+/// the server URL and the next free ones.
+async fn callback_listener(
+    target: &Target,
+    options: &LoginOptions,
+    client: Option<&token_storage::ClientRegistration>,
+) -> Result<tokio::net::TcpListener, Error> {
+    let candidates: Vec<u16> = match options.port {
+        Some(port) => vec![port],
+        None => {
+            let registered = client.into_iter().flat_map(|c| &c.redirect_uris).find_map(|uri| {
+                let url = url::Url::parse(uri).ok()?;
+                (url.host_str() == Some("127.0.0.1")).then(|| url.port()).flatten()
+            });
+            let derived = callback_port_for(target.as_str());
+            registered
+                .into_iter()
+                .chain((0..CALLBACK_PORT_TRIES).filter_map(|i| derived.checked_add(i)))
+                .collect()
+        }
+    };
+    let mut last = None;
+    for port in &candidates {
+        match tokio::net::TcpListener::bind(("127.0.0.1", *port)).await {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last = Some(e),
+        }
+    }
+    let ports: Vec<String> = candidates.iter().map(u16::to_string).collect();
+    Err(Error::Usage(format!(
+        "cannot listen for the OAuth callback on 127.0.0.1 port {}: {}",
+        ports.join(", "),
+        last.map_or_else(|| "no port".to_owned(), |e| e.to_string())
+    )))
+}
+
 fn signed_secs(at: Timestamp, now: Timestamp) -> i64 {
     let secs = |d: Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
     if at >= now { secs(at.saturating_since(now)) } else { -secs(now.saturating_since(at)) }
@@ -713,10 +833,53 @@ pub(crate) fn store_error(root: &Path, e: &token_storage::Error) -> Error {
     }
 }
 
-/// A connection-factory error from the provider, as text-matched fallbacks for errors that lost
-/// their type inside a flow.
-fn provider_error(text: String) -> Error {
-    if text.contains("is locked by another process") {
+/// The typed cause deep inside a connection-factory error, when it says more than the
+/// factory's own variant: token storage's transient and wait failures, the store's locks, an
+/// authorization server that is in trouble for now.
+fn typed_cause(e: &connection_factory::Error) -> Option<Error> {
+    use token_storage::Error as T;
+    if let Some(locked) = find::<StoreLocked>(e) {
+        return Some(Error::StoreLocked(locked.to_string()));
+    }
+    if find::<StoreUnreadable>(e).is_some() {
+        return Some(Error::Store(chain(e)));
+    }
+    if let Some(cause) = find::<T>(e) {
+        return match cause {
+            T::RefreshUnavailable { .. } => Some(Error::AuthorizationServerUnavailable(chain(e))),
+            T::LeaseWait { .. } | T::Timeout { .. } => Some(Error::RefreshWait(chain(e))),
+            T::StoreUnavailable { .. } | T::Store { .. } | T::WriteStorm { .. } => {
+                Some(Error::Store(chain(e)))
+            }
+            T::Decrypt { .. } | T::KeyProvider { .. } => Some(Error::Store(chain(e))),
+            _ => None,
+        };
+    }
+    if let Some(oauth) = find::<mcp_oauth::Error>(e)
+        && oauth.class() == mcp_oauth::ErrorClass::Transient
+    {
+        return Some(Error::AuthorizationServerUnavailable(chain(e)));
+    }
+    None
+}
+
+/// A connection-factory error from the provider whose cause has no type this crate knows.
+/// Errors that lost their type inside a flow are recognised by their text.
+fn provider_error(e: &connection_factory::Error) -> Error {
+    if let Some(typed) = typed_cause(e) {
+        return typed;
+    }
+    // A refresh that failed inside the factory's look-up flow reaches here as text: flow-state
+    // keeps a flow's failure as a serialisable kind and message. These are token-storage's own
+    // messages for `RefreshUnavailable`, `LeaseWait` and `Timeout`.
+    let text = chain(e);
+    if text.contains("is unavailable for now") {
+        Error::AuthorizationServerUnavailable(text)
+    } else if text.contains("waiting for the refresh lease")
+        || text.contains("gave up waiting for the token refresh")
+    {
+        Error::RefreshWait(text)
+    } else if text.contains("is locked by another process") {
         Error::StoreLocked(text)
     } else if text.contains("cannot be opened") || text.contains("unreadable") {
         Error::Store(text)
@@ -731,13 +894,16 @@ pub(crate) fn connect_error(target: &Target, e: connection_factory::Error) -> Er
     let url = target.as_str().to_owned();
     match e {
         E::AuthorizationRequired { .. } => Error::NotLoggedIn { url },
-        E::Transport(_) | E::Protocol(_) => Error::NotMcp { url, detail: chain(&e) },
+        E::Transport(_) | E::Protocol(_) => {
+            typed_cause(&e).unwrap_or_else(|| Error::NotMcp { url, detail: chain(&e) })
+        }
         E::Provider { ref message, .. } if message == "registration" => {
             Error::RegistrationRefused(chain(&e))
         }
-        E::Provider { .. } => provider_error(chain(&e)),
+        E::Provider { .. } => provider_error(&e),
         E::InvalidConfig(m) => Error::Usage(m),
-        other => Error::Mcp(chain(&other)),
+        E::Timeout { operation, after } => Error::Timeout { operation: operation.into(), after },
+        other => typed_cause(&other).unwrap_or_else(|| Error::Mcp(chain(&other))),
     }
 }
 
@@ -746,8 +912,9 @@ pub(crate) fn request_error(target: &Target, e: connection_factory::Error) -> Er
     use connection_factory::Error as E;
     match e {
         E::AuthorizationRequired { .. } => Error::NotLoggedIn { url: target.as_str().to_owned() },
-        E::Provider { .. } => provider_error(chain(&e)),
-        other => Error::Mcp(chain(&other)),
+        E::Provider { .. } => provider_error(&e),
+        E::Timeout { operation, after } => Error::Timeout { operation: operation.into(), after },
+        other => typed_cause(&other).unwrap_or_else(|| Error::Mcp(chain(&other))),
     }
 }
 

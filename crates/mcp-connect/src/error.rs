@@ -78,7 +78,29 @@ pub enum Error {
     /// The tool ran and reported an error (`isError`). Exit 11.
     #[error("the tool reported an error")]
     ToolError,
-    /// The MCP session failed (a protocol error, a timeout, a transport failure). Exit 1.
+    /// The authorization server is in trouble for now (a 5xx, a 429, `temporarily_unavailable`,
+    /// no answer): the stored credentials are kept, and the same command later may work. Exit 12.
+    #[error(
+        "the authorization server is unavailable for now ({0}); the stored credentials are kept: try again later"
+    )]
+    AuthorizationServerUnavailable(String),
+    /// Another process (or task) was refreshing the same tokens and did not finish within the
+    /// wait; this process sent nothing. Exit 13.
+    #[error(
+        "another process is refreshing the tokens and did not finish in time ({0}); nothing was sent: try again (--lock-timeout waits longer)"
+    )]
+    RefreshWait(String),
+    /// The MCP server did not answer in time (the handshake or a request). Exit 14.
+    #[error(
+        "the MCP server did not answer {operation} within {}s (--request-timeout waits longer)", after.as_secs()
+    )]
+    Timeout {
+        /// What timed out: `connect`, `list_tools`, `call_tool`, ...
+        operation: String,
+        /// The limit that passed.
+        after: Duration,
+    },
+    /// The MCP session failed (a protocol error, a transport failure). Exit 1.
     #[error("MCP session: {0}")]
     Mcp(String),
 }
@@ -100,6 +122,9 @@ impl Error {
     /// | 9 | the store is unreadable |
     /// | 10 | other store failure |
     /// | 11 | the tool reported an error |
+    /// | 12 | the authorization server is unavailable for now |
+    /// | 13 | a peer's token refresh did not finish in time |
+    /// | 14 | the MCP server did not answer in time |
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Mcp(_) => 1,
@@ -113,6 +138,9 @@ impl Error {
             Error::StoreCorrupted { .. } => 9,
             Error::Store(_) => 10,
             Error::ToolError => 11,
+            Error::AuthorizationServerUnavailable(_) => 12,
+            Error::RefreshWait(_) => 13,
+            Error::Timeout { .. } => 14,
         }
     }
 }
@@ -121,7 +149,7 @@ impl Error {
 pub(crate) const EXIT_CODES: &str = "\
 Exit codes:
   0   success
-  1   the MCP session failed (protocol error, timeout)
+  1   the MCP session failed (protocol or transport error)
   2   invalid input (bad URL or flag, arguments that are not a JSON object, a proxy's
       stdin that is not UTF-8)
   3   the server is unreachable
@@ -132,4 +160,7 @@ Exit codes:
   8   the token store is locked by another process
   9   the token store is unreadable (left untouched)
   10  other token-store failure
-  11  the tool reported an error (call)";
+  11  the tool reported an error (call)
+  12  the authorization server is unavailable for now (5xx, 429, no answer): try again
+  13  another process's token refresh did not finish in time (--lock-timeout)
+  14  the MCP server did not answer in time (--request-timeout)";

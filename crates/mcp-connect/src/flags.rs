@@ -30,6 +30,65 @@ pub fn parse_header(spec: &str) -> Result<(String, String), Error> {
     Ok((name.to_owned(), value))
 }
 
+/// A `--header-file`: one `Name: value` per line, as [`parse_header`] reads it; blank lines and
+/// lines starting with `#` are skipped. Keeps headers out of the command line (and so out of
+/// `ps` and the host's configuration file).
+///
+/// ```
+/// let path = std::env::temp_dir().join(format!("mcp-connect-doc-{}.headers", std::process::id()));
+/// std::fs::write(&path, "# comment\nX-Api-Key: k-1\n\nX-Team: blue\n").unwrap();
+/// let headers = mcp_connect::parse_header_file(&path).unwrap();
+/// assert_eq!(headers, vec![("X-Api-Key".into(), "k-1".into()), ("X-Team".into(), "blue".into())]);
+/// std::fs::remove_file(&path).unwrap();
+/// ```
+///
+/// # Errors
+/// [`Error::Usage`] for an unreadable file or a bad line (named by its number, never quoted).
+pub fn parse_header_file(path: &std::path::Path) -> Result<Vec<(String, String)>, Error> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::Usage(format!("cannot read --header-file {}: {e}", path.display())))?;
+    let mut out = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let header = parse_header(line).map_err(|e| {
+            Error::Usage(format!(
+                "--header-file {} line {}: {}",
+                path.display(),
+                number + 1,
+                match e {
+                    Error::Usage(m) => m,
+                    other => other.to_string(),
+                }
+            ))
+        })?;
+        out.push(header);
+    }
+    Ok(out)
+}
+
+/// An `--authorize-param name=value`.
+///
+/// ```
+/// assert_eq!(mcp_connect::parse_authorize_param("prompt=consent").unwrap(), ("prompt".into(), "consent".into()));
+/// assert!(mcp_connect::parse_authorize_param("prompt").is_err());
+/// ```
+///
+/// # Errors
+/// [`Error::Usage`] without a `=` or with an empty name.
+pub fn parse_authorize_param(spec: &str) -> Result<(String, String), Error> {
+    match spec.split_once('=') {
+        Some((name, value)) if !name.trim().is_empty() => {
+            Ok((name.trim().to_owned(), value.to_owned()))
+        }
+        _ => Err(Error::Usage(format!(
+            "an --authorize-param must look like name=value, not {spec:?}"
+        ))),
+    }
+}
+
 /// Replace each `${VAR}` in `text` with the environment variable `VAR`.
 fn expand(text: &str, header: &str) -> Result<String, Error> {
     let mut out = String::with_capacity(text.len());

@@ -49,17 +49,18 @@ mod client;
 mod conformance;
 mod error;
 mod flags;
+mod ignore;
 mod login;
 mod proxy;
 mod store;
 
 pub use client::{
     Client, ClientOptions, DEFAULT_CALLBACK_PORT, LoginReport, LogoutReport, ServerStatus, Settled,
-    default_store_dir,
+    callback_port_for, default_store_dir,
 };
 pub use conformance::run_conformance;
 pub use error::Error;
-pub use flags::{StaticClient, parse_header};
+pub use flags::{StaticClient, parse_authorize_param, parse_header, parse_header_file};
 pub use login::{AUTHORIZATION_URL_PREFIX, LoginOptions, NO_BROWSER_ENV};
 
 /// The exit-code table printed by `mcp-connect --help`.

@@ -29,28 +29,25 @@ pub const NO_BROWSER_ENV: &str = "MCP_CONNECT_NO_BROWSER";
 /// ```
 #[derive(Debug, Clone)]
 pub struct LoginOptions {
-    pub(crate) port: u16,
+    pub(crate) port: Option<u16>,
     pub(crate) timeout: Duration,
     pub(crate) open_browser: bool,
 }
 
 impl Default for LoginOptions {
-    /// The default callback port ([`DEFAULT_CALLBACK_PORT`](crate::DEFAULT_CALLBACK_PORT)),
-    /// 120 s for the browser step, the browser on unless `MCP_CONNECT_NO_BROWSER` is set.
+    /// The callback port of the stored client, else one derived from the server URL
+    /// ([`callback_port_for`](crate::callback_port_for)), 120 s for the browser step, the browser on unless `MCP_CONNECT_NO_BROWSER` is set.
     fn default() -> Self {
         let off = std::env::var(NO_BROWSER_ENV).is_ok_and(|v| !v.is_empty() && v != "0");
-        LoginOptions {
-            port: crate::DEFAULT_CALLBACK_PORT,
-            timeout: Duration::from_secs(120),
-            open_browser: !off,
-        }
+        LoginOptions { port: None, timeout: Duration::from_secs(120), open_browser: !off }
     }
 }
 
 impl LoginOptions {
-    /// The loopback port the callback listens on (0: any free port).
+    /// The loopback port the callback listens on (0: any free port), instead of the stored
+    /// client's or the one derived from the server URL.
     pub fn port(mut self, port: u16) -> Self {
-        self.port = port;
+        self.port = Some(port);
         self
     }
 

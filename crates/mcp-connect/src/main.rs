@@ -6,9 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use mcp_connect::{
-    Client, ClientOptions, DEFAULT_CALLBACK_PORT, EXIT_CODES, Error, LoginOptions, ServerStatus,
-};
+use mcp_connect::{Client, ClientOptions, EXIT_CODES, Error, LoginOptions, ServerStatus};
 
 /// A command-line MCP client with OAuth: log in once, then list and call tools, or bridge a
 /// desktop host's stdio to a remote server with `proxy`. Tokens are kept encrypted in the store
@@ -36,6 +34,14 @@ struct Cli {
     /// Log to stderr (-v: info, -vv: debug). Secrets are never logged.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
+    /// Write debug logs to `debug.log` in the store directory (mode 0600; secrets are never
+    /// logged), as mcp-remote's `--debug` does.
+    #[arg(long, global = true)]
+    debug: bool,
+    /// Seconds the MCP server may take to answer the handshake before the command fails
+    /// (exit 14).
+    #[arg(long, global = true, default_value_t = 30)]
+    request_timeout: u64,
     #[command(subcommand)]
     command: Command,
 }
@@ -43,11 +49,12 @@ struct Cli {
 #[derive(Debug, Args)]
 struct BrowserArgs {
     /// The loopback port of the OAuth callback (0: any free port; a client registered for one
-    /// port is registered again for another).
-    #[arg(long, default_value_t = DEFAULT_CALLBACK_PORT)]
-    port: u16,
-    /// Seconds the browser step may take.
-    #[arg(long, default_value_t = 120)]
+    /// port is registered again for another). Default: the stored client's port, else one
+    /// derived from the server URL (33418-35417), else the next free ones.
+    #[arg(long)]
+    port: Option<u16>,
+    /// Seconds the browser step may take (mcp-remote's `--auth-timeout` is an alias).
+    #[arg(long, visible_alias = "auth-timeout", default_value_t = 120)]
     timeout: u64,
     /// Do not open a browser; only print the URL (also: MCP_CONNECT_NO_BROWSER=1).
     #[arg(long)]
@@ -56,9 +63,10 @@ struct BrowserArgs {
 
 impl BrowserArgs {
     fn options(&self) -> LoginOptions {
-        let options = LoginOptions::default()
-            .port(self.port)
-            .timeout(Duration::from_secs(self.timeout.max(1)));
+        let mut options = LoginOptions::default().timeout(Duration::from_secs(self.timeout.max(1)));
+        if let Some(port) = self.port {
+            options = options.port(port);
+        }
         if self.no_browser { options.open_browser(false) } else { options }
     }
 }
@@ -70,6 +78,18 @@ struct ServerArgs {
     /// `${VAR}` in the value is taken from the environment. Never printed or logged.
     #[arg(long = "header", value_name = "NAME: VALUE")]
     headers: Vec<String>,
+    /// A file of headers, one 'Name: value' per line (`#` comments; `${VAR}` as in --header),
+    /// which keeps them out of the command line.
+    #[arg(long, value_name = "FILE")]
+    header_file: Option<PathBuf>,
+    /// A parameter added to the authorization URL, name=value (repeatable; e.g.
+    /// prompt=consent). The protocol's own parameters cannot be replaced.
+    #[arg(long = "authorize-param", value_name = "NAME=VALUE")]
+    authorize_params: Vec<String>,
+    /// Hide the tools matching PATTERN (`*` wildcards, any case; repeatable): not listed,
+    /// and refused if called.
+    #[arg(long = "ignore-tool", value_name = "PATTERN")]
+    ignore_tools: Vec<String>,
     /// A client registered out of band, used instead of dynamic registration: JSON with
     /// `client_id` and an optional `client_secret`, or `@file` holding it. Give it to every
     /// command for the server (the tokens are kept apart from other clients').
@@ -145,7 +165,19 @@ enum Command {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    if cli.verbose > 0 {
+    if cli.debug {
+        match debug_log(&cli) {
+            Ok(file) => tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::DEBUG)
+                .with_writer(std::sync::Mutex::new(file))
+                .with_ansi(false)
+                .init(),
+            Err(e) => {
+                eprintln!("mcp-connect: error: {e}");
+                std::process::exit(i32::from(e.exit_code()));
+            }
+        }
+    } else if cli.verbose > 0 {
         let level = if cli.verbose > 1 { tracing::Level::DEBUG } else { tracing::Level::INFO };
         tracing_subscriber::fmt()
             .with_max_level(level)
@@ -218,16 +250,40 @@ fn print_status(status: &ServerStatus) {
     }
 }
 
-async fn run(cli: Cli) -> Result<u8, Error> {
-    let store = cli
-        .store
+/// The store directory: `--store`, else `$MCP_CONNECT_STORE`, else the default.
+fn store_dir(cli: &Cli) -> PathBuf {
+    cli.store
+        .clone()
         .or_else(|| {
             std::env::var_os("MCP_CONNECT_STORE").filter(|s| !s.is_empty()).map(PathBuf::from)
         })
-        .unwrap_or_else(mcp_connect::default_store_dir);
+        .unwrap_or_else(mcp_connect::default_store_dir)
+}
+
+/// `--debug`: debug logs appended to `debug.log` in the store directory, mode 0600.
+fn debug_log(cli: &Cli) -> Result<std::fs::File, Error> {
+    let dir = store_dir(cli);
+    let path = dir.join("debug.log");
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true).append(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    builder
+        .create(&dir)
+        .and_then(|()| options.open(&path))
+        .map_err(|e| Error::Store(format!("cannot open the debug log {}: {e}", path.display())))
+}
+
+async fn run(cli: Cli) -> Result<u8, Error> {
+    let store = store_dir(&cli);
     let mut options = ClientOptions::new(store)
         .tenant(cli.tenant)
-        .lock_wait(Duration::from_secs(cli.lock_timeout));
+        .lock_wait(Duration::from_secs(cli.lock_timeout))
+        .request_timeout(Duration::from_secs(cli.request_timeout.max(1)));
     if let Some(user) = cli.user {
         options = options.user(user);
     }
@@ -240,9 +296,21 @@ async fn run(cli: Cli) -> Result<u8, Error> {
         _ => None,
     };
     if let Some(server) = server {
+        if let Some(path) = &server.header_file {
+            for (name, value) in mcp_connect::parse_header_file(path)? {
+                options = options.header(name, value);
+            }
+        }
         for spec in &server.headers {
             let (name, value) = mcp_connect::parse_header(spec)?;
             options = options.header(name, value);
+        }
+        for spec in &server.authorize_params {
+            let (name, value) = mcp_connect::parse_authorize_param(spec)?;
+            options = options.authorize_param(name, value)?;
+        }
+        for pattern in &server.ignore_tools {
+            options = options.ignore_tool(pattern.clone());
         }
         if let Some(info) = &server.static_oauth_client_info {
             options = options.static_client(mcp_connect::StaticClient::parse(info)?);

@@ -32,6 +32,8 @@ const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 const INTERNAL_ERROR: i64 = -32603;
 /// JSON-RPC "parse error".
 const PARSE_ERROR: i64 = -32700;
+/// JSON-RPC "invalid params" (a call of a tool hidden by `--ignore-tool`).
+const INVALID_PARAMS: i64 = -32602;
 
 enum Event {
     /// SIGTERM or SIGINT: hosts stop their servers with a signal more often than by closing
@@ -101,6 +103,11 @@ pub(crate) async fn run(
             }
             Event::FromHost(Ok(Some(line))) if line.trim().is_empty() => {}
             Event::FromHost(Ok(Some(line))) => {
+                if let Some((id, tool)) = hidden_call(client, &line) {
+                    let message = format!("the tool {tool:?} is hidden by --ignore-tool");
+                    let _ = out_tx.send(error_response(id, INVALID_PARAMS, &message)).await;
+                    continue;
+                }
                 match serde_json::from_str::<ClientJsonRpcMessage>(&line) {
                     Ok(message) => {
                         let id = match &message {
@@ -130,7 +137,7 @@ pub(crate) async fn run(
                     }
                 }
             }
-            Event::FromServer(Some(message)) => match serde_json::to_string(&message) {
+            Event::FromServer(Some(message)) => match to_host(client, &message) {
                 Ok(line) => {
                     if out_tx.send(line).await.is_err() {
                         break Ok(());
@@ -154,6 +161,29 @@ pub(crate) async fn run(
     drop(out_tx);
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, writer).await;
     outcome
+}
+
+/// The id and tool name of a host's `tools/call` of a tool hidden by `--ignore-tool` (remembers
+/// `tools/list` requests, whose answers [`to_host`] filters).
+fn hidden_call(client: &Client, line: &str) -> Option<(serde_json::Value, String)> {
+    let filter = client.tool_filter();
+    if filter.is_empty() {
+        return None;
+    }
+    let message: serde_json::Value = serde_json::from_str(line).ok()?;
+    let tool = filter.inspect_host_message(&message)?;
+    Some((message.get("id").cloned().unwrap_or(serde_json::Value::Null), tool))
+}
+
+/// A server message as the host gets it: a `tools/list` answer without hidden tools.
+fn to_host(client: &Client, message: &ServerJsonRpcMessage) -> serde_json::Result<String> {
+    let filter = client.tool_filter();
+    if filter.is_empty() {
+        return serde_json::to_string(message);
+    }
+    let mut value = serde_json::to_value(message)?;
+    filter.filter_server_message(&mut value);
+    serde_json::to_string(&value)
 }
 
 /// Resolves on SIGTERM or SIGINT (never, if the handlers cannot be installed).

@@ -88,6 +88,13 @@ impl StoreDir {
         clock: SharedClock,
     ) -> Result<Self, token_storage::Error> {
         create_private_dir(&root)?;
+        for loosened in tighten(&root)? {
+            eprintln!(
+                "mcp-connect: warning: {} was readable by other users; its mode is now {}",
+                loosened.display(),
+                if loosened == root { "0700" } else { "0600" }
+            );
+        }
         Ok(StoreDir { root, lock_wait, clock })
     }
 
@@ -240,6 +247,52 @@ pub(crate) fn find<'a, T: std::error::Error + 'static>(
         current = err.source();
     }
     None
+}
+
+/// Make the store private: the directory and every directory in it mode 0700, every file 0600.
+/// Returns the store directory and the key file when they had to be tightened (what a user
+/// should hear about); other entries (sled's files, lock files) are tightened silently.
+#[cfg(unix)]
+fn tighten(root: &Path) -> Result<Vec<PathBuf>, token_storage::Error> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let failed = |path: &Path, e: std::io::Error| {
+        token_storage::Error::store(format!("could not make {} private", path.display()), e)
+    };
+    let mut loosened = Vec::new();
+    let mut pending = vec![root.to_owned()];
+    while let Some(path) = pending.pop() {
+        let meta = match std::fs::symlink_metadata(&path) {
+            Ok(meta) => meta,
+            // Gone meanwhile (sled replaces files): nothing to tighten.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(failed(&path, e)),
+        };
+        let wanted = if meta.is_dir() {
+            0o700
+        } else if meta.is_file() {
+            0o600
+        } else {
+            continue;
+        };
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(wanted))
+                .map_err(|e| failed(&path, e))?;
+            if path == root || path == root.join("key") {
+                loosened.push(path.clone());
+            }
+        }
+        if meta.is_dir() {
+            let entries = std::fs::read_dir(&path).map_err(|e| failed(&path, e))?;
+            pending.extend(entries.flatten().map(|e| e.path()));
+        }
+    }
+    Ok(loosened)
+}
+
+#[cfg(not(unix))]
+fn tighten(_: &Path) -> Result<Vec<PathBuf>, token_storage::Error> {
+    Ok(Vec::new())
 }
 
 fn create_private_dir(dir: &Path) -> Result<(), token_storage::Error> {

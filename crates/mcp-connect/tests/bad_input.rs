@@ -215,3 +215,76 @@ async fn invalid_utf8_on_a_proxys_stdin_is_exit_2_not_an_end() {
     out.expect_code(2);
     assert!(out.stderr.contains("not UTF-8"), "{out:#?}");
 }
+
+/// A store logged in to a fixture server whose access tokens live one second, then past expiry.
+async fn logged_in_and_expired() -> (Fixtures, Store, String) {
+    let fx = Fixtures::start().await.unwrap();
+    fx.auth().knobs().set_access_token_lifetime(Duration::from_secs(1));
+    let server = fx.resource().url().to_owned();
+    let store = Store::new();
+    login(&store, &server).await.expect_code(0);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    (fx, store, server)
+}
+
+/// The token endpoint answers 503 to the refresh: exit 12 ("unavailable for now", not
+/// "authorization failed" and not "log in again"); the stored credentials are kept and the same
+/// command works once the server is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authorization_server_in_trouble_is_exit_12_and_keeps_the_credentials() {
+    let (fx, store, server) = logged_in_and_expired().await;
+    fx.auth()
+        .knobs()
+        .fail_token_requests(mcp_fixtures::InjectedFailure::server_error(1).times(1000));
+    let out = store.run(&["tools", &server]);
+    out.expect_code(12);
+    assert!(out.stderr.contains("unavailable for now"), "{out:#?}");
+    assert!(fx.auth().stats().injected_failures >= 1);
+    fx.auth().knobs().clear_failure();
+    assert_still_logged_in(&store, &server);
+}
+
+/// Another process holds the refresh lease of the server's tokens and does not let go: the
+/// command gives up after `--lock-timeout` with exit 13, having sent no refresh request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peers_refresh_that_does_not_end_is_exit_13() {
+    let (fx, store, server) = logged_in_and_expired().await;
+    // One refresh creates the lease's lock file.
+    store.run(&["tools", &server]).expect_code(0);
+    let locks: Vec<_> = std::fs::read_dir(store.path().join("refresh-locks"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "lock"))
+        .collect();
+    assert_eq!(locks.len(), 1, "{locks:?}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let lock = std::fs::OpenOptions::new().write(true).open(&locks[0]).unwrap();
+    lock.lock().unwrap();
+    let refreshes = fx.auth().stats().refresh_token_requests;
+    let out = store.run(&["--lock-timeout", "1", "tools", &server]);
+    out.expect_code(13);
+    assert!(out.stderr.contains("refreshing the tokens"), "{out:#?}");
+    assert_eq!(fx.auth().stats().refresh_token_requests, refreshes, "nothing was sent");
+    lock.unlock().unwrap();
+    assert_still_logged_in(&store, &server);
+}
+
+/// An MCP server that accepts the connection and never answers: exit 14 after
+/// `--request-timeout`, not a hang and not "not an MCP server".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mcp_server_that_never_answers_is_exit_14() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/mcp", listener.local_addr().unwrap());
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = held.clone();
+    let silent = tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            keep.lock().unwrap().push(socket);
+        }
+    });
+    let store = Store::new();
+    let out = tokio::task::block_in_place(|| store.run(&["--request-timeout", "1", "tools", &url]));
+    out.expect_code(14);
+    assert!(out.stderr.contains("did not answer"), "{out:#?}");
+    silent.abort();
+}

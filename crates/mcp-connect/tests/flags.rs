@@ -251,3 +251,296 @@ async fn the_resource_parameter_can_be_disabled_or_replaced() {
     let both = Store::new().run(&["tools", &server, flag, "--resource", &other]);
     both.expect_code(2);
 }
+
+/// `login` through the test's browser with `args` (after `login <server> --no-browser`);
+/// returns the authorization URL the process printed and the finished process.
+async fn login_seen(store: &Store, server: &str, args: &[&str]) -> (url::Url, common::Outcome) {
+    let mut all = vec!["login", server, "--no-browser", "--timeout", "30"];
+    all.extend_from_slice(args);
+    let running = spawn(store.command(&all), false);
+    let url = tokio::task::block_in_place(|| {
+        running.urls.recv_timeout(std::time::Duration::from_secs(30))
+    })
+    .unwrap_or_else(|_| panic!("no authorization URL; stderr:\n{}", running.stderr()));
+    common::visit(&url).await;
+    (url::Url::parse(&url).unwrap(), tokio::task::block_in_place(|| running.finish()))
+}
+
+fn query(url: &url::Url, name: &str) -> Vec<String> {
+    url.query_pairs().filter(|(k, _)| k == name).map(|(_, v)| v.into_owned()).collect()
+}
+
+/// `--authorize-param k=v` (repeatable) reaches the authorization URL; one that names a
+/// parameter the client sets itself is invalid input (exit 2) before anything is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorize_params_reach_the_authorization_url_and_reserved_ones_are_refused() {
+    let fx = Fixtures::start().await.unwrap();
+    let server = fx.resource().url().to_owned();
+    let store = Store::new();
+    let (url, out) = login_seen(
+        &store,
+        &server,
+        &[
+            "--port",
+            "0",
+            "--authorize-param",
+            "prompt=consent",
+            "--authorize-param",
+            "hd=example.com",
+        ],
+    )
+    .await;
+    out.expect_code(0);
+    assert_eq!(query(&url, "prompt"), ["consent"], "{url}");
+    assert_eq!(query(&url, "hd"), ["example.com"], "{url}");
+    assert_eq!(query(&url, "state").len(), 1, "{url}");
+
+    let requests = fx.auth().stats().authorization_requests;
+    for bad in ["state=x", "redirect_uri=https://evil.example/cb", "noequals"] {
+        let out = store.run(&["login", &server, "--no-browser", "--authorize-param", bad]);
+        out.expect_code(2);
+        assert!(out.stderr.contains("--authorize-param"), "{out:#?}");
+    }
+    assert_eq!(fx.auth().stats().authorization_requests, requests, "nothing was sent");
+}
+
+/// `--header-file`: its headers reach the MCP server like `--header`'s, `${VAR}` expanded,
+/// comments skipped; a bad line is named by its number and its value is not repeated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_file_is_read_like_header_flags() {
+    let fx = Fixtures::start().await.unwrap();
+    let server = fx.resource().url().to_owned();
+    let store = Store::new();
+    login(&store, &server).await.expect_code(0);
+    let file = store.dir.path().join("headers");
+    std::fs::write(
+        &file,
+        "# the team's key\nX-File-Key: ${MCP_CONNECT_TEST_API_KEY}\n\nX-Plain: p\n",
+    )
+    .unwrap();
+    let mut cmd =
+        store.command(&["-vv", "tools", &server, "--header-file", file.to_str().unwrap()]);
+    cmd.env("MCP_CONNECT_TEST_API_KEY", HEADER_VALUE);
+    let out = common::Outcome::from(cmd.output().unwrap());
+    out.expect_code(0);
+    let seen = fx.resource().stats().extension_headers;
+    assert!(seen.contains(&format!("x-file-key: {HEADER_VALUE}")), "{seen:?}");
+    assert!(seen.contains("x-plain: p"), "{seen:?}");
+    assert!(!out.all().contains(HEADER_VALUE), "{out:#?}");
+
+    std::fs::write(&file, format!("X-Ok: 1\nbroken {HEADER_VALUE}\n")).unwrap();
+    let out = store.run(&["tools", &server, "--header-file", file.to_str().unwrap()]);
+    out.expect_code(2);
+    assert!(out.stderr.contains("line 2"), "{out:#?}");
+    assert!(!out.all().contains(HEADER_VALUE), "{out:#?}");
+}
+
+/// `--ignore-tool`: `tools` does not list a hidden tool and `call` refuses it (exit 2) without
+/// calling it; the proxy removes it from the host's `tools/list` and answers a call of it with
+/// an error that never reaches the server, while other tools work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ignored_tools_are_hidden_and_refused_without_reaching_the_server() {
+    let fx = Fixtures::start().await.unwrap();
+    let server = fx.resource().url().to_owned();
+    let store = Store::new();
+    login(&store, &server).await.expect_code(0);
+    let calls = || fx.resource().stats().tool_calls.get("counter").copied().unwrap_or(0);
+
+    let tools = store.run(&["tools", &server, "--ignore-tool", "COUNT*", "--ignore-tool", "sl*w"]);
+    tools.expect_code(0);
+    let names: Vec<&str> = tools.stdout.lines().map(|l| l.split('\t').next().unwrap()).collect();
+    assert_eq!(names, ["echo"], "{tools:#?}");
+    let call = store.run(&["call", &server, "counter", "--ignore-tool", "count*"]);
+    call.expect_code(2);
+    assert!(call.stderr.contains("hidden by --ignore-tool"), "{call:#?}");
+    assert_eq!(calls(), 0);
+
+    let mut proxy = spawn(store.command(&["proxy", &server, "--ignore-tool", "counter"]), true);
+    proxy.send(json!({
+        "jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": { "name": "host", "version": "1" }
+        }
+    }));
+    assert!(proxy.response(1)["result"].is_object());
+    proxy.send(json!({ "jsonrpc": "2.0", "method": "notifications/initialized" }));
+    proxy.send(json!({ "jsonrpc": "2.0", "id": 2, "method": "tools/list" }));
+    let list = proxy.response(2);
+    let listed: Vec<&str> = list["result"]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert!(listed.contains(&"echo") && !listed.contains(&"counter"), "{list}");
+    proxy.send(json!({
+        "jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": { "name": "counter" }
+    }));
+    let refused = proxy.response(3);
+    assert_eq!(refused["error"]["code"], json!(-32602), "{refused}");
+    proxy.send(json!({
+        "jsonrpc": "2.0", "id": 4, "method": "tools/call",
+        "params": { "name": "echo", "arguments": { "text": "shown" } }
+    }));
+    assert_eq!(proxy.response(4)["result"]["content"][0]["text"], json!("shown"));
+    tokio::task::block_in_place(|| proxy.finish()).expect_code(0);
+    assert_eq!(calls(), 0, "the hidden tool never reached the server");
+}
+
+/// `--debug`: debug logs go to `debug.log` in the store directory (mode 0600), not to the
+/// terminal, and hold no token, refresh token or client secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debug_writes_a_private_log_without_secrets() {
+    let fx = Fixtures::start().await.unwrap();
+    fx.auth().knobs().set_access_token_lifetime(std::time::Duration::from_secs(1));
+    let server = fx.resource().url().to_owned();
+    let store = Store::new();
+    let (_, out) = login_seen(&store, &server, &["--port", "0", "--debug"]).await;
+    out.expect_code(0);
+    assert!(!out.stderr.contains("DEBUG"), "logs go to the file: {out:#?}");
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    // Past expiry: the call refreshes, so the log covers a refresh too.
+    let call = store.run(&["--debug", "call", &server, "echo", r#"{"text":"x"}"#]);
+    call.expect_code(0);
+    assert!(fx.auth().stats().refresh_token_requests >= 1);
+    let log_path = store.path().join("debug.log");
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("DEBUG"), "{log}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&log_path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+    let secrets = store.secrets(&server).await;
+    assert!(!secrets.is_empty());
+    for secret in secrets {
+        assert!(!log.contains(&secret), "a secret is in the debug log");
+    }
+}
+
+/// A store directory (and key file) readable by others is made private (0700 / 0600), with a
+/// warning; the tokens in it still work.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loose_store_is_made_private_with_a_warning() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let fx = Fixtures::start().await.unwrap();
+    let server = fx.resource().url().to_owned();
+    let store = Store::new();
+    login(&store, &server).await.expect_code(0);
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let key = store.path().join("key");
+    assert_eq!((mode(&store.path()), mode(&key)), (0o700, 0o600));
+    std::fs::set_permissions(store.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = store.run(&["tools", &server]);
+    out.expect_code(0);
+    assert!(out.stderr.contains("warning") && out.stderr.contains("0700"), "{out:#?}");
+    assert!(out.stderr.contains("0600"), "{out:#?}");
+    assert_eq!((mode(&store.path()), mode(&key)), (0o700, 0o600));
+    let mut loose = Vec::new();
+    for (path, _) in common::snapshot(&store.path()) {
+        if mode(&path) & 0o077 != 0 {
+            loose.push(path);
+        }
+    }
+    assert!(loose.is_empty(), "{loose:?}");
+    let again = store.run(&["tools", &server]);
+    assert!(!again.stderr.contains("warning"), "{again:#?}");
+}
+
+/// Two servers that both need a login at once, with no `--port`: each login listens on the
+/// port derived from its server's URL (two different ports), so both prompt and both finish,
+/// and a second login to the same server reuses its port (the registration stays valid).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_log_in_at_once_on_their_own_ports() {
+    let a = Fixtures::start().await.unwrap();
+    let b = Fixtures::start().await.unwrap();
+    let (sa, sb) = (a.resource().url().to_owned(), b.resource().url().to_owned());
+    assert_ne!(mcp_connect::callback_port_for(&sa), mcp_connect::callback_port_for(&sb));
+    let store = Store::new();
+    let ra = spawn(store.command(&["login", &sa, "--no-browser", "--timeout", "30"]), false);
+    let rb = spawn(store.command(&["login", &sb, "--no-browser", "--timeout", "30"]), false);
+    let recv = |r: &common::Running| {
+        tokio::task::block_in_place(|| r.urls.recv_timeout(std::time::Duration::from_secs(30)))
+            .unwrap_or_else(|_| panic!("no authorization URL; stderr:\n{}", r.stderr()))
+    };
+    // Both wait in the browser step at the same time.
+    let (ua, ub) = (recv(&ra), recv(&rb));
+    let port = |u: &str| {
+        let u = url::Url::parse(u).unwrap();
+        url::Url::parse(&query(&u, "redirect_uri")[0]).unwrap().port().unwrap()
+    };
+    let (pa, pb) = (port(&ua), port(&ub));
+    assert_ne!(pa, pb);
+    let derived =
+        |s: &str| mcp_connect::callback_port_for(s)..mcp_connect::callback_port_for(s) + 10;
+    assert!(derived(&sa).contains(&pa) && derived(&sb).contains(&pb), "{pa} {pb}");
+    common::visit(&ub).await;
+    common::visit(&ua).await;
+    tokio::task::block_in_place(|| ra.finish()).expect_code(0);
+    tokio::task::block_in_place(|| rb.finish()).expect_code(0);
+    assert_eq!(a.auth().stats().registrations + b.auth().stats().registrations, 2);
+    store.run(&["call", &sa, "echo", r#"{"text":"a"}"#]).expect_code(0);
+    store.run(&["call", &sb, "echo", r#"{"text":"b"}"#]).expect_code(0);
+
+    // A login that finds usable tokens on another port proves nothing about that port: the
+    // registration keeps its own.
+    let again = store.run(&["login", &sa, "--no-browser", "--port", "0"]);
+    again.expect_code(0);
+    assert!(again.stdout.contains("Already authorized"), "{again:#?}");
+    // Refused and logged in again: the same port, and no new registration.
+    a.auth().revoke_all_tokens();
+    let (url, out) = login_seen(&store, &sa, &[]).await;
+    out.expect_code(0);
+    assert_eq!(url::Url::parse(&query(&url, "redirect_uri")[0]).unwrap().port(), Some(pa));
+    assert_eq!(a.auth().stats().registrations, 1);
+}
+
+/// A 200-character server URL and a 120-character user name (lock-file names past 255 bytes
+/// before they became digests): login, a call, and a call after expiry (a refresh) all work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_url_and_a_long_user_name_log_in_call_and_refresh() {
+    use mcp_fixtures::{AuthServer, ResourceServer};
+    let auth = AuthServer::builder().spawn().await.unwrap();
+    auth.knobs().set_access_token_lifetime(std::time::Duration::from_secs(1));
+    // http://127.0.0.1:PORT is 21 or 22 characters: the path makes up the rest.
+    let port_len = auth.base_url().len() - "http://127.0.0.1:".len();
+    let path = format!("/tenants/{}/mcp", "t".repeat(200 - 17 - port_len - 13));
+    let resource = ResourceServer::builder(&auth).path(path).spawn().await.unwrap();
+    let fx = Fixtures::from_parts(auth, resource);
+    let long = fx.resource().url().to_owned();
+    assert_eq!(long.len(), 200, "{long}");
+    let user = "u".repeat(120);
+    let store = Store::new();
+    // `Store::command` names its own user: build the command here.
+    let command = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(common::BIN);
+        cmd.arg("--store").arg(store.path()).args(["--user", &user]).args(args);
+        cmd.env("MCP_CONNECT_NO_BROWSER", "1").stdin(std::process::Stdio::null());
+        cmd
+    };
+    let running =
+        spawn(command(&["login", &long, "--no-browser", "--port", "0", "--timeout", "30"]), false);
+    let url = tokio::task::block_in_place(|| {
+        running.urls.recv_timeout(std::time::Duration::from_secs(30))
+    })
+    .unwrap_or_else(|_| panic!("no authorization URL; stderr:\n{}", running.stderr()));
+    common::visit(&url).await;
+    tokio::task::block_in_place(|| running.finish()).expect_code(0);
+    let call = || {
+        common::Outcome::from(
+            command(&["call", &long, "echo", r#"{"text":"long"}"#]).output().unwrap(),
+        )
+    };
+    let out = call();
+    out.expect_code(0);
+    assert_eq!(out.stdout.trim(), "long");
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let out = call();
+    out.expect_code(0);
+    assert_eq!(out.stdout.trim(), "long");
+    assert!(fx.auth().stats().refresh_token_requests >= 1, "{:?}", fx.auth().stats());
+}

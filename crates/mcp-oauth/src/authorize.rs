@@ -240,6 +240,11 @@ impl OAuthClient {
             if let Some(scope) = scope {
                 q.append_pair("scope", scope);
             }
+            for (name, value) in &self.config().extra_authorization_params {
+                if !crate::client::RESERVED_AUTHORIZATION_PARAMS.contains(&name.as_str()) {
+                    q.append_pair(name, value);
+                }
+            }
         }
         let pending = PendingAuthorization {
             state,

@@ -27,7 +27,28 @@ pub struct OAuthConfig {
     pub send_resource: bool,
     /// The `resource` to send instead of the discovered one. Default `None`.
     pub resource_override: Option<String>,
+    /// Extra query parameters of the authorization URL (e.g. `prompt=consent`), after the
+    /// protocol's own. A name the protocol sets itself ([`RESERVED_AUTHORIZATION_PARAMS`]) is
+    /// not sent twice: such an entry is skipped. Default none.
+    pub extra_authorization_params: Vec<(String, String)>,
 }
+
+/// The authorization-request parameters the client sets itself, which
+/// [`OAuthConfig::extra_authorization_params`] cannot replace.
+///
+/// ```
+/// assert!(mcp_oauth::RESERVED_AUTHORIZATION_PARAMS.contains(&"state"));
+/// ```
+pub const RESERVED_AUTHORIZATION_PARAMS: &[&str] = &[
+    "response_type",
+    "client_id",
+    "redirect_uri",
+    "code_challenge",
+    "code_challenge_method",
+    "state",
+    "resource",
+    "scope",
+];
 
 impl Default for OAuthConfig {
     fn default() -> Self {
@@ -37,6 +58,7 @@ impl Default for OAuthConfig {
             assertion_lifetime: Duration::from_secs(300),
             send_resource: true,
             resource_override: None,
+            extra_authorization_params: Vec::new(),
         }
     }
 }

@@ -89,7 +89,7 @@ mod testutil;
 
 pub use authorize::{CallbackParams, PendingAuthorization, PendingAuthorizations, pkce_challenge};
 pub use challenge::{BearerChallenge, Challenge, parse_challenge_header, parse_challenges};
-pub use client::{OAuthClient, OAuthConfig};
+pub use client::{OAuthClient, OAuthConfig, RESERVED_AUTHORIZATION_PARAMS};
 pub use discovery::{
     AuthorizationServerMetadata, CacheUpdate, Discovery, DiscoveryCache, MetadataSource,
     ProtectedResourceMetadata,

@@ -38,6 +38,32 @@ fn authorization_url_carries_pkce_state_and_resource() {
     assert_eq!(query(&url, "scope"), None, "no scope parameter when none is selected");
 }
 
+/// `extra_authorization_params` (mcp-connect's `--authorize-param`) are appended, but never
+/// replace or repeat a parameter the protocol sets itself.
+#[test]
+fn extra_authorization_params_are_appended_but_never_replace_the_protocols() {
+    let m = mock(|_| HttpResponse::new(500));
+    let client = m.client.clone().with_config(crate::OAuthConfig {
+        extra_authorization_params: vec![
+            ("prompt".into(), "consent".into()),
+            ("state".into(), "attacker".into()),
+            ("redirect_uri".into(), "https://evil.example/cb".into()),
+        ],
+        ..crate::OAuthConfig::default()
+    });
+    let d = discovery(serde_json::json!({}));
+    let (url, pending) = client
+        .authorization_url(&d, &registration(M::None), "http://127.0.0.1:1/cb", None)
+        .unwrap();
+    assert_eq!(query(&url, "prompt").as_deref(), Some("consent"));
+    let states: Vec<_> = url.query_pairs().filter(|(k, _)| k == "state").collect();
+    assert_eq!(states.len(), 1, "{url}");
+    assert_eq!(states[0].1, pending.state.secret());
+    let redirects: Vec<_> = url.query_pairs().filter(|(k, _)| k == "redirect_uri").collect();
+    assert_eq!(redirects.len(), 1, "{url}");
+    assert_eq!(redirects[0].1, "http://127.0.0.1:1/cb");
+}
+
 #[test]
 fn states_and_verifiers_are_unique() {
     let m = mock(|_| HttpResponse::new(500));
