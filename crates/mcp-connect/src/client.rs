@@ -16,6 +16,7 @@ use serde::Serialize;
 use token_storage::{SharedTokenStore, TokenKey, TokenSet, TokenStorage};
 
 use crate::error::Error;
+use crate::events::{Event, EventLog, RecordingRefresher};
 use crate::login::{BrowserHook, LoginOptions};
 use crate::store::{LockedSledStore, StoreDir, StoreLocked, StoreUnreadable, chain, find};
 
@@ -225,6 +226,8 @@ pub struct ServerStatus {
     pub has_refresh_token: bool,
     /// Why a new login is needed, when it is.
     pub needs_login: Option<String>,
+    /// The newest event of this server's credentials (see [`Client::why`]).
+    pub last_event: Option<Event>,
 }
 
 /// What `logout` did.
@@ -283,6 +286,7 @@ pub struct Client {
     flows: FlowManager,
     clock: SharedClock,
     tools: Arc<crate::ignore::ToolFilter>,
+    events: EventLog,
 }
 
 impl Client {
@@ -305,10 +309,13 @@ impl Client {
             extra_authorization_params: options.authorize_params.clone(),
             ..mcp_oauth::OAuthConfig::default()
         });
+        let events = EventLog::new(root.join("events.log"), clock.clone());
+        let refresher =
+            RecordingRefresher::new(Arc::new(OAuthRefresher::new(oauth.clone())), events.clone());
         let storage = TokenStorage::builder(
             SharedTokenStore::new(LockedSledStore::new(dir.clone())),
             Arc::new(keys),
-            Arc::new(OAuthRefresher::new(oauth.clone())),
+            Arc::new(refresher),
         )
         .clock(clock.clone())
         .lease(dir.refresh_lease())
@@ -318,7 +325,7 @@ impl Client {
             .build()
             .map_err(|e| Error::Mcp(format!("cannot build the flow manager: {e}")))?;
         let tools = Arc::new(crate::ignore::ToolFilter::new(options.ignore_tools.clone()));
-        let client = Client { options, dir, oauth, storage, flows, clock, tools };
+        let client = Client { options, dir, oauth, storage, flows, clock, tools, events };
         // A bad header is invalid input before anything else happens.
         client.header_map()?;
         Ok(client)
@@ -560,6 +567,7 @@ impl Client {
         let server = tokio::spawn(async move { axum::serve(listener, router).await });
         let hook = Arc::new(BrowserHook::new(options.clone(), self.clock.clone()));
         let factory = self.factory().with_interactive(self.oauth.clone(), hook.clone());
+        let client_before = client.as_ref().map(|c| c.client_id.clone());
         let issuer = self.static_issuer(target).await?;
         let config = self
             .factory_config(target)
@@ -569,8 +577,31 @@ impl Client {
         let result = factory.connect(config).await;
         hook.stop();
         server.abort();
-        let conn = result.map_err(|e| login_error(target, options, e))?;
+        let conn = result.map_err(|e| {
+            let e = login_error(target, options, e);
+            self.events.record(&target.key, "login", format!("the login failed: {e}"));
+            e
+        })?;
         let _ = conn.close().await;
+        let client_after = self.storage.client(&target.key).await.map_err(self.store_err())?;
+        if let Some(after) = &client_after
+            && client_before.as_deref() != Some(after.client_id.as_str())
+        {
+            let how = if self.options.static_client.is_some() {
+                "the --static-oauth-client-info client is bound to"
+            } else {
+                "registered a new client at"
+            };
+            self.events.record(
+                &target.key,
+                "registration",
+                format!("{how} {} (client id {})", after.issuer, after.client_id),
+            );
+        }
+        if hook.prompted() {
+            let why = if stale { " after the authorization was refused" } else { "" };
+            self.events.record(&target.key, "login", format!("browser step completed{why}"));
+        }
         // The redirect URI is recorded only once the authorization server accepted it for this
         // client (a completed browser step); a login that found usable tokens proved nothing.
         if hook.prompted()
@@ -589,10 +620,38 @@ impl Client {
     async fn connect(&self, target: &Target) -> Result<Connection, Error> {
         self.probe(target).await?;
         self.stored(target).await?;
-        self.factory()
+        let connected = self
+            .factory()
             .connect(self.factory_config(target))
             .await
-            .map_err(|e| connect_error(target, e))
+            .map_err(|e| connect_error(target, e));
+        self.note(target, connected).await
+    }
+
+    /// Record why a command needs a new login (from what the store says now).
+    async fn note<T>(&self, target: &Target, outcome: Result<T, Error>) -> Result<T, Error> {
+        if let Err(Error::NotLoggedIn { .. }) = &outcome {
+            let why = match self.status_of(&target.key).await {
+                Ok(status) => status.needs_login.unwrap_or_else(|| {
+                    "the server refused the stored authorization and it could not be refreshed"
+                        .into()
+                }),
+                Err(e) => format!("the store could not be read: {e}"),
+            };
+            self.events.record(&target.key, "login-needed", why);
+        }
+        outcome
+    }
+
+    /// What happened to the credentials of `url`, newest first: logins, registrations, every
+    /// refresh request with its outcome and the process that sent it, why a new login was
+    /// needed, logouts. Never a secret.
+    ///
+    /// # Errors
+    /// [`Error::Usage`] for a URL that is not http(s).
+    pub fn why(&self, url: &str) -> Result<Vec<Event>, Error> {
+        let target = self.target(url)?;
+        Ok(self.events.of(&target.key))
     }
 
     /// The server's tools.
@@ -604,6 +663,7 @@ impl Client {
         let conn = self.connect(&target).await?;
         let tools = conn.list_tools().await.map_err(|e| request_error(&target, e));
         let _ = conn.close().await;
+        let tools = self.note(&target, tools).await;
         let mut tools = tools?;
         tools.retain(|tool| !self.tools.hides(&tool.name));
         Ok(tools)
@@ -626,7 +686,7 @@ impl Client {
         let conn = self.connect(&target).await?;
         let result = conn.call_tool(tool, arguments).await.map_err(|e| request_error(&target, e));
         let _ = conn.close().await;
-        result
+        self.note(&target, result).await
     }
 
     async fn status_of(&self, key: &TokenKey) -> Result<ServerStatus, Error> {
@@ -650,6 +710,7 @@ impl Client {
             expires_in: expires_at.map(|at| signed_secs(at, now)),
             has_refresh_token: tokens.as_ref().is_some_and(|t| t.refresh_token().is_some()),
             needs_login,
+            last_event: self.events.of(key).into_iter().next(),
         })
     }
 
@@ -686,6 +747,11 @@ impl Client {
         };
         if deleted {
             self.storage.delete_all(&target.key).await.map_err(self.store_err())?;
+            self.events.record(
+                &target.key,
+                "logout",
+                format!("tokens and client deleted (revocation: {revocation})"),
+            );
         }
         Ok(LogoutReport { server: target.as_str().to_owned(), revocation, deleted })
     }
@@ -728,6 +794,11 @@ impl Client {
         target: &Target,
         options: &LoginOptions,
     ) -> Result<(), Error> {
+        self.events.record(
+            &target.key,
+            "relogin",
+            "the server refused the authorization mid-session and it could not be refreshed: a new login starts",
+        );
         let _lock = self.login_lock(target, options).await?;
         if let Ok(conn) = self.factory().connect(self.factory_config(target)).await {
             tracing::info!(server = target.as_str(), "another process logged in");

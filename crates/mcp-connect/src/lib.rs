@@ -48,6 +48,7 @@
 mod client;
 mod conformance;
 mod error;
+mod events;
 mod flags;
 mod ignore;
 mod login;
@@ -60,6 +61,7 @@ pub use client::{
 };
 pub use conformance::run_conformance;
 pub use error::Error;
+pub use events::Event;
 pub use flags::{StaticClient, parse_authorize_param, parse_header, parse_header_file};
 pub use login::{AUTHORIZATION_URL_PREFIX, LoginOptions, NO_BROWSER_ENV};
 

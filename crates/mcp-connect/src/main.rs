@@ -136,8 +136,18 @@ enum Command {
         #[command(flatten)]
         server: ServerArgs,
     },
-    /// Show what is stored per server: expiry, refresh token held, issuer, client id.
+    /// Show what is stored per server: expiry, refresh token held, issuer, client id, and the
+    /// last thing that happened to its credentials.
     Status,
+    /// What happened to this server's credentials, newest first: logins, registrations, every
+    /// refresh request with its outcome and the process that sent it, why a new login was
+    /// needed, logouts. Never a secret.
+    Why {
+        /// The MCP server URL.
+        url: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
     /// Revoke the tokens at the authorization server (RFC 7009) and delete them.
     Logout {
         /// The MCP server URL.
@@ -248,6 +258,20 @@ fn print_status(status: &ServerStatus) {
     if let Some(why) = &status.needs_login {
         println!("  needs login:   {why}");
     }
+    if let Some(event) = &status.last_event {
+        println!("  last event:    {}", event_line(event));
+    }
+}
+
+fn event_line(event: &mcp_connect::Event) -> String {
+    let at = std::time::UNIX_EPOCH + Duration::from_secs(event.at);
+    format!(
+        "{}  pid {:<7} {:<13} {}",
+        httpdate::fmt_http_date(at),
+        event.pid,
+        event.kind,
+        event.detail
+    )
 }
 
 /// The store directory: `--store`, else `$MCP_CONNECT_STORE`, else the default.
@@ -292,7 +316,8 @@ async fn run(cli: Cli) -> Result<u8, Error> {
         | Command::Tools { server, .. }
         | Command::Call { server, .. }
         | Command::Proxy { server, .. }
-        | Command::Logout { server, .. } => Some(server),
+        | Command::Logout { server, .. }
+        | Command::Why { server, .. } => Some(server),
         _ => None,
     };
     if let Some(server) = server {
@@ -407,6 +432,19 @@ async fn command(client: &Client, command: Command, json: bool) -> Result<u8, Er
                 println!("Logged out of {} (revocation: {}).", report.server, report.revocation);
             } else {
                 println!("Nothing stored for {}.", report.server);
+            }
+        }
+        Command::Why { url, .. } => {
+            let events = client.why(&url)?;
+            if json {
+                print_json(&serde_json::json!({ "server": url, "events": events }))?;
+            } else if events.is_empty() {
+                println!("Nothing recorded for {url}.");
+            } else {
+                println!("{url} (newest first)");
+                for event in &events {
+                    println!("  {}", event_line(event));
+                }
             }
         }
         Command::Proxy { url, browser, .. } => client.proxy(&url, &browser.options()).await?,

@@ -9,6 +9,8 @@
 //! | `store.lock` | the store lock: held for the duration of one store operation |
 //! | `refresh-locks/` | token-storage's per-key refresh lease ([`RefreshLease::lock_files`]) |
 //! | `login-locks/` | one lock per key: the process that holds it runs the browser step |
+//! | `events.log` | the event log behind `why` (JSON lines, no secrets), see `events.rs` |
+//! | `debug.log` | debug logs, with `--debug` |
 //!
 //! sled admits one process per database, so [`LockedSledStore`] opens the database for each
 //! operation under an exclusive `flock` on `store.lock` and closes it before the lock is
