@@ -177,6 +177,11 @@ impl ClientOptions {
     pub fn get_store(&self) -> &Path {
         &self.store
     }
+
+    /// The `resource` given instead of the discovered one.
+    pub(crate) fn resource_override(&self) -> Option<&str> {
+        self.resource.as_deref()
+    }
 }
 
 /// The default store directory: `$XDG_DATA_HOME/mcp-connect`, else
@@ -340,6 +345,27 @@ impl Client {
     /// not covered.
     pub async fn settle(&self) -> Settled {
         Settled { _leases: self.dir.hold_refresh_leases().await }
+    }
+
+    /// The `--header`s with their values (for mcp-remote's file names; never printed).
+    pub(crate) fn header_values(&self) -> Vec<(String, String)> {
+        self.options.headers.iter().map(|(n, v)| (n.clone(), v.expose().to_owned())).collect()
+    }
+
+    pub(crate) fn oauth(&self) -> &OAuthClient {
+        &self.oauth
+    }
+
+    pub(crate) fn storage(&self) -> &TokenStorage {
+        &self.storage
+    }
+
+    pub(crate) fn events(&self) -> &EventLog {
+        &self.events
+    }
+
+    pub(crate) fn clock(&self) -> &SharedClock {
+        &self.clock
     }
 
     /// The `--ignore-tool` filter.

@@ -51,6 +51,7 @@ mod error;
 mod events;
 mod flags;
 mod ignore;
+mod import;
 mod login;
 mod proxy;
 mod store;
@@ -63,6 +64,7 @@ pub use conformance::run_conformance;
 pub use error::Error;
 pub use events::Event;
 pub use flags::{StaticClient, parse_authorize_param, parse_header, parse_header_file};
+pub use import::{ImportReport, mcp_remote_hash};
 pub use login::{AUTHORIZATION_URL_PREFIX, LoginOptions, NO_BROWSER_ENV};
 
 /// The exit-code table printed by `mcp-connect --help`.

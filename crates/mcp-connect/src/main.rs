@@ -164,12 +164,36 @@ enum Command {
         #[command(flatten)]
         server: ServerArgs,
     },
+    /// Take over another client's stored login for a server (today: mcp-remote's `~/.mcp-auth`).
+    /// Stop that client for the server first.
+    Import {
+        /// Where from.
+        #[arg(value_enum)]
+        source: ImportSource,
+        /// The MCP server URL, as given to mcp-remote.
+        url: String,
+        /// mcp-remote's directory (default: $MCP_REMOTE_CONFIG_DIR, else ~/.mcp-auth).
+        #[arg(long, value_name = "DIR")]
+        from: Option<PathBuf>,
+        /// Replace usable tokens already stored for the server.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
     /// Client mode for the official MCP conformance suite (server URL last).
     #[command(hide = true)]
     Conformance {
         /// The MCP server URL (the suite appends it).
         url: String,
     },
+}
+
+/// Another client whose stored logins `import` reads.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ImportSource {
+    /// mcp-remote (`npx mcp-remote`): `~/.mcp-auth/mcp-remote-*/`.
+    McpRemote,
 }
 
 #[tokio::main]
@@ -317,7 +341,8 @@ async fn run(cli: Cli) -> Result<u8, Error> {
         | Command::Call { server, .. }
         | Command::Proxy { server, .. }
         | Command::Logout { server, .. }
-        | Command::Why { server, .. } => Some(server),
+        | Command::Why { server, .. }
+        | Command::Import { server, .. } => Some(server),
         _ => None,
     };
     if let Some(server) = server {
@@ -432,6 +457,25 @@ async fn command(client: &Client, command: Command, json: bool) -> Result<u8, Er
                 println!("Logged out of {} (revocation: {}).", report.server, report.revocation);
             } else {
                 println!("Nothing stored for {}.", report.server);
+            }
+        }
+        Command::Import { source: ImportSource::McpRemote, url, from, force, .. } => {
+            let report = client.import_mcp_remote(&url, from.as_deref(), force).await?;
+            if json {
+                print_json(&report)?;
+            } else {
+                println!(
+                    "Imported mcp-remote's login for {} from {} (client id {}, issuer {}, {}).",
+                    report.server,
+                    report.from.display(),
+                    report.client_id,
+                    report.issuer,
+                    if report.has_refresh_token {
+                        "with a refresh token"
+                    } else {
+                        "no refresh token"
+                    }
+                );
             }
         }
         Command::Why { url, .. } => {
