@@ -55,6 +55,9 @@ pub struct ClientOptions {
     request_timeout: Duration,
     authorize_params: Vec<(String, String)>,
     ignore_tools: Vec<String>,
+    allow_http: bool,
+    allow_private_network: bool,
+    use_env_proxy: bool,
 }
 
 impl ClientOptions {
@@ -77,6 +80,9 @@ impl ClientOptions {
             request_timeout: CONNECT_TIMEOUT,
             authorize_params: Vec::new(),
             ignore_tools: Vec::new(),
+            allow_http: false,
+            allow_private_network: false,
+            use_env_proxy: false,
         }
     }
 
@@ -152,6 +158,39 @@ impl ClientOptions {
     pub fn ignore_tool(mut self, pattern: impl Into<String>) -> Self {
         self.ignore_tools.push(pattern.into());
         self
+    }
+
+    /// Let the OAuth side use plain `http` to hosts that are not loopback (mcp-remote's
+    /// `--allow-http`): tokens and secrets then cross the network in the clear.
+    pub fn allow_http(mut self) -> Self {
+        self.allow_http = true;
+        self
+    }
+
+    /// Let discovery and the OAuth requests reach private (`10/8`, `172.16/12`, `192.168/16`,
+    /// `fc00::/7`), CGNAT (`100.64/10`, Tailscale) and link-local addresses, which are refused
+    /// by default. Cloud metadata addresses stay refused.
+    pub fn allow_private_network(mut self) -> Self {
+        self.allow_private_network = true;
+        self
+    }
+
+    /// Send the OAuth requests through the proxy named by `HTTPS_PROXY` / `HTTP_PROXY` /
+    /// `ALL_PROXY` (minus `NO_PROXY`), as mcp-remote's `--enable-proxy` does; the direct
+    /// reachability probe of the server is skipped.
+    pub fn enable_proxy(mut self) -> Self {
+        self.use_env_proxy = true;
+        self
+    }
+
+    /// The HTTP policy of the OAuth side.
+    pub(crate) fn http_policy(&self) -> HttpPolicy {
+        let mut policy = HttpPolicy::default();
+        policy.ssrf.allow_http = self.allow_http;
+        policy.ssrf.allow_private = self.allow_private_network;
+        policy.ssrf.allow_link_local = self.allow_private_network;
+        policy.use_env_proxy = self.use_env_proxy;
+        policy
     }
 
     /// The tenant the tokens belong to.
@@ -306,12 +345,13 @@ impl Client {
         let dir = StoreDir::open(root.clone(), options.lock_wait, clock.clone())
             .map_err(|e| store_error(&root, &e))?;
         let keys = dir.keyring().await.map_err(|e| store_error(&root, &e))?;
-        let http = ReqwestHttpClient::new(HttpPolicy::default())
+        let http = ReqwestHttpClient::new(options.http_policy())
             .map_err(|e| Error::Mcp(format!("cannot build the HTTP client: {e}")))?;
         let oauth = OAuthClient::new(http, clock.clone()).with_config(mcp_oauth::OAuthConfig {
             send_resource: options.send_resource,
             resource_override: options.resource.clone(),
             extra_authorization_params: options.authorize_params.clone(),
+            allow_insecure_http: options.allow_http,
             ..mcp_oauth::OAuthConfig::default()
         });
         let events = EventLog::new(root.join("events.log"), clock.clone());
@@ -393,8 +433,12 @@ impl Client {
         move |e| store_error(&self.options.store, &e)
     }
 
-    /// Is anything listening at the server's address?
+    /// Is anything listening at the server's address? (Not asked through a proxy: the proxy
+    /// may be the only way there.)
     async fn probe(&self, target: &Target) -> Result<(), Error> {
+        if self.options.use_env_proxy {
+            return Ok(());
+        }
         let unreachable =
             |reason: String| Error::Unreachable { url: target.as_str().to_owned(), reason };
         let addrs = target.url.socket_addrs(|| None).map_err(|e| unreachable(e.to_string()))?;
@@ -978,6 +1022,13 @@ fn provider_error(e: &connection_factory::Error) -> Error {
         Error::RefreshWait(text)
     } else if text.contains("is locked by another process") {
         Error::StoreLocked(text)
+    } else if ["private", "link-local"]
+        .iter()
+        .any(|kind| text.contains(&format!("{kind} addresses are not allowed by the SSRF policy")))
+    {
+        Error::Authorization(format!("{text} (--allow-private-network allows it)"))
+    } else if text.contains("HTTPS is required except on loopback addresses") {
+        Error::Authorization(format!("{text} (--allow-http allows it)"))
     } else if text.contains("cannot be opened") || text.contains("unreadable") {
         Error::Store(text)
     } else {
@@ -1026,5 +1077,35 @@ fn login_error(target: &Target, options: &LoginOptions, e: connection_factory::E
             "the authorization was denied or did not complete (see the browser window)".into(),
         ),
         other => connect_error(target, other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--allow-private-network`, `--allow-http` and `--enable-proxy` reach the OAuth side's
+    /// HTTP policy; by default private and link-local addresses and plain http are refused.
+    #[test]
+    fn network_flags_shape_the_http_policy() {
+        let private: std::net::IpAddr = "10.1.2.3".parse().unwrap();
+        let cgnat: std::net::IpAddr = "100.100.1.1".parse().unwrap();
+        let link_local: std::net::IpAddr = "169.254.1.1".parse().unwrap();
+        let metadata: std::net::IpAddr = "169.254.169.254".parse().unwrap();
+        let default = ClientOptions::new("/tmp/x").http_policy();
+        for ip in [private, cgnat, link_local, metadata] {
+            assert!(default.ssrf.refuses(ip).is_some(), "{ip}");
+        }
+        assert!(!default.ssrf.allow_http && !default.use_env_proxy);
+        let open = ClientOptions::new("/tmp/x")
+            .allow_private_network()
+            .allow_http()
+            .enable_proxy()
+            .http_policy();
+        for ip in [private, cgnat, link_local] {
+            assert!(open.ssrf.refuses(ip).is_none(), "{ip}");
+        }
+        assert!(open.ssrf.refuses(metadata).is_some(), "cloud metadata stays refused");
+        assert!(open.ssrf.allow_http && open.use_env_proxy);
     }
 }

@@ -86,6 +86,18 @@ struct ServerArgs {
     /// prompt=consent). The protocol's own parameters cannot be replaced.
     #[arg(long = "authorize-param", value_name = "NAME=VALUE")]
     authorize_params: Vec<String>,
+    /// Allow plain http to authorization servers that are not on loopback (tokens and secrets
+    /// then cross the network in the clear).
+    #[arg(long)]
+    allow_http: bool,
+    /// Allow private, CGNAT (100.64/10, Tailscale) and link-local addresses in discovery and
+    /// the OAuth requests (refused by default).
+    #[arg(long)]
+    allow_private_network: bool,
+    /// Use the proxy named by HTTPS_PROXY / HTTP_PROXY / ALL_PROXY (minus NO_PROXY) for the
+    /// OAuth requests.
+    #[arg(long)]
+    enable_proxy: bool,
     /// Hide the tools matching PATTERN (`*` wildcards, any case; repeatable): not listed,
     /// and refused if called.
     #[arg(long = "ignore-tool", value_name = "PATTERN")]
@@ -358,6 +370,15 @@ async fn run(cli: Cli) -> Result<u8, Error> {
         for spec in &server.authorize_params {
             let (name, value) = mcp_connect::parse_authorize_param(spec)?;
             options = options.authorize_param(name, value)?;
+        }
+        if server.allow_http {
+            options = options.allow_http();
+        }
+        if server.allow_private_network {
+            options = options.allow_private_network();
+        }
+        if server.enable_proxy {
+            options = options.enable_proxy();
         }
         for pattern in &server.ignore_tools {
             options = options.ignore_tool(pattern.clone());

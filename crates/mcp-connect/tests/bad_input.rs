@@ -288,3 +288,35 @@ async fn an_mcp_server_that_never_answers_is_exit_14() {
     assert!(out.stderr.contains("did not answer"), "{out:#?}");
     silent.abort();
 }
+
+/// An MCP server whose metadata names an authorization server at a private address (as a
+/// hostile server might, to reach the user's network): refused before any request is sent to
+/// it, with a message naming the address kind and the flag that allows it. (The flag's effect on
+/// the policy is pinned by a unit test: tests reach only loopback.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_authorization_server_is_refused_without_the_flag() {
+    use axum::http::{StatusCode, header};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let prm = serde_json::json!({
+        "resource": format!("{base}/mcp"),
+        "authorization_servers": ["https://10.255.255.1"],
+    });
+    let challenge =
+        format!("Bearer resource_metadata=\"{base}/.well-known/oauth-protected-resource/mcp\"");
+    let app = axum::Router::new()
+        .route(
+            "/.well-known/oauth-protected-resource/mcp",
+            axum::routing::get(move || async move { axum::Json(prm) }),
+        )
+        .fallback(move || async move {
+            (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, challenge)], "")
+        });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let store = Store::new();
+    let url = format!("{base}/mcp");
+    let out = store.run(&["login", &url, "--port", "0", "--no-browser", "--timeout", "5"]);
+    out.expect_code(6);
+    assert!(out.stderr.contains("private addresses are not allowed"), "{out:#?}");
+    assert!(out.stderr.contains("--allow-private-network"), "{out:#?}");
+}

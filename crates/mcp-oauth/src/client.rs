@@ -31,6 +31,10 @@ pub struct OAuthConfig {
     /// protocol's own. A name the protocol sets itself ([`RESERVED_AUTHORIZATION_PARAMS`]) is
     /// not sent twice: such an entry is skipped. Default none.
     pub extra_authorization_params: Vec<(String, String)>,
+    /// Accept `http` endpoints on hosts that are not loopback in authorization server metadata
+    /// (the HTTP client must allow them too: [`SsrfPolicy::allow_http`](crate::SsrfPolicy)).
+    /// Default false.
+    pub allow_insecure_http: bool,
 }
 
 /// The authorization-request parameters the client sets itself, which
@@ -59,6 +63,7 @@ impl Default for OAuthConfig {
             send_resource: true,
             resource_override: None,
             extra_authorization_params: Vec::new(),
+            allow_insecure_http: false,
         }
     }
 }

@@ -138,8 +138,8 @@ impl AuthorizationServerMetadata {
         self.scopes_supported.as_ref().is_some_and(|s| s.iter().any(|x| x == scope))
     }
 
-    fn validate(&self, url: &Url) -> Result<()> {
-        let scheme_only = SsrfPolicy::allow_all();
+    fn validate(&self, url: &Url, allow_http: bool) -> Result<()> {
+        let scheme_only = SsrfPolicy { allow_http, ..SsrfPolicy::allow_all() };
         for endpoint in [
             &self.authorization_endpoint,
             &self.token_endpoint,
@@ -388,7 +388,7 @@ impl OAuthClient {
         }
         let asm: AuthorizationServerMetadata = serde_json::from_value(value)
             .map_err(|e| Error::malformed("authorization server metadata", url, e.to_string()))?;
-        asm.validate(url)?;
+        asm.validate(url, self.config().allow_insecure_http)?;
         Ok(asm)
     }
 

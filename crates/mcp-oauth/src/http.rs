@@ -281,6 +281,9 @@ pub struct SsrfPolicy {
     pub allow_link_local: bool,
     /// Cloud instance metadata services.
     pub allow_cloud_metadata: bool,
+    /// Plain `http` to hosts that are not loopback (mcp-remote's `--allow-http`). Default false:
+    /// tokens and secrets would cross the network in the clear.
+    pub allow_http: bool,
 }
 
 impl Default for SsrfPolicy {
@@ -290,18 +293,21 @@ impl Default for SsrfPolicy {
             allow_private: false,
             allow_link_local: false,
             allow_cloud_metadata: false,
+            allow_http: false,
         }
     }
 }
 
 impl SsrfPolicy {
-    /// Every address allowed (for tests and trusted deployments).
+    /// Every address allowed (for tests and trusted deployments); plain `http` still only to
+    /// loopback.
     pub fn allow_all() -> Self {
         SsrfPolicy {
             allow_loopback: true,
             allow_private: true,
             allow_link_local: true,
             allow_cloud_metadata: true,
+            allow_http: false,
         }
     }
 
@@ -396,12 +402,13 @@ pub(crate) fn is_loopback_host(url: &Url) -> bool {
     }
 }
 
-/// Check `url` before any connection: `http` or `https` only, HTTPS unless the host is loopback,
-/// no credentials in the URL, and literal IP addresses against the SSRF policy.
+/// Check `url` before any connection: `http` or `https` only, HTTPS unless the host is loopback
+/// (or [`SsrfPolicy::allow_http`]), no credentials in the URL, and literal IP addresses against
+/// the SSRF policy.
 pub fn check_url(url: &Url, policy: &SsrfPolicy) -> Result<()> {
     match url.scheme() {
         "https" => {}
-        "http" if is_loopback_host(url) => {}
+        "http" if is_loopback_host(url) || policy.allow_http => {}
         "http" => return Err(Error::InsecureUrl { url: url.to_string() }),
         other => {
             return Err(Error::InvalidUrl {
@@ -460,6 +467,19 @@ mod tests {
             check_url(&u("https://user:pw@as.example.com/x"), &p),
             Err(Error::InvalidUrl { .. })
         ));
+    }
+
+    /// `allow_http` (mcp-connect's `--allow-http`) lets plain http reach other hosts; the SSRF
+    /// address rules still apply.
+    #[test]
+    fn allow_http_admits_plain_http_but_not_refused_addresses() {
+        let p = SsrfPolicy { allow_http: true, ..SsrfPolicy::default() };
+        assert!(check_url(&u("http://as.example.com/token"), &p).is_ok());
+        assert!(matches!(
+            check_url(&u("http://10.0.0.5/token"), &p),
+            Err(Error::SsrfRefused { .. })
+        ));
+        assert!(!SsrfPolicy::allow_all().allow_http, "allow_all is about addresses only");
     }
 
     #[test]

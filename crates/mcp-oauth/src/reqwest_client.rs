@@ -28,6 +28,11 @@ pub struct HttpPolicy {
     pub max_body_bytes: usize,
     /// Which addresses may be contacted.
     pub ssrf: SsrfPolicy,
+    /// Send requests through the proxy named by `HTTPS_PROXY` / `HTTP_PROXY` / `ALL_PROXY`
+    /// (minus `NO_PROXY`), as mcp-remote's `--enable-proxy` does. Default false. Through a
+    /// proxy, host names are resolved by the proxy: the SSRF policy then checks literal IP
+    /// addresses in URLs only.
+    pub use_env_proxy: bool,
 }
 
 impl Default for HttpPolicy {
@@ -36,6 +41,7 @@ impl Default for HttpPolicy {
             timeout: Duration::from_secs(30),
             max_body_bytes: 1024 * 1024,
             ssrf: SsrfPolicy::default(),
+            use_env_proxy: false,
         }
     }
 }
@@ -111,13 +117,19 @@ impl reqwest::dns::Resolve for PolicyResolver {
 impl ReqwestHttpClient {
     /// A client with `policy`.
     pub fn new(policy: HttpPolicy) -> Result<Self> {
-        let client = reqwest::Client::builder()
+        let builder = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
             .timeout(policy.timeout)
             .connect_timeout(policy.timeout)
-            .dns_resolver(PolicyResolver { ssrf: policy.ssrf.clone() })
-            .user_agent(concat!("mcp-oauth/", env!("CARGO_PKG_VERSION")))
+            .user_agent(concat!("mcp-oauth/", env!("CARGO_PKG_VERSION")));
+        // reqwest reads the proxy variables unless told not to; our resolver would otherwise
+        // judge the proxy's address rather than the target's.
+        let builder = if policy.use_env_proxy {
+            builder
+        } else {
+            builder.no_proxy().dns_resolver(PolicyResolver { ssrf: policy.ssrf.clone() })
+        };
+        let client = builder
             .build()
             .map_err(|e| Error::Config(format!("cannot build the HTTP client: {e}")))?;
         Ok(ReqwestHttpClient { client, policy: Arc::new(policy) })

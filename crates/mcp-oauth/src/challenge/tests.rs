@@ -117,7 +117,13 @@ fn token() -> impl Strategy<Value = String> {
 }
 
 fn challenge() -> impl Strategy<Value = Challenge> {
-    let params = proptest::collection::vec((token(), "[ -~\u{a0}-\u{2ff}\t]{0,16}"), 0..5);
+    // A challenge names each auth-param once (RFC 9110 §11.2; the parser refuses a repeat, a
+    // case-insensitive match): a generated repeat is dropped.
+    let params = proptest::collection::vec((token(), "[ -~\u{a0}-\u{2ff}\t]{0,16}"), 0..5)
+        .prop_map(|params| {
+            let mut seen = std::collections::HashSet::new();
+            params.into_iter().filter(|(name, _)| seen.insert(name.to_ascii_lowercase())).collect()
+        });
     let t68 = "[A-Za-z0-9._~+/-]{1,16}=*";
     (token(), prop_oneof![params.prop_map(Ok), t68.prop_map(Err)]).prop_map(|(scheme, rest)| {
         match rest {

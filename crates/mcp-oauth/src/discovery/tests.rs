@@ -265,6 +265,22 @@ async fn insecure_endpoint_in_metadata_is_refused() {
     assert!(matches!(err, Error::Malformed { .. }), "{err:?}");
 }
 
+/// `allow_insecure_http` (mcp-connect's `--allow-http`) accepts the same metadata.
+#[tokio::test]
+async fn insecure_endpoint_in_metadata_is_accepted_when_allowed() {
+    let m = mock(|r| match r.url.path() {
+        "/.well-known/oauth-protected-resource/mcp" => json(prm(&format!("{S}/mcp"), S)),
+        "/.well-known/oauth-authorization-server" => json(asm(S, "http://as.example.com")),
+        _ => not_found(),
+    });
+    let client = m.client.clone().with_config(crate::OAuthConfig {
+        allow_insecure_http: true,
+        ..crate::OAuthConfig::default()
+    });
+    let d = client.discover(&url(&format!("{S}/mcp")), None).await.unwrap();
+    assert_eq!(d.authorization_server.token_endpoint.as_ref().map(|u| u.scheme()), Some("http"));
+}
+
 #[tokio::test]
 async fn prm_without_authorization_servers_is_malformed() {
     let m = mock(|_| json(serde_json::json!({"resource": format!("{S}/mcp")})));
