@@ -397,10 +397,19 @@ async fn run(cli: Cli) -> Result<u8, Error> {
         }
     }
     let json = cli.json;
+    // Only these commands can start a refresh; the others (status, why, logout, import) must
+    // not wait at the exit for refreshes of peers.
+    let refreshes = matches!(
+        cli.command,
+        Command::Login { .. }
+            | Command::Tools { .. }
+            | Command::Call { .. }
+            | Command::Proxy { .. }
+    );
     let client = Client::open(options).await?;
     let outcome = command(&client, cli.command, json).await;
     // Refreshes started in the background must store their result before the process ends.
-    let _settled = client.settle().await;
+    let _settled = if refreshes { Some(client.settle().await) } else { None };
     outcome
 }
 

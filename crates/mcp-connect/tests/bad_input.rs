@@ -269,6 +269,38 @@ async fn a_peers_refresh_that_does_not_end_is_exit_13() {
     assert_still_logged_in(&store, &server);
 }
 
+/// `status` and `why` only read: while a peer holds a refresh lease (a refresh in progress)
+/// they answer at once instead of waiting for it at their exit. The bound (20 s against a 600 s
+/// lock wait) only tells "answered" from "waited".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_why_never_wait_on_a_peers_refresh() {
+    let (_fx, store, server) = logged_in_and_expired().await;
+    store.run(&["tools", &server]).expect_code(0);
+    let lock_path = std::fs::read_dir(store.path().join("refresh-locks"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "lock"))
+        .unwrap();
+    let lock = std::fs::OpenOptions::new().write(true).open(&lock_path).unwrap();
+    lock.lock().unwrap();
+    for args in
+        [vec!["--lock-timeout", "600", "status"], vec!["--lock-timeout", "600", "why", &server]]
+    {
+        let mut child = store.command(&args).stdout(std::process::Stdio::null()).spawn().unwrap();
+        let mut waited = Duration::ZERO;
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(waited < Duration::from_secs(20), "{args:?} waited for the peer's refresh");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            waited += Duration::from_millis(50);
+        };
+        assert!(status.success(), "{args:?}");
+    }
+    lock.unlock().unwrap();
+}
+
 /// An MCP server that accepts the connection and never answers: exit 14 after
 /// `--request-timeout`, not a hang and not "not an MCP server".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
