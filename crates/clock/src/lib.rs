@@ -123,6 +123,35 @@ pub trait Clock: Send + Sync + fmt::Debug + 'static {
     }
 }
 
+/// `work`, unless `clock` says `after` has passed first (`None`): the one timeout of this
+/// workspace, on the injected clock, so a test moves a manual clock instead of waiting.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use mcp_clock::{SharedClock, within};
+/// use std::time::Duration;
+///
+/// let clock = SharedClock::system();
+/// assert_eq!(within(&clock, Duration::from_secs(5), async { 7 }).await, Some(7));
+/// assert_eq!(within(&clock, Duration::ZERO, std::future::pending::<()>()).await, None);
+/// # }
+/// ```
+pub async fn within<C: Clock + ?Sized, T>(
+    clock: &C,
+    after: Duration,
+    work: impl Future<Output = T>,
+) -> Option<T> {
+    let mut work = std::pin::pin!(work);
+    let mut timer = clock.sleep(after);
+    std::future::poll_fn(|cx| {
+        if let std::task::Poll::Ready(out) = work.as_mut().poll(cx) {
+            return std::task::Poll::Ready(Some(out));
+        }
+        timer.as_mut().poll(cx).map(|()| None)
+    })
+    .await
+}
+
 /// The operating system's clock, with tokio timers.
 ///
 /// Sleeping needs a tokio runtime with the time driver enabled.

@@ -346,7 +346,8 @@ impl Client {
             .map_err(|e| store_error(&root, &e))?;
         let keys = dir.keyring().await.map_err(|e| store_error(&root, &e))?;
         let http = ReqwestHttpClient::new(options.http_policy())
-            .map_err(|e| Error::Mcp(format!("cannot build the HTTP client: {e}")))?;
+            .map_err(|e| Error::Mcp(format!("cannot build the HTTP client: {e}")))?
+            .with_clock(clock.clone());
         let oauth = OAuthClient::new(http, clock.clone()).with_config(mcp_oauth::OAuthConfig {
             send_resource: options.send_resource,
             resource_override: options.resource.clone(),
@@ -444,10 +445,12 @@ impl Client {
         let addrs = target.url.socket_addrs(|| None).map_err(|e| unreachable(e.to_string()))?;
         let mut last = String::from("no address");
         for addr in addrs {
-            match tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(addr)).await {
-                Ok(Ok(_)) => return Ok(()),
-                Ok(Err(e)) => last = format!("{addr}: {e}"),
-                Err(_) => last = format!("{addr}: no answer within {PROBE_TIMEOUT:?}"),
+            let connected =
+                mcp_clock::within(&self.clock, PROBE_TIMEOUT, tokio::net::TcpStream::connect(addr));
+            match connected.await {
+                Some(Ok(_)) => return Ok(()),
+                Some(Err(e)) => last = format!("{addr}: {e}"),
+                None => last = format!("{addr}: no answer within {PROBE_TIMEOUT:?}"),
             }
         }
         Err(unreachable(last))
@@ -647,10 +650,10 @@ impl Client {
         let result = factory.connect(config).await;
         hook.stop();
         server.abort();
-        let conn = result.map_err(|e| {
-            let e = login_error(target, options, e);
+        let result =
+            self.explain_not_mcp(target, result.map_err(|e| login_error(target, options, e))).await;
+        let conn = result.inspect_err(|e| {
             self.events.record(&target.key, "login", format!("the login failed: {e}"));
-            e
         })?;
         let _ = conn.close().await;
         let client_after = self.storage.client(&target.key).await.map_err(self.store_err())?;
@@ -695,7 +698,30 @@ impl Client {
             .connect(self.factory_config(target))
             .await
             .map_err(|e| connect_error(target, e));
+        let connected = self.explain_not_mcp(target, connected).await;
         self.note(target, connected).await
+    }
+
+    /// A server that does not answer as streamable HTTP may speak the legacy HTTP+SSE
+    /// transport (MCP 2024-11-05): say so, instead of "not an MCP server".
+    pub(crate) async fn explain_not_mcp<T>(
+        &self,
+        target: &Target,
+        outcome: Result<T, Error>,
+    ) -> Result<T, Error> {
+        match outcome {
+            Err(Error::NotMcp { url, detail })
+                if crate::legacy::speaks_legacy_sse(&self.clock, &target.url).await =>
+            {
+                Err(Error::NotMcp {
+                    url,
+                    detail: format!(
+                        "it speaks the legacy HTTP+SSE transport of MCP 2024-11-05, which mcp-connect does not support; ask for its streamable HTTP endpoint (often /mcp where this is /sse) ({detail})"
+                    ),
+                })
+            }
+            other => other,
+        }
     }
 
     /// Record why a command needs a new login (from what the store says now).

@@ -52,6 +52,7 @@ mod events;
 mod flags;
 mod ignore;
 mod import;
+mod legacy;
 mod login;
 mod proxy;
 mod store;

@@ -98,6 +98,11 @@ struct ServerArgs {
     /// OAuth requests.
     #[arg(long)]
     enable_proxy: bool,
+    /// mcp-remote's transport strategy. mcp-connect speaks streamable HTTP: `http-first`,
+    /// `http-only` and `sse-first` all use it (a server that speaks only the legacy HTTP+SSE
+    /// transport is named as such, exit 4); `sse-only` is refused.
+    #[arg(long, value_enum, default_value_t = Transport::HttpFirst)]
+    transport: Transport,
     /// Hide the tools matching PATTERN (`*` wildcards, any case; repeatable): not listed,
     /// and refused if called.
     #[arg(long = "ignore-tool", value_name = "PATTERN")]
@@ -199,6 +204,20 @@ enum Command {
         /// The MCP server URL (the suite appends it).
         url: String,
     },
+}
+
+/// mcp-remote's `--transport` values.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+enum Transport {
+    /// Streamable HTTP (the legacy HTTP+SSE transport is not spoken).
+    #[default]
+    HttpFirst,
+    /// Streamable HTTP.
+    HttpOnly,
+    /// Streamable HTTP (the legacy HTTP+SSE transport is not spoken).
+    SseFirst,
+    /// Refused: the legacy HTTP+SSE transport is not spoken.
+    SseOnly,
 }
 
 /// Another client whose stored logins `import` reads.
@@ -370,6 +389,11 @@ async fn run(cli: Cli) -> Result<u8, Error> {
         for spec in &server.authorize_params {
             let (name, value) = mcp_connect::parse_authorize_param(spec)?;
             options = options.authorize_param(name, value)?;
+        }
+        if server.transport == Transport::SseOnly {
+            return Err(Error::Usage(
+                "--transport sse-only: mcp-connect speaks streamable HTTP only; the legacy HTTP+SSE transport (MCP 2024-11-05) is not supported".into(),
+            ));
         }
         if server.allow_http {
             options = options.allow_http();

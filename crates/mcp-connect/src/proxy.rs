@@ -152,14 +152,15 @@ pub(crate) async fn run(
     };
     // rmcp's worker waits for `notifications/initialized` without watching for cancellation, so
     // closing a session the host stopped right after `initialize` would never end: bound it.
+    let clock = client.clock().clone();
     let closed =
-        tokio::time::timeout(CLOSE_TIMEOUT, Transport::<RoleClient>::close(&mut transport));
-    if closed.await.is_err() {
+        mcp_clock::within(&clock, CLOSE_TIMEOUT, Transport::<RoleClient>::close(&mut transport));
+    if closed.await.is_none() {
         tracing::debug!("the MCP session did not close in time; dropping it");
     }
     drop(transport);
     drop(out_tx);
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, writer).await;
+    let _ = mcp_clock::within(&clock, CLOSE_TIMEOUT, writer).await;
     outcome
 }
 

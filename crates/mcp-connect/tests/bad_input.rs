@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{Store, dead_port, login, snapshot};
+use futures::StreamExt as _;
 use mcp_clock::SystemClock;
 use mcp_fixtures::{Approval, AuthServer, Fixtures, ResourceServer};
 use serde_json::Value;
@@ -351,4 +352,35 @@ async fn a_private_authorization_server_is_refused_without_the_flag() {
     out.expect_code(6);
     assert!(out.stderr.contains("private addresses are not allowed"), "{out:#?}");
     assert!(out.stderr.contains("--allow-private-network"), "{out:#?}");
+}
+
+/// A server that speaks only the legacy HTTP+SSE transport (MCP 2024-11-05: POST refused, GET
+/// opens an event stream announcing an `endpoint`): exit 4 with a message that names the
+/// transport and what to ask for instead; `--transport sse-only` is refused up front.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_legacy_sse_server_is_named_as_such() {
+    use axum::http::{StatusCode, header};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let sse = || async {
+        let stream = futures::stream::iter([Ok::<_, std::convert::Infallible>(
+            "event: endpoint\ndata: /messages?sessionId=1\n\n",
+        )])
+        .chain(futures::stream::pending());
+        ([(header::CONTENT_TYPE, "text/event-stream")], axum::body::Body::from_stream(stream))
+    };
+    let app = axum::Router::new()
+        .route("/sse", axum::routing::get(sse).post(|| async { StatusCode::METHOD_NOT_ALLOWED }));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let store = Store::new();
+    let url = format!("{base}/sse");
+    let out = store.run(&["tools", &url]);
+    out.expect_code(4);
+    assert!(out.stderr.contains("legacy HTTP+SSE transport"), "{out:#?}");
+    let out = store.run(&["login", &url, "--port", "0", "--no-browser", "--timeout", "5"]);
+    out.expect_code(4);
+    assert!(out.stderr.contains("legacy HTTP+SSE transport"), "{out:#?}");
+    let out = store.run(&["tools", &url, "--transport", "sse-only"]);
+    out.expect_code(2);
+    assert!(out.stderr.contains("sse-only"), "{out:#?}");
 }

@@ -57,6 +57,8 @@ impl Default for HttpPolicy {
 pub struct ReqwestHttpClient {
     client: reqwest::Client,
     policy: Arc<HttpPolicy>,
+    /// The clock the whole-request timeout runs on.
+    clock: mcp_clock::SharedClock,
 }
 
 impl fmt::Debug for ReqwestHttpClient {
@@ -132,7 +134,18 @@ impl ReqwestHttpClient {
         let client = builder
             .build()
             .map_err(|e| Error::Config(format!("cannot build the HTTP client: {e}")))?;
-        Ok(ReqwestHttpClient { client, policy: Arc::new(policy) })
+        Ok(ReqwestHttpClient {
+            client,
+            policy: Arc::new(policy),
+            clock: mcp_clock::SharedClock::system(),
+        })
+    }
+
+    /// This client with the whole-request timeout ([`HttpPolicy::timeout`]) on `clock` (the
+    /// system clock by default). reqwest's own connect and read timeouts stay on wall time.
+    pub fn with_clock(mut self, clock: mcp_clock::SharedClock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// The policy this client enforces.
@@ -198,12 +211,12 @@ impl HttpClient for ReqwestHttpClient {
             tokio::select! {
                 biased;
                 () = request.cancel.cancelled() => Err(Error::Cancelled { url }),
-                outcome = tokio::time::timeout(timeout, self.send(&request)) => match outcome {
-                    Ok(result) => result.map_err(|e| match e {
+                outcome = mcp_clock::within(&self.clock, timeout, self.send(&request)) => match outcome {
+                    Some(result) => result.map_err(|e| match e {
                         Error::Transport { source, .. } if is_timeout(source.as_ref()) => Error::Timeout { url: url.clone(), timeout },
                         other => other,
                     }),
-                    Err(_) => Err(Error::Timeout { url, timeout }),
+                    None => Err(Error::Timeout { url, timeout }),
                 },
             }
         })
