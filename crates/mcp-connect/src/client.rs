@@ -58,6 +58,8 @@ pub struct ClientOptions {
     allow_http: bool,
     allow_private_network: bool,
     use_env_proxy: bool,
+    client_metadata: serde_json::Map<String, serde_json::Value>,
+    client_metadata_url: Option<url::Url>,
 }
 
 impl ClientOptions {
@@ -83,6 +85,8 @@ impl ClientOptions {
             allow_http: false,
             allow_private_network: false,
             use_env_proxy: false,
+            client_metadata: serde_json::Map::new(),
+            client_metadata_url: None,
         }
     }
 
@@ -181,6 +185,34 @@ impl ClientOptions {
     pub fn enable_proxy(mut self) -> Self {
         self.use_env_proxy = true;
         self
+    }
+
+    /// More RFC 7591 client metadata for dynamic registration (mcp-remote's
+    /// `--static-oauth-client-metadata`); see [`parse_client_metadata`](crate::parse_client_metadata).
+    pub fn client_metadata(mut self, metadata: serde_json::Map<String, serde_json::Value>) -> Self {
+        self.client_metadata = metadata;
+        self
+    }
+
+    /// Identify as the client whose metadata document is at `url` (a client ID metadata
+    /// document, mcp-remote's `--client-metadata-url`) where the authorization server supports
+    /// them; its `redirect_uris` must name the callback (`http://127.0.0.1:PORT/callback`).
+    ///
+    /// # Errors
+    /// [`Error::Usage`] unless `url` is https (or http on loopback) with a path.
+    pub fn client_metadata_url(mut self, url: &str) -> Result<Self, Error> {
+        let parsed = url::Url::parse(url)
+            .map_err(|e| Error::Usage(format!("--client-metadata-url {url:?}: {e}")))?;
+        let loopback = matches!(parsed.host_str(), Some("127.0.0.1" | "localhost" | "[::1]"));
+        if !(parsed.scheme() == "https" || (parsed.scheme() == "http" && loopback))
+            || parsed.path() == "/"
+        {
+            return Err(Error::Usage(format!(
+                "--client-metadata-url {url:?}: must be an https URL with a path"
+            )));
+        }
+        self.client_metadata_url = Some(parsed);
+        Ok(self)
     }
 
     /// The HTTP policy of the OAuth side.
@@ -490,7 +522,7 @@ impl Client {
         if let Some(scope) = &self.options.scope {
             config = config.scopes(scope.clone());
         }
-        if self.options.static_client.is_some() {
+        if self.options.static_client.is_some() || self.options.client_metadata_url.is_some() {
             // Only the interactive flow (login) uses the redirect URI; the client's identity
             // is part of the token key for every command.
             // The issuer is not needed here (the key digest names the client id only); a login
@@ -507,6 +539,8 @@ impl Client {
     /// How this client identifies itself at the authorization server for a login.
     fn client_config(&self, redirect: String, issuer: &str) -> ClientConfig {
         let mut config = ClientConfig::new("mcp-connect", redirect);
+        config.extra_metadata = self.options.client_metadata.clone();
+        config.metadata_document_url = self.options.client_metadata_url.clone();
         if let Some(client) = &self.options.static_client {
             config.pre_registered = Some(mcp_oauth::PreRegisteredClient {
                 issuer: issuer.to_owned(),

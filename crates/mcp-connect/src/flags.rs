@@ -180,3 +180,36 @@ impl StaticClient {
         Ok(StaticClient { client_id, client_secret, issuer })
     }
 }
+
+/// mcp-remote's `--static-oauth-client-metadata`: a JSON object of RFC 7591 client metadata
+/// (`client_name`, `scope`, `logo_uri`, ...) sent with dynamic registration, or `@path` of a
+/// file holding one. The protocol's own fields (redirect URIs, grant types, ...) are not
+/// replaced.
+///
+/// ```
+/// let m = mcp_connect::parse_client_metadata(r#"{"client_name":"My Desktop"}"#).unwrap();
+/// assert_eq!(m["client_name"], "My Desktop");
+/// assert!(mcp_connect::parse_client_metadata("[1]").is_err());
+/// ```
+///
+/// # Errors
+/// [`Error::Usage`] for an unreadable file or text that is not a JSON object.
+pub fn parse_client_metadata(
+    arg: &str,
+) -> Result<serde_json::Map<String, serde_json::Value>, Error> {
+    let text = match arg.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path).map_err(|e| {
+            Error::Usage(format!("cannot read --static-oauth-client-metadata file {path:?}: {e}"))
+        })?,
+        None => arg.to_owned(),
+    };
+    match serde_json::from_str::<serde_json::Value>(&text) {
+        Ok(serde_json::Value::Object(map)) => Ok(map),
+        Ok(_) => Err(Error::Usage("--static-oauth-client-metadata: not a JSON object".into())),
+        Err(e) => Err(Error::Usage(format!(
+            "--static-oauth-client-metadata: not JSON (line {}, column {})",
+            e.line(),
+            e.column()
+        ))),
+    }
+}

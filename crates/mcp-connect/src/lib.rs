@@ -64,7 +64,9 @@ pub use client::{
 pub use conformance::run_conformance;
 pub use error::Error;
 pub use events::Event;
-pub use flags::{StaticClient, parse_authorize_param, parse_header, parse_header_file};
+pub use flags::{
+    StaticClient, parse_authorize_param, parse_client_metadata, parse_header, parse_header_file,
+};
 pub use import::{ImportReport, mcp_remote_hash};
 pub use login::{AUTHORIZATION_URL_PREFIX, LoginOptions, NO_BROWSER_ENV};
 

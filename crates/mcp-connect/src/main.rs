@@ -112,6 +112,14 @@ struct ServerArgs {
     /// command for the server (the tokens are kept apart from other clients').
     #[arg(long, value_name = "JSON|@FILE")]
     static_oauth_client_info: Option<String>,
+    /// RFC 7591 client metadata sent with dynamic registration (JSON or `@file`): e.g.
+    /// `{"client_name": "My Desktop"}`. The protocol's own fields are not replaced.
+    #[arg(long, value_name = "JSON|@FILE")]
+    static_oauth_client_metadata: Option<String>,
+    /// The URL of this client's metadata document (a client ID metadata document), used as the
+    /// client id where the authorization server supports them.
+    #[arg(long, value_name = "URL")]
+    client_metadata_url: Option<String>,
     /// The scopes to ask for (space separated). Give it to every command for the server.
     #[arg(long)]
     scope: Option<String>,
@@ -409,6 +417,12 @@ async fn run(cli: Cli) -> Result<u8, Error> {
         }
         if let Some(info) = &server.static_oauth_client_info {
             options = options.static_client(mcp_connect::StaticClient::parse(info)?);
+        }
+        if let Some(metadata) = &server.static_oauth_client_metadata {
+            options = options.client_metadata(mcp_connect::parse_client_metadata(metadata)?);
+        }
+        if let Some(url) = &server.client_metadata_url {
+            options = options.client_metadata_url(url)?;
         }
         if let Some(scope) = &server.scope {
             options = options.scope(scope.clone());

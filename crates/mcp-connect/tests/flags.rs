@@ -544,3 +544,91 @@ async fn a_long_url_and_a_long_user_name_log_in_call_and_refresh() {
     assert_eq!(out.stdout.trim(), "long");
     assert!(fx.auth().stats().refresh_token_requests >= 1, "{:?}", fx.auth().stats());
 }
+
+/// `--static-oauth-client-metadata`: the registration carries the given client name (the
+/// authorization server shows it on its consent page), while the redirect URI stays the
+/// callback's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_client_metadata_reaches_the_registration() {
+    let fx = Fixtures::start().await.unwrap();
+    fx.auth().knobs().set_approval(mcp_fixtures::Approval::Manual);
+    let server = fx.resource().url().to_owned();
+    let store = Store::new();
+    let metadata = r#"{"client_name":"My Desktop","redirect_uris":["https://evil.example/cb"]}"#;
+    let running = spawn(
+        store.command(&[
+            "login",
+            &server,
+            "--no-browser",
+            "--port",
+            "0",
+            "--timeout",
+            "30",
+            "--static-oauth-client-metadata",
+            metadata,
+        ]),
+        false,
+    );
+    let url = tokio::task::block_in_place(|| {
+        running.urls.recv_timeout(std::time::Duration::from_secs(30))
+    })
+    .unwrap_or_else(|_| panic!("no authorization URL; stderr:\n{}", running.stderr()));
+    let browser = tokio::spawn(async move { common::visit(&url).await });
+    let pending = fx.auth().wait_for_pending_authorization().await;
+    assert_eq!(pending[0].client_name.as_deref(), Some("My Desktop"));
+    assert!(pending[0].redirect_uri.starts_with("http://127.0.0.1:"), "{pending:?}");
+    fx.auth().approve_pending().unwrap();
+    browser.await.unwrap();
+    tokio::task::block_in_place(|| running.finish()).expect_code(0);
+}
+
+/// `--client-metadata-url`: where the authorization server supports client ID metadata
+/// documents (and offers no registration), the document's URL is the client id; the server
+/// fetches it, nothing is registered, and the login completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_metadata_url_is_the_client_id() {
+    use mcp_fixtures::{AuthServer, ResourceServer};
+    let port = common::dead_port();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let doc_url = format!("http://{}/client.json", listener.local_addr().unwrap());
+    let doc = json!({
+        "client_id": doc_url,
+        "client_name": "CIMD client",
+        "redirect_uris": [format!("http://127.0.0.1:{port}/callback")],
+        "grant_types": ["authorization_code", "refresh_token"],
+        "token_endpoint_auth_method": "none",
+    });
+    let app = axum::Router::new()
+        .route("/client.json", axum::routing::get(move || async move { axum::Json(doc) }));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let auth = AuthServer::builder()
+        .dynamic_registration(false)
+        .client_metadata_documents(true)
+        .spawn()
+        .await
+        .unwrap();
+    let resource = ResourceServer::builder(&auth).spawn().await.unwrap();
+    let fx = Fixtures::from_parts(auth, resource);
+    let server = fx.resource().url().to_owned();
+    let store = Store::new();
+    let out = login_with(&store, &server, port, &["--client-metadata-url", &doc_url]).await;
+    out.expect_code(0);
+    let stats = fx.auth().stats();
+    assert!(stats.client_metadata_fetches >= 1, "{stats:?}");
+    assert_eq!(stats.registrations, 0, "{stats:?}");
+    let status = store.run(&["--json", "status"]);
+    assert!(status.stdout.contains(&doc_url), "the client id is the document URL: {status:#?}");
+    // Like a static client, the document's client keeps its own tokens: pass the flag again.
+    let call = store.run(&[
+        "call",
+        &server,
+        "echo",
+        r#"{"text":"cimd"}"#,
+        "--client-metadata-url",
+        &doc_url,
+    ]);
+    call.expect_code(0);
+
+    let bad = store.run(&["login", &server, "--client-metadata-url", "ftp://x/client.json"]);
+    bad.expect_code(2);
+}

@@ -102,8 +102,8 @@ pub use http::{
     check_url,
 };
 pub use registration::{
-    ClientConfig, ClientKey, ClientRegistration, PreRegisteredClient, RegistrationSource,
-    TokenEndpointAuthMethod,
+    ClientConfig, ClientKey, ClientRegistration, PROTOCOL_REGISTRATION_FIELDS, PreRegisteredClient,
+    RegistrationSource, TokenEndpointAuthMethod,
 };
 pub use reqwest_client::{HttpPolicy, ReqwestHttpClient};
 pub use scope::{AuthAttempts, select_scope, union_scopes};

@@ -178,7 +178,26 @@ pub struct ClientConfig {
     /// An HTTPS URL of this client's metadata document (plain HTTP only on a loopback host),
     /// used as the client ID when the server supports client ID metadata documents.
     pub metadata_document_url: Option<Url>,
+    /// More RFC 7591 client metadata for dynamic registration (`client_name`, `scope`,
+    /// `logo_uri`, `software_id`, ...; mcp-connect's `--static-oauth-client-metadata`). The
+    /// fields the protocol needs as they are ([`PROTOCOL_REGISTRATION_FIELDS`]) are not taken
+    /// from here.
+    pub extra_metadata: serde_json::Map<String, serde_json::Value>,
 }
+
+/// The registration fields [`ClientConfig::extra_metadata`] cannot replace: the redirect URIs,
+/// grant and response types and the authentication method the client was built for.
+///
+/// ```
+/// assert!(mcp_oauth::PROTOCOL_REGISTRATION_FIELDS.contains(&"redirect_uris"));
+/// ```
+pub const PROTOCOL_REGISTRATION_FIELDS: &[&str] = &[
+    "redirect_uris",
+    "grant_types",
+    "response_types",
+    "token_endpoint_auth_method",
+    "application_type",
+];
 
 impl ClientConfig {
     /// A config for a native client with one redirect URI.
@@ -188,6 +207,7 @@ impl ClientConfig {
             redirect_uris: vec![redirect_uri.into()],
             pre_registered: None,
             metadata_document_url: None,
+            extra_metadata: serde_json::Map::new(),
         }
     }
 }
@@ -336,7 +356,7 @@ impl OAuthClient {
         {
             grant_types.push("refresh_token");
         }
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "client_name": config.client_name,
             "redirect_uris": config.redirect_uris,
             "grant_types": grant_types,
@@ -344,6 +364,13 @@ impl OAuthClient {
             "token_endpoint_auth_method": requested.as_str(),
             "application_type": application_type(&config.redirect_uris),
         });
+        if let Some(fields) = body.as_object_mut() {
+            for (name, value) in &config.extra_metadata {
+                if !PROTOCOL_REGISTRATION_FIELDS.contains(&name.as_str()) {
+                    fields.insert(name.clone(), value.clone());
+                }
+            }
+        }
         let response =
             self.post_no_redirect(HttpRequest::post_json(endpoint.clone(), &body)).await?;
         if !response.is_success() {

@@ -75,6 +75,36 @@ async fn metadata_document_url_may_be_plain_http_on_loopback_only() {
     assert!(m.log.all().is_empty());
 }
 
+/// `extra_metadata` (mcp-connect's `--static-oauth-client-metadata`) reaches the registration
+/// request, but never replaces the fields the protocol needs.
+#[tokio::test]
+async fn extra_metadata_is_sent_without_replacing_the_protocols_fields() {
+    let m = mock(|_| {
+        let mut r = json(serde_json::json!({"client_id": "test-client-id"}));
+        r.status = 201;
+        r
+    });
+    let mut c = config();
+    c.extra_metadata = serde_json::json!({
+        "client_name": "My Desktop",
+        "scope": "mcp:tools offline_access",
+        "logo_uri": "https://example.com/logo.png",
+        "redirect_uris": ["https://evil.example/cb"],
+        "grant_types": ["client_credentials"],
+    })
+    .as_object()
+    .unwrap()
+    .clone();
+    let d = discovery(serde_json::json!({"token_endpoint_auth_methods_supported": ["none"]}));
+    m.client.register(&d, &c).await.unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&m.log.last().body).unwrap();
+    assert_eq!(body["client_name"], "My Desktop");
+    assert_eq!(body["scope"], "mcp:tools offline_access");
+    assert_eq!(body["logo_uri"], "https://example.com/logo.png");
+    assert_eq!(body["redirect_uris"], serde_json::json!(["http://127.0.0.1:8765/callback"]));
+    assert_eq!(body["grant_types"], serde_json::json!(["authorization_code", "refresh_token"]));
+}
+
 #[tokio::test]
 async fn dynamic_registration_when_metadata_documents_are_not_supported() {
     let m = mock(|_| {
