@@ -127,7 +127,21 @@ pub fn callback_router(
     storage: TokenStorage,
     oauth: OAuthClient,
 ) -> axum::Router {
-    axum::Router::new().route("/callback", get(callback)).with_state(CallbackState {
+    callback_router_at("/callback", flows, storage, oauth)
+}
+
+/// [`callback_router`] on another path (it must start with `/`), for a redirect URI such as
+/// `http://localhost:PORT/oauth/callback`.
+///
+/// # Panics
+/// When `path` does not start with `/` (axum refuses such a route).
+pub fn callback_router_at(
+    path: &str,
+    flows: FlowManager,
+    storage: TokenStorage,
+    oauth: OAuthClient,
+) -> axum::Router {
+    axum::Router::new().route(path, get(callback)).with_state(CallbackState {
         flows,
         storage,
         oauth,

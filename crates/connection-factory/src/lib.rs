@@ -87,7 +87,7 @@ pub use factory::{
 };
 pub use interactive::{
     AuthorizationHook, AuthorizationReason, AuthorizationRequest, HookDecision, STATE_FLOW,
-    callback_router,
+    callback_router, callback_router_at,
 };
 pub use mcp_clock::BoxFuture;
 pub use oauth_refresher::{OAuthRefresher, stored_client};

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use connection_factory::{
     CallToolResult, Connection, ConnectionFactory, FactoryConfig, OAuthRefresher, Tool,
-    callback_router,
+    callback_router_at,
 };
 use flow_state::{FlowManager, MemoryStore, SharedStore};
 use mcp_clock::{Clock as _, SharedClock, Timestamp};
@@ -660,7 +660,7 @@ impl Client {
             .local_addr()
             .map_err(|e| Error::Usage(format!("cannot read the callback address: {e}")))?
             .port();
-        let redirect = format!("http://127.0.0.1:{port}/callback");
+        let redirect = options.redirect_uri(port);
         // A client registered for another callback port cannot complete this login: register
         // again (only when there are no usable tokens that make the browser step unneeded).
         if let Some(client) = &client
@@ -670,7 +670,12 @@ impl Client {
         {
             self.storage.delete_client(&target.key).await.map_err(self.store_err())?;
         }
-        let router = callback_router(self.flows.clone(), self.storage.clone(), self.oauth.clone());
+        let router = callback_router_at(
+            &options.callback_path,
+            self.flows.clone(),
+            self.storage.clone(),
+            self.oauth.clone(),
+        );
         let server = tokio::spawn(async move { axum::serve(listener, router).await });
         let hook = Arc::new(BrowserHook::new(options.clone(), self.clock.clone()));
         let factory = self.factory().with_interactive(self.oauth.clone(), hook.clone());
@@ -976,7 +981,9 @@ async fn callback_listener(
         None => {
             let registered = client.into_iter().flat_map(|c| &c.redirect_uris).find_map(|uri| {
                 let url = url::Url::parse(uri).ok()?;
-                (url.host_str() == Some("127.0.0.1")).then(|| url.port()).flatten()
+                matches!(url.host_str(), Some("127.0.0.1" | "localhost" | "[::1]"))
+                    .then(|| url.port())
+                    .flatten()
             });
             let derived = callback_port_for(target.as_str());
             registered
@@ -987,14 +994,15 @@ async fn callback_listener(
     };
     let mut last = None;
     for port in &candidates {
-        match tokio::net::TcpListener::bind(("127.0.0.1", *port)).await {
+        match tokio::net::TcpListener::bind((options.host.bind(), *port)).await {
             Ok(listener) => return Ok(listener),
             Err(e) => last = Some(e),
         }
     }
     let ports: Vec<String> = candidates.iter().map(u16::to_string).collect();
     Err(Error::Usage(format!(
-        "cannot listen for the OAuth callback on 127.0.0.1 port {}: {}",
+        "cannot listen for the OAuth callback on {} port {}: {}",
+        options.host.bind(),
         ports.join(", "),
         last.map_or_else(|| "no port".to_owned(), |e| e.to_string())
     )))

@@ -32,6 +32,38 @@ pub struct LoginOptions {
     pub(crate) port: Option<u16>,
     pub(crate) timeout: Duration,
     pub(crate) open_browser: bool,
+    pub(crate) host: CallbackHost,
+    pub(crate) callback_path: String,
+}
+
+/// The loopback host named in the redirect URI (mcp-remote's `--host`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CallbackHost {
+    /// `127.0.0.1` (the default, as RFC 8252 recommends).
+    V4,
+    /// `localhost` (mcp-remote's default; the listener is on 127.0.0.1).
+    Localhost,
+    /// `[::1]`.
+    V6,
+}
+
+impl CallbackHost {
+    /// How the host appears in the redirect URI.
+    pub(crate) fn in_url(self) -> &'static str {
+        match self {
+            CallbackHost::V4 => "127.0.0.1",
+            CallbackHost::Localhost => "localhost",
+            CallbackHost::V6 => "[::1]",
+        }
+    }
+
+    /// The address the listener binds.
+    pub(crate) fn bind(self) -> std::net::IpAddr {
+        match self {
+            CallbackHost::V4 | CallbackHost::Localhost => std::net::Ipv4Addr::LOCALHOST.into(),
+            CallbackHost::V6 => std::net::Ipv6Addr::LOCALHOST.into(),
+        }
+    }
 }
 
 impl Default for LoginOptions {
@@ -39,7 +71,13 @@ impl Default for LoginOptions {
     /// ([`callback_port_for`](crate::callback_port_for)), 120 s for the browser step, the browser on unless `MCP_CONNECT_NO_BROWSER` is set.
     fn default() -> Self {
         let off = std::env::var(NO_BROWSER_ENV).is_ok_and(|v| !v.is_empty() && v != "0");
-        LoginOptions { port: None, timeout: Duration::from_secs(120), open_browser: !off }
+        LoginOptions {
+            port: None,
+            timeout: Duration::from_secs(120),
+            open_browser: !off,
+            host: CallbackHost::V4,
+            callback_path: "/callback".into(),
+        }
     }
 }
 
@@ -49,6 +87,45 @@ impl LoginOptions {
     pub fn port(mut self, port: u16) -> Self {
         self.port = Some(port);
         self
+    }
+
+    /// The host of the redirect URI: `127.0.0.1` (default), `localhost` or `::1` (mcp-remote's
+    /// `--host`; the callback only ever listens on loopback).
+    ///
+    /// # Errors
+    /// [`Error::Usage`](crate::Error::Usage) for any other host.
+    pub fn host(mut self, host: &str) -> Result<Self, crate::Error> {
+        self.host = match host {
+            "127.0.0.1" => CallbackHost::V4,
+            "localhost" => CallbackHost::Localhost,
+            "::1" | "[::1]" => CallbackHost::V6,
+            other => {
+                return Err(crate::Error::Usage(format!(
+                    "--host {other:?}: the callback listens on loopback only (127.0.0.1, localhost or ::1)"
+                )));
+            }
+        };
+        Ok(self)
+    }
+
+    /// The path of the redirect URI (default `/callback`; mcp-remote's is `/oauth/callback`).
+    ///
+    /// # Errors
+    /// [`Error::Usage`](crate::Error::Usage) unless it starts with `/` and has no query,
+    /// fragment or route syntax (`*`, `:`, `{`, `}`).
+    pub fn callback_path(mut self, path: &str) -> Result<Self, crate::Error> {
+        if !path.starts_with('/') || path.contains(['?', '#', '*', '{', '}', ':']) {
+            return Err(crate::Error::Usage(format!(
+                "--callback-path {path:?}: a path starting with / (no query, fragment, *, :, {{ or }})"
+            )));
+        }
+        self.callback_path = path.to_owned();
+        Ok(self)
+    }
+
+    /// The redirect URI for a listener on `port`.
+    pub(crate) fn redirect_uri(&self, port: u16) -> String {
+        format!("http://{}:{port}{}", self.host.in_url(), self.callback_path)
     }
 
     /// How long the browser step may take.

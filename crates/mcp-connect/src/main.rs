@@ -59,15 +59,25 @@ struct BrowserArgs {
     /// Do not open a browser; only print the URL (also: MCP_CONNECT_NO_BROWSER=1).
     #[arg(long)]
     no_browser: bool,
+    /// The host of the redirect URI: 127.0.0.1, localhost or ::1 (the callback listens on
+    /// loopback only).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// The path of the redirect URI (mcp-remote's default is /oauth/callback).
+    #[arg(long, default_value = "/callback")]
+    callback_path: String,
 }
 
 impl BrowserArgs {
-    fn options(&self) -> LoginOptions {
-        let mut options = LoginOptions::default().timeout(Duration::from_secs(self.timeout.max(1)));
+    fn options(&self) -> Result<LoginOptions, Error> {
+        let mut options = LoginOptions::default()
+            .timeout(Duration::from_secs(self.timeout.max(1)))
+            .host(&self.host)?
+            .callback_path(&self.callback_path)?;
         if let Some(port) = self.port {
             options = options.port(port);
         }
-        if self.no_browser { options.open_browser(false) } else { options }
+        Ok(if self.no_browser { options.open_browser(false) } else { options })
     }
 }
 
@@ -454,7 +464,7 @@ async fn run(cli: Cli) -> Result<u8, Error> {
 async fn command(client: &Client, command: Command, json: bool) -> Result<u8, Error> {
     match command {
         Command::Login { url, browser, .. } => {
-            let report = client.login(&url, &browser.options()).await?;
+            let report = client.login(&url, &browser.options()?).await?;
             if json {
                 print_json(&report)?;
             } else if report.prompted {
@@ -559,7 +569,7 @@ async fn command(client: &Client, command: Command, json: bool) -> Result<u8, Er
                 }
             }
         }
-        Command::Proxy { url, browser, .. } => client.proxy(&url, &browser.options()).await?,
+        Command::Proxy { url, browser, .. } => client.proxy(&url, &browser.options()?).await?,
         Command::Conformance { .. } => unreachable!("handled before the store is opened"),
     }
     Ok(0)

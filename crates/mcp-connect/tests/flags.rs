@@ -632,3 +632,29 @@ async fn a_client_metadata_url_is_the_client_id() {
     let bad = store.run(&["login", &server, "--client-metadata-url", "ftp://x/client.json"]);
     bad.expect_code(2);
 }
+
+/// `--host localhost --callback-path /oauth/callback` (mcp-remote's redirect URI): the
+/// authorization request names that redirect URI, the callback is served there, the login
+/// completes; a host that is not loopback is invalid input.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_callback_host_and_path_can_be_mcp_remotes() {
+    let fx = Fixtures::start().await.unwrap();
+    let server = fx.resource().url().to_owned();
+    let store = Store::new();
+    let (url, out) = login_seen(
+        &store,
+        &server,
+        &["--port", "0", "--host", "localhost", "--callback-path", "/oauth/callback"],
+    )
+    .await;
+    out.expect_code(0);
+    let redirect = url::Url::parse(&query(&url, "redirect_uri")[0]).unwrap();
+    assert_eq!(redirect.host_str(), Some("localhost"), "{redirect}");
+    assert_eq!(redirect.path(), "/oauth/callback", "{redirect}");
+    store.run(&["call", &server, "echo", r#"{"text":"ok"}"#]).expect_code(0);
+    for bad in [["--host", "example.com"], ["--callback-path", "oauth"]] {
+        let out = store.run(&["login", &server, "--no-browser", bad[0], bad[1]]);
+        out.expect_code(2);
+        assert!(out.stderr.contains(bad[0]), "{out:#?}");
+    }
+}
