@@ -60,6 +60,7 @@ pub struct ClientOptions {
     use_env_proxy: bool,
     client_metadata: serde_json::Map<String, serde_json::Value>,
     client_metadata_url: Option<url::Url>,
+    silent: bool,
 }
 
 impl ClientOptions {
@@ -87,6 +88,7 @@ impl ClientOptions {
             use_env_proxy: false,
             client_metadata: serde_json::Map::new(),
             client_metadata_url: None,
+            silent: false,
         }
     }
 
@@ -213,6 +215,13 @@ impl ClientOptions {
         }
         self.client_metadata_url = Some(parsed);
         Ok(self)
+    }
+
+    /// No notices on stderr (mcp-remote's `--silent`): only errors, and the authorization URL
+    /// when no browser could be opened for it.
+    pub fn silent(mut self) -> Self {
+        self.silent = true;
+        self
     }
 
     /// The HTTP policy of the OAuth side.
@@ -374,7 +383,7 @@ impl Client {
     pub async fn open(options: ClientOptions) -> Result<Self, Error> {
         let root = options.store.clone();
         let clock = SharedClock::system();
-        let dir = StoreDir::open(root.clone(), options.lock_wait, clock.clone())
+        let dir = StoreDir::open(root.clone(), options.lock_wait, clock.clone(), options.silent)
             .map_err(|e| store_error(&root, &e))?;
         let keys = dir.keyring().await.map_err(|e| store_error(&root, &e))?;
         let http = ReqwestHttpClient::new(options.http_policy())

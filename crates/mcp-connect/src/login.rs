@@ -34,6 +34,7 @@ pub struct LoginOptions {
     pub(crate) open_browser: bool,
     pub(crate) host: CallbackHost,
     pub(crate) callback_path: String,
+    pub(crate) silent: bool,
 }
 
 /// The loopback host named in the redirect URI (mcp-remote's `--host`).
@@ -77,6 +78,7 @@ impl Default for LoginOptions {
             open_browser: !off,
             host: CallbackHost::V4,
             callback_path: "/callback".into(),
+            silent: false,
         }
     }
 }
@@ -121,6 +123,13 @@ impl LoginOptions {
         }
         self.callback_path = path.to_owned();
         Ok(self)
+    }
+
+    /// No spinner and no notices; the authorization URL is printed only when no browser could
+    /// be opened for it (mcp-remote's `--silent`).
+    pub fn silent(mut self, silent: bool) -> Self {
+        self.silent = silent;
+        self
     }
 
     /// The redirect URI for a listener on `port`.
@@ -182,11 +191,20 @@ impl AuthorizationHook for BrowserHook {
     fn authorization_required(&self, request: AuthorizationRequest) -> BoxFuture<'_, HookDecision> {
         self.prompted.store(true, Ordering::SeqCst);
         let url = request.authorization_url;
-        let mut err = std::io::stderr().lock();
-        let _ = writeln!(err, "To authorize mcp-connect, open this URL in a browser:");
-        let _ = writeln!(err, "{AUTHORIZATION_URL_PREFIX}{url}");
-        let _ = err.flush();
-        drop(err);
+        let print_url = || {
+            let mut err = std::io::stderr().lock();
+            let _ = writeln!(err, "To authorize mcp-connect, open this URL in a browser:");
+            let _ = writeln!(err, "{AUTHORIZATION_URL_PREFIX}{url}");
+            let _ = err.flush();
+        };
+        if self.options.silent {
+            // Only what the user cannot do without: the URL, when no browser shows it.
+            if !(self.options.open_browser && open_browser(&url)) {
+                print_url();
+            }
+            return Box::pin(async { HookDecision::Wait });
+        }
+        print_url();
         if self.options.open_browser && !open_browser(&url) {
             eprintln!("(no browser could be opened: open the URL above yourself)");
         }

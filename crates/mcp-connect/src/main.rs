@@ -34,6 +34,10 @@ struct Cli {
     /// Log to stderr (-v: info, -vv: debug). Secrets are never logged.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
+    /// No notices on stderr: only errors, and the authorization URL when no browser could be
+    /// opened (mcp-remote's `--silent`; overrides -v).
+    #[arg(long, global = true)]
+    silent: bool,
     /// Write debug logs to `debug.log` in the store directory (mode 0600; secrets are never
     /// logged), as mcp-remote's `--debug` does.
     #[arg(long, global = true)]
@@ -260,7 +264,7 @@ async fn main() -> ExitCode {
                 std::process::exit(i32::from(e.exit_code()));
             }
         }
-    } else if cli.verbose > 0 {
+    } else if cli.verbose > 0 && !cli.silent {
         let level = if cli.verbose > 1 { tracing::Level::DEBUG } else { tracing::Level::INFO };
         tracing_subscriber::fmt()
             .with_max_level(level)
@@ -381,6 +385,9 @@ async fn run(cli: Cli) -> Result<u8, Error> {
         .tenant(cli.tenant)
         .lock_wait(Duration::from_secs(cli.lock_timeout))
         .request_timeout(Duration::from_secs(cli.request_timeout.max(1)));
+    if cli.silent {
+        options = options.silent();
+    }
     if let Some(user) = cli.user {
         options = options.user(user);
     }
@@ -445,6 +452,7 @@ async fn run(cli: Cli) -> Result<u8, Error> {
         }
     }
     let json = cli.json;
+    let silent = cli.silent;
     // Only these commands can start a refresh; the others (status, why, logout, import) must
     // not wait at the exit for refreshes of peers.
     let refreshes = matches!(
@@ -455,16 +463,16 @@ async fn run(cli: Cli) -> Result<u8, Error> {
             | Command::Proxy { .. }
     );
     let client = Client::open(options).await?;
-    let outcome = command(&client, cli.command, json).await;
+    let outcome = command(&client, cli.command, json, silent).await;
     // Refreshes started in the background must store their result before the process ends.
     let _settled = if refreshes { Some(client.settle().await) } else { None };
     outcome
 }
 
-async fn command(client: &Client, command: Command, json: bool) -> Result<u8, Error> {
+async fn command(client: &Client, command: Command, json: bool, silent: bool) -> Result<u8, Error> {
     match command {
         Command::Login { url, browser, .. } => {
-            let report = client.login(&url, &browser.options()?).await?;
+            let report = client.login(&url, &browser.options()?.silent(silent)).await?;
             if json {
                 print_json(&report)?;
             } else if report.prompted {
@@ -569,7 +577,9 @@ async fn command(client: &Client, command: Command, json: bool) -> Result<u8, Er
                 }
             }
         }
-        Command::Proxy { url, browser, .. } => client.proxy(&url, &browser.options()?).await?,
+        Command::Proxy { url, browser, .. } => {
+            client.proxy(&url, &browser.options()?.silent(silent)).await?
+        }
         Command::Conformance { .. } => unreachable!("handled before the store is opened"),
     }
     Ok(0)

@@ -83,19 +83,24 @@ pub(crate) struct FileLock {
 }
 
 impl StoreDir {
-    /// The directory at `root` (created, mode 0700, when missing).
+    /// The directory at `root` (created, mode 0700, when missing; made private when it is not),
+    /// with a warning on stderr when the directory or its key had to be tightened, unless
+    /// `silent`.
     pub(crate) fn open(
         root: PathBuf,
         lock_wait: Duration,
         clock: SharedClock,
+        silent: bool,
     ) -> Result<Self, token_storage::Error> {
         create_private_dir(&root)?;
         for loosened in tighten(&root)? {
-            eprintln!(
-                "mcp-connect: warning: {} was readable by other users; its mode is now {}",
-                loosened.display(),
-                if loosened == root { "0700" } else { "0600" }
-            );
+            if !silent {
+                eprintln!(
+                    "mcp-connect: warning: {} was readable by other users; its mode is now {}",
+                    loosened.display(),
+                    if loosened == root { "0700" } else { "0600" }
+                );
+            }
         }
         Ok(StoreDir { root, lock_wait, clock })
     }
@@ -410,9 +415,13 @@ mod tests {
     #[tokio::test]
     async fn two_handles_share_one_database() {
         let tmp = tempfile::tempdir().unwrap();
-        let dir =
-            StoreDir::open(tmp.path().join("s"), Duration::from_secs(2), SharedClock::system())
-                .unwrap();
+        let dir = StoreDir::open(
+            tmp.path().join("s"),
+            Duration::from_secs(2),
+            SharedClock::system(),
+            true,
+        )
+        .unwrap();
         let a = LockedSledStore::new(dir.clone());
         let b = LockedSledStore::new(dir.clone());
         let Swap::Swapped { version } =
@@ -438,6 +447,7 @@ mod tests {
             tmp.path().to_owned(),
             Duration::from_millis(100),
             SharedClock::system(),
+            true,
         )
         .unwrap();
         let held = dir.lock_store().await.unwrap();
@@ -451,9 +461,13 @@ mod tests {
     #[tokio::test]
     async fn the_key_file_is_private_and_stable() {
         let tmp = tempfile::tempdir().unwrap();
-        let dir =
-            StoreDir::open(tmp.path().to_owned(), Duration::from_secs(1), SharedClock::system())
-                .unwrap();
+        let dir = StoreDir::open(
+            tmp.path().to_owned(),
+            Duration::from_secs(1),
+            SharedClock::system(),
+            true,
+        )
+        .unwrap();
         let first = dir.keyring().await.unwrap();
         let text = std::fs::read_to_string(tmp.path().join("key")).unwrap();
         let second = dir.keyring().await.unwrap();

@@ -658,3 +658,26 @@ async fn the_callback_host_and_path_can_be_mcp_remotes() {
         assert!(out.stderr.contains(bad[0]), "{out:#?}");
     }
 }
+
+/// `--silent`: a successful command prints nothing on stderr (no -v logs, no warning about a
+/// loose store it tightened); a login without a browser still prints the URL, the one thing the
+/// user cannot do without; errors are still reported.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_leaves_only_errors_and_a_needed_url() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let fx = Fixtures::start().await.unwrap();
+    let server = fx.resource().url().to_owned();
+    let store = Store::new();
+    let (_, out) = login_seen(&store, &server, &["--port", "0", "--silent"]).await;
+    out.expect_code(0);
+    std::fs::set_permissions(store.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let call = store.run(&["--silent", "-vv", "call", &server, "echo", r#"{"text":"quiet"}"#]);
+    call.expect_code(0);
+    assert_eq!(call.stdout.trim(), "quiet");
+    assert_eq!(call.stderr, "", "{call:#?}");
+    let dead = format!("http://127.0.0.1:{}/mcp", common::dead_port());
+    let failed = store.run(&["--silent", "tools", &dead]);
+    failed.expect_code(3);
+    assert!(failed.stderr.contains("cannot reach"), "{failed:#?}");
+}
