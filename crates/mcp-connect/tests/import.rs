@@ -57,7 +57,9 @@ fn mcp_remote_dir(fx: &Fixtures, base: &std::path::Path, server: &str) -> Vec<St
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_mcp_remote_login_is_imported_and_refreshes() {
     let fx = Fixtures::start().await.unwrap();
-    fx.auth().knobs().set_access_token_lifetime(Duration::from_secs(2));
+    // Long enough that the refreshed token is not in its own refresh window (half its life)
+    // while the command that refreshed it still runs.
+    fx.auth().knobs().set_access_token_lifetime(Duration::from_secs(4));
     let server = fx.resource().url().to_owned();
     let base = tempfile::tempdir().unwrap();
     let secrets = mcp_remote_dir(&fx, base.path(), &server);
@@ -71,7 +73,7 @@ async fn an_mcp_remote_login_is_imported_and_refreshes() {
     let call = store.run(&["call", &server, "echo", r#"{"text":"imported"}"#]);
     call.expect_code(0);
     assert_eq!(call.stdout.trim(), "imported");
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    tokio::time::sleep(Duration::from_millis(4500)).await;
     let after = store.run(&["call", &server, "echo", r#"{"text":"refreshed"}"#]);
     after.expect_code(0);
     let stats = fx.auth().stats();

@@ -16,21 +16,23 @@ use serde_json::Value;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn why_tells_a_refresh_a_revocation_and_a_relogin_newest_first() {
     let fx = Fixtures::start().await.unwrap();
-    fx.auth().knobs().set_access_token_lifetime(Duration::from_secs(1));
+    // Long enough that a refreshed token is not already in its own refresh window (half its
+    // lifetime) while the command that refreshed it still runs.
+    fx.auth().knobs().set_access_token_lifetime(Duration::from_secs(4));
     let server = fx.resource().url().to_owned();
     let store = Store::new();
     login(&store, &server).await.expect_code(0);
     let mut secrets = store.secrets(&server).await;
 
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(4500)).await;
     let call = spawn(store.command(&["call", &server, "echo", r#"{"text":"x"}"#]), false);
     let call_pid = call.child.id();
     tokio::task::block_in_place(|| call.finish()).expect_code(0);
     assert_eq!(fx.auth().stats().refresh_token_requests, 1);
     secrets.extend(store.secrets(&server).await);
 
+    // Revoked: the next request is refused (401), and the refresh is refused too.
     fx.auth().revoke_all_tokens();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
     store.run(&["tools", &server]).expect_code(5);
     login(&store, &server).await.expect_code(0);
     secrets.extend(store.secrets(&server).await);
