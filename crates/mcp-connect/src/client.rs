@@ -394,6 +394,7 @@ impl Client {
             resource_override: options.resource.clone(),
             extra_authorization_params: options.authorize_params.clone(),
             allow_insecure_http: options.allow_http,
+            allow_internal_endpoints: options.allow_private_network,
             ..mcp_oauth::OAuthConfig::default()
         });
         let events = EventLog::new(root.join("events.log"), clock.clone());

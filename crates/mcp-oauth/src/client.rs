@@ -35,6 +35,10 @@ pub struct OAuthConfig {
     /// (the HTTP client must allow them too: [`SsrfPolicy::allow_http`](crate::SsrfPolicy)).
     /// Default false.
     pub allow_insecure_http: bool,
+    /// Let a server on a public address name loopback or private authorization servers and
+    /// endpoints in its metadata (refused by default; servers on loopback or private addresses
+    /// may always). Default false.
+    pub allow_internal_endpoints: bool,
 }
 
 /// The authorization-request parameters the client sets itself, which
@@ -64,6 +68,7 @@ impl Default for OAuthConfig {
             resource_override: None,
             extra_authorization_params: Vec::new(),
             allow_insecure_http: false,
+            allow_internal_endpoints: false,
         }
     }
 }

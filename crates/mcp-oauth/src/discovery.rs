@@ -267,6 +267,48 @@ pub(crate) fn authorization_server_metadata_urls(issuer: &Url) -> Vec<(Url, Meta
     out
 }
 
+/// How far in a discovery's URLs may point, judged from the MCP server's own address: a server
+/// on a public address may not send the client to loopback or private addresses (its metadata
+/// naming `http://127.0.0.1:8080/token` or `https://10.0.0.5/register` would make the client a
+/// proxy into the user's machine or network). A server that is itself on loopback or a private
+/// address may, and so may any server with [`OAuthConfig::allow_internal_endpoints`](crate::OAuthConfig).
+///
+/// Only literal addresses and `localhost` are judged here; names are resolved, and their
+/// addresses checked, by the HTTP client's [`SsrfPolicy`].
+#[derive(Debug, Clone, Copy)]
+struct Reach {
+    internal_allowed: bool,
+}
+
+impl Reach {
+    fn of(server: &Url, opted_in: bool) -> Self {
+        Reach { internal_allowed: opted_in || internal_kind(server).is_some() }
+    }
+
+    fn check(self, url: &Url) -> Result<()> {
+        match internal_kind(url) {
+            Some(kind) if !self.internal_allowed => {
+                Err(Error::SsrfRefused { url: url.to_string(), kind })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// `loopback`, `private`, `link-local`, ... for a URL whose host is such a literal address (or
+/// `localhost`), `None` for a public address or a name.
+fn internal_kind(url: &Url) -> Option<&'static str> {
+    if crate::http::is_loopback_host(url) {
+        return Some("loopback");
+    }
+    let ip = match url.host()? {
+        url::Host::Ipv4(ip) => std::net::IpAddr::V4(ip),
+        url::Host::Ipv6(ip) => std::net::IpAddr::V6(ip),
+        url::Host::Domain(_) => return None,
+    };
+    SsrfPolicy { allow_loopback: false, ..SsrfPolicy::default() }.refuses(ip)
+}
+
 impl OAuthClient {
     /// Discover how `server` is protected.
     ///
@@ -290,8 +332,21 @@ impl OAuthClient {
                     url: issuer_s.clone(),
                     reason: e.to_string(),
                 })?;
+                let reach = Reach::of(server, self.config().allow_internal_endpoints);
+                reach.check(&issuer)?;
                 let (asm, source) =
                     self.fetch_authorization_server_metadata(&issuer, issuer_s).await?;
+                for endpoint in [
+                    &asm.authorization_endpoint,
+                    &asm.token_endpoint,
+                    &asm.registration_endpoint,
+                    &asm.revocation_endpoint,
+                ]
+                .into_iter()
+                .flatten()
+                {
+                    reach.check(endpoint)?;
+                }
                 Ok(Discovery {
                     server: server.clone(),
                     resource: prm.resource.clone(),

@@ -449,3 +449,43 @@ async fn no_authorization_server_metadata_behind_a_prm_is_an_error() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A server on a public address whose metadata sends the client to loopback or a private
+/// address (the authorization server itself, or one of its endpoints) is refused before any
+/// request goes there; a server on loopback may name loopback endpoints (the existing tests),
+/// and the opt-in lets a public server name internal ones.
+#[tokio::test]
+async fn a_public_server_cannot_point_discovery_inward() {
+    const PUBLIC: &str = "https://mcp.example.com";
+    // The authorization server on loopback.
+    let m = mock(|r| match r.url.path() {
+        "/.well-known/oauth-protected-resource/mcp" => {
+            json(prm(&format!("{PUBLIC}/mcp"), "http://127.0.0.1:9000"))
+        }
+        _ => json(asm("http://127.0.0.1:9000", "http://127.0.0.1:9000")),
+    });
+    let err = m.client.discover(&url(&format!("{PUBLIC}/mcp")), None).await.unwrap_err();
+    assert!(matches!(err, Error::SsrfRefused { kind: "loopback", .. }), "{err:?}");
+    assert!(m.log.lines().iter().all(|l| !l.contains("9000")), "{:?}", m.log.lines());
+    assert_eq!(m.log.lines().len(), 1, "only the resource metadata was fetched");
+
+    // A public authorization server whose token endpoint is a private address.
+    let m = mock(|r| match r.url.path() {
+        "/.well-known/oauth-protected-resource/mcp" => {
+            json(prm(&format!("{PUBLIC}/mcp"), "https://as.example.com"))
+        }
+        _ => {
+            let mut doc = asm("https://as.example.com", "https://as.example.com");
+            doc["token_endpoint"] = "https://10.0.0.5/token".into();
+            json(doc)
+        }
+    });
+    let err = m.client.discover(&url(&format!("{PUBLIC}/mcp")), None).await.unwrap_err();
+    assert!(matches!(err, Error::SsrfRefused { kind: "private", .. }), "{err:?}");
+    let opted_in = m.client.clone().with_config(crate::OAuthConfig {
+        allow_internal_endpoints: true,
+        ..crate::OAuthConfig::default()
+    });
+    let d = opted_in.discover(&url(&format!("{PUBLIC}/mcp")), None).await.unwrap();
+    assert_eq!(d.authorization_server.token_endpoint.unwrap().as_str(), "https://10.0.0.5/token");
+}
