@@ -58,9 +58,15 @@ impl fmt::Display for Challenge {
     }
 }
 
-/// The Bearer challenge parameters MCP clients act on (RFC 6750 §3, RFC 9728 §5.1).
+/// The Bearer challenge parameters MCP clients act on (RFC 6750 §3, RFC 9728 §5.1), also read
+/// from a `DPoP` challenge (RFC 9449 §7.1), which carries the same parameters plus `algs`: a
+/// resource server that takes only DPoP-bound tokens sends no Bearer challenge at all.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BearerChallenge {
+    /// Whether these parameters come from a `DPoP` challenge rather than a `Bearer` one.
+    pub dpop: bool,
+    /// `algs` of a `DPoP` challenge: the proof algorithms the server accepts (space separated).
+    pub algs: Option<String>,
     /// `resource_metadata`: where the protected-resource metadata lives.
     pub resource_metadata: Option<String>,
     /// `scope`: the scopes the request needs (space separated).
@@ -74,13 +80,25 @@ pub struct BearerChallenge {
 }
 
 impl BearerChallenge {
-    /// The Bearer parameters of `challenge`, or `None` when it is another scheme.
+    /// The parameters of a `Bearer` or `DPoP` challenge, or `None` for another scheme.
+    ///
+    /// ```
+    /// use mcp_oauth::{BearerChallenge, parse_challenge_header};
+    /// let c = &parse_challenge_header(r#"DPoP error="invalid_token", algs="ES256 PS256""#).unwrap()[0];
+    /// let dpop = BearerChallenge::from_challenge(c).unwrap();
+    /// assert!(dpop.dpop);
+    /// assert_eq!(dpop.algs.as_deref(), Some("ES256 PS256"));
+    /// assert_eq!(dpop.error.as_deref(), Some("invalid_token"));
+    /// ```
     pub fn from_challenge(challenge: &Challenge) -> Option<Self> {
-        if !challenge.is_scheme("Bearer") {
+        let dpop = challenge.is_scheme("DPoP");
+        if !dpop && !challenge.is_scheme("Bearer") {
             return None;
         }
         let get = |n: &str| challenge.param(n).map(str::to_owned);
         Some(BearerChallenge {
+            dpop,
+            algs: get("algs"),
             resource_metadata: get("resource_metadata"),
             scope: get("scope"),
             error: get("error"),
@@ -89,7 +107,8 @@ impl BearerChallenge {
         })
     }
 
-    /// The first Bearer challenge among every `WWW-Authenticate` header value given.
+    /// The first Bearer challenge among every `WWW-Authenticate` header value given, else the
+    /// first `DPoP` one.
     ///
     /// ```
     /// use mcp_oauth::BearerChallenge;
@@ -101,7 +120,7 @@ impl BearerChallenge {
     ///
     /// A header value that does not parse as a whole keeps the challenges that come before the
     /// fault (a server may add a challenge this parser refuses next to a good Bearer one);
-    /// the error is returned only when no Bearer challenge was found.
+    /// the error is returned only when no Bearer or DPoP challenge was found.
     pub fn from_headers<'a>(values: impl IntoIterator<Item = &'a str>) -> Result<Option<Self>> {
         let mut found = Vec::new();
         let mut fault = None;
@@ -114,7 +133,12 @@ impl BearerChallenge {
                 fault.get_or_insert(error);
             }
         }
-        match (found.iter().find_map(BearerChallenge::from_challenge), fault) {
+        let bearer = found
+            .iter()
+            .filter(|c| c.is_scheme("Bearer"))
+            .chain(found.iter().filter(|c| c.is_scheme("DPoP")))
+            .find_map(BearerChallenge::from_challenge);
+        match (bearer, fault) {
             (Some(bearer), _) => Ok(Some(bearer)),
             (None, Some(error)) => Err(error),
             (None, None) => Ok(None),

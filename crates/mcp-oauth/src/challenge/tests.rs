@@ -56,6 +56,7 @@ fn challenges_across_headers_and_other_schemes_are_recorded() {
         .unwrap()
         .unwrap();
     assert_eq!(b.scope.as_deref(), Some("read"));
+    assert!(!b.dpop, "a Bearer challenge wins over a DPoP one, wherever it stands");
 }
 
 #[test]
@@ -167,7 +168,12 @@ fn a_malformed_challenge_does_not_hide_the_bearer_one() {
     let b = BearerChallenge::from_headers([same_value.as_str()]).unwrap().unwrap();
     assert_eq!(b.resource_metadata.as_deref(), Some("https://rs/.well-known/x"));
     assert!(BearerChallenge::from_headers([r#"Broken "unterminated"#]).is_err());
-    assert_eq!(BearerChallenge::from_headers([r#"DPoP algs="ES256""#]).unwrap(), None);
+    // A server that takes only DPoP-bound tokens sends a DPoP challenge alone: its parameters
+    // are read from it.
+    let dpop = BearerChallenge::from_headers([r#"DPoP algs="ES256""#]).unwrap().unwrap();
+    assert!(dpop.dpop);
+    assert_eq!(dpop.algs.as_deref(), Some("ES256"));
+    assert_eq!(BearerChallenge::from_headers([r#"Basic realm="x""#]).unwrap(), None);
     // Empty list elements are allowed (RFC 9110 §5.6.1).
     let c = parse_challenge_header(r#", , Bearer scope="s", , error="invalid_token",,"#).unwrap();
     assert_eq!(c.len(), 1);
