@@ -6,8 +6,9 @@
 //! cargo build -p mcp-oauth --example conformance
 //! ../shared/tools/conformance-client.sh "$PWD/target/debug/examples/conformance"
 //! ```
-//! The suite passes the MCP server URL as the last argument and the scenario in
-//! `MCP_CONFORMANCE_SCENARIO` / `MCP_CONFORMANCE_CONTEXT`. The client runs `initialize`,
+//! The suite passes the MCP server URL as the last argument and what the client holds in
+//! `MCP_CONFORMANCE_CONTEXT` (the scenario's name in `MCP_CONFORMANCE_SCENARIO` is not read: the
+//! grant is chosen from the context and the authorization server's metadata). The client runs `initialize`,
 //! `notifications/initialized`, `tools/list` and `tools/call test-tool`, authorizing on a 401
 //! and stepping up on a 403 `insufficient_scope` (at most three authorizations per request).
 
@@ -31,7 +32,6 @@ struct Session {
     http: ReqwestHttpClient,
     oauth: OAuthClient,
     server: Url,
-    scenario: String,
     context: Value,
     token: Option<String>,
     scope: Option<String>,
@@ -115,14 +115,21 @@ impl Session {
         step_up: bool,
     ) -> Result<(), Failure> {
         let discovery = self.oauth.discover(&self.server, challenge).await?;
-        if self.scenario.starts_with("auth/client-credentials") {
+        // The grant comes from what the client holds (the context) and what the authorization
+        // server offers, as a real client would choose it: never from the scenario's name.
+        let asm = &discovery.authorization_server;
+        let jwt_bearer = asm.supports_grant("urn:ietf:params:oauth:grant-type:jwt-bearer");
+        if ctx_str(&self.context, "idp_id_token").is_some() && jwt_bearer {
+            return self.cross_app(&discovery).await;
+        }
+        let client_credentials = !asm.supports_grant("authorization_code")
+            && asm.supports_grant("client_credentials")
+            && ctx_str(&self.context, "client_id").is_some();
+        if client_credentials {
             let registration = self.pre_registered(&discovery).await?;
             let tokens = self.oauth.client_credentials(&discovery, &registration, scope).await?;
             self.token = Some(tokens.access_token.secret().to_owned());
             return Ok(());
-        }
-        if self.scenario.starts_with("auth/cross-app-access") {
-            return self.cross_app(&discovery).await;
         }
         let registration = match &self.registration {
             Some(r) if r.issuer == discovery.issuer() => r.clone(),
@@ -239,7 +246,6 @@ fn parse_rpc(response: &HttpResponse) -> Result<Value, Failure> {
 async fn run() -> Result<(), Failure> {
     let server: Url =
         std::env::args().skip(1).next_back().ok_or("usage: conformance <server-url>")?.parse()?;
-    let scenario = std::env::var("MCP_CONFORMANCE_SCENARIO").unwrap_or_default();
     let context = std::env::var("MCP_CONFORMANCE_CONTEXT")
         .ok()
         .and_then(|c| serde_json::from_str(&c).ok())
@@ -250,7 +256,6 @@ async fn run() -> Result<(), Failure> {
         http,
         oauth,
         server,
-        scenario,
         context,
         token: None,
         scope: None,
