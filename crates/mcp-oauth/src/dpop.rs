@@ -115,7 +115,7 @@ impl DpopKey {
     }
 
     fn from_signing_key(key: p256::ecdsa::SigningKey) -> Self {
-        let point = key.verifying_key().to_encoded_point(false);
+        let point = key.verifying_key().to_sec1_point(false);
         let (x, y) = (
             B64.encode(point.x().map_or(&[][..], |x| &x[..])),
             B64.encode(point.y().map_or(&[][..], |y| &y[..])),
