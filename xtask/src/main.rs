@@ -18,7 +18,8 @@ cargo xtask <command>
 
 Commands:
   ci        everything CI checks: fmt, clippy (-D warnings), docs (-D warnings), tidy, the
-            layering rules, the feature matrix, the fuzz target's build, the whole test suite,
+            layering rules, cargo deny, the feature matrix, the fuzz target's build, the whole
+            test suite,
             every bench once in test mode, and the demo
   test      every test in the workspace (cargo test --workspace --all-features), with
             redis-server available: installed through apt-get when missing and possible,
@@ -31,6 +32,8 @@ Commands:
   layering  check the architecture's dependency rules (see ARCHITECTURE.md)
   features  lint every crate under each combination of its features (from its Cargo.toml)
   fuzz      build the fuzz target (crates/mcp-oauth/fuzz) on the stable toolchain
+  deny      cargo deny check bans licenses sources (deny.toml: one version of each crate,
+            the licenses we ship, crates.io only); installs cargo-deny when it is missing
   conformance  run the official MCP conformance suite's client auth scenarios against
             `mcp-connect conformance`, for each pinned suite version, and check that the
             expected number of scenarios ran and passed (needs shared/tools/conformance-client.sh
@@ -55,6 +58,7 @@ fn main() -> ExitCode {
         Some("layering") => layering(),
         Some("features") => features(),
         Some("fuzz") => fuzz(),
+        Some("deny") => deny(),
         Some("demo") => demo(),
         Some("tour") => tour(),
         Some("fixture") => fixture(&args[1..]),
@@ -170,6 +174,7 @@ fn ci() -> Result<(), String> {
     doc.env("RUSTDOCFLAGS", "-D warnings");
     run("cargo doc", doc)?;
     layering()?;
+    deny()?;
     features()?;
     fuzz()?;
     test(&[])?;
@@ -578,6 +583,27 @@ fn fuzz() -> Result<(), String> {
         // tree, at the same versions) are then mostly built already.
         .env("CARGO_TARGET_DIR", target_dir()?);
     run("build the fuzz targets (crates/mcp-oauth/fuzz)", cmd)
+}
+
+// ------------------------------------------------------------------------------------ deny ---
+
+/// The cargo-deny release `cargo xtask deny` installs when none is on PATH.
+const CARGO_DENY: &str = "cargo-deny@0.20.2";
+
+/// `cargo deny check bans licenses sources` with the workspace's deny.toml (advisories are not
+/// checked: that needs the advisory database from the network at every run).
+fn deny() -> Result<(), String> {
+    let present = Command::new(cargo_bin())
+        .args(["deny", "--version"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !present {
+        eprintln!("xtask: cargo-deny is missing: installing {CARGO_DENY}");
+        run("cargo install cargo-deny", cargo(&["install", "--locked", "--quiet", CARGO_DENY]))?;
+    }
+    run("cargo deny", cargo(&["deny", "check", "bans", "licenses", "sources"]))
 }
 
 // ----------------------------------------------------------------------------- conformance ---
