@@ -725,7 +725,17 @@ fn conformance(filter: &[String]) -> Result<(), String> {
 // ------------------------------------------------------------------------------------ other ---
 
 fn fixture(args: &[String]) -> Result<(), String> {
-    let mut cmd = cargo(&["run", "-q", "-p", "mcp-fixtures", "--bin", "mcp-fixtures", "--"]);
+    let mut cmd = cargo(&[
+        "run",
+        "-q",
+        "-p",
+        "mcp-fixtures",
+        "--features",
+        "cli",
+        "--bin",
+        "mcp-fixtures",
+        "--",
+    ]);
     cmd.args(args);
     run("fixture servers", cmd)
 }
