@@ -230,15 +230,7 @@ async fn a_proxy_logs_in_again_after_a_revocation() {
     login(&store, &server).await.expect_code(0);
     let args = ["proxy", server.as_str(), "--no-browser", "--port", "0", "--timeout", "30"];
     let mut proxy = spawn(store.command(&args), true);
-    proxy.send(json!({
-        "jsonrpc": "2.0", "id": 1, "method": "initialize",
-        "params": {
-            "protocolVersion": "2025-06-18", "capabilities": {},
-            "clientInfo": { "name": "host", "version": "1" }
-        }
-    }));
-    assert!(proxy.response(1)["result"].is_object());
-    proxy.send(json!({ "jsonrpc": "2.0", "method": "notifications/initialized" }));
+    proxy.initialize();
     let call = |id: u64| {
         json!({
             "jsonrpc": "2.0", "id": id, "method": "tools/call",

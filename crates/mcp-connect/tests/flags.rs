@@ -62,15 +62,7 @@ async fn headers_reach_the_mcp_server_expanded_and_are_never_printed() {
     ]);
     cmd.env("MCP_CONNECT_TEST_API_KEY", HEADER_VALUE);
     let mut proxy = spawn(cmd, true);
-    proxy.send(json!({
-        "jsonrpc": "2.0", "id": 1, "method": "initialize",
-        "params": {
-            "protocolVersion": "2025-06-18", "capabilities": {},
-            "clientInfo": { "name": "host", "version": "1" }
-        }
-    }));
-    assert!(proxy.response(1)["result"].is_object());
-    proxy.send(json!({ "jsonrpc": "2.0", "method": "notifications/initialized" }));
+    proxy.initialize();
     proxy.send(json!({
         "jsonrpc": "2.0", "id": 2, "method": "tools/call",
         "params": { "name": "echo", "arguments": { "text": "via proxy" } }
@@ -356,15 +348,7 @@ async fn ignored_tools_are_hidden_and_refused_without_reaching_the_server() {
     assert_eq!(calls(), 0);
 
     let mut proxy = spawn(store.command(&["proxy", &server, "--ignore-tool", "counter"]), true);
-    proxy.send(json!({
-        "jsonrpc": "2.0", "id": 1, "method": "initialize",
-        "params": {
-            "protocolVersion": "2025-06-18", "capabilities": {},
-            "clientInfo": { "name": "host", "version": "1" }
-        }
-    }));
-    assert!(proxy.response(1)["result"].is_object());
-    proxy.send(json!({ "jsonrpc": "2.0", "method": "notifications/initialized" }));
+    proxy.initialize();
     proxy.send(json!({ "jsonrpc": "2.0", "id": 2, "method": "tools/list" }));
     let list = proxy.response(2);
     let listed: Vec<&str> = list["result"]["tools"]

@@ -193,6 +193,21 @@ impl Running {
         self.stderr.lock().unwrap().clone()
     }
 
+    /// What a host does first: `initialize` (id 1, answered with a result), then
+    /// `notifications/initialized`.
+    pub fn initialize(&mut self) {
+        self.send(serde_json::json!({
+            "jsonrpc": "2.0", "id": 1, "method": "initialize",
+            "params": {
+                "protocolVersion": "2025-06-18", "capabilities": {},
+                "clientInfo": { "name": "host", "version": "1" }
+            }
+        }));
+        let answer = self.response(1);
+        assert!(answer["result"].is_object(), "{answer}");
+        self.send(serde_json::json!({ "jsonrpc": "2.0", "method": "notifications/initialized" }));
+    }
+
     /// Send one JSON-RPC line.
     pub fn send(&mut self, message: serde_json::Value) {
         let stdin = self.stdin.as_mut().unwrap();
