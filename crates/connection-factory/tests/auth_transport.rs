@@ -408,7 +408,7 @@ async fn secrets_are_redacted() {
     ] {
         assert!(!shown.contains(&access) && !shown.contains(&refresh), "{shown}");
     }
-    assert!(format!("{conn:?}").contains("<redacted>"));
+    assert!(format!("{conn:?}").contains("[redacted]"));
 }
 
 /// A provider that always "recovers" with another token the server does not know.
