@@ -15,8 +15,9 @@ use url::{Host, Url};
 
 use crate::error::{Error, Result};
 
-/// A boxed, sendable future: what [`HttpClient::call`] returns.
-pub type BoxFuture<'a, T> = mcp_clock::BoxFuture<'a, T>;
+/// A boxed, sendable future: what [`HttpClient::call`] returns; the workspace's one alias,
+/// [`mcp_clock::BoxFuture`].
+pub use mcp_clock::BoxFuture;
 
 /// The HTTP methods this crate uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,8 +9,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::{ClientRegistration, Secret, TokenKey};
 
-/// A boxed, sendable future: what [`Refresher`] and store methods return (dyn-compatible).
-pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+/// A boxed, sendable future: what [`Refresher`] and store methods return (dyn-compatible). The
+/// workspace's one alias, [`mcp_clock::BoxFuture`].
+pub use mcp_clock::BoxFuture;
 
 /// Runs the refresh-token grant. This crate does no HTTP: the OAuth layer implements this.
 ///
