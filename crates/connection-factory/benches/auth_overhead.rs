@@ -430,7 +430,7 @@ async fn fifty_401s(via: Via) -> Burst {
     }
     // Let the background GET stream open before the tokens expire.
     while fx.resource().stats().requests < 4 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(5)).await;
     }
     clock.advance(LIFETIME + Duration::from_secs(1));
     let start = SystemClock::instant();

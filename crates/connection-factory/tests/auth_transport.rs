@@ -359,7 +359,7 @@ async fn the_provider_is_never_called_after_the_connection_is_dropped() {
         fx.auth().revoke_all_tokens();
         // The worker sends its session DELETE after the drop: wait for it to arrive.
         eventually("the session DELETE", || fx.resource().stats().requests > requests).await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(200)).await;
         assert_eq!(p.calls.load(Ordering::SeqCst), calls, "close={close}");
         assert_eq!(fx.auth().stats().refresh_token_requests, 0);
     }

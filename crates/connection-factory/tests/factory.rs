@@ -312,7 +312,7 @@ async fn hung_token_endpoint_falls_back_within_budget_and_the_late_refresh_never
     eventually("the refresh request", || s.fx.auth().stats().refresh_token_requests == 1).await;
     // Just short of the budget, the call still waits for the refresh.
     s.clock.advance(budget - Duration::from_millis(1));
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(50)).await;
     assert!(!call.is_finished(), "gave up before the budget");
     assert_eq!(s.factory.counters().timed_out, 0);
     s.clock.advance(Duration::from_millis(1));

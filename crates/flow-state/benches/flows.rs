@@ -241,7 +241,7 @@ fn wake_latency_on(name: &str, rt: &tokio::runtime::Runtime) {
                     }
                 });
                 // Let the waiter reach its wait.
-                tokio::time::sleep(Duration::from_micros(50)).await;
+                mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_micros(50)).await;
                 let start = SystemClock::instant();
                 flows.complete(&key, &1u64).await.unwrap();
                 let woke = rx.await.unwrap();

@@ -40,7 +40,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 flows
                     .run(&key, move || async move {
                         runs.fetch_add(1, Ordering::SeqCst);
-                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(20))
+                            .await;
                         Ok("access-token-v1".to_string())
                     })
                     .await
@@ -66,7 +67,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let (flows, oauth) = (flows.clone(), oauth.clone());
         async move { flows.wait::<String>(&oauth).await }
     });
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(10)).await;
     let woke_from = SystemClock::instant();
     flows.complete(&oauth, &"tokens-from-callback").await?;
     let got = waiter.await??;

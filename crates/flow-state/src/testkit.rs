@@ -174,7 +174,9 @@ async fn ttl(s: SharedStore, clock: ManualClock) {
 async fn notifications(s: SharedStore) {
     async fn expect_change(sub: &mut crate::Subscription, what: &str) {
         // A bounded wait so a missing notification fails instead of hanging.
-        if tokio::time::timeout(Duration::from_secs(5), sub.changed()).await.is_err() {
+        let woken =
+            mcp_clock::within(&mcp_clock::SystemClock, Duration::from_secs(5), sub.changed());
+        if woken.await.is_none() {
             panic!("no notification after {what}");
         }
     }
@@ -194,7 +196,9 @@ async fn notifications(s: SharedStore) {
     expect_change(&mut sub, "delete").await;
     // Another key's writes do not wake this subscriber.
     s.insert_if_absent("other", b"x".to_vec(), TTL).await.unwrap();
-    assert!(tokio::time::timeout(Duration::from_millis(50), sub.changed()).await.is_err());
+    let woken =
+        mcp_clock::within(&mcp_clock::SystemClock, Duration::from_millis(50), sub.changed());
+    assert!(woken.await.is_none());
 }
 
 async fn racing_writers(s: SharedStore) {

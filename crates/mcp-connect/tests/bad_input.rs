@@ -224,7 +224,7 @@ async fn logged_in_and_expired() -> (Fixtures, Store, String) {
     let server = fx.resource().url().to_owned();
     let store = Store::new();
     login(&store, &server).await.expect_code(0);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(1500)).await;
     (fx, store, server)
 }
 
@@ -258,7 +258,7 @@ async fn a_peers_refresh_that_does_not_end_is_exit_13() {
         .filter(|p| p.extension().is_some_and(|e| e == "lock"))
         .collect();
     assert_eq!(locks.len(), 1, "{locks:?}");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(1500)).await;
     let lock = std::fs::OpenOptions::new().write(true).open(&locks[0]).unwrap();
     lock.lock().unwrap();
     let refreshes = fx.auth().stats().refresh_token_requests;
@@ -294,7 +294,7 @@ async fn status_and_why_never_wait_on_a_peers_refresh() {
                 break status;
             }
             assert!(waited < Duration::from_secs(20), "{args:?} waited for the peer's refresh");
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(50)).await;
             waited += Duration::from_millis(50);
         };
         assert!(status.success(), "{args:?}");

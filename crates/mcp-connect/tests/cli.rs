@@ -93,7 +93,7 @@ async fn login_tools_call_status_logout() {
     assert_eq!(call.stdout.trim(), "hello");
 
     // The access token expires; the next call refreshes silently.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(2500)).await;
     let call = store.run(&["-vv", "call", &server, "echo", r#"{"text":"later"}"#]);
     call.expect_code(0);
     assert_eq!(call.stdout.trim(), "later");
@@ -157,7 +157,7 @@ async fn two_proxies_share_one_login_and_never_redeem_a_refresh_token_twice() {
         if url.is_some() {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(10)).await;
     }
     let url = url.expect("one proxy prints the authorization URL");
     visit(&url).await;
@@ -179,7 +179,7 @@ async fn two_proxies_share_one_login_and_never_redeem_a_refresh_token_twice() {
     // slowed down to widen the window).
     fx.auth().knobs().set_token_delay(Duration::from_millis(150));
     for round in 0..3u64 {
-        tokio::time::sleep(Duration::from_millis(2200)).await;
+        mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(2200)).await;
         for (i, proxy) in proxies.iter_mut().enumerate() {
             for n in 0..3u64 {
                 let id = 10 + round * 10 + n;
@@ -258,7 +258,7 @@ async fn a_proxy_logs_in_again_after_a_revocation() {
             answered = Some(id);
             break;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(100)).await;
     }
     assert!(answered.is_some(), "the proxy recovered; stderr:\n{}", proxy.stderr());
     let outcome = proxy.finish();
@@ -278,7 +278,7 @@ async fn a_command_does_not_exit_before_its_background_refresh_is_stored() {
     let store = Store::new();
     login(&store, &server).await.expect_code(0);
     let before = expires_at(&store);
-    tokio::time::sleep(INTO_THE_WINDOW).await;
+    mcp_clock::Clock::sleep(&mcp_clock::SystemClock, INTO_THE_WINDOW).await;
     fx.auth().knobs().set_token_delay(Duration::from_millis(800));
     let call = store.run(&["call", &server, "echo", r#"{"text":"in the window"}"#]);
     still_before(before, "the call");
@@ -341,7 +341,7 @@ async fn a_proxy_stopped_by_sigterm_stores_its_refresh_first() {
     let store = Store::new();
     login(&store, &server).await.expect_code(0);
     let before = expires_at(&store);
-    tokio::time::sleep(INTO_THE_WINDOW).await;
+    mcp_clock::Clock::sleep(&mcp_clock::SystemClock, INTO_THE_WINDOW).await;
     fx.auth().knobs().set_token_delay(Duration::from_millis(800));
     let mut proxy = spawn(store.command(&["proxy", server.as_str()]), true);
     proxy.send(json!({
@@ -362,7 +362,7 @@ async fn a_proxy_stopped_by_sigterm_stores_its_refresh_first() {
         if status.is_some() {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(50)).await;
     }
     let status = status.unwrap_or_else(|| panic!("still running; stderr:\n{}", proxy.stderr()));
     still_before(before, "the proxy");
@@ -403,7 +403,7 @@ async fn two_processes_refused_at_once_redeem_the_refresh_token_once() {
             refused = true;
             break;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(10)).await;
     }
     let stderr: Vec<String> = calls.iter().map(|c| c.stderr()).collect();
     assert!(refused, "both processes were refused: {:?}\n{stderr:#?}", fx.resource().stats());

@@ -212,7 +212,7 @@ async fn the_resource_parameter_can_be_disabled_or_replaced() {
     let store = Store::new();
     login_with(&store, &server, common::dead_port(), &[flag]).await.expect_code(0);
     // The access token expires; the call refreshes it, again without `resource`.
-    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    mcp_clock::Clock::sleep(&mcp_clock::SystemClock, std::time::Duration::from_millis(2500)).await;
     let call = store.run(&["call", &server, "echo", r#"{"text":"no resource"}"#, flag]);
     call.expect_code(0);
     assert_eq!(call.stdout.trim(), "no resource");
@@ -383,7 +383,7 @@ async fn debug_writes_a_private_log_without_secrets() {
     let (_, out) = login_seen(&store, &server, &["--port", "0", "--debug"]).await;
     out.expect_code(0);
     assert!(!out.stderr.contains("DEBUG"), "logs go to the file: {out:#?}");
-    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    mcp_clock::Clock::sleep(&mcp_clock::SystemClock, std::time::Duration::from_millis(1500)).await;
     // Past expiry: the call refreshes, so the log covers a refresh too.
     let call = store.run(&["--debug", "call", &server, "echo", r#"{"text":"x"}"#]);
     call.expect_code(0);
@@ -522,7 +522,7 @@ async fn a_long_url_and_a_long_user_name_log_in_call_and_refresh() {
     let out = call();
     out.expect_code(0);
     assert_eq!(out.stdout.trim(), "long");
-    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    mcp_clock::Clock::sleep(&mcp_clock::SystemClock, std::time::Duration::from_millis(1500)).await;
     let out = call();
     out.expect_code(0);
     assert_eq!(out.stdout.trim(), "long");

@@ -73,7 +73,7 @@ async fn an_mcp_remote_login_is_imported_and_refreshes() {
     let call = store.run(&["call", &server, "echo", r#"{"text":"imported"}"#]);
     call.expect_code(0);
     assert_eq!(call.stdout.trim(), "imported");
-    tokio::time::sleep(Duration::from_millis(4500)).await;
+    mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(4500)).await;
     let after = store.run(&["call", &server, "echo", r#"{"text":"refreshed"}"#]);
     after.expect_code(0);
     let stats = fx.auth().stats();

@@ -24,7 +24,7 @@ async fn why_tells_a_refresh_a_revocation_and_a_relogin_newest_first() {
     login(&store, &server).await.expect_code(0);
     let mut secrets = store.secrets(&server).await;
 
-    tokio::time::sleep(Duration::from_millis(4500)).await;
+    mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(4500)).await;
     let call = spawn(store.command(&["call", &server, "echo", r#"{"text":"x"}"#]), false);
     let call_pid = call.child.id();
     tokio::task::block_in_place(|| call.finish()).expect_code(0);

@@ -83,7 +83,8 @@ impl FixtureTools {
     #[tool(description = "Sleep for `ms` milliseconds, then answer.")]
     async fn slow(&self, Parameters(SlowArgs { ms }): Parameters<SlowArgs>) -> String {
         self.shared.tool_called("slow");
-        tokio::time::sleep(Duration::from_millis(ms)).await;
+        // Real time, like a real server's work.
+        mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(ms)).await;
         format!("slept {ms} ms")
     }
 

@@ -478,13 +478,19 @@ async fn hung_token_endpoint_never_answers_until_the_knob_is_cleared() {
         if auth.stats().client_credentials_requests == 1 {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(10)).await;
     }
     assert_eq!(auth.stats().client_credentials_requests, 1);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(200)).await;
     assert!(!hung.is_finished(), "a hung endpoint must not answer");
     auth.knobs().set_token_hang(false);
-    assert_eq!(tokio::time::timeout(Duration::from_secs(10), hung).await.unwrap().unwrap(), 200);
+    assert_eq!(
+        mcp_clock::within(&mcp_clock::SystemClock, Duration::from_secs(10), hung)
+            .await
+            .unwrap()
+            .unwrap(),
+        200
+    );
 }
 
 #[tokio::test]
@@ -500,10 +506,10 @@ async fn shutdown_releases_hung_requests() {
         if auth.stats().client_credentials_requests == 1 {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(10)).await;
     }
     assert_eq!(auth.stats().client_credentials_requests, 1);
-    tokio::time::timeout(Duration::from_secs(10), auth.shutdown())
+    mcp_clock::within(&mcp_clock::SystemClock, Duration::from_secs(10), auth.shutdown())
         .await
         .expect("shutdown must not wait for ever")
         .unwrap();
@@ -596,10 +602,13 @@ async fn manual_approval_holds_the_browser_until_the_test_decides() {
     let (_, challenge) = pkce();
     let url = authorize_url(&auth, &client.id, &challenge, Some("mcp:read"), None);
     let browser = tokio::spawn(http().get(url.clone()).send());
-    let pending =
-        tokio::time::timeout(Duration::from_secs(10), auth.wait_for_pending_authorization())
-            .await
-            .unwrap();
+    let pending = mcp_clock::within(
+        &mcp_clock::SystemClock,
+        Duration::from_secs(10),
+        auth.wait_for_pending_authorization(),
+    )
+    .await
+    .unwrap();
     assert_eq!(pending.len(), 1);
     assert_eq!(
         (pending[0].client_id.as_str(), pending[0].scope.as_str()),
@@ -611,9 +620,13 @@ async fn manual_approval_holds_the_browser_until_the_test_decides() {
     assert!(location_params(&resp).contains_key("code"));
 
     let browser = tokio::spawn(http().get(url).send());
-    tokio::time::timeout(Duration::from_secs(10), auth.wait_for_pending_authorization())
-        .await
-        .unwrap();
+    mcp_clock::within(
+        &mcp_clock::SystemClock,
+        Duration::from_secs(10),
+        auth.wait_for_pending_authorization(),
+    )
+    .await
+    .unwrap();
     assert_eq!(auth.deny_pending().unwrap(), 1);
     assert_eq!(location_params(&browser.await.unwrap().unwrap())["error"], "access_denied");
     let stats = auth.stats();
@@ -796,7 +809,7 @@ async fn refresh_hang_holds_only_refresh_grants() {
         if auth.stats().refresh_token_requests == 1 {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(10)).await;
     }
     assert_eq!(auth.stats().refresh_token_requests, 1);
     // An authorization code grant still answers while the refresh hangs.
@@ -804,5 +817,11 @@ async fn refresh_hang_holds_only_refresh_grants() {
     assert!(again["access_token"].is_string());
     assert!(!hung.is_finished(), "the refresh must still hang");
     auth.knobs().set_refresh_hang(false);
-    assert_eq!(tokio::time::timeout(Duration::from_secs(10), hung).await.unwrap().unwrap(), 200);
+    assert_eq!(
+        mcp_clock::within(&mcp_clock::SystemClock, Duration::from_secs(10), hung)
+            .await
+            .unwrap()
+            .unwrap(),
+        200
+    );
 }

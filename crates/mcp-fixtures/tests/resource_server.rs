@@ -37,7 +37,7 @@ async fn connect(url: &str, token: &str) -> RunningService<RoleClient, ()> {
     let config =
         StreamableHttpClientTransportConfig::with_uri(url.to_owned()).auth_header(token.to_owned());
     let transport = StreamableHttpClientTransport::with_client(http(), config);
-    tokio::time::timeout(Duration::from_secs(10), ().serve(transport))
+    mcp_clock::within(&mcp_clock::SystemClock, Duration::from_secs(10), ().serve(transport))
         .await
         .expect("handshake hangs")
         .expect("handshake")

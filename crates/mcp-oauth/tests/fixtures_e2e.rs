@@ -728,14 +728,17 @@ async fn a_hung_token_endpoint_is_abandoned_on_cancellation() {
     // Wait until the server holds the request, then cancel.
     let arrived = async {
         while env.fx.auth().stats().refresh_token_requests == before {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(5)).await;
         }
     };
-    tokio::time::timeout(Duration::from_secs(10), arrived).await.expect("the request arrives");
+    mcp_clock::within(&mcp_clock::SystemClock, Duration::from_secs(10), arrived)
+        .await
+        .expect("the request arrives");
     assert!(!refresh.is_finished());
     cancel.cancel();
-    let outcome =
-        tokio::time::timeout(Duration::from_secs(10), refresh).await.expect("cancelled promptly");
+    let outcome = mcp_clock::within(&mcp_clock::SystemClock, Duration::from_secs(10), refresh)
+        .await
+        .expect("cancelled promptly");
     let err = outcome.unwrap().unwrap_err();
     assert!(
         matches!(&err, Error::Cancelled { url } if *url == env.fx.auth().token_endpoint()),

@@ -88,7 +88,7 @@ async fn the_cancellation_token_abandons_the_request() {
     let cancel = CancellationToken::new();
     request.cancel = cancel.clone();
     let canceller = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(100)).await;
         cancel.cancel();
     });
     let err = c.call(request).await.unwrap_err();

@@ -247,7 +247,7 @@ fn main() {
         for i in 0..rounds {
             let started = SystemClock::instant();
             flows.complete(&flow("ping", i), &0u64).await.unwrap();
-            tokio::time::timeout(Duration::from_secs(5), flows.wait::<u64>(&flow("pong", i)))
+            mcp_clock::within(&mcp_clock::SystemClock, Duration::from_secs(5), flows.wait::<u64>(&flow("pong", i)))
                 .await
                 .expect("the child answers")
                 .unwrap();

@@ -125,7 +125,7 @@ impl Refresher for Slow {
         Box::pin(async move {
             let start = SystemClock::instant();
             self.calls.fetch_add(1, Ordering::SeqCst);
-            tokio::time::sleep(self.latency).await;
+            mcp_clock::Clock::sleep(&mcp_clock::SystemClock, self.latency).await;
             let n = self.calls.load(Ordering::SeqCst);
             let response = TokenResponse::bearer(format!("at-{n}"))
                 .expires_in(Duration::from_secs(3600))

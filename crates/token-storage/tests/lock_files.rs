@@ -99,12 +99,12 @@ async fn a_dead_processes_lock_is_released_at_once() {
         let (storage, rejected) = (storage.clone(), first.access_token().clone());
         async move { storage.force_refresh(&key(), ISS, &rejected).await }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(300)).await;
     assert!(!refresh.is_finished(), "the refresh waits for the child's lock");
     assert_eq!(server.calls(), 0, "nothing redeemed while another process holds the lock");
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    let fresh = tokio::time::timeout(Duration::from_secs(10), refresh)
+    let fresh = mcp_clock::within(&mcp_clock::SystemClock, Duration::from_secs(10), refresh)
         .await
         .expect("the lock is released with its process")
         .unwrap()

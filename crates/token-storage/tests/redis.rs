@@ -226,11 +226,11 @@ async fn a_dead_holders_lease_expires_and_the_refresh_takes_over() {
     // The refresh waits on the clock for the dead lease's expiry.
     until("the refresh to wait for the lease", || clock.sleepers() > sleepers).await;
     clock.advance(ttl - Duration::from_millis(1));
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(50)).await;
     assert!(!refresh.is_finished(), "the refresh waits for the dead lease until its TTL");
     assert_eq!(server.redemptions(), 0);
     clock.advance(Duration::from_millis(2));
-    let fresh = tokio::time::timeout(Duration::from_secs(10), refresh)
+    let fresh = mcp_clock::within(&mcp_clock::SystemClock, Duration::from_secs(10), refresh)
         .await
         .expect("the refresh took over at the TTL")
         .unwrap()
@@ -263,7 +263,7 @@ async fn a_redis_restart_is_transient_and_loses_nothing() {
                 break;
             }
             Err(Error::StoreUnavailable { .. }) => {
-                tokio::time::sleep(Duration::from_millis(50)).await
+                mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(50)).await
             }
             Err(e) => panic!("unexpected error while redis comes back: {e:?}"),
         }

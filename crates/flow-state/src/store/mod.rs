@@ -349,7 +349,9 @@ mod tests {
         let n = KeyNotifier::new();
         let mut s = n.subscribe("k");
         n.notify("k");
-        tokio::time::timeout(Duration::from_secs(5), s.changed()).await.expect("woken");
+        mcp_clock::within(&mcp_clock::SystemClock, Duration::from_secs(5), s.changed())
+            .await
+            .expect("woken");
     }
 
     #[test]

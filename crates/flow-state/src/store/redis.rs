@@ -165,8 +165,8 @@ impl RedisStoreBuilder {
             self.poll_interval,
             ready_tx,
         ));
-        match tokio::time::timeout(self.timeout, ready_rx).await {
-            Ok(Ok(())) => {}
+        match mcp_clock::within(&self.clock, self.timeout, ready_rx).await {
+            Some(Ok(())) => {}
             _ => {
                 listener.abort();
                 return Err(StoreError::new(

@@ -65,7 +65,11 @@ async fn a_panicking_handler_fails_the_flow_and_wakes_waiters() {
                 tokio::spawn(async move {
                     flows
                         .run::<u32, _, _>(&k, || async {
-                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            mcp_clock::Clock::sleep(
+                                &mcp_clock::SystemClock,
+                                Duration::from_millis(10),
+                            )
+                            .await;
                             panic!("handler bug")
                         })
                         .await

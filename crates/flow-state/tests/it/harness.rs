@@ -71,7 +71,7 @@ impl Harness {
                 {
                     return;
                 }
-                tokio::time::sleep(Duration::from_millis(1)).await;
+                mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(1)).await;
             }
         })
         .await
@@ -108,10 +108,12 @@ pub(crate) async fn settle() {
     for _ in 0..20 {
         tokio::task::yield_now().await;
     }
-    tokio::time::sleep(Duration::from_millis(5)).await;
+    mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(5)).await;
 }
 
 /// Awaits `fut`, failing the test instead of hanging if it never finishes (a lost wake-up).
 pub(crate) async fn within<T>(fut: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(20), fut).await.expect("no answer: a waiter hung")
+    mcp_clock::within(&mcp_clock::SystemClock, Duration::from_secs(20), fut)
+        .await
+        .expect("no answer: a waiter hung")
 }

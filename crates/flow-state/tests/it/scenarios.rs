@@ -24,7 +24,11 @@ async fn concurrent_runs_share_one_handler_result() {
                     flows
                         .run(&k, move || async move {
                             runs.fetch_add(1, Ordering::SeqCst);
-                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            mcp_clock::Clock::sleep(
+                                &mcp_clock::SystemClock,
+                                Duration::from_millis(20),
+                            )
+                            .await;
                             Ok(format!("result-{i}"))
                         })
                         .await

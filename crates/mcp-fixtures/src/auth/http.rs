@@ -423,7 +423,8 @@ async fn token(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Respo
     let knobs = app.core.knobs.get();
     if !knobs.token_delay.is_zero() {
         tokio::select! {
-            () = tokio::time::sleep(knobs.token_delay) => {}
+            // Real time, like a real server's latency (the fixture's own clock may be manual).
+            () = mcp_clock::Clock::sleep(&mcp_clock::SystemClock, knobs.token_delay) => {}
             () = app.shutdown.cancelled() => return StatusCode::SERVICE_UNAVAILABLE.into_response(),
         }
     }

@@ -392,7 +392,8 @@ impl AuthServerHandle {
                 return pending;
             }
             // Re-check now and then: a browser that gave up leaves nothing to notify.
-            let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
+            let _ = mcp_clock::within(&mcp_clock::SystemClock, Duration::from_millis(50), notified)
+                .await;
         }
     }
 

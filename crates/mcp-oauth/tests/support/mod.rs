@@ -110,7 +110,7 @@ pub(crate) async fn serve(
                 let Some(req) = read_request(&mut sock).await else { return };
                 seen.lock().unwrap().push(req.clone());
                 let reply = handler(&req, &base);
-                tokio::time::sleep(reply.delay).await;
+                mcp_clock::Clock::sleep(&mcp_clock::SystemClock, reply.delay).await;
                 let mut head = format!("HTTP/1.1 {} X\r\nconnection: close\r\n", reply.status);
                 if !reply.no_length {
                     head.push_str(&format!("content-length: {}\r\n", reply.body.len()));
