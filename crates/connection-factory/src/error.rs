@@ -37,6 +37,17 @@ pub enum Error {
         #[source]
         source: Option<Arc<dyn StdError + Send + Sync>>,
     },
+    /// A store (the token storage or the flow store) could not be read or written. Nothing was
+    /// decided on the strength of it: a failed read is not taken as "nothing stored", so no
+    /// client is registered again and no authorization is started. Retrying later may help.
+    #[error("store failure while {message}")]
+    Store {
+        /// What the provider was doing.
+        message: String,
+        /// The store's own error.
+        #[source]
+        source: Arc<dyn StdError + Send + Sync>,
+    },
     /// The HTTP transport or the MCP session failed.
     #[error("MCP transport error")]
     Transport(#[source] Arc<dyn StdError + Send + Sync>),
@@ -85,6 +96,14 @@ impl Error {
         source: impl StdError + Send + Sync + 'static,
     ) -> Self {
         Error::Provider { message: message.into(), source: Some(Arc::new(source)) }
+    }
+
+    /// A [`Error::Store`]: `message` says what was being done.
+    pub(crate) fn store(
+        message: impl Into<String>,
+        source: impl StdError + Send + Sync + 'static,
+    ) -> Self {
+        Error::Store { message: message.into(), source: Arc::new(source) }
     }
 
     /// A [`Error::Provider`] with only a message.

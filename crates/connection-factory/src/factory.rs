@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use flow_state::{FlowError, FlowKey, FlowManager, FlowStatus};
+use flow_state::{FlowError, FlowKey, FlowManager, FlowStatus, SingleFlight};
 use mcp_clock::{BoxFuture, Clock as _, SharedClock};
 use serde::{Deserialize, Serialize};
 use token_storage::{TokenKey, TokenStorage};
@@ -330,8 +330,20 @@ pub struct ConnectionFactory {
     counters: Arc<Counters>,
     step_ups: Arc<StepUps>,
     leaders: Arc<Leaders>,
+    registrations: Registrations,
     interactive: Option<(OAuthClient, Arc<dyn AuthorizationHook>)>,
 }
+
+/// The client registrations in flight, per (token key, issuer): concurrent first connects with
+/// no stored client join one registration instead of each registering a client (the last one
+/// stored would win, and a pending authorization could name a client that is no longer
+/// stored). Process-local; across processes the host serializes logins (mcp-connect's login
+/// lock).
+type Registrations = SingleFlight<(TokenKey, String), Result<mcp_oauth::ClientRegistration, Error>>;
+
+/// How long a registration may run before callers stop waiting for it (it is kept running once
+/// its request went out: its result is stored for the next caller).
+const REGISTRATION_DEADLINE: Duration = Duration::from_secs(60);
 
 impl fmt::Debug for ConnectionFactory {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -345,6 +357,7 @@ impl ConnectionFactory {
     /// A factory over `flows` and `storage`. Time comes from the flow manager's clock.
     pub fn new(flows: FlowManager, storage: TokenStorage) -> Self {
         ConnectionFactory {
+            registrations: SingleFlight::new(flows.clock().clone()),
             flows,
             storage,
             counters: Arc::default(),
@@ -378,6 +391,7 @@ impl ConnectionFactory {
             counters: self.counters.clone(),
             step_ups: self.step_ups.clone(),
             leaders: self.leaders.clone(),
+            registrations: self.registrations.clone(),
             interactive: self.interactive.clone(),
         }))
     }
@@ -441,6 +455,7 @@ pub struct FactoryProvider {
     counters: Arc<Counters>,
     step_ups: Arc<StepUps>,
     leaders: Arc<Leaders>,
+    registrations: Registrations,
     interactive: Option<(OAuthClient, Arc<dyn AuthorizationHook>)>,
 }
 
@@ -461,7 +476,7 @@ impl FactoryProvider {
             .storage
             .client(&self.key)
             .await
-            .map_err(|e| Error::provider("reading the client registration", e))?;
+            .map_err(|e| Error::store("reading the client registration", e))?;
         Ok(client.map(|c| c.issuer))
     }
 
@@ -505,6 +520,12 @@ impl FactoryProvider {
                 }
                 Err(flow_state::Error::Failed { error, .. }) if error.kind == NO_TOKENS => {
                     return Ok(None);
+                }
+                Err(flow_state::Error::Failed { error, .. }) if error.kind == "store" => {
+                    return Err(Error::store("looking up the tokens", error));
+                }
+                Err(e @ (flow_state::Error::Store { .. } | flow_state::Error::Corrupt { .. })) => {
+                    return Err(Error::store("looking up the tokens", e));
                 }
                 Err(e) => return Err(Error::provider("token look-up", e)),
             }
@@ -586,6 +607,16 @@ impl FactoryProvider {
                     record("rejected", &self.counters.rejected);
                     self.fall_back(Some(rejected)).await
                 }
+                Some(Err(
+                    e @ (token_storage::Error::StoreUnavailable { .. }
+                    | token_storage::Error::Store { .. }
+                    | token_storage::Error::Decrypt { .. }
+                    | token_storage::Error::KeyProvider { .. }),
+                )) => {
+                    // The store failed, not the authorization: no prompt over it.
+                    record("transient", &self.counters.transient);
+                    Err(Error::store("refreshing the tokens", e))
+                }
                 Some(Err(e)) => {
                     record("transient", &self.counters.transient);
                     if let Recovery::Retry(token) = self.fall_back(Some(rejected)).await? {
@@ -616,8 +647,17 @@ impl FactoryProvider {
     async fn fall_back(&self, rejected: Option<&Secret>) -> Result<Recovery, Error> {
         // Read the flow before the tokens: the callback stores tokens before it completes the
         // flow, so a COMPLETED flow read here whose tokens are not newer is really stale.
-        let flow = self.flows.get::<serde_json::Value>(&self.oauth).await.ok().flatten();
-        if let Ok(Some(set)) = self.storage.tokens(&self.key).await
+        let flow = self
+            .flows
+            .get::<serde_json::Value>(&self.oauth)
+            .await
+            .map_err(|e| Error::store("reading the authorization flow", e))?;
+        let stored = self
+            .storage
+            .tokens(&self.key)
+            .await
+            .map_err(|e| Error::store("reading the stored tokens", e))?;
+        if let Some(set) = stored
             && set.needs_authorization().is_none()
             && rejected.is_none_or(|r| set.access_token().expose() != r.expose())
         {
@@ -653,7 +693,11 @@ impl FactoryProvider {
         if self.interactive.is_none() || self.config.client.is_none() {
             return Ok(Recovery::InsufficientScope);
         }
-        let held = self.storage.tokens(&self.key).await.ok().flatten();
+        let held = self
+            .storage
+            .tokens(&self.key)
+            .await
+            .map_err(|e| Error::store("reading the stored tokens", e))?;
         let held_scope = held.as_ref().and_then(|s| s.scope().map(str::to_owned));
         let held_scope = held_scope.or_else(|| self.config.scopes.clone()).unwrap_or_default();
         let target = mcp_oauth::union_scopes(&held_scope, &challenge.scope().unwrap_or_default());
@@ -741,6 +785,54 @@ impl FactoryProvider {
         .await
     }
 
+    /// The client registration for `discovery`'s issuer: the stored one, else one new
+    /// registration, stored before anyone uses it. Single-flight per (token key, issuer), so
+    /// that concurrent first connects register one client and every pending authorization
+    /// names the client that is stored. A failed read of the stored client is
+    /// [`Error::Store`], never "no client" (a good registration is not registered over).
+    async fn registration(
+        &self,
+        oauth: &OAuthClient,
+        discovery: &mcp_oauth::Discovery,
+        client_config: &mcp_oauth::ClientConfig,
+    ) -> Result<mcp_oauth::ClientRegistration, Error> {
+        let flight = (self.key.clone(), discovery.issuer().to_owned());
+        let (storage, key) = (self.storage.clone(), self.key.clone());
+        let (oauth, discovery, client_config) =
+            (oauth.clone(), discovery.clone(), client_config.clone());
+        let options = flow_state::CallOptions::new(REGISTRATION_DEADLINE);
+        let span = tracing::info_span!("mcp_registration", issuer = discovery.issuer());
+        self.registrations
+            .call_with(flight, options, move |attempt| {
+                async move {
+                    let stored = storage
+                        .client(&key)
+                        .await
+                        .map_err(|e| Error::store("reading the client registration", e))?;
+                    if let Some((d, r)) = stored.as_ref().and_then(decode_stored_client)
+                        && d.issuer() == discovery.issuer()
+                    {
+                        return Ok(r);
+                    }
+                    // From here on the authorization server may create a client: whatever
+                    // happens to the callers, the result is stored.
+                    attempt.keep();
+                    let r = oauth
+                        .register(&discovery, &client_config)
+                        .await
+                        .map_err(|e| Error::provider("registration", e))?;
+                    storage
+                        .store_client(&key, &stored_client(&discovery, &r))
+                        .await
+                        .map_err(|e| Error::store("storing the client registration", e))?;
+                    Ok(r)
+                }
+                .instrument(span)
+            })
+            .await
+            .map_err(|e| Error::provider("registration", e))?
+    }
+
     /// Start a new authorization and prompt; or join a fresh PENDING one (no prompt: the hook's
     /// [`AuthorizationHook::authorization_pending`] decides, `None` when the flow does not carry
     /// its URL or was completed by a peer). A stale PENDING one is replaced.
@@ -753,7 +845,11 @@ impl FactoryProvider {
         reason: AuthorizationReason,
         step_up: Option<&str>,
     ) -> Result<Option<HookDecision>, Error> {
-        let current = self.flows.get::<serde_json::Value>(&self.oauth).await.ok().flatten();
+        let current = self
+            .flows
+            .get::<serde_json::Value>(&self.oauth)
+            .await
+            .map_err(|e| Error::store("reading the authorization flow", e))?;
         // The fallback deleted any COMPLETED flow before coming here: one seen now was completed
         // by a peer's authorization since, so it is joined, not replaced.
         if current.as_ref().is_some_and(|f| f.status == FlowStatus::Completed) {
@@ -811,25 +907,7 @@ impl FactoryProvider {
             .instrument(tracing::info_span!("mcp_discovery", server = %server))
             .await
             .map_err(oauth_err("discovery"))?;
-        let stored = self.storage.client(&self.key).await.ok().flatten();
-        let registration = match stored.as_ref().and_then(decode_stored_client) {
-            Some((d, r)) if d.issuer() == discovery.issuer() => r,
-            _ => {
-                let r = oauth
-                    .register(&discovery, client_config)
-                    .instrument(tracing::info_span!(
-                        "mcp_registration",
-                        issuer = discovery.issuer()
-                    ))
-                    .await
-                    .map_err(oauth_err("registration"))?;
-                self.storage
-                    .store_client(&self.key, &stored_client(&discovery, &r))
-                    .await
-                    .map_err(|e| Error::provider("storing the client registration", e))?;
-                r
-            }
-        };
+        let registration = self.registration(oauth, &discovery, client_config).await?;
         // Configured scopes are what the token key promises: they win over the server's choice.
         let selected = self
             .config
@@ -855,6 +933,7 @@ impl FactoryProvider {
             pending,
             discovery,
             authorization_url: Some(url.to_string()),
+            client_id: Some(registration.client_id.clone()),
         })
         .map_err(|e| Error::provider("encoding the pending authorization", e))?;
         // A peer's authorization may have completed while this one was being prepared: it is

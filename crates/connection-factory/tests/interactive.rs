@@ -265,3 +265,123 @@ async fn a_pre_registered_client_of_another_issuer_is_not_offered_to_the_new_one
     let events = format!("{:?}", s.fx.auth().events());
     assert!(!events.contains("old-as-client"), "the old client id never reached it: {events}");
 }
+
+/// The race: concurrent first connects with no stored client each discovered the server,
+/// found no client and registered one; the last one stored won, and the pending flow's URL
+/// could name a client that was no longer stored, so the code exchange failed after the user
+/// consented. Eight connects at once must register exactly one client, prompt once, and the
+/// authorization the user sees names the client that is stored; all eight then succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_first_connects_register_one_client_and_prompt_once() {
+    let s = setup(HookDecision::Wait).await;
+    s.fx.auth().knobs().set_approval(Approval::Manual);
+    let s = Arc::new(s);
+    let connects: Vec<_> = (0..8)
+        .map(|_| {
+            let s = s.clone();
+            tokio::spawn(async move { s.factory.connect(s.config("tenant-a")).await })
+        })
+        .collect();
+    let pending = s.fx.auth().wait_for_pending_authorization().await;
+    assert_eq!(pending.len(), 1, "one prompt for the key");
+    let key = s.config("tenant-a").token_key();
+    let stored = s.storage.client(&key).await.unwrap().expect("a stored client");
+    assert_eq!(pending[0].client_id, stored.client_id, "the URL names the stored client");
+    s.fx.auth().approve_pending().unwrap();
+    for (i, connect) in connects.into_iter().enumerate() {
+        let conn = connect.await.unwrap().unwrap_or_else(|e| panic!("connect {i}: {e:?}"));
+        assert_eq!(text(&conn.call_tool("echo", args("hi")).await.unwrap()), "hi");
+    }
+    let auth = s.fx.auth().stats();
+    assert_eq!(auth.registrations, 1, "one registration for concurrent first connects: {auth:?}");
+    assert_eq!(auth.authorization_code_requests, 1, "{auth:?}");
+    assert_eq!(s.prompts(), 1);
+    let after = s.storage.client(&key).await.unwrap().unwrap();
+    assert_eq!(after.client_id, stored.client_id, "the registration was not replaced");
+}
+
+/// A token store whose reads of client records fail while armed (the store is unreachable
+/// for that read): the failure the factory used to take as "no client stored".
+#[derive(Debug)]
+struct ClientReadsFail {
+    inner: token_storage::SharedTokenStore,
+    armed: std::sync::atomic::AtomicBool,
+}
+
+impl token_storage::TokenStore for ClientReadsFail {
+    fn get<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> connection_factory::BoxFuture<
+        'a,
+        Result<Option<token_storage::Versioned>, token_storage::Error>,
+    > {
+        if key.ends_with("/client") && self.armed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Box::pin(async {
+                Err(token_storage::Error::StoreUnavailable {
+                    message: "injected: client read failed".into(),
+                    source: None,
+                })
+            });
+        }
+        self.inner.get(key)
+    }
+    fn compare_and_swap<'a>(
+        &'a self,
+        key: &'a str,
+        expected: Option<u64>,
+        value: Vec<u8>,
+    ) -> connection_factory::BoxFuture<'a, Result<token_storage::Swap, token_storage::Error>> {
+        self.inner.compare_and_swap(key, expected, value)
+    }
+    fn delete<'a>(
+        &'a self,
+        key: &'a str,
+        expected: Option<u64>,
+    ) -> connection_factory::BoxFuture<'a, Result<bool, token_storage::Error>> {
+        self.inner.delete(key, expected)
+    }
+    fn keys_with_prefix<'a>(
+        &'a self,
+        prefix: &'a str,
+    ) -> connection_factory::BoxFuture<'a, Result<Vec<String>, token_storage::Error>> {
+        self.inner.keys_with_prefix(prefix)
+    }
+}
+
+/// A failed read of the stored client is a store failure, not "no client". The race this
+/// pins: a request needs an authorization (no tokens stored) while the store is briefly
+/// unreachable for the client record; the factory used to take the failed read as "no client",
+/// register a second client over the good one and prompt. Now the request fails with
+/// `Error::Store`, nobody is prompted, and the stored client is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_client_read_is_a_typed_error_not_a_prompt_or_a_new_registration() {
+    use connection_factory::{AuthProvider, Challenge, RequestKind};
+    let faulty = Arc::new(ClientReadsFail {
+        inner: token_storage::MemoryTokenStore::new().into(),
+        armed: false.into(),
+    });
+    let s = common::setup_on(
+        HookDecision::Wait,
+        token_storage::SharedTokenStore::from_arc(faulty.clone()),
+    )
+    .await;
+    drop(s.factory.connect(s.config("tenant-a")).await.unwrap());
+    assert_eq!(s.prompts(), 1);
+    // The tokens are gone (logged out elsewhere); the client registration stays.
+    let key = s.config("tenant-a").token_key();
+    let client = s.storage.client(&key).await.unwrap().unwrap();
+    s.storage.delete_all(&key).await.unwrap();
+    s.storage.store_client(&key, &client).await.unwrap();
+
+    faulty.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let provider = s.factory.provider(s.config("tenant-a")).unwrap();
+    let challenge = Challenge::new(401, RequestKind::Post, vec!["Bearer".into()]);
+    let err = provider.on_unauthorized(None, &challenge).await.unwrap_err();
+    assert!(matches!(err, Error::Store { .. }), "{err:?}");
+    assert_eq!(s.prompts(), 1, "a store failure never prompts");
+    assert_eq!(s.fx.auth().stats().registrations, 1, "no registration over the stored one");
+    faulty.armed.store(false, std::sync::atomic::Ordering::SeqCst);
+    let kept = s.storage.client(&key).await.unwrap().unwrap();
+    assert_eq!(kept.client_id, client.client_id, "the stored client is kept");
+}

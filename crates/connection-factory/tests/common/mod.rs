@@ -22,6 +22,8 @@ use token_storage::{Keyring, MemoryTokenStore, TokenStorage, TokenStorageConfig}
 pub(crate) struct Browser {
     pub(crate) http: reqwest::Client,
     pub(crate) prompts: AtomicU64,
+    /// Calls of `authorization_pending` (requests that found another's prompt).
+    pub(crate) pending: AtomicU64,
     pub(crate) reasons: std::sync::Mutex<Vec<AuthorizationReason>>,
     pub(crate) scopes: std::sync::Mutex<Vec<Option<String>>>,
     pub(crate) decision: HookDecision,
@@ -39,6 +41,13 @@ impl AuthorizationHook for Browser {
         let decision = self.decision;
         Box::pin(async move { decision })
     }
+
+    fn authorization_pending(&self, request: AuthorizationRequest) -> BoxFuture<'_, HookDecision> {
+        drop(request);
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        let decision = self.decision;
+        Box::pin(async move { decision })
+    }
 }
 
 pub(crate) struct Setup {
@@ -52,19 +61,37 @@ pub(crate) struct Setup {
 }
 
 pub(crate) async fn setup(decision: HookDecision) -> Setup {
+    setup_on(decision, MemoryTokenStore::new().into()).await
+}
+
+/// [`setup`] over `store` (a fault-injecting wrapper, say).
+pub(crate) async fn setup_on(
+    decision: HookDecision,
+    store: token_storage::SharedTokenStore,
+) -> Setup {
+    setup_with(decision, store, |k| k).await
+}
+
+/// [`setup_on`] with the fixture's knobs changed by `knobs` before it starts.
+pub(crate) async fn setup_with(
+    decision: HookDecision,
+    store: token_storage::SharedTokenStore,
+    knobs_of: impl FnOnce(KnobSettings) -> KnobSettings,
+) -> Setup {
     let clock = ManualClock::new(Timestamp::from_secs(1_800_000_000));
     let mut knobs = KnobSettings::default();
     knobs.access_token_lifetime = Duration::from_secs(60);
     knobs.refresh_rotation = true;
     knobs.reuse_detection = true;
     knobs.reuse_grace = None;
+    let knobs = knobs_of(knobs);
     let fx = Fixtures::start_with(clock.shared(), knobs).await.unwrap();
     let oauth =
         OAuthClient::new(ReqwestHttpClient::new(HttpPolicy::default()).unwrap(), clock.shared());
     let mut config = TokenStorageConfig::default();
     config.max_date_correction = Duration::ZERO; // hyper's Date header is real time
     let storage = TokenStorage::builder(
-        MemoryTokenStore::new().into(),
+        store,
         Arc::new(Keyring::parse(&"42".repeat(32)).unwrap()),
         Arc::new(OAuthRefresher::new(oauth.clone())),
     )
@@ -84,6 +111,7 @@ pub(crate) async fn setup(decision: HookDecision) -> Setup {
     let browser = Arc::new(Browser {
         http: reqwest::Client::builder().no_proxy().build().unwrap(),
         prompts: AtomicU64::new(0),
+        pending: AtomicU64::new(0),
         reasons: Default::default(),
         scopes: Default::default(),
         decision,
