@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use flow_state::{FlowError, FlowKey, FlowManager, FlowStatus, SingleFlight};
-use mcp_clock::{BoxFuture, Clock as _, SharedClock};
+use mcp_clock::{BoxFuture, Clock as _, SharedClock, Timestamp};
 use serde::{Deserialize, Serialize};
 use token_storage::{TokenKey, TokenStorage};
 use tracing::Instrument as _;
@@ -31,6 +31,10 @@ pub const GET_TOKENS_FLOW: &str = "mcp_get_tokens";
 pub const OAUTH_FLOW: &str = "mcp_oauth";
 /// The cap of the silent-refresh budget.
 const REFRESH_CAP: Duration = Duration::from_secs(5);
+/// The flow type of the claim to replace one stale PENDING authorization.
+const REPLACE_FLOW: &str = "mcp_oauth_replace";
+/// How many times a prompt looks again after another request changed the flow under it.
+const PROMPT_ROUNDS: usize = 4;
 /// The kind recorded on a look-up flow that found no usable tokens.
 const NO_TOKENS: &str = "authorization_required";
 
@@ -284,6 +288,11 @@ impl Drop for Lead<'_> {
     fn drop(&mut self) {
         self.leaders.0.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.key);
     }
+}
+
+/// When a pending authorization request expires (the callback refuses its state after that).
+fn request_expiry(pending: &mcp_oauth::PendingAuthorization) -> Timestamp {
+    pending.created_at.saturating_add(pending.ttl)
 }
 
 /// A scope list as a set: split, deduplicated, sorted, joined with spaces.
@@ -833,9 +842,41 @@ impl FactoryProvider {
             .map_err(|e| Error::provider("registration", e))?
     }
 
+    /// When this factory replaces a PENDING authorization created at `created_at`: after the
+    /// OAuth wait timeout (nobody waits for it any more), or when its authorization request
+    /// expires, whichever comes first. Also the expiry the hook is shown.
+    fn replaced_at(&self, created_at: Timestamp, meta: Option<&OAuthFlowMeta>) -> Timestamp {
+        let waited = created_at.saturating_add(self.config.oauth_wait_timeout);
+        match meta {
+            Some(m) => waited.min(request_expiry(&m.pending)),
+            None => waited,
+        }
+    }
+
+    /// Claim the right to replace the stale PENDING authorization created at `created_at`:
+    /// exactly one request per generation wins (an atomic insert of a claim flow named by the
+    /// generation), so two requests that both found it stale never both replace it, and the
+    /// loser never deletes the winner's new flow. The winner completes the claim flow once the
+    /// new flow exists (or it gave up); losers wait on it. Returns the claim and whether this
+    /// request won it.
+    async fn claim_replacement(&self, created_at: Timestamp) -> Result<(FlowKey, bool), Error> {
+        let id = format!("{}@{}", self.config.flow_id(), created_at.as_millis());
+        let claim = FlowKey::scoped(Some(&self.config.tenant), REPLACE_FLOW, &id)
+            .map_err(|e| Error::InvalidConfig(e.to_string()))?;
+        match self.flows.init_unless_completed(&claim, serde_json::Value::Null).await {
+            Ok(_) => Ok((claim, true)),
+            Err(
+                flow_state::Error::AlreadyPending { .. } | flow_state::Error::AlreadySettled { .. },
+            ) => Ok((claim, false)),
+            Err(e) => Err(Error::store("claiming the stale authorization", e)),
+        }
+    }
+
     /// Start a new authorization and prompt; or join a fresh PENDING one (no prompt: the hook's
     /// [`AuthorizationHook::authorization_pending`] decides, `None` when the flow does not carry
-    /// its URL or was completed by a peer). A stale PENDING one is replaced.
+    /// its URL or was completed by a peer). A stale PENDING one is replaced by the one request
+    /// that claims it; a request that loses the claim, or loses the race to create the new
+    /// flow, looks again and joins the flow that won.
     async fn prompt(
         &self,
         oauth: &OAuthClient,
@@ -845,49 +886,129 @@ impl FactoryProvider {
         reason: AuthorizationReason,
         step_up: Option<&str>,
     ) -> Result<Option<HookDecision>, Error> {
-        let current = self
+        // Each round either ends or saw another request change the flow (create or replace
+        // it); a few rounds settle any realistic contention.
+        for _ in 0..PROMPT_ROUNDS {
+            let current = self
+                .flows
+                .get::<serde_json::Value>(&self.oauth)
+                .await
+                .map_err(|e| Error::store("reading the authorization flow", e))?;
+            match current {
+                // The fallback deleted any COMPLETED flow before coming here: one seen now was
+                // completed by a peer's authorization since, so it is joined, not replaced.
+                Some(flow) if flow.status == FlowStatus::Completed => return Ok(None),
+                Some(flow) if flow.status == FlowStatus::Pending => {
+                    let meta = serde_json::from_value::<OAuthFlowMeta>(flow.metadata.clone()).ok();
+                    let replaced_at = self.replaced_at(flow.created_at, meta.as_ref());
+                    if self.flows.clock().now() < replaced_at {
+                        return Ok(self.join(hook, meta, reason, replaced_at).await);
+                    }
+                    let (claim, won) = self.claim_replacement(flow.created_at).await?;
+                    if !won {
+                        // Another request replaces it: wait until it has, then join.
+                        let (flows, wait) = (&self.flows, self.config.oauth_wait_timeout);
+                        let replaced = flows.wait::<serde_json::Value>(&claim);
+                        let _ = within(flows.clock(), wait, replaced).await;
+                        continue;
+                    }
+                    let started = self
+                        .replace(
+                            &flow,
+                            meta.as_ref(),
+                            &claim,
+                            (oauth, hook, client_config),
+                            (challenge, reason, step_up),
+                        )
+                        .await;
+                    // Whatever happened, the claim is settled: its losers look again.
+                    let _ = self.flows.complete_if_pending(&claim, &"replaced").await;
+                    match started? {
+                        Some(decision) => return Ok(Some(decision)),
+                        None => continue,
+                    }
+                }
+                _ => {}
+            }
+            match self.start(oauth, hook, client_config, challenge, reason, step_up, None).await? {
+                Some(decision) => return Ok(Some(decision)),
+                // Lost the race to create it: look again, and join the one that won.
+                None => continue,
+            }
+        }
+        Ok(None)
+    }
+
+    /// Replace the `stale` PENDING flow this request claimed (`claim`): its state mapping goes
+    /// (its callback is refused), the flow itself only while it is still that generation, then
+    /// a new authorization starts.
+    async fn replace(
+        &self,
+        stale: &flow_state::FlowState<serde_json::Value>,
+        meta: Option<&OAuthFlowMeta>,
+        claim: &FlowKey,
+        (oauth, hook, client_config): (
+            &OAuthClient,
+            &dyn AuthorizationHook,
+            &mcp_oauth::ClientConfig,
+        ),
+        (challenge, reason, step_up): (Option<&Challenge>, AuthorizationReason, Option<&str>),
+    ) -> Result<Option<HookDecision>, Error> {
+        if let Some(skey) = meta.and_then(|m| state_key(m.pending.state.secret())) {
+            let _ = self.flows.delete(&skey).await;
+        }
+        let now = self
             .flows
             .get::<serde_json::Value>(&self.oauth)
             .await
             .map_err(|e| Error::store("reading the authorization flow", e))?;
-        // The fallback deleted any COMPLETED flow before coming here: one seen now was completed
-        // by a peer's authorization since, so it is joined, not replaced.
-        if current.as_ref().is_some_and(|f| f.status == FlowStatus::Completed) {
-            return Ok(None);
-        }
-        if let Some(flow) = current
-            && flow.status == FlowStatus::Pending
+        if now.is_some_and(|f| f.status == FlowStatus::Pending && f.created_at == stale.created_at)
         {
-            let stale = self
-                .flows
-                .staleness(&self.oauth, self.config.oauth_wait_timeout)
+            self.flows
+                .delete_if_status(&self.oauth, FlowStatus::Pending)
                 .await
-                .ok()
-                .flatten()
-                .is_some_and(|s| s.is_stale);
-            let meta = serde_json::from_value::<OAuthFlowMeta>(flow.metadata).ok();
-            if !stale {
-                // Joined: no second prompt, but the hook sees the pending authorization and
-                // decides whether this request waits for it.
-                let Some(OAuthFlowMeta { pending, authorization_url: Some(url), .. }) = meta else {
-                    return Ok(None);
-                };
-                let request = AuthorizationRequest {
-                    authorization_url: url,
-                    scopes: pending.scope.clone(),
-                    reason,
-                    expires_at: pending.created_at.saturating_add(pending.ttl),
-                };
-                return Ok(Some(hook.authorization_pending(request).await));
-            }
-            // Stale for this factory (older than the OAuth wait timeout), though perhaps not yet
-            // for the flow manager's own stale window: drop it and its state mapping, so that
-            // the init below replaces it instead of joining it.
-            if let Some(skey) = meta.as_ref().and_then(|m| state_key(m.pending.state.secret())) {
-                let _ = self.flows.delete(&skey).await;
-            }
-            let _ = self.flows.delete_if_status(&self.oauth, FlowStatus::Pending).await;
+                .map_err(|e| Error::store("replacing the stale authorization", e))?;
         }
+        self.start(oauth, hook, client_config, challenge, reason, step_up, Some(claim)).await
+    }
+
+    /// A fresh PENDING authorization exists: no second prompt, but the hook sees it (its URL,
+    /// scopes, and `expires_at`, when this factory will replace it) and decides whether this
+    /// request waits for it. `None` when the flow does not carry its URL.
+    async fn join(
+        &self,
+        hook: &dyn AuthorizationHook,
+        meta: Option<OAuthFlowMeta>,
+        reason: AuthorizationReason,
+        expires_at: Timestamp,
+    ) -> Option<HookDecision> {
+        let Some(OAuthFlowMeta { pending, authorization_url: Some(url), .. }) = meta else {
+            return None;
+        };
+        let request = AuthorizationRequest {
+            authorization_url: url,
+            scopes: pending.scope,
+            reason,
+            expires_at,
+        };
+        Some(hook.authorization_pending(request).await)
+    }
+
+    /// Discover, register (single-flight), build the PKCE URL, create the PENDING flow (only
+    /// where none is live) and its state mapping, and prompt. `None` when another request's
+    /// flow was created first. `claim`, when this replaces a stale flow, is completed once the
+    /// new flow and its state mapping exist, before the hook is called.
+    #[allow(clippy::too_many_arguments)]
+    async fn start(
+        &self,
+        oauth: &OAuthClient,
+        hook: &dyn AuthorizationHook,
+        client_config: &mcp_oauth::ClientConfig,
+        challenge: Option<&Challenge>,
+        reason: AuthorizationReason,
+        step_up: Option<&str>,
+        claim: Option<&FlowKey>,
+    ) -> Result<Option<HookDecision>, Error> {
         let oauth_err = |what: &'static str| move |e: mcp_oauth::Error| Error::provider(what, e);
         let server: url::Url = self
             .config
@@ -927,8 +1048,8 @@ impl FactoryProvider {
         let (url, pending) = oauth
             .authorization_url(&discovery, &registration, redirect, scope.as_deref())
             .map_err(oauth_err("authorization URL"))?;
-        let expires_at = pending.created_at.saturating_add(pending.ttl);
         let state = pending.state.secret().to_owned();
+        let request_expiry = request_expiry(&pending);
         let meta = serde_json::to_value(OAuthFlowMeta {
             pending,
             discovery,
@@ -938,15 +1059,17 @@ impl FactoryProvider {
         .map_err(|e| Error::provider("encoding the pending authorization", e))?;
         // A peer's authorization may have completed while this one was being prepared: it is
         // joined, never replaced (atomically: no check-then-init window).
-        match self.flows.init_unless_completed(&self.oauth, meta).await {
-            Ok(_) => {}
+        let created_at = match self.flows.init_unless_completed(&self.oauth, meta).await {
+            Ok(created_at) => created_at,
             Err(
                 flow_state::Error::AlreadyPending { .. } | flow_state::Error::AlreadySettled { .. },
             ) => {
                 return Ok(None);
             }
-            Err(e) => return Err(Error::provider("creating the authorization flow", e)),
-        }
+            Err(e) => return Err(Error::store("creating the authorization flow", e)),
+        };
+        let expires_at =
+            created_at.saturating_add(self.config.oauth_wait_timeout).min(request_expiry);
         let mapping = serde_json::to_value(StateMeta {
             tenant: self.config.tenant.clone(),
             user: self.config.user.clone(),
@@ -958,7 +1081,10 @@ impl FactoryProvider {
         self.flows
             .init(&skey, mapping)
             .await
-            .map_err(|e| Error::provider("creating the state mapping", e))?;
+            .map_err(|e| Error::store("creating the state mapping", e))?;
+        if let Some(claim) = claim {
+            let _ = self.flows.complete_if_pending(claim, &"replaced").await;
+        }
         tracing::info!("interactive authorization started");
         let request = AuthorizationRequest {
             authorization_url: url.to_string(),

@@ -385,3 +385,144 @@ async fn a_failing_client_read_is_a_typed_error_not_a_prompt_or_a_new_registrati
     let kept = s.storage.client(&key).await.unwrap().unwrap();
     assert_eq!(kept.client_id, client.client_id, "the stored client is kept");
 }
+
+/// A flow store that holds up the first delete of the `mcp_oauth` flow while armed (a store
+/// round trip that takes its time), and counts attempts to claim a stale authorization (reads
+/// of claim records).
+#[derive(Debug)]
+struct HoldFirstFlowDelete {
+    inner: flow_state::SharedStore,
+    armed: std::sync::atomic::AtomicBool,
+    held: std::sync::atomic::AtomicU64,
+    release: tokio::sync::Semaphore,
+    claims: std::sync::atomic::AtomicU64,
+}
+
+impl flow_state::Store for HoldFirstFlowDelete {
+    fn get<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> flow_state::BoxFuture<'a, Result<Option<flow_state::Versioned>, flow_state::StoreError>>
+    {
+        if key.contains(":mcp_oauth_replace:") {
+            self.claims.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        self.inner.get(key)
+    }
+    fn insert_if_absent<'a>(
+        &'a self,
+        key: &'a str,
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> flow_state::BoxFuture<'a, Result<flow_state::Inserted, flow_state::StoreError>> {
+        self.inner.insert_if_absent(key, value, ttl)
+    }
+    fn compare_and_set<'a>(
+        &'a self,
+        key: &'a str,
+        expected: u64,
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> flow_state::BoxFuture<'a, Result<flow_state::Swapped, flow_state::StoreError>> {
+        self.inner.compare_and_set(key, expected, value, ttl)
+    }
+    fn delete_if<'a>(
+        &'a self,
+        key: &'a str,
+        expected: Option<u64>,
+    ) -> flow_state::BoxFuture<'a, Result<bool, flow_state::StoreError>> {
+        Box::pin(async move {
+            if key.contains(":mcp_oauth:")
+                && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst)
+            {
+                self.held.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                self.release.acquire().await.unwrap().forget();
+            }
+            self.inner.delete_if(key, expected).await
+        })
+    }
+    fn subscribe(&self, key: &str) -> flow_state::Subscription {
+        self.inner.subscribe(key)
+    }
+}
+
+/// The race: two requests find the same stale PENDING authorization; the first one's delete
+/// is held up in the store while the second deletes it and creates a fresh flow (and prompts);
+/// then the first one's delete lands on that fresh flow, and it prompts again (two prompts,
+/// the second request's consent refused). Replacement is claimed per generation now: the one
+/// request that claims the stale flow replaces it, the other waits and joins the new flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_held_up_delete_of_a_stale_flow_cannot_remove_the_newer_flow() {
+    use connection_factory::{AuthProvider, Challenge, Recovery, RequestKind};
+    use std::sync::atomic::Ordering::SeqCst;
+    let store = Arc::new(HoldFirstFlowDelete {
+        inner: flow_state::SharedStore::new(flow_state::MemoryStore::new()),
+        armed: false.into(),
+        held: 0.into(),
+        release: tokio::sync::Semaphore::new(0),
+        claims: 0.into(),
+    });
+    let s = common::setup_full(
+        HookDecision::ReturnEarly,
+        token_storage::MemoryTokenStore::new().into(),
+        flow_state::SharedStore::from_arc(store.clone()),
+        |k| k,
+    )
+    .await;
+    s.fx.auth().knobs().set_approval(Approval::Manual);
+    let provider = s.factory.provider(s.config("tenant-a")).unwrap();
+    let challenge = Arc::new(Challenge::new(401, RequestKind::Post, vec!["Bearer".into()]));
+    let first = provider.on_unauthorized(None, &challenge).await.unwrap();
+    assert_eq!(first, Recovery::AuthorizationRequired);
+    assert_eq!(s.prompts(), 1);
+    // Nobody waits for it any more: stale for the factory (not yet for the flow manager).
+    s.clock.advance(Duration::from_secs(11));
+    store.armed.store(true, SeqCst);
+    let request = || {
+        let (provider, challenge) = (provider.clone(), challenge.clone());
+        tokio::spawn(async move { provider.on_unauthorized(None, &challenge).await })
+    };
+    let a = request();
+    eventually("the first delete to be held", || store.held.load(SeqCst) == 1).await;
+    let b = request();
+    eventually("the second request to replace or to lose the claim", || {
+        b.is_finished() || store.claims.load(SeqCst) >= 2
+    })
+    .await;
+    store.release.add_permits(1);
+    assert_eq!(a.await.unwrap().unwrap(), Recovery::AuthorizationRequired);
+    assert_eq!(b.await.unwrap().unwrap(), Recovery::AuthorizationRequired);
+    assert_eq!(s.prompts(), 2, "one prompt replaced the stale authorization");
+    assert_eq!(s.browser.pending.load(SeqCst), 1, "the other request joined it");
+}
+
+/// The race: return-early requests that lose the race to create the PENDING flow (they found
+/// none, prepared their own, and another was created first) used to wait for the whole OAuth
+/// wait without asking the host. Now every one asks `authorization_pending` (the host returns
+/// at once); one prompt in all. The OAuth wait runs on the manual clock, which stands still: a
+/// request that waits never returns, and the real-time guard fails the test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn return_early_requests_that_lose_the_race_to_create_the_flow_do_not_block() {
+    use connection_factory::{AuthProvider, Challenge, Recovery, RequestKind};
+    use std::sync::atomic::Ordering::SeqCst;
+    let s = setup(HookDecision::ReturnEarly).await;
+    s.fx.auth().knobs().set_approval(Approval::Manual);
+    let provider = s.factory.provider(s.config("tenant-a")).unwrap();
+    let challenge = Arc::new(Challenge::new(401, RequestKind::Post, vec!["Bearer".into()]));
+    let requests: Vec<_> = (0..8)
+        .map(|_| {
+            let (provider, challenge) = (provider.clone(), challenge.clone());
+            tokio::spawn(async move { provider.on_unauthorized(None, &challenge).await })
+        })
+        .collect();
+    for (i, request) in requests.into_iter().enumerate() {
+        let outcome = tokio::time::timeout(Duration::from_secs(10), request)
+            .await
+            .unwrap_or_else(|_| panic!("request {i} blocked instead of returning early"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(outcome, Recovery::AuthorizationRequired);
+    }
+    assert_eq!(s.prompts(), 1, "one prompt");
+    assert_eq!(s.browser.pending.load(SeqCst), 7, "every other request asked the host");
+}

@@ -72,10 +72,20 @@ pub(crate) async fn setup_on(
     setup_with(decision, store, |k| k).await
 }
 
-/// [`setup_on`] with the fixture's knobs changed by `knobs` before it starts.
+/// [`setup_on`] with the fixture's knobs changed by `knobs_of` before it starts.
 pub(crate) async fn setup_with(
     decision: HookDecision,
     store: token_storage::SharedTokenStore,
+    knobs_of: impl FnOnce(KnobSettings) -> KnobSettings,
+) -> Setup {
+    setup_full(decision, store, SharedStore::new(MemoryStore::new()), knobs_of).await
+}
+
+/// The whole bench: the token store, the flow store and the fixture's knobs are the caller's.
+pub(crate) async fn setup_full(
+    decision: HookDecision,
+    store: token_storage::SharedTokenStore,
+    flow_store: SharedStore,
     knobs_of: impl FnOnce(KnobSettings) -> KnobSettings,
 ) -> Setup {
     let clock = ManualClock::new(Timestamp::from_secs(1_800_000_000));
@@ -98,10 +108,7 @@ pub(crate) async fn setup_with(
     .clock(clock.shared())
     .config(config)
     .build();
-    let flows = FlowManager::builder(SharedStore::new(MemoryStore::new()))
-        .clock(clock.shared())
-        .build()
-        .unwrap();
+    let flows = FlowManager::builder(flow_store).clock(clock.shared()).build().unwrap();
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let redirect = format!("http://{}/callback", listener.local_addr().unwrap());
