@@ -266,12 +266,13 @@ impl Connection {
             Some(found) => found,
             None => self.reconnect(0, None).await?,
         };
-        let result = timed(&self.options.clock, operation, timeout, op(peer)).await;
+        let clock = &self.options.clock;
+        let result = timed_for(clock, &*self.provider, operation, timeout, op(peer)).await;
         match result {
             Err(e) if self.options.reconnect_attempts > 0 && self.session_lost(&e).await => {
                 tracing::info!(error = %e, "the MCP session was lost: reconnecting");
                 let (peer, _) = self.reconnect(generation, Some(e)).await?;
-                timed(&self.options.clock, operation, timeout, op(peer)).await
+                timed_for(clock, &*self.provider, operation, timeout, op(peer)).await
             }
             other => other,
         }
@@ -455,7 +456,8 @@ async fn handshake(
         };
         result.map_err(initialize_error)
     };
-    let result = timed(&options.clock, "connect", options.connect_timeout, handshake).await;
+    let result =
+        timed_for(&options.clock, &*provider, "connect", options.connect_timeout, handshake).await;
     if result.is_err() {
         for client in made.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter() {
             client.detach();
@@ -551,14 +553,35 @@ pub(crate) async fn within<T>(
     }
 }
 
-/// [`within`], with running out of time as [`Error::Timeout`] for `operation`.
-async fn timed<T>(
+/// `work` within `after` on `clock`, running out of time as [`Error::Timeout`] for
+/// `operation`; except that when `after` passes while `provider` waits for the user
+/// ([`AuthProvider::interaction_deadline`]), the limit is widened once, to the end of that wait
+/// plus `after` again: the caller sees the authorization's outcome, not a timeout.
+async fn timed_for<T>(
     clock: &SharedClock,
+    provider: &dyn AuthProvider,
     operation: &'static str,
     after: Duration,
     work: impl Future<Output = Result<T, Error>>,
 ) -> Result<T, Error> {
-    within(clock, after, work).await.unwrap_or(Err(Error::Timeout { operation, after }))
+    let mut work = std::pin::pin!(work);
+    let mut deadline = clock.now().saturating_add(after);
+    let mut widened = false;
+    loop {
+        tokio::select! {
+            out = &mut work => return out,
+            () = clock.sleep_until(deadline) => {
+                match provider.interaction_deadline() {
+                    Some(until) if !widened && until.saturating_add(after) > deadline => {
+                        tracing::debug!(operation, "widening the timeout for the authorization");
+                        deadline = until.saturating_add(after);
+                        widened = true;
+                    }
+                    _ => return Err(Error::Timeout { operation, after }),
+                }
+            }
+        }
+    }
 }
 
 fn service_error(e: ServiceError) -> Error {

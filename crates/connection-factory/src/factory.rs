@@ -57,6 +57,7 @@ pub struct FactoryConfig {
     user: String,
     server_name: String,
     connect_timeout: Duration,
+    request_timeout: Option<Duration>,
     oauth_wait_timeout: Duration,
     scopes: Option<String>,
     client: Option<mcp_oauth::ClientConfig>,
@@ -78,6 +79,7 @@ impl FactoryConfig {
             user: user.into(),
             server_name: server_name.into(),
             connect_timeout: Duration::from_secs(30),
+            request_timeout: None,
             oauth_wait_timeout: Duration::from_secs(120),
             scopes: None,
             client: None,
@@ -89,6 +91,15 @@ impl FactoryConfig {
     /// How long connecting may take, recovery included.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
+        self
+    }
+
+    /// How long one request of connections made by [`ConnectionFactory::connect`] may take,
+    /// recovery included (default: [`ConnectOptions`]'s, 60 s). While an interactive
+    /// authorization is in progress, this and the connect timeout are widened by the OAuth
+    /// wait (see [`AuthProvider::interaction_deadline`]).
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = Some(timeout);
         self
     }
 
@@ -402,6 +413,7 @@ impl ConnectionFactory {
             leaders: self.leaders.clone(),
             registrations: self.registrations.clone(),
             interactive: self.interactive.clone(),
+            waiting: Waiting::default(),
         }))
     }
 
@@ -411,6 +423,9 @@ impl ConnectionFactory {
             ConnectOptions::default().connect_timeout(config.connect_timeout).clock(self.clock());
         if let Some(limit) = config.max_concurrent_requests {
             options = options.max_concurrent_requests(limit);
+        }
+        if let Some(timeout) = config.request_timeout {
+            options = options.request_timeout(timeout);
         }
         for (name, value) in &config.headers {
             options = options.header(name.clone(), value.clone());
@@ -466,6 +481,43 @@ pub struct FactoryProvider {
     leaders: Arc<Leaders>,
     registrations: Registrations,
     interactive: Option<(OAuthClient, Arc<dyn AuthorizationHook>)>,
+    waiting: Waiting,
+}
+
+/// The interactive authorizations this provider is in right now, and when the last of their
+/// waits ends (for [`AuthProvider::interaction_deadline`]).
+#[derive(Debug, Default)]
+struct Waiting(Mutex<(usize, Option<Timestamp>)>);
+
+/// One interactive authorization in progress; ends when dropped.
+struct InInteraction<'a>(&'a Waiting);
+
+impl Waiting {
+    fn enter(&self, until: Timestamp) -> InInteraction<'_> {
+        self.extend(until);
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).0 += 1;
+        InInteraction(self)
+    }
+
+    fn extend(&self, until: Timestamp) {
+        let mut w = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        w.1 = Some(w.1.map_or(until, |t| t.max(until)));
+    }
+
+    fn deadline(&self) -> Option<Timestamp> {
+        let w = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if w.0 > 0 { w.1 } else { None }
+    }
+}
+
+impl Drop for InInteraction<'_> {
+    fn drop(&mut self) {
+        let mut w = self.0.0.lock().unwrap_or_else(PoisonError::into_inner);
+        w.0 -= 1;
+        if w.0 == 0 {
+            w.1 = None;
+        }
+    }
 }
 
 impl fmt::Debug for FactoryProvider {
@@ -757,6 +809,8 @@ impl FactoryProvider {
             ?reason,
         );
         async {
+            let wait = self.config.oauth_wait_timeout;
+            let _interaction = self.waiting.enter(self.flows.clock().now().saturating_add(wait));
             let decision = match self
                 .prompt(oauth, hook.as_ref(), client_config, challenge, reason, step_up)
                 .await?
@@ -767,7 +821,7 @@ impl FactoryProvider {
             if decision == HookDecision::ReturnEarly {
                 return Ok(Recovery::AuthorizationRequired);
             }
-            let wait = self.config.oauth_wait_timeout;
+            self.waiting.extend(self.flows.clock().now().saturating_add(wait));
             let waited =
                 within(self.flows.clock(), wait, self.flows.wait::<serde_json::Value>(&self.oauth))
                     .await;
@@ -1099,6 +1153,10 @@ impl FactoryProvider {
 impl AuthProvider for FactoryProvider {
     fn current_token(&self) -> BoxFuture<'_, Result<Option<Secret>, Error>> {
         Box::pin(self.lookup())
+    }
+
+    fn interaction_deadline(&self) -> Option<Timestamp> {
+        self.waiting.deadline()
     }
 
     fn on_unauthorized<'a>(

@@ -526,3 +526,64 @@ async fn return_early_requests_that_lose_the_race_to_create_the_flow_do_not_bloc
     assert_eq!(s.prompts(), 1, "one prompt");
     assert_eq!(s.browser.pending.load(SeqCst), 7, "every other request asked the host");
 }
+
+/// The default configuration as a host would use it: 30 s to connect, 60 s per request, a
+/// 120 s OAuth wait.
+fn default_config(s: &common::Setup) -> connection_factory::FactoryConfig {
+    connection_factory::FactoryConfig::new(s.fx.resource().url(), "tenant-a", "alice", "fixture")
+        .client(mcp_oauth::ClientConfig::new("factory tests", s.redirect.clone()))
+}
+
+/// Give broken code its chance to end `task` (a timeout that should not happen): a short
+/// real-time window in which correct code must keep waiting. It never makes correct code
+/// fail; at worst it lets broken code pass once.
+async fn still_running<T>(task: &mut tokio::task::JoinHandle<T>) -> bool
+where
+    T: std::fmt::Debug,
+{
+    match tokio::time::timeout(Duration::from_millis(300), &mut *task).await {
+        Ok(out) => panic!("ended while the user was still authorizing: {out:?}"),
+        Err(_) => true,
+    }
+}
+
+/// The race: the user approves after the request timeout (60 s) but within the OAuth wait
+/// (120 s). The request timer used to cut the authorization short with `Timeout` although the
+/// user was about to approve; while an interactive authorization is in progress the request
+/// timeout is widened by the OAuth wait, and the call ends with the authorization's outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_user_approving_after_the_request_timeout_still_completes_the_call() {
+    let s = setup(HookDecision::Wait).await;
+    let conn = Arc::new(s.factory.connect(default_config(&s)).await.unwrap());
+    s.fx.auth().knobs().set_approval(Approval::Manual);
+    s.fx.auth().knobs().revoke_all_tokens();
+    let mut call = tokio::spawn({
+        let conn = conn.clone();
+        async move { conn.call_tool("echo", args("slow user")).await }
+    });
+    s.fx.auth().wait_for_pending_authorization().await;
+    s.clock.advance(Duration::from_secs(61));
+    assert!(still_running(&mut call).await);
+    s.fx.auth().approve_pending().unwrap();
+    let result = call.await.unwrap().unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(text(&result), "slow user");
+    assert_eq!(s.prompts(), 2);
+}
+
+/// The same at connect: the user approves after the connect timeout (30 s) but within the
+/// OAuth wait; the connect succeeds instead of failing with `Timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_user_approving_after_the_connect_timeout_still_connects() {
+    let s = Arc::new(setup(HookDecision::Wait).await);
+    s.fx.auth().knobs().set_approval(Approval::Manual);
+    let mut connect = tokio::spawn({
+        let s = s.clone();
+        async move { s.factory.connect(default_config(&s)).await.map(drop) }
+    });
+    s.fx.auth().wait_for_pending_authorization().await;
+    s.clock.advance(Duration::from_secs(31));
+    assert!(still_running(&mut connect).await);
+    s.fx.auth().approve_pending().unwrap();
+    connect.await.unwrap().unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(s.prompts(), 1);
+}
