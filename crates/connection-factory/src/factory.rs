@@ -35,6 +35,9 @@ const REFRESH_CAP: Duration = Duration::from_secs(5);
 const REPLACE_FLOW: &str = "mcp_oauth_replace";
 /// How many times a prompt looks again after another request changed the flow under it.
 const PROMPT_ROUNDS: usize = 4;
+/// How long after its budget a timed-out refresh still answers the 401s that join it with its
+/// outcome (LibreChat's abort grace), unless it settles first.
+const LEAD_GRACE: Duration = Duration::from_secs(1);
 /// The kind recorded on a look-up flow that found no usable tokens.
 const NO_TOKENS: &str = "authorization_required";
 
@@ -277,27 +280,44 @@ impl StepUps {
     }
 }
 
-/// The refreshes led right now, per token key (which includes the configuration digest): a 401
-/// that finds its key here joins that refresh (`coalesced`) instead of leading one.
+/// The refreshes led right now, per token key (which includes the configuration digest), with
+/// the leader's deadline: a 401 that finds its key here joins that refresh (`coalesced`)
+/// instead of leading one, and waits no longer than the leader does. A led refresh that ran
+/// out of its budget stays here until the refresh itself settles or [`LEAD_GRACE`] passes, so
+/// a 401 arriving meanwhile gets the leader's outcome (timed out) at once instead of waiting a
+/// budget of its own on the same hung refresh (the seed's scenario 21).
 #[derive(Debug, Default)]
-struct Leaders(Mutex<std::collections::HashSet<TokenKey>>);
+struct Leaders {
+    map: Mutex<HashMap<TokenKey, (u64, Timestamp)>>,
+    next: AtomicU64,
+}
 
 /// Leadership of one refresh; ends when dropped.
-struct Lead<'a> {
-    leaders: &'a Leaders,
+struct Lead {
+    leaders: Arc<Leaders>,
     key: TokenKey,
+    id: u64,
 }
 
 impl Leaders {
-    fn lead(&self, key: &TokenKey) -> Option<Lead<'_>> {
-        let mut set = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        set.insert(key.clone()).then(|| Lead { leaders: self, key: key.clone() })
+    /// Lead the refresh of `key` until `deadline`, or the deadline of the refresh led now.
+    fn lead(self: &Arc<Self>, key: &TokenKey, deadline: Timestamp) -> Result<Lead, Timestamp> {
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, led_until)) = map.get(key) {
+            return Err(*led_until);
+        }
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        map.insert(key.clone(), (id, deadline));
+        Ok(Lead { leaders: self.clone(), key: key.clone(), id })
     }
 }
 
-impl Drop for Lead<'_> {
+impl Drop for Lead {
     fn drop(&mut self) {
-        self.leaders.0.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.key);
+        let mut map = self.leaders.map.lock().unwrap_or_else(PoisonError::into_inner);
+        if map.get(&self.key).is_some_and(|(id, _)| *id == self.id) {
+            map.remove(&self.key);
+        }
     }
 }
 
@@ -595,6 +615,11 @@ impl FactoryProvider {
         Ok(None)
     }
 
+    /// Whether `set`'s access token has expired by this provider's clock.
+    fn expired(&self, set: &token_storage::TokenSet) -> bool {
+        set.expires_at().is_some_and(|at| at <= self.flows.clock().now())
+    }
+
     /// Drop the cached look-up if COMPLETED; complete it with `fresh` if PENDING.
     async fn invalidate_lookup(&self, fresh: Option<&CachedToken>) {
         let _ = self.flows.delete_if_status(&self.lookup, FlowStatus::Completed).await;
@@ -636,18 +661,56 @@ impl FactoryProvider {
             let rejected_ts = token_storage::Secret::new(rejected.expose());
             // Lead or join first, then read: a refresh that finished before this 401 led is
             // then seen as stored (adopted), not led again.
-            let lead = self.leaders.lead(&self.key);
-            let led = lead.is_some();
+            let budget = self.config.refresh_budget();
+            let now = self.flows.clock().now();
+            let lead = self.leaders.lead(&self.key, now.saturating_add(budget));
+            let led = lead.is_ok();
             let before = self.storage.tokens(&self.key).await.ok().flatten();
             let adopted = before.as_ref().is_some_and(|s| *s.access_token() != rejected_ts);
-            let budget = self.config.refresh_budget();
-            let outcome = within(
-                self.flows.clock(),
-                budget,
-                self.storage.force_refresh(&self.key, &issuer, &rejected_ts),
-            )
-            .await;
-            drop(lead);
+            if let Some(set) = before
+                .as_ref()
+                .filter(|s| adopted && s.needs_authorization().is_none() && !self.expired(s))
+            {
+                // A peer already stored newer tokens: use them, without joining whatever
+                // refresh may still be in flight for the key.
+                drop(lead);
+                record("adopted", &self.counters.adopted);
+                self.invalidate_lookup(Some(&CachedToken::of(set))).await;
+                return Ok(Recovery::Retry(Secret::new(set.access_token().expose())));
+            }
+            // A joiner waits no longer than the leader: not at all once the leader timed out
+            // (unless newer tokens are stored already: they are served).
+            let wait = match &lead {
+                Err(led_until) if !adopted => budget.min(led_until.saturating_since(now)),
+                _ => budget,
+            };
+            let (storage, key, issuer) = (self.storage.clone(), self.key.clone(), issuer.clone());
+            let rejected_owned = rejected_ts.clone();
+            let mut refresh =
+                Box::pin(
+                    async move { storage.force_refresh(&key, &issuer, &rejected_owned).await },
+                );
+            let outcome = if wait.is_zero() {
+                None
+            } else {
+                within(self.flows.clock(), wait, &mut refresh).await
+            };
+            match (outcome.is_none(), lead) {
+                // Timed out leading: the lead lasts until the refresh itself settles, or the
+                // abort grace after the deadline passes (the seed's lock release).
+                (true, Ok(lead)) => {
+                    let clock = self.flows.clock().clone();
+                    let until = now.saturating_add(budget).saturating_add(LEAD_GRACE);
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            _ = refresh => {}
+                            () = clock.sleep_until(until) => {}
+                        }
+                        drop(lead);
+                    });
+                }
+                (_, lead) => drop(lead),
+            }
             match outcome {
                 Some(Ok(set)) if *set.access_token() != rejected_ts => {
                     if adopted {
@@ -687,11 +750,11 @@ impl FactoryProvider {
                 }
                 None => {
                     record("timed_out", &self.counters.timed_out);
-                    tracing::warn!(?budget, "silent refresh did not finish within its budget");
+                    tracing::warn!(?wait, "silent refresh did not finish within its budget");
                     if let Recovery::Retry(token) = self.fall_back(Some(rejected)).await? {
                         return Ok(Recovery::Retry(token));
                     }
-                    Err(Error::Timeout { operation: "silent refresh", after: budget })
+                    Err(Error::Timeout { operation: "silent refresh", after: wait })
                 }
             }
         }

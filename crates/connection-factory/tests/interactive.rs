@@ -587,3 +587,57 @@ async fn a_user_approving_after_the_connect_timeout_still_connects() {
     connect.await.unwrap().unwrap_or_else(|e| panic!("{e:?}"));
     assert_eq!(s.prompts(), 1);
 }
+
+/// Seed scenario 21, the race: a 401 arrives after the silent refresh led for the same key has
+/// already run out of its budget (the refresh itself still hangs at the token endpoint). It
+/// used to join the hung refresh and wait a whole budget of its own before falling back; now it
+/// gets the leader's outcome (timed out) at once and falls back, with no second redemption.
+/// The clock stands still after the first timeout: a request that waits its own budget never
+/// returns, and the real-time guard fails the test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_401_joining_a_refresh_that_already_timed_out_gets_that_outcome_at_once() {
+    use connection_factory::{AuthProvider, Challenge, Recovery, RequestKind};
+    let s = setup(HookDecision::ReturnEarly).await;
+    let config = s.config("tenant-a");
+    let key = config.token_key();
+    let budget = config.refresh_budget();
+    // Log in (return-early: the callback stores the tokens in the background).
+    let err = s.factory.connect(config.clone()).await.unwrap_err();
+    assert!(matches!(err, Error::AuthorizationRequired { .. }), "{err:?}");
+    eventually("the tokens", || s.fx.auth().stats().authorization_code_requests == 1).await;
+    let mut stored = None;
+    for _ in 0..2000 {
+        stored = s.storage.tokens(&key).await.unwrap();
+        if stored.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let rejected = connection_factory::Secret::new(stored.unwrap().access_token().expose());
+
+    s.fx.auth().knobs().set_refresh_hang(true);
+    // The fallback prompts stay pending: no newer tokens are stored meanwhile.
+    s.fx.auth().knobs().set_approval(Approval::Manual);
+    let provider = s.factory.provider(config).unwrap();
+    let challenge = Arc::new(Challenge::new(401, RequestKind::Post, vec!["Bearer".into()]));
+    let unauthorized = || {
+        let (provider, challenge, rejected) =
+            (provider.clone(), challenge.clone(), rejected.clone());
+        tokio::spawn(async move { provider.on_unauthorized(Some(&rejected), &challenge).await })
+    };
+    let first = unauthorized();
+    eventually("the refresh request", || s.fx.auth().stats().refresh_token_requests == 1).await;
+    s.clock.advance(budget);
+    assert_eq!(first.await.unwrap().unwrap(), Recovery::AuthorizationRequired);
+    assert_eq!(s.factory.counters().timed_out, 1);
+
+    let second = tokio::time::timeout(Duration::from_secs(10), unauthorized())
+        .await
+        .expect("the second 401 waited a budget of its own on the hung refresh")
+        .unwrap()
+        .unwrap();
+    assert_eq!(second, Recovery::AuthorizationRequired);
+    assert_eq!(s.factory.counters().timed_out, 2);
+    assert_eq!(s.fx.auth().stats().refresh_token_requests, 1, "joined: no second redemption");
+    s.fx.auth().knobs().set_refresh_hang(false);
+}
