@@ -227,8 +227,13 @@ async fn callback(
             return (StatusCode::BAD_GATEWAY, "the code exchange failed");
         }
     };
-    if let Err(e) = s.storage.store(&key, fmeta.discovery.issuer(), convert_response(tokens)).await
-    {
+    let mut response = convert_response(tokens);
+    if response.scope.is_none() {
+        // RFC 6749 §5.1: a response without `scope` granted the scope requested. Stored, so a
+        // step-up later asks for it again with the challenged scope (not the challenged alone).
+        response.scope.clone_from(&fmeta.pending.scope);
+    }
+    if let Err(e) = s.storage.store(&key, fmeta.discovery.issuer(), response).await {
         tracing::warn!(error = %e, "storing the tokens failed");
         return (StatusCode::INTERNAL_SERVER_ERROR, "storing the tokens failed");
     }

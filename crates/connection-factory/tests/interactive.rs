@@ -467,6 +467,7 @@ async fn a_held_up_delete_of_a_stale_flow_cannot_remove_the_newer_flow() {
         token_storage::MemoryTokenStore::new().into(),
         flow_state::SharedStore::from_arc(store.clone()),
         |k| k,
+        |r| r,
     )
     .await;
     s.fx.auth().knobs().set_approval(Approval::Manual);
@@ -640,4 +641,41 @@ async fn a_401_joining_a_refresh_that_already_timed_out_gets_that_outcome_at_onc
     assert_eq!(s.factory.counters().timed_out, 2);
     assert_eq!(s.fx.auth().stats().refresh_token_requests, 1, "joined: no second redemption");
     s.fx.auth().knobs().set_refresh_hang(false);
+}
+
+/// Step-up keeps what was held, with an authorization server that leaves `scope` out of its
+/// token responses (RFC 6749 §5.1: the granted scope is then the one requested). `counter`
+/// needs `mcp:write`, `slow` needs `mcp:read` (each on top of `mcp:tools`). The held scopes
+/// used to be read only from the response's `scope`: the step-up for `slow` asked for its
+/// challenge alone and dropped `mcp:write`, so `counter` was refused again and prompted a third
+/// time (and so on, alternating). Now the scopes requested are remembered as held: two
+/// step-ups in all, and both tools keep working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn step_up_without_scope_in_token_responses_keeps_the_held_scopes() {
+    let s = common::setup_full(
+        HookDecision::Wait,
+        token_storage::MemoryTokenStore::new().into(),
+        flow_state::SharedStore::new(flow_state::MemoryStore::new()),
+        |mut k| {
+            k.omit_scope = true;
+            k
+        },
+        |r| r.tool_scopes("slow", ["mcp:read"]),
+    )
+    .await;
+    let conn = s.factory.connect(s.config("tenant-a")).await.unwrap();
+    assert_eq!(s.prompts(), 1);
+    let slow = || {
+        let args = serde_json::json!({ "ms": 0 }).as_object().cloned();
+        conn.call_tool("slow", args)
+    };
+    conn.call_tool("counter", None).await.unwrap();
+    assert_eq!(s.prompts(), 2, "a step-up for mcp:write");
+    slow().await.unwrap();
+    assert_eq!(s.prompts(), 3, "a step-up for mcp:read");
+    let scopes = s.browser.scopes.lock().unwrap()[2].clone().unwrap_or_default();
+    assert!(scopes.split(' ').any(|x| x == "mcp:write"), "the held mcp:write kept: {scopes}");
+    conn.call_tool("counter", None).await.unwrap();
+    slow().await.unwrap();
+    assert_eq!(s.prompts(), 3, "no further prompt");
 }

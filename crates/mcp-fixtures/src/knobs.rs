@@ -120,6 +120,9 @@ pub struct KnobSettings {
     pub reuse_grace: Option<Duration>,
     /// Leave `expires_in` out of token responses (the tokens still expire).
     pub omit_expires_in: bool,
+    /// Leave `scope` out of token responses (RFC 6749 §5.1: then the granted scope is the one
+    /// requested); the tokens still carry their scope at the resource server.
+    pub omit_scope: bool,
     /// Send `expires_in` as a JSON string (`"3600"`), as some servers do.
     pub expires_in_as_string: bool,
     /// Send `token_type: "bearer"` in lower case, as some servers do.
@@ -174,6 +177,7 @@ impl Default for KnobSettings {
             reuse_detection: false,
             reuse_grace: None,
             omit_expires_in: false,
+            omit_scope: false,
             expires_in_as_string: false,
             lowercase_token_type: false,
             omit_refresh_on_refresh: false,
@@ -277,6 +281,11 @@ impl Knobs {
     /// Omit `expires_in` from token responses.
     pub fn set_omit_expires_in(&self, on: bool) {
         self.update(|s| s.omit_expires_in = on);
+    }
+
+    /// See [`KnobSettings::omit_scope`].
+    pub fn set_omit_scope(&self, on: bool) {
+        self.update(|s| s.omit_scope = on);
     }
 
     /// Omit the refresh token from refresh responses.

@@ -12,7 +12,7 @@ use connection_factory::{
 };
 use flow_state::{FlowManager, MemoryStore, SharedStore};
 use mcp_clock::{ManualClock, Timestamp};
-use mcp_fixtures::{Fixtures, KnobSettings};
+use mcp_fixtures::{AuthServer, Fixtures, KnobSettings, ResourceServer, ResourceServerBuilder};
 use mcp_oauth::{ClientConfig, HttpPolicy, OAuthClient, ReqwestHttpClient};
 use serde_json::{Value, json};
 use token_storage::{Keyring, MemoryTokenStore, TokenStorage, TokenStorageConfig};
@@ -78,7 +78,7 @@ pub(crate) async fn setup_with(
     store: token_storage::SharedTokenStore,
     knobs_of: impl FnOnce(KnobSettings) -> KnobSettings,
 ) -> Setup {
-    setup_full(decision, store, SharedStore::new(MemoryStore::new()), knobs_of).await
+    setup_full(decision, store, SharedStore::new(MemoryStore::new()), knobs_of, |r| r).await
 }
 
 /// The whole bench: the token store, the flow store and the fixture's knobs are the caller's.
@@ -87,6 +87,7 @@ pub(crate) async fn setup_full(
     store: token_storage::SharedTokenStore,
     flow_store: SharedStore,
     knobs_of: impl FnOnce(KnobSettings) -> KnobSettings,
+    resource_of: impl FnOnce(ResourceServerBuilder) -> ResourceServerBuilder,
 ) -> Setup {
     let clock = ManualClock::new(Timestamp::from_secs(1_800_000_000));
     let mut knobs = KnobSettings::default();
@@ -95,7 +96,9 @@ pub(crate) async fn setup_full(
     knobs.reuse_detection = true;
     knobs.reuse_grace = None;
     let knobs = knobs_of(knobs);
-    let fx = Fixtures::start_with(clock.shared(), knobs).await.unwrap();
+    let auth = AuthServer::builder().clock(clock.shared()).knobs(knobs).spawn().await.unwrap();
+    let resource = resource_of(ResourceServer::builder(&auth)).spawn().await.unwrap();
+    let fx = Fixtures::from_parts(auth, resource);
     let oauth =
         OAuthClient::new(ReqwestHttpClient::new(HttpPolicy::default()).unwrap(), clock.shared());
     let mut config = TokenStorageConfig::default();
