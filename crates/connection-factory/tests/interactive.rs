@@ -679,3 +679,32 @@ async fn step_up_without_scope_in_token_responses_keeps_the_held_scopes() {
     slow().await.unwrap();
     assert_eq!(s.prompts(), 3, "no further prompt");
 }
+
+/// The replayed authorization's expiry is when the flow is really replaced: a request that
+/// joins a PENDING authorization is shown the moment this factory will replace it (the OAuth
+/// wait after its creation, here 10 s, before the authorization request's own 600 s), not the
+/// request's 600 s expiry; from that moment a new request does replace it (a new prompt), and
+/// not a moment before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_authorization_expires_when_the_flow_is_replaced() {
+    use connection_factory::{AuthProvider, Challenge, RequestKind};
+    use mcp_clock::Clock as _;
+    let s = setup(HookDecision::ReturnEarly).await;
+    s.fx.auth().knobs().set_approval(Approval::Manual);
+    let provider = s.factory.provider(s.config("tenant-a")).unwrap();
+    let challenge = Challenge::new(401, RequestKind::Post, vec!["Bearer".into()]);
+    let started = s.clock.now();
+    provider.on_unauthorized(None, &challenge).await.unwrap();
+    s.clock.advance(Duration::from_secs(3));
+    provider.on_unauthorized(None, &challenge).await.unwrap();
+    assert_eq!((s.prompts(), s.browser.pending.load(std::sync::atomic::Ordering::SeqCst)), (1, 1));
+    let expiries = s.browser.expiries.lock().unwrap().clone();
+    let replaced_at = started + Duration::from_secs(10);
+    assert_eq!(expiries, vec![replaced_at, replaced_at], "prompt and replay name the replacement");
+    s.clock.set(replaced_at - Duration::from_millis(1));
+    provider.on_unauthorized(None, &challenge).await.unwrap();
+    assert_eq!(s.prompts(), 1, "still joined just before the expiry");
+    s.clock.advance(Duration::from_millis(1));
+    provider.on_unauthorized(None, &challenge).await.unwrap();
+    assert_eq!(s.prompts(), 2, "replaced at the expiry shown");
+}

@@ -26,6 +26,8 @@ pub(crate) struct Browser {
     pub(crate) pending: AtomicU64,
     pub(crate) reasons: std::sync::Mutex<Vec<AuthorizationReason>>,
     pub(crate) scopes: std::sync::Mutex<Vec<Option<String>>>,
+    /// The `expires_at` of every request shown (prompted or pending), in order.
+    pub(crate) expiries: std::sync::Mutex<Vec<Timestamp>>,
     pub(crate) decision: HookDecision,
 }
 
@@ -34,6 +36,7 @@ impl AuthorizationHook for Browser {
         self.prompts.fetch_add(1, Ordering::SeqCst);
         self.reasons.lock().unwrap().push(request.reason);
         self.scopes.lock().unwrap().push(request.scopes.clone());
+        self.expiries.lock().unwrap().push(request.expires_at);
         let http = self.http.clone();
         tokio::spawn(async move {
             let _ = http.get(request.authorization_url).send().await;
@@ -43,7 +46,7 @@ impl AuthorizationHook for Browser {
     }
 
     fn authorization_pending(&self, request: AuthorizationRequest) -> BoxFuture<'_, HookDecision> {
-        drop(request);
+        self.expiries.lock().unwrap().push(request.expires_at);
         self.pending.fetch_add(1, Ordering::SeqCst);
         let decision = self.decision;
         Box::pin(async move { decision })
@@ -124,6 +127,7 @@ pub(crate) async fn setup_full(
         pending: AtomicU64::new(0),
         reasons: Default::default(),
         scopes: Default::default(),
+        expiries: Default::default(),
         decision,
     });
     let factory =
