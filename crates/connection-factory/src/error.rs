@@ -75,6 +75,19 @@ pub enum Error {
         #[source]
         last: Arc<Error>,
     },
+    /// The MCP session was lost after the request may have reached the server (its answer
+    /// never came). It was not sent again, since the server may have run it (a tool call must
+    /// not run twice); the next request reconnects.
+    #[error(
+        "the MCP session was lost after the {operation} request may have reached the server; it was not sent again"
+    )]
+    Interrupted {
+        /// The request: `call_tool`, ...
+        operation: &'static str,
+        /// How the session was lost.
+        #[source]
+        cause: Arc<Error>,
+    },
     /// The configuration cannot work (e.g. a URL that is not http(s)).
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
