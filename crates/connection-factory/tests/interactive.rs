@@ -708,3 +708,26 @@ async fn a_replayed_authorization_expires_when_the_flow_is_replaced() {
     provider.on_unauthorized(None, &challenge).await.unwrap();
     assert_eq!(s.prompts(), 2, "replaced at the expiry shown");
 }
+
+/// Seed scenario 25 end to end: a 403 without `WWW-Authenticate` (some servers send none) used
+/// to surface as a plain transport error. It takes the step-up path now: no refresh, one
+/// step-up prompt (reason `InsufficientScope`), and the call succeeds with the new token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_403_without_a_challenge_steps_up() {
+    let s = common::setup_with(
+        HookDecision::Wait,
+        token_storage::MemoryTokenStore::new().into(),
+        |mut k| {
+            k.omit_forbidden_challenge = true;
+            k
+        },
+    )
+    .await;
+    let conn = s.factory.connect(s.config("tenant-a")).await.unwrap();
+    assert_eq!(s.prompts(), 1);
+    let result = conn.call_tool("counter", None).await.unwrap_or_else(|e| panic!("{e:?}"));
+    assert!(result.is_error != Some(true), "{result:?}");
+    assert_eq!(s.prompts(), 2, "one step-up prompt");
+    assert_eq!(s.browser.reasons.lock().unwrap()[1], AuthorizationReason::InsufficientScope);
+    assert_eq!(s.fx.auth().stats().refresh_token_requests, 0, "no refresh for a 403");
+}

@@ -139,6 +139,9 @@ pub struct KnobSettings {
     /// Answer every 401 from the resource server without a `WWW-Authenticate` header, as some
     /// servers do (RFC 6750 requires one).
     pub omit_challenge: bool,
+    /// Answer every 403 (a missing scope) without a `WWW-Authenticate` header, as some servers
+    /// do.
+    pub omit_forbidden_challenge: bool,
     /// Delay every token endpoint answer by this much (real time).
     pub token_delay: Duration,
     /// Never answer the token endpoint (until the knob is cleared or the server stops).
@@ -185,6 +188,7 @@ impl Default for KnobSettings {
             refresh_requires_offline_access: false,
             expired_token_status: 401,
             omit_challenge: false,
+            omit_forbidden_challenge: false,
             token_delay: Duration::ZERO,
             token_hang: false,
             refresh_hang: false,
@@ -317,6 +321,11 @@ impl Knobs {
     /// Answer 401s without a `WWW-Authenticate` header.
     pub fn set_omit_challenge(&self, on: bool) {
         self.update(|s| s.omit_challenge = on);
+    }
+
+    /// See [`KnobSettings::omit_forbidden_challenge`].
+    pub fn set_omit_forbidden_challenge(&self, on: bool) {
+        self.update(|s| s.omit_forbidden_challenge = on);
     }
 
     /// Delay every token endpoint answer by this much (real time).
