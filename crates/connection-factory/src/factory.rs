@@ -602,12 +602,8 @@ impl FactoryProvider {
                 Err(flow_state::Error::Failed { error, .. }) if error.kind == NO_TOKENS => {
                     return Ok(None);
                 }
-                Err(flow_state::Error::Failed { error, .. }) if error.kind == "store" => {
-                    return Err(Error::store("looking up the tokens", error));
-                }
-                Err(e @ (flow_state::Error::Store { .. } | flow_state::Error::Corrupt { .. })) => {
-                    return Err(Error::store("looking up the tokens", e));
-                }
+                // A store failure here fails the request as a provider failure (nothing is
+                // prompted on the way: the look-up only reads).
                 Err(e) => return Err(Error::provider("token look-up", e)),
             }
         }
