@@ -745,7 +745,8 @@ async fn foreign_values_under_the_fleet_prefixes_are_typed_errors() {
     fleet.fx.auth().knobs().set_clock_offset_millis(i64::try_from(offset.as_millis()).unwrap());
     let err =
         conn.call_tool("echo", echo_args("refused")).await.expect_err("the lease is not ours");
-    assert!(matches!(err, connection_factory::Error::Provider { .. }), "{err:?}");
+    // A store failure on the recovery path is `Error::Store` (never a prompt).
+    assert!(matches!(err, connection_factory::Error::Store { .. }), "{err:?}");
     assert!(chain(&err).contains("corrupt"), "{}", chain(&err));
     let auth = fleet.fx.auth().stats();
     assert_eq!(auth.refresh_token_requests, 0, "the refresh token was not spent: {auth:?}");

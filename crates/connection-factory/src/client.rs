@@ -50,8 +50,8 @@ struct Slot {
 /// rmcp's streamable-HTTP client (reqwest) with an [`AuthProvider`] in front of every request.
 ///
 /// For each request (the POSTs, the GET SSE stream and its reconnects, the session DELETE) it
-/// asks the provider for the current token and sends it as `Authorization: Bearer`. On a 401,
-/// or a 403 with a `WWW-Authenticate` challenge, it calls
+/// asks the provider for the current token and sends it as `Authorization: Bearer`. On a 401
+/// or a 403, it calls
 /// [`AuthProvider::on_unauthorized`] with the token the request carried and, on
 /// [`Recovery::Retry`], sends the request **once** more with the new token. A second refusal is
 /// returned as it is, so a server that keeps refusing cannot cause a loop.
@@ -59,9 +59,9 @@ struct Slot {
 /// The `auth_header` rmcp passes in is ignored: the provider is the only source of tokens.
 ///
 /// A refusal is a 401 or 403 **with** a `WWW-Authenticate` header (as RFC 6750 and RFC 9728
-/// require), or a bare 401 without one, which some servers send: rmcp's reqwest client reports
-/// that as an unexpected response or a status error, and this client hands it to the provider
-/// as a [`Challenge`] with no header. A server that reports an expired token with another
+/// require), or a bare 401 or 403 without one, which some servers send: rmcp's reqwest client
+/// reports that as an unexpected response or a status error, and this client hands it to the
+/// provider as a [`Challenge`] with no header (a 403 is a missing scope: a step-up). A server that reports an expired token with another
 /// status (such as 400) surfaces as a transport error without reaching the provider.
 ///
 /// Clones share one attachment. [`AuthHttpClient::detach`] (done by dropping the
@@ -245,6 +245,7 @@ impl AuthHttpClient {
                 Challenge::new(403, kind, vec![e.www_authenticate_header.clone()])
             }
             Err(e) if bare_unauthorized(e) => Challenge::new(401, kind, Vec::new()),
+            Err(e) if bare_forbidden(e) => Challenge::new(403, kind, Vec::new()),
             _ => return first,
         };
         // Dropping the connection while the request was in flight detaches the provider.
@@ -320,6 +321,16 @@ fn bare_unauthorized(e: &HttpError) -> bool {
     match e {
         StreamableHttpError::UnexpectedServerResponse(message) => message.starts_with("HTTP 401 "),
         StreamableHttpError::Client(e) => e.status() == Some(reqwest::StatusCode::UNAUTHORIZED),
+        _ => false,
+    }
+}
+
+/// A 403 without a `WWW-Authenticate` header (as [`bare_unauthorized`]): the provider treats it
+/// as a missing scope (a step-up), as the seed does for any 403.
+fn bare_forbidden(e: &HttpError) -> bool {
+    match e {
+        StreamableHttpError::UnexpectedServerResponse(message) => message.starts_with("HTTP 403 "),
+        StreamableHttpError::Client(e) => e.status() == Some(reqwest::StatusCode::FORBIDDEN),
         _ => false,
     }
 }

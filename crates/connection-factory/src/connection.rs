@@ -201,7 +201,7 @@ impl Connection {
     /// # Errors
     /// As [`Connection::call_tool`].
     pub async fn list_tools(&self) -> Result<Vec<Tool>, Error> {
-        self.request("list_tools", |peer| async move {
+        self.request("list_tools", Resend::Always, |peer| async move {
             peer.list_all_tools().await.map_err(service_error)
         })
         .await
@@ -224,7 +224,7 @@ impl Connection {
         if let Some(arguments) = arguments {
             params = params.with_arguments(arguments);
         }
-        self.request("call_tool", move |peer| {
+        self.request("call_tool", Resend::IfNeverReached, move |peer| {
             let params = params.clone();
             async move { peer.call_tool(params).await.map_err(service_error) }
         })
@@ -255,26 +255,39 @@ impl Connection {
     }
 
     /// Run `op` on the session within the request timeout; if the session turns out lost,
-    /// reconnect (bounded, with backoff) and run it once more.
-    async fn request<T, F, Fut>(&self, operation: &'static str, op: F) -> Result<T, Error>
+    /// reconnect (bounded, with backoff) and run it once more, all within the same timeout. A
+    /// request that may have reached the server before the session was lost is sent again only
+    /// when `resend` allows it (reading the tool list may be repeated; a tool call may not).
+    async fn request<T, F, Fut>(
+        &self,
+        operation: &'static str,
+        resend: Resend,
+        op: F,
+    ) -> Result<T, Error>
     where
         F: Fn(Peer) -> Fut,
         Fut: Future<Output = Result<T, Error>>,
     {
-        let timeout = self.options.request_timeout;
-        let (peer, generation) = match self.peer().await? {
-            Some(found) => found,
-            None => self.reconnect(0, None).await?,
-        };
-        let result = timed(&self.options.clock, operation, timeout, op(peer)).await;
-        match result {
-            Err(e) if self.options.reconnect_attempts > 0 && self.session_lost(&e).await => {
-                tracing::info!(error = %e, "the MCP session was lost: reconnecting");
-                let (peer, _) = self.reconnect(generation, Some(e)).await?;
-                timed(&self.options.clock, operation, timeout, op(peer)).await
+        let attempt = async {
+            let (peer, generation) = match self.peer().await? {
+                Some(found) => found,
+                None => self.reconnect(0, None).await?,
+            };
+            match op(peer).await {
+                Err(e) if self.options.reconnect_attempts > 0 && self.session_lost(&e).await => {
+                    if resend == Resend::IfNeverReached && !never_reached(&e) {
+                        tracing::warn!(error = %e, operation, "the MCP session was lost after the request may have reached the server: not sent again");
+                        return Err(Error::Interrupted { operation, cause: Arc::new(e) });
+                    }
+                    tracing::info!(error = %e, "the MCP session was lost: reconnecting");
+                    let (peer, _) = self.reconnect(generation, Some(e)).await?;
+                    op(peer).await
+                }
+                other => other,
             }
-            other => other,
-        }
+        };
+        let timeout = self.options.request_timeout;
+        timed_for(&self.options.clock, &*self.provider, operation, timeout, attempt).await
     }
 
     /// The live session's peer and generation; `None` when it has ended (and may reconnect).
@@ -357,6 +370,15 @@ impl Connection {
     }
 }
 
+/// Whether a request whose session was lost may be sent again on a new session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resend {
+    /// Always: repeating it changes nothing on the server (a read).
+    Always,
+    /// Only when it provably never reached a live session (see [`never_reached`]).
+    IfNeverReached,
+}
+
 /// A wait between half and all of `step` (exponential backoff with jitter, so reconnecting
 /// clients do not arrive together).
 fn jittered(step: Duration) -> Duration {
@@ -385,6 +407,33 @@ fn session_lost_in(e: &(dyn StdError + 'static)) -> bool {
                 StreamableHttpError::Client(e) => return e.is_connect(),
                 _ => {}
             }
+        }
+        if let Some(e) = err.downcast_ref::<reqwest::Error>() {
+            return e.is_connect();
+        }
+        current = err.source();
+    }
+    false
+}
+
+/// Whether rmcp's transport error chain proves the request never reached a live session, so
+/// the server did not run it: the server did not know the session (404; rmcp's
+/// re-initialization after it failed, which rmcp may report as the re-initialization's own
+/// 503), the server refused to handle it (503), or the server could not be reached at all. A
+/// closed worker channel, a 502 (a gateway that lost the server's answer) or a broken
+/// connection may come after the server acted.
+fn never_reached(e: &Error) -> bool {
+    let Error::Transport(t) = e else { return false };
+    let mut current: Option<&(dyn StdError + 'static)> = Some(t.as_ref());
+    while let Some(err) = current {
+        if let Some(http) = err.downcast_ref::<StreamableHttpError<reqwest::Error>>() {
+            return match http {
+                StreamableHttpError::SessionExpired
+                | StreamableHttpError::ReinitializationFailed(_) => true,
+                StreamableHttpError::HttpStatus(status) => matches!(status.status, 404 | 503),
+                StreamableHttpError::Client(e) => e.is_connect(),
+                _ => false,
+            };
         }
         if let Some(e) = err.downcast_ref::<reqwest::Error>() {
             return e.is_connect();
@@ -442,8 +491,10 @@ async fn handshake(
     provider: Arc<dyn AuthProvider>,
     options: &ConnectOptions,
 ) -> Result<(RunningService<RoleClient, ClientConfig>, AuthHttpClient), Error> {
-    // Every client made, so that a handshake cut short by the timeout detaches them all.
+    // Every client made, so that a handshake cut short (by the timeout, or by the request
+    // budget it runs in being dropped) detaches them all.
     let made = std::sync::Mutex::new(Vec::new());
+    let mut guard = DetachUnlessKept { made: &made, keep: false };
     let handshake = async {
         let modern = ClientLifecycleMode::Discover { preferred_versions: MODERN_VERSIONS.to_vec() };
         let result = match attempt(url, &provider, options, modern, &made).await? {
@@ -455,13 +506,28 @@ async fn handshake(
         };
         result.map_err(initialize_error)
     };
-    let result = timed(&options.clock, "connect", options.connect_timeout, handshake).await;
-    if result.is_err() {
-        for client in made.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter() {
-            client.detach();
+    let result =
+        timed_for(&options.clock, &*provider, "connect", options.connect_timeout, handshake).await;
+    guard.keep = result.is_ok();
+    drop(guard);
+    result
+}
+
+/// Detaches every client of a handshake when dropped, unless the handshake succeeded.
+struct DetachUnlessKept<'a> {
+    made: &'a std::sync::Mutex<Vec<AuthHttpClient>>,
+    keep: bool,
+}
+
+impl Drop for DetachUnlessKept<'_> {
+    fn drop(&mut self) {
+        if !self.keep {
+            for client in self.made.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter()
+            {
+                client.detach();
+            }
         }
     }
-    result
 }
 
 /// One handshake over a new [`AuthHttpClient`] (detached again when it fails).
@@ -551,14 +617,35 @@ pub(crate) async fn within<T>(
     }
 }
 
-/// [`within`], with running out of time as [`Error::Timeout`] for `operation`.
-async fn timed<T>(
+/// `work` within `after` on `clock`, running out of time as [`Error::Timeout`] for
+/// `operation`; except that when `after` passes while `provider` waits for the user
+/// ([`AuthProvider::interaction_deadline`]), the limit is widened once, to the end of that wait
+/// plus `after` again: the caller sees the authorization's outcome, not a timeout.
+async fn timed_for<T>(
     clock: &SharedClock,
+    provider: &dyn AuthProvider,
     operation: &'static str,
     after: Duration,
     work: impl Future<Output = Result<T, Error>>,
 ) -> Result<T, Error> {
-    within(clock, after, work).await.unwrap_or(Err(Error::Timeout { operation, after }))
+    let mut work = std::pin::pin!(work);
+    let mut deadline = clock.now().saturating_add(after);
+    let mut widened = false;
+    loop {
+        tokio::select! {
+            out = &mut work => return out,
+            () = clock.sleep_until(deadline) => {
+                match provider.interaction_deadline() {
+                    Some(until) if !widened && until.saturating_add(after) > deadline => {
+                        tracing::debug!(operation, "widening the timeout for the authorization");
+                        deadline = until.saturating_add(after);
+                        widened = true;
+                    }
+                    _ => return Err(Error::Timeout { operation, after }),
+                }
+            }
+        }
+    }
 }
 
 fn service_error(e: ServiceError) -> Error {

@@ -37,6 +37,17 @@ pub enum Error {
         #[source]
         source: Option<Arc<dyn StdError + Send + Sync>>,
     },
+    /// A store (the token storage or the flow store) could not be read or written. Nothing was
+    /// decided on the strength of it: a failed read is not taken as "nothing stored", so no
+    /// client is registered again and no authorization is started. Retrying later may help.
+    #[error("store failure while {message}")]
+    Store {
+        /// What the provider was doing.
+        message: String,
+        /// The store's own error.
+        #[source]
+        source: Arc<dyn StdError + Send + Sync>,
+    },
     /// The HTTP transport or the MCP session failed.
     #[error("MCP transport error")]
     Transport(#[source] Arc<dyn StdError + Send + Sync>),
@@ -64,6 +75,19 @@ pub enum Error {
         #[source]
         last: Arc<Error>,
     },
+    /// The MCP session was lost after the request may have reached the server (its answer
+    /// never came). It was not sent again, since the server may have run it (a tool call must
+    /// not run twice); the next request reconnects.
+    #[error(
+        "the MCP session was lost after the {operation} request may have reached the server; it was not sent again"
+    )]
+    Interrupted {
+        /// The request: `call_tool`, ...
+        operation: &'static str,
+        /// How the session was lost.
+        #[source]
+        cause: Arc<Error>,
+    },
     /// The configuration cannot work (e.g. a URL that is not http(s)).
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
@@ -85,6 +109,14 @@ impl Error {
         source: impl StdError + Send + Sync + 'static,
     ) -> Self {
         Error::Provider { message: message.into(), source: Some(Arc::new(source)) }
+    }
+
+    /// A [`Error::Store`]: `message` says what was being done.
+    pub(crate) fn store(
+        message: impl Into<String>,
+        source: impl StdError + Send + Sync + 'static,
+    ) -> Self {
+        Error::Store { message: message.into(), source: Arc::new(source) }
     }
 
     /// A [`Error::Provider`] with only a message.

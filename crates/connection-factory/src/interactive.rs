@@ -95,6 +95,10 @@ pub(crate) struct OAuthFlowMeta {
     /// The authorization URL the user was sent to (shown again to a request that joins).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) authorization_url: Option<String>,
+    /// The client the authorization URL names: the callback exchanges the code with the
+    /// stored registration only if it is this client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) client_id: Option<String>,
 }
 
 /// What the state mapping carries: which flow and key the state belongs to.
@@ -203,6 +207,13 @@ async fn callback(
             "no client registration for this authorization",
         );
     };
+    if fmeta.client_id.as_ref().is_some_and(|id| *id != registration.client_id) {
+        tracing::warn!("the stored client is not the one this authorization was started with");
+        let message = "the stored client registration changed since this authorization started";
+        let _ = s.flows.fail(&okey, FlowError::new("client_changed", message)).await;
+        let _ = s.flows.complete_if_pending(&skey, &"failed").await;
+        return (StatusCode::CONFLICT, "the client registration changed; please try again");
+    }
     let params = CallbackParams {
         code: q.code.map(mcp_oauth::AuthorizationCode::new),
         state: q.state.map(mcp_oauth::CsrfState::new),
@@ -230,8 +241,13 @@ async fn callback(
             return (StatusCode::BAD_GATEWAY, "the code exchange failed");
         }
     };
-    if let Err(e) = s.storage.store(&key, fmeta.discovery.issuer(), convert_response(tokens)).await
-    {
+    let mut response = convert_response(tokens);
+    if response.scope.is_none() {
+        // RFC 6749 §5.1: a response without `scope` granted the scope requested. Stored, so a
+        // step-up later asks for it again with the challenged scope (not the challenged alone).
+        response.scope.clone_from(&fmeta.pending.scope);
+    }
+    if let Err(e) = s.storage.store(&key, fmeta.discovery.issuer(), response).await {
         tracing::warn!(error = %e, "storing the tokens failed");
         return (StatusCode::INTERNAL_SERVER_ERROR, "storing the tokens failed");
     }

@@ -25,7 +25,10 @@
 //!   on no tokens, or after a failed silent refresh, discovery from the challenge, registration
 //!   (a stored client is reused), a PKCE authorization URL, a PENDING `mcp_oauth` flow with a
 //!   CSRF state mapping ([`STATE_FLOW`]), and the host's [`AuthorizationHook`] (blocking or
-//!   return-early). A fresh PENDING flow is joined (one prompt per key), a stale one replaced.
+//!   return-early). A fresh PENDING flow is joined (one prompt per key; the hook's
+//!   `authorization_pending` decides whether the joiner waits), a stale one replaced by the one
+//!   request that claims it. Concurrent first connects register one client. While the user
+//!   authorizes, the connection's connect and request timeouts are widened by the OAuth wait.
 //!   [`callback_router`] (`GET /callback`) validates the state, exchanges the code, stores the
 //!   tokens and completes the flow; queued requests resume.
 //!

@@ -93,4 +93,13 @@ pub trait AuthProvider: Send + Sync + std::fmt::Debug + 'static {
     fn dpop_key(&self) -> Option<mcp_oauth::DpopKey> {
         None
     }
+
+    /// While the provider waits for the user (an interactive authorization in progress), the
+    /// moment that wait ends; `None` otherwise. A [`Connection`](crate::Connection) whose
+    /// connect or request timeout passes while this is set widens it once, to this moment
+    /// plus the timeout again, so the caller gets the authorization's outcome instead of a
+    /// timeout. Default: `None` (nothing interactive).
+    fn interaction_deadline(&self) -> Option<mcp_clock::Timestamp> {
+        None
+    }
 }

@@ -265,3 +265,469 @@ async fn a_pre_registered_client_of_another_issuer_is_not_offered_to_the_new_one
     let events = format!("{:?}", s.fx.auth().events());
     assert!(!events.contains("old-as-client"), "the old client id never reached it: {events}");
 }
+
+/// The race: concurrent first connects with no stored client each discovered the server,
+/// found no client and registered one; the last one stored won, and the pending flow's URL
+/// could name a client that was no longer stored, so the code exchange failed after the user
+/// consented. Eight connects at once must register exactly one client, prompt once, and the
+/// authorization the user sees names the client that is stored; all eight then succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_first_connects_register_one_client_and_prompt_once() {
+    let s = setup(HookDecision::Wait).await;
+    s.fx.auth().knobs().set_approval(Approval::Manual);
+    let s = Arc::new(s);
+    let connects: Vec<_> = (0..8)
+        .map(|_| {
+            let s = s.clone();
+            tokio::spawn(async move { s.factory.connect(s.config("tenant-a")).await })
+        })
+        .collect();
+    let pending = s.fx.auth().wait_for_pending_authorization().await;
+    assert_eq!(pending.len(), 1, "one prompt for the key");
+    let key = s.config("tenant-a").token_key();
+    let stored = s.storage.client(&key).await.unwrap().expect("a stored client");
+    assert_eq!(pending[0].client_id, stored.client_id, "the URL names the stored client");
+    s.fx.auth().approve_pending().unwrap();
+    for (i, connect) in connects.into_iter().enumerate() {
+        let conn = connect.await.unwrap().unwrap_or_else(|e| panic!("connect {i}: {e:?}"));
+        assert_eq!(text(&conn.call_tool("echo", args("hi")).await.unwrap()), "hi");
+    }
+    let auth = s.fx.auth().stats();
+    assert_eq!(auth.registrations, 1, "one registration for concurrent first connects: {auth:?}");
+    assert_eq!(auth.authorization_code_requests, 1, "{auth:?}");
+    assert_eq!(s.prompts(), 1);
+    let after = s.storage.client(&key).await.unwrap().unwrap();
+    assert_eq!(after.client_id, stored.client_id, "the registration was not replaced");
+}
+
+/// A token store whose reads of client records fail while armed (the store is unreachable
+/// for that read): the failure the factory used to take as "no client stored".
+#[derive(Debug)]
+struct ClientReadsFail {
+    inner: token_storage::SharedTokenStore,
+    armed: std::sync::atomic::AtomicBool,
+}
+
+impl token_storage::TokenStore for ClientReadsFail {
+    fn get<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> connection_factory::BoxFuture<
+        'a,
+        Result<Option<token_storage::Versioned>, token_storage::Error>,
+    > {
+        if key.ends_with("/client") && self.armed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Box::pin(async {
+                Err(token_storage::Error::StoreUnavailable {
+                    message: "injected: client read failed".into(),
+                    source: None,
+                })
+            });
+        }
+        self.inner.get(key)
+    }
+    fn compare_and_swap<'a>(
+        &'a self,
+        key: &'a str,
+        expected: Option<u64>,
+        value: Vec<u8>,
+    ) -> connection_factory::BoxFuture<'a, Result<token_storage::Swap, token_storage::Error>> {
+        self.inner.compare_and_swap(key, expected, value)
+    }
+    fn delete<'a>(
+        &'a self,
+        key: &'a str,
+        expected: Option<u64>,
+    ) -> connection_factory::BoxFuture<'a, Result<bool, token_storage::Error>> {
+        self.inner.delete(key, expected)
+    }
+    fn keys_with_prefix<'a>(
+        &'a self,
+        prefix: &'a str,
+    ) -> connection_factory::BoxFuture<'a, Result<Vec<String>, token_storage::Error>> {
+        self.inner.keys_with_prefix(prefix)
+    }
+}
+
+/// A failed read of the stored client is a store failure, not "no client". The race this
+/// pins: a request needs an authorization (no tokens stored) while the store is briefly
+/// unreachable for the client record; the factory used to take the failed read as "no client",
+/// register a second client over the good one and prompt. Now the request fails with
+/// `Error::Store`, nobody is prompted, and the stored client is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_client_read_is_a_typed_error_not_a_prompt_or_a_new_registration() {
+    use connection_factory::{AuthProvider, Challenge, RequestKind};
+    let faulty = Arc::new(ClientReadsFail {
+        inner: token_storage::MemoryTokenStore::new().into(),
+        armed: false.into(),
+    });
+    let s = common::setup_on(
+        HookDecision::Wait,
+        token_storage::SharedTokenStore::from_arc(faulty.clone()),
+    )
+    .await;
+    drop(s.factory.connect(s.config("tenant-a")).await.unwrap());
+    assert_eq!(s.prompts(), 1);
+    // The tokens are gone (logged out elsewhere); the client registration stays.
+    let key = s.config("tenant-a").token_key();
+    let client = s.storage.client(&key).await.unwrap().unwrap();
+    s.storage.delete_all(&key).await.unwrap();
+    s.storage.store_client(&key, &client).await.unwrap();
+
+    faulty.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let provider = s.factory.provider(s.config("tenant-a")).unwrap();
+    let challenge = Challenge::new(401, RequestKind::Post, vec!["Bearer".into()]);
+    let err = provider.on_unauthorized(None, &challenge).await.unwrap_err();
+    assert!(matches!(err, Error::Store { .. }), "{err:?}");
+    assert_eq!(s.prompts(), 1, "a store failure never prompts");
+    assert_eq!(s.fx.auth().stats().registrations, 1, "no registration over the stored one");
+    faulty.armed.store(false, std::sync::atomic::Ordering::SeqCst);
+    let kept = s.storage.client(&key).await.unwrap().unwrap();
+    assert_eq!(kept.client_id, client.client_id, "the stored client is kept");
+}
+
+/// A flow store that holds up the first delete of the `mcp_oauth` flow while armed (a store
+/// round trip that takes its time), and counts attempts to claim a stale authorization (reads
+/// of claim records).
+#[derive(Debug)]
+struct HoldFirstFlowDelete {
+    inner: flow_state::SharedStore,
+    armed: std::sync::atomic::AtomicBool,
+    held: std::sync::atomic::AtomicU64,
+    release: tokio::sync::Semaphore,
+    claims: std::sync::atomic::AtomicU64,
+}
+
+impl flow_state::Store for HoldFirstFlowDelete {
+    fn get<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> flow_state::BoxFuture<'a, Result<Option<flow_state::Versioned>, flow_state::StoreError>>
+    {
+        if key.contains(":mcp_oauth_replace:") {
+            self.claims.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        self.inner.get(key)
+    }
+    fn insert_if_absent<'a>(
+        &'a self,
+        key: &'a str,
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> flow_state::BoxFuture<'a, Result<flow_state::Inserted, flow_state::StoreError>> {
+        self.inner.insert_if_absent(key, value, ttl)
+    }
+    fn compare_and_set<'a>(
+        &'a self,
+        key: &'a str,
+        expected: u64,
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> flow_state::BoxFuture<'a, Result<flow_state::Swapped, flow_state::StoreError>> {
+        self.inner.compare_and_set(key, expected, value, ttl)
+    }
+    fn delete_if<'a>(
+        &'a self,
+        key: &'a str,
+        expected: Option<u64>,
+    ) -> flow_state::BoxFuture<'a, Result<bool, flow_state::StoreError>> {
+        Box::pin(async move {
+            if key.contains(":mcp_oauth:")
+                && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst)
+            {
+                self.held.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                self.release.acquire().await.unwrap().forget();
+            }
+            self.inner.delete_if(key, expected).await
+        })
+    }
+    fn subscribe(&self, key: &str) -> flow_state::Subscription {
+        self.inner.subscribe(key)
+    }
+}
+
+/// The race: two requests find the same stale PENDING authorization; the first one's delete
+/// is held up in the store while the second deletes it and creates a fresh flow (and prompts);
+/// then the first one's delete lands on that fresh flow, and it prompts again (two prompts,
+/// the second request's consent refused). Replacement is claimed per generation now: the one
+/// request that claims the stale flow replaces it, the other waits and joins the new flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_held_up_delete_of_a_stale_flow_cannot_remove_the_newer_flow() {
+    use connection_factory::{AuthProvider, Challenge, Recovery, RequestKind};
+    use std::sync::atomic::Ordering::SeqCst;
+    let store = Arc::new(HoldFirstFlowDelete {
+        inner: flow_state::SharedStore::new(flow_state::MemoryStore::new()),
+        armed: false.into(),
+        held: 0.into(),
+        release: tokio::sync::Semaphore::new(0),
+        claims: 0.into(),
+    });
+    let s = common::setup_full(
+        HookDecision::ReturnEarly,
+        token_storage::MemoryTokenStore::new().into(),
+        flow_state::SharedStore::from_arc(store.clone()),
+        |k| k,
+        |r| r,
+    )
+    .await;
+    s.fx.auth().knobs().set_approval(Approval::Manual);
+    let provider = s.factory.provider(s.config("tenant-a")).unwrap();
+    let challenge = Arc::new(Challenge::new(401, RequestKind::Post, vec!["Bearer".into()]));
+    let first = provider.on_unauthorized(None, &challenge).await.unwrap();
+    assert_eq!(first, Recovery::AuthorizationRequired);
+    assert_eq!(s.prompts(), 1);
+    // Nobody waits for it any more: stale for the factory (not yet for the flow manager).
+    s.clock.advance(Duration::from_secs(11));
+    store.armed.store(true, SeqCst);
+    let request = || {
+        let (provider, challenge) = (provider.clone(), challenge.clone());
+        tokio::spawn(async move { provider.on_unauthorized(None, &challenge).await })
+    };
+    let a = request();
+    eventually("the first delete to be held", || store.held.load(SeqCst) == 1).await;
+    let b = request();
+    eventually("the second request to replace or to lose the claim", || {
+        b.is_finished() || store.claims.load(SeqCst) >= 2
+    })
+    .await;
+    store.release.add_permits(1);
+    assert_eq!(a.await.unwrap().unwrap(), Recovery::AuthorizationRequired);
+    assert_eq!(b.await.unwrap().unwrap(), Recovery::AuthorizationRequired);
+    assert_eq!(s.prompts(), 2, "one prompt replaced the stale authorization");
+    assert_eq!(s.browser.pending.load(SeqCst), 1, "the other request joined it");
+}
+
+/// The race: return-early requests that lose the race to create the PENDING flow (they found
+/// none, prepared their own, and another was created first) used to wait for the whole OAuth
+/// wait without asking the host. Now every one asks `authorization_pending` (the host returns
+/// at once); one prompt in all. The OAuth wait runs on the manual clock, which stands still: a
+/// request that waits never returns, and the real-time guard fails the test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn return_early_requests_that_lose_the_race_to_create_the_flow_do_not_block() {
+    use connection_factory::{AuthProvider, Challenge, Recovery, RequestKind};
+    use std::sync::atomic::Ordering::SeqCst;
+    let s = setup(HookDecision::ReturnEarly).await;
+    s.fx.auth().knobs().set_approval(Approval::Manual);
+    let provider = s.factory.provider(s.config("tenant-a")).unwrap();
+    let challenge = Arc::new(Challenge::new(401, RequestKind::Post, vec!["Bearer".into()]));
+    let requests: Vec<_> = (0..8)
+        .map(|_| {
+            let (provider, challenge) = (provider.clone(), challenge.clone());
+            tokio::spawn(async move { provider.on_unauthorized(None, &challenge).await })
+        })
+        .collect();
+    for (i, request) in requests.into_iter().enumerate() {
+        let outcome = tokio::time::timeout(Duration::from_secs(10), request)
+            .await
+            .unwrap_or_else(|_| panic!("request {i} blocked instead of returning early"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(outcome, Recovery::AuthorizationRequired);
+    }
+    assert_eq!(s.prompts(), 1, "one prompt");
+    assert_eq!(s.browser.pending.load(SeqCst), 7, "every other request asked the host");
+}
+
+/// The default configuration as a host would use it: 30 s to connect, 60 s per request, a
+/// 120 s OAuth wait.
+fn default_config(s: &common::Setup) -> connection_factory::FactoryConfig {
+    connection_factory::FactoryConfig::new(s.fx.resource().url(), "tenant-a", "alice", "fixture")
+        .client(mcp_oauth::ClientConfig::new("factory tests", s.redirect.clone()))
+}
+
+/// Give broken code its chance to end `task` (a timeout that should not happen): a short
+/// real-time window in which correct code must keep waiting. It never makes correct code
+/// fail; at worst it lets broken code pass once.
+async fn still_running<T>(task: &mut tokio::task::JoinHandle<T>) -> bool
+where
+    T: std::fmt::Debug,
+{
+    match tokio::time::timeout(Duration::from_millis(300), &mut *task).await {
+        Ok(out) => panic!("ended while the user was still authorizing: {out:?}"),
+        Err(_) => true,
+    }
+}
+
+/// The race: the user approves after the request timeout (60 s) but within the OAuth wait
+/// (120 s). The request timer used to cut the authorization short with `Timeout` although the
+/// user was about to approve; while an interactive authorization is in progress the request
+/// timeout is widened by the OAuth wait, and the call ends with the authorization's outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_user_approving_after_the_request_timeout_still_completes_the_call() {
+    let s = setup(HookDecision::Wait).await;
+    let conn = Arc::new(s.factory.connect(default_config(&s)).await.unwrap());
+    s.fx.auth().knobs().set_approval(Approval::Manual);
+    s.fx.auth().knobs().revoke_all_tokens();
+    let mut call = tokio::spawn({
+        let conn = conn.clone();
+        async move { conn.call_tool("echo", args("slow user")).await }
+    });
+    s.fx.auth().wait_for_pending_authorization().await;
+    s.clock.advance(Duration::from_secs(61));
+    assert!(still_running(&mut call).await);
+    s.fx.auth().approve_pending().unwrap();
+    let result = call.await.unwrap().unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(text(&result), "slow user");
+    assert_eq!(s.prompts(), 2);
+}
+
+/// The same at connect: the user approves after the connect timeout (30 s) but within the
+/// OAuth wait; the connect succeeds instead of failing with `Timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_user_approving_after_the_connect_timeout_still_connects() {
+    let s = Arc::new(setup(HookDecision::Wait).await);
+    s.fx.auth().knobs().set_approval(Approval::Manual);
+    let mut connect = tokio::spawn({
+        let s = s.clone();
+        async move { s.factory.connect(default_config(&s)).await.map(drop) }
+    });
+    s.fx.auth().wait_for_pending_authorization().await;
+    s.clock.advance(Duration::from_secs(31));
+    assert!(still_running(&mut connect).await);
+    s.fx.auth().approve_pending().unwrap();
+    connect.await.unwrap().unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(s.prompts(), 1);
+}
+
+/// Seed scenario 21, the race: a 401 arrives after the silent refresh led for the same key has
+/// already run out of its budget (the refresh itself still hangs at the token endpoint). It
+/// used to join the hung refresh and wait a whole budget of its own before falling back; now it
+/// gets the leader's outcome (timed out) at once and falls back, with no second redemption.
+/// The clock stands still after the first timeout: a request that waits its own budget never
+/// returns, and the real-time guard fails the test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_401_joining_a_refresh_that_already_timed_out_gets_that_outcome_at_once() {
+    use connection_factory::{AuthProvider, Challenge, Recovery, RequestKind};
+    let s = setup(HookDecision::ReturnEarly).await;
+    let config = s.config("tenant-a");
+    let key = config.token_key();
+    let budget = config.refresh_budget();
+    // Log in (return-early: the callback stores the tokens in the background).
+    let err = s.factory.connect(config.clone()).await.unwrap_err();
+    assert!(matches!(err, Error::AuthorizationRequired { .. }), "{err:?}");
+    eventually("the tokens", || s.fx.auth().stats().authorization_code_requests == 1).await;
+    let mut stored = None;
+    for _ in 0..2000 {
+        stored = s.storage.tokens(&key).await.unwrap();
+        if stored.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let rejected = connection_factory::Secret::new(stored.unwrap().access_token().expose());
+
+    s.fx.auth().knobs().set_refresh_hang(true);
+    // The fallback prompts stay pending: no newer tokens are stored meanwhile.
+    s.fx.auth().knobs().set_approval(Approval::Manual);
+    let provider = s.factory.provider(config).unwrap();
+    let challenge = Arc::new(Challenge::new(401, RequestKind::Post, vec!["Bearer".into()]));
+    let unauthorized = || {
+        let (provider, challenge, rejected) =
+            (provider.clone(), challenge.clone(), rejected.clone());
+        tokio::spawn(async move { provider.on_unauthorized(Some(&rejected), &challenge).await })
+    };
+    let first = unauthorized();
+    eventually("the refresh request", || s.fx.auth().stats().refresh_token_requests == 1).await;
+    s.clock.advance(budget);
+    assert_eq!(first.await.unwrap().unwrap(), Recovery::AuthorizationRequired);
+    assert_eq!(s.factory.counters().timed_out, 1);
+
+    let second = tokio::time::timeout(Duration::from_secs(10), unauthorized())
+        .await
+        .expect("the second 401 waited a budget of its own on the hung refresh")
+        .unwrap()
+        .unwrap();
+    assert_eq!(second, Recovery::AuthorizationRequired);
+    assert_eq!(s.factory.counters().timed_out, 2);
+    assert_eq!(s.fx.auth().stats().refresh_token_requests, 1, "joined: no second redemption");
+    s.fx.auth().knobs().set_refresh_hang(false);
+}
+
+/// Step-up keeps what was held, with an authorization server that leaves `scope` out of its
+/// token responses (RFC 6749 §5.1: the granted scope is then the one requested). `counter`
+/// needs `mcp:write`, `slow` needs `mcp:read` (each on top of `mcp:tools`). The held scopes
+/// used to be read only from the response's `scope`: the step-up for `slow` asked for its
+/// challenge alone and dropped `mcp:write`, so `counter` was refused again and prompted a third
+/// time (and so on, alternating). Now the scopes requested are remembered as held: two
+/// step-ups in all, and both tools keep working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn step_up_without_scope_in_token_responses_keeps_the_held_scopes() {
+    let s = common::setup_full(
+        HookDecision::Wait,
+        token_storage::MemoryTokenStore::new().into(),
+        flow_state::SharedStore::new(flow_state::MemoryStore::new()),
+        |mut k| {
+            k.omit_scope = true;
+            k
+        },
+        |r| r.tool_scopes("slow", ["mcp:read"]),
+    )
+    .await;
+    let conn = s.factory.connect(s.config("tenant-a")).await.unwrap();
+    assert_eq!(s.prompts(), 1);
+    let slow = || {
+        let args = serde_json::json!({ "ms": 0 }).as_object().cloned();
+        conn.call_tool("slow", args)
+    };
+    conn.call_tool("counter", None).await.unwrap();
+    assert_eq!(s.prompts(), 2, "a step-up for mcp:write");
+    slow().await.unwrap();
+    assert_eq!(s.prompts(), 3, "a step-up for mcp:read");
+    let scopes = s.browser.scopes.lock().unwrap()[2].clone().unwrap_or_default();
+    assert!(scopes.split(' ').any(|x| x == "mcp:write"), "the held mcp:write kept: {scopes}");
+    conn.call_tool("counter", None).await.unwrap();
+    slow().await.unwrap();
+    assert_eq!(s.prompts(), 3, "no further prompt");
+}
+
+/// The replayed authorization's expiry is when the flow is really replaced: a request that
+/// joins a PENDING authorization is shown the moment this factory will replace it (the OAuth
+/// wait after its creation, here 10 s, before the authorization request's own 600 s), not the
+/// request's 600 s expiry; from that moment a new request does replace it (a new prompt), and
+/// not a moment before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_authorization_expires_when_the_flow_is_replaced() {
+    use connection_factory::{AuthProvider, Challenge, RequestKind};
+    use mcp_clock::Clock as _;
+    let s = setup(HookDecision::ReturnEarly).await;
+    s.fx.auth().knobs().set_approval(Approval::Manual);
+    let provider = s.factory.provider(s.config("tenant-a")).unwrap();
+    let challenge = Challenge::new(401, RequestKind::Post, vec!["Bearer".into()]);
+    let started = s.clock.now();
+    provider.on_unauthorized(None, &challenge).await.unwrap();
+    s.clock.advance(Duration::from_secs(3));
+    provider.on_unauthorized(None, &challenge).await.unwrap();
+    assert_eq!((s.prompts(), s.browser.pending.load(std::sync::atomic::Ordering::SeqCst)), (1, 1));
+    let expiries = s.browser.expiries.lock().unwrap().clone();
+    let replaced_at = started + Duration::from_secs(10);
+    assert_eq!(expiries, vec![replaced_at, replaced_at], "prompt and replay name the replacement");
+    s.clock.set(replaced_at - Duration::from_millis(1));
+    provider.on_unauthorized(None, &challenge).await.unwrap();
+    assert_eq!(s.prompts(), 1, "still joined just before the expiry");
+    s.clock.advance(Duration::from_millis(1));
+    provider.on_unauthorized(None, &challenge).await.unwrap();
+    assert_eq!(s.prompts(), 2, "replaced at the expiry shown");
+}
+
+/// Seed scenario 25 end to end: a 403 without `WWW-Authenticate` (some servers send none) used
+/// to surface as a plain transport error. It takes the step-up path now: no refresh, one
+/// step-up prompt (reason `InsufficientScope`), and the call succeeds with the new token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_403_without_a_challenge_steps_up() {
+    let s = common::setup_with(
+        HookDecision::Wait,
+        token_storage::MemoryTokenStore::new().into(),
+        |mut k| {
+            k.omit_forbidden_challenge = true;
+            k
+        },
+    )
+    .await;
+    let conn = s.factory.connect(s.config("tenant-a")).await.unwrap();
+    assert_eq!(s.prompts(), 1);
+    let result = conn.call_tool("counter", None).await.unwrap_or_else(|e| panic!("{e:?}"));
+    assert!(result.is_error != Some(true), "{result:?}");
+    assert_eq!(s.prompts(), 2, "one step-up prompt");
+    assert_eq!(s.browser.reasons.lock().unwrap()[1], AuthorizationReason::InsufficientScope);
+    assert_eq!(s.fx.auth().stats().refresh_token_requests, 0, "no refresh for a 403");
+}

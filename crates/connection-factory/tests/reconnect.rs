@@ -196,6 +196,11 @@ struct Sessions {
     dead: Mutex<std::collections::HashSet<String>>,
     refuse_inits: AtomicU64,
     inits: AtomicU64,
+    /// Lose the answer of the next `tools/call`: the server runs it, then the session dies
+    /// and the client gets a 502 (a gateway lost the server's answer).
+    lose_next_call: std::sync::atomic::AtomicBool,
+    /// `tools/call` POSTs that reached the server.
+    calls: AtomicU64,
 }
 
 impl Sessions {
@@ -218,6 +223,22 @@ async fn sessions_gate(State(g): State<Arc<Sessions>>, req: Request, next: Next)
     {
         return StatusCode::NOT_FOUND.into_response();
     }
+    let req = if req.method() == Method::POST {
+        let (parts, body) = req.into_parts();
+        let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+        if String::from_utf8_lossy(&bytes).contains("\"tools/call\"") {
+            g.calls.fetch_add(1, Ordering::SeqCst);
+            if g.lose_next_call.swap(false, Ordering::SeqCst) {
+                let req = Request::from_parts(parts, Body::from(bytes));
+                drop(next.run(req).await); // it ran; its answer is lost
+                g.kill_all();
+                return StatusCode::BAD_GATEWAY.into_response();
+            }
+        }
+        Request::from_parts(parts, Body::from(bytes))
+    } else {
+        req
+    };
     if req.method() == Method::POST && sid.is_none() {
         g.inits.fetch_add(1, Ordering::SeqCst);
         let refused = g
@@ -363,4 +384,60 @@ async fn reconnects_are_bounded_then_a_typed_error() {
     // Ours (3), plus at most one re-initialization by rmcp itself.
     assert!((3..=4).contains(&tries), "{tries} initializes after the loss");
     assert!(std::error::Error::source(&err).is_some(), "the last failure is the source");
+}
+
+/// The race: the session is lost after a tool call reached the server (it ran; its answer was
+/// lost: a 502 from a gateway, and the session gone). The request used to be sent again on a new session, so
+/// the tool ran twice. A call that may have been processed is not re-sent now: it fails with
+/// `Error::Interrupted`, the tool ran once, and the next call reconnects and succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tool_call_whose_answer_was_lost_is_not_sent_again() {
+    let g = Arc::new(Sessions::default());
+    let clock = mcp_clock::ManualClock::default();
+    let conn = Arc::new(session_conn(&g, &clock).await);
+    conn.call_tool("echo", echo_args("one")).await.unwrap();
+    assert_eq!(g.calls.load(Ordering::SeqCst), 1);
+
+    g.lose_next_call.store(true, Ordering::SeqCst);
+    let call = tokio::spawn({
+        let conn = conn.clone();
+        async move { conn.call_tool("echo", echo_args("twice?")).await }
+    });
+    let err = drive(&clock, call).await.unwrap_err();
+    assert!(matches!(err, Error::Interrupted { operation: "call_tool", .. }), "{err:?}");
+    assert_eq!(g.calls.load(Ordering::SeqCst), 2, "the lost call reached the server once");
+
+    let next = tokio::spawn({
+        let conn = conn.clone();
+        async move { conn.call_tool("echo", echo_args("three")).await }
+    });
+    let result = drive(&clock, next).await.unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(result.content[0].as_text().unwrap().text, "three");
+    assert_eq!(g.calls.load(Ordering::SeqCst), 3);
+}
+
+/// The reconnect counts within the request's budget: with a 2 s request timeout and backoff
+/// steps of at least 2 s, a server that never takes a new session ends the request with a
+/// timeout at 2 s, not after every reconnect attempt and its backoff (which used to run
+/// outside the request timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reconnect_runs_within_the_request_timeout() {
+    let g = Arc::new(Sessions::default());
+    let clock = mcp_clock::ManualClock::default();
+    let url = serve_sessions(g.clone()).await;
+    let options = ConnectOptions::default()
+        .clock(clock.shared())
+        .request_timeout(Duration::from_secs(2))
+        .reconnect(3, MAX_STEP, MAX_STEP);
+    let conn = Arc::new(Connection::connect(&url, Arc::new(Anonymous), options).await.unwrap());
+    conn.list_tools().await.unwrap();
+    g.kill_all();
+    g.refuse_inits.store(u64::MAX, Ordering::SeqCst);
+    let call = tokio::spawn({
+        let conn = conn.clone();
+        async move { conn.call_tool("echo", echo_args("never")).await }
+    });
+    let err = drive(&clock, call).await.unwrap_err();
+    assert!(matches!(err, Error::Timeout { operation: "call_tool", .. }), "{err:?}");
+    assert!(g.inits() - 1 < 4, "not every reconnect attempt ran: {}", g.inits());
 }

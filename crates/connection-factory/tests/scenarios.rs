@@ -360,8 +360,10 @@ async fn s18_a_forced_refresh_bypasses_and_deletes_the_cached_lookup() {
 /// Scenario 21 [S→]: refresh budget 2 s (connect timeout 5 s: 0.4 x 5 s). The token endpoint
 /// hangs: at 2,001 ms the caller gives up (a typed timeout; without an interactive flow this
 /// is where the fallback would start), but the redemption goes on, still holding the key: a
-/// second 401 for the same token joins it instead of redeeming the refresh token again. Once
-/// the endpoint answers, its result is stored and the key is free: the next 401 redeems anew.
+/// second 401 for the same token joins it instead of redeeming the refresh token again, and
+/// gets its settled outcome (timed out) at once, as the seed's joiners of the lingering entry
+/// do, instead of waiting a budget of its own on the clock that stands still. Once the endpoint
+/// answers, its result is stored and the key is free: the next 401 redeems anew.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s21_a_timed_out_refresh_keeps_the_key_and_a_second_401_joins_it() {
     let s = setup(|_| {}).await;
@@ -380,14 +382,15 @@ async fn s21_a_timed_out_refresh_keeps_the_key_and_a_second_401_joins_it() {
     let err = one.await.unwrap().unwrap_err();
     assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
 
-    let sleepers = s.clock.sleepers();
     let two = tokio::spawn({
         let (p, t) = (provider.clone(), first.clone());
         async move { p.on_unauthorized(Some(&t), &unauthorized()).await }
     });
-    waits_on_the_clock(&s.clock, sleepers).await;
-    s.clock.advance(Duration::from_millis(2001));
-    let err = two.await.unwrap().unwrap_err();
+    let err = tokio::time::timeout(Duration::from_secs(10), two)
+        .await
+        .expect("the joiner of a timed-out refresh waited a budget of its own")
+        .unwrap()
+        .unwrap_err();
     assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
     assert_eq!(s.plain.counters().timed_out, 2);
     pause().await;
@@ -438,6 +441,9 @@ async fn s22_a_refresh_that_hangs_for_ever_frees_the_key_after_deadline_and_grac
     assert!(matches!(one.await.unwrap(), Err(Error::Timeout { .. })));
 
     s.clock.advance(Duration::from_millis(1998)); // 3,999 ms: cancelled, still in its grace
+    // The factory's own hold on the key (its abort grace, 1 s after the 2 s budget) has ended
+    // with this step: let its task leave the clock before counting sleepers.
+    pause().await;
     let sleepers = s.clock.sleepers();
     let two = tokio::spawn(call(provider.clone(), first.clone()));
     waits_on_the_clock(&s.clock, sleepers).await;

@@ -120,6 +120,9 @@ pub struct KnobSettings {
     pub reuse_grace: Option<Duration>,
     /// Leave `expires_in` out of token responses (the tokens still expire).
     pub omit_expires_in: bool,
+    /// Leave `scope` out of token responses (RFC 6749 §5.1: then the granted scope is the one
+    /// requested); the tokens still carry their scope at the resource server.
+    pub omit_scope: bool,
     /// Send `expires_in` as a JSON string (`"3600"`), as some servers do.
     pub expires_in_as_string: bool,
     /// Send `token_type: "bearer"` in lower case, as some servers do.
@@ -136,6 +139,9 @@ pub struct KnobSettings {
     /// Answer every 401 from the resource server without a `WWW-Authenticate` header, as some
     /// servers do (RFC 6750 requires one).
     pub omit_challenge: bool,
+    /// Answer every 403 (a missing scope) without a `WWW-Authenticate` header, as some servers
+    /// do.
+    pub omit_forbidden_challenge: bool,
     /// Delay every token endpoint answer by this much (real time).
     pub token_delay: Duration,
     /// Never answer the token endpoint (until the knob is cleared or the server stops).
@@ -174,6 +180,7 @@ impl Default for KnobSettings {
             reuse_detection: false,
             reuse_grace: None,
             omit_expires_in: false,
+            omit_scope: false,
             expires_in_as_string: false,
             lowercase_token_type: false,
             omit_refresh_on_refresh: false,
@@ -181,6 +188,7 @@ impl Default for KnobSettings {
             refresh_requires_offline_access: false,
             expired_token_status: 401,
             omit_challenge: false,
+            omit_forbidden_challenge: false,
             token_delay: Duration::ZERO,
             token_hang: false,
             refresh_hang: false,
@@ -279,6 +287,11 @@ impl Knobs {
         self.update(|s| s.omit_expires_in = on);
     }
 
+    /// See [`KnobSettings::omit_scope`].
+    pub fn set_omit_scope(&self, on: bool) {
+        self.update(|s| s.omit_scope = on);
+    }
+
     /// Omit the refresh token from refresh responses.
     pub fn set_omit_refresh_on_refresh(&self, on: bool) {
         self.update(|s| s.omit_refresh_on_refresh = on);
@@ -308,6 +321,11 @@ impl Knobs {
     /// Answer 401s without a `WWW-Authenticate` header.
     pub fn set_omit_challenge(&self, on: bool) {
         self.update(|s| s.omit_challenge = on);
+    }
+
+    /// See [`KnobSettings::omit_forbidden_challenge`].
+    pub fn set_omit_forbidden_challenge(&self, on: bool) {
+        self.update(|s| s.omit_forbidden_challenge = on);
     }
 
     /// Delay every token endpoint answer by this much (real time).

@@ -587,11 +587,11 @@ impl Guard {
             "Bearer error=\"insufficient_scope\", scope=\"{scope}\", resource_metadata=\"{}\", error_description=\"the token lacks scope {scope}\"",
             self.metadata_url
         );
-        with_challenge(
-            StatusCode::FORBIDDEN,
-            &challenge,
-            json!({ "error": "insufficient_scope", "scope": scope }),
-        )
+        let body = json!({ "error": "insufficient_scope", "scope": scope });
+        if self.core.knobs.get().omit_forbidden_challenge {
+            return (StatusCode::FORBIDDEN, axum::Json(body)).into_response();
+        }
+        with_challenge(StatusCode::FORBIDDEN, &challenge, body)
     }
 
     fn audience_ok(&self, resource: Option<&str>) -> bool {

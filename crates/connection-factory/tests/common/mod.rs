@@ -12,7 +12,7 @@ use connection_factory::{
 };
 use flow_state::{FlowManager, MemoryStore, SharedStore};
 use mcp_clock::{ManualClock, Timestamp};
-use mcp_fixtures::{Fixtures, KnobSettings};
+use mcp_fixtures::{AuthServer, Fixtures, KnobSettings, ResourceServer, ResourceServerBuilder};
 use mcp_oauth::{ClientConfig, HttpPolicy, OAuthClient, ReqwestHttpClient};
 use serde_json::{Value, json};
 use token_storage::{Keyring, MemoryTokenStore, TokenStorage, TokenStorageConfig};
@@ -22,8 +22,12 @@ use token_storage::{Keyring, MemoryTokenStore, TokenStorage, TokenStorageConfig}
 pub(crate) struct Browser {
     pub(crate) http: reqwest::Client,
     pub(crate) prompts: AtomicU64,
+    /// Calls of `authorization_pending` (requests that found another's prompt).
+    pub(crate) pending: AtomicU64,
     pub(crate) reasons: std::sync::Mutex<Vec<AuthorizationReason>>,
     pub(crate) scopes: std::sync::Mutex<Vec<Option<String>>>,
+    /// The `expires_at` of every request shown (prompted or pending), in order.
+    pub(crate) expiries: std::sync::Mutex<Vec<Timestamp>>,
     pub(crate) decision: HookDecision,
 }
 
@@ -32,10 +36,18 @@ impl AuthorizationHook for Browser {
         self.prompts.fetch_add(1, Ordering::SeqCst);
         self.reasons.lock().unwrap().push(request.reason);
         self.scopes.lock().unwrap().push(request.scopes.clone());
+        self.expiries.lock().unwrap().push(request.expires_at);
         let http = self.http.clone();
         tokio::spawn(async move {
             let _ = http.get(request.authorization_url).send().await;
         });
+        let decision = self.decision;
+        Box::pin(async move { decision })
+    }
+
+    fn authorization_pending(&self, request: AuthorizationRequest) -> BoxFuture<'_, HookDecision> {
+        self.expiries.lock().unwrap().push(request.expires_at);
+        self.pending.fetch_add(1, Ordering::SeqCst);
         let decision = self.decision;
         Box::pin(async move { decision })
     }
@@ -52,29 +64,57 @@ pub(crate) struct Setup {
 }
 
 pub(crate) async fn setup(decision: HookDecision) -> Setup {
+    setup_on(decision, MemoryTokenStore::new().into()).await
+}
+
+/// [`setup`] over `store` (a fault-injecting wrapper, say).
+pub(crate) async fn setup_on(
+    decision: HookDecision,
+    store: token_storage::SharedTokenStore,
+) -> Setup {
+    setup_with(decision, store, |k| k).await
+}
+
+/// [`setup_on`] with the fixture's knobs changed by `knobs_of` before it starts.
+pub(crate) async fn setup_with(
+    decision: HookDecision,
+    store: token_storage::SharedTokenStore,
+    knobs_of: impl FnOnce(KnobSettings) -> KnobSettings,
+) -> Setup {
+    setup_full(decision, store, SharedStore::new(MemoryStore::new()), knobs_of, |r| r).await
+}
+
+/// The whole bench: the token store, the flow store and the fixture's knobs are the caller's.
+pub(crate) async fn setup_full(
+    decision: HookDecision,
+    store: token_storage::SharedTokenStore,
+    flow_store: SharedStore,
+    knobs_of: impl FnOnce(KnobSettings) -> KnobSettings,
+    resource_of: impl FnOnce(ResourceServerBuilder) -> ResourceServerBuilder,
+) -> Setup {
     let clock = ManualClock::new(Timestamp::from_secs(1_800_000_000));
     let mut knobs = KnobSettings::default();
     knobs.access_token_lifetime = Duration::from_secs(60);
     knobs.refresh_rotation = true;
     knobs.reuse_detection = true;
     knobs.reuse_grace = None;
-    let fx = Fixtures::start_with(clock.shared(), knobs).await.unwrap();
+    let knobs = knobs_of(knobs);
+    let auth = AuthServer::builder().clock(clock.shared()).knobs(knobs).spawn().await.unwrap();
+    let resource = resource_of(ResourceServer::builder(&auth)).spawn().await.unwrap();
+    let fx = Fixtures::from_parts(auth, resource);
     let oauth =
         OAuthClient::new(ReqwestHttpClient::new(HttpPolicy::default()).unwrap(), clock.shared());
     let mut config = TokenStorageConfig::default();
     config.max_date_correction = Duration::ZERO; // hyper's Date header is real time
     let storage = TokenStorage::builder(
-        MemoryTokenStore::new().into(),
+        store,
         Arc::new(Keyring::parse(&"42".repeat(32)).unwrap()),
         Arc::new(OAuthRefresher::new(oauth.clone())),
     )
     .clock(clock.shared())
     .config(config)
     .build();
-    let flows = FlowManager::builder(SharedStore::new(MemoryStore::new()))
-        .clock(clock.shared())
-        .build()
-        .unwrap();
+    let flows = FlowManager::builder(flow_store).clock(clock.shared()).build().unwrap();
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let redirect = format!("http://{}/callback", listener.local_addr().unwrap());
@@ -84,8 +124,10 @@ pub(crate) async fn setup(decision: HookDecision) -> Setup {
     let browser = Arc::new(Browser {
         http: reqwest::Client::builder().no_proxy().build().unwrap(),
         prompts: AtomicU64::new(0),
+        pending: AtomicU64::new(0),
         reasons: Default::default(),
         scopes: Default::default(),
+        expiries: Default::default(),
         decision,
     });
     let factory =

@@ -472,6 +472,9 @@ async fn token(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Respo
                 "token_type": token_type,
                 "scope": t.scope,
             });
+            if knobs.omit_scope {
+                body.as_object_mut().map(|b| b.remove("scope"));
+            }
             if let Some(e) = t.expires_in {
                 body["expires_in"] =
                     if knobs.expires_in_as_string { e.to_string().into() } else { e.into() };

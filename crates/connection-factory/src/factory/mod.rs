@@ -1,0 +1,324 @@
+//! [`ConnectionFactory`] and its per-(tenant, user, server) [`FactoryProvider`]: tokens through a
+//! cached look-up flow over token storage, and a budgeted, coalesced silent refresh on a 401.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use flow_state::{FlowError, FlowKey, FlowManager, FlowStatus, SingleFlight};
+use mcp_clock::{BoxFuture, Clock as _, SharedClock, Timestamp};
+use serde::{Deserialize, Serialize};
+use token_storage::{TokenKey, TokenStorage};
+use tracing::Instrument as _;
+
+use crate::challenge::Challenge;
+use crate::connection::{ConnectOptions, Connection, within};
+use crate::error::Error;
+use crate::interactive::{
+    AuthorizationHook, AuthorizationReason, AuthorizationRequest, HookDecision, OAuthFlowMeta,
+    StateMeta, state_key,
+};
+use crate::oauth_refresher::{decode_stored_client, stored_client};
+use crate::provider::{AuthProvider, Recovery};
+use crate::secret::Secret;
+use mcp_oauth::OAuthClient;
+
+mod authorize;
+mod config;
+mod counters;
+mod refresh;
+
+pub use config::FactoryConfig;
+pub use counters::RefreshCounters;
+
+use authorize::{Registrations, Waiting};
+use config::scope_set;
+use counters::{Counters, StepUps, bump};
+use refresh::Leaders;
+
+/// The flow type of the cached token look-up.
+pub const GET_TOKENS_FLOW: &str = "mcp_get_tokens";
+/// The flow type of the interactive authorization.
+pub const OAUTH_FLOW: &str = "mcp_oauth";
+/// The kind recorded on a look-up flow that found no usable tokens.
+const NO_TOKENS: &str = "authorization_required";
+
+/// What the cached look-up flow holds: which token set to serve, never the token itself (the
+/// flow store may be sled or Redis; tokens are sealed by token storage and served from its
+/// in-process cache).
+#[derive(Clone, Serialize, Deserialize)]
+struct CachedToken {
+    /// The issuer the tokens must come from (the stored client registration's).
+    issuer: String,
+    /// The token set's version when it was looked up.
+    version: u64,
+    /// Milliseconds since the epoch.
+    expires_at: Option<u64>,
+}
+
+impl CachedToken {
+    fn of(set: &token_storage::TokenSet) -> Self {
+        CachedToken {
+            issuer: set.issuer().to_owned(),
+            version: set.version(),
+            expires_at: set.expires_at().map(|t| t.as_millis()),
+        }
+    }
+}
+
+/// Makes MCP connections for (tenant, user, server) triples, sharing one flow manager and one
+/// token storage, so refreshes and look-ups are coalesced across every connection.
+///
+/// Token storage must have been built with a [`Refresher`](token_storage::Refresher) such as
+/// [`OAuthRefresher`](crate::OAuthRefresher), and the client registration stored for each key
+/// (see [`stored_client`](crate::stored_client)): its issuer is the one tokens must come from.
+#[derive(Clone)]
+pub struct ConnectionFactory {
+    flows: FlowManager,
+    storage: TokenStorage,
+    counters: Arc<Counters>,
+    step_ups: Arc<StepUps>,
+    leaders: Arc<Leaders>,
+    registrations: Registrations,
+    interactive: Option<(OAuthClient, Arc<dyn AuthorizationHook>)>,
+}
+
+impl fmt::Debug for ConnectionFactory {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnectionFactory")
+            .field("counters", &self.counters)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConnectionFactory {
+    /// A factory over `flows` and `storage`. Time comes from the flow manager's clock.
+    pub fn new(flows: FlowManager, storage: TokenStorage) -> Self {
+        ConnectionFactory {
+            registrations: SingleFlight::new(flows.clock().clone()),
+            flows,
+            storage,
+            counters: Arc::default(),
+            step_ups: Arc::default(),
+            leaders: Arc::default(),
+            interactive: None,
+        }
+    }
+
+    /// Enable the interactive flow: discovery, registration and authorization with `oauth`, the
+    /// user prompted through `hook`. Serve [`callback_router`](crate::callback_router) on the
+    /// redirect URI with the same flow manager and storage.
+    pub fn with_interactive(
+        mut self,
+        oauth: OAuthClient,
+        hook: Arc<dyn AuthorizationHook>,
+    ) -> Self {
+        self.interactive = Some((oauth, hook));
+        self
+    }
+
+    /// The auth provider for `config`'s (tenant, user, server).
+    pub fn provider(&self, config: FactoryConfig) -> Result<Arc<FactoryProvider>, Error> {
+        Ok(Arc::new(FactoryProvider {
+            key: config.token_key(),
+            lookup: config.flow_key(GET_TOKENS_FLOW)?,
+            oauth: config.flow_key(OAUTH_FLOW)?,
+            config,
+            flows: self.flows.clone(),
+            storage: self.storage.clone(),
+            counters: self.counters.clone(),
+            step_ups: self.step_ups.clone(),
+            leaders: self.leaders.clone(),
+            registrations: self.registrations.clone(),
+            interactive: self.interactive.clone(),
+            waiting: Waiting::default(),
+        }))
+    }
+
+    /// Connect to `config`'s server with its provider attached for the connection's lifetime.
+    pub async fn connect(&self, config: FactoryConfig) -> Result<Connection, Error> {
+        let mut options =
+            ConnectOptions::default().connect_timeout(config.connect_timeout).clock(self.clock());
+        if let Some(limit) = config.max_concurrent_requests {
+            options = options.max_concurrent_requests(limit);
+        }
+        if let Some(timeout) = config.request_timeout {
+            options = options.request_timeout(timeout);
+        }
+        for (name, value) in &config.headers {
+            options = options.header(name.clone(), value.clone());
+        }
+        let url = config.server_url.clone();
+        Connection::connect(&url, self.provider(config)?, options).await
+    }
+
+    /// The token storage this factory uses.
+    pub fn storage(&self) -> &TokenStorage {
+        &self.storage
+    }
+
+    /// The flow manager this factory uses.
+    pub fn flows(&self) -> &FlowManager {
+        &self.flows
+    }
+
+    /// The refresh outcomes so far.
+    pub fn counters(&self) -> RefreshCounters {
+        self.counters.snapshot()
+    }
+
+    fn clock(&self) -> SharedClock {
+        self.flows.clock().clone()
+    }
+}
+
+/// The [`AuthProvider`] of one (tenant, user, server): see [`ConnectionFactory`].
+///
+/// - The current token comes from a cached look-up flow (type [`GET_TOKENS_FLOW`], tenant-scoped)
+///   over [`TokenStorage::get_valid`]; an expired cached token is dropped and looked up again.
+/// - A 401 force-refreshes with the rejected token (token storage runs one refresh per key for
+///   the whole process), within [`FactoryConfig::refresh_budget`]. On success the cached
+///   look-up is invalidated (deleted if COMPLETED, completed with the fresh token if PENDING)
+///   and the request retried. On failure or timeout a COMPLETED [`OAUTH_FLOW`] of the same
+///   tenant is invalidated and the request fails: [`Recovery::AuthorizationRequired`] for a
+///   refused grant, [`Error::Provider`] for a failure that may pass.
+/// - A 403 / `insufficient_scope` skips the refresh. With the interactive flow it steps up:
+///   newer stored tokens are tried first, else the user authorizes the union of the held and
+///   the challenged scopes ([`AuthorizationReason::InsufficientScope`]). When the refused token
+///   is the one a step-up for the same scope set produced (the server did not grant the scope),
+///   or without an interactive flow: [`Recovery::InsufficientScope`].
+pub struct FactoryProvider {
+    config: FactoryConfig,
+    key: TokenKey,
+    lookup: FlowKey,
+    oauth: FlowKey,
+    flows: FlowManager,
+    storage: TokenStorage,
+    counters: Arc<Counters>,
+    step_ups: Arc<StepUps>,
+    leaders: Arc<Leaders>,
+    registrations: Registrations,
+    interactive: Option<(OAuthClient, Arc<dyn AuthorizationHook>)>,
+    waiting: Waiting,
+}
+
+impl fmt::Debug for FactoryProvider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FactoryProvider").field("key", &self.key).finish_non_exhaustive()
+    }
+}
+
+impl FactoryProvider {
+    /// The configuration this provider serves.
+    pub fn config(&self) -> &FactoryConfig {
+        &self.config
+    }
+
+    async fn issuer(&self) -> Result<Option<String>, Error> {
+        let client = self
+            .storage
+            .client(&self.key)
+            .await
+            .map_err(|e| Error::store("reading the client registration", e))?;
+        Ok(client.map(|c| c.issuer))
+    }
+
+    async fn lookup(&self) -> Result<Option<Secret>, Error> {
+        for _ in 0..2 {
+            let (storage, key) = (self.storage.clone(), self.key.clone());
+            let result = self
+                .flows
+                .run::<CachedToken, _, _>(&self.lookup, move || async move {
+                    let client = storage
+                        .client(&key)
+                        .await
+                        .map_err(|e| FlowError::new("store", e.to_string()))?
+                        .ok_or_else(|| FlowError::new(NO_TOKENS, "no client registration"))?;
+                    match storage.get_valid(&key, &client.issuer).await {
+                        Ok(set) => Ok(CachedToken::of(&set)),
+                        Err(e) if e.is_authorization_required() => {
+                            Err(FlowError::new(NO_TOKENS, e.to_string()))
+                        }
+                        Err(e) => Err(FlowError::new("store", e.to_string())),
+                    }
+                })
+                .await;
+            match result {
+                Ok(cached) => {
+                    let now = self.flows.clock().now().as_millis();
+                    if cached.expires_at.is_some_and(|at| at <= now) {
+                        self.invalidate_lookup(None).await;
+                        continue;
+                    }
+                    // The token itself comes from token storage (memory while fresh): the set
+                    // the look-up found, or a newer one.
+                    return match self.storage.get_valid(&self.key, &cached.issuer).await {
+                        Ok(set) => Ok(Some(Secret::new(set.access_token().expose()))),
+                        Err(e) if e.is_authorization_required() => {
+                            self.invalidate_lookup(None).await;
+                            Ok(None)
+                        }
+                        Err(e) => Err(Error::provider("reading the tokens", e)),
+                    };
+                }
+                Err(flow_state::Error::Failed { error, .. }) if error.kind == NO_TOKENS => {
+                    return Ok(None);
+                }
+                // A store failure here fails the request as a provider failure (nothing is
+                // prompted on the way: the look-up only reads).
+                Err(e) => return Err(Error::provider("token look-up", e)),
+            }
+        }
+        // Still expired after a fresh look-up: send it; the 401 path refreshes.
+        Ok(None)
+    }
+
+    /// Whether `set`'s access token has expired by this provider's clock.
+    fn expired(&self, set: &token_storage::TokenSet) -> bool {
+        set.expires_at().is_some_and(|at| at <= self.flows.clock().now())
+    }
+
+    /// Drop the cached look-up if COMPLETED; complete it with `fresh` if PENDING.
+    async fn invalidate_lookup(&self, fresh: Option<&CachedToken>) {
+        let _ = self.flows.delete_if_status(&self.lookup, FlowStatus::Completed).await;
+        if let Some(fresh) = fresh {
+            let _ = self.flows.complete_if_pending(&self.lookup, fresh).await;
+        }
+    }
+}
+
+impl AuthProvider for FactoryProvider {
+    fn current_token(&self) -> BoxFuture<'_, Result<Option<Secret>, Error>> {
+        Box::pin(self.lookup())
+    }
+
+    fn interaction_deadline(&self) -> Option<Timestamp> {
+        self.waiting.deadline()
+    }
+
+    fn on_unauthorized<'a>(
+        &'a self,
+        rejected: Option<&'a Secret>,
+        challenge: &'a Challenge,
+    ) -> BoxFuture<'a, Result<Recovery, Error>> {
+        Box::pin(async move {
+            if challenge.is_insufficient_scope() {
+                bump(&self.counters.insufficient_scope);
+                return self.step_up(rejected, challenge).await;
+            }
+            match rejected {
+                Some(rejected) => self.refresh(rejected, challenge).await,
+                None => {
+                    // The request carried no token: tokens stored since (a peer's login or
+                    // refresh) are used before anyone is prompted.
+                    if let Recovery::Retry(token) = self.fall_back(None).await? {
+                        return Ok(Recovery::Retry(token));
+                    }
+                    self.interactive(Some(challenge), AuthorizationReason::NoTokens, None).await
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,228 @@
+//! The silent refresh after a 401: budgeted, led once per key, and the fallback when it fails.
+
+use super::*;
+
+/// How long after its budget a timed-out refresh still answers the 401s that join it with its
+/// outcome (LibreChat's abort grace), unless it settles first.
+const LEAD_GRACE: Duration = Duration::from_secs(1);
+
+/// The refreshes led right now, per token key (which includes the configuration digest), with
+/// the leader's deadline: a 401 that finds its key here joins that refresh (`coalesced`)
+/// instead of leading one, and waits no longer than the leader does. A led refresh that ran
+/// out of its budget stays here until the refresh itself settles or [`LEAD_GRACE`] passes, so
+/// a 401 arriving meanwhile gets the leader's outcome (timed out) at once instead of waiting a
+/// budget of its own on the same hung refresh (the seed's scenario 21).
+#[derive(Debug, Default)]
+pub(super) struct Leaders {
+    map: Mutex<HashMap<TokenKey, (u64, Timestamp)>>,
+    next: AtomicU64,
+}
+
+/// Leadership of one refresh; ends when dropped.
+struct Lead {
+    leaders: Arc<Leaders>,
+    key: TokenKey,
+    id: u64,
+}
+
+impl Leaders {
+    /// Lead the refresh of `key` until `deadline`, or the deadline of the refresh led now.
+    fn lead(self: &Arc<Self>, key: &TokenKey, deadline: Timestamp) -> Result<Lead, Timestamp> {
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, led_until)) = map.get(key) {
+            return Err(*led_until);
+        }
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        map.insert(key.clone(), (id, deadline));
+        Ok(Lead { leaders: self.clone(), key: key.clone(), id })
+    }
+}
+
+impl Drop for Lead {
+    fn drop(&mut self) {
+        let mut map = self.leaders.map.lock().unwrap_or_else(PoisonError::into_inner);
+        if map.get(&self.key).is_some_and(|(id, _)| *id == self.id) {
+            map.remove(&self.key);
+        }
+    }
+}
+
+impl FactoryProvider {
+    pub(super) async fn refresh(
+        &self,
+        rejected: &Secret,
+        challenge: &Challenge,
+    ) -> Result<Recovery, Error> {
+        let recovery = self.silent_refresh(rejected).await;
+        match recovery {
+            Ok(Recovery::AuthorizationRequired)
+            | Err(Error::Timeout { .. })
+            | Err(Error::Provider { .. })
+                if self.interactive.is_some() && self.config.client.is_some() =>
+            {
+                self.interactive(Some(challenge), AuthorizationReason::RefreshFailed, None).await
+            }
+            other => other,
+        }
+    }
+
+    async fn silent_refresh(&self, rejected: &Secret) -> Result<Recovery, Error> {
+        let span = tracing::info_span!(
+            "mcp_refresh",
+            tenant = self.key.tenant(),
+            server = self.key.server(),
+            outcome = tracing::field::Empty,
+        );
+        async {
+            let record = |outcome: &'static str, counter: &AtomicU64| {
+                tracing::Span::current().record("outcome", outcome);
+                bump(counter);
+            };
+            let Some(issuer) = self.issuer().await? else {
+                record("rejected", &self.counters.rejected);
+                return self.fall_back(Some(rejected)).await;
+            };
+            let rejected_ts = token_storage::Secret::new(rejected.expose());
+            // Lead or join first, then read: a refresh that finished before this 401 led is
+            // then seen as stored (adopted), not led again.
+            let budget = self.config.refresh_budget();
+            let now = self.flows.clock().now();
+            let lead = self.leaders.lead(&self.key, now.saturating_add(budget));
+            let led = lead.is_ok();
+            let before = self.storage.tokens(&self.key).await.ok().flatten();
+            let adopted = before.as_ref().is_some_and(|s| *s.access_token() != rejected_ts);
+            if let Some(set) = before
+                .as_ref()
+                .filter(|s| adopted && s.needs_authorization().is_none() && !self.expired(s))
+            {
+                // A peer already stored newer tokens: use them, without joining whatever
+                // refresh may still be in flight for the key.
+                drop(lead);
+                record("adopted", &self.counters.adopted);
+                self.invalidate_lookup(Some(&CachedToken::of(set))).await;
+                return Ok(Recovery::Retry(Secret::new(set.access_token().expose())));
+            }
+            // A joiner waits no longer than the leader: not at all once the leader timed out
+            // (unless newer tokens are stored already: they are served).
+            let wait = match &lead {
+                Err(led_until) if !adopted => budget.min(led_until.saturating_since(now)),
+                _ => budget,
+            };
+            let (storage, key, issuer) = (self.storage.clone(), self.key.clone(), issuer.clone());
+            let rejected_owned = rejected_ts.clone();
+            let mut refresh =
+                Box::pin(
+                    async move { storage.force_refresh(&key, &issuer, &rejected_owned).await },
+                );
+            let outcome = if wait.is_zero() {
+                None
+            } else {
+                within(self.flows.clock(), wait, &mut refresh).await
+            };
+            match (outcome.is_none(), lead) {
+                // Timed out leading: the lead lasts until the refresh itself settles, or the
+                // abort grace after the deadline passes (the seed's lock release).
+                (true, Ok(lead)) => {
+                    let clock = self.flows.clock().clone();
+                    let until = now.saturating_add(budget).saturating_add(LEAD_GRACE);
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            _ = refresh => {}
+                            () = clock.sleep_until(until) => {}
+                        }
+                        drop(lead);
+                    });
+                }
+                (_, lead) => drop(lead),
+            }
+            match outcome {
+                Some(Ok(set)) if *set.access_token() != rejected_ts => {
+                    if adopted {
+                        record("adopted", &self.counters.adopted);
+                    } else if led {
+                        record("refreshed", &self.counters.refreshed);
+                    } else {
+                        record("coalesced", &self.counters.coalesced);
+                    }
+                    self.invalidate_lookup(Some(&CachedToken::of(&set))).await;
+                    Ok(Recovery::Retry(Secret::new(set.access_token().expose())))
+                }
+                Some(Ok(_)) => {
+                    record("rejected", &self.counters.rejected);
+                    self.fall_back(Some(rejected)).await
+                }
+                Some(Err(e)) if e.is_authorization_required() => {
+                    record("rejected", &self.counters.rejected);
+                    self.fall_back(Some(rejected)).await
+                }
+                Some(Err(
+                    e @ (token_storage::Error::StoreUnavailable { .. }
+                    | token_storage::Error::Store { .. }
+                    | token_storage::Error::Decrypt { .. }
+                    | token_storage::Error::KeyProvider { .. }),
+                )) => {
+                    // The store failed, not the authorization: no prompt over it.
+                    record("transient", &self.counters.transient);
+                    Err(Error::store("refreshing the tokens", e))
+                }
+                Some(Err(e)) => {
+                    record("transient", &self.counters.transient);
+                    if let Recovery::Retry(token) = self.fall_back(Some(rejected)).await? {
+                        return Ok(Recovery::Retry(token));
+                    }
+                    Err(Error::provider("silent refresh failed", e))
+                }
+                None => {
+                    record("timed_out", &self.counters.timed_out);
+                    tracing::warn!(?wait, "silent refresh did not finish within its budget");
+                    if let Recovery::Retry(token) = self.fall_back(Some(rejected)).await? {
+                        return Ok(Recovery::Retry(token));
+                    }
+                    Err(Error::Timeout { operation: "silent refresh", after: wait })
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// The silent refresh failed: a COMPLETED interactive flow of this tenant is stale now, and
+    /// so is its state mapping.
+    ///
+    /// Unless usable tokens other than `rejected` are stored by now (a re-authorization that
+    /// finished while this refresh failed): then that COMPLETED flow is current, and the request
+    /// is retried with its token.
+    pub(super) async fn fall_back(&self, rejected: Option<&Secret>) -> Result<Recovery, Error> {
+        // Read the flow before the tokens: the callback stores tokens before it completes the
+        // flow, so a COMPLETED flow read here whose tokens are not newer is really stale.
+        let flow = self
+            .flows
+            .get::<serde_json::Value>(&self.oauth)
+            .await
+            .map_err(|e| Error::store("reading the authorization flow", e))?;
+        let stored = self
+            .storage
+            .tokens(&self.key)
+            .await
+            .map_err(|e| Error::store("reading the stored tokens", e))?;
+        if let Some(set) = stored
+            && set.needs_authorization().is_none()
+            && rejected.is_none_or(|r| set.access_token().expose() != r.expose())
+        {
+            bump(&self.counters.adopted);
+            return Ok(Recovery::Retry(Secret::new(set.access_token().expose())));
+        }
+        if let Some(flow) = flow
+            && flow.status == FlowStatus::Completed
+        {
+            if let Ok(meta) = serde_json::from_value::<OAuthFlowMeta>(flow.metadata)
+                && let Some(skey) = state_key(meta.pending.state.secret())
+            {
+                let _ = self.flows.delete(&skey).await;
+            }
+            let _ = self.flows.delete_if_status(&self.oauth, FlowStatus::Completed).await;
+        }
+        self.invalidate_lookup(None).await;
+        Ok(Recovery::AuthorizationRequired)
+    }
+}
