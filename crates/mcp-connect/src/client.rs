@@ -127,8 +127,8 @@ impl ClientOptions {
         self
     }
 
-    /// How long the MCP server may take to answer the handshake (outside the browser step)
-    /// before the command fails with [`Error::Timeout`]. Default 30 s.
+    /// How long the MCP server may take to answer the handshake (outside the browser step) and
+    /// each request before the command fails with [`Error::Timeout`]. Default 30 s.
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
         self
@@ -525,7 +525,8 @@ impl Client {
     fn config_for(&self, url: &str) -> FactoryConfig {
         let mut config =
             FactoryConfig::new(url, self.options.tenant.as_str(), self.options.user.as_str(), url)
-                .connect_timeout(self.options.request_timeout);
+                .connect_timeout(self.options.request_timeout)
+                .request_timeout(self.options.request_timeout);
         for (name, value) in &self.options.headers {
             config = config.header(name.clone(), value.clone());
         }
@@ -1127,6 +1128,7 @@ pub(crate) fn connect_error(target: &Target, e: connection_factory::Error) -> Er
             Error::RegistrationRefused(chain(&e))
         }
         E::Provider { .. } => provider_error(&e),
+        E::Store { .. } => typed_cause(&e).unwrap_or_else(|| Error::Store(chain(&e))),
         E::InvalidConfig(m) => Error::Usage(m),
         E::Timeout { operation, after } => Error::Timeout { operation: operation.into(), after },
         other => typed_cause(&other).unwrap_or_else(|| Error::Mcp(chain(&other))),
@@ -1139,6 +1141,10 @@ pub(crate) fn request_error(target: &Target, e: connection_factory::Error) -> Er
     match e {
         E::AuthorizationRequired { .. } => Error::NotLoggedIn { url: target.as_str().to_owned() },
         E::Provider { .. } => provider_error(&e),
+        // The session was lost after the request may have reached the server: it is not sent
+        // again (a tool call must not run twice); the MCP session failed.
+        E::Interrupted { .. } => Error::Mcp(chain(&e)),
+        E::Store { .. } => typed_cause(&e).unwrap_or_else(|| Error::Store(chain(&e))),
         E::Timeout { operation, after } => Error::Timeout { operation: operation.into(), after },
         other => typed_cause(&other).unwrap_or_else(|| Error::Mcp(chain(&other))),
     }

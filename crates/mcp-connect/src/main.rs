@@ -42,8 +42,8 @@ struct Cli {
     /// logged), as mcp-remote's `--debug` does.
     #[arg(long, global = true)]
     debug: bool,
-    /// Seconds the MCP server may take to answer the handshake before the command fails
-    /// (exit 14).
+    /// Seconds the MCP server may take to answer the handshake or a request before the command
+    /// fails (exit 14).
     #[arg(long, global = true, default_value_t = 30)]
     request_timeout: u64,
     #[command(subcommand)]

@@ -302,6 +302,18 @@ async fn status_and_why_never_wait_on_a_peers_refresh() {
     lock.unlock().unwrap();
 }
 
+/// A tool that takes longer than `--request-timeout`: exit 14 naming the request, and the same
+/// call with a longer limit succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_the_request_timeout_is_exit_14() {
+    let (_fx, store, server) = logged_in().await;
+    let out = store.run(&["--request-timeout", "1", "call", &server, "slow", r#"{"ms":3000}"#]);
+    out.expect_code(14);
+    assert!(out.stderr.contains("did not answer call_tool"), "{out:#?}");
+    let out = store.run(&["--request-timeout", "10", "call", &server, "slow", r#"{"ms":100}"#]);
+    out.expect_code(0);
+}
+
 /// An MCP server that accepts the connection and never answers: exit 14 after
 /// `--request-timeout`, not a hang and not "not an MCP server".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
