@@ -425,8 +425,11 @@ async fn transient_failures_keep_credentials_and_are_cached_briefly() {
         assert!(matches!(e, Error::RefreshUnavailable { .. }));
     }
     assert_eq!(f.server.calls(), 1);
-    // Credentials kept.
-    assert_eq!(f.storage.tokens(&key).await.unwrap().unwrap().version(), first.version());
+    // Credentials kept (the failure came before sending: not left in doubt).
+    let kept = f.storage.tokens(&key).await.unwrap().unwrap();
+    assert_eq!(kept.access_token(), first.access_token());
+    assert_eq!(kept.refresh_token(), first.refresh_token());
+    assert!(!kept.in_doubt());
     f.clock.advance(Duration::from_secs(10));
     let fresh = f.storage.force_refresh(&key, ISS, first.access_token()).await.unwrap();
     assert_ne!(fresh.access_token(), first.access_token());
