@@ -19,12 +19,17 @@
 //!
 //! # The fence: what each backend guarantees
 //!
-//! Every write a refresh makes under the lease (the in-doubt intent before the first send, the
-//! claim of the one same-token retry, the commit, the needs-authorization marker) is *fenced*:
-//! it is made only while the lease holds, so a refresher whose lease lapsed cannot write over
-//! the new holder's records (the model in `tests/model`, rule `fenced_commit`). Each write is
-//! also a compare-and-swap on the record version read under the lease, so it never replaces a
-//! newer generation. What "only while the lease holds" means depends on the lease:
+//! The records a refresh writes under the lease before and instead of a result (the in-doubt
+//! intent before the first send, the claim of the one same-token retry, the needs-authorization
+//! marker) are *fenced*: made only while the lease holds, so a refresher whose lease lapsed
+//! cannot write over the new holder's records (the model in `tests/model`, rule
+//! `fenced_commit`). The commit is made under the lease too; if the lease is found lost by
+//! then (the holder was paused past the TTL with its request out, which the protocol assumes
+//! away), the result is still offered to the compare-and-swap on the version read: the
+//! redemption has spent the old refresh token, the new set is the only live one, and any writer
+//! since (a new holder's intent, a login) wins the swap. Every write is a compare-and-swap on
+//! the version read under the lease, so none replaces a newer generation. What "while the lease
+//! holds" means depends on the lease:
 //!
 //! - **Lock files** (any token store: memory, sled, or one of the host's own): the kernel holds
 //!   the lock for as long as the process lives, so every write made under it is under the
@@ -32,18 +37,20 @@
 //! - **A store lease** ([`RefreshLease::store`], e.g. over a `flow_state::RedisStore`, with a
 //!   `RedisTokenStore` or any other token store): the lease is checked (its owner token read
 //!   back) immediately before each write, one round trip before it. The token record and the
-//!   lease may live in different stores, so the check and the write are not one atomic step: a
-//!   holder paused past the TTL between the two could still write. Renewal every third of the
-//!   TTL and that check are what the protocol relies on; keep the TTL well above any plausible
-//!   pause of a process (the model pins this assumption: a pause past the TTL after the last
-//!   check defeats any lease without fencing at the server). Expiry of a store lease is judged
-//!   by the flow-state store (on the caller's clock for `flow_state::RedisStore` today).
+//!   lease may live in different stores, so the check and the write are not one atomic step
+//!   (no single Redis script yet): a holder paused past the TTL between the two could still
+//!   write. Renewal every third of the TTL and that check are what the protocol relies on;
+//!   keep the TTL well above any plausible pause of a process (the model pins this
+//!   assumption: a pause past the TTL after the last check defeats any lease without fencing
+//!   at the server). Expiry of a store lease is judged by the flow-state store (on the
+//!   caller's clock for `flow_state::RedisStore` today).
 //! - **No lease** (one process): the single-flight is the only writer in the process; writes
 //!   are compare-and-swap only.
 //!
-//! A commit that finds the lease lost is not made: the answer is kept in memory and served, and
-//! the next refresh of this process (under the lease again) writes it instead of redeeming
-//! again.
+//! A commit that the store refuses on a transient error is retried under the renewed lease
+//! until it lands; one that cannot be written at all once the lease is gone is kept in memory
+//! and served, and the next refresh of this process (under the lease again) writes it instead
+//! of redeeming again.
 
 use std::fmt;
 use std::fs::{File, OpenOptions, TryLockError};

@@ -46,6 +46,9 @@ pub struct TokenSet {
     pub(crate) version: u64,
     pub(crate) needs_authorization: Option<ReauthReason>,
     pub(crate) doubt: Doubt,
+    /// The sealed record's generation (bound into its associated data); 0 for a set not read
+    /// from the store.
+    pub(crate) generation: u64,
 }
 
 /// Whether a refresh of a stored set may have reached the server without its answer being
@@ -152,6 +155,7 @@ impl TokenSet {
             version: 0,
             needs_authorization: None,
             doubt: Doubt::No,
+            generation: 0,
         }
     }
 }
@@ -264,7 +268,7 @@ impl TokenRecord {
         }
     }
 
-    pub(crate) fn into_set(self, version: u64) -> TokenSet {
+    pub(crate) fn into_set(self, version: u64, generation: u64) -> TokenSet {
         TokenSet {
             access_token: Secret::new(self.access_token),
             token_type: self.token_type,
@@ -281,6 +285,7 @@ impl TokenRecord {
                 (true, false) => Doubt::Sent,
                 (true, true) => Doubt::RetryClaimed,
             },
+            generation,
         }
     }
 }

@@ -17,10 +17,11 @@
 //!   with a reuse grace window answers with the successor); a refusal, a second lost answer, or
 //!   a record whose retry was claimed already ends in
 //!   [`ReauthReason::RotationLostInFlight`](crate::ReauthReason::RotationLostInFlight).
-//! - **Fenced writes.** The intent, the retry claim, the commit and the failure marker are
-//!   written only while the lease holds (see [`RefreshLease`] for what each backend's fence
-//!   guarantees). A commit fenced out keeps the answer in memory and serves it; the next
-//!   refresh writes it instead of redeeming again.
+//! - **Fenced writes.** The intent, the retry claim and the failure marker are written only
+//!   while the lease holds (see [`RefreshLease`] for what each backend's fence guarantees). A
+//!   commit whose lease lapsed is still offered to the compare-and-swap on the version read
+//!   (the token is spent; any writer since wins); one that cannot be written is kept in memory
+//!   and served, and the next refresh writes it instead of redeeming again.
 //! - **Compare-and-swap commit.** The result is written only if the stored version is still the
 //!   one read before redeeming; otherwise it is discarded and logged (an interactive login, or
 //!   an uninstall, won). A commit that fails on a transient store error is retried under the
@@ -406,10 +407,11 @@ impl TokenStorage {
         let record = key.record(RecordKind::Tokens);
         loop {
             let current = inner.store.get(&record).await?;
+            let mut set = set.clone();
             if let Some(current) = &current {
-                open_tokens(&*inner.keys, &record, current)?;
+                set.generation = open_tokens(&*inner.keys, &record, current)?.generation;
             }
-            match inner.write_tokens(key, current.map(|v| v.version), set.clone()).await? {
+            match inner.write_tokens(key, current.map(|v| v.version), set).await? {
                 Ok(stored) => {
                     inner.record_write(key, now);
                     inner.clear_failure(key);
@@ -554,12 +556,12 @@ fn usable(key: &TokenKey, set: Arc<TokenSet>, issuer: &str) -> Result<Arc<TokenS
 }
 
 fn open_tokens(keys: &dyn KeyProvider, record: &str, v: &Versioned) -> Result<TokenSet, Error> {
-    let plain = crypto::open(keys, record, &v.value)?;
+    let (plain, generation) = crypto::open_generation(keys, record, &v.value)?;
     let parsed: TokenRecord = serde_json::from_slice(&plain).map_err(|_| Error::Decrypt {
         record: record.to_owned(),
         reason: DecryptFailure::Malformed,
     })?;
-    Ok(parsed.into_set(v.version))
+    Ok(parsed.into_set(v.version, generation))
 }
 
 fn open_client(
@@ -669,7 +671,32 @@ impl Inner {
             }
         }
         let set = open_tokens(&*self.keys, &record, &stored)?;
+        self.check_generation(key, &record, &set)?;
         Ok(Some(self.install_unless_deleted(key, Arc::new(set), Some(deletions))))
+    }
+
+    /// Refuse a record written after the one in view (a larger store version) whose sealed
+    /// generation is older: an older sealed blob written back under the same name (a
+    /// rollback). The record is left as it is.
+    fn check_generation(&self, key: &TokenKey, record: &str, set: &TokenSet) -> Result<(), Error> {
+        let views = self.views.read().unwrap_or_else(PoisonError::into_inner);
+        match views.get(key) {
+            // A newer write (larger version) with an older generation. An older version is
+            // only a read that raced a write, not a rollback.
+            Some(view)
+                if set.version > view.set.version && set.generation < view.set.generation =>
+            {
+                warn!(%key, found = set.generation, seen = view.set.generation, "refusing a rolled-back token record");
+                Err(Error::Decrypt {
+                    record: record.to_owned(),
+                    reason: DecryptFailure::RolledBack {
+                        found: set.generation,
+                        seen: view.set.generation,
+                    },
+                })
+            }
+            _ => Ok(()),
+        }
     }
 
     async fn load_client(
@@ -683,8 +710,9 @@ impl Inner {
         }
     }
 
-    /// Seal and compare-and-swap a token set; `Ok(written)` with the set as written (its new
-    /// version), `Err(current)` on a conflict.
+    /// Seal and compare-and-swap a token set whose `generation` is that of the record at
+    /// `expected`; `Ok(written)` with the set as written (its new version and generation),
+    /// `Err(current)` on a conflict.
     async fn write_tokens(
         &self,
         key: &TokenKey,
@@ -694,7 +722,11 @@ impl Inner {
         let record = key.record(RecordKind::Tokens);
         let plain = serde_json::to_vec(&TokenRecord::from_set(&set))
             .map_err(|e| Error::store("could not encode the token set", e))?;
-        let sealed = crypto::seal(&*self.keys, &record, &plain)?;
+        // `set.generation` is the generation of the record it replaces: the next one is larger,
+        // and never below the clock (so a slot deleted and logged into again by another process
+        // does not restart below the generation a reader has seen).
+        set.generation = (set.generation + 1).max(self.clock.now().as_millis());
+        let sealed = crypto::seal_generation(&*self.keys, &record, set.generation, &plain)?;
         match self.store.compare_and_swap(&record, expected, sealed).await? {
             Swap::Swapped { version } => {
                 set.version = version;
@@ -932,20 +964,19 @@ impl Inner {
             Doubt::No => false,
         };
         let doubt = if retry { Doubt::RetryClaimed } else { Doubt::Sent };
+        // The level before this flight's latest in-doubt write: restored if the flight stops
+        // without a request that may have reached the server since that write.
+        let mut prior = current.doubt;
         match self.record_doubt(&key, &current, doubt, guard).await? {
             Fenced::Written(marked) => current = marked,
             Fenced::Out => return Ok(None),
             Fenced::Conflict(newer) => return self.adopt(&key, &issuer, newer).map(Some),
         }
         let mut tries = 0;
-        // Whether an attempt of this flight may have reached the server.
-        let mut acted = false;
         loop {
             if attempt.is_cancelled() {
                 warn!(%key, "refresh abandoned past its deadline before reaching the token endpoint");
-                if !retry && !acted {
-                    self.undo_intent(&key, &current, guard).await;
-                }
+                self.restore_doubt(&key, &current, prior, guard).await;
                 return Err(Error::Timeout { key });
             }
             // No request without the lease.
@@ -987,7 +1018,6 @@ impl Inner {
                         unreachable!()
                     };
                     warn!(%key, attempt = tries, ?kind, %message, may_have_acted, "refresh failed transiently");
-                    acted |= may_have_acted;
                     if may_have_acted && retry {
                         // The one same-token retry went unanswered too: presenting the token a
                         // third time is not allowed.
@@ -1001,6 +1031,7 @@ impl Inner {
                         // The server may have rotated: claim the one same-token retry in the
                         // store before anything else, so a peer taking over after a crash
                         // does not present the token a third time.
+                        prior = Doubt::Sent;
                         match self.record_doubt(&key, &current, Doubt::RetryClaimed, guard).await? {
                             Fenced::Written(marked) => current = marked,
                             Fenced::Out => return Ok(None),
@@ -1014,9 +1045,7 @@ impl Inner {
                     let give_up = tries >= self.config.max_attempts.max(1)
                         || retry_after.is_some_and(|r| r > self.config.backoff_max);
                     if give_up {
-                        if !retry && !acted {
-                            self.undo_intent(&key, &current, guard).await;
-                        }
+                        self.restore_doubt(&key, &current, prior, guard).await;
                         let now = self.clock.now();
                         let until =
                             now + self.config.failure_ttl.max(retry_after.unwrap_or_default());
@@ -1071,15 +1100,26 @@ impl Inner {
         }
     }
 
-    /// Take back this flight's own intent (`current`, marked [`Doubt::Sent`] by it) when no
-    /// request of the flight can have reached the server: every failure was known to be before
-    /// sending, or the flight stopped before its first send. Best effort, fenced: a record left
-    /// in doubt only costs the next refresh its one same-token retry.
-    async fn undo_intent(&self, key: &TokenKey, current: &TokenSet, guard: Option<&LeaseGuard>) {
+    /// Take back this flight's latest in-doubt write (`current`), restoring the level `prior`
+    /// it replaced, when the flight stops (deadline, or giving up) with no request since that
+    /// write that can have reached the server: every failure since was known to be before
+    /// sending (a lost answer is never followed by this: it is claimed or ends the refresh).
+    /// Otherwise an intent left by a flight that never sent would read as a spent token, and a
+    /// claimed retry that was never sent as a rotation lost in flight. Best effort, fenced.
+    async fn restore_doubt(
+        &self,
+        key: &TokenKey,
+        current: &TokenSet,
+        prior: Doubt,
+        guard: Option<&LeaseGuard>,
+    ) {
+        if current.doubt == prior {
+            return;
+        }
         let mut clean = current.clone();
-        clean.doubt = Doubt::No;
+        clean.doubt = prior;
         if let Err(e) = self.write_fenced(key, current.version, &clean, guard).await {
-            debug!(%key, error = %e, "could not take back the in-doubt intent");
+            debug!(%key, error = %e, "could not take back the in-doubt record");
         }
     }
 
@@ -1092,23 +1132,20 @@ impl Inner {
         written: &TokenSet,
     ) -> Result<Option<Arc<TokenSet>>, Error> {
         let mut found = open_tokens(&*self.keys, &key.record(RecordKind::Tokens), newer)?;
-        found.version = written.version;
-        if found != *written {
+        let generation = found.generation;
+        (found.version, found.generation) = (written.version, written.generation);
+        if found != *written || generation <= written.generation {
             return Ok(None);
         }
-        found.version = newer.version;
+        (found.version, found.generation) = (newer.version, generation);
         let found = Arc::new(found);
         self.install(key, found.clone());
         Ok(Some(found))
     }
 
     /// A write of the token record that lands only while the lease holds (when there is one):
-    /// [`Fenced::Out`] if the lease was found lost (nothing written).
-    ///
-    /// What the fence guarantees depends on the lease: a lock file is held by the kernel for
-    /// as long as this process lives, so the write is under it; a store lease is checked
-    /// immediately before the compare-and-swap (one round trip before it: a holder paused
-    /// past the TTL between the check and the write is the model's stated assumption).
+    /// [`Fenced::Out`] if the lease was found lost (nothing written). What the fence
+    /// guarantees with each kind of lease: see the `lease` module.
     async fn write_fenced(
         &self,
         key: &TokenKey,
@@ -1179,7 +1216,8 @@ impl Inner {
         self.commit_set(key, current, set, guard).await
     }
 
-    /// Write `set`, derived from `current`, with a fenced compare-and-swap.
+    /// Write `set`, derived from `current`, with a compare-and-swap under the lease (offered
+    /// on the version read even if the lease lapsed: see the `lease` module).
     ///
     /// A transient store error is retried with backoff under the lease (which the flight keeps
     /// renewing) until the write lands: releasing the lease with the rotated set only in
@@ -1187,8 +1225,9 @@ impl Inner {
     /// (the model's "commit retries capped, then release" counterexample). The set is held in
     /// memory meanwhile. A conflict whose stored value is this very set (a write whose reply
     /// was lost) counts as written; a conflict with a peer's failure marker of the set this
-    /// refresh read does not beat this valid new set. If the lease is found lost, the set stays
-    /// in memory and is served; the next refresh writes it instead of redeeming again.
+    /// refresh read does not beat this valid new set. If the lease is found lost and the
+    /// unfenced write fails too, the set stays in memory and is served; the next refresh writes
+    /// it instead of redeeming again.
     async fn commit_set(
         &self,
         key: &TokenKey,
@@ -1199,6 +1238,7 @@ impl Inner {
         let record = key.record(RecordKind::Tokens);
         let mut expected = current.version;
         set.doubt = Doubt::No;
+        set.generation = current.generation;
         let mut tries = 0u32;
         let served = |set: &TokenSet| {
             let mut served = set.clone();
@@ -1209,11 +1249,24 @@ impl Inner {
             tries += 1;
             let outcome = match self.write_fenced(key, expected, &set, guard).await {
                 Ok(Fenced::Out) => {
-                    warn!(%key, "the refresh lease was lost before the commit; holding the refreshed tokens in memory");
-                    self.slot(key, |s| {
-                        s.pending = Some((current.refresh_token.clone(), set.clone()))
-                    });
-                    return Ok(Some(served(&set)));
+                    // The lease lapsed while the request was out (a pause past the TTL, which
+                    // the protocol assumes away). The redemption has spent the old refresh
+                    // token: the new set is the only live one, so it is still offered to the
+                    // compare-and-swap on the version read (any writer since wins, and a peer
+                    // that re-read that version finds this set instead of presenting the spent
+                    // token). Only if the store refuses it too is it held in memory.
+                    warn!(%key, "the refresh lease was lost before the commit; committing on the version read");
+                    match self.write_tokens(key, Some(expected), set.clone()).await {
+                        Ok(Ok(stored)) => Ok(stored),
+                        Ok(Err(newer)) => Err(newer),
+                        Err(e) => {
+                            warn!(%key, error = %e, "could not write the refreshed tokens without the lease; holding them in memory");
+                            self.slot(key, |s| {
+                                s.pending = Some((current.refresh_token.clone(), set.clone()))
+                            });
+                            return Ok(Some(served(&set)));
+                        }
+                    }
                 }
                 Ok(Fenced::Written(stored)) => Ok(stored),
                 Ok(Fenced::Conflict(newer)) => Err(newer),
@@ -1260,6 +1313,7 @@ impl Inner {
                         // valid new set in hand. A marker of any other set is newer news.
                         warn!(%key, marker = newer.version, "replacing a peer's failure marker with a valid refreshed set");
                         expected = newer.version;
+                        set.generation = found.generation;
                         continue;
                     }
                     warn!(

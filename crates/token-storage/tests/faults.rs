@@ -381,12 +381,12 @@ async fn a_commit_failing_on_the_store_keeps_the_lease_until_it_lands() {
     assert_eq!(issued(&stored), issued(&a), "the rotated set is in the store");
 }
 
-/// The lease is lost while the request is out (every renewal fails): the commit is fenced
-/// out, so the answer is held in memory and served, and the next refresh of this process,
-/// under the lease again, writes it over the in-doubt intent instead of presenting the spent
-/// refresh token.
+/// The lease is lost while the request is out (every renewal fails: a holder paused past the
+/// TTL, which the protocol assumes away). The redemption has spent the old refresh token, so
+/// the new set is still offered to the compare-and-swap on the version read: nobody wrote since,
+/// it lands, and a peer finds it instead of presenting the spent token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_commit_fenced_out_is_held_in_memory_and_written_by_the_next_refresh() {
+async fn a_commit_after_the_lease_lapsed_still_lands_on_the_version_read() {
     let p = faulty_pair();
     let first = p.a.store(&key(), ISS, p.server.issue(&key())).await.unwrap();
     p.server.set_latency(Duration::from_secs(12));
@@ -396,11 +396,36 @@ async fn a_commit_fenced_out_is_held_in_memory_and_written_by_the_next_refresh()
         p.leases.fail_next_write();
     }
     drive(&p.clock, std::slice::from_ref(&a), Duration::from_secs(60)).await;
+    let a = a.await.unwrap().expect("committed");
+    p.leases.disarm();
+    let stored = p.b.tokens(&key()).await.unwrap().unwrap();
+    assert_eq!((issued(&stored), stored.in_doubt()), (issued(&a), false), "the commit landed");
+    let b = p.b.force_refresh(&key(), ISS, first.access_token()).await.unwrap();
+    assert_eq!(issued(&b), issued(&a), "the peer found the rotation");
+    assert_eq!((p.server.redemptions(), p.server.reuse_detected()), (1, 0));
+}
+
+/// The lease lapsed while the request was out and the store refuses the commit too: the answer
+/// is held in memory and served, and the next refresh of this process, under the lease again,
+/// writes it over the in-doubt intent instead of presenting the spent refresh token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_that_cannot_be_written_is_held_in_memory_for_the_next_refresh() {
+    let p = faulty_pair();
+    let first = p.a.store(&key(), ISS, p.server.issue(&key())).await.unwrap();
+    p.server.set_latency(Duration::from_secs(12));
+    let a = force(&p.a, &first);
+    until("a's request is out", || p.server.calls() == 1).await;
+    for _ in 0..4 {
+        p.leases.fail_next_write();
+    }
+    p.tokens.fail_next_write();
+    drive(&p.clock, std::slice::from_ref(&a), Duration::from_secs(60)).await;
     let served = a.await.unwrap().expect("served from memory");
     p.leases.disarm(); // the lease store is back
     assert_ne!(served.access_token(), first.access_token());
+    assert_eq!(p.tokens.injected(), 1);
     let stored = p.a.tokens(&key()).await.unwrap().unwrap();
-    assert_eq!(stored.access_token(), first.access_token(), "nothing written without the lease");
+    assert_eq!(stored.access_token(), first.access_token(), "not written");
     assert!(stored.in_doubt());
     let again = p.a.force_refresh(&key(), ISS, first.access_token()).await.unwrap();
     assert_eq!(issued(&again), issued(&served), "the held answer was written");

@@ -534,10 +534,17 @@ fn run_with(tasks: Vec<Vec<Op>>, mode: Mode) -> Result<Seen, TestCaseError> {
                     }
                     // A caller's wait may end (its deadline) while a detached refresh or a
                     // peer's lease is still in the way: ask again, a few times.
+                    // A flight of the schedule that holds the lease is not dropped at its
+                    // deadline: it may still give up on a failure armed before the disarm, and
+                    // that failure is cached for `failure_ttl` (the storm brake): wait it out.
                     let mut r = storage.force_refresh(&key, ISS, current.access_token()).await;
                     for _ in 0..3 {
-                        if !matches!(r, Err(Error::Timeout { .. } | Error::LeaseWait { .. })) {
-                            break;
+                        match r {
+                            Err(Error::Timeout { .. } | Error::LeaseWait { .. }) => {}
+                            Err(Error::RefreshUnavailable { .. }) => {
+                                world.clock.sleep(Duration::from_secs(3)).await;
+                            }
+                            _ => break,
                         }
                         r = storage.force_refresh(&key, ISS, current.access_token()).await;
                     }
