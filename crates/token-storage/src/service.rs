@@ -43,7 +43,7 @@ use crate::error::{DecryptFailure, ReauthReason};
 use crate::key::{RecordKind, user_prefix};
 use crate::lease::{Held, RefreshLease};
 use crate::model::{ClientRecord, Doubt, TokenRecord};
-use crate::refresher::{RefreshError, RefreshRequest, Refresher, TerminalCode};
+use crate::refresher::{RefreshError, RefreshRequest, Refresher, TerminalCode, TransientKind};
 use crate::store::{SharedTokenStore, Swap, TokenStore, Versioned};
 use crate::{
     ClientRegistration, Error, KeyProvider, Secret, TokenKey, TokenResponse, TokenSet, crypto,
@@ -1018,16 +1018,19 @@ impl Inner {
                         unreachable!()
                     };
                     warn!(%key, attempt = tries, ?kind, %message, may_have_acted, "refresh failed transiently");
-                    if may_have_acted && retry {
+                    if retry && kind == TransientKind::Unanswered {
                         // The one same-token retry went unanswered too: presenting the token a
-                        // third time is not allowed.
+                        // third time is not allowed. (A 5xx *answer* to the retry is retried
+                        // within the attempt budget: the server is there, and one that rotated
+                        // before failing refuses the next presentation, which then ends here
+                        // as a rotation lost in flight, or answers it from its grace window.)
                         warn!(%key, "the retry of the in-doubt refresh token went unanswered: its rotation was lost in flight");
                         let reason = ReauthReason::RotationLostInFlight;
                         return self
                             .terminal(&key, &issuer, &current, client, None, reason, guard)
                             .await;
                     }
-                    if may_have_acted {
+                    if may_have_acted && !retry {
                         // The server may have rotated: claim the one same-token retry in the
                         // store before anything else, so a peer taking over after a crash
                         // does not present the token a third time.
