@@ -34,7 +34,8 @@ const CLIENT_KEY: &str = "client_key";
 /// | 5xx (with or without an OAuth body), OAuth `server_error` | `Transient(ServerError)` |
 /// | 429, OAuth `slow_down` | `Transient(RateLimited)`, with `Retry-After` |
 /// | OAuth `temporarily_unavailable` | `Transient(TemporarilyUnavailable)`, with `Retry-After` |
-/// | timeout, connection failure | `Transient(Network)` |
+/// | no connection could be made ([`mcp_oauth::Error::never_sent`]) | `Transient(Network)`: retried freely |
+/// | timeout; connection reset or broken off after sending | `Transient(Unanswered)`: in doubt, the server may have rotated |
 /// | anything else: other OAuth codes, other statuses, a malformed or non-Bearer response, a refused URL, a cancelled request, no stored registration | `Terminal(InvalidGrant)`, with a description |
 ///
 /// A malformed 200 is terminal on purpose: the server may have rotated the refresh token
@@ -208,12 +209,19 @@ pub(crate) fn classify(error: &mcp_oauth::Error) -> RefreshError {
         message,
     };
     match error {
-        E::Timeout { timeout, .. } => {
-            transient(TransientKind::Network, format!("token request timed out after {timeout:?}"))
-        }
-        E::Transport { .. } => {
+        // The request may have reached the server (which may have rotated the refresh token)
+        // and no answer came: in doubt, never retried as if it had not been sent.
+        E::Timeout { timeout, .. } => transient(
+            TransientKind::Unanswered,
+            format!("token request timed out after {timeout:?}"),
+        ),
+        E::Transport { .. } if error.never_sent() => {
             transient(TransientKind::Network, "token endpoint unreachable".into())
         }
+        E::Transport { .. } => transient(
+            TransientKind::Unanswered,
+            "the token request failed after it was sent (connection reset or broken off)".into(),
+        ),
         E::HttpStatus { status: 429, .. } => {
             transient(TransientKind::RateLimited, "token endpoint answered 429".into())
         }

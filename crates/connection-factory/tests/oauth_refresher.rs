@@ -171,8 +171,14 @@ async fn server_errors_rate_limits_and_unavailability_are_transient() {
     }
 }
 
+/// Issue 12: a token request that may have reached the server and got no answer (a timeout, a
+/// connection reset after sending) is `Unanswered`, in doubt: the server may have rotated the
+/// refresh token, so token-storage records it and allows one same-token retry. Only a request
+/// that never left (no connection) is `Network`, retried as if never sent. Real sockets on
+/// 127.0.0.1 through the hardened reqwest client: a closed port refuses the connection; a
+/// server that reads the request and closes without answering is the lost answer.
 #[tokio::test]
-async fn timeouts_and_network_failures_are_transient() {
+async fn a_request_that_may_have_reached_the_server_is_unanswered_not_network() {
     let err = run(|| {
         Err(mcp_oauth::Error::Timeout {
             url: "http://127.0.0.1:9/token".into(),
@@ -181,16 +187,56 @@ async fn timeouts_and_network_failures_are_transient() {
     })
     .await
     .unwrap_err();
+    assert!(
+        matches!(err, RefreshError::Transient { kind: TransientKind::Unanswered, .. }),
+        "{err:?}"
+    );
+    assert!(err.may_have_acted());
+
+    let over_http = |port: u16| {
+        let mut discovery = serde_json::to_value(discovery()).unwrap();
+        discovery["authorization_server"]["token_endpoint"] =
+            format!("http://127.0.0.1:{port}/token").into();
+        let discovery: Discovery = serde_json::from_value(discovery).unwrap();
+        let http = mcp_oauth::ReqwestHttpClient::new(mcp_oauth::HttpPolicy::default()).unwrap();
+        let refresher = OAuthRefresher::new(OAuthClient::new(http, SharedClock::system()));
+        let request = RefreshRequest::new("rt-1", "http://127.0.0.1:9")
+            .client(stored_client(&discovery, &registration()));
+        async move { refresher.refresh(&TokenKey::new("t", "u", "s"), &request).await }
+    };
+
+    // Nothing listens: the connection is refused, the request never left.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let err = over_http(port).await.unwrap_err();
     assert!(matches!(err, RefreshError::Transient { kind: TransientKind::Network, .. }), "{err:?}");
-    let err = run(|| {
-        Err(mcp_oauth::Error::Transport {
-            url: "http://127.0.0.1:9/token".into(),
-            source: Box::new(std::io::Error::other("refused")),
-        })
-    })
-    .await
-    .unwrap_err();
-    assert!(matches!(err, RefreshError::Transient { kind: TransientKind::Network, .. }), "{err:?}");
+    assert!(!err.may_have_acted());
+
+    // The server reads the whole request, then closes without answering.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(async move {
+        let (socket, _) = listener.accept().await.unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&seen).contains("rt-1") {
+            socket.readable().await.unwrap();
+            match socket.try_read(&mut buf) {
+                Ok(0) => panic!("the request ended before its body"),
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        drop(socket); // acted, then the answer is lost
+    });
+    let err = over_http(port).await.unwrap_err();
+    server.await.unwrap();
+    assert!(
+        matches!(err, RefreshError::Transient { kind: TransientKind::Unanswered, .. }),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]

@@ -211,7 +211,7 @@ where
                     let deadline = clock.now() + options.leader_deadline;
                     let give_up = deadline + options.grace;
                     tokio::spawn(async move {
-                        let _remove = RemoveOnDrop { inner: &inner, key, id };
+                        let remove = RemoveOnDrop { inner: &inner, key, id };
                         let mut attempt = std::pin::pin!(attempt);
                         let result = tokio::select! {
                             v = &mut attempt => Ok(v),
@@ -230,6 +230,10 @@ where
                                 }
                             }
                         };
+                        // Settled: out of the map before the result is published, so a caller
+                        // that calls again as soon as it has the result starts a new attempt
+                        // instead of joining this one (nothing is cached).
+                        drop(remove);
                         tx.send_replace(Some(result));
                     });
                     rx

@@ -142,8 +142,16 @@ pub struct KnobSettings {
     /// Answer every 403 (a missing scope) without a `WWW-Authenticate` header, as some servers
     /// do.
     pub omit_forbidden_challenge: bool,
-    /// Delay every token endpoint answer by this much (real time).
+    /// Delay every token endpoint answer by this much (real time), before the server acts.
     pub token_delay: Duration,
+    /// Answer a `refresh_token` grant this long (real time) *after* the server has acted (the
+    /// refresh token is already rotated or refused while the client waits), as a slow token
+    /// endpoint does.
+    pub refresh_delay: Duration,
+    /// Lose the answers of this many next `refresh_token` grants after the server has acted:
+    /// the refresh token is rotated (or reuse detected), then the client gets a 502 with no
+    /// token in it, as from a proxy whose upstream answer was lost.
+    pub lose_refresh_answers: u64,
     /// Never answer the token endpoint (until the knob is cleared or the server stops).
     pub token_hang: bool,
     /// Never answer `refresh_token` grants (until the knob is cleared or the server stops);
@@ -190,6 +198,8 @@ impl Default for KnobSettings {
             omit_challenge: false,
             omit_forbidden_challenge: false,
             token_delay: Duration::ZERO,
+            refresh_delay: Duration::ZERO,
+            lose_refresh_answers: 0,
             token_hang: false,
             refresh_hang: false,
             approval: Approval::Auto,
@@ -331,6 +341,28 @@ impl Knobs {
     /// Delay every token endpoint answer by this much (real time).
     pub fn set_token_delay(&self, delay: Duration) {
         self.update(|s| s.token_delay = delay);
+    }
+
+    /// Answer `refresh_token` grants this long after acting (see
+    /// [`KnobSettings::refresh_delay`]).
+    pub fn set_refresh_delay(&self, delay: Duration) {
+        self.update(|s| s.refresh_delay = delay);
+    }
+
+    /// Lose the answers of the next `n` `refresh_token` grants after acting (see
+    /// [`KnobSettings::lose_refresh_answers`]).
+    pub fn lose_refresh_answers(&self, n: u64) {
+        self.update(|s| s.lose_refresh_answers = n);
+    }
+
+    /// Take one armed lost answer, if any.
+    pub(crate) fn take_lost_refresh_answer(&self) -> bool {
+        let mut lose = false;
+        self.update(|s| {
+            lose = s.lose_refresh_answers > 0;
+            s.lose_refresh_answers = s.lose_refresh_answers.saturating_sub(1);
+        });
+        lose
     }
 
     /// Make the token endpoint hang (never answer) or answer again.

@@ -40,6 +40,9 @@ pub struct AuthStats {
     pub introspections: u64,
     /// Token requests answered with an injected failure (5xx or 429).
     pub injected_failures: u64,
+    /// `refresh_token` grants the server acted on whose answer was then lost (a 502 instead,
+    /// knob `lose_refresh_answers`).
+    pub lost_answers: u64,
     /// The RFC 8707 `resource` parameter of every authorize and token request, in order, as
     /// `authorize <value>` or `token <grant_type> <value>`, with `-` for none.
     pub resource_parameters: Vec<String>,

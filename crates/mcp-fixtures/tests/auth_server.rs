@@ -825,3 +825,44 @@ async fn refresh_hang_holds_only_refresh_grants() {
         200
     );
 }
+
+/// Issue 12's fault knobs over HTTP, both after the server has acted. A lost answer (a 502)
+/// leaves the refresh token spent: presenting it again is a reuse. A late answer
+/// (`refresh_delay`) is late after the rotation: a second presentation made while the first
+/// answer is still on its way is already a reuse.
+#[tokio::test]
+async fn refresh_answers_can_be_lost_or_late_after_the_server_acted() {
+    let auth = server().await;
+    auth.knobs().set_reuse_detection(true);
+    let client = register(&auth, ClientAuth::None);
+    let rt0 = s(&code_flow(&auth, &client, None, None).await, "refresh_token");
+    auth.knobs().lose_refresh_answers(1);
+    let lost = refresh(&auth, &client, &rt0, None).await;
+    assert_eq!(lost.status(), 502);
+    assert!(!lost.text().await.unwrap().contains("refresh_token"), "no token in a lost answer");
+    assert_eq!(auth.stats().lost_answers, 1);
+    assert_eq!(
+        oauth_error(refresh(&auth, &client, &rt0, None).await).await,
+        (400, "invalid_grant".into()),
+        "acted before the answer was lost: the token is spent"
+    );
+    assert_eq!((auth.stats().reuse_detections, auth.stats().lost_answers), (1, 1));
+
+    let rt = s(&code_flow(&auth, &client, None, None).await, "refresh_token");
+    auth.knobs().set_refresh_delay(Duration::from_millis(300));
+    let started = SystemClock::instant();
+    let first = refresh(&auth, &client, &rt, None);
+    let second = async {
+        // The first request is counted (acted on) while its answer waits out the delay.
+        while auth.stats().refresh_redemptions.get(&TokenFingerprint::of(&rt)) != Some(&1) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        oauth_error(refresh(&auth, &client, &rt, None).await).await
+    };
+    let (first, second) = tokio::join!(first, second);
+    assert_eq!(first.status(), 200, "the late answer carries the rotated tokens");
+    assert_eq!(second, (400, "invalid_grant".into()), "rotated before the first answer came");
+    let waited = SystemClock::instant().duration_since(started);
+    assert!(waited >= Duration::from_millis(300), "answered after {waited:?}, before the delay");
+    assert_eq!(auth.stats().reuse_detections, 2);
+}

@@ -236,6 +236,26 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether the request certainly never reached the server: it was refused before sending
+    /// (a URL the policy refuses) or no connection could be made, so the server cannot have
+    /// acted on it. `false` whenever it may have: a timeout, a connection reset or a body that
+    /// broke off after the request went out, any answer. A refresh-token grant that fails
+    /// without this is in doubt (the server may have rotated the token).
+    ///
+    /// ```
+    /// let e = mcp_oauth::Error::Timeout { url: "https://as.example/token".into(), timeout: std::time::Duration::from_secs(5) };
+    /// assert!(!e.never_sent());
+    /// ```
+    pub fn never_sent(&self) -> bool {
+        match self {
+            Error::InvalidUrl { .. } | Error::InsecureUrl { .. } | Error::SsrfRefused { .. } => {
+                true
+            }
+            Error::Transport { source, .. } => source.downcast_ref::<NotSent>().is_some(),
+            _ => false,
+        }
+    }
+
     /// How the token-storage policy should treat this error.
     ///
     /// ```
@@ -343,7 +363,14 @@ impl Error {
             Error::Transport { url, source } => {
                 // The HTTP client's own message may quote the URL too.
                 let message = source.to_string().replace(&url, &cut(url.clone()));
-                Error::Transport { url: cut(url), source: Box::new(std::io::Error::other(message)) }
+                let plain = Box::new(std::io::Error::other(message));
+                let source: Box<dyn std::error::Error + Send + Sync> =
+                    if source.downcast_ref::<NotSent>().is_some() {
+                        Box::new(NotSent(plain))
+                    } else {
+                        plain
+                    };
+                Error::Transport { url: cut(url), source }
             }
             Error::BodyTooLarge { url, limit } => Error::BodyTooLarge { url: cut(url), limit },
             Error::Redirect { from, to, reason } => {
@@ -366,3 +393,20 @@ impl Error {
 
 /// A `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The source of an [`Error::Transport`] whose request never left: no connection could be
+/// made (see [`Error::never_sent`]). Displays as the error it wraps.
+#[derive(Debug)]
+pub(crate) struct NotSent(pub(crate) Box<dyn std::error::Error + Send + Sync>);
+
+impl fmt::Display for NotSent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for NotSent {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
+    }
+}

@@ -198,6 +198,13 @@ fn transport_error(url: &str, e: reqwest::Error) -> Error {
         }
         source = err.source();
     }
+    if e.is_connect() {
+        // No connection: the request never left, so the server cannot have acted on it.
+        return Error::Transport {
+            url: url.to_owned(),
+            source: Box::new(crate::error::NotSent(Box::new(e))),
+        };
+    }
     Error::Transport { url: url.to_owned(), source: Box::new(e) }
 }
 

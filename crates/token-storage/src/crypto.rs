@@ -4,12 +4,15 @@
 //! A sealed record is
 //!
 //! ```text
-//! "MTS" 0x01 | key-id length (1 byte) | key id | nonce (24 bytes) | XChaCha20-Poly1305 ciphertext + tag
+//! "MTS" 0x02 | generation (8 bytes, big-endian) | key-id length (1 byte) | key id | nonce (24 bytes) | XChaCha20-Poly1305 ciphertext + tag
 //! ```
 //!
 //! The associated data is the record's store key (tenant, user, server, record kind) followed
-//! by the header, so a record copied under another key, or re-labelled with another key id,
-//! fails authentication.
+//! by the header, so a record copied under another key, re-labelled with another key id, or
+//! given another generation fails authentication. The generation grows with every write of a
+//! token record, so a reader that has seen generation `g` refuses an older sealed blob written
+//! back under the same name ([`DecryptFailure::RolledBack`](crate::DecryptFailure)). Records of
+//! the first format (`"MTS" 0x01`, without a generation) still open, as generation 0.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -21,7 +24,9 @@ use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use crate::Error;
 use crate::error::DecryptFailure;
 
-const MAGIC: &[u8; 4] = b"MTS\x01";
+const MAGIC_V1: &[u8; 4] = b"MTS\x01";
+const MAGIC: &[u8; 4] = b"MTS\x02";
+const GENERATION_LEN: usize = 8;
 const NONCE_LEN: usize = 24;
 const TAG_LEN: usize = 16;
 
@@ -190,10 +195,20 @@ fn aad(record: &str, header: &[u8]) -> Vec<u8> {
     aad
 }
 
-/// Seal `plaintext` as the record stored under `record`.
+/// Seal `plaintext` as the record stored under `record` (generation 0).
 pub(crate) fn seal(
     keys: &dyn KeyProvider,
     record: &str,
+    plaintext: &[u8],
+) -> Result<Vec<u8>, Error> {
+    seal_generation(keys, record, 0, plaintext)
+}
+
+/// Seal `plaintext` as generation `generation` of the record stored under `record`.
+pub(crate) fn seal_generation(
+    keys: &dyn KeyProvider,
+    record: &str,
+    generation: u64,
     plaintext: &[u8],
 ) -> Result<Vec<u8>, Error> {
     let id = keys.current_key_id();
@@ -203,8 +218,10 @@ pub(crate) fn seal(
     let mut nonce = [0u8; NONCE_LEN];
     getrandom::fill(&mut nonce)
         .map_err(|e| key_error(format!("no randomness for a nonce: {e}")))?;
-    let mut out = Vec::with_capacity(5 + id.len() + NONCE_LEN + plaintext.len() + TAG_LEN);
+    let mut out =
+        Vec::with_capacity(5 + GENERATION_LEN + id.len() + NONCE_LEN + plaintext.len() + TAG_LEN);
     out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&generation.to_be_bytes());
     out.push(id_len);
     out.extend_from_slice(id.as_bytes());
     out.extend_from_slice(&nonce);
@@ -219,34 +236,58 @@ pub(crate) fn seal(
 
 /// Open a record sealed by [`seal`] under the same `record` key.
 pub(crate) fn open(keys: &dyn KeyProvider, record: &str, sealed: &[u8]) -> Result<Vec<u8>, Error> {
+    open_generation(keys, record, sealed).map(|(plain, _)| plain)
+}
+
+/// Open a record sealed by [`seal_generation`] under the same `record` key: its plaintext and
+/// its (authenticated) generation.
+pub(crate) fn open_generation(
+    keys: &dyn KeyProvider,
+    record: &str,
+    sealed: &[u8],
+) -> Result<(Vec<u8>, u64), Error> {
     let fail = |reason| Error::Decrypt { record: record.to_owned(), reason };
     if sealed.len() < MAGIC.len() + 1 {
-        return Err(fail(if MAGIC.starts_with(sealed) {
+        return Err(fail(if MAGIC.starts_with(sealed) || MAGIC_V1.starts_with(sealed) {
             DecryptFailure::Truncated
         } else {
             DecryptFailure::UnknownFormat
         }));
     }
-    if &sealed[..4] != MAGIC {
-        return Err(fail(DecryptFailure::UnknownFormat));
-    }
-    let id_len = usize::from(sealed[4]);
+    let (generation, rest) = match &sealed[..4] {
+        m if m == MAGIC => {
+            let Some(bytes) = sealed.get(4..4 + GENERATION_LEN) else {
+                return Err(fail(DecryptFailure::Truncated));
+            };
+            let bytes: [u8; GENERATION_LEN] =
+                bytes.try_into().map_err(|_| fail(DecryptFailure::Truncated))?;
+            (u64::from_be_bytes(bytes), 4 + GENERATION_LEN)
+        }
+        m if m == MAGIC_V1 => (0, 4),
+        _ => return Err(fail(DecryptFailure::UnknownFormat)),
+    };
+    let Some(&id_len) = sealed.get(rest) else { return Err(fail(DecryptFailure::Truncated)) };
+    let id_len = usize::from(id_len);
     if id_len == 0 {
         return Err(fail(DecryptFailure::MissingKeyId));
     }
-    let header_len = 5 + id_len + NONCE_LEN;
+    let id_start = rest + 1;
+    let header_len = id_start + id_len + NONCE_LEN;
     if sealed.len() < header_len + TAG_LEN {
         return Err(fail(DecryptFailure::Truncated));
     }
-    let id = std::str::from_utf8(&sealed[5..5 + id_len])
+    let id = std::str::from_utf8(&sealed[id_start..id_start + id_len])
         .map_err(|_| fail(DecryptFailure::Authentication))?;
     let key = keys.key(id).ok_or_else(|| fail(DecryptFailure::UnknownKeyId(id.to_owned())))?;
-    let nonce: [u8; NONCE_LEN] =
-        sealed[5 + id_len..header_len].try_into().map_err(|_| fail(DecryptFailure::Truncated))?;
+    let nonce: [u8; NONCE_LEN] = sealed[id_start + id_len..header_len]
+        .try_into()
+        .map_err(|_| fail(DecryptFailure::Truncated))?;
     let aad = aad(record, &sealed[..header_len]);
-    key.cipher
+    let plain = key
+        .cipher
         .decrypt(&nonce.into(), Payload { msg: &sealed[header_len..], aad: &aad })
-        .map_err(|_| fail(DecryptFailure::Authentication))
+        .map_err(|_| fail(DecryptFailure::Authentication))?;
+    Ok((plain, generation))
 }
 
 #[cfg(test)]
@@ -313,15 +354,41 @@ mod tests {
             DecryptFailure::UnknownKeyId("k1".into())
         );
         // Missing key id.
-        let mut no_id = sealed[..4].to_vec();
+        let mut no_id = sealed[..12].to_vec();
         no_id.push(0);
-        no_id.extend_from_slice(&sealed[7..]);
+        no_id.extend_from_slice(&sealed[15..]);
         assert_eq!(reason(open(&keys, "rec", &no_id).unwrap_err()), DecryptFailure::MissingKeyId);
         // Not ours at all.
         assert_eq!(
             reason(open(&keys, "rec", b"{\"access_token\":1}").unwrap_err()),
             DecryptFailure::UnknownFormat
         );
+    }
+
+    /// The generation is authenticated: relabelling a record with another generation fails,
+    /// and a record of the first format (no generation) still opens, as generation 0.
+    #[test]
+    fn the_generation_is_bound_and_old_records_open_as_generation_0() {
+        let keys = ring("k1", 1);
+        let sealed = seal_generation(&keys, "rec", 7, b"payload").unwrap();
+        assert_eq!(open_generation(&keys, "rec", &sealed).unwrap(), (b"payload".to_vec(), 7));
+        let mut relabelled = sealed.clone();
+        relabelled[4..12].copy_from_slice(&9u64.to_be_bytes());
+        assert_eq!(
+            reason(open_generation(&keys, "rec", &relabelled).unwrap_err()),
+            DecryptFailure::Authentication
+        );
+        // The first format: MTS 0x01 | id length | id | nonce | ciphertext.
+        let mut v1 = MAGIC_V1.to_vec();
+        v1.push(2);
+        v1.extend_from_slice(b"k1");
+        v1.extend_from_slice(&[3; NONCE_LEN]);
+        let aad = aad("rec", &v1);
+        let key = keys.key("k1").unwrap();
+        let ct =
+            key.cipher.encrypt(&[3; NONCE_LEN].into(), Payload { msg: b"old", aad: &aad }).unwrap();
+        v1.extend_from_slice(&ct);
+        assert_eq!(open_generation(&keys, "rec", &v1).unwrap(), (b"old".to_vec(), 0));
     }
 
     #[test]
@@ -334,7 +401,7 @@ mod tests {
             .unwrap();
         assert_eq!(open(&rotated, "rec", &sealed).unwrap(), b"v");
         let resealed = seal(&rotated, "rec", b"v").unwrap();
-        assert_eq!(&resealed[5..7], b"k2");
+        assert_eq!(&resealed[13..15], b"k2");
         assert!(open(&old, "rec", &resealed).is_err());
     }
 

@@ -195,4 +195,14 @@ pub enum DecryptFailure {
     /// The record decrypted but its contents could not be decoded.
     #[error("decrypted contents malformed")]
     Malformed,
+    /// The record is authentic but older than one this process already read for the same key
+    /// (its sealed generation is lower): an older sealed blob was written back under the name.
+    /// The record is left as it is.
+    #[error("record rolled back: generation {found} is older than generation {seen} already read")]
+    RolledBack {
+        /// The generation of the record found.
+        found: u64,
+        /// The newest generation read before.
+        seen: u64,
+    },
 }

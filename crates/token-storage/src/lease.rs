@@ -17,18 +17,40 @@
 //! (take, renew, check, release), and a lock file gives exactly that with the kernel's crash
 //! release, where a TTL store would have to guess how long a dead holder takes to expire.
 //!
-//! What the lease does not close, and why a lost lease does not discard a result: the token
-//! record and the lease may live in different stores, so the commit cannot carry the fencing
-//! token atomically; it is a compare-and-swap on the record version read under the lease. When
-//! the lease was lost during a slow redemption (its holder could not renew it in time), the
-//! refresh still offers its result to that compare-and-swap, with a warning: the redemption
-//! has already spent the old refresh token, so throwing the new one away would leave the slot
-//! with a dead token for certain, while the swap loses safely to a peer that committed first.
-//! A peer that took the lease over and redeemed the same token meanwhile trips the server's
-//! reuse detection either way; renewal every third of the TTL and the check before every send
-//! are what prevent that, so keep the TTL well above any plausible pause of a process (the
-//! model check in `tests/model` pins this assumption: a pause past the TTL after the last
-//! check defeats any lease without fencing at the server).
+//! # The fence: what each backend guarantees
+//!
+//! The records a refresh writes under the lease before and instead of a result (the in-doubt
+//! intent before the first send, the claim of the one same-token retry, the needs-authorization
+//! marker) are *fenced*: made only while the lease holds, so a refresher whose lease lapsed
+//! cannot write over the new holder's records (the model in `tests/model`, rule
+//! `fenced_commit`). The commit is made under the lease too; if the lease is found lost by
+//! then (the holder was paused past the TTL with its request out, which the protocol assumes
+//! away), the result is still offered to the compare-and-swap on the version read: the
+//! redemption has spent the old refresh token, the new set is the only live one, and any writer
+//! since (a new holder's intent, a login) wins the swap. Every write is a compare-and-swap on
+//! the version read under the lease, so none replaces a newer generation. What "while the lease
+//! holds" means depends on the lease:
+//!
+//! - **Lock files** (any token store: memory, sled, or one of the host's own): the kernel holds
+//!   the lock for as long as the process lives, so every write made under it is under the
+//!   lease; nothing can take it over from a live holder. This is the strongest fence.
+//! - **A store lease** ([`RefreshLease::store`], e.g. over a `flow_state::RedisStore`, with a
+//!   `RedisTokenStore` or any other token store): the lease is checked (its owner token read
+//!   back) immediately before each write, one round trip before it. The token record and the
+//!   lease may live in different stores, so the check and the write are not one atomic step
+//!   (no single Redis script yet): a holder paused past the TTL between the two could still
+//!   write. Renewal every third of the TTL and that check are what the protocol relies on;
+//!   keep the TTL well above any plausible pause of a process (the model pins this
+//!   assumption: a pause past the TTL after the last check defeats any lease without fencing
+//!   at the server). Expiry of a store lease is judged by the flow-state store (on the
+//!   caller's clock for `flow_state::RedisStore` today).
+//! - **No lease** (one process): the single-flight is the only writer in the process; writes
+//!   are compare-and-swap only.
+//!
+//! A commit that the store refuses on a transient error is retried under the renewed lease
+//! until it lands; one that cannot be written at all once the lease is gone is kept in memory
+//! and served, and the next refresh of this process (under the lease again) writes it instead
+//! of redeeming again.
 
 use std::fmt;
 use std::fs::{File, OpenOptions, TryLockError};
@@ -47,10 +69,10 @@ use crate::{Error, TokenKey};
 /// Give one to [`TokenStorageBuilder::lease`](crate::TokenStorageBuilder::lease).
 ///
 /// Under the lease the refresh re-reads the stored tokens and skips the network call when a
-/// peer already rotated them; it renews the lease every third of its TTL while the token
-/// endpoint is slow, checks it before writing, and writes its result only if the record's
-/// version is still the one it read. A lease lost by then is logged, not obeyed: the redemption
-/// has already spent the old refresh token, and the new one in hand is the only live one.
+/// peer already rotated them; it renews the lease every third of its TTL for the whole refresh,
+/// checks it before every send, and makes every write (in-doubt records, the commit, a failure
+/// marker) only while it holds, with compare-and-swap on the version it read. See the module
+/// docs for what the fence guarantees with each kind of lease.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {

@@ -45,7 +45,26 @@ pub struct TokenSet {
     pub(crate) obtained_at: Timestamp,
     pub(crate) version: u64,
     pub(crate) needs_authorization: Option<ReauthReason>,
-    pub(crate) in_doubt: bool,
+    pub(crate) doubt: Doubt,
+    /// The sealed record's generation (bound into its associated data); 0 for a set not read
+    /// from the store.
+    pub(crate) generation: u64,
+}
+
+/// Whether a refresh of a stored set may have reached the server without its answer being
+/// stored (issue 12's in-doubt record).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum Doubt {
+    /// No refresh of this set is outstanding.
+    #[default]
+    No,
+    /// The intent, written under the lease before the first send (or after a lost answer by
+    /// a writer that had none): a presentation of the refresh token may have reached the
+    /// server. Whoever refreshes next claims the one same-token retry.
+    Sent,
+    /// The one same-token retry was claimed: a refresh that reads this presents nothing and
+    /// reports the rotation lost in flight.
+    RetryClaimed,
 }
 
 impl TokenSet {
@@ -99,12 +118,14 @@ impl TokenSet {
         self.needs_authorization.as_ref()
     }
 
-    /// Whether a refresh of this set was sent and got no answer: the server may have rotated
-    /// its refresh token already. The next refresh presents it once more (a server with a
-    /// reuse grace window answers with the successor); if that is refused, the slot needs
-    /// authorization with [`ReauthReason::RotationLostInFlight`].
+    /// Whether a refresh of this set may have reached the server without its answer being
+    /// stored: the intent is written before the first send, so this holds while a refresh is
+    /// in flight, and stays after a lost answer or a refresher that died. The server may have
+    /// rotated the refresh token already: the next refresh presents it once more (a server
+    /// with a reuse grace window answers with the successor); if that is refused or lost too,
+    /// the slot needs authorization with [`ReauthReason::RotationLostInFlight`].
     pub fn in_doubt(&self) -> bool {
-        self.in_doubt
+        self.doubt != Doubt::No
     }
 
     /// A new set from `response`, arrived at `now`.
@@ -133,7 +154,8 @@ impl TokenSet {
             obtained_at: now,
             version: 0,
             needs_authorization: None,
-            in_doubt: false,
+            doubt: Doubt::No,
+            generation: 0,
         }
     }
 }
@@ -220,9 +242,13 @@ pub(crate) struct TokenRecord {
     issuer: String,
     obtained_at: Timestamp,
     needs_authorization: Option<ReauthReason>,
-    /// Absent in records written before it existed.
+    /// A presentation may have reached the server ([`Doubt::Sent`] or later). Absent in
+    /// records written before it existed.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     in_doubt: bool,
+    /// With `in_doubt`: the one same-token retry was claimed ([`Doubt::RetryClaimed`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    retry_claimed: bool,
 }
 
 impl TokenRecord {
@@ -237,11 +263,12 @@ impl TokenRecord {
             issuer: set.issuer.clone(),
             obtained_at: set.obtained_at,
             needs_authorization: set.needs_authorization.clone(),
-            in_doubt: set.in_doubt,
+            in_doubt: set.doubt != Doubt::No,
+            retry_claimed: set.doubt == Doubt::RetryClaimed,
         }
     }
 
-    pub(crate) fn into_set(self, version: u64) -> TokenSet {
+    pub(crate) fn into_set(self, version: u64, generation: u64) -> TokenSet {
         TokenSet {
             access_token: Secret::new(self.access_token),
             token_type: self.token_type,
@@ -253,7 +280,12 @@ impl TokenRecord {
             obtained_at: self.obtained_at,
             version,
             needs_authorization: self.needs_authorization,
-            in_doubt: self.in_doubt,
+            doubt: match (self.in_doubt, self.retry_claimed) {
+                (false, _) => Doubt::No,
+                (true, false) => Doubt::Sent,
+                (true, true) => Doubt::RetryClaimed,
+            },
+            generation,
         }
     }
 }

@@ -9,14 +9,23 @@
 //! - **Re-read before redeeming.** The refresh reads the store when it starts (never a caller's
 //!   snapshot) and skips the network call when the tokens were already replaced (a 401 for a
 //!   token that is no longer current, or a peer that already refreshed). The cross-process
-//!   [`RefreshLease`] (when configured) wraps exactly this step: taken before the re-read,
-//!   renewed while the token endpoint is slow, checked before the commit, released after it.
-//!   A lease lost by then is logged, not obeyed: the redemption has already spent the old
-//!   refresh token, so the result is still offered to the compare-and-swap below rather than
-//!   thrown away with the only live refresh token in it.
+//!   [`RefreshLease`] (when configured) is taken before the re-read, renewed throughout (every
+//!   attempt, backoff sleep and commit), checked before every send, and released at the end.
+//! - **In doubt.** Before the first send the record is marked in doubt (the intent), so a
+//!   refresher that dies with its request out leaves a record that the next refresher sees: it
+//!   claims the one same-token retry in the store, then presents the token once more (a server
+//!   with a reuse grace window answers with the successor); a refusal, a second lost answer, or
+//!   a record whose retry was claimed already ends in
+//!   [`ReauthReason::RotationLostInFlight`](crate::ReauthReason::RotationLostInFlight).
+//! - **Fenced writes.** The intent, the retry claim and the failure marker are written only
+//!   while the lease holds (see [`RefreshLease`] for what each backend's fence guarantees). A
+//!   commit whose lease lapsed is still offered to the compare-and-swap on the version read
+//!   (the token is spent; any writer since wins); one that cannot be written is kept in memory
+//!   and served, and the next refresh writes it instead of redeeming again.
 //! - **Compare-and-swap commit.** The result is written only if the stored version is still the
 //!   one read before redeeming; otherwise it is discarded and logged (an interactive login, or
-//!   an uninstall, won).
+//!   an uninstall, won). A commit that fails on a transient store error is retried under the
+//!   renewed lease until it lands.
 //! - **No replay after abandonment.** The cancellation token is checked immediately before each
 //!   call to the [`Refresher`], so an attempt past its deadline never redeems.
 
@@ -33,8 +42,8 @@ use tracing::{debug, info, warn};
 use crate::error::{DecryptFailure, ReauthReason};
 use crate::key::{RecordKind, user_prefix};
 use crate::lease::{Held, RefreshLease};
-use crate::model::{ClientRecord, TokenRecord};
-use crate::refresher::{RefreshError, RefreshRequest, Refresher, TerminalCode};
+use crate::model::{ClientRecord, Doubt, TokenRecord};
+use crate::refresher::{RefreshError, RefreshRequest, Refresher, TerminalCode, TransientKind};
 use crate::store::{SharedTokenStore, Swap, TokenStore, Versioned};
 use crate::{
     ClientRegistration, Error, KeyProvider, Secret, TokenKey, TokenResponse, TokenSet, crypto,
@@ -269,8 +278,9 @@ struct View {
 #[derive(Default)]
 struct SlotState {
     failure: Option<(Timestamp, Error)>,
-    /// A refresh result whose commit failed on the store, and the version it was derived from.
-    pending: Option<(u64, TokenSet)>,
+    /// A refresh result whose commit failed on the store, and the refresh token of the set it
+    /// was derived from.
+    pending: Option<(Option<Secret>, TokenSet)>,
     writes: VecDeque<Timestamp>,
     background: bool,
 }
@@ -290,8 +300,8 @@ impl<T: TokenStore + 'static> From<T> for SharedTokenStore {
     }
 }
 
-/// How many times a commit is tried on transient store errors before the result is held in
-/// memory.
+/// How many times an in-doubt record is tried on transient store errors before the refresh
+/// gives up without sending.
 const COMMIT_TRIES: u32 = 4;
 
 /// Whether a store error may pass (the backend was unreachable).
@@ -397,10 +407,11 @@ impl TokenStorage {
         let record = key.record(RecordKind::Tokens);
         loop {
             let current = inner.store.get(&record).await?;
+            let mut set = set.clone();
             if let Some(current) = &current {
-                open_tokens(&*inner.keys, &record, current)?;
+                set.generation = open_tokens(&*inner.keys, &record, current)?.generation;
             }
-            match inner.write_tokens(key, current.map(|v| v.version), set.clone()).await? {
+            match inner.write_tokens(key, current.map(|v| v.version), set).await? {
                 Ok(stored) => {
                     inner.record_write(key, now);
                     inner.clear_failure(key);
@@ -545,12 +556,12 @@ fn usable(key: &TokenKey, set: Arc<TokenSet>, issuer: &str) -> Result<Arc<TokenS
 }
 
 fn open_tokens(keys: &dyn KeyProvider, record: &str, v: &Versioned) -> Result<TokenSet, Error> {
-    let plain = crypto::open(keys, record, &v.value)?;
+    let (plain, generation) = crypto::open_generation(keys, record, &v.value)?;
     let parsed: TokenRecord = serde_json::from_slice(&plain).map_err(|_| Error::Decrypt {
         record: record.to_owned(),
         reason: DecryptFailure::Malformed,
     })?;
-    Ok(parsed.into_set(v.version))
+    Ok(parsed.into_set(v.version, generation))
 }
 
 fn open_client(
@@ -660,7 +671,32 @@ impl Inner {
             }
         }
         let set = open_tokens(&*self.keys, &record, &stored)?;
+        self.check_generation(key, &record, &set)?;
         Ok(Some(self.install_unless_deleted(key, Arc::new(set), Some(deletions))))
+    }
+
+    /// Refuse a record written after the one in view (a larger store version) whose sealed
+    /// generation is older: an older sealed blob written back under the same name (a
+    /// rollback). The record is left as it is.
+    fn check_generation(&self, key: &TokenKey, record: &str, set: &TokenSet) -> Result<(), Error> {
+        let views = self.views.read().unwrap_or_else(PoisonError::into_inner);
+        match views.get(key) {
+            // A newer write (larger version) with an older generation. An older version is
+            // only a read that raced a write, not a rollback.
+            Some(view)
+                if set.version > view.set.version && set.generation < view.set.generation =>
+            {
+                warn!(%key, found = set.generation, seen = view.set.generation, "refusing a rolled-back token record");
+                Err(Error::Decrypt {
+                    record: record.to_owned(),
+                    reason: DecryptFailure::RolledBack {
+                        found: set.generation,
+                        seen: view.set.generation,
+                    },
+                })
+            }
+            _ => Ok(()),
+        }
     }
 
     async fn load_client(
@@ -674,8 +710,9 @@ impl Inner {
         }
     }
 
-    /// Seal and compare-and-swap a token set; `Ok(written)` with the set as written (its new
-    /// version), `Err(current)` on a conflict.
+    /// Seal and compare-and-swap a token set whose `generation` is that of the record at
+    /// `expected`; `Ok(written)` with the set as written (its new version and generation),
+    /// `Err(current)` on a conflict.
     async fn write_tokens(
         &self,
         key: &TokenKey,
@@ -685,7 +722,11 @@ impl Inner {
         let record = key.record(RecordKind::Tokens);
         let plain = serde_json::to_vec(&TokenRecord::from_set(&set))
             .map_err(|e| Error::store("could not encode the token set", e))?;
-        let sealed = crypto::seal(&*self.keys, &record, &plain)?;
+        // `set.generation` is the generation of the record it replaces: the next one is larger,
+        // and never below the clock (so a slot deleted and logged into again by another process
+        // does not restart below the generation a reader has seen).
+        set.generation = (set.generation + 1).max(self.clock.now().as_millis());
+        let sealed = crypto::seal_generation(&*self.keys, &record, set.generation, &plain)?;
         match self.store.compare_and_swap(&record, expected, sealed).await? {
             Swap::Swapped { version } => {
                 set.version = version;
@@ -785,6 +826,12 @@ impl Inner {
                         lease.acquire(&key).await?
                     };
                     debug!(%key, fence = ?held.fence(), "took the refresh lease");
+                    // A holder is never dropped at the flight's deadline: a dropped holder
+                    // would leave a store lease to expire on its own (the fleet waits a whole
+                    // TTL) and could leave its in-doubt intent half done. Every step under the
+                    // lease is bounded (store timeouts, the HTTP timeout, the attempt budget),
+                    // and the deadline still stops the flight at its next check before a send.
+                    attempt.keep();
                     Some(LeaseGuard::new(held))
                 }
                 None => None,
@@ -867,11 +914,11 @@ impl Inner {
             }
             _ => {}
         }
-        if let Some(pending) = self.pending_commit(&key, current.version) {
+        if let Some(pending) = self.pending_commit(&key, &current) {
             // An earlier refresh's answer that could not be written yet: write it now, never
             // redeem its spent refresh token again.
             info!(%key, "writing a refresh result held in memory since a failed commit");
-            return self.commit_set(&key, &current, pending).await.map(Some);
+            return self.commit_set(&key, &current, pending, guard).await;
         }
         let serve_or = |reason| {
             // Refreshing ahead of expiry cannot proceed, but the token is still good.
@@ -899,13 +946,37 @@ impl Inner {
             issuer: current.issuer.clone(),
             client: client.as_ref().map(|(_, c)| c.clone()),
         };
+        // In doubt (issue 12): before the first send, the intent goes into the store, so
+        // whoever refreshes next (this flight after a lost answer, or a peer after this process
+        // died with its request out) knows the refresh token may be spent. A set found in doubt
+        // gets one same-token retry, claimed in the store before it is sent; a set whose retry
+        // was claimed already is not presented again.
+        let mut retry = match current.doubt {
+            Doubt::RetryClaimed => {
+                warn!(%key, "the in-doubt refresh token's one retry was claimed by a refresh that did not finish: its rotation was lost in flight");
+                let reason = ReauthReason::RotationLostInFlight;
+                return self.terminal(&key, &issuer, &current, client, None, reason, guard).await;
+            }
+            Doubt::Sent => {
+                info!(%key, "the refresh token is in doubt (a request may have reached the server unanswered): retrying it once");
+                true
+            }
+            Doubt::No => false,
+        };
+        let doubt = if retry { Doubt::RetryClaimed } else { Doubt::Sent };
+        // The level before this flight's latest in-doubt write: restored if the flight stops
+        // without a request that may have reached the server since that write.
+        let mut prior = current.doubt;
+        match self.record_doubt(&key, &current, doubt, guard).await? {
+            Fenced::Written(marked) => current = marked,
+            Fenced::Out => return Ok(None),
+            Fenced::Conflict(newer) => return self.adopt(&key, &issuer, newer).map(Some),
+        }
         let mut tries = 0;
-        // Whether an attempt of this flight may have been acted on (even if the store could
-        // not record it).
-        let mut sent_in_doubt = false;
         loop {
             if attempt.is_cancelled() {
                 warn!(%key, "refresh abandoned past its deadline before reaching the token endpoint");
+                self.restore_doubt(&key, &current, prior, guard).await;
                 return Err(Error::Timeout { key });
             }
             // No request without the lease.
@@ -924,53 +995,60 @@ impl Inner {
                 }
             }
             tries += 1;
-            debug!(%key, attempt = tries, version = current.version, in_doubt = current.in_doubt, "redeeming the refresh token");
+            debug!(%key, attempt = tries, version = current.version, retry, "redeeming the refresh token");
             // From here the request may reach the server, which rotates on arrival: the
             // answer must be waited for and committed, never dropped at the flight's deadline.
             attempt.keep();
             match self.refresher.refresh(&key, &request).await {
-                Ok(response) => return self.commit(&key, &current, response).await.map(Some),
+                Ok(response) => return self.commit(&key, &current, response, guard).await,
                 Err(RefreshError::Terminal { code, description }) => {
-                    let result = if current.in_doubt || sent_in_doubt {
+                    let reason = if retry {
                         warn!(%key, %code, "the in-doubt refresh token was refused: its rotation was lost in flight");
-                        self.terminal(
-                            &key,
-                            &issuer,
-                            &current,
-                            client,
-                            code,
-                            ReauthReason::RotationLostInFlight,
-                        )
-                        .await
+                        ReauthReason::RotationLostInFlight
                     } else {
-                        let reason = ReauthReason::Rejected { code, description };
-                        self.terminal(&key, &issuer, &current, client, code, reason).await
+                        ReauthReason::Rejected { code, description }
                     };
-                    return result.map(Some);
+                    return self
+                        .terminal(&key, &issuer, &current, client, Some(code), reason, guard)
+                        .await;
                 }
                 Err(e @ RefreshError::Transient { .. }) => {
                     let may_have_acted = e.may_have_acted();
                     let RefreshError::Transient { kind, retry_after, message } = e else {
                         unreachable!()
                     };
-                    sent_in_doubt |= may_have_acted;
-                    if may_have_acted && !current.in_doubt {
-                        // The server may have rotated: record that before anything else, so
-                        // whoever refreshes next (this flight, or a peer after a crash) knows
-                        // the refresh token is in doubt.
-                        match self.mark_in_doubt(&key, &current).await {
-                            Ok(Ok(marked)) => current = marked,
-                            Ok(Err(newer)) => return self.adopt(&key, &issuer, newer).map(Some),
-                            Err(e) => {
-                                warn!(%key, error = %e, "could not record the refresh as in doubt")
+                    warn!(%key, attempt = tries, ?kind, %message, may_have_acted, "refresh failed transiently");
+                    if retry && kind == TransientKind::Unanswered {
+                        // The one same-token retry went unanswered too: presenting the token a
+                        // third time is not allowed. (A 5xx *answer* to the retry is retried
+                        // within the attempt budget: the server is there, and one that rotated
+                        // before failing refuses the next presentation, which then ends here
+                        // as a rotation lost in flight, or answers it from its grace window.)
+                        warn!(%key, "the retry of the in-doubt refresh token went unanswered: its rotation was lost in flight");
+                        let reason = ReauthReason::RotationLostInFlight;
+                        return self
+                            .terminal(&key, &issuer, &current, client, None, reason, guard)
+                            .await;
+                    }
+                    if may_have_acted && !retry {
+                        // The server may have rotated: claim the one same-token retry in the
+                        // store before anything else, so a peer taking over after a crash
+                        // does not present the token a third time.
+                        prior = Doubt::Sent;
+                        match self.record_doubt(&key, &current, Doubt::RetryClaimed, guard).await? {
+                            Fenced::Written(marked) => current = marked,
+                            Fenced::Out => return Ok(None),
+                            Fenced::Conflict(newer) => {
+                                return self.adopt(&key, &issuer, newer).map(Some);
                             }
                         }
+                        retry = true;
                     }
                     let delay = self.backoff(tries, retry_after);
                     let give_up = tries >= self.config.max_attempts.max(1)
                         || retry_after.is_some_and(|r| r > self.config.backoff_max);
-                    warn!(%key, attempt = tries, ?kind, %message, give_up, may_have_acted, "refresh failed transiently");
                     if give_up {
+                        self.restore_doubt(&key, &current, prior, guard).await;
                         let now = self.clock.now();
                         let until =
                             now + self.config.failure_ttl.max(retry_after.unwrap_or_default());
@@ -988,42 +1066,117 @@ impl Inner {
         }
     }
 
-    /// Record in the store that a refresh of `current` was sent and got no answer (retried,
-    /// bounded, on a transient store error, like a commit).
-    async fn mark_in_doubt(
+    /// Record in the store, under the lease, that a refresh of `current` may reach (or may
+    /// have reached) the server: `doubt` is [`Doubt::Sent`] before the first send, and
+    /// [`Doubt::RetryClaimed`] before the one same-token retry. Transient store errors are
+    /// retried (bounded); failing still, the error is returned and nothing is sent.
+    async fn record_doubt(
         &self,
         key: &TokenKey,
         current: &TokenSet,
-    ) -> Result<Result<Arc<TokenSet>, Option<Versioned>>, Error> {
+        doubt: Doubt,
+        guard: Option<&LeaseGuard>,
+    ) -> Result<Fenced, Error> {
         let mut marked = current.clone();
-        marked.in_doubt = true;
+        marked.doubt = doubt;
         let mut tries = 0;
         loop {
             tries += 1;
-            match self.write_tokens(key, Some(current.version), marked.clone()).await {
+            match self.write_fenced(key, current.version, &marked, guard).await {
                 Err(e) if tries < COMMIT_TRIES && transient_store(&e) => {
+                    warn!(%key, attempt = tries, error = %e, "could not record the refresh as in doubt; retrying");
                     self.clock.sleep(self.backoff(tries, None)).await;
                 }
-                Ok(Err(Some(newer))) if tries > 1 => {
-                    // Perhaps our own marker, whose reply was lost.
-                    let found = open_tokens(&*self.keys, &key.record(RecordKind::Tokens), &newer)?;
-                    if found.in_doubt && found.access_token == current.access_token {
-                        let mut set = found;
-                        set.version = newer.version;
-                        return Ok(Ok(Arc::new(set)));
-                    }
-                    return Ok(Err(Some(newer)));
+                Err(e) => {
+                    warn!(%key, error = %e, "could not record the refresh as in doubt; not sending");
+                    return Err(e);
                 }
-                other => return other,
+                Ok(Fenced::Conflict(Some(newer))) if tries > 1 => {
+                    // Perhaps our own record, whose reply was lost.
+                    match self.own_write(key, &newer, &marked)? {
+                        Some(ours) => return Ok(Fenced::Written(ours)),
+                        None => return Ok(Fenced::Conflict(Some(newer))),
+                    }
+                }
+                Ok(outcome) => return Ok(outcome),
             }
         }
     }
 
-    /// A refresh result that an earlier commit could not write, if it was derived from
-    /// `version`.
-    fn pending_commit(&self, key: &TokenKey, version: u64) -> Option<TokenSet> {
+    /// Take back this flight's latest in-doubt write (`current`), restoring the level `prior`
+    /// it replaced, when the flight stops (deadline, or giving up) with no request since that
+    /// write that can have reached the server: every failure since was known to be before
+    /// sending (a lost answer is never followed by this: it is claimed or ends the refresh).
+    /// Otherwise an intent left by a flight that never sent would read as a spent token, and a
+    /// claimed retry that was never sent as a rotation lost in flight. Best effort, fenced.
+    async fn restore_doubt(
+        &self,
+        key: &TokenKey,
+        current: &TokenSet,
+        prior: Doubt,
+        guard: Option<&LeaseGuard>,
+    ) {
+        if current.doubt == prior {
+            return;
+        }
+        let mut clean = current.clone();
+        clean.doubt = prior;
+        if let Err(e) = self.write_fenced(key, current.version, &clean, guard).await {
+            debug!(%key, error = %e, "could not take back the in-doubt record");
+        }
+    }
+
+    /// `newer` (found by a conflict) as `written` with its version, if it is that very set (a
+    /// write of ours whose reply was lost).
+    fn own_write(
+        &self,
+        key: &TokenKey,
+        newer: &Versioned,
+        written: &TokenSet,
+    ) -> Result<Option<Arc<TokenSet>>, Error> {
+        let mut found = open_tokens(&*self.keys, &key.record(RecordKind::Tokens), newer)?;
+        let generation = found.generation;
+        (found.version, found.generation) = (written.version, written.generation);
+        if found != *written || generation <= written.generation {
+            return Ok(None);
+        }
+        (found.version, found.generation) = (newer.version, generation);
+        let found = Arc::new(found);
+        self.install(key, found.clone());
+        Ok(Some(found))
+    }
+
+    /// A write of the token record that lands only while the lease holds (when there is one):
+    /// [`Fenced::Out`] if the lease was found lost (nothing written). What the fence
+    /// guarantees with each kind of lease: see the `lease` module.
+    async fn write_fenced(
+        &self,
+        key: &TokenKey,
+        expected: u64,
+        set: &TokenSet,
+        guard: Option<&LeaseGuard>,
+    ) -> Result<Fenced, Error> {
+        if let Some(guard) = guard
+            && !guard.check(key).await?
+        {
+            warn!(%key, "the refresh lease was lost: not writing under it");
+            return Ok(Fenced::Out);
+        }
+        Ok(match self.write_tokens(key, Some(expected), set.clone()).await? {
+            Ok(written) => Fenced::Written(written),
+            Err(newer) => Fenced::Conflict(newer),
+        })
+    }
+
+    /// A refresh result that an earlier commit could not write, if it was derived from the
+    /// generation `current` still holds (same refresh token, no marker: a peer may have
+    /// recorded that generation in doubt since).
+    fn pending_commit(&self, key: &TokenKey, current: &TokenSet) -> Option<TokenSet> {
+        if current.needs_authorization.is_some() {
+            return None;
+        }
         self.slot(key, |s| match &s.pending {
-            Some((base, set)) if *base == version => Some(set.clone()),
+            Some((base, set)) if *base == current.refresh_token => Some(set.clone()),
             _ => None,
         })
     }
@@ -1045,7 +1198,8 @@ impl Inner {
         key: &TokenKey,
         current: &TokenSet,
         response: TokenResponse,
-    ) -> Result<Arc<TokenSet>, Error> {
+        guard: Option<&LeaseGuard>,
+    ) -> Result<Option<Arc<TokenSet>>, Error> {
         let now = self.clock.now();
         let mut set = TokenSet::from_response(
             response,
@@ -1062,38 +1216,70 @@ impl Inner {
             set.scope = current.scope.clone();
         }
         self.record_write(key, now);
-        self.commit_set(key, current, set).await
+        self.commit_set(key, current, set, guard).await
     }
 
-    /// Write `set`, derived from `current`, with compare-and-swap. A transient store error is
-    /// retried (bounded, with backoff); a conflict whose stored value is this very set (a write
-    /// whose reply was lost) counts as written; a conflict with a peer's failure marker does not
-    /// beat this valid new set. If the store stays unavailable, the set is held in memory (the
-    /// next refresh writes it instead of redeeming again) and served meanwhile.
+    /// Write `set`, derived from `current`, with a compare-and-swap under the lease (offered
+    /// on the version read even if the lease lapsed: see the `lease` module).
+    ///
+    /// A transient store error is retried with backoff under the lease (which the flight keeps
+    /// renewing) until the write lands: releasing the lease with the rotated set only in
+    /// memory would let a peer re-read the old generation and present its spent refresh token
+    /// (the model's "commit retries capped, then release" counterexample). The set is held in
+    /// memory meanwhile. A conflict whose stored value is this very set (a write whose reply
+    /// was lost) counts as written; a conflict with a peer's failure marker of the set this
+    /// refresh read does not beat this valid new set. If the lease is found lost and the
+    /// unfenced write fails too, the set stays in memory and is served; the next refresh writes
+    /// it instead of redeeming again.
     async fn commit_set(
         &self,
         key: &TokenKey,
         current: &TokenSet,
-        set: TokenSet,
-    ) -> Result<Arc<TokenSet>, Error> {
+        mut set: TokenSet,
+        guard: Option<&LeaseGuard>,
+    ) -> Result<Option<Arc<TokenSet>>, Error> {
         let record = key.record(RecordKind::Tokens);
         let mut expected = current.version;
+        set.doubt = Doubt::No;
+        set.generation = current.generation;
         let mut tries = 0u32;
+        let served = |set: &TokenSet| {
+            let mut served = set.clone();
+            served.version = current.version;
+            Arc::new(served)
+        };
         loop {
             tries += 1;
-            let outcome = match self.write_tokens(key, Some(expected), set.clone()).await {
-                Ok(outcome) => outcome,
-                Err(e) if tries < COMMIT_TRIES && transient_store(&e) => {
-                    warn!(%key, attempt = tries, error = %e, "could not write the refreshed tokens; retrying");
-                    self.clock.sleep(self.backoff(tries, None)).await;
-                    continue;
+            let outcome = match self.write_fenced(key, expected, &set, guard).await {
+                Ok(Fenced::Out) => {
+                    // The lease lapsed while the request was out (a pause past the TTL, which
+                    // the protocol assumes away). The redemption has spent the old refresh
+                    // token: the new set is the only live one, so it is still offered to the
+                    // compare-and-swap on the version read (any writer since wins, and a peer
+                    // that re-read that version finds this set instead of presenting the spent
+                    // token). Only if the store refuses it too is it held in memory.
+                    warn!(%key, "the refresh lease was lost before the commit; committing on the version read");
+                    match self.write_tokens(key, Some(expected), set.clone()).await {
+                        Ok(Ok(stored)) => Ok(stored),
+                        Ok(Err(newer)) => Err(newer),
+                        Err(e) => {
+                            warn!(%key, error = %e, "could not write the refreshed tokens without the lease; holding them in memory");
+                            self.slot(key, |s| {
+                                s.pending = Some((current.refresh_token.clone(), set.clone()))
+                            });
+                            return Ok(Some(served(&set)));
+                        }
+                    }
                 }
+                Ok(Fenced::Written(stored)) => Ok(stored),
+                Ok(Fenced::Conflict(newer)) => Err(newer),
                 Err(e) if transient_store(&e) => {
-                    warn!(%key, error = %e, "could not write the refreshed tokens; holding them in memory");
-                    self.slot(key, |s| s.pending = Some((current.version, set.clone())));
-                    let mut served = set;
-                    served.version = current.version;
-                    return Ok(Arc::new(served));
+                    warn!(%key, attempt = tries, error = %e, "could not write the refreshed tokens; retrying under the lease");
+                    self.slot(key, |s| {
+                        s.pending = Some((current.refresh_token.clone(), set.clone()))
+                    });
+                    self.clock.sleep(self.backoff(tries.min(16), None)).await;
+                    continue;
                 }
                 Err(e) => return Err(e),
             };
@@ -1105,24 +1291,22 @@ impl Inner {
                     if let Some(hook) = &self.on_refresh {
                         hook(key, current, &stored);
                     }
-                    return Ok(stored);
+                    return Ok(Some(stored));
                 }
                 Err(Some(newer)) => {
-                    let found = open_tokens(&*self.keys, &record, &newer)?;
-                    if tries > 1 && found.access_token == set.access_token {
+                    if tries > 1
+                        && let Some(stored) = self.own_write(key, &newer, &set)?
+                    {
                         // Our own write, whose reply was lost.
-                        let mut stored = set;
-                        stored.version = newer.version;
-                        let stored = Arc::new(stored);
-                        self.install(key, stored.clone());
                         self.slot(key, |s| s.pending = None);
                         self.clear_failure(key);
                         info!(%key, from = current.version, to = stored.version, "refreshed tokens (the write's reply was lost)");
                         if let Some(hook) = &self.on_refresh {
                             hook(key, current, &stored);
                         }
-                        return Ok(stored);
+                        return Ok(Some(stored));
                     }
+                    let found = open_tokens(&*self.keys, &record, &newer)?;
                     if found.needs_authorization.is_some()
                         && found.refresh_token.is_none()
                         && found.access_token == current.access_token
@@ -1132,6 +1316,7 @@ impl Inner {
                         // valid new set in hand. A marker of any other set is newer news.
                         warn!(%key, marker = newer.version, "replacing a peer's failure marker with a valid refreshed set");
                         expected = newer.version;
+                        set.generation = found.generation;
                         continue;
                     }
                     warn!(
@@ -1141,12 +1326,12 @@ impl Inner {
                         "discarding a refresh result: the tokens were replaced while it ran"
                     );
                     self.slot(key, |s| s.pending = None);
-                    return self.adopt(key, &current.issuer, Some(newer));
+                    return self.adopt(key, &current.issuer, Some(newer)).map(Some);
                 }
                 Err(None) => {
                     warn!(%key, read = current.version, "discarding a refresh result: the tokens were deleted while it ran");
                     self.slot(key, |s| s.pending = None);
-                    return self.adopt(key, &current.issuer, None);
+                    return self.adopt(key, &current.issuer, None).map(Some);
                 }
             }
         }
@@ -1164,37 +1349,56 @@ impl Inner {
         usable(key, self.install(key, Arc::new(set)).set, issuer)
     }
 
-    /// A terminal refresh error: adopt a peer's newer tokens if there are any, else mark the
-    /// slot (and drop the client registration on `invalid_client`).
+    /// A terminal refresh error (`code`; `None` for a rotation lost in flight found without
+    /// an answer): adopt a peer's newer tokens if there are any, else mark the slot under the
+    /// lease (and drop the client registration on `invalid_client`). A lease found lost leaves
+    /// no marker: the slot is a peer's now, and this refresh ends transiently.
+    #[allow(clippy::too_many_arguments)]
     async fn terminal(
         &self,
         key: &TokenKey,
         issuer: &str,
         current: &TokenSet,
         client: Option<(u64, ClientRegistration)>,
-        code: TerminalCode,
+        code: Option<TerminalCode>,
         reason: ReauthReason,
-    ) -> Result<Arc<TokenSet>, Error> {
+        guard: Option<&LeaseGuard>,
+    ) -> Result<Option<Arc<TokenSet>>, Error> {
         let record = key.record(RecordKind::Tokens);
         let stored = self.store.get(&record).await?;
         if stored.as_ref().map(|v| v.version) != Some(current.version) {
-            info!(%key, %code, "refresh rejected, but newer tokens were stored meanwhile: adopting them");
-            return self.adopt(key, issuer, stored);
+            info!(%key, ?code, "refresh rejected, but newer tokens were stored meanwhile: adopting them");
+            return self.adopt(key, issuer, stored).map(Some);
         }
-        warn!(%key, %code, "refresh rejected for good; the slot needs authorization");
-        if code == TerminalCode::InvalidClient
+        warn!(%key, ?code, "refresh rejected for good; the slot needs authorization");
+        if code == Some(TerminalCode::InvalidClient)
             && let Some((version, _)) = client
         {
             self.store.delete(&key.record(RecordKind::Client), Some(version)).await?;
         }
         let mut marked = current.clone();
-        marked.in_doubt = false;
+        marked.doubt = Doubt::No;
         marked.refresh_token = None;
         marked.refresh_token_expires_at = None;
         marked.needs_authorization = Some(reason.clone());
-        match self.write_tokens(key, Some(current.version), marked).await? {
-            Ok(_) => Err(auth(key, reason)),
-            Err(newer) => self.adopt(key, issuer, newer),
+        match self.write_fenced(key, current.version, &marked, guard).await? {
+            Fenced::Written(_) => Err(auth(key, reason)),
+            Fenced::Conflict(newer) => self.adopt(key, issuer, newer).map(Some),
+            Fenced::Out => Err(Error::RefreshUnavailable {
+                key: key.clone(),
+                message: "the refresh lease was lost before the refusal could be recorded".into(),
+                retry_after: None,
+            }),
         }
     }
+}
+
+/// How a write under the lease ended.
+enum Fenced {
+    /// Written: the set as stored, with its new version.
+    Written(Arc<TokenSet>),
+    /// The stored version was another: what is there.
+    Conflict(Option<Versioned>),
+    /// The lease was found lost: nothing written.
+    Out,
 }

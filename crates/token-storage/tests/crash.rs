@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use common::*;
 use token_storage::{
-    BoxFuture, RefreshError, RefreshRequest, Refresher, SledTokenStore, TokenKey, TokenResponse,
-    TokenStorage,
+    BoxFuture, Error, ReauthReason, RefreshError, RefreshRequest, Refresher, SledTokenStore,
+    TerminalCode, TokenKey, TokenResponse, TokenStorage,
 };
 
 const CHILD_DB: &str = "TOKEN_STORAGE_CRASH_CHILD_DB";
@@ -72,10 +72,16 @@ fn main() -> std::process::ExitCode {
         crash_child(dir);
         return std::process::ExitCode::SUCCESS;
     }
-    child_harness::run(&[child_harness::Test {
-        name: "sigkill_mid_refresh_never_tears_a_record",
-        run: sigkill_mid_refresh_never_tears_a_record,
-    }])
+    child_harness::run(&[
+        child_harness::Test {
+            name: "sigkill_mid_refresh_never_tears_a_record",
+            run: sigkill_mid_refresh_never_tears_a_record,
+        },
+        child_harness::Test {
+            name: "a_refresher_killed_after_sending_leaves_the_token_in_doubt",
+            run: a_refresher_killed_after_sending_leaves_the_token_in_doubt,
+        },
+    ])
 }
 
 /// The child process of `sigkill_mid_refresh_never_tears_a_record`: refreshes in a loop.
@@ -165,4 +171,64 @@ fn sigkill_mid_refresh_never_tears_a_record() {
     let redeeming = run_and_kill(&path, true, "redeeming ", 1);
     assert_eq!(redeeming, stored);
     assert_eq!(read_back(stored), stored);
+}
+
+/// A strict server after a redemption whose answer never came: every refresh token presented
+/// again is refused (reuse), and each presentation is counted.
+#[derive(Debug, Default)]
+struct Refusing {
+    presented: std::sync::Mutex<Vec<String>>,
+}
+
+impl Refresher for Refusing {
+    fn refresh<'a>(
+        &'a self,
+        _: &'a TokenKey,
+        r: &'a RefreshRequest,
+    ) -> BoxFuture<'a, Result<TokenResponse, RefreshError>> {
+        self.presented.lock().unwrap().push(r.refresh_token.expose().to_owned());
+        Box::pin(async { Err(RefreshError::terminal(TerminalCode::InvalidGrant, None)) })
+    }
+}
+
+/// Race (issue 12, the model's `in_doubt_before_send`): a process is SIGKILLed after its
+/// request reached the token endpoint and before any answer. The in-doubt intent written
+/// before the send is in the store, so the next refresher (another process) knows the refresh
+/// token may be spent: it presents it once more (the one same-token retry) and, refused,
+/// reports the rotation lost in flight instead of a plain rejection. Without the intent the
+/// record looks untouched and the successor's refusal reads as an ordinary `invalid_grant`.
+fn a_refresher_killed_after_sending_leaves_the_token_in_doubt() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_str().unwrap().to_owned();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let key = key();
+    rt.block_on(async {
+        let s = storage(&path, false);
+        s.store(&key, ISS, seed()).await.unwrap();
+    });
+    let redeeming = run_and_kill(&path, true, "redeeming ", 1);
+    assert_eq!(redeeming, 0);
+    rt.block_on(async {
+        let refusing = Arc::new(Refusing::default());
+        let s = TokenStorage::builder(
+            SledTokenStore::open(&path).unwrap().into(),
+            keyring(),
+            refusing.clone(),
+        )
+        .config(config())
+        .build();
+        let found = s.tokens(&key).await.unwrap().expect("present");
+        assert!(found.in_doubt(), "the killed refresher left no in-doubt intent");
+        assert_eq!(found.refresh_token().unwrap().expose(), "rt-0");
+        match s.force_refresh(&key, ISS, found.access_token()).await {
+            Err(Error::AuthorizationRequired {
+                reason: ReauthReason::RotationLostInFlight,
+                ..
+            }) => {}
+            other => panic!("expected a rotation lost in flight, got {other:?}"),
+        }
+        assert_eq!(*refusing.presented.lock().unwrap(), ["rt-0"], "one same-token retry");
+        let marked = s.tokens(&key).await.unwrap().unwrap();
+        assert!(!marked.in_doubt() && marked.needs_authorization().is_some());
+    });
 }

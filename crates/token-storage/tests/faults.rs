@@ -245,25 +245,34 @@ async fn a_sent_refresh_is_not_abandoned_at_the_flight_deadline() {
     assert_eq!((f.server.calls(), issued(&a)), (1, issued(&b)));
 }
 
+/// A storage over `faulty` (one process, no lease).
+fn over_faulty(
+    clock: &ManualClock,
+    server: &Arc<FakeAuthServer>,
+    faulty: &Arc<FaultyTokenStore>,
+) -> TokenStorage {
+    TokenStorage::builder(SharedTokenStore::from_arc(faulty.clone()), keyring(), server.clone())
+        .clock(clock.shared())
+        .config(config())
+        .build()
+}
+
 /// Race (issue 12, service.rs ~886): a commit that failed on a transient store error dropped
 /// the server's answer: the rotated refresh token was lost, and the next refresh presented the
-/// spent one. The commit is retried.
-#[tokio::test]
+/// spent one. The commit is retried. (The fault is armed once the request is out, so it hits
+/// the commit, not the in-doubt intent written before the send.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_that_fails_on_a_store_error_keeps_the_rotated_token() {
     let clock = ManualClock::default();
     let server = FakeAuthServer::new(clock.shared());
     let faulty = FaultyTokenStore::new(MemoryTokenStore::new().into(), clock.shared());
-    let storage = TokenStorage::builder(
-        SharedTokenStore::from_arc(faulty.clone()),
-        keyring(),
-        server.clone(),
-    )
-    .clock(clock.shared())
-    .config(config())
-    .build();
+    let storage = over_faulty(&clock, &server, &faulty);
     let first = storage.store(&key(), ISS, server.issue(&key())).await.unwrap();
-    faulty.fail_next_write();
+    server.set_latency(Duration::from_secs(2));
     let refreshing = force(&storage, &first);
+    until("the request is out", || server.calls() == 1).await;
+    server.set_latency(Duration::ZERO);
+    faulty.fail_next_write();
     drive(&clock, std::slice::from_ref(&refreshing), Duration::from_secs(30)).await;
     let refreshed = refreshing.await.unwrap().expect("the commit is retried");
     assert_eq!(faulty.injected(), 1);
@@ -276,7 +285,8 @@ async fn a_commit_that_fails_on_a_store_error_keeps_the_rotated_token() {
 
 /// Race: the commit was applied but its reply lost; the retry conflicts with the stored value,
 /// which is our own set: that counts as written (not as a peer's newer tokens, nor an error).
-#[tokio::test]
+/// The hook reports the write over the in-doubt intent it replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_whose_reply_was_lost_counts_as_written() {
     let clock = ManualClock::default();
     let server = FakeAuthServer::new(clock.shared());
@@ -295,45 +305,163 @@ async fn a_commit_whose_reply_was_lost_counts_as_written() {
     })
     .build();
     let first = storage.store(&key(), ISS, server.issue(&key())).await.unwrap();
-    faulty.lose_next_write_reply();
+    server.set_latency(Duration::from_secs(2));
     let refreshing = force(&storage, &first);
+    until("the request is out", || server.calls() == 1).await;
+    let intent = storage.tokens(&key()).await.unwrap().unwrap();
+    assert!(intent.in_doubt() && intent.version() > first.version(), "the intent is stored");
+    faulty.lose_next_write_reply();
     drive(&clock, std::slice::from_ref(&refreshing), Duration::from_secs(30)).await;
     let refreshed = refreshing.await.unwrap().expect("the lost reply's write counts");
     let stored = storage.tokens(&key()).await.unwrap().unwrap();
     assert_eq!((stored.version(), issued(&stored)), (refreshed.version(), issued(&refreshed)));
-    assert_eq!(*hooked.lock().unwrap(), [(first.version(), stored.version())]);
+    assert!(!stored.in_doubt());
+    assert_eq!(*hooked.lock().unwrap(), [(intent.version(), stored.version())]);
     assert_eq!(server.redemptions(), 1);
 }
 
-/// The store stays away through every commit retry: the answer is held in memory and served,
-/// and the next refresh writes it instead of presenting the spent refresh token.
-#[tokio::test]
-async fn a_commit_held_in_memory_is_written_by_the_next_refresh() {
+/// Two processes over one token store and one lease; `a`'s token store and lease store are
+/// faulty wrappers.
+struct FaultyPair {
+    a: TokenStorage,
+    b: TokenStorage,
+    clock: ManualClock,
+    server: Arc<FakeAuthServer>,
+    tokens: Arc<FaultyTokenStore>,
+    leases: Arc<FaultyStore>,
+}
+
+fn faulty_pair() -> FaultyPair {
     let clock = ManualClock::default();
     let server = FakeAuthServer::new(clock.shared());
-    let faulty = FaultyTokenStore::new(MemoryTokenStore::new().into(), clock.shared());
-    let storage = TokenStorage::builder(
-        SharedTokenStore::from_arc(faulty.clone()),
-        keyring(),
-        server.clone(),
-    )
-    .clock(clock.shared())
-    .config(config())
-    .build();
-    let first = storage.store(&key(), ISS, server.issue(&key())).await.unwrap();
-    for _ in 0..10 {
-        faulty.fail_next_write();
+    let shared = SharedTokenStore::new(MemoryTokenStore::new());
+    let tokens = FaultyTokenStore::new(shared.clone(), clock.shared());
+    let lease_store = SharedStore::new(MemoryStore::with_clock(clock.shared()));
+    let leases = FaultyStore::new(lease_store.clone(), clock.shared());
+    let build = |tokens: SharedTokenStore, leases: SharedStore| {
+        TokenStorage::builder(tokens, keyring(), server.clone())
+            .clock(clock.shared())
+            .config(config())
+            .lease(RefreshLease::store(leases, clock.shared()).ttl(Duration::from_secs(10)))
+            .build()
+    };
+    let a =
+        build(SharedTokenStore::from_arc(tokens.clone()), SharedStore::from_arc(leases.clone()));
+    let b = build(shared, lease_store);
+    FaultyPair { a, b, clock, server, tokens, leases }
+}
+
+/// Race (issue 12 section 2, "commit retry"; the model's "commit retries capped, then
+/// release"): the commit fails on the store several times in a row. A flight that gave up
+/// after a bounded number of tries kept the rotated set in memory and released the lease;
+/// the peer then took the lease, re-read the old generation and presented its spent refresh
+/// token (reuse detected). The commit is retried under the renewed lease until it lands, and
+/// the peer, waiting for the lease, finds the rotation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_failing_on_the_store_keeps_the_lease_until_it_lands() {
+    let p = faulty_pair();
+    let first = p.a.store(&key(), ISS, p.server.issue(&key())).await.unwrap();
+    p.server.set_latency(Duration::from_secs(2));
+    let a = force(&p.a, &first);
+    until("a's request is out", || p.server.calls() == 1).await;
+    for _ in 0..5 {
+        p.tokens.fail_next_write();
     }
-    let refreshing = force(&storage, &first);
-    drive(&clock, std::slice::from_ref(&refreshing), Duration::from_secs(60)).await;
-    let served = refreshing.await.unwrap().expect("served from memory");
+    let b = force(&p.b, &first);
+    let handles = [a, b];
+    drive(&p.clock, &handles, Duration::from_secs(120)).await;
+    let [a, b] = handles;
+    let (a, b) = (a.await.unwrap(), b.await.unwrap());
+    assert_eq!(p.tokens.injected(), 5, "every armed write failure struck the commit");
+    assert_eq!(p.server.reuse_detected(), 0, "the peer presented the spent refresh token");
+    assert_eq!(p.server.redemptions(), 1);
+    let (a, b) = (a.expect("a's commit landed"), b.expect("b found the rotation"));
+    assert_eq!(issued(&a), issued(&b));
+    let stored = p.b.tokens(&key()).await.unwrap().unwrap();
+    assert_eq!(issued(&stored), issued(&a), "the rotated set is in the store");
+}
+
+/// The lease is lost while the request is out (every renewal fails: a holder paused past the
+/// TTL, which the protocol assumes away). The redemption has spent the old refresh token, so
+/// the new set is still offered to the compare-and-swap on the version read: nobody wrote since,
+/// it lands, and a peer finds it instead of presenting the spent token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_after_the_lease_lapsed_still_lands_on_the_version_read() {
+    let p = faulty_pair();
+    let first = p.a.store(&key(), ISS, p.server.issue(&key())).await.unwrap();
+    p.server.set_latency(Duration::from_secs(12));
+    let a = force(&p.a, &first);
+    until("a's request is out", || p.server.calls() == 1).await;
+    for _ in 0..4 {
+        p.leases.fail_next_write();
+    }
+    drive(&p.clock, std::slice::from_ref(&a), Duration::from_secs(60)).await;
+    let a = a.await.unwrap().expect("committed");
+    p.leases.disarm();
+    let stored = p.b.tokens(&key()).await.unwrap().unwrap();
+    assert_eq!((issued(&stored), stored.in_doubt()), (issued(&a), false), "the commit landed");
+    let b = p.b.force_refresh(&key(), ISS, first.access_token()).await.unwrap();
+    assert_eq!(issued(&b), issued(&a), "the peer found the rotation");
+    assert_eq!((p.server.redemptions(), p.server.reuse_detected()), (1, 0));
+}
+
+/// The lease lapsed while the request was out and the store refuses the commit too: the answer
+/// is held in memory and served, and the next refresh of this process, under the lease again,
+/// writes it over the in-doubt intent instead of presenting the spent refresh token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_that_cannot_be_written_is_held_in_memory_for_the_next_refresh() {
+    let p = faulty_pair();
+    let first = p.a.store(&key(), ISS, p.server.issue(&key())).await.unwrap();
+    p.server.set_latency(Duration::from_secs(12));
+    let a = force(&p.a, &first);
+    until("a's request is out", || p.server.calls() == 1).await;
+    for _ in 0..4 {
+        p.leases.fail_next_write();
+    }
+    p.tokens.fail_next_write();
+    drive(&p.clock, std::slice::from_ref(&a), Duration::from_secs(60)).await;
+    let served = a.await.unwrap().expect("served from memory");
+    p.leases.disarm(); // the lease store is back
     assert_ne!(served.access_token(), first.access_token());
-    assert_eq!(faulty.injected(), 4, "every commit try failed");
-    assert_eq!(storage.tokens(&key()).await.unwrap().unwrap().access_token(), first.access_token());
-    faulty.disarm(); // the store is back
-    let again = storage.force_refresh(&key(), ISS, first.access_token()).await.unwrap();
+    assert_eq!(p.tokens.injected(), 1);
+    let stored = p.a.tokens(&key()).await.unwrap().unwrap();
+    assert_eq!(stored.access_token(), first.access_token(), "not written");
+    assert!(stored.in_doubt());
+    let again = p.a.force_refresh(&key(), ISS, first.access_token()).await.unwrap();
     assert_eq!(issued(&again), issued(&served), "the held answer was written");
-    assert_eq!((server.redemptions(), server.reuse_detected()), (1, 0));
+    let stored = p.b.tokens(&key()).await.unwrap().unwrap();
+    assert_eq!((issued(&stored), stored.in_doubt()), (issued(&served), false));
+    assert_eq!((p.server.redemptions(), p.server.reuse_detected()), (1, 0));
+}
+
+/// Race (the model's `fenced_commit` counterexample, in the real code): `a` takes the lease,
+/// then stalls reading the store (a slow backend) while its lease lapses (every renewal
+/// fails). `b` takes the lease, writes its in-doubt intent and sends. `a`'s read returns that
+/// intent; unfenced, `a` claimed the same-token retry over it, `b`'s commit then conflicted
+/// and dropped the rotated set, and the slot ended with a rotation lost in flight. The fence
+/// refuses `a`'s write: `a` starts over, waits for the lease and finds `b`'s rotation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_whose_lease_lapsed_cannot_write_over_the_new_holders_intent() {
+    let p = faulty_pair();
+    let first = p.a.store(&key(), ISS, p.server.issue(&key())).await.unwrap();
+    p.tokens.set_delay(Duration::from_secs(15));
+    let a = force(&p.a, &first);
+    settle().await;
+    for _ in 0..3 {
+        p.leases.fail_next_write();
+    }
+    advance(&p.clock, Duration::from_secs(11)).await;
+    p.server.set_latency(Duration::from_secs(40));
+    let b = force(&p.b, &first);
+    until("b's request is out", || p.server.calls() == 1).await;
+    let handles = [a, b];
+    drive(&p.clock, &handles, Duration::from_secs(200)).await;
+    let [a, b] = handles;
+    let (a, b) = (a.await.unwrap(), b.await.unwrap());
+    assert_eq!(p.server.reuse_detected(), 0);
+    let (a, b) = (a.expect("a found b's rotation"), b.expect("b's commit landed"));
+    assert_eq!(issued(&a), issued(&b));
+    assert_eq!((p.server.calls(), p.server.redemptions()), (1, 1));
 }
 
 /// In doubt, with a grace window: the answer is lost after the server rotated; the attempt is

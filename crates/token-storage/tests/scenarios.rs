@@ -425,8 +425,11 @@ async fn transient_failures_keep_credentials_and_are_cached_briefly() {
         assert!(matches!(e, Error::RefreshUnavailable { .. }));
     }
     assert_eq!(f.server.calls(), 1);
-    // Credentials kept.
-    assert_eq!(f.storage.tokens(&key).await.unwrap().unwrap().version(), first.version());
+    // Credentials kept (the failure came before sending: not left in doubt).
+    let kept = f.storage.tokens(&key).await.unwrap().unwrap();
+    assert_eq!(kept.access_token(), first.access_token());
+    assert_eq!(kept.refresh_token(), first.refresh_token());
+    assert!(!kept.in_doubt());
     f.clock.advance(Duration::from_secs(10));
     let fresh = f.storage.force_refresh(&key, ISS, first.access_token()).await.unwrap();
     assert_ne!(fresh.access_token(), first.access_token());
@@ -777,6 +780,42 @@ async fn the_storm_brake_stops_a_write_loop() {
     login(&f, &TokenKey::new("acme", "alice", "other")).await;
     f.clock.advance(Duration::from_secs(60));
     assert!(f.storage.force_refresh(&key, ISS, last.access_token()).await.is_ok());
+}
+
+/// Rollback (issue 12, crypto.rs ~185): an older sealed blob of the same key written back
+/// under its name (a store restored from a backup, or a hostile write with store access) is
+/// authentic, and was served. Its generation, bound into the associated data, is older than
+/// the one this process read: a typed error, and the record is left as it is (nothing is
+/// overwritten or deleted); a refresh is not attempted over it.
+#[tokio::test]
+async fn a_rolled_back_record_is_refused_and_kept() {
+    let f = fixture();
+    let key = key();
+    let first = login(&f, &key).await;
+    let record = f.store.keys_with_prefix("").await.unwrap().pop().unwrap();
+    let old = f.store.get(&record).await.unwrap().unwrap();
+    let fresh = f.storage.force_refresh(&key, ISS, first.access_token()).await.unwrap();
+    assert_eq!(f.storage.get_valid(&key, ISS).await.unwrap().version(), fresh.version());
+    let current = f.store.get(&record).await.unwrap().unwrap().version;
+    f.store.compare_and_swap(&record, Some(current), old.value.to_vec()).await.unwrap();
+    f.clock.advance(HOUR); // the view is due: the next call reads the store
+    let calls = f.server.calls();
+    for e in [
+        f.storage.get_valid(&key, ISS).await.unwrap_err(),
+        f.storage.force_refresh(&key, ISS, fresh.access_token()).await.unwrap_err(),
+        f.storage.tokens(&key).await.unwrap_err(),
+    ] {
+        match &e {
+            Error::Decrypt { reason: DecryptFailure::RolledBack { found, seen }, .. } => {
+                assert!(found < seen, "{e}");
+                assert!(e.to_string().contains("rolled back"), "{e}");
+                assert!(!e.to_string().contains(first.access_token().expose()));
+            }
+            other => panic!("expected a rolled-back record, got {other:?}"),
+        }
+    }
+    assert_eq!(f.server.calls(), calls, "no refresh over a rolled-back record");
+    assert_eq!(&*f.store.get(&record).await.unwrap().unwrap().value, &*old.value, "kept as it is");
 }
 
 /// Bad input: a tampered, truncated or foreign record gives a typed error and stays as it was;

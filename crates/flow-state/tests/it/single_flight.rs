@@ -130,6 +130,28 @@ async fn a_settled_attempt_is_not_reused() {
     }
 }
 
+/// Race: the attempt's task published its result before removing its entry, so a caller woken
+/// by the result on another worker thread that called again at once could join the settled
+/// attempt and get its old result (token-storage's Redis restart test saw a force-refresh
+/// answered with the set it had just rejected). The entry is removed before the result is
+/// sent. Two thousand back-to-back pairs on two worker threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_made_right_after_a_result_starts_a_new_attempt() {
+    let sf: Refreshes = SingleFlight::new(ManualClock::default().shared());
+    let n = Arc::new(AtomicUsize::new(0));
+    let call = || {
+        let n = n.clone();
+        sf.call("k", CallOptions::new(Duration::from_secs(1)), move |_| async move {
+            n.fetch_add(1, Ordering::SeqCst) as u32 + 1
+        })
+    };
+    for round in 0..2000 {
+        let first = call().await.unwrap();
+        let second = call().await.unwrap();
+        assert_eq!(second, first + 1, "round {round}: the second call got the settled result");
+    }
+}
+
 /// 20, 21: a refresh that does not resolve in its budget: at the deadline the caller is released
 /// and the attempt's signal is cancelled, but the entry stays for the grace period so a second
 /// caller joins it; once released, the entry is gone.

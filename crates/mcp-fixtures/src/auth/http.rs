@@ -462,6 +462,21 @@ async fn token(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Respo
             format!("grant_type {other} is not supported"),
         )),
     };
+    if grant == "refresh_token" {
+        // The server has acted (rotated, refused, or detected reuse): now the answer may come
+        // late, or be lost.
+        let delay = app.core.knobs.get().refresh_delay;
+        if !delay.is_zero() {
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = app.shutdown.cancelled() => return StatusCode::SERVICE_UNAVAILABLE.into_response(),
+            }
+        }
+        if app.core.knobs.take_lost_refresh_answer() {
+            app.core.record(|s| s.lost_answers += 1, None);
+            return StatusCode::BAD_GATEWAY.into_response();
+        }
+    }
     match answer {
         Ok(answer) => {
             let t = answer.tokens;

@@ -19,14 +19,14 @@
 //! | `Start`           | `get_valid` / `force_refresh` read the view and join the flight     |
 //! | `AcquireLease`    | `refresh`: `lease.acquire(&key).await`                              |
 //! | `ReRead`          | `refresh_held`: `self.load(&key).await` (under the lease)           |
-//! | `RecordIntent`    | target protocol: in-doubt intent written before the first send      |
-//! | `CheckLease`      | target protocol: lease check before each send (`Held::still_held`)  |
-//! | `Send`            | `redeem`: `self.refresher.refresh(key, request)` goes out           |
-//! | `Receive`         | `redeem`: the refresher's future completes (or its answer is lost)  |
-//! | `RecordInDoubt`   | target protocol: a lost answer recorded in doubt (claims the retry) |
+//! | `RecordIntent`    | `refresh_held`: `record_doubt(.., Doubt::Sent)` before the first send |
+//! | `CheckLease`      | `refresh_held`: `guard.check(&key)` before each send                |
+//! | `Send`            | `refresh_held`: `self.refresher.refresh(&key, &request)` goes out   |
+//! | `Receive`         | `refresh_held`: the refresher's future completes (or answer lost)   |
+//! | `RecordInDoubt`   | `record_doubt(.., Doubt::RetryClaimed)`: claims the one retry       |
 //! | `Wake`            | `refresh_held`: `self.clock.sleep(delay)` (backoff) ends            |
-//! | `Commit`          | `commit` -> `write_tokens` -> `store.compare_and_swap(..).await`    |
-//! | `WriteMarker`     | `terminal` -> `write_tokens(marked)` (needs-authorization marker)   |
+//! | `Commit`          | `commit_set` -> `write_fenced` -> `store.compare_and_swap(..)`      |
+//! | `WriteMarker`     | `terminal` -> `write_fenced(marked)` (needs-authorization marker)   |
 //! | `Release`         | `refresh`: `held.release().await`                                   |
 //!
 //! Renewals are not separate actions: a lease is renewed wherever the protocol renews it, and
