@@ -239,7 +239,8 @@ fn fleet_child(role: String) {
                         Err(Error::StoreUnavailable { .. }) => errors += 1,
                         Err(e) => panic!("not the typed transient error: {e:?}"),
                     }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(10))
+                        .await;
                 }
                 assert!(recovered, "no outage seen and recovered from ({errors} errors)");
                 println!("RECOVERED errors={errors}");
@@ -257,7 +258,11 @@ fn fleet_child(role: String) {
                         Ok(set) => break set,
                         Err(Error::StoreUnavailable { .. }) if transient < 20 => {
                             transient += 1;
-                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            mcp_clock::Clock::sleep(
+                                &mcp_clock::SystemClock,
+                                Duration::from_millis(20),
+                            )
+                            .await;
                         }
                         Err(e) => panic!("refresh after the restart: {e:?}"),
                     }
@@ -461,7 +466,7 @@ impl Fleet {
             .refresh_token(issued.refresh_token().unwrap());
         let storage = fleet_storage(&redis.url(), prefix, Arc::new(Never)).await;
         storage.store(&key(), auth.issuer(), seed).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(5)).await;
         Some(Fleet {
             client_id: client.client_id().to_owned(),
             redis,
@@ -608,12 +613,12 @@ async fn a_killed_lease_holder_is_taken_over_after_the_ttl() {
     let deadline = SystemClock::instant() + Duration::from_secs(20);
     while fleet.auth.stats().refresh_token_requests == 0 {
         assert!(SystemClock::instant() < deadline, "the holder never reached the token endpoint");
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(5)).await;
     }
     let successor = Proc::spawn("takeover", &vars);
     successor.expect("REFRESHING", Duration::from_secs(20));
     // Two TTLs: without renewal the successor would take the lease and reach the endpoint.
-    tokio::time::sleep(LEASE_TTL * 2).await;
+    mcp_clock::Clock::sleep(&mcp_clock::SystemClock, LEASE_TTL * 2).await;
     let stats = fleet.auth.stats();
     assert_eq!(
         stats.refresh_token_requests, 1,
@@ -651,9 +656,9 @@ async fn a_redis_restart_is_survived_by_every_process() {
     for p in &procs {
         p.expect("READY", Duration::from_secs(20));
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(100)).await;
     fleet.redis.stop();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(300)).await;
     fleet.redis.restart();
     for p in &procs {
         let errors: u64 = p.expect("RECOVERED errors=", Duration::from_secs(25)).parse().unwrap();
@@ -687,7 +692,7 @@ async fn a_callback_on_another_process_completes_the_wait() {
     let deadline = SystemClock::instant() + Duration::from_secs(10);
     while flows.get::<String>(&key).await.unwrap().is_none() {
         assert!(SystemClock::instant() < deadline, "the flow was never created");
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(5)).await;
     }
     let b = Proc::spawn(
         "complete",
@@ -695,8 +700,10 @@ async fn a_callback_on_another_process_completes_the_wait() {
     );
     b.expect("COMPLETED", Duration::from_secs(20));
     b.finish();
-    let result =
-        tokio::time::timeout(Duration::from_secs(10), waiter).await.expect("woken").unwrap();
+    let result = mcp_clock::within(&mcp_clock::SystemClock, Duration::from_secs(10), waiter)
+        .await
+        .expect("woken")
+        .unwrap();
     assert_eq!(result.unwrap(), "code-from-the-callback");
 }
 

@@ -1,8 +1,12 @@
 //! Tidy: source rules checked by `cargo xtask tidy` (part of `cargo xtask ci`) and by this
 //! module's test, which `cargo test --workspace` runs (after rust-analyzer's `xtask/src/tidy.rs`).
 //!
-//! The rules: every Rust source file opens with a `//!` line (its module doc), and no test is
-//! ignored. The feature matrix needs no rule here: `cargo xtask features` derives it from each
+//! The rules: every Rust source file opens with a `//!` line (its module doc), no test is
+//! ignored, and no timer bypasses the injected clock: tokio's `sleep`, `sleep_until`, `timeout`,
+//! `timeout_at`, `interval` and `interval_at` appear only in `crates/clock` (elsewhere: a
+//! `Clock`'s `sleep`, `mcp_clock::within`, or `SystemClock` where real time is the point). The
+//! same ban is in `clippy.toml`; this rule also sees code clippy does not compile (the fuzz crate,
+//! other platforms' `cfg`s). The feature matrix needs no rule here: `cargo xtask features` derives it from each
 //! crate's `[features]` table.
 
 use std::path::{Path, PathBuf};
@@ -33,6 +37,34 @@ fn rust_files(root: &Path) -> Vec<PathBuf> {
     files
 }
 
+/// tokio's timers, which only the clock crate may use (spelt in parts so this file does not
+/// trip its own rule).
+const TIMERS: &[&str] =
+    &["sleep(", "sleep_until(", "timeout(", "timeout_at(", "interval(", "interval_at("];
+
+/// The lines of `text` that call a tokio timer directly.
+fn check_timers(text: &str) -> Vec<String> {
+    let prefix = concat!("tokio::", "time::");
+    let mut problems = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let code = line.split("//").next().unwrap_or("");
+        let mut rest = code;
+        while let Some(at) = rest.find(prefix) {
+            let after = &rest[at + prefix.len()..];
+            if TIMERS.iter().any(|t| after.starts_with(t)) {
+                problems.push(format!(
+                    "line {}: a tokio timer outside the clock crate (`{}`): wait on a Clock",
+                    n + 1,
+                    line.trim()
+                ));
+                break;
+            }
+            rest = after;
+        }
+    }
+    problems
+}
+
 /// The rules broken in one file's text, as messages.
 fn check_file(text: &str) -> Vec<String> {
     let mut problems = Vec::new();
@@ -60,7 +92,11 @@ pub(crate) fn check(root: &Path) -> Vec<String> {
         let shown = path.strip_prefix(root).unwrap_or(&path).display().to_string();
         match std::fs::read_to_string(&path) {
             Ok(text) => {
-                problems.extend(check_file(&text).into_iter().map(|p| format!("{shown}: {p}")))
+                let mut found = check_file(&text);
+                if !path.starts_with(root.join("crates/clock")) {
+                    found.extend(check_timers(&text));
+                }
+                problems.extend(found.into_iter().map(|p| format!("{shown}: {p}")))
             }
             Err(e) => problems.push(format!("{shown}: unreadable: {e}")),
         }
@@ -93,6 +129,26 @@ mod tests {
         assert_eq!(check_file("use std::io;\n").len(), 1);
         assert_eq!(check_file("").len(), 1);
         assert_eq!(check_file("// plain comment\n//! late doc\n").len(), 1);
+    }
+
+    #[test]
+    fn a_tokio_timer_is_caught_but_not_in_a_comment() {
+        let call = |t: &str| {
+            format!(
+                "//! Docs.\nasync fn f() {{ {}{}(d).await; }}\n",
+                concat!("tokio::", "time::"),
+                t
+            )
+        };
+        for timer in ["sleep", "timeout", "interval", "sleep_until"] {
+            assert_eq!(check_timers(&call(timer)).len(), 1, "{timer}");
+        }
+        assert!(
+            check_timers(&format!("//! {}sleep(d)\n", concat!("tokio::", "time::"))).is_empty()
+        );
+        assert!(
+            check_timers(&format!("use {}Instant;\n", concat!("tokio::", "time::"))).is_empty()
+        );
     }
 
     #[test]

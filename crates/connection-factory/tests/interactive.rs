@@ -101,7 +101,7 @@ async fn return_early_then_the_callback_completes_in_the_background() {
         if s.storage.tokens(&key).await.unwrap().is_some() {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(5)).await;
     }
     assert!(s.storage.tokens(&key).await.unwrap().is_some(), "the callback stored the tokens");
     assert_eq!(s.fx.auth().stats().authorization_code_requests, 1);
@@ -517,9 +517,9 @@ async fn return_early_requests_that_lose_the_race_to_create_the_flow_do_not_bloc
         })
         .collect();
     for (i, request) in requests.into_iter().enumerate() {
-        let outcome = tokio::time::timeout(Duration::from_secs(10), request)
+        let outcome = mcp_clock::within(&mcp_clock::SystemClock, Duration::from_secs(10), request)
             .await
-            .unwrap_or_else(|_| panic!("request {i} blocked instead of returning early"))
+            .unwrap_or_else(|| panic!("request {i} blocked instead of returning early"))
             .unwrap()
             .unwrap();
         assert_eq!(outcome, Recovery::AuthorizationRequired);
@@ -542,9 +542,9 @@ async fn still_running<T>(task: &mut tokio::task::JoinHandle<T>) -> bool
 where
     T: std::fmt::Debug,
 {
-    match tokio::time::timeout(Duration::from_millis(300), &mut *task).await {
-        Ok(out) => panic!("ended while the user was still authorizing: {out:?}"),
-        Err(_) => true,
+    match mcp_clock::within(&mcp_clock::SystemClock, Duration::from_millis(300), &mut *task).await {
+        Some(out) => panic!("ended while the user was still authorizing: {out:?}"),
+        None => true,
     }
 }
 
@@ -612,7 +612,7 @@ async fn a_401_joining_a_refresh_that_already_timed_out_gets_that_outcome_at_onc
         if stored.is_some() {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(5)).await;
     }
     let rejected = connection_factory::Secret::new(stored.unwrap().access_token().expose());
 
@@ -632,11 +632,12 @@ async fn a_401_joining_a_refresh_that_already_timed_out_gets_that_outcome_at_onc
     assert_eq!(first.await.unwrap().unwrap(), Recovery::AuthorizationRequired);
     assert_eq!(s.factory.counters().timed_out, 1);
 
-    let second = tokio::time::timeout(Duration::from_secs(10), unauthorized())
-        .await
-        .expect("the second 401 waited a budget of its own on the hung refresh")
-        .unwrap()
-        .unwrap();
+    let second =
+        mcp_clock::within(&mcp_clock::SystemClock, Duration::from_secs(10), unauthorized())
+            .await
+            .expect("the second 401 waited a budget of its own on the hung refresh")
+            .unwrap()
+            .unwrap();
     assert_eq!(second, Recovery::AuthorizationRequired);
     assert_eq!(s.factory.counters().timed_out, 2);
     assert_eq!(s.fx.auth().stats().refresh_token_requests, 1, "joined: no second redemption");

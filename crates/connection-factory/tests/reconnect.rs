@@ -170,7 +170,7 @@ async fn a_401_on_a_get_stream_reconnect_reaches_the_provider_and_is_retried() {
         if gate_state.gets.load(Ordering::SeqCst) >= 3 {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(10)).await;
     }
     let tokens = gate_state.get_tokens.lock().unwrap().clone();
     assert_eq!(
@@ -307,7 +307,7 @@ async fn drive<T>(clock: &mcp_clock::ManualClock, task: tokio::task::JoinHandle<
             return task.await.unwrap();
         }
         clock.advance(MAX_STEP);
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(5)).await;
     }
     panic!("the request never finished");
 }
@@ -369,7 +369,7 @@ async fn reconnects_are_bounded_then_a_typed_error() {
     // Without the clock moving, the first reconnect fails and the backoff waits: no second.
     let mut seen = g.inits();
     for _ in 0..1000 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(50)).await;
         let now = g.inits();
         if now == seen && now >= 2 {
             break;

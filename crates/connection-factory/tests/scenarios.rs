@@ -211,7 +211,7 @@ fn retried(recovery: Result<Recovery, Error>) -> Secret {
 /// nothing happened (a second refresh request, an early prompt). Never used to wait for something
 /// to happen: that waits on state ([`waits_on_the_clock`], [`eventually`]).
 async fn pause() {
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(100)).await;
 }
 
 /// Waits until more than `before` sleeps are pending on the manual clock: a task spawned since
@@ -386,7 +386,7 @@ async fn s21_a_timed_out_refresh_keeps_the_key_and_a_second_401_joins_it() {
         let (p, t) = (provider.clone(), first.clone());
         async move { p.on_unauthorized(Some(&t), &unauthorized()).await }
     });
-    let err = tokio::time::timeout(Duration::from_secs(10), two)
+    let err = mcp_clock::within(&mcp_clock::SystemClock, Duration::from_secs(10), two)
         .await
         .expect("the joiner of a timed-out refresh waited a budget of its own")
         .unwrap()
@@ -403,7 +403,7 @@ async fn s21_a_timed_out_refresh_keeps_the_key_and_a_second_401_joins_it() {
         if stored.access_token().expose() != first.expose() {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(5)).await;
         stored = s.stored("tenant-a").await;
     }
     assert_ne!(stored.access_token().expose(), first.expose(), "the late result was stored");

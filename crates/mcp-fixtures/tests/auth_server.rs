@@ -855,7 +855,7 @@ async fn refresh_answers_can_be_lost_or_late_after_the_server_acted() {
     let second = async {
         // The first request is counted (acted on) while its answer waits out the delay.
         while auth.stats().refresh_redemptions.get(&TokenFingerprint::of(&rt)) != Some(&1) {
-            tokio::time::sleep(Duration::from_millis(1)).await;
+            mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(1)).await;
         }
         oauth_error(refresh(&auth, &client, &rt, None).await).await
     };

@@ -39,7 +39,7 @@ async fn settle() {
     for _ in 0..10 {
         tokio::task::yield_now().await;
     }
-    tokio::time::sleep(Duration::from_millis(2)).await;
+    mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(2)).await;
 }
 
 /// Advances the manual clock by `total` in 100 ms steps.

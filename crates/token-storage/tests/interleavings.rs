@@ -371,7 +371,7 @@ async fn drive(world: &World, handles: Vec<tokio::task::JoinHandle<()>>) {
     let mut ticks = 0;
     while !handles.iter().all(|h| h.is_finished()) {
         world.clock.advance(Duration::from_millis(500));
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(1)).await;
         ticks += 1;
         if ticks > 20_000 {
             world.violation("tasks did not finish".into());

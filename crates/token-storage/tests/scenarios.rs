@@ -236,7 +236,7 @@ async fn a_burst_of_401s_redeems_once() {
         tasks.push(tokio::spawn(async move { storage.force_refresh(&key, ISS, &rejected).await }));
     }
     until("the redemption to start", || f.server.calls() == 1).await;
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(20)).await;
     f.clock.advance(Duration::from_secs(1));
     let mut versions = std::collections::HashSet::new();
     for t in tasks {
@@ -334,7 +334,7 @@ async fn refresh_ahead_serves_the_valid_token_meanwhile() {
             fresh = Some(got);
             break;
         }
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(1)).await;
     }
     assert!(fresh.is_some(), "the refreshed token is served after the background refresh");
     assert_eq!(f.server.calls(), 1);
@@ -450,12 +450,12 @@ async fn transient_failures_are_retried_with_backoff() {
         async move { storage.force_refresh(&key, ISS, &rejected).await }
     });
     until("the first attempt", || f.server.calls() == 1).await;
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(20)).await;
     assert_eq!(f.server.calls(), 1, "no retry before the backoff has passed");
     // Backoff is at most backoff_base * 2^n; advance in steps until all three attempts ran.
     for _ in 0..20 {
         f.clock.advance(Duration::from_millis(500));
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(5)).await;
     }
     let fresh = task.await.unwrap().unwrap();
     assert_ne!(fresh.access_token(), first.access_token());
@@ -528,7 +528,7 @@ async fn invalid_client_deletes_the_registration_and_reaches_every_waiter() {
         tasks.push(tokio::spawn(async move { storage.force_refresh(&key, ISS, &rejected).await }));
     }
     until("the call", || f.server.calls() == 1).await;
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(20)).await;
     f.clock.advance(Duration::from_secs(1));
     for t in tasks {
         match reason(t.await.unwrap().unwrap_err()) {
@@ -701,11 +701,11 @@ async fn a_hung_refresh_is_abandoned_and_never_replays() {
         async move { storage.force_refresh(&key, ISS, &rejected).await }
     });
     until("the first attempt", || f.server.calls() == 1).await;
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(10)).await;
     f.clock.advance(Duration::from_secs(61));
     assert!(matches!(task.await.unwrap(), Err(Error::Timeout { .. })));
     f.clock.advance(Duration::from_secs(300));
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(20)).await;
     assert_eq!(f.server.calls(), 1, "no replay after the deadline");
 
     // A redemption that hangs past deadline + grace: it was sent, and the server burns the
@@ -718,18 +718,18 @@ async fn a_hung_refresh_is_abandoned_and_never_replays() {
         async move { storage.force_refresh(&key, ISS, &rejected).await }
     });
     until("the hung attempt", || f.server.calls() == 2).await;
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(10)).await;
     f.clock.advance(Duration::from_secs(60));
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(10)).await;
     f.clock.advance(Duration::from_secs(10));
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(20)).await;
     assert!(!hung.is_finished(), "a sent refresh is not abandoned at deadline + grace");
     let joined = tokio::spawn({
         let (storage, key, rejected) =
             (f.storage.clone(), key.clone(), first.access_token().clone());
         async move { storage.force_refresh(&key, ISS, &rejected).await }
     });
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(20)).await;
     assert_eq!(f.server.calls(), 2, "the later call joined the sent refresh");
     f.clock.advance(Duration::from_secs(1000));
     let (a, b) = (hung.await.unwrap().unwrap(), joined.await.unwrap().unwrap());

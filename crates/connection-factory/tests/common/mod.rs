@@ -162,7 +162,7 @@ pub(crate) async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
         if done() {
             return;
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(5)).await;
     }
     panic!("timed out waiting for {what}");
 }

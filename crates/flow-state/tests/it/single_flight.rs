@@ -241,7 +241,7 @@ async fn different_keys_never_share_an_attempt() {
     let opts = CallOptions::new(Duration::from_secs(5));
     let (a, b) = tokio::join!(
         sf.call("tenant-a:user:srv".into(), opts, |_| async {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(10)).await;
             "a".to_string()
         }),
         sf.call("tenant-b:user:srv".into(), opts, |_| async { "b".to_string() }),

@@ -468,7 +468,7 @@ async fn token(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Respo
         let delay = app.core.knobs.get().refresh_delay;
         if !delay.is_zero() {
             tokio::select! {
-                () = tokio::time::sleep(delay) => {}
+                () = mcp_clock::Clock::sleep(&mcp_clock::SystemClock, delay) => {}
                 () = app.shutdown.cancelled() => return StatusCode::SERVICE_UNAVAILABLE.into_response(),
             }
         }

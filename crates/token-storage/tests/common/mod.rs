@@ -59,7 +59,7 @@ pub async fn until(what: &str, cond: impl Fn() -> bool) {
         if cond() {
             return;
         }
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(1)).await;
     }
     panic!("timed out waiting for {what}");
 }
