@@ -604,18 +604,9 @@ impl Drop for Connection {
     }
 }
 
-/// `work`, unless `clock` says `after` has passed first (`None`). Timeouts run on the injected
-/// clock, so a test moves a `ManualClock` instead of waiting.
-pub(crate) async fn within<T>(
-    clock: &SharedClock,
-    after: Duration,
-    work: impl Future<Output = T>,
-) -> Option<T> {
-    tokio::select! {
-        out = work => Some(out),
-        () = clock.sleep(after) => None,
-    }
-}
+/// `work`, unless `clock` says `after` has passed first (`None`): the workspace's one timeout,
+/// on the injected clock, so a test moves a `ManualClock` instead of waiting.
+pub(crate) use mcp_clock::within;
 
 /// `work` within `after` on `clock`, running out of time as [`Error::Timeout`] for
 /// `operation`; except that when `after` passes while `provider` waits for the user

@@ -255,7 +255,7 @@ impl FactoryProvider {
                     // The token itself comes from token storage (memory while fresh): the set
                     // the look-up found, or a newer one.
                     return match self.storage.get_valid(&self.key, &cached.issuer).await {
-                        Ok(set) => Ok(Some(Secret::new(set.access_token().expose()))),
+                        Ok(set) => Ok(Some(set.access_token().clone())),
                         Err(e) if e.is_authorization_required() => {
                             self.invalidate_lookup(None).await;
                             Ok(None)

@@ -82,7 +82,7 @@ impl FactoryProvider {
                 record("rejected", &self.counters.rejected);
                 return self.fall_back(Some(rejected)).await;
             };
-            let rejected_ts = token_storage::Secret::new(rejected.expose());
+            let rejected_ts = rejected.clone();
             // Lead or join first, then read: a refresh that finished before this 401 led is
             // then seen as stored (adopted), not led again.
             let budget = self.config.refresh_budget();
@@ -100,7 +100,7 @@ impl FactoryProvider {
                 drop(lead);
                 record("adopted", &self.counters.adopted);
                 self.invalidate_lookup(Some(&CachedToken::of(set))).await;
-                return Ok(Recovery::Retry(Secret::new(set.access_token().expose())));
+                return Ok(Recovery::Retry(set.access_token().clone()));
             }
             // A joiner waits no longer than the leader: not at all once the leader timed out
             // (unless newer tokens are stored already: they are served).
@@ -145,7 +145,7 @@ impl FactoryProvider {
                         record("coalesced", &self.counters.coalesced);
                     }
                     self.invalidate_lookup(Some(&CachedToken::of(&set))).await;
-                    Ok(Recovery::Retry(Secret::new(set.access_token().expose())))
+                    Ok(Recovery::Retry(set.access_token().clone()))
                 }
                 Some(Ok(_)) => {
                     record("rejected", &self.counters.rejected);
@@ -210,7 +210,7 @@ impl FactoryProvider {
             && rejected.is_none_or(|r| set.access_token().expose() != r.expose())
         {
             bump(&self.counters.adopted);
-            return Ok(Recovery::Retry(Secret::new(set.access_token().expose())));
+            return Ok(Recovery::Retry(set.access_token().clone()));
         }
         if let Some(flow) = flow
             && flow.status == FlowStatus::Completed
