@@ -118,6 +118,19 @@ impl AuthHttpClient {
         Ok(Self::with_reqwest(http, provider))
     }
 
+    /// Like [`AuthHttpClient::new`], but through the proxy the environment names
+    /// (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`, minus `NO_PROXY`). Still no redirects.
+    ///
+    /// # Errors
+    /// [`Error::Transport`] when the HTTP client cannot be built.
+    pub fn with_env_proxy(provider: Arc<dyn AuthProvider>) -> Result<Self, Error> {
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| Error::Transport(Arc::new(e)))?;
+        Ok(Self::with_reqwest(http, provider))
+    }
+
     pub(crate) fn with_reqwest(http: reqwest::Client, provider: Arc<dyn AuthProvider>) -> Self {
         AuthHttpClient {
             http,

@@ -46,6 +46,7 @@ pub struct ConnectOptions {
     reconnect_base: Duration,
     reconnect_max: Duration,
     headers: Vec<(String, Secret)>,
+    env_proxy: bool,
 }
 
 impl Default for ConnectOptions {
@@ -61,6 +62,7 @@ impl Default for ConnectOptions {
             reconnect_base: Duration::from_millis(250),
             reconnect_max: Duration::from_secs(5),
             headers: Vec::new(),
+            env_proxy: false,
         }
     }
 }
@@ -103,6 +105,13 @@ impl ConnectOptions {
     /// `Last-Event-ID`), fails the connect with [`Error::InvalidConfig`].
     pub fn header(mut self, name: impl Into<String>, value: impl Into<Secret>) -> Self {
         self.headers.push((name.into(), value.into()));
+        self
+    }
+    /// Send the MCP requests through the proxy the environment names (`HTTPS_PROXY`,
+    /// `HTTP_PROXY`, `ALL_PROXY`, minus `NO_PROXY`), as mcp-remote's `--enable-proxy` does.
+    /// Default off: requests go straight to the server.
+    pub fn env_proxy(mut self, on: bool) -> Self {
+        self.env_proxy = on;
         self
     }
     /// The connect timeout.
@@ -541,7 +550,12 @@ async fn attempt(
     Result<(RunningService<RoleClient, ClientConfig>, AuthHttpClient), ClientInitializeError>,
     Error,
 > {
-    let client = AuthHttpClient::new(provider.clone())?.with_clock(options.clock.clone());
+    let client = if options.env_proxy {
+        AuthHttpClient::with_env_proxy(provider.clone())?
+    } else {
+        AuthHttpClient::new(provider.clone())?
+    };
+    let client = client.with_clock(options.clock.clone());
     made.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(client.clone());
     let config = StreamableHttpClientTransportConfig::with_uri(url.to_owned())
         .max_concurrent_requests(options.max_concurrent_requests)

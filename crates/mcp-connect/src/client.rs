@@ -181,9 +181,9 @@ impl ClientOptions {
         self
     }
 
-    /// Send the OAuth requests through the proxy named by `HTTPS_PROXY` / `HTTP_PROXY` /
-    /// `ALL_PROXY` (minus `NO_PROXY`), as mcp-remote's `--enable-proxy` does; the direct
-    /// reachability probe of the server is skipped.
+    /// Send the OAuth and the MCP requests through the proxy named by `HTTPS_PROXY` /
+    /// `HTTP_PROXY` / `ALL_PROXY` (minus `NO_PROXY`), as mcp-remote's `--enable-proxy` does; the
+    /// direct reachability probe of the server is skipped.
     pub fn enable_proxy(mut self) -> Self {
         self.use_env_proxy = true;
         self
@@ -222,6 +222,11 @@ impl ClientOptions {
     pub fn silent(mut self) -> Self {
         self.silent = true;
         self
+    }
+
+    /// Whether requests go through the environment's proxy.
+    pub(crate) fn uses_env_proxy(&self) -> bool {
+        self.use_env_proxy
     }
 
     /// The HTTP policy of the OAuth side.
@@ -526,7 +531,8 @@ impl Client {
         let mut config =
             FactoryConfig::new(url, self.options.tenant.as_str(), self.options.user.as_str(), url)
                 .connect_timeout(self.options.request_timeout)
-                .request_timeout(self.options.request_timeout);
+                .request_timeout(self.options.request_timeout)
+                .env_proxy(self.options.use_env_proxy);
         for (name, value) in &self.options.headers {
             config = config.header(name.clone(), value.clone());
         }

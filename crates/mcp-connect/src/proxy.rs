@@ -56,8 +56,13 @@ pub(crate) async fn run(
 ) -> Result<(), Error> {
     let relogin = Arc::new(AtomicBool::new(false));
     let provider = client.provider(target)?;
-    let http = AuthHttpClient::new(provider)
-        .map_err(|e| Error::Mcp(format!("cannot build the HTTP client: {}", chain(&e))))?;
+    let http = if client.options().uses_env_proxy() {
+        AuthHttpClient::with_env_proxy(provider)
+    } else {
+        AuthHttpClient::new(provider)
+    };
+    let http =
+        http.map_err(|e| Error::Mcp(format!("cannot build the HTTP client: {}", chain(&e))))?;
     let config = StreamableHttpClientTransportConfig::with_uri(target.as_str().to_owned())
         .custom_headers(client.header_map()?);
     let mut transport = StreamableHttpClientTransport::with_client(http, config);

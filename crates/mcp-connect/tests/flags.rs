@@ -665,3 +665,111 @@ async fn silent_leaves_only_errors_and_a_needed_url() {
     failed.expect_code(3);
     assert!(failed.stderr.contains("cannot reach"), "{failed:#?}");
 }
+
+/// A forward proxy on loopback, as `HTTP_PROXY` names one: every request it gets (absolute-form
+/// URI) is recorded as `METHOD host:port/path` and forwarded, the answer streamed back (MCP
+/// answers with event streams).
+async fn forward_proxy() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use futures::StreamExt as _;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let forward = move |request: axum::extract::Request| {
+        let (log, http) = (log.clone(), http.clone());
+        async move {
+            let (parts, body) = request.into_parts();
+            let uri = parts.uri.to_string();
+            let shown = format!(
+                "{} {}{}",
+                parts.method,
+                parts.uri.authority().map(|a| a.as_str()).unwrap_or("?"),
+                parts.uri.path()
+            );
+            log.lock().unwrap().push(shown);
+            let body = axum::body::to_bytes(body, 1 << 20).await.unwrap();
+            let mut outgoing = http.request(parts.method, &uri).body(body);
+            for (name, value) in &parts.headers {
+                if name != axum::http::header::HOST && name != "proxy-connection" {
+                    outgoing = outgoing.header(name, value);
+                }
+            }
+            let answer = outgoing.send().await.unwrap();
+            let mut response = axum::response::Response::builder().status(answer.status());
+            for (name, value) in answer.headers() {
+                response = response.header(name, value);
+            }
+            let stream = answer.bytes_stream().map(|chunk| chunk.map_err(std::io::Error::other));
+            response.body(axum::body::Body::from_stream(stream)).unwrap()
+        }
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let app = axum::Router::new().fallback(forward);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, seen)
+}
+
+/// `--enable-proxy`: with `HTTP_PROXY` naming a proxy, the login's OAuth requests (discovery,
+/// registration, code exchange) and the MCP requests go through it; without the flag nothing
+/// does, whatever the environment says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enabled_proxy_carries_the_oauth_and_the_mcp_requests() {
+    let fx = Fixtures::start().await.unwrap();
+    let server = fx.resource().url().to_owned();
+    let auth = url::Url::parse(fx.auth().base_url()).unwrap();
+    let auth = format!("{}:{}", auth.host_str().unwrap(), auth.port().unwrap());
+    let mcp = url::Url::parse(&server).unwrap();
+    let mcp = format!("{}:{}", mcp.host_str().unwrap(), mcp.port().unwrap());
+    let (proxy, seen) = forward_proxy().await;
+    let store = Store::new();
+    let with_proxy = |args: &[&str]| {
+        let mut cmd = store.command(args);
+        for name in ["HTTP_PROXY", "http_proxy"] {
+            cmd.env(name, &proxy);
+        }
+        for name in ["NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"]
+        {
+            cmd.env_remove(name);
+        }
+        cmd
+    };
+    let running = spawn(
+        with_proxy(&[
+            "login",
+            &server,
+            "--no-browser",
+            "--port",
+            "0",
+            "--timeout",
+            "30",
+            "--enable-proxy",
+        ]),
+        false,
+    );
+    let url = tokio::task::block_in_place(|| {
+        running.urls.recv_timeout(std::time::Duration::from_secs(30))
+    })
+    .unwrap_or_else(|_| panic!("no authorization URL; stderr:\n{}", running.stderr()));
+    common::visit(&url).await;
+    tokio::task::block_in_place(|| running.finish()).expect_code(0);
+    let through = seen.lock().unwrap().clone();
+    for wanted in
+        [format!("POST {auth}/register"), format!("POST {auth}/token"), format!("POST {mcp}/mcp")]
+    {
+        assert!(through.contains(&wanted), "{wanted} not through the proxy: {through:?}");
+    }
+
+    let before = seen.lock().unwrap().len();
+    let out =
+        common::Outcome::from(with_proxy(&["tools", &server, "--enable-proxy"]).output().unwrap());
+    out.expect_code(0);
+    assert!(seen.lock().unwrap()[before..].iter().any(|r| r == &format!("POST {mcp}/mcp")));
+    let before = seen.lock().unwrap().len();
+    let out = common::Outcome::from(with_proxy(&["tools", &server]).output().unwrap());
+    out.expect_code(0);
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        before,
+        "without the flag nothing goes through the proxy"
+    );
+}

@@ -30,6 +30,7 @@ pub struct FactoryConfig {
     pub(super) client: Option<mcp_oauth::ClientConfig>,
     pub(super) max_concurrent_requests: Option<usize>,
     pub(super) headers: Vec<(String, Secret)>,
+    pub(super) env_proxy: bool,
 }
 
 impl FactoryConfig {
@@ -52,6 +53,7 @@ impl FactoryConfig {
             client: None,
             max_concurrent_requests: None,
             headers: Vec::new(),
+            env_proxy: false,
         }
     }
 
@@ -67,6 +69,14 @@ impl FactoryConfig {
     /// wait (see [`AuthProvider::interaction_deadline`]).
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = Some(timeout);
+        self
+    }
+
+    /// Send the MCP requests of connections made by [`ConnectionFactory::connect`] through the
+    /// proxy the environment names (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`, minus `NO_PROXY`);
+    /// see [`ConnectOptions::env_proxy`]. Default off.
+    pub fn env_proxy(mut self, on: bool) -> Self {
+        self.env_proxy = on;
         self
     }
 

@@ -139,8 +139,10 @@ impl ConnectionFactory {
 
     /// Connect to `config`'s server with its provider attached for the connection's lifetime.
     pub async fn connect(&self, config: FactoryConfig) -> Result<Connection, Error> {
-        let mut options =
-            ConnectOptions::default().connect_timeout(config.connect_timeout).clock(self.clock());
+        let mut options = ConnectOptions::default()
+            .connect_timeout(config.connect_timeout)
+            .clock(self.clock())
+            .env_proxy(config.env_proxy);
         if let Some(limit) = config.max_concurrent_requests {
             options = options.max_concurrent_requests(limit);
         }
