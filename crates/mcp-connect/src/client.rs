@@ -229,6 +229,12 @@ impl ClientOptions {
         self.use_env_proxy
     }
 
+    /// Whether a `--header` gives the `Authorization` itself (an API key, a token from
+    /// elsewhere): then mcp-connect sends it as given and does no OAuth for the server.
+    pub(crate) fn user_authorization(&self) -> bool {
+        self.headers.iter().any(|(name, _)| name.trim().eq_ignore_ascii_case("authorization"))
+    }
+
     /// The HTTP policy of the OAuth side.
     pub(crate) fn http_policy(&self) -> HttpPolicy {
         let mut policy = HttpPolicy::default();
@@ -611,8 +617,15 @@ impl Client {
     pub(crate) fn provider(
         &self,
         target: &Target,
-    ) -> Result<Arc<connection_factory::FactoryProvider>, Error> {
-        self.factory().provider(self.factory_config(target)).map_err(|e| connect_error(target, e))
+    ) -> Result<Arc<dyn connection_factory::AuthProvider>, Error> {
+        if self.options.user_authorization() {
+            return Ok(Arc::new(UserAuthorization));
+        }
+        let provider = self
+            .factory()
+            .provider(self.factory_config(target))
+            .map_err(|e| connect_error(target, e))?;
+        Ok(provider)
     }
 
     /// Discovery, registration and authorization in the browser for `url`, unless usable
@@ -624,6 +637,11 @@ impl Client {
     /// [`Error::Authorization`], [`Error::BrowserTimeout`], store errors.
     pub async fn login(&self, url: &str, options: &LoginOptions) -> Result<LoginReport, Error> {
         let target = self.target(url)?;
+        if self.options.user_authorization() {
+            return Err(Error::Usage(
+                "a --header 'Authorization: ...' is the credentials itself: there is nothing to log in (drop the header to log in with OAuth)".into(),
+            ));
+        }
         self.probe(&target).await?;
         self.stored(&target).await?;
         let _lock = self.login_lock(&target, options).await?;
@@ -748,6 +766,9 @@ impl Client {
     /// Open an MCP session to `target` with the stored tokens (silent refresh on a 401).
     async fn connect(&self, target: &Target) -> Result<Connection, Error> {
         self.probe(target).await?;
+        if self.options.user_authorization() {
+            return self.connect_as_given(target).await;
+        }
         self.stored(target).await?;
         let connected = self
             .factory()
@@ -756,6 +777,38 @@ impl Client {
             .map_err(|e| connect_error(target, e));
         let connected = self.explain_not_mcp(target, connected).await;
         self.note(target, connected).await
+    }
+
+    /// A request's error; a refusal of the user's own `Authorization` header is named as such.
+    fn request_error(&self, target: &Target, e: connection_factory::Error) -> Error {
+        match e {
+            connection_factory::Error::AuthorizationRequired { .. }
+                if self.options.user_authorization() =>
+            {
+                refused_header(target)
+            }
+            other => request_error(target, other),
+        }
+    }
+
+    /// A session whose credentials are the `Authorization` header the user gave: no stored
+    /// token, no refresh, no login; a refusal is the user's to fix.
+    async fn connect_as_given(&self, target: &Target) -> Result<Connection, Error> {
+        let mut options = connection_factory::ConnectOptions::default()
+            .connect_timeout(self.options.request_timeout)
+            .request_timeout(self.options.request_timeout)
+            .clock(self.clock.clone())
+            .env_proxy(self.options.use_env_proxy);
+        for (name, value) in &self.options.headers {
+            options = options.header(name.clone(), value.clone());
+        }
+        let connected = Connection::connect(target.as_str(), Arc::new(UserAuthorization), options)
+            .await
+            .map_err(|e| match e {
+                connection_factory::Error::AuthorizationRequired { .. } => refused_header(target),
+                other => connect_error(target, other),
+            });
+        self.explain_not_mcp(target, connected).await
     }
 
     /// A server that does not answer as streamable HTTP may speak the legacy HTTP+SSE
@@ -813,7 +866,7 @@ impl Client {
     pub async fn tools(&self, url: &str) -> Result<Vec<Tool>, Error> {
         let target = self.target(url)?;
         let conn = self.connect(&target).await?;
-        let tools = conn.list_tools().await.map_err(|e| request_error(&target, e));
+        let tools = conn.list_tools().await.map_err(|e| self.request_error(&target, e));
         let _ = conn.close().await;
         let tools = self.note(&target, tools).await;
         let mut tools = tools?;
@@ -836,7 +889,8 @@ impl Client {
             return Err(Error::Usage(format!("the tool {tool:?} is hidden by --ignore-tool")));
         }
         let conn = self.connect(&target).await?;
-        let result = conn.call_tool(tool, arguments).await.map_err(|e| request_error(&target, e));
+        let result =
+            conn.call_tool(tool, arguments).await.map_err(|e| self.request_error(&target, e));
         let _ = conn.close().await;
         self.note(&target, result).await
     }
@@ -934,7 +988,9 @@ impl Client {
     /// Login errors (see [`Client::login`]), or [`Error::Mcp`] when the session ends.
     pub async fn proxy(&self, url: &str, options: &LoginOptions) -> Result<(), Error> {
         let target = self.target(url)?;
-        self.ensure_authorized(&target, options).await?;
+        if !self.options.user_authorization() {
+            self.ensure_authorized(&target, options).await?;
+        }
         crate::proxy::run(self, &target, options).await
     }
 
@@ -1023,6 +1079,41 @@ async fn callback_listener(
         ports.join(", "),
         last.map_or_else(|| "no port".to_owned(), |e| e.to_string())
     )))
+}
+
+/// The provider of a session whose credentials are the user's own `Authorization` header: it
+/// adds no token, and a refusal is final (no refresh, no login).
+#[derive(Debug)]
+struct UserAuthorization;
+
+impl connection_factory::AuthProvider for UserAuthorization {
+    fn current_token(
+        &self,
+    ) -> connection_factory::BoxFuture<
+        '_,
+        Result<Option<connection_factory::Secret>, connection_factory::Error>,
+    > {
+        Box::pin(async { Ok(None) })
+    }
+
+    fn on_unauthorized<'a>(
+        &'a self,
+        _rejected: Option<&'a connection_factory::Secret>,
+        _challenge: &'a connection_factory::Challenge,
+    ) -> connection_factory::BoxFuture<
+        'a,
+        Result<connection_factory::Recovery, connection_factory::Error>,
+    > {
+        Box::pin(async { Ok(connection_factory::Recovery::AuthorizationRequired) })
+    }
+}
+
+/// The server refused the `Authorization` header the user gave.
+fn refused_header(target: &Target) -> Error {
+    Error::Authorization(format!(
+        "{} refused the Authorization header given with --header (mcp-connect sends it as given and does no OAuth when one is given)",
+        target.as_str()
+    ))
 }
 
 fn signed_secs(at: Timestamp, now: Timestamp) -> i64 {

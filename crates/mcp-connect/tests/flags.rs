@@ -773,3 +773,35 @@ async fn an_enabled_proxy_carries_the_oauth_and_the_mcp_requests() {
         "without the flag nothing goes through the proxy"
     );
 }
+
+/// `--header 'Authorization: Bearer …'` (an API key, or a token obtained elsewhere, as
+/// mcp-remote users pass one): sent as given, with no login, no stored token and no OAuth
+/// beside it; a value the server refuses is named as such (exit 6), even when OAuth tokens are
+/// stored for the server (before, the stored token was sent too and the call succeeded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_authorization_header_is_the_credentials() {
+    use mcp_fixtures::{ClientAuth, ClientSpec};
+    let fx = Fixtures::start().await.unwrap();
+    let server = fx.resource().url().to_owned();
+    let client = fx.auth().register_client(ClientSpec::new(ClientAuth::None)).unwrap();
+    let token = fx.auth().issue_tokens(client.client_id(), "mcp:tools", Some(&server));
+    let header = format!("Authorization: Bearer {}", token.access_token());
+    let store = Store::new();
+    let before = fx.auth().stats();
+    let out = store.run(&["call", &server, "echo", r#"{"text":"key"}"#, "--header", &header]);
+    out.expect_code(0);
+    assert_eq!(out.stdout.trim(), "key");
+    assert!(!out.all().contains(token.access_token()), "{out:#?}");
+    let after = fx.auth().stats();
+    assert_eq!(after.registrations, before.registrations, "no registration");
+    assert_eq!(after.token_requests(), before.token_requests(), "no OAuth at all");
+
+    // Logged in with OAuth, then a bogus header: refused, and not rescued by the stored token.
+    login(&store, &server).await.expect_code(0);
+    let bogus = "Authorization: Bearer not-a-token";
+    let out = store.run(&["tools", &server, "--header", bogus]);
+    out.expect_code(6);
+    assert!(out.stderr.contains("refused the Authorization header"), "{out:#?}");
+    let out = store.run(&["login", &server, "--header", bogus]);
+    out.expect_code(2);
+}
