@@ -41,20 +41,26 @@ enum Event {
     Stop,
     FromHost(std::io::Result<Option<String>>),
     FromServer(Option<Box<ServerJsonRpcMessage>>),
+    /// A message refused for want of authorization, to send again now that a new login
+    /// completed (once: it is not held a second time).
+    Resend(Box<ClientJsonRpcMessage>),
 }
 
 /// Pump messages until the host closes stdin (Ok) or the server side ends (an error).
 ///
-/// When a request fails because the authorization is gone for good (the refresh was refused),
-/// the host gets a JSON-RPC error for it, and a new login starts in the background under the
-/// login lock (one at a time; a peer's fresh login is used without a prompt), so that the
-/// following requests go through once the browser step is done.
+/// When a request is refused because the authorization is gone for good (the refresh was
+/// refused too), a new login starts in the background under the login lock (one at a time; a
+/// peer's fresh login is used without a prompt), and the request is held until it completes,
+/// then sent again (the server refused it, so it did not run) and answered as if nothing had
+/// happened. Only when the login fails (or the browser step times out) does the host get a
+/// JSON-RPC error for it.
 pub(crate) async fn run(
     client: &Client,
     target: &Target,
     options: &LoginOptions,
 ) -> Result<(), Error> {
-    let relogin = Arc::new(AtomicBool::new(false));
+    let relogin = Arc::new(ReloginState::default());
+    let (resend_tx, mut resend_rx) = mpsc::channel::<ClientJsonRpcMessage>(64);
     let provider = client.provider(target)?;
     let http = if client.options().uses_env_proxy() {
         AuthHttpClient::with_env_proxy(provider)
@@ -90,6 +96,7 @@ pub(crate) async fn run(
             () = &mut stop => Event::Stop,
             line = lines.next_line() => Event::FromHost(line),
             message = Transport::<RoleClient>::receive(&mut transport) => Event::FromServer(message.map(Box::new)),
+            Some(message) = resend_rx.recv() => Event::Resend(Box::new(message)),
         };
         match event {
             Event::FromHost(Ok(None)) => break Ok(()),
@@ -121,12 +128,14 @@ pub(crate) async fn run(
                             }
                             _ => None,
                         };
+                        let held = message.clone();
                         let sent = enqueue(transport.send(message));
                         let relogin = Relogin {
-                            busy: relogin.clone(),
+                            state: relogin.clone(),
                             client: client.clone(),
                             target: target.clone(),
                             options: options.clone(),
+                            resend: Some((held, resend_tx.clone())),
                         };
                         tokio::spawn(deliver(sent, id, out_tx.clone(), relogin));
                     }
@@ -150,6 +159,23 @@ pub(crate) async fn run(
                 }
                 Err(e) => tracing::warn!(error = %e, "a server message could not be encoded"),
             },
+            Event::Resend(message) => {
+                let id = match message.as_ref() {
+                    ClientJsonRpcMessage::Request(request) => {
+                        serde_json::to_value(&request.id).ok()
+                    }
+                    _ => None,
+                };
+                let sent = enqueue(transport.send(*message));
+                let relogin = Relogin {
+                    state: relogin.clone(),
+                    client: client.clone(),
+                    target: target.clone(),
+                    options: options.clone(),
+                    resend: None,
+                };
+                tokio::spawn(deliver(sent, id, out_tx.clone(), relogin));
+            }
             Event::FromServer(None) => {
                 break Err(Error::Mcp(format!("the MCP session with {server} ended")));
             }
@@ -233,33 +259,102 @@ fn enqueue<E: Send + 'static>(
     }
 }
 
-/// What a failed delivery needs to start a new login.
+/// The proxy's new logins: whether one runs, and how the last one ended.
+#[derive(Debug)]
+struct ReloginState {
+    busy: AtomicBool,
+    /// How many logins ended, and whether the last one succeeded.
+    ended: tokio::sync::watch::Sender<(u64, bool)>,
+}
+
+impl Default for ReloginState {
+    fn default() -> Self {
+        ReloginState {
+            busy: AtomicBool::new(false),
+            ended: tokio::sync::watch::channel((0, false)).0,
+        }
+    }
+}
+
+/// What a failed delivery needs to start a new login and send the message again after it.
 struct Relogin {
-    busy: Arc<AtomicBool>,
+    state: Arc<ReloginState>,
     client: Client,
     target: Target,
     options: LoginOptions,
+    /// The message and where to send it again; `None` once it was sent again.
+    resend: Option<(ClientJsonRpcMessage, mpsc::Sender<ClientJsonRpcMessage>)>,
 }
 
-/// Wait for one message to be delivered; on failure answer the host's request with an error,
-/// and start a new login (one at a time) when the authorization is gone.
+impl Relogin {
+    /// Start a new login unless one runs; wait (bounded by the browser step's limit) until one
+    /// ends. Whether it succeeded.
+    async fn wait_for_login(&self) -> bool {
+        let mut ended = self.state.ended.subscribe();
+        let seen = ended.borrow_and_update().0;
+        if !self.state.busy.swap(true, Ordering::SeqCst) {
+            let (state, client, target, options) = (
+                self.state.clone(),
+                self.client.clone(),
+                self.target.clone(),
+                self.options.clone(),
+            );
+            tokio::spawn(async move {
+                let ok = match client.relogin(&target, &options).await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        eprintln!("mcp-connect: the new login failed: {e}");
+                        false
+                    }
+                };
+                state.busy.store(false, Ordering::SeqCst);
+                state.ended.send_modify(|(count, last)| {
+                    *count += 1;
+                    *last = ok;
+                });
+            });
+        }
+        let limit = self.options.timeout + LOGIN_SLACK;
+        let changed = async {
+            loop {
+                if ended.changed().await.is_err() {
+                    return false;
+                }
+                let (count, ok) = *ended.borrow_and_update();
+                if count != seen {
+                    return ok;
+                }
+            }
+        };
+        mcp_clock::within(self.client.clock(), limit, changed).await.unwrap_or(false)
+    }
+}
+
+/// How much longer than the browser step a held request waits for the new login (the login
+/// lock may first wait for a peer's).
+const LOGIN_SLACK: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Wait for one message to be delivered. When it was refused for want of authorization, hold
+/// it until a new login ends (starting one, one at a time) and send it again once; otherwise,
+/// or when the login fails, answer the host's request with an error.
 async fn deliver<E: std::error::Error + 'static>(
     sent: Sending<E>,
     id: Option<serde_json::Value>,
     out: mpsc::Sender<String>,
-    relogin: Relogin,
+    mut relogin: Relogin,
 ) {
     let Err(e) = sent.await else { return };
     let cause = chain(&e);
     let server = relogin.target.as_str().to_owned();
     tracing::warn!(error = %cause, "the request could not be delivered");
-    if is_auth_failure(&cause) && !relogin.busy.swap(true, Ordering::SeqCst) {
-        tokio::spawn(async move {
-            if let Err(e) = relogin.client.relogin(&relogin.target, &relogin.options).await {
-                eprintln!("mcp-connect: the new login failed: {e}");
-            }
-            relogin.busy.store(false, Ordering::SeqCst);
-        });
+    // Refused again right after a new login: the server does not take fresh tokens either;
+    // another prompt would not help, so the host gets the error.
+    if is_auth_failure(&cause)
+        && let Some((message, again)) = relogin.resend.take()
+        && relogin.wait_for_login().await
+        && again.send(message).await.is_ok()
+    {
+        return;
     }
     if let Some(id) = id {
         let _ = out.send(error_response(id, INTERNAL_ERROR, &describe(&server, &cause))).await;

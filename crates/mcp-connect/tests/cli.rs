@@ -219,11 +219,12 @@ async fn two_proxies_share_one_login_and_never_redeem_a_refresh_token_twice() {
     assert_no_secret(&outputs, &store.secrets(&server).await);
 }
 
-/// Server-side revocation mid-session: the refresh is refused, the host gets a JSON-RPC error
-/// for that request (not a hang), the proxy starts one new login, and once the browser step is
-/// done the following requests go through on the same proxy, without a restart.
+/// Server-side revocation mid-session: the refresh is refused, the proxy starts one new login
+/// and holds the host's requests (the one that met the refusal, and one sent while the browser
+/// step is open); once the user completes it, both are sent again and answered with their
+/// results, on the same proxy, with one prompt. No request of the host is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_proxy_logs_in_again_after_a_revocation() {
+async fn a_proxy_carries_the_hosts_requests_through_a_new_login() {
     let fx = fixtures(Duration::from_secs(3600)).await;
     let server = fx.resource().url().to_owned();
     let store = Store::new();
@@ -234,37 +235,66 @@ async fn a_proxy_logs_in_again_after_a_revocation() {
     let call = |id: u64| {
         json!({
             "jsonrpc": "2.0", "id": id, "method": "tools/call",
-            "params": { "name": "echo", "arguments": { "text": "ok" } }
+            "params": { "name": "echo", "arguments": { "text": format!("ok {id}") } }
         })
     };
     proxy.send(call(2));
     let first = proxy.response(2);
-    assert_eq!(first["result"]["content"][0]["text"], json!("ok"), "{first}\n{}", proxy.stderr());
+    assert_eq!(first["result"]["content"][0]["text"], json!("ok 2"), "{first}\n{}", proxy.stderr());
 
     fx.auth().revoke_all_tokens();
     proxy.send(call(3));
-    let refused = proxy.response(3);
-    let message = refused["error"]["message"].as_str().unwrap_or_default().to_owned();
-    assert!(message.contains("not authorized"), "{refused}");
-
     let url = tokio::task::block_in_place(|| proxy.urls.recv_timeout(Duration::from_secs(30)))
         .unwrap_or_else(|_| panic!("no new authorization URL; stderr:\n{}", proxy.stderr()));
+    // Sent while the browser step is open: held too.
+    proxy.send(call(4));
     visit(&url).await;
-    let mut answered = None;
-    for id in 100..200 {
-        proxy.send(call(id));
-        let response = proxy.response(id);
-        if response["result"]["content"][0]["text"] == json!("ok") {
-            answered = Some(id);
-            break;
-        }
-        mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(100)).await;
+    for id in [3, 4] {
+        let answer = proxy.response(id);
+        assert_eq!(
+            answer["result"]["content"][0]["text"],
+            json!(format!("ok {id}")),
+            "{answer}\n{}",
+            proxy.stderr()
+        );
     }
-    assert!(answered.is_some(), "the proxy recovered; stderr:\n{}", proxy.stderr());
     let outcome = proxy.finish();
     outcome.expect_code(0);
     assert_eq!(outcome.stderr.matches(URL_PREFIX).count(), 1, "one new prompt: {outcome:#?}");
     assert_eq!(fx.auth().stats().authorization_code_requests, 2);
+}
+
+/// The same, but the user never completes the browser step: when its limit passes, the held
+/// request is answered with a JSON-RPC error that says what to do (never a hang).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_request_gets_an_error_when_the_new_login_fails() {
+    let fx = fixtures(Duration::from_secs(3600)).await;
+    let server = fx.resource().url().to_owned();
+    let store = Store::new();
+    login(&store, &server).await.expect_code(0);
+    let args = ["proxy", server.as_str(), "--no-browser", "--port", "0", "--timeout", "2"];
+    let mut proxy = spawn(store.command(&args), true);
+    proxy.initialize();
+    proxy.send(json!({
+        "jsonrpc": "2.0", "id": 4, "method": "tools/call",
+        "params": { "name": "echo", "arguments": { "text": "before" } }
+    }));
+    assert_eq!(proxy.response(4)["result"]["content"][0]["text"], json!("before"));
+    fx.auth().revoke_all_tokens();
+    proxy.send(json!({
+        "jsonrpc": "2.0", "id": 5, "method": "tools/call",
+        "params": { "name": "echo", "arguments": { "text": "never" } }
+    }));
+    let refused = proxy.response(5);
+    let message = refused["error"]["message"].as_str().unwrap_or_default().to_owned();
+    assert!(message.contains("not authorized"), "{refused}\n{}", proxy.stderr());
+    assert!(proxy.stderr().contains("the new login failed"), "{}", proxy.stderr());
+    proxy.finish().expect_code(0);
+    assert_eq!(
+        fx.resource().stats().tool_calls.get("echo").copied().unwrap_or(0),
+        1,
+        "only the first"
+    );
 }
 
 /// The lost-refresh-token race: a command finds its access token inside the refresh window,
