@@ -124,13 +124,7 @@ async fn login_with(store: &Store, server: &str, port: u16, extra: &[&str]) -> c
     let port = port.to_string();
     let mut args = vec!["-vv", "login", server, "--no-browser", "--port", &port, "--timeout", "30"];
     args.extend_from_slice(extra);
-    let running = spawn(store.command(&args), false);
-    let url = tokio::task::block_in_place(|| {
-        running.urls.recv_timeout(std::time::Duration::from_secs(30))
-    })
-    .unwrap_or_else(|_| panic!("no authorization URL; stderr:\n{}", running.stderr()));
-    common::visit(&url).await;
-    tokio::task::block_in_place(|| running.finish())
+    common::complete_login(spawn(store.command(&args), false)).await.1
 }
 
 /// `--static-oauth-client-info` (inline JSON and `@file`) with `--scope`: a server that offers
@@ -249,13 +243,8 @@ async fn the_resource_parameter_can_be_disabled_or_replaced() {
 async fn login_seen(store: &Store, server: &str, args: &[&str]) -> (url::Url, common::Outcome) {
     let mut all = vec!["login", server, "--no-browser", "--timeout", "30"];
     all.extend_from_slice(args);
-    let running = spawn(store.command(&all), false);
-    let url = tokio::task::block_in_place(|| {
-        running.urls.recv_timeout(std::time::Duration::from_secs(30))
-    })
-    .unwrap_or_else(|_| panic!("no authorization URL; stderr:\n{}", running.stderr()));
-    common::visit(&url).await;
-    (url::Url::parse(&url).unwrap(), tokio::task::block_in_place(|| running.finish()))
+    let (url, outcome) = common::complete_login(spawn(store.command(&all), false)).await;
+    (url::Url::parse(&url).unwrap(), outcome)
 }
 
 fn query(url: &url::Url, name: &str) -> Vec<String> {
@@ -447,12 +436,8 @@ async fn two_servers_log_in_at_once_on_their_own_ports() {
     let store = Store::new();
     let ra = spawn(store.command(&["login", &sa, "--no-browser", "--timeout", "30"]), false);
     let rb = spawn(store.command(&["login", &sb, "--no-browser", "--timeout", "30"]), false);
-    let recv = |r: &common::Running| {
-        tokio::task::block_in_place(|| r.urls.recv_timeout(std::time::Duration::from_secs(30)))
-            .unwrap_or_else(|_| panic!("no authorization URL; stderr:\n{}", r.stderr()))
-    };
     // Both wait in the browser step at the same time.
-    let (ua, ub) = (recv(&ra), recv(&rb));
+    let (ua, ub) = (common::authorization_url(&ra), common::authorization_url(&rb));
     let port = |u: &str| {
         let u = url::Url::parse(u).unwrap();
         url::Url::parse(&query(&u, "redirect_uri")[0]).unwrap().port().unwrap()
@@ -508,12 +493,7 @@ async fn a_long_url_and_a_long_user_name_log_in_call_and_refresh() {
     };
     let running =
         spawn(command(&["login", &long, "--no-browser", "--port", "0", "--timeout", "30"]), false);
-    let url = tokio::task::block_in_place(|| {
-        running.urls.recv_timeout(std::time::Duration::from_secs(30))
-    })
-    .unwrap_or_else(|_| panic!("no authorization URL; stderr:\n{}", running.stderr()));
-    common::visit(&url).await;
-    tokio::task::block_in_place(|| running.finish()).expect_code(0);
+    common::complete_login(running).await.1.expect_code(0);
     let call = || {
         common::Outcome::from(
             command(&["call", &long, "echo", r#"{"text":"long"}"#]).output().unwrap(),
@@ -553,10 +533,7 @@ async fn static_client_metadata_reaches_the_registration() {
         ]),
         false,
     );
-    let url = tokio::task::block_in_place(|| {
-        running.urls.recv_timeout(std::time::Duration::from_secs(30))
-    })
-    .unwrap_or_else(|_| panic!("no authorization URL; stderr:\n{}", running.stderr()));
+    let url = common::authorization_url(&running);
     let browser = tokio::spawn(async move { common::visit(&url).await });
     let pending = fx.auth().wait_for_pending_authorization().await;
     assert_eq!(pending[0].client_name.as_deref(), Some("My Desktop"));
@@ -746,12 +723,7 @@ async fn an_enabled_proxy_carries_the_oauth_and_the_mcp_requests() {
         ]),
         false,
     );
-    let url = tokio::task::block_in_place(|| {
-        running.urls.recv_timeout(std::time::Duration::from_secs(30))
-    })
-    .unwrap_or_else(|_| panic!("no authorization URL; stderr:\n{}", running.stderr()));
-    common::visit(&url).await;
-    tokio::task::block_in_place(|| running.finish()).expect_code(0);
+    common::complete_login(running).await.1.expect_code(0);
     let through = seen.lock().unwrap().clone();
     for wanted in
         [format!("POST {auth}/register"), format!("POST {auth}/token"), format!("POST {mcp}/mcp")]

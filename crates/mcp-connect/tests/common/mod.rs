@@ -251,6 +251,20 @@ pub async fn visit(url: &str) {
     assert!(response.status().is_success(), "the callback answered {}", response.status());
 }
 
+/// The authorization URL a running login prints (waiting up to 30 s for it).
+pub fn authorization_url(running: &Running) -> String {
+    tokio::task::block_in_place(|| running.urls.recv_timeout(Duration::from_secs(30)))
+        .unwrap_or_else(|_| panic!("no authorization URL; stderr:\n{}", running.stderr()))
+}
+
+/// Play the browser for a running login, and wait for it to end: the URL it printed and how
+/// it ended.
+pub async fn complete_login(running: Running) -> (String, Outcome) {
+    let url = authorization_url(&running);
+    visit(&url).await;
+    (url, tokio::task::block_in_place(|| running.finish()))
+}
+
 /// `login` with the test as the browser; returns the finished process.
 pub async fn login(store: &Store, server: &str) -> Outcome {
     let running = spawn(
