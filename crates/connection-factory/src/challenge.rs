@@ -71,9 +71,14 @@ impl Challenge {
         &self.www_authenticate
     }
 
-    /// The first value of the auth-param `name` (case-insensitive) in any header value, unquoted.
+    /// The first value of the auth-param `name` (case-insensitive) in any challenge of any
+    /// header value, unquoted, as mcp-oauth's parser reads them (the workspace's one
+    /// `WWW-Authenticate` parser, fuzzed): a malformed challenge yields nothing, the challenges
+    /// before it in the same value are kept.
     pub fn param(&self, name: &str) -> Option<String> {
-        self.www_authenticate.iter().find_map(|h| auth_param(h, name))
+        mcp_oauth::parse_challenges_lenient(self.www_authenticate.iter().map(String::as_str))
+            .iter()
+            .find_map(|c| c.param(name).map(str::to_owned))
     }
 
     /// The `error` parameter, e.g. `invalid_token` or `insufficient_scope`.
@@ -96,66 +101,6 @@ impl Challenge {
     pub fn is_insufficient_scope(&self) -> bool {
         self.status == 403 || self.error().as_deref() == Some("insufficient_scope")
     }
-}
-
-/// Find `name=value` or `name="quoted value"` in one header value. Tolerant: it skips the scheme
-/// and anything it cannot read, and honours backslash escapes inside quotes.
-fn auth_param(header: &str, name: &str) -> Option<String> {
-    let bytes = header.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        // Read a token (a parameter name or a scheme).
-        while i < bytes.len() && matches!(bytes[i], b' ' | b'\t' | b',') {
-            i += 1;
-        }
-        let start = i;
-        while i < bytes.len() && !matches!(bytes[i], b' ' | b'\t' | b',' | b'=') {
-            i += 1;
-        }
-        let key = &header[start..i];
-        while i < bytes.len() && matches!(bytes[i], b' ' | b'\t') {
-            i += 1;
-        }
-        if i >= bytes.len() || bytes[i] != b'=' {
-            continue; // a scheme, or a token68 without '='
-        }
-        i += 1;
-        while i < bytes.len() && matches!(bytes[i], b' ' | b'\t') {
-            i += 1;
-        }
-        let value = if i < bytes.len() && bytes[i] == b'"' {
-            i += 1;
-            let mut out = String::new();
-            let mut chars = header[i..].char_indices();
-            let mut end = header.len();
-            while let Some((off, c)) = chars.next() {
-                match c {
-                    '\\' => {
-                        if let Some((_, escaped)) = chars.next() {
-                            out.push(escaped);
-                        }
-                    }
-                    '"' => {
-                        end = i + off + 1;
-                        break;
-                    }
-                    c => out.push(c),
-                }
-            }
-            i = end;
-            out
-        } else {
-            let vstart = i;
-            while i < bytes.len() && !matches!(bytes[i], b',' | b' ' | b'\t') {
-                i += 1;
-            }
-            header[vstart..i].to_owned()
-        };
-        if key.eq_ignore_ascii_case(name) {
-            return Some(value);
-        }
-    }
-    None
 }
 
 #[cfg(test)]
@@ -181,12 +126,19 @@ mod tests {
         assert!(!ch.is_insufficient_scope());
     }
 
+    /// What mcp-oauth's parser refuses yields no parameter (before it had its own parser,
+    /// this crate read `unterminated` and an empty `error` out of these).
     #[test]
     fn scheme_only_and_garbage_have_no_params() {
         assert_eq!(c("Bearer").error(), None);
         assert_eq!(c("").error(), None);
-        assert_eq!(c(r#"Bearer error="unterminated"#).error().as_deref(), Some("unterminated"));
-        assert_eq!(c("Bearer ,,, =x, error=").error().as_deref(), Some(""));
+        assert_eq!(c(r#"Bearer error="unterminated"#).error(), None);
+        assert_eq!(c("Bearer ,,, =x, error=").error(), None);
+        // A good challenge before a broken one in the same value is still read.
+        assert_eq!(
+            c(r#"Bearer error="invalid_token", Broken "x"#).error().as_deref(),
+            Some("invalid_token")
+        );
     }
 
     #[test]

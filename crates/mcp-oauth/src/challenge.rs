@@ -160,6 +160,30 @@ pub fn parse_challenges<'a>(values: impl IntoIterator<Item = &'a str>) -> Result
     Ok(out)
 }
 
+/// Every challenge that parses in the `WWW-Authenticate` header values given, in order: a value
+/// that does not parse as a whole keeps the challenges before its fault (the fault is logged at
+/// debug level). For a client acting on what it can read, as
+/// [`BearerChallenge::from_headers`] does.
+///
+/// ```
+/// let c = mcp_oauth::parse_challenges_lenient([r#"Bearer scope="a b", Broken "x"#, "Basic realm=r"]);
+/// assert_eq!(c.len(), 2);
+/// assert_eq!(c[0].param("scope"), Some("a b"));
+/// assert!(c[1].is_scheme("basic"));
+/// ```
+pub fn parse_challenges_lenient<'a>(values: impl IntoIterator<Item = &'a str>) -> Vec<Challenge> {
+    let mut found = Vec::new();
+    for value in values {
+        let (challenges, error) =
+            Parser { s: value.as_bytes(), input: value, pos: 0 }.header_partial();
+        found.extend(challenges);
+        if let Some(error) = error {
+            tracing::debug!(error = %error, "skipping a malformed part of a WWW-Authenticate header");
+        }
+    }
+    found
+}
+
 /// Every challenge in one `WWW-Authenticate` header value.
 ///
 /// ```

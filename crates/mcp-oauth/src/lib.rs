@@ -88,7 +88,9 @@ mod workload;
 mod testutil;
 
 pub use authorize::{CallbackParams, PendingAuthorization, PendingAuthorizations, pkce_challenge};
-pub use challenge::{BearerChallenge, Challenge, parse_challenge_header, parse_challenges};
+pub use challenge::{
+    BearerChallenge, Challenge, parse_challenge_header, parse_challenges, parse_challenges_lenient,
+};
 pub use client::{OAuthClient, OAuthConfig, RESERVED_AUTHORIZATION_PARAMS};
 pub use discovery::{
     AuthorizationServerMetadata, CacheUpdate, Discovery, DiscoveryCache, MetadataSource,
