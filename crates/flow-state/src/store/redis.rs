@@ -212,10 +212,14 @@ async fn listen(
         match subscribed {
             Ok(pubsub) => {
                 backoff = Duration::from_millis(50);
+                // Wake everyone first, then say ready: a subscriber that subscribes once the
+                // store is connected must not get this catch-up wake after its first change
+                // (under load it landed there, and the store conformance check saw a
+                // notification for another key's write).
+                notifier.notify_all();
                 if let Some(ready) = ready.take() {
                     let _ = ready.send(());
                 }
-                notifier.notify_all();
                 let mut messages = pubsub.into_on_message();
                 loop {
                     tokio::select! {
