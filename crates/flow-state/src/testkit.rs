@@ -235,7 +235,9 @@ async fn racing_writers(s: SharedStore) {
     assert_eq!(winners, 1, "exactly one compare-and-set from the same version wins");
 }
 
+mod fault_plan;
 mod faulty;
+pub use fault_plan::{FaultPlan, WriteFault};
 pub use faulty::FaultyStore;
 
 #[cfg(feature = "redis")]

@@ -2,24 +2,27 @@
 //! network does, for tests of the layers above.
 
 use std::fmt;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
-use mcp_clock::{Clock, SharedClock};
+use mcp_clock::SharedClock;
+
+use super::{FaultPlan, WriteFault};
 
 use crate::store::BoxFuture;
 use crate::{
     Inserted, SharedStore, Store, StoreError, StoreErrorKind, Subscription, Swapped, Versioned,
 };
 
-/// A [`Store`] over another one with faults a test arms one at a time:
+/// A [`Store`] over another one with the faults of a [`FaultPlan`] (armed through it: the
+/// wrapper dereferences to its plan), reported as [`StoreErrorKind::Unavailable`]:
 ///
-/// - [`FaultyStore::fail_next_write`]: the next write is not applied and reports
-///   [`StoreErrorKind::Unavailable`] (the connection dropped before the command arrived);
-/// - [`FaultyStore::lose_next_write_reply`]: the next write is applied, then reports
-///   [`StoreErrorKind::Unavailable`] (the reply was lost);
-/// - [`FaultyStore::fail_next_read`]: the next read fails;
-/// - [`FaultyStore::set_delay`]: every operation takes this long on the clock.
+/// - [`FaultPlan::fail_next_write`]: the next write is not applied (the connection dropped
+///   before the command arrived);
+/// - [`FaultPlan::lose_next_write_reply`]: the next write is applied, then fails (the reply was
+///   lost);
+/// - [`FaultPlan::fail_next_read`]: the next read fails;
+/// - [`FaultPlan::set_delay`]: every operation takes this long on the clock.
 ///
 /// Writes are `insert_if_absent`, `compare_and_set` and `delete_if`.
 ///
@@ -37,17 +40,7 @@ use crate::{
 /// ```
 pub struct FaultyStore {
     inner: SharedStore,
-    clock: SharedClock,
-    faults: Mutex<Faults>,
-}
-
-#[derive(Default)]
-struct Faults {
-    fail_writes: u32,
-    lose_replies: u32,
-    fail_reads: u32,
-    delay: Duration,
-    injected: u64,
+    plan: FaultPlan,
 }
 
 impl fmt::Debug for FaultyStore {
@@ -56,65 +49,24 @@ impl fmt::Debug for FaultyStore {
     }
 }
 
-enum Plan {
-    Fail,
-    LoseReply,
-    Pass,
+/// The arming methods ([`FaultPlan::fail_next_write`], ...) are the plan's.
+impl std::ops::Deref for FaultyStore {
+    type Target = FaultPlan;
+
+    fn deref(&self) -> &FaultPlan {
+        &self.plan
+    }
 }
 
 impl FaultyStore {
     /// Wrap `inner`; delays run on `clock`.
     pub fn new(inner: SharedStore, clock: SharedClock) -> Arc<Self> {
-        Arc::new(FaultyStore { inner, clock, faults: Mutex::default() })
-    }
-
-    fn with<T>(&self, f: impl FnOnce(&mut Faults) -> T) -> T {
-        f(&mut self.faults.lock().unwrap_or_else(PoisonError::into_inner))
-    }
-
-    /// Fail the next write without applying it.
-    pub fn fail_next_write(&self) {
-        self.with(|f| f.fail_writes += 1);
-    }
-
-    /// Apply the next write, then report a failure.
-    pub fn lose_next_write_reply(&self) {
-        self.with(|f| f.lose_replies += 1);
-    }
-
-    /// Fail the next read.
-    pub fn fail_next_read(&self) {
-        self.with(|f| f.fail_reads += 1);
-    }
-
-    /// Make every operation take `delay` on the clock.
-    pub fn set_delay(&self, delay: Duration) {
-        self.with(|f| f.delay = delay);
-    }
-
-    /// Drop every armed fault (and the delay).
-    pub fn disarm(&self) {
-        self.with(|f| {
-            let injected = f.injected;
-            *f = Faults { injected, ..Faults::default() };
-        });
-    }
-
-    /// How many faults were injected so far.
-    pub fn injected(&self) -> u64 {
-        self.with(|f| f.injected)
+        Arc::new(FaultyStore { inner, plan: FaultPlan::new(clock) })
     }
 
     fn error(key: &str, what: &str) -> StoreError {
         StoreError::new(StoreErrorKind::Unavailable, format!("injected fault: {what}"))
             .with_key(key)
-    }
-
-    async fn delay(&self) {
-        let delay = self.with(|f| f.delay);
-        if !delay.is_zero() {
-            self.clock.sleep(delay).await;
-        }
     }
 
     /// `op` is called only when the write is to be applied (a backend may apply a write when
@@ -124,27 +76,13 @@ impl FaultyStore {
         key: &str,
         op: impl FnOnce() -> BoxFuture<'a, Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        self.delay().await;
-        let plan = self.with(|f| {
-            if f.fail_writes > 0 {
-                f.fail_writes -= 1;
-                f.injected += 1;
-                Plan::Fail
-            } else if f.lose_replies > 0 {
-                f.lose_replies -= 1;
-                f.injected += 1;
-                Plan::LoseReply
-            } else {
-                Plan::Pass
-            }
-        });
-        match plan {
-            Plan::Fail => Err(Self::error(key, "write failed before it was applied")),
-            Plan::LoseReply => {
+        match self.plan.next_write().await {
+            WriteFault::Fail => Err(Self::error(key, "write failed before it was applied")),
+            WriteFault::LoseReply => {
                 op().await?;
                 Err(Self::error(key, "write applied, reply lost"))
             }
-            Plan::Pass => op().await,
+            WriteFault::None => op().await,
         }
     }
 }
@@ -152,16 +90,7 @@ impl FaultyStore {
 impl Store for FaultyStore {
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Versioned>, StoreError>> {
         Box::pin(async move {
-            self.delay().await;
-            let fail = self.with(|f| {
-                let fail = f.fail_reads > 0;
-                if fail {
-                    f.fail_reads -= 1;
-                    f.injected += 1;
-                }
-                fail
-            });
-            if fail {
+            if self.plan.next_read_fails().await {
                 return Err(Self::error(key, "read failed"));
             }
             self.inner.get(key).await

@@ -2,22 +2,22 @@
 //! does.
 
 use std::fmt;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::sync::Arc;
 
-use mcp_clock::{Clock, SharedClock};
+use flow_state::testkit::{FaultPlan, WriteFault};
+use mcp_clock::SharedClock;
 
 use crate::refresher::BoxFuture;
 use crate::{Error, SharedTokenStore, Swap, TokenStore, Versioned};
 
-/// A [`TokenStore`] over another one with faults a test arms:
+/// A [`TokenStore`] over another one with the faults of flow-state's [`FaultPlan`] (armed
+/// through it: the wrapper dereferences to its plan), reported as [`Error::StoreUnavailable`]:
 ///
-/// - [`FaultyTokenStore::fail_next_write`]: the next write is not applied and reports
-///   [`Error::StoreUnavailable`];
-/// - [`FaultyTokenStore::lose_next_write_reply`]: the next write is applied, then reports
-///   [`Error::StoreUnavailable`] (the reply was lost);
-/// - [`FaultyTokenStore::fail_next_read`]: the next read fails;
-/// - [`FaultyTokenStore::set_delay`]: every operation takes this long on the clock.
+/// - [`FaultPlan::fail_next_write`]: the next write is not applied;
+/// - [`FaultPlan::lose_next_write_reply`]: the next write is applied, then fails (the reply was
+///   lost);
+/// - [`FaultPlan::fail_next_read`]: the next read fails;
+/// - [`FaultPlan::set_delay`]: every operation takes this long on the clock.
 ///
 /// Writes are `compare_and_swap` and `delete`; reads are `get` and `keys_with_prefix`.
 ///
@@ -34,17 +34,7 @@ use crate::{Error, SharedTokenStore, Swap, TokenStore, Versioned};
 /// ```
 pub struct FaultyTokenStore {
     inner: SharedTokenStore,
-    clock: SharedClock,
-    faults: Mutex<Faults>,
-}
-
-#[derive(Default)]
-struct Faults {
-    fail_writes: u32,
-    lose_replies: u32,
-    fail_reads: u32,
-    delay: Duration,
-    injected: u64,
+    plan: FaultPlan,
 }
 
 impl fmt::Debug for FaultyTokenStore {
@@ -53,64 +43,23 @@ impl fmt::Debug for FaultyTokenStore {
     }
 }
 
-enum Plan {
-    Fail,
-    LoseReply,
-    Pass,
+/// The arming methods ([`FaultPlan::fail_next_write`], ...) are the plan's.
+impl std::ops::Deref for FaultyTokenStore {
+    type Target = FaultPlan;
+
+    fn deref(&self) -> &FaultPlan {
+        &self.plan
+    }
 }
 
 impl FaultyTokenStore {
     /// Wrap `inner`; delays run on `clock`.
     pub fn new(inner: SharedTokenStore, clock: SharedClock) -> Arc<Self> {
-        Arc::new(FaultyTokenStore { inner, clock, faults: Mutex::default() })
-    }
-
-    fn with<T>(&self, f: impl FnOnce(&mut Faults) -> T) -> T {
-        f(&mut self.faults.lock().unwrap_or_else(PoisonError::into_inner))
-    }
-
-    /// Fail the next write without applying it.
-    pub fn fail_next_write(&self) {
-        self.with(|f| f.fail_writes += 1);
-    }
-
-    /// Apply the next write, then report a failure.
-    pub fn lose_next_write_reply(&self) {
-        self.with(|f| f.lose_replies += 1);
-    }
-
-    /// Fail the next read.
-    pub fn fail_next_read(&self) {
-        self.with(|f| f.fail_reads += 1);
-    }
-
-    /// Make every operation take `delay` on the clock.
-    pub fn set_delay(&self, delay: Duration) {
-        self.with(|f| f.delay = delay);
-    }
-
-    /// Drop every armed fault (and the delay).
-    pub fn disarm(&self) {
-        self.with(|f| {
-            let injected = f.injected;
-            *f = Faults { injected, ..Faults::default() };
-        });
-    }
-
-    /// How many faults were injected so far.
-    pub fn injected(&self) -> u64 {
-        self.with(|f| f.injected)
+        Arc::new(FaultyTokenStore { inner, plan: FaultPlan::new(clock) })
     }
 
     fn error(what: &str) -> Error {
         Error::StoreUnavailable { message: format!("injected fault: {what}"), source: None }
-    }
-
-    async fn delay(&self) {
-        let delay = self.with(|f| f.delay);
-        if !delay.is_zero() {
-            self.clock.sleep(delay).await;
-        }
     }
 
     /// `op` is called only when the operation is to happen (a backend may act when its method
@@ -119,16 +68,7 @@ impl FaultyTokenStore {
         &'a self,
         op: impl FnOnce() -> BoxFuture<'a, Result<T, Error>>,
     ) -> Result<T, Error> {
-        self.delay().await;
-        let fail = self.with(|f| {
-            let fail = f.fail_reads > 0;
-            if fail {
-                f.fail_reads -= 1;
-                f.injected += 1;
-            }
-            fail
-        });
-        if fail {
+        if self.plan.next_read_fails().await {
             return Err(Self::error("read failed"));
         }
         op().await
@@ -138,27 +78,13 @@ impl FaultyTokenStore {
         &'a self,
         op: impl FnOnce() -> BoxFuture<'a, Result<T, Error>>,
     ) -> Result<T, Error> {
-        self.delay().await;
-        let plan = self.with(|f| {
-            if f.fail_writes > 0 {
-                f.fail_writes -= 1;
-                f.injected += 1;
-                Plan::Fail
-            } else if f.lose_replies > 0 {
-                f.lose_replies -= 1;
-                f.injected += 1;
-                Plan::LoseReply
-            } else {
-                Plan::Pass
-            }
-        });
-        match plan {
-            Plan::Fail => Err(Self::error("write failed before it was applied")),
-            Plan::LoseReply => {
+        match self.plan.next_write().await {
+            WriteFault::Fail => Err(Self::error("write failed before it was applied")),
+            WriteFault::LoseReply => {
                 op().await?;
                 Err(Self::error("write applied, reply lost"))
             }
-            Plan::Pass => op().await,
+            WriteFault::None => op().await,
         }
     }
 }
