@@ -752,8 +752,7 @@ impl Client {
         // The redirect URI is recorded only once the authorization server accepted it for this
         // client (a completed browser step); a login that found usable tokens proved nothing.
         if hook.prompted()
-            && let Some(mut client) =
-                self.storage.client(&target.key).await.map_err(self.store_err())?
+            && let Some(mut client) = client_after
             && !client.redirect_uris.contains(&redirect)
         {
             client.redirect_uris = vec![redirect];
