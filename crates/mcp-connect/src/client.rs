@@ -61,6 +61,14 @@ pub struct ClientOptions {
     client_metadata: serde_json::Map<String, serde_json::Value>,
     client_metadata_url: Option<url::Url>,
     silent: bool,
+    workload_identity: Option<WorkloadSource>,
+}
+
+/// Where a workload's identity assertion comes from (SEP-1933).
+#[derive(Debug, Clone)]
+enum WorkloadSource {
+    File(PathBuf),
+    Env(String),
 }
 
 impl ClientOptions {
@@ -89,7 +97,25 @@ impl ClientOptions {
             client_metadata: serde_json::Map::new(),
             client_metadata_url: None,
             silent: false,
+            workload_identity: None,
         }
+    }
+
+    /// Workload identity (SEP-1933): get tokens with the RFC 7523 jwt-bearer grant and the
+    /// assertion in the file at `path` (read again when it changes, as Kubernetes and cloud
+    /// platforms rotate them), instead of a browser login; again whenever they expire or are
+    /// refused. The client is registered dynamically, or given with
+    /// [`ClientOptions::static_client`] (name its `issuer` then).
+    pub fn workload_identity_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.workload_identity = Some(WorkloadSource::File(path.into()));
+        self
+    }
+
+    /// [`ClientOptions::workload_identity_file`] with the assertion in the environment variable
+    /// `name` (read at each grant).
+    pub fn workload_identity_env(mut self, name: impl Into<String>) -> Self {
+        self.workload_identity = Some(WorkloadSource::Env(name.into()));
+        self
     }
 
     /// Use this client registered out of band instead of dynamic registration. Tokens obtained
@@ -545,9 +571,13 @@ impl Client {
         if let Some(scope) = &self.options.scope {
             config = config.scopes(scope.clone());
         }
-        if self.options.static_client.is_some() || self.options.client_metadata_url.is_some() {
+        if self.options.static_client.is_some()
+            || self.options.client_metadata_url.is_some()
+            || self.options.workload_identity.is_some()
+        {
             // Only the interactive flow (login) uses the redirect URI; the client's identity
-            // is part of the token key for every command.
+            // is part of the token key for every command. A workload registers with it too
+            // (its grant runs wherever a command needs tokens).
             // The issuer is not needed here (the key digest names the client id only); a login
             // binds the credentials to an issuer (`static_issuer`).
             config =
@@ -611,7 +641,18 @@ impl Client {
     /// A factory without an interactive flow: a refused refresh ends in
     /// [`Error::NotLoggedIn`].
     pub(crate) fn factory(&self) -> ConnectionFactory {
-        ConnectionFactory::new(self.flows.clone(), self.storage.clone())
+        let factory = ConnectionFactory::new(self.flows.clone(), self.storage.clone());
+        match &self.options.workload_identity {
+            Some(WorkloadSource::File(path)) => factory.with_workload_identity(
+                self.oauth.clone(),
+                mcp_oauth::WorkloadIdentity::from_file(path),
+            ),
+            Some(WorkloadSource::Env(name)) => factory.with_workload_identity(
+                self.oauth.clone(),
+                mcp_oauth::WorkloadIdentity::from_env(name),
+            ),
+            None => factory,
+        }
     }
 
     pub(crate) fn provider(
@@ -641,6 +682,13 @@ impl Client {
             return Err(Error::Usage(
                 "a --header 'Authorization: ...' is the credentials itself: there is nothing to log in (drop the header to log in with OAuth)".into(),
             ));
+        }
+        if self.options.workload_identity.is_some() {
+            // No browser: the first request's 401 runs the workload's grant.
+            let conn = self.connect(&target).await?;
+            let _ = conn.close().await;
+            let status = self.status_of(&target.key).await?;
+            return Ok(LoginReport { server: target.as_str().to_owned(), prompted: false, status });
         }
         self.probe(&target).await?;
         self.stored(&target).await?;
@@ -987,7 +1035,7 @@ impl Client {
     /// Login errors (see [`Client::login`]), or [`Error::Mcp`] when the session ends.
     pub async fn proxy(&self, url: &str, options: &LoginOptions) -> Result<(), Error> {
         let target = self.target(url)?;
-        if !self.options.user_authorization() {
+        if !self.options.user_authorization() && self.options.workload_identity.is_none() {
             self.ensure_authorized(&target, options).await?;
         }
         crate::proxy::run(self, &target, options).await
@@ -1001,6 +1049,13 @@ impl Client {
         target: &Target,
         options: &LoginOptions,
     ) -> Result<(), Error> {
+        if self.options.workload_identity.is_some() {
+            return Err(Error::Authorization(format!(
+                "the server {} refused the tokens of the workload identity grant; check that the \
+                 authorization server trusts the workload's assertion",
+                target.as_str()
+            )));
+        }
         self.events.record(
             &target.key,
             "relogin",

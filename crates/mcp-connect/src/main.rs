@@ -134,6 +134,13 @@ struct ServerArgs {
     /// client id where the authorization server supports them.
     #[arg(long, value_name = "URL")]
     client_metadata_url: Option<String>,
+    /// Workload identity (SEP-1933): tokens from the jwt-bearer grant with the assertion in
+    /// FILE (a Kubernetes or cloud workload token; read again when it changes), no browser.
+    #[arg(long, value_name = "FILE", conflicts_with = "workload_identity_env")]
+    workload_identity_file: Option<std::path::PathBuf>,
+    /// Workload identity with the assertion in the environment variable VAR.
+    #[arg(long, value_name = "VAR")]
+    workload_identity_env: Option<String>,
     /// The scopes to ask for (space separated). Give it to every command for the server.
     #[arg(long)]
     scope: Option<String>,
@@ -440,6 +447,12 @@ async fn run(cli: Cli) -> Result<u8, Error> {
         }
         if let Some(url) = &server.client_metadata_url {
             options = options.client_metadata_url(url)?;
+        }
+        if let Some(path) = &server.workload_identity_file {
+            options = options.workload_identity_file(path.clone());
+        }
+        if let Some(name) = &server.workload_identity_env {
+            options = options.workload_identity_env(name.clone());
         }
         if let Some(scope) = &server.scope {
             options = options.scope(scope.clone());

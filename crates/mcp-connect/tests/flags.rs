@@ -777,3 +777,55 @@ async fn a_users_authorization_header_is_the_credentials() {
     let out = store.run(&["login", &server, "--header", bogus]);
     out.expect_code(2);
 }
+
+/// `--workload-identity-file` (SEP-1933): a command gets its tokens with the jwt-bearer grant
+/// and the assertion in the file, with no browser step; when they have expired, the next
+/// command runs the grant again with the assertion the platform has rotated into the file.
+/// `-vv` logs never show an assertion.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_identity_file_replaces_the_browser_login() {
+    let fx = Fixtures::start().await.unwrap();
+    let knobs = fx.auth().knobs();
+    knobs.set_access_token_lifetime(std::time::Duration::from_secs(60));
+    knobs.set_workload_assertions(vec!["wl-assertion-one-5b1e".into()]);
+    let server = fx.resource().url().to_owned();
+    let store = Store::new();
+    let file = store.dir.path().join("workload-token");
+    std::fs::write(&file, "wl-assertion-one-5b1e\n").unwrap();
+    let flag = file.to_str().unwrap();
+
+    let first = store.run(&[
+        "-vv",
+        "call",
+        &server,
+        "echo",
+        r#"{"text":"as a workload"}"#,
+        "--workload-identity-file",
+        flag,
+    ]);
+    first.expect_code(0);
+    assert!(first.stdout.contains("as a workload"), "{first:#?}");
+    assert!(!first.stderr.contains(common::URL_PREFIX), "no browser step: {first:#?}");
+    let stats = fx.auth().stats();
+    assert_eq!((stats.jwt_bearer_requests, stats.authorization_code_requests), (1, 0), "{stats:?}");
+
+    // The platform rotates the assertion; the tokens expire on the server's clock.
+    std::fs::write(&file, "wl-assertion-two-93c0\n").unwrap();
+    knobs.set_workload_assertions(vec!["wl-assertion-two-93c0".into()]);
+    knobs.set_clock_offset_millis(61_000);
+    let second = store.run(&[
+        "-vv",
+        "call",
+        &server,
+        "echo",
+        r#"{"text":"rotated"}"#,
+        "--workload-identity-file",
+        flag,
+    ]);
+    second.expect_code(0);
+    assert!(second.stdout.contains("rotated"), "{second:#?}");
+    assert_eq!(fx.auth().stats().jwt_bearer_requests, 2, "{:?}", fx.auth().stats());
+    for output in [first.all(), second.all()] {
+        assert!(!output.contains("wl-assertion"), "an assertion was printed:\n{output}");
+    }
+}

@@ -118,6 +118,10 @@ pub struct KnobSettings {
     /// A rotated refresh token redeemed again within this window still works: the server
     /// issues a new access token and returns the family's current refresh token.
     pub reuse_grace: Option<Duration>,
+    /// The workload identity assertions (SEP-1933) the RFC 7523 jwt-bearer grant accepts, as
+    /// a platform's trust in its workloads' tokens. Empty (the default): the grant is not
+    /// offered. It issues no refresh token: a workload asks again with its current assertion.
+    pub workload_assertions: Vec<String>,
     /// Leave `expires_in` out of token responses (the tokens still expire).
     pub omit_expires_in: bool,
     /// Leave `scope` out of token responses (RFC 6749 §5.1: then the granted scope is the one
@@ -207,6 +211,7 @@ impl Default for KnobSettings {
             withheld_scopes: Vec::new(),
             redirect_iss: RedirectIss::Correct,
             omit_pkce_metadata: false,
+            workload_assertions: Vec::new(),
         }
     }
 }
@@ -285,6 +290,11 @@ impl Knobs {
     /// Strict reuse detection on or off.
     pub fn set_reuse_detection(&self, on: bool) {
         self.update(|s| s.reuse_detection = on);
+    }
+
+    /// The assertions the jwt-bearer grant accepts ([`KnobSettings::workload_assertions`]).
+    pub fn set_workload_assertions(&self, assertions: Vec<String>) {
+        self.update(|s| s.workload_assertions = assertions);
     }
 
     /// The grace window in which a rotated refresh token still works.

@@ -18,6 +18,9 @@ pub struct AuthStats {
     pub client_credentials_requests: u64,
     /// Token requests with another or no grant type.
     pub other_token_requests: u64,
+    /// Token requests with the jwt-bearer grant (RFC 7523, workload identity); also counted
+    /// in `other_token_requests`.
+    pub jwt_bearer_requests: u64,
     /// Times each refresh token was presented at the token endpoint, successful or not.
     pub refresh_redemptions: BTreeMap<TokenFingerprint, u64>,
     /// Rotated refresh tokens presented again outside the grace window.

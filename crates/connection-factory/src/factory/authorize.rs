@@ -176,7 +176,7 @@ impl FactoryProvider {
     /// that concurrent first connects register one client and every pending authorization
     /// names the client that is stored. A failed read of the stored client is
     /// [`Error::Store`], never "no client" (a good registration is not registered over).
-    async fn registration(
+    pub(super) async fn registration(
         &self,
         oauth: &OAuthClient,
         discovery: &mcp_oauth::Discovery,

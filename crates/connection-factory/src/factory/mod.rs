@@ -29,6 +29,7 @@ mod authorize;
 mod config;
 mod counters;
 mod refresh;
+mod workload;
 
 pub use config::FactoryConfig;
 pub use counters::RefreshCounters;
@@ -37,6 +38,7 @@ use authorize::{Registrations, Waiting};
 use config::scope_set;
 use counters::{Counters, StepUps, bump};
 use refresh::Leaders;
+use workload::Workload;
 
 /// The flow type of the cached token look-up.
 pub const GET_TOKENS_FLOW: &str = "mcp_get_tokens";
@@ -83,6 +85,7 @@ pub struct ConnectionFactory {
     leaders: Arc<Leaders>,
     registrations: Registrations,
     interactive: Option<(OAuthClient, Arc<dyn AuthorizationHook>)>,
+    workload: Option<Workload>,
 }
 
 impl fmt::Debug for ConnectionFactory {
@@ -104,6 +107,7 @@ impl ConnectionFactory {
             step_ups: Arc::default(),
             leaders: Arc::default(),
             interactive: None,
+            workload: None,
         }
     }
 
@@ -116,6 +120,30 @@ impl ConnectionFactory {
         hook: Arc<dyn AuthorizationHook>,
     ) -> Self {
         self.interactive = Some((oauth, hook));
+        self
+    }
+
+    /// Workload identity (SEP-1933): where the interactive flow would prompt a user, run the
+    /// RFC 7523 jwt-bearer grant with `identity`'s current assertion (a file is read again when
+    /// it changes) and store the tokens; when they expire or are refused without a refresh
+    /// token, the grant runs again. Takes precedence over [`with_interactive`](Self::with_interactive).
+    /// [`FactoryConfig::client`] names the client (registered once, as for the browser flow).
+    ///
+    /// ```
+    /// # fn demo(flows: flow_state::FlowManager, storage: token_storage::TokenStorage, oauth: mcp_oauth::OAuthClient) {
+    /// let factory = connection_factory::ConnectionFactory::new(flows, storage).with_workload_identity(
+    ///     oauth,
+    ///     mcp_oauth::WorkloadIdentity::from_file("/var/run/secrets/tokens/mcp"),
+    /// );
+    /// # }
+    /// ```
+    pub fn with_workload_identity(
+        mut self,
+        oauth: OAuthClient,
+        identity: mcp_oauth::WorkloadIdentity,
+    ) -> Self {
+        let grants = SingleFlight::new(self.flows.clock().clone());
+        self.workload = Some(Workload { oauth, identity: Arc::new(identity), grants });
         self
     }
 
@@ -133,6 +161,7 @@ impl ConnectionFactory {
             leaders: self.leaders.clone(),
             registrations: self.registrations.clone(),
             interactive: self.interactive.clone(),
+            workload: self.workload.clone(),
             waiting: Waiting::default(),
         }))
     }
@@ -203,6 +232,7 @@ pub struct FactoryProvider {
     leaders: Arc<Leaders>,
     registrations: Registrations,
     interactive: Option<(OAuthClient, Arc<dyn AuthorizationHook>)>,
+    workload: Option<Workload>,
     waiting: Waiting,
 }
 
@@ -317,6 +347,9 @@ impl AuthProvider for FactoryProvider {
                     // refresh) are used before anyone is prompted.
                     if let Recovery::Retry(token) = self.fall_back(None).await? {
                         return Ok(Recovery::Retry(token));
+                    }
+                    if let Some(workload) = &self.workload {
+                        return self.workload_grant(workload, Some(challenge), None).await;
                     }
                     self.interactive(Some(challenge), AuthorizationReason::NoTokens, None).await
                 }

@@ -54,6 +54,9 @@ impl FactoryProvider {
         challenge: &Challenge,
     ) -> Result<Recovery, Error> {
         let recovery = self.silent_refresh(rejected).await;
+        if let (Some(workload), Ok(Recovery::AuthorizationRequired)) = (&self.workload, &recovery) {
+            return self.workload_grant(workload, Some(challenge), Some(rejected)).await;
+        }
         match recovery {
             Ok(Recovery::AuthorizationRequired)
             | Err(Error::Timeout { .. })
@@ -205,8 +208,10 @@ impl FactoryProvider {
             .tokens(&self.key)
             .await
             .map_err(|e| Error::store("reading the stored tokens", e))?;
+        let now = self.flows.clock().now();
         if let Some(set) = stored
             && set.needs_authorization().is_none()
+            && set.expires_at().is_none_or(|e| now < e)
             && rejected.is_none_or(|r| set.access_token().expose() != r.expose())
         {
             bump(&self.counters.adopted);

@@ -692,6 +692,29 @@ impl Core {
         Ok(TokenAnswer { tokens })
     }
 
+    /// The jwt-bearer grant (RFC 7523) with a workload identity assertion (SEP-1933): the
+    /// assertion must be one the knobs trust; no refresh token is issued.
+    pub(crate) fn jwt_bearer(
+        &self,
+        client: &Client,
+        params: &HashMap<String, String>,
+    ) -> Result<TokenAnswer, OAuthError> {
+        let k = self.knobs.get();
+        let Some(assertion) = params.get("assertion") else {
+            return Err(OAuthError::new("invalid_request", "assertion is required"));
+        };
+        if !k.workload_assertions.iter().any(|a| a == assertion) {
+            return Err(OAuthError::new("invalid_grant", "the assertion is not trusted"));
+        }
+        let scope = self.resolve_scope(split_scope(params.get("scope").map(String::as_str)))?;
+        let now = self.now(&k);
+        let mut inner = self.lock(now);
+        let resource = params.get("resource").cloned();
+        let tokens = issue(&mut inner, &k, now, &client.id, scope, resource, None, false);
+        issued_event(&mut inner, now, "jwt_bearer", &client.id, &tokens);
+        Ok(TokenAnswer { tokens })
+    }
+
     /// Mint tokens without HTTP (for tests that need a token to start with).
     pub(crate) fn mint(
         &self,

@@ -60,6 +60,17 @@ pub(crate) fn router(app: App) -> Router {
     r.with_state(app)
 }
 
+/// The jwt-bearer grant type (RFC 7523).
+const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+
+fn grant_types_supported(app: &App) -> Vec<&'static str> {
+    let mut grants = vec!["authorization_code", "refresh_token", "client_credentials"];
+    if !app.core.knobs.get().workload_assertions.is_empty() {
+        grants.push(JWT_BEARER);
+    }
+    grants
+}
+
 /// The RFC 8414 document.
 pub(crate) fn metadata(app: &App) -> Value {
     let cfg = &app.core.config;
@@ -72,7 +83,7 @@ pub(crate) fn metadata(app: &App) -> Value {
         "introspection_endpoint": app.endpoint("introspect"),
         "response_types_supported": ["code"],
         "response_modes_supported": ["query"],
-        "grant_types_supported": ["authorization_code", "refresh_token", "client_credentials"],
+        "grant_types_supported": grant_types_supported(app),
         "code_challenge_methods_supported": ["S256"],
         "token_endpoint_auth_methods_supported": methods,
         "revocation_endpoint_auth_methods_supported": methods,
@@ -416,7 +427,10 @@ async fn token(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Respo
             "authorization_code" => s.authorization_code_requests += 1,
             "refresh_token" => s.refresh_token_requests += 1,
             "client_credentials" => s.client_credentials_requests += 1,
-            _ => s.other_token_requests += 1,
+            _ => {
+                s.other_token_requests += 1;
+                s.jwt_bearer_requests += u64::from(grant == JWT_BEARER);
+            }
         },
         None,
     );
@@ -456,6 +470,7 @@ async fn token(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Respo
         "authorization_code" => app.core.exchange_code(&client, &params),
         "refresh_token" => app.core.refresh(&client, &params),
         "client_credentials" => app.core.client_credentials(&client, &params),
+        JWT_BEARER => app.core.jwt_bearer(&client, &params),
         "" => Err(OAuthError::new("invalid_request", "grant_type is required")),
         other => Err(OAuthError::new(
             "unsupported_grant_type",
@@ -584,7 +599,7 @@ async fn register(State(app): State<App>, body: Bytes) -> Response {
     if grant_types.is_empty() {
         grant_types.push("authorization_code".to_owned());
     }
-    let supported = ["authorization_code", "refresh_token", "client_credentials"];
+    let supported = ["authorization_code", "refresh_token", "client_credentials", JWT_BEARER];
     if grant_types.iter().any(|g| !supported.contains(&g.as_str())) {
         return registration_error("invalid_client_metadata", "unsupported grant type");
     }
