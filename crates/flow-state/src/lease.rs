@@ -87,15 +87,42 @@ impl Leases {
     }
 
     /// Take the lease for `ttl` if nobody holds it.
+    ///
+    /// An insert that fails may have been applied with its reply lost: the record is read
+    /// back, and if it holds this attempt's owner token the lease is ours (never left held by
+    /// nobody until its TTL). If it cannot be read back either, the error is returned, and the
+    /// record, if it was written, expires after `ttl`.
     pub async fn try_acquire(&self, key: &FlowKey, ttl: Duration) -> Result<Option<Lease>, Error> {
+        self.try_acquire_as(key, ttl, owner_token()).await
+    }
+
+    /// [`Leases::try_acquire`] with the owner token `owner`: a record that already holds it
+    /// (an earlier insert of this attempt whose reply was lost) is taken as ours.
+    async fn try_acquire_as(
+        &self,
+        key: &FlowKey,
+        ttl: Duration,
+        owner: [u8; 16],
+    ) -> Result<Option<Lease>, Error> {
         let now = self.clock.now();
-        let owner = owner_token();
+        let ours = |v: &crate::Versioned| {
+            (*v.value == owner).then(|| Lease {
+                key: key.clone(),
+                fence: v.version,
+                owner,
+                expires_at: v.expires_at,
+            })
+        };
         match self.store.insert_if_absent(&lease_key(key), owner.to_vec(), ttl).await {
             Ok(Inserted::Inserted { version }) => {
                 Ok(Some(Lease { key: key.clone(), fence: version, owner, expires_at: now + ttl }))
             }
-            Ok(Inserted::Exists(_)) => Ok(None),
-            Err(e) => Err(Self::error(key, e)),
+            Ok(Inserted::Exists(v)) => Ok(ours(&v)),
+            Err(e) => match self.store.get(&lease_key(key)).await {
+                // Applied, and its reply lost.
+                Ok(Some(v)) if *v.value == owner => Ok(ours(&v)),
+                _ => Err(Self::error(key, e)),
+            },
         }
     }
 
@@ -110,6 +137,12 @@ impl Leases {
 
     /// Take the lease for `ttl`, waiting up to `wait` for its holder to release it or for it to
     /// expire. Waiting does not poll: it sleeps until a change or the current lease's expiry.
+    ///
+    /// One owner token serves the whole wait. An insert that fails on an unavailable store (a
+    /// connection that sat idle through a server restart, a lost reply) is tried once more
+    /// after a short pause: were the first applied after all, the second finds this owner
+    /// token and takes the lease. If that fails too, a record of ours that can be found is
+    /// released before the error is returned.
     pub async fn acquire(
         &self,
         key: &FlowKey,
@@ -118,9 +151,25 @@ impl Leases {
     ) -> Result<Lease, Error> {
         let deadline = self.clock.now() + wait;
         let mut changes = self.store.subscribe(&lease_key(key));
+        let owner = owner_token();
+        let mut failed = false;
         loop {
-            if let Some(lease) = self.try_acquire(key, ttl).await? {
-                return Ok(lease);
+            match self.try_acquire_as(key, ttl, owner).await {
+                Ok(Some(lease)) => return Ok(lease),
+                Ok(None) => {}
+                Err(e) if !failed && unavailable(&e) => {
+                    failed = true;
+                    self.clock.sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+                Err(e) => {
+                    if let Ok(Some(v)) = self.store.get(&lease_key(key)).await
+                        && *v.value == owner
+                    {
+                        let _ = self.store.delete_if(&lease_key(key), Some(v.version)).await;
+                    }
+                    return Err(e);
+                }
             }
             let held_until = match self.store.get(&lease_key(key)).await {
                 Ok(Some(v)) => v.expires_at,
@@ -172,6 +221,10 @@ impl Leases {
             .await
             .map_err(|e| Self::error(&lease.key, e))
     }
+}
+
+fn unavailable(e: &Error) -> bool {
+    matches!(e, Error::Store { source, .. } if source.kind() == StoreErrorKind::Unavailable)
 }
 
 /// A random owner token (falls back to the time and a counter if the OS has no randomness).

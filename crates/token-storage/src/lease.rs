@@ -200,21 +200,13 @@ impl RefreshLease {
         match &self.kind {
             Kind::Store(leases) => {
                 let flow_key = flow_key(key)?;
-                let lease = match leases.acquire(&flow_key, self.ttl, self.wait).await {
-                    Ok(lease) => lease,
-                    // A connection that sat idle through a server restart fails its first
-                    // command and reconnects: try once more before reporting it. (Were the
-                    // first insert applied after all, the retry finds that lease and waits
-                    // out its TTL: slower, never two holders.)
-                    Err(e) if unavailable(&e) => {
-                        self.clock.sleep(Duration::from_millis(20)).await;
-                        leases
-                            .acquire(&flow_key, self.ttl, self.wait)
-                            .await
-                            .map_err(|e| lease_error(key, self.wait, e))?
-                    }
-                    Err(e) => return Err(lease_error(key, self.wait, e)),
-                };
+                // A connection that sat idle through a server restart fails its first command
+                // and reconnects: `Leases::acquire` tries once more with the same owner token,
+                // so an insert that was applied with its reply lost is taken, not orphaned.
+                let lease = leases
+                    .acquire(&flow_key, self.ttl, self.wait)
+                    .await
+                    .map_err(|e| lease_error(key, self.wait, e))?;
                 Ok(Held::Store { leases: leases.clone(), lease, ttl: self.ttl })
             }
             Kind::Files(dir) => {
@@ -281,10 +273,6 @@ fn open_lock_file(dir: &Path, key: &TokenKey) -> Result<File, Error> {
         .write(true)
         .open(&path)
         .map_err(|e| Error::store(format!("could not open lock file {}", path.display()), e))
-}
-
-fn unavailable(e: &flow_state::Error) -> bool {
-    matches!(e, flow_state::Error::Store { source, .. } if source.kind() == StoreErrorKind::Unavailable)
 }
 
 fn lease_error(key: &TokenKey, wait: Duration, e: flow_state::Error) -> Error {

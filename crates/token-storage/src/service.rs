@@ -983,7 +983,18 @@ impl Inner {
             if let Some(guard) = guard {
                 match guard.check(&key).await {
                     Ok(true) => {}
-                    Ok(false) => return Ok(None),
+                    Ok(false) => {
+                        // Nothing went out since this flight's latest in-doubt write: take it
+                        // back, or the next holder would spend its one same-token retry on a
+                        // token never sent. The lease is gone, so this write cannot be fenced;
+                        // it is a compare-and-swap on the version of that very write, which
+                        // only lands if nobody wrote since, and whoever acts on the intent
+                        // (claims the retry, marks the slot) writes first, so it cannot have
+                        // acted on it. A new holder that read the intent and has not written
+                        // yet finds its write conflicting and reads again.
+                        self.restore_doubt(&key, &current, prior, None).await;
+                        return Ok(None);
+                    }
                     Err(e) => {
                         warn!(%key, error = %e, "could not check the refresh lease; not sending");
                         return Err(Error::RefreshUnavailable {
@@ -1108,7 +1119,9 @@ impl Inner {
     /// write that can have reached the server: every failure since was known to be before
     /// sending (a lost answer is never followed by this: it is claimed or ends the refresh).
     /// Otherwise an intent left by a flight that never sent would read as a spent token, and a
-    /// claimed retry that was never sent as a rotation lost in flight. Best effort, fenced.
+    /// claimed retry that was never sent as a rotation lost in flight. Best effort, fenced by
+    /// `guard`; with `None` (the lease was found lost before sending), fenced by the version of
+    /// that write alone, which any later writer replaces.
     async fn restore_doubt(
         &self,
         key: &TokenKey,

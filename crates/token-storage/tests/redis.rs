@@ -275,3 +275,120 @@ async fn a_redis_restart_is_transient_and_loses_nothing() {
     assert!(third.version() > second.version(), "versions keep increasing after a restart");
     assert_eq!(server.reuse_detected(), 0);
 }
+
+/// The lease key of `key`'s refresh, as the storage names it, from the token store's one record.
+async fn lease_key(store: &RedisTokenStore) -> flow_state::FlowKey {
+    let record = store.keys_with_prefix("").await.unwrap().pop().expect("the token record");
+    flow_state::FlowKey::new("token_refresh", &record).unwrap()
+}
+
+/// Polls `cond` every 10 ms of real time for up to `limit`; whether it held.
+async fn eventually<F: std::future::Future<Output = bool>>(
+    limit: Duration,
+    cond: impl Fn() -> F,
+) -> bool {
+    let clock = mcp_clock::SystemClock;
+    let start = mcp_clock::SystemClock::instant();
+    while mcp_clock::SystemClock::instant() - start < limit {
+        if cond().await {
+            return true;
+        }
+        mcp_clock::Clock::sleep(&clock, Duration::from_millis(10)).await;
+    }
+    false
+}
+
+/// Race (issue 12, "a lease lost just before sending"): `a` writes its in-doubt intent under
+/// the lease, then finds the lease lost at the check before sending (its lease store answers
+/// 700 ms late, so the lease lapses between the intent and the check, and a peer takes it).
+/// Nothing was sent, but the intent stayed at "sent": the next holder (here `a` itself, once
+/// the peer is gone) read it as a token that may be spent and spent its one same-token retry
+/// on the first presentation; that answer lost, the slot ended in "rotation lost in flight"
+/// with no rotation lost at all. The flight takes its own intent back (a compare-and-swap on
+/// the intent's version), so the next holder sends normally, keeps its retry, and the server's
+/// grace window answers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_lost_before_sending_leaves_the_next_holder_its_retry() {
+    let Some(redis) = RedisServer::start() else { return };
+    let clock = SharedClock::system();
+    let server = FakeAuthServer::new(clock.clone());
+    server.set_reuse_grace(Duration::from_secs(60));
+    let store = connect(&redis).await;
+    let flows = RedisStore::builder(redis.url()).prefix("leases").connect().await.unwrap();
+    let slow =
+        flow_state::testkit::FaultyStore::new(SharedStore::new(flows.clone()), clock.clone());
+    let lease = RefreshLease::store(SharedStore::from_arc(slow.clone()), clock.clone())
+        .ttl(Duration::from_millis(1000))
+        .wait(Duration::from_secs(20));
+    let a = storage_on(SharedTokenStore::new(store.clone()), &server, Some(lease));
+    let first = a.store(&key(), ISS, server.issue(&key())).await.unwrap();
+    let lease_key = lease_key(&store).await;
+    let peer = flow_state::Leases::new(SharedStore::new(flows), clock.clone());
+    // Every lease operation of `a` takes 700 ms: acquired at ~0.7 s (expiring at ~1.7 s), the
+    // check before the intent reads at ~1.4 s (held), the check before the send at ~2.1 s;
+    // renewals (a read, then a write) land after the expiry.
+    slow.set_delay(Duration::from_millis(700));
+    server.lose_next_answer();
+    let refresh = tokio::spawn({
+        let (a, rejected) = (a.clone(), first.access_token().clone());
+        async move { a.force_refresh(&key(), ISS, &rejected).await }
+    });
+    let in_doubt = || async { a.tokens(&key()).await.unwrap().unwrap().in_doubt() };
+    assert!(eventually(Duration::from_secs(5), in_doubt).await, "a wrote its intent");
+    let mut held = None;
+    for _ in 0..500 {
+        held = peer.try_acquire(&lease_key, Duration::from_secs(60)).await.unwrap();
+        if held.is_some() {
+            break;
+        }
+        mcp_clock::Clock::sleep(&clock, Duration::from_millis(10)).await;
+    }
+    let held = held.expect("the peer took the lapsed lease");
+    assert_eq!(server.calls(), 0, "a sent nothing");
+    let taken_back = eventually(Duration::from_secs(3), || async {
+        !a.tokens(&key()).await.unwrap().unwrap().in_doubt()
+    })
+    .await;
+    slow.disarm();
+    assert!(peer.release(held).await.unwrap());
+    let refreshed = mcp_clock::within(&clock, Duration::from_secs(20), refresh)
+        .await
+        .expect("the refresh ends")
+        .unwrap();
+    assert!(taken_back, "the intent of a flight that never sent was left at \"sent\"");
+    let refreshed =
+        refreshed.expect("the next holder kept its retry: the grace window answered it");
+    assert_ne!(refreshed.access_token(), first.access_token());
+    assert_eq!(server.calls(), 2, "one lost presentation and its one retry");
+    assert_eq!(server.replays_after_delivery(), 0);
+}
+
+/// Race (issue 12, "an orphaned lease"): the insert that takes the refresh lease is applied on
+/// Redis but its reply is lost. The acquire was retried with a new owner token, found the
+/// lease it had just written itself, held by nobody, and waited out its TTL (30 s here, past
+/// the 3 s wait: the refresh failed). The retry keeps the owner token and recognises its own
+/// record: the refresh goes on at once, and releases the lease at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acquire_whose_reply_was_lost_takes_its_own_lease() {
+    let Some(redis) = RedisServer::start() else { return };
+    let clock = SharedClock::system();
+    let server = FakeAuthServer::new(clock.clone());
+    let store = connect(&redis).await;
+    let flows = RedisStore::builder(redis.url()).prefix("leases").connect().await.unwrap();
+    let faulty =
+        flow_state::testkit::FaultyStore::new(SharedStore::new(flows.clone()), clock.clone());
+    let lease = RefreshLease::store(SharedStore::from_arc(faulty.clone()), clock.clone())
+        .ttl(Duration::from_secs(30))
+        .wait(Duration::from_secs(3));
+    let a = storage_on(SharedTokenStore::new(store.clone()), &server, Some(lease));
+    let first = a.store(&key(), ISS, server.issue(&key())).await.unwrap();
+    faulty.lose_next_write_reply();
+    let refreshed = a.force_refresh(&key(), ISS, first.access_token()).await;
+    assert_eq!(faulty.injected(), 1, "the lease insert's reply was lost");
+    let refreshed = refreshed.expect("the acquire took the lease it had written");
+    assert_ne!(refreshed.access_token(), first.access_token());
+    let peer = flow_state::Leases::new(SharedStore::new(flows), clock);
+    let lease = peer.try_acquire(&lease_key(&store).await, Duration::from_secs(1)).await.unwrap();
+    assert!(lease.is_some(), "the lease was released, not left to its TTL");
+    assert_eq!((server.calls(), server.reuse_detected()), (1, 0));
+}
