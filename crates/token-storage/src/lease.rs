@@ -42,8 +42,9 @@
 //!   write. Renewal every third of the TTL and that check are what the protocol relies on;
 //!   keep the TTL well above any plausible pause of a process (the model pins this
 //!   assumption: a pause past the TTL after the last check defeats any lease without fencing
-//!   at the server). Expiry of a store lease is judged by the flow-state store (on the
-//!   caller's clock for `flow_state::RedisStore` today).
+//!   at the server). Expiry of a store lease is judged by the flow-state store: on Redis's own
+//!   clock for `flow_state::RedisStore` (so skewed clocks across the fleet cannot make two
+//!   holders), on the injected clock for memory and sled.
 //! - **No lease** (one process): the single-flight is the only writer in the process; writes
 //!   are compare-and-swap only.
 //!

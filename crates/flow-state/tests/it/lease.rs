@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use flow_state::{Error, FlowKey, Leases};
 
-use crate::harness::{BACKENDS, harness, within};
+use crate::harness::{BACKENDS, CLOCK_BACKENDS, harness, within};
 
 const TTL: Duration = Duration::from_secs(10);
 
@@ -15,10 +15,11 @@ fn key() -> FlowKey {
 }
 
 /// A crashed holder stops renewing; after the TTL another process takes over, with a larger
-/// fence, and the old holder can neither renew nor release the new holder's lease.
+/// fence, and the old holder can neither renew nor release the new holder's lease. (On the
+/// injected clock; Redis's own clock: `redis::a_redis_lease_expires_on_redis_time`.)
 #[tokio::test]
 async fn an_expired_lease_is_taken_over_with_a_larger_fence() {
-    for backend in BACKENDS {
+    for backend in CLOCK_BACKENDS {
         let Some(h) = harness(backend).await else { continue };
         let leases = Leases::new(h.store.clone(), h.clock.shared());
         let mut first = leases.try_acquire(&key(), TTL).await.unwrap().unwrap();
@@ -142,10 +143,11 @@ async fn a_lost_renew_reply_does_not_lose_the_lease() {
 }
 
 /// A renewal that failed before it was applied leaves the lease as it was: still held until
-/// its old expiry, then lost.
+/// its old expiry, then lost. (On the injected clock; Redis's own clock:
+/// `redis::a_redis_lease_expires_on_redis_time`.)
 #[tokio::test]
 async fn a_failed_renewal_is_not_applied() {
-    for backend in BACKENDS {
+    for backend in CLOCK_BACKENDS {
         let Some(h) = harness(backend).await else { continue };
         let faulty = flow_state::testkit::FaultyStore::new(h.store.clone(), h.clock.shared());
         let leases =
