@@ -67,6 +67,48 @@ impl Lease {
     }
 }
 
+/// A held lease as a Redis script of another component checks it, atomically with its own
+/// write (feature `redis`): from [`Leases::redis_fence`], for a lease in a
+/// [`RedisStore`](crate::RedisStore). The script defines [`RedisFence::LUA`]'s function and
+/// calls `fence_holds(KEYS[i], ARGV[j])` with [`RedisFence::key`] and [`RedisFence::owner`]:
+/// true while the lease record is live on Redis's clock and holds this owner token.
+///
+/// Only for a script on the same server ([`RedisFence::server`], compared with
+/// [`RedisLocation::server_of`](crate::RedisLocation::server_of) of the script's own
+/// connection). In a Redis Cluster every key of one script must hash to one slot: give the
+/// lease store a prefix that carries the other component's hash tag (for example
+/// `{tokens}:leases` beside token records under `{tokens}:`), so `{tokens}:leases:L<key>`
+/// lands on the records' slot.
+#[cfg(feature = "redis")]
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisFence {
+    /// The server and database of the lease store.
+    pub server: String,
+    /// The lease record's Redis key.
+    pub key: String,
+    /// The owner token the record holds while the lease is ours.
+    pub owner: Vec<u8>,
+}
+
+#[cfg(feature = "redis")]
+impl std::fmt::Debug for RedisFence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisFence")
+            .field("server", &self.server)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(feature = "redis")]
+impl RedisFence {
+    /// The Lua function `fence_holds(key, owner)`, to prepend to a script: whether the lease
+    /// record under `key` is a live record of the [`RedisStore`](crate::RedisStore) format
+    /// (judged by `TIME`) holding `owner`. Written next to the store's own scripts, so the
+    /// record format has one home.
+    pub const LUA: &'static str = crate::store::redis::FENCE_HOLDS;
+}
+
 /// Lease records live beside flow records; flow keys never start with `L`.
 fn lease_key(key: &FlowKey) -> String {
     format!("L{}", key.as_str())
@@ -211,6 +253,15 @@ impl Leases {
     /// Whether `lease` is still held (not expired, not taken over).
     pub async fn is_held(&self, lease: &Lease) -> Result<bool, Error> {
         Ok(self.ours(lease).await?.is_some())
+    }
+
+    /// `lease` as a Redis script can check it atomically with its own write, when the lease
+    /// store is a [`RedisStore`](crate::RedisStore) (or a wrapper that forwards
+    /// [`Store::redis_location`](crate::Store::redis_location)); `None` otherwise.
+    #[cfg(feature = "redis")]
+    pub fn redis_fence(&self, lease: &Lease) -> Option<RedisFence> {
+        let at = self.store.redis_location(&lease_key(&lease.key))?;
+        Some(RedisFence { server: at.server, key: at.key, owner: lease.owner.to_vec() })
     }
 
     /// Give the lease up. Returns whether it was still held.

@@ -238,6 +238,69 @@ impl RefreshLease {
     }
 }
 
+/// The lease a fenced write is made under, as a [`TokenStore`](crate::TokenStore) sees it: see
+/// [`TokenStore::compare_and_swap_fenced`](crate::TokenStore::compare_and_swap_fenced). The
+/// refresh makes one from the lease it holds.
+pub struct Fence<'a> {
+    kind: FenceKind<'a>,
+}
+
+enum FenceKind<'a> {
+    Store { leases: &'a Leases, lease: &'a Lease },
+    File,
+}
+
+impl fmt::Debug for Fence<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            FenceKind::Store { lease, .. } => {
+                f.debug_struct("Fence").field("fence", &lease.fence()).finish_non_exhaustive()
+            }
+            FenceKind::File => f.write_str("Fence(lock file)"),
+        }
+    }
+}
+
+impl<'a> Fence<'a> {
+    /// The fence of `lease`, held in `leases` (a store lease, as [`RefreshLease::store`]
+    /// takes them).
+    pub fn store(leases: &'a Leases, lease: &'a Lease) -> Self {
+        Fence { kind: FenceKind::Store { leases, lease } }
+    }
+
+    /// Whether the lease still holds: one round trip to the lease store, so it may lapse
+    /// right after this answers. A lock file always holds (the kernel keeps it for the life
+    /// of the process).
+    pub async fn holds(&self) -> Result<bool, Error> {
+        match &self.kind {
+            FenceKind::Store { leases, lease } => {
+                leases.is_held(lease).await.map_err(|e| match e {
+                    flow_state::Error::Store { source, .. }
+                        if source.kind() == StoreErrorKind::Unavailable =>
+                    {
+                        Error::StoreUnavailable {
+                            message: format!("the refresh lease store is unavailable ({source})"),
+                            source: Some(std::sync::Arc::new(*source)),
+                        }
+                    }
+                    other => Error::store("could not check the refresh lease", other),
+                })
+            }
+            FenceKind::File => Ok(true),
+        }
+    }
+
+    /// The lease as a Redis script checks it atomically with a write, for a store lease in a
+    /// `flow_state::RedisStore`; `None` otherwise.
+    #[cfg(feature = "redis")]
+    pub fn redis(&self) -> Option<flow_state::RedisFence> {
+        match &self.kind {
+            FenceKind::Store { leases, lease } => leases.redis_fence(lease),
+            FenceKind::File => None,
+        }
+    }
+}
+
 /// The flow-state key of `key`'s store lease.
 fn flow_key(key: &TokenKey) -> Result<FlowKey, Error> {
     FlowKey::new("token_refresh", key.record(RecordKind::Tokens))
@@ -310,6 +373,14 @@ impl Held {
                 leases.is_held(lease).await.map_err(|e| lease_error(key, Duration::ZERO, e))
             }
             Held::File(_) => Ok(true),
+        }
+    }
+
+    /// The lease as a fenced write sees it.
+    pub(crate) fn write_fence(&self) -> Fence<'_> {
+        match self {
+            Held::Store { leases, lease, .. } => Fence::store(leases, lease),
+            Held::File(_) => Fence { kind: FenceKind::File },
         }
     }
 

@@ -717,8 +717,19 @@ impl Inner {
         &self,
         key: &TokenKey,
         expected: Option<u64>,
-        mut set: TokenSet,
+        set: TokenSet,
     ) -> Result<Result<Arc<TokenSet>, Option<Versioned>>, Error> {
+        let (record, set, sealed) = self.seal_tokens(key, set)?;
+        let swap = self.store.compare_and_swap(&record, expected, sealed).await?;
+        Ok(self.swapped(key, set, swap))
+    }
+
+    /// The record name, `set` with the generation it is written with, and its sealed bytes.
+    fn seal_tokens(
+        &self,
+        key: &TokenKey,
+        mut set: TokenSet,
+    ) -> Result<(String, TokenSet, Vec<u8>), Error> {
         let record = key.record(RecordKind::Tokens);
         let plain = serde_json::to_vec(&TokenRecord::from_set(&set))
             .map_err(|e| Error::store("could not encode the token set", e))?;
@@ -727,7 +738,17 @@ impl Inner {
         // does not restart below the generation a reader has seen).
         set.generation = (set.generation + 1).max(self.clock.now().as_millis());
         let sealed = crypto::seal_generation(&*self.keys, &record, set.generation, &plain)?;
-        match self.store.compare_and_swap(&record, expected, sealed).await? {
+        Ok((record, set, sealed))
+    }
+
+    /// The outcome of writing `set` (sealed by [`Inner::seal_tokens`]).
+    fn swapped(
+        &self,
+        key: &TokenKey,
+        mut set: TokenSet,
+        swap: Swap,
+    ) -> Result<Arc<TokenSet>, Option<Versioned>> {
+        match swap {
             Swap::Swapped { version } => {
                 set.version = version;
                 let written = Arc::new(set);
@@ -737,9 +758,9 @@ impl Inner {
                 // refresh's own result for the `on_refresh` hook (never another grant's tokens
                 // reported as "the set the refresh replaced `old` with").
                 self.install(key, written.clone());
-                Ok(Ok(written))
+                Ok(written)
             }
-            Swap::Conflict(current) => Ok(Err(current)),
+            Swap::Conflict(current) => Err(current),
         }
     }
 
@@ -1169,13 +1190,33 @@ impl Inner {
         set: &TokenSet,
         guard: Option<&LeaseGuard>,
     ) -> Result<Fenced, Error> {
-        if let Some(guard) = guard
-            && !guard.check(key).await?
-        {
-            warn!(%key, "the refresh lease was lost: not writing under it");
-            return Ok(Fenced::Out);
-        }
-        Ok(match self.write_tokens(key, Some(expected), set.clone()).await? {
+        let written = match guard {
+            Some(guard) => {
+                // One step with the lease check where the backend can (a Redis script when
+                // the lease lives on the same server); else the check, then the write.
+                let lost = || {
+                    warn!(%key, "the refresh lease was lost: not writing under it");
+                    guard.lost.store(true, Ordering::SeqCst);
+                    Ok(Fenced::Out)
+                };
+                if guard.lost.load(Ordering::SeqCst) {
+                    return lost();
+                }
+                let (record, set, sealed) = self.seal_tokens(key, set.clone())?;
+                let held = guard.held.lock().await;
+                let fence = held.write_fence();
+                let Some(swap) = self
+                    .store
+                    .compare_and_swap_fenced(&record, Some(expected), sealed, &fence)
+                    .await?
+                else {
+                    return lost();
+                };
+                self.swapped(key, set, swap)
+            }
+            None => self.write_tokens(key, Some(expected), set.clone()).await?,
+        };
+        Ok(match written {
             Ok(written) => Fenced::Written(written),
             Err(newer) => Fenced::Conflict(newer),
         })

@@ -15,8 +15,8 @@ use flow_state::testkit::RedisServer;
 use flow_state::{MemoryStore, RedisStore, SharedStore};
 use token_storage::testkit::{FakeAuthServer, store_conformance};
 use token_storage::{
-    DecryptFailure, Error, MemoryTokenStore, RedisTokenStore, RefreshLease, SharedClock,
-    SharedTokenStore, TokenStorage, TokenStore,
+    DecryptFailure, Error, Fence, MemoryTokenStore, RedisTokenStore, RefreshLease, SharedClock,
+    SharedTokenStore, Swap, TokenStorage, TokenStore,
 };
 
 static PREFIXES: AtomicUsize = AtomicUsize::new(0);
@@ -300,7 +300,7 @@ async fn eventually<F: std::future::Future<Output = bool>>(
 
 /// Race (issue 12, "a lease lost just before sending"): `a` writes its in-doubt intent under
 /// the lease, then finds the lease lost at the check before sending (its lease store answers
-/// 700 ms late, so the lease lapses between the intent and the check, and a peer takes it).
+/// 1.4 s late, so the lease lapses between the intent and the check, and a peer takes it).
 /// Nothing was sent, but the intent stayed at "sent": the next holder (here `a` itself, once
 /// the peer is gone) read it as a token that may be spent and spent its one same-token retry
 /// on the first presentation; that answer lost, the slot ended in "rotation lost in flight"
@@ -324,10 +324,10 @@ async fn a_lease_lost_before_sending_leaves_the_next_holder_its_retry() {
     let first = a.store(&key(), ISS, server.issue(&key())).await.unwrap();
     let lease_key = lease_key(&store).await;
     let peer = flow_state::Leases::new(SharedStore::new(flows), clock.clone());
-    // Every lease operation of `a` takes 700 ms: acquired at ~0.7 s (expiring at ~1.7 s), the
-    // check before the intent reads at ~1.4 s (held), the check before the send at ~2.1 s;
-    // renewals (a read, then a write) land after the expiry.
-    slow.set_delay(Duration::from_millis(700));
+    // Every lease operation of `a` takes 1.4 s: acquired at ~1.4 s (expiring at ~2.4 s), the
+    // intent written at once (its fence is checked in the same script), the check before the
+    // send reads at ~2.8 s; renewals (a read, then a write) come too late to extend the lease.
+    slow.set_delay(Duration::from_millis(1400));
     server.lose_next_answer();
     let refresh = tokio::spawn({
         let (a, rejected) = (a.clone(), first.access_token().clone());
@@ -391,4 +391,65 @@ async fn an_acquire_whose_reply_was_lost_takes_its_own_lease() {
     let lease = peer.try_acquire(&lease_key(&store).await, Duration::from_secs(1)).await.unwrap();
     assert!(lease.is_some(), "the lease was released, not left to its TTL");
     assert_eq!((server.calls(), server.reuse_detected()), (1, 0));
+}
+
+/// Race (issue 12, "fenced commit on Redis"): a holder checks its lease, the check's answer
+/// is slow to come back (800 ms, past the 400 ms TTL), and meanwhile the lease lapses and a
+/// peer takes it and reads the record it is going to write over. With the lease checked one
+/// round trip before the compare-and-swap, the holder's write then landed on the version the
+/// peer had read: a write made under a lapsed lease, and the peer's own write, made under its
+/// lease, conflicted. With the lease record and the token record on one server (the lease
+/// store's prefix carries the token store's hash tag, as a cluster needs), the check and the
+/// swap are one script: the holder's write lands while its lease holds or not at all, and the
+/// peer's write on what it read under its lease lands. A write attempted once the peer holds
+/// the lease is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_whose_lease_lapses_after_the_check_cannot_beat_the_new_holder() {
+    let Some(redis) = RedisServer::start() else { return };
+    let clock = SharedClock::system();
+    let prefix = format!("fenced{}", PREFIXES.fetch_add(1, Ordering::SeqCst));
+    let store = RedisTokenStore::builder(redis.url()).prefix(&prefix).connect().await.unwrap();
+    let flows = RedisStore::builder(redis.url())
+        .prefix(format!("{{{prefix}}}:leases"))
+        .connect()
+        .await
+        .unwrap();
+    // The holder's way to the lease store; its answers come back late once armed.
+    let slow =
+        flow_state::testkit::FaultyStore::new(SharedStore::new(flows.clone()), clock.clone());
+    let holder = flow_state::Leases::new(SharedStore::from_arc(slow.clone()), clock.clone());
+    let peer = flow_state::Leases::new(SharedStore::new(flows), clock.clone());
+    let lease_key = flow_state::FlowKey::new("token_refresh", "r").unwrap();
+    let Swap::Swapped { version: first } =
+        store.compare_and_swap("r", None, b"first".to_vec()).await.unwrap()
+    else {
+        panic!("written")
+    };
+    let lease = holder.try_acquire(&lease_key, Duration::from_millis(400)).await.unwrap().unwrap();
+    slow.set_reply_delay(Duration::from_millis(800));
+    let fence = Fence::store(&holder, &lease);
+    let write = store.compare_and_swap_fenced("r", Some(first), b"holder".to_vec(), &fence);
+    let take_over = async {
+        loop {
+            if let Some(held) = peer.try_acquire(&lease_key, Duration::from_secs(30)).await.unwrap()
+            {
+                let read = store.get("r").await.unwrap().unwrap();
+                return (held, read);
+            }
+            mcp_clock::Clock::sleep(&clock, Duration::from_millis(10)).await;
+        }
+    };
+    let (holders_write, (peers_lease, peers_read)) = tokio::join!(write, take_over);
+    let landed = holders_write.unwrap();
+    let peers_write =
+        store.compare_and_swap("r", Some(peers_read.version), b"peer".to_vec()).await.unwrap();
+    assert!(
+        matches!(peers_write, Swap::Swapped { .. }),
+        "a write made after the holder's lease lapsed beat the new holder's ({landed:?})"
+    );
+    // Once the peer holds the lease, the old holder's fenced writes are refused.
+    let stale = store.compare_and_swap_fenced("r", Some(peers_read.version), b"x".to_vec(), &fence);
+    assert_eq!(stale.await.unwrap(), None, "refused: the lease is the peer's");
+    assert_eq!(&*store.get("r").await.unwrap().unwrap().value, b"peer");
+    assert!(peer.release(peers_lease).await.unwrap());
 }

@@ -191,6 +191,38 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     /// A subscription that is notified after every write or delete of `key` in this store.
     fn subscribe(&self, key: &str) -> Subscription;
+
+    /// Where `key`'s record lives on a Redis server, for a script of another component that
+    /// must check the record atomically with its own write (a fenced write under a
+    /// [`Lease`](crate::Lease): [`Leases::redis_fence`](crate::Leases::redis_fence)). `None`,
+    /// the default, for a store that is not Redis; a wrapper forwards its inner store's.
+    #[cfg(feature = "redis")]
+    fn redis_location(&self, key: &str) -> Option<RedisLocation> {
+        let _ = key;
+        None
+    }
+}
+
+/// A record's place on a Redis server (feature `redis`): see [`Store::redis_location`].
+#[cfg(feature = "redis")]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisLocation {
+    /// The server and database, as [`RedisLocation::server_of`] names them.
+    pub server: String,
+    /// The record's Redis key.
+    pub key: String,
+}
+
+#[cfg(feature = "redis")]
+impl RedisLocation {
+    /// The server and database a Redis URL connects to (`127.0.0.1:6379/0`), so two
+    /// components can tell whether they talk to one server; `None` if `url` does not parse.
+    /// Two spellings of one host (a name and its address) compare unequal: the safe side.
+    pub fn server_of(url: &str) -> Option<String> {
+        let client = ::redis::Client::open(url).ok()?;
+        let info = client.get_connection_info();
+        Some(format!("{}/{}", info.addr(), info.redis_settings().db()))
+    }
 }
 
 /// A cloneable, shareable [`Store`]: `Arc<dyn Store>` with a name.

@@ -23,8 +23,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Script, Value};
 
 use super::{
-    BoxFuture, Inserted, KeyNotifier, Store, StoreError, StoreErrorKind, Subscription, Swapped,
-    Versioned,
+    BoxFuture, Inserted, KeyNotifier, RedisLocation, Store, StoreError, StoreErrorKind,
+    Subscription, Swapped, Versioned,
 };
 
 const CHECK_RECORD: &str = r#"
@@ -49,6 +49,19 @@ local function write(key, counter, now, px, data, channel, name)
   redis.call('PEXPIRE', key, px)
   redis.call('PUBLISH', channel, name)
   return v
+end
+"#;
+
+/// `fence_holds(key, owner)`: whether a live lease record (this store's format, judged on
+/// `TIME`) under `key` holds `owner`. For scripts of other components:
+/// [`RedisFence::LUA`](crate::RedisFence::LUA).
+pub(crate) const FENCE_HOLDS: &str = r#"
+local function fence_holds(key, owner)
+  if redis.call('TYPE', key).ok ~= 'hash' then return false end
+  local cur = redis.call('HMGET', key, 'e', 'd')
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  return cur[1] ~= false and cur[2] == owner and tonumber(cur[1]) ~= nil and tonumber(cur[1]) > now
 end
 "#;
 
@@ -109,6 +122,8 @@ pub struct RedisStore {
 
 struct Inner {
     conn: ConnectionManager,
+    /// The server and database, as `RedisLocation::server_of` names them.
+    server: String,
     prefix: String,
     clock: SharedClock,
     notifier: Arc<KeyNotifier>,
@@ -208,6 +223,7 @@ impl RedisStoreBuilder {
         Ok(RedisStore {
             inner: Arc::new(Inner {
                 conn,
+                server: RedisLocation::server_of(&self.url).unwrap_or_default(),
                 prefix: self.prefix,
                 clock: self.clock,
                 notifier,
@@ -474,5 +490,9 @@ impl Store for RedisStore {
 
     fn subscribe(&self, key: &str) -> Subscription {
         self.inner.notifier.subscribe(key)
+    }
+
+    fn redis_location(&self, key: &str) -> Option<RedisLocation> {
+        Some(RedisLocation { server: self.inner.server.clone(), key: self.key(key) })
     }
 }

@@ -699,7 +699,7 @@ impl Model for RefreshModel {
             }
             Action::TakeBack(p, w) => {
                 let Pc::TakeBack(f) = s.procs[p as usize].pc else { return None };
-                let Some(prior) = self.wrote_doubt(f) else { return None };
+                let prior = self.wrote_doubt(f)?;
                 let want = Rec { serial: f.t, ver: 0, marker: false, doubt: prior };
                 // Not a commit: the same generation, back to the level before the intent.
                 let (committed, max) = (s.ghost.committed, s.ghost.max_committed);
