@@ -34,17 +34,29 @@
 //! - **Lock files** (any token store: memory, sled, or one of the host's own): the kernel holds
 //!   the lock for as long as the process lives, so every write made under it is under the
 //!   lease; nothing can take it over from a live holder. This is the strongest fence.
-//! - **A store lease** ([`RefreshLease::store`], e.g. over a `flow_state::RedisStore`, with a
-//!   `RedisTokenStore` or any other token store): the lease is checked (its owner token read
-//!   back) immediately before each write, one round trip before it. The token record and the
-//!   lease may live in different stores, so the check and the write are not one atomic step
-//!   (no single Redis script yet): a holder paused past the TTL between the two could still
-//!   write. Renewal every third of the TTL and that check are what the protocol relies on;
-//!   keep the TTL well above any plausible pause of a process (the model pins this
-//!   assumption: a pause past the TTL after the last check defeats any lease without fencing
-//!   at the server). Expiry of a store lease is judged by the flow-state store: on Redis's own
-//!   clock for `flow_state::RedisStore` (so skewed clocks across the fleet cannot make two
-//!   holders), on the injected clock for memory and sled.
+//! - **A Redis lease and a `RedisTokenStore` on one server** ([`RefreshLease::store`] over a
+//!   `flow_state::RedisStore` that connects to the same address and database as the token
+//!   store): each fenced write is one Lua script that checks the lease record (live on Redis's
+//!   clock, holding our owner token) and does the compare-and-swap
+//!   ([`TokenStore::compare_and_swap_fenced`](crate::TokenStore::compare_and_swap_fenced)).
+//!   A lease that lapses a moment before the write stops it; no pause of the holder can slip
+//!   a write past it. In a Redis Cluster give the lease store the prefix `{<token prefix>}:leases`,
+//!   so the lease record shares the token records' hash slot (the key layout is in the
+//!   `RedisTokenStore` docs). This is the fence for fleets.
+//! - **Any other store lease** ([`RefreshLease::store`] with a token store elsewhere: memory,
+//!   sled, another Redis server, one of the host's own): the lease is checked (its owner token
+//!   read back) immediately before each write, one round trip before it (the trait's default
+//!   fenced write). A holder paused past the TTL between the two could still write.
+//!
+//! For every store lease the check before each *send* stays one round trip before the request
+//! (nothing can make a network request atomic with a store): renewal every third of the TTL
+//! and that check are what the protocol relies on; keep the TTL well above any plausible pause
+//! of a process (the model pins this assumption: a pause past the TTL after the last check
+//! defeats any lease without fencing at the authorization server). Expiry of a store lease is
+//! judged by the flow-state store: on Redis's own clock for `flow_state::RedisStore` (so skewed
+//! clocks across the fleet cannot make two holders), on the injected clock for memory and sled.
+//! A lease insert whose reply was lost is recognised by its owner token when the acquire is
+//! retried (`flow_state::Leases`), so it is taken rather than left held by nobody.
 //! - **No lease** (one process): the single-flight is the only writer in the process; writes
 //!   are compare-and-swap only.
 //!

@@ -26,7 +26,7 @@
 //! | `Receive`         | `refresh_held`: the refresher's future completes (or answer lost)   |
 //! | `RecordInDoubt`   | `record_doubt(.., Doubt::RetryClaimed)`: claims the one retry       |
 //! | `Wake`            | `refresh_held`: `self.clock.sleep(delay)` (backoff) ends            |
-//! | `Commit`          | `commit_set` -> `write_fenced` -> `store.compare_and_swap(..)`      |
+//! | `Commit`          | `commit_set` -> `write_fenced` -> `store.compare_and_swap_fenced(..)` |
 //! | `WriteMarker`     | `terminal` -> `write_fenced(marked)` (needs-authorization marker)   |
 //! | `Release`         | `refresh`: `held.release().await`                                   |
 //!
