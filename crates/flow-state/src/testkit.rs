@@ -162,6 +162,20 @@ async fn delete_if(s: SharedStore) {
     assert!(!s.delete_if("k", None).await.unwrap());
 }
 
+/// `k`, written at `version` and expired since, behaves as absent: no compare-and-set, no
+/// delete, and an insert (with `ttl`) writes it again.
+async fn expired_behaves_as_absent(s: &SharedStore, version: u64, ttl: Duration) {
+    assert_eq!(
+        s.compare_and_set("k", version, b"b".to_vec(), TTL).await.unwrap(),
+        Swapped::Conflict(None)
+    );
+    assert!(!s.delete_if("k", Some(version)).await.unwrap());
+    assert!(matches!(
+        s.insert_if_absent("k", b"c".to_vec(), ttl).await.unwrap(),
+        Inserted::Inserted { .. }
+    ));
+}
+
 async fn ttl(s: SharedStore, clock: ManualClock) {
     let start = clock.now();
     let Inserted::Inserted { version } =
@@ -174,15 +188,7 @@ async fn ttl(s: SharedStore, clock: ManualClock) {
     assert!(s.get("k").await.unwrap().is_some(), "alive just before its expiry");
     clock.advance(Duration::from_millis(1));
     assert_eq!(s.get("k").await.unwrap(), None, "gone at its expiry");
-    assert_eq!(
-        s.compare_and_set("k", version, b"b".to_vec(), TTL).await.unwrap(),
-        Swapped::Conflict(None)
-    );
-    assert!(!s.delete_if("k", Some(version)).await.unwrap());
-    assert!(matches!(
-        s.insert_if_absent("k", b"c".to_vec(), TTL).await.unwrap(),
-        Inserted::Inserted { .. }
-    ));
+    expired_behaves_as_absent(&s, version, TTL).await;
     // A compare-and-set resets the TTL.
     let v = s.get("k").await.unwrap().unwrap();
     clock.advance(Duration::from_secs(30));
@@ -209,21 +215,13 @@ async fn ttl_server_time(s: SharedStore, clock: ManualClock) {
     );
     wait(700).await;
     assert_eq!(s.get("k").await.unwrap(), None, "gone after its expiry, with no clock moved");
-    assert_eq!(
-        s.compare_and_set("k", version, b"b".to_vec(), TTL).await.unwrap(),
-        Swapped::Conflict(None)
-    );
-    assert!(!s.delete_if("k", Some(version)).await.unwrap());
-    assert!(matches!(
-        s.insert_if_absent("k2", b"c".to_vec(), Duration::from_millis(600)).await.unwrap(),
-        Inserted::Inserted { .. }
-    ));
+    expired_behaves_as_absent(&s, version, Duration::from_millis(600)).await;
     // A compare-and-set resets the TTL.
-    let v = s.get("k2").await.unwrap().unwrap();
+    let v = s.get("k").await.unwrap().unwrap();
     wait(300).await;
-    s.compare_and_set("k2", v.version, b"d".to_vec(), Duration::from_secs(60)).await.unwrap();
+    s.compare_and_set("k", v.version, b"d".to_vec(), Duration::from_secs(60)).await.unwrap();
     wait(500).await;
-    assert_eq!(&*s.get("k2").await.unwrap().unwrap().value, b"d");
+    assert_eq!(&*s.get("k").await.unwrap().unwrap().value, b"d");
 }
 
 async fn notifications(s: SharedStore) {

@@ -276,6 +276,35 @@ async fn a_redis_restart_is_transient_and_loses_nothing() {
     assert_eq!(server.reuse_detected(), 0);
 }
 
+/// One storage `a` on Redis whose refresh lease (`ttl`, `wait`) goes through a faulty wrapper of
+/// a Redis lease store, its token store, a peer's `Leases` on the same lease store (the real
+/// time of `clock`), and the tokens `a` stored first.
+struct FaultyLease {
+    a: TokenStorage,
+    store: RedisTokenStore,
+    faulty: Arc<flow_state::testkit::FaultyStore>,
+    peer: flow_state::Leases,
+    server: Arc<FakeAuthServer>,
+    first: Arc<token_storage::TokenSet>,
+    clock: SharedClock,
+}
+
+async fn faulty_lease(redis: &RedisServer, ttl: Duration, wait: Duration) -> FaultyLease {
+    let clock = SharedClock::system();
+    let server = FakeAuthServer::new(clock.clone());
+    let store = connect(redis).await;
+    let flows = RedisStore::builder(redis.url()).prefix("leases").connect().await.unwrap();
+    let faulty =
+        flow_state::testkit::FaultyStore::new(SharedStore::new(flows.clone()), clock.clone());
+    let lease = RefreshLease::store(SharedStore::from_arc(faulty.clone()), clock.clone())
+        .ttl(ttl)
+        .wait(wait);
+    let a = storage_on(SharedTokenStore::new(store.clone()), &server, Some(lease));
+    let first = a.store(&key(), ISS, server.issue(&key())).await.unwrap();
+    let peer = flow_state::Leases::new(SharedStore::new(flows), clock.clone());
+    FaultyLease { a, store, faulty, peer, server, first, clock }
+}
+
 /// The lease key of `key`'s refresh, as the storage names it, from the token store's one record.
 async fn lease_key(store: &RedisTokenStore) -> flow_state::FlowKey {
     let record = store.keys_with_prefix("").await.unwrap().pop().expect("the token record");
@@ -310,20 +339,10 @@ async fn eventually<F: std::future::Future<Output = bool>>(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_lost_before_sending_leaves_the_next_holder_its_retry() {
     let Some(redis) = RedisServer::start() else { return };
-    let clock = SharedClock::system();
-    let server = FakeAuthServer::new(clock.clone());
+    let FaultyLease { a, store, faulty: slow, peer, server, first, clock } =
+        faulty_lease(&redis, Duration::from_millis(1000), Duration::from_secs(20)).await;
     server.set_reuse_grace(Duration::from_secs(60));
-    let store = connect(&redis).await;
-    let flows = RedisStore::builder(redis.url()).prefix("leases").connect().await.unwrap();
-    let slow =
-        flow_state::testkit::FaultyStore::new(SharedStore::new(flows.clone()), clock.clone());
-    let lease = RefreshLease::store(SharedStore::from_arc(slow.clone()), clock.clone())
-        .ttl(Duration::from_millis(1000))
-        .wait(Duration::from_secs(20));
-    let a = storage_on(SharedTokenStore::new(store.clone()), &server, Some(lease));
-    let first = a.store(&key(), ISS, server.issue(&key())).await.unwrap();
     let lease_key = lease_key(&store).await;
-    let peer = flow_state::Leases::new(SharedStore::new(flows), clock.clone());
     // Every lease operation of `a` takes 1.4 s: acquired at ~1.4 s (expiring at ~2.4 s), the
     // intent written at once (its fence is checked in the same script), the check before the
     // send reads at ~2.8 s; renewals (a read, then a write) come too late to extend the lease.
@@ -371,23 +390,13 @@ async fn a_lease_lost_before_sending_leaves_the_next_holder_its_retry() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_acquire_whose_reply_was_lost_takes_its_own_lease() {
     let Some(redis) = RedisServer::start() else { return };
-    let clock = SharedClock::system();
-    let server = FakeAuthServer::new(clock.clone());
-    let store = connect(&redis).await;
-    let flows = RedisStore::builder(redis.url()).prefix("leases").connect().await.unwrap();
-    let faulty =
-        flow_state::testkit::FaultyStore::new(SharedStore::new(flows.clone()), clock.clone());
-    let lease = RefreshLease::store(SharedStore::from_arc(faulty.clone()), clock.clone())
-        .ttl(Duration::from_secs(30))
-        .wait(Duration::from_secs(3));
-    let a = storage_on(SharedTokenStore::new(store.clone()), &server, Some(lease));
-    let first = a.store(&key(), ISS, server.issue(&key())).await.unwrap();
+    let FaultyLease { a, store, faulty, peer, server, first, .. } =
+        faulty_lease(&redis, Duration::from_secs(30), Duration::from_secs(3)).await;
     faulty.lose_next_write_reply();
     let refreshed = a.force_refresh(&key(), ISS, first.access_token()).await;
     assert_eq!(faulty.injected(), 1, "the lease insert's reply was lost");
     let refreshed = refreshed.expect("the acquire took the lease it had written");
     assert_ne!(refreshed.access_token(), first.access_token());
-    let peer = flow_state::Leases::new(SharedStore::new(flows), clock);
     let lease = peer.try_acquire(&lease_key(&store).await, Duration::from_secs(1)).await.unwrap();
     assert!(lease.is_some(), "the lease was released, not left to its TTL");
     assert_eq!((server.calls(), server.reuse_detected()), (1, 0));
