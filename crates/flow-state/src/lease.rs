@@ -8,10 +8,13 @@ use crate::{Error, FlowKey, Inserted, SharedStore, StoreErrorKind, Swapped};
 
 /// Exclusive, expiring holds on keys, shared by every process that uses the same store.
 ///
-/// A lease is a store record written with insert-if-absent (Redis `SET NX PX`). Its value is a
-/// random owner token: renewal, [`Leases::is_held`] and release compare it, not the record's
-/// version, so a renewal whose reply was lost (applied, then reported as failed) does not lose
-/// the lease: the next renewal finds the owner token and goes on. Its first version is its
+/// A lease is a store record written with insert-if-absent. Its value is a random owner token:
+/// renewal, [`Leases::is_held`] and release compare it, not the record's version, so a renewal
+/// whose reply was lost (applied, then reported as failed) does not lose the lease: the next
+/// renewal finds the owner token and goes on; nor does an acquisition whose reply was lost (the
+/// retry finds its own token and takes the lease). Expiry is judged by the store: on the
+/// injected clock for memory and sled, on the server's clock for Redis, so processes whose
+/// clocks disagree never both hold a Redis lease. Its first version is its
 /// fencing token: versions are unique and increasing across the store, so a later holder
 /// always has a larger fence than an earlier one. A holder that dies simply stops renewing, and
 /// the lease expires after its TTL, so another process takes over.
