@@ -161,3 +161,26 @@ async fn a_failed_renewal_is_not_applied() {
         assert!(matches!(leases.renew(&mut lease, TTL).await, Err(Error::NotFound { .. })));
     }
 }
+
+/// Race: the insert that takes a lease is applied but its reply is lost. `try_acquire` reported
+/// the error and left the record held by nobody until its TTL (no caller knew its owner
+/// token); it reads the record back, finds its own owner token and takes the lease.
+#[tokio::test]
+async fn a_try_acquire_whose_reply_was_lost_takes_its_own_lease() {
+    for backend in BACKENDS {
+        let Some(h) = harness(backend).await else { continue };
+        let faulty = flow_state::testkit::FaultyStore::new(h.store.clone(), h.clock.shared());
+        let leases =
+            Leases::new(flow_state::SharedStore::from_arc(faulty.clone()), h.clock.shared());
+        faulty.lose_next_write_reply();
+        let lease = leases
+            .try_acquire(&key(), TTL)
+            .await
+            .unwrap_or_else(|e| panic!("{backend:?}: the applied insert is ours: {e}"));
+        assert_eq!(faulty.injected(), 1);
+        let lease = lease.expect("held by this attempt");
+        assert!(leases.is_held(&lease).await.unwrap(), "{backend:?}");
+        assert!(leases.release(lease).await.unwrap(), "{backend:?}: released, not orphaned");
+        assert!(leases.try_acquire(&key(), TTL).await.unwrap().is_some(), "{backend:?}");
+    }
+}
