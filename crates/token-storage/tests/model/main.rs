@@ -53,7 +53,7 @@
 //! | `commit_retry`             | a commit is retried on a transient store error (under the lease until it lands); a conflict with our own set is success | inv 2 |
 //! | `marker_never_beats_token` | a stale failure marker never beats a valid token (the marker is fenced; a commit replaces an older marker) | inv 2 |
 //! | `compare_and_swap`         | (main already) writes compare-and-swap on the version read | inv 3, with the fence also off |
-//! | `take_back_unsent`         | a flight that finds its lease lost before a send takes back its own unsent in-doubt write, so the next holder keeps its one retry | none of the four (it saves a retry; the full checks show the unfenced take-back breaks none) |
+//! | `take_back_unsent`         | a flight that finds its lease lost before a send takes back its own unsent in-doubt write, so the next holder keeps its one retry | none of the four (it saves a retry; the full checks show the unfenced take-back breaks none; made blind, without the compare-and-swap on its own write's version, it breaks inv 1) |
 //!
 //! `RefreshModel::commit_tries` bounds the commit's retries the way issue 12 words the rule
 //! ("bounded, with backoff, the answer held in memory"): giving up and releasing the lease

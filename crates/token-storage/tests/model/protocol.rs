@@ -132,6 +132,10 @@ pub(crate) struct RefreshModel {
     pub(crate) commit_tries: Option<u8>,
     pub(crate) rules: Rules,
     pub(crate) faults: Faults,
+    /// With `take_back_unsent`: the take-back writes whatever is stored over (no
+    /// compare-and-swap on the version of the flight's own write). `checks` shows that this
+    /// breaks the protocol: the version is what makes an unfenced take-back safe.
+    pub(crate) blind_take_back: bool,
 }
 
 impl RefreshModel {
@@ -143,6 +147,7 @@ impl RefreshModel {
             commit_tries: None,
             rules,
             faults,
+            blind_take_back: false,
         }
     }
 }
@@ -703,7 +708,10 @@ impl Model for RefreshModel {
                 let want = Rec { serial: f.t, ver: 0, marker: false, doubt: prior };
                 // Not a commit: the same generation, back to the level before the intent.
                 let (committed, max) = (s.ghost.committed, s.ghost.max_committed);
-                if let Cas::Written(_) = self.cas(&mut s, f.ver, want, w) {
+                if self.blind_take_back {
+                    Self::write(&mut s, want);
+                    s.ghost.taken_back = true;
+                } else if let Cas::Written(_) = self.cas(&mut s, f.ver, want, w) {
                     s.ghost.taken_back = true;
                 }
                 (s.ghost.committed, s.ghost.max_committed) = (committed, max);
