@@ -6,9 +6,16 @@ use std::time::Duration;
 
 use flow_state::{Error, FlowKey, Leases};
 
-use crate::harness::{BACKENDS, CLOCK_BACKENDS, harness, within};
+use crate::harness::{BACKENDS, CLOCK_BACKENDS, Harness, harness, within};
 
 const TTL: Duration = Duration::from_secs(10);
+
+/// Leases over a faulty wrapper of `h`'s store, and the wrapper (to arm its faults).
+fn faulty_leases(h: &Harness) -> (Arc<flow_state::testkit::FaultyStore>, Leases) {
+    let faulty = flow_state::testkit::FaultyStore::new(h.store.clone(), h.clock.shared());
+    let leases = Leases::new(flow_state::SharedStore::from_arc(faulty.clone()), h.clock.shared());
+    (faulty, leases)
+}
 
 fn key() -> FlowKey {
     FlowKey::new("refresh", "alice:srv").unwrap().with_tenant("acme").unwrap()
@@ -122,9 +129,7 @@ async fn only_one_holder_at_a_time() {
 async fn a_lost_renew_reply_does_not_lose_the_lease() {
     for backend in BACKENDS {
         let Some(h) = harness(backend).await else { continue };
-        let faulty = flow_state::testkit::FaultyStore::new(h.store.clone(), h.clock.shared());
-        let leases =
-            Leases::new(flow_state::SharedStore::from_arc(faulty.clone()), h.clock.shared());
+        let (faulty, leases) = faulty_leases(&h);
         let mut lease = leases.try_acquire(&key(), TTL).await.unwrap().unwrap();
         h.clock.advance(Duration::from_secs(5));
         faulty.lose_next_write_reply();
@@ -149,9 +154,7 @@ async fn a_lost_renew_reply_does_not_lose_the_lease() {
 async fn a_failed_renewal_is_not_applied() {
     for backend in CLOCK_BACKENDS {
         let Some(h) = harness(backend).await else { continue };
-        let faulty = flow_state::testkit::FaultyStore::new(h.store.clone(), h.clock.shared());
-        let leases =
-            Leases::new(flow_state::SharedStore::from_arc(faulty.clone()), h.clock.shared());
+        let (faulty, leases) = faulty_leases(&h);
         let mut lease = leases.try_acquire(&key(), TTL).await.unwrap().unwrap();
         h.clock.advance(Duration::from_secs(5));
         faulty.fail_next_write();
@@ -169,9 +172,7 @@ async fn a_failed_renewal_is_not_applied() {
 async fn a_try_acquire_whose_reply_was_lost_takes_its_own_lease() {
     for backend in BACKENDS {
         let Some(h) = harness(backend).await else { continue };
-        let faulty = flow_state::testkit::FaultyStore::new(h.store.clone(), h.clock.shared());
-        let leases =
-            Leases::new(flow_state::SharedStore::from_arc(faulty.clone()), h.clock.shared());
+        let (faulty, leases) = faulty_leases(&h);
         faulty.lose_next_write_reply();
         let lease = leases
             .try_acquire(&key(), TTL)
