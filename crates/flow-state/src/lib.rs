@@ -49,6 +49,8 @@ pub mod testkit;
 pub use config::FlowTypeConfig;
 pub use error::Error;
 pub use key::FlowKey;
+#[cfg(feature = "redis")]
+pub use lease::RedisFence;
 pub use lease::{Lease, Leases};
 pub use manager::{FlowManager, FlowManagerBuilder, Staleness};
 #[cfg(feature = "test-util")]
@@ -56,6 +58,8 @@ pub use mcp_clock::ManualClock;
 pub use mcp_clock::{Clock, SharedClock, SystemClock, Timestamp};
 pub use record::{FlowError, FlowState, FlowStatus};
 pub use single_flight::{Attempt, CallOptions, SingleFlight, SingleFlightError};
+#[cfg(feature = "redis")]
+pub use store::RedisLocation;
 pub use store::memory::MemoryStore;
 #[cfg(feature = "redis")]
 pub use store::redis::{RedisStore, RedisStoreBuilder};

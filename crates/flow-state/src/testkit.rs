@@ -28,14 +28,34 @@ where
     F: Fn(&ManualClock) -> Fut,
     Fut: std::future::Future<Output = SharedStore>,
 {
-    type Check = fn(SharedStore, ManualClock) -> crate::BoxFuture<'static, ()>;
+    conformance(make, ("ttl on the injected clock", |s, c| Box::pin(ttl(s, c)))).await
+}
+
+/// [`store_conformance`] for a backend whose server decides expiry on its own clock (Redis):
+/// the TTL check waits real time (about two seconds, on [`mcp_clock::SystemClock`]) instead of
+/// advancing the manual clock, which such a store only reports expiries on.
+pub async fn store_conformance_server_time<F, Fut>(make: F)
+where
+    F: Fn(&ManualClock) -> Fut,
+    Fut: std::future::Future<Output = SharedStore>,
+{
+    conformance(make, ("ttl on the server's clock", |s, c| Box::pin(ttl_server_time(s, c)))).await
+}
+
+type Check = fn(SharedStore, ManualClock) -> crate::BoxFuture<'static, ()>;
+
+async fn conformance<F, Fut>(make: F, ttl_check: (&str, Check))
+where
+    F: Fn(&ManualClock) -> Fut,
+    Fut: std::future::Future<Output = SharedStore>,
+{
     let checks: [(&str, Check); 8] = [
         ("get of an absent key", |s, _| Box::pin(absent(s))),
         ("insert-if-absent", |s, _| Box::pin(insert_if_absent(s))),
         ("compare-and-set", |s, _| Box::pin(compare_and_set(s))),
         ("versions are never reused", |s, _| Box::pin(no_aba(s))),
         ("delete-if", |s, _| Box::pin(delete_if(s))),
-        ("ttl on the injected clock", |s, c| Box::pin(ttl(s, c))),
+        ttl_check,
         ("change notifications", |s, _| Box::pin(notifications(s))),
         ("one winner among racing writers", |s, _| Box::pin(racing_writers(s))),
     ];
@@ -142,6 +162,20 @@ async fn delete_if(s: SharedStore) {
     assert!(!s.delete_if("k", None).await.unwrap());
 }
 
+/// `k`, written at `version` and expired since, behaves as absent: no compare-and-set, no
+/// delete, and an insert (with `ttl`) writes it again.
+async fn expired_behaves_as_absent(s: &SharedStore, version: u64, ttl: Duration) {
+    assert_eq!(
+        s.compare_and_set("k", version, b"b".to_vec(), TTL).await.unwrap(),
+        Swapped::Conflict(None)
+    );
+    assert!(!s.delete_if("k", Some(version)).await.unwrap());
+    assert!(matches!(
+        s.insert_if_absent("k", b"c".to_vec(), ttl).await.unwrap(),
+        Inserted::Inserted { .. }
+    ));
+}
+
 async fn ttl(s: SharedStore, clock: ManualClock) {
     let start = clock.now();
     let Inserted::Inserted { version } =
@@ -154,20 +188,39 @@ async fn ttl(s: SharedStore, clock: ManualClock) {
     assert!(s.get("k").await.unwrap().is_some(), "alive just before its expiry");
     clock.advance(Duration::from_millis(1));
     assert_eq!(s.get("k").await.unwrap(), None, "gone at its expiry");
-    assert_eq!(
-        s.compare_and_set("k", version, b"b".to_vec(), TTL).await.unwrap(),
-        Swapped::Conflict(None)
-    );
-    assert!(!s.delete_if("k", Some(version)).await.unwrap());
-    assert!(matches!(
-        s.insert_if_absent("k", b"c".to_vec(), TTL).await.unwrap(),
-        Inserted::Inserted { .. }
-    ));
+    expired_behaves_as_absent(&s, version, TTL).await;
     // A compare-and-set resets the TTL.
     let v = s.get("k").await.unwrap().unwrap();
     clock.advance(Duration::from_secs(30));
     s.compare_and_set("k", v.version, b"d".to_vec(), Duration::from_secs(60)).await.unwrap();
     clock.advance(Duration::from_secs(45));
+    assert_eq!(&*s.get("k").await.unwrap().unwrap().value, b"d");
+}
+
+/// The TTL check in real time, for a store whose server decides expiry: the manual clock
+/// never moves, so only the server's clock can expire the records.
+async fn ttl_server_time(s: SharedStore, clock: ManualClock) {
+    let wait = |ms| mcp_clock::SystemClock.sleep(Duration::from_millis(ms));
+    let start = clock.now();
+    let Inserted::Inserted { version } =
+        s.insert_if_absent("k", b"a".to_vec(), Duration::from_millis(500)).await.unwrap()
+    else {
+        panic!()
+    };
+    let live = s.get("k").await.unwrap().expect("alive before its expiry");
+    assert!(
+        live.expires_at > start && live.expires_at <= start + Duration::from_millis(500),
+        "the expiry is reported on the caller's clock: {:?} after {start:?}",
+        live.expires_at
+    );
+    wait(700).await;
+    assert_eq!(s.get("k").await.unwrap(), None, "gone after its expiry, with no clock moved");
+    expired_behaves_as_absent(&s, version, Duration::from_millis(600)).await;
+    // A compare-and-set resets the TTL.
+    let v = s.get("k").await.unwrap().unwrap();
+    wait(300).await;
+    s.compare_and_set("k", v.version, b"d".to_vec(), Duration::from_secs(60)).await.unwrap();
+    wait(500).await;
     assert_eq!(&*s.get("k").await.unwrap().unwrap().value, b"d");
 }
 

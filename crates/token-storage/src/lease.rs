@@ -34,16 +34,29 @@
 //! - **Lock files** (any token store: memory, sled, or one of the host's own): the kernel holds
 //!   the lock for as long as the process lives, so every write made under it is under the
 //!   lease; nothing can take it over from a live holder. This is the strongest fence.
-//! - **A store lease** ([`RefreshLease::store`], e.g. over a `flow_state::RedisStore`, with a
-//!   `RedisTokenStore` or any other token store): the lease is checked (its owner token read
-//!   back) immediately before each write, one round trip before it. The token record and the
-//!   lease may live in different stores, so the check and the write are not one atomic step
-//!   (no single Redis script yet): a holder paused past the TTL between the two could still
-//!   write. Renewal every third of the TTL and that check are what the protocol relies on;
-//!   keep the TTL well above any plausible pause of a process (the model pins this
-//!   assumption: a pause past the TTL after the last check defeats any lease without fencing
-//!   at the server). Expiry of a store lease is judged by the flow-state store (on the
-//!   caller's clock for `flow_state::RedisStore` today).
+//! - **A Redis lease and a `RedisTokenStore` on one server** ([`RefreshLease::store`] over a
+//!   `flow_state::RedisStore` that connects to the same address and database as the token
+//!   store): each fenced write is one Lua script that checks the lease record (live on Redis's
+//!   clock, holding our owner token) and does the compare-and-swap
+//!   ([`TokenStore::compare_and_swap_fenced`](crate::TokenStore::compare_and_swap_fenced)).
+//!   A lease that lapses a moment before the write stops it; no pause of the holder can slip
+//!   a write past it. In a Redis Cluster give the lease store the prefix `{<token prefix>}:leases`,
+//!   so the lease record shares the token records' hash slot (the key layout is in the
+//!   `RedisTokenStore` docs). This is the fence for fleets.
+//! - **Any other store lease** ([`RefreshLease::store`] with a token store elsewhere: memory,
+//!   sled, another Redis server, one of the host's own): the lease is checked (its owner token
+//!   read back) immediately before each write, one round trip before it (the trait's default
+//!   fenced write). A holder paused past the TTL between the two could still write.
+//!
+//! For every store lease the check before each *send* stays one round trip before the request
+//! (nothing can make a network request atomic with a store): renewal every third of the TTL
+//! and that check are what the protocol relies on; keep the TTL well above any plausible pause
+//! of a process (the model pins this assumption: a pause past the TTL after the last check
+//! defeats any lease without fencing at the authorization server). Expiry of a store lease is
+//! judged by the flow-state store: on Redis's own clock for `flow_state::RedisStore` (so skewed
+//! clocks across the fleet cannot make two holders), on the injected clock for memory and sled.
+//! A lease insert whose reply was lost is recognised by its owner token when the acquire is
+//! retried (`flow_state::Leases`), so it is taken rather than left held by nobody.
 //! - **No lease** (one process): the single-flight is the only writer in the process; writes
 //!   are compare-and-swap only.
 //!
@@ -200,21 +213,13 @@ impl RefreshLease {
         match &self.kind {
             Kind::Store(leases) => {
                 let flow_key = flow_key(key)?;
-                let lease = match leases.acquire(&flow_key, self.ttl, self.wait).await {
-                    Ok(lease) => lease,
-                    // A connection that sat idle through a server restart fails its first
-                    // command and reconnects: try once more before reporting it. (Were the
-                    // first insert applied after all, the retry finds that lease and waits
-                    // out its TTL: slower, never two holders.)
-                    Err(e) if unavailable(&e) => {
-                        self.clock.sleep(Duration::from_millis(20)).await;
-                        leases
-                            .acquire(&flow_key, self.ttl, self.wait)
-                            .await
-                            .map_err(|e| lease_error(key, self.wait, e))?
-                    }
-                    Err(e) => return Err(lease_error(key, self.wait, e)),
-                };
+                // A connection that sat idle through a server restart fails its first command
+                // and reconnects: `Leases::acquire` tries once more with the same owner token,
+                // so an insert that was applied with its reply lost is taken, not orphaned.
+                let lease = leases
+                    .acquire(&flow_key, self.ttl, self.wait)
+                    .await
+                    .map_err(|e| lease_error(key, self.wait, e))?;
                 Ok(Held::Store { leases: leases.clone(), lease, ttl: self.ttl })
             }
             Kind::Files(dir) => {
@@ -241,6 +246,69 @@ impl RefreshLease {
                     }
                 }
             }
+        }
+    }
+}
+
+/// The lease a fenced write is made under, as a [`TokenStore`](crate::TokenStore) sees it: see
+/// [`TokenStore::compare_and_swap_fenced`](crate::TokenStore::compare_and_swap_fenced). The
+/// refresh makes one from the lease it holds.
+pub struct Fence<'a> {
+    kind: FenceKind<'a>,
+}
+
+enum FenceKind<'a> {
+    Store { leases: &'a Leases, lease: &'a Lease },
+    File,
+}
+
+impl fmt::Debug for Fence<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            FenceKind::Store { lease, .. } => {
+                f.debug_struct("Fence").field("fence", &lease.fence()).finish_non_exhaustive()
+            }
+            FenceKind::File => f.write_str("Fence(lock file)"),
+        }
+    }
+}
+
+impl<'a> Fence<'a> {
+    /// The fence of `lease`, held in `leases` (a store lease, as [`RefreshLease::store`]
+    /// takes them).
+    pub fn store(leases: &'a Leases, lease: &'a Lease) -> Self {
+        Fence { kind: FenceKind::Store { leases, lease } }
+    }
+
+    /// Whether the lease still holds: one round trip to the lease store, so it may lapse
+    /// right after this answers. A lock file always holds (the kernel keeps it for the life
+    /// of the process).
+    pub async fn holds(&self) -> Result<bool, Error> {
+        match &self.kind {
+            FenceKind::Store { leases, lease } => {
+                leases.is_held(lease).await.map_err(|e| match e {
+                    flow_state::Error::Store { source, .. }
+                        if source.kind() == StoreErrorKind::Unavailable =>
+                    {
+                        Error::StoreUnavailable {
+                            message: format!("the refresh lease store is unavailable ({source})"),
+                            source: Some(std::sync::Arc::new(*source)),
+                        }
+                    }
+                    other => Error::store("could not check the refresh lease", other),
+                })
+            }
+            FenceKind::File => Ok(true),
+        }
+    }
+
+    /// The lease as a Redis script checks it atomically with a write, for a store lease in a
+    /// `flow_state::RedisStore`; `None` otherwise.
+    #[cfg(feature = "redis")]
+    pub fn redis(&self) -> Option<flow_state::RedisFence> {
+        match &self.kind {
+            FenceKind::Store { leases, lease } => leases.redis_fence(lease),
+            FenceKind::File => None,
         }
     }
 }
@@ -283,10 +351,6 @@ fn open_lock_file(dir: &Path, key: &TokenKey) -> Result<File, Error> {
         .map_err(|e| Error::store(format!("could not open lock file {}", path.display()), e))
 }
 
-fn unavailable(e: &flow_state::Error) -> bool {
-    matches!(e, flow_state::Error::Store { source, .. } if source.kind() == StoreErrorKind::Unavailable)
-}
-
 fn lease_error(key: &TokenKey, wait: Duration, e: flow_state::Error) -> Error {
     match e {
         flow_state::Error::TimedOut { .. } => Error::LeaseWait { key: key.clone(), waited: wait },
@@ -321,6 +385,14 @@ impl Held {
                 leases.is_held(lease).await.map_err(|e| lease_error(key, Duration::ZERO, e))
             }
             Held::File(_) => Ok(true),
+        }
+    }
+
+    /// The lease as a fenced write sees it.
+    pub(crate) fn write_fence(&self) -> Fence<'_> {
+        match self {
+            Held::Store { leases, lease, .. } => Fence::store(leases, lease),
+            Held::File(_) => Fence { kind: FenceKind::File },
         }
     }
 

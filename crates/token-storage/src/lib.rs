@@ -59,7 +59,7 @@ pub mod testkit;
 pub use crypto::{EncryptionKey, KeyProvider, Keyring};
 pub use error::{DecryptFailure, Error, ReauthReason};
 pub use key::TokenKey;
-pub use lease::{RefreshLease, lock_file_name};
+pub use lease::{Fence, RefreshLease, lock_file_name};
 #[cfg(feature = "test-util")]
 pub use mcp_clock::ManualClock;
 pub use mcp_clock::{Clock, SharedClock, SystemClock, Timestamp};

@@ -717,8 +717,19 @@ impl Inner {
         &self,
         key: &TokenKey,
         expected: Option<u64>,
-        mut set: TokenSet,
+        set: TokenSet,
     ) -> Result<Result<Arc<TokenSet>, Option<Versioned>>, Error> {
+        let (record, set, sealed) = self.seal_tokens(key, set)?;
+        let swap = self.store.compare_and_swap(&record, expected, sealed).await?;
+        Ok(self.swapped(key, set, swap))
+    }
+
+    /// The record name, `set` with the generation it is written with, and its sealed bytes.
+    fn seal_tokens(
+        &self,
+        key: &TokenKey,
+        mut set: TokenSet,
+    ) -> Result<(String, TokenSet, Vec<u8>), Error> {
         let record = key.record(RecordKind::Tokens);
         let plain = serde_json::to_vec(&TokenRecord::from_set(&set))
             .map_err(|e| Error::store("could not encode the token set", e))?;
@@ -727,7 +738,17 @@ impl Inner {
         // does not restart below the generation a reader has seen).
         set.generation = (set.generation + 1).max(self.clock.now().as_millis());
         let sealed = crypto::seal_generation(&*self.keys, &record, set.generation, &plain)?;
-        match self.store.compare_and_swap(&record, expected, sealed).await? {
+        Ok((record, set, sealed))
+    }
+
+    /// The outcome of writing `set` (sealed by [`Inner::seal_tokens`]).
+    fn swapped(
+        &self,
+        key: &TokenKey,
+        mut set: TokenSet,
+        swap: Swap,
+    ) -> Result<Arc<TokenSet>, Option<Versioned>> {
+        match swap {
             Swap::Swapped { version } => {
                 set.version = version;
                 let written = Arc::new(set);
@@ -737,9 +758,9 @@ impl Inner {
                 // refresh's own result for the `on_refresh` hook (never another grant's tokens
                 // reported as "the set the refresh replaced `old` with").
                 self.install(key, written.clone());
-                Ok(Ok(written))
+                Ok(written)
             }
-            Swap::Conflict(current) => Ok(Err(current)),
+            Swap::Conflict(current) => Err(current),
         }
     }
 
@@ -983,7 +1004,18 @@ impl Inner {
             if let Some(guard) = guard {
                 match guard.check(&key).await {
                     Ok(true) => {}
-                    Ok(false) => return Ok(None),
+                    Ok(false) => {
+                        // Nothing went out since this flight's latest in-doubt write: take it
+                        // back, or the next holder would spend its one same-token retry on a
+                        // token never sent. The lease is gone, so this write cannot be fenced;
+                        // it is a compare-and-swap on the version of that very write, which
+                        // only lands if nobody wrote since, and whoever acts on the intent
+                        // (claims the retry, marks the slot) writes first, so it cannot have
+                        // acted on it. A new holder that read the intent and has not written
+                        // yet finds its write conflicting and reads again.
+                        self.restore_doubt(&key, &current, prior, None).await;
+                        return Ok(None);
+                    }
                     Err(e) => {
                         warn!(%key, error = %e, "could not check the refresh lease; not sending");
                         return Err(Error::RefreshUnavailable {
@@ -1111,7 +1143,9 @@ impl Inner {
     /// write that can have reached the server: every failure since was known to be before
     /// sending (a lost answer is never followed by this: it is claimed or ends the refresh).
     /// Otherwise an intent left by a flight that never sent would read as a spent token, and a
-    /// claimed retry that was never sent as a rotation lost in flight. Best effort, fenced.
+    /// claimed retry that was never sent as a rotation lost in flight. Best effort, fenced by
+    /// `guard`; with `None` (the lease was found lost before sending), fenced by the version of
+    /// that write alone, which any later writer replaces.
     async fn restore_doubt(
         &self,
         key: &TokenKey,
@@ -1159,13 +1193,33 @@ impl Inner {
         set: &TokenSet,
         guard: Option<&LeaseGuard>,
     ) -> Result<Fenced, Error> {
-        if let Some(guard) = guard
-            && !guard.check(key).await?
-        {
-            warn!(%key, "the refresh lease was lost: not writing under it");
-            return Ok(Fenced::Out);
-        }
-        Ok(match self.write_tokens(key, Some(expected), set.clone()).await? {
+        let written = match guard {
+            Some(guard) => {
+                // One step with the lease check where the backend can (a Redis script when
+                // the lease lives on the same server); else the check, then the write.
+                let lost = || {
+                    warn!(%key, "the refresh lease was lost: not writing under it");
+                    guard.lost.store(true, Ordering::SeqCst);
+                    Ok(Fenced::Out)
+                };
+                if guard.lost.load(Ordering::SeqCst) {
+                    return lost();
+                }
+                let (record, set, sealed) = self.seal_tokens(key, set.clone())?;
+                let held = guard.held.lock().await;
+                let fence = held.write_fence();
+                let Some(swap) = self
+                    .store
+                    .compare_and_swap_fenced(&record, Some(expected), sealed, &fence)
+                    .await?
+                else {
+                    return lost();
+                };
+                self.swapped(key, set, swap)
+            }
+            None => self.write_tokens(key, Some(expected), set.clone()).await?,
+        };
+        Ok(match written {
             Ok(written) => Fenced::Written(written),
             Err(newer) => Fenced::Conflict(newer),
         })

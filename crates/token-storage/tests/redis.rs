@@ -15,8 +15,8 @@ use flow_state::testkit::RedisServer;
 use flow_state::{MemoryStore, RedisStore, SharedStore};
 use token_storage::testkit::{FakeAuthServer, store_conformance};
 use token_storage::{
-    DecryptFailure, Error, MemoryTokenStore, RedisTokenStore, RefreshLease, SharedClock,
-    SharedTokenStore, TokenStorage, TokenStore,
+    DecryptFailure, Error, Fence, MemoryTokenStore, RedisTokenStore, RefreshLease, SharedClock,
+    SharedTokenStore, Swap, TokenStorage, TokenStore,
 };
 
 static PREFIXES: AtomicUsize = AtomicUsize::new(0);
@@ -274,4 +274,191 @@ async fn a_redis_restart_is_transient_and_loses_nothing() {
     assert_ne!(third.access_token(), second.access_token());
     assert!(third.version() > second.version(), "versions keep increasing after a restart");
     assert_eq!(server.reuse_detected(), 0);
+}
+
+/// One storage `a` on Redis whose refresh lease (`ttl`, `wait`) goes through a faulty wrapper of
+/// a Redis lease store, its token store, a peer's `Leases` on the same lease store (the real
+/// time of `clock`), and the tokens `a` stored first.
+struct FaultyLease {
+    a: TokenStorage,
+    store: RedisTokenStore,
+    faulty: Arc<flow_state::testkit::FaultyStore>,
+    peer: flow_state::Leases,
+    server: Arc<FakeAuthServer>,
+    first: Arc<token_storage::TokenSet>,
+    clock: SharedClock,
+}
+
+async fn faulty_lease(redis: &RedisServer, ttl: Duration, wait: Duration) -> FaultyLease {
+    let clock = SharedClock::system();
+    let server = FakeAuthServer::new(clock.clone());
+    let store = connect(redis).await;
+    let flows = RedisStore::builder(redis.url()).prefix("leases").connect().await.unwrap();
+    let faulty =
+        flow_state::testkit::FaultyStore::new(SharedStore::new(flows.clone()), clock.clone());
+    let lease = RefreshLease::store(SharedStore::from_arc(faulty.clone()), clock.clone())
+        .ttl(ttl)
+        .wait(wait);
+    let a = storage_on(SharedTokenStore::new(store.clone()), &server, Some(lease));
+    let first = a.store(&key(), ISS, server.issue(&key())).await.unwrap();
+    let peer = flow_state::Leases::new(SharedStore::new(flows), clock.clone());
+    FaultyLease { a, store, faulty, peer, server, first, clock }
+}
+
+/// The lease key of `key`'s refresh, as the storage names it, from the token store's one record.
+async fn lease_key(store: &RedisTokenStore) -> flow_state::FlowKey {
+    let record = store.keys_with_prefix("").await.unwrap().pop().expect("the token record");
+    flow_state::FlowKey::new("token_refresh", &record).unwrap()
+}
+
+/// Polls `cond` every 10 ms of real time for up to `limit`; whether it held.
+async fn eventually<F: std::future::Future<Output = bool>>(
+    limit: Duration,
+    cond: impl Fn() -> F,
+) -> bool {
+    let clock = mcp_clock::SystemClock;
+    let start = mcp_clock::SystemClock::instant();
+    while mcp_clock::SystemClock::instant() - start < limit {
+        if cond().await {
+            return true;
+        }
+        mcp_clock::Clock::sleep(&clock, Duration::from_millis(10)).await;
+    }
+    false
+}
+
+/// Race (issue 12, "a lease lost just before sending"): `a` writes its in-doubt intent under
+/// the lease, then finds the lease lost at the check before sending (its lease store answers
+/// 1.4 s late, so the lease lapses between the intent and the check, and a peer takes it).
+/// Nothing was sent, but the intent stayed at "sent": the next holder (here `a` itself, once
+/// the peer is gone) read it as a token that may be spent and spent its one same-token retry
+/// on the first presentation; that answer lost, the slot ended in "rotation lost in flight"
+/// with no rotation lost at all. The flight takes its own intent back (a compare-and-swap on
+/// the intent's version), so the next holder sends normally, keeps its retry, and the server's
+/// grace window answers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_lost_before_sending_leaves_the_next_holder_its_retry() {
+    let Some(redis) = RedisServer::start() else { return };
+    let FaultyLease { a, store, faulty: slow, peer, server, first, clock } =
+        faulty_lease(&redis, Duration::from_millis(1000), Duration::from_secs(20)).await;
+    server.set_reuse_grace(Duration::from_secs(60));
+    let lease_key = lease_key(&store).await;
+    // Every lease operation of `a` takes 1.4 s: acquired at ~1.4 s (expiring at ~2.4 s), the
+    // intent written at once (its fence is checked in the same script), the check before the
+    // send reads at ~2.8 s; renewals (a read, then a write) come too late to extend the lease.
+    slow.set_delay(Duration::from_millis(1400));
+    server.lose_next_answer();
+    let refresh = tokio::spawn({
+        let (a, rejected) = (a.clone(), first.access_token().clone());
+        async move { a.force_refresh(&key(), ISS, &rejected).await }
+    });
+    let in_doubt = || async { a.tokens(&key()).await.unwrap().unwrap().in_doubt() };
+    assert!(eventually(Duration::from_secs(5), in_doubt).await, "a wrote its intent");
+    let mut held = None;
+    for _ in 0..500 {
+        held = peer.try_acquire(&lease_key, Duration::from_secs(60)).await.unwrap();
+        if held.is_some() {
+            break;
+        }
+        mcp_clock::Clock::sleep(&clock, Duration::from_millis(10)).await;
+    }
+    let held = held.expect("the peer took the lapsed lease");
+    assert_eq!(server.calls(), 0, "a sent nothing");
+    let taken_back = eventually(Duration::from_secs(3), || async {
+        !a.tokens(&key()).await.unwrap().unwrap().in_doubt()
+    })
+    .await;
+    slow.disarm();
+    assert!(peer.release(held).await.unwrap());
+    let refreshed = mcp_clock::within(&clock, Duration::from_secs(20), refresh)
+        .await
+        .expect("the refresh ends")
+        .unwrap();
+    assert!(taken_back, "the intent of a flight that never sent was left at \"sent\"");
+    let refreshed =
+        refreshed.expect("the next holder kept its retry: the grace window answered it");
+    assert_ne!(refreshed.access_token(), first.access_token());
+    assert_eq!(server.calls(), 2, "one lost presentation and its one retry");
+    assert_eq!(server.replays_after_delivery(), 0);
+}
+
+/// Race (issue 12, "an orphaned lease"): the insert that takes the refresh lease is applied on
+/// Redis but its reply is lost. The acquire was retried with a new owner token, found the
+/// lease it had just written itself, held by nobody, and waited out its TTL (30 s here, past
+/// the 3 s wait: the refresh failed). The retry keeps the owner token and recognises its own
+/// record: the refresh goes on at once, and releases the lease at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acquire_whose_reply_was_lost_takes_its_own_lease() {
+    let Some(redis) = RedisServer::start() else { return };
+    let FaultyLease { a, store, faulty, peer, server, first, .. } =
+        faulty_lease(&redis, Duration::from_secs(30), Duration::from_secs(3)).await;
+    faulty.lose_next_write_reply();
+    let refreshed = a.force_refresh(&key(), ISS, first.access_token()).await;
+    assert_eq!(faulty.injected(), 1, "the lease insert's reply was lost");
+    let refreshed = refreshed.expect("the acquire took the lease it had written");
+    assert_ne!(refreshed.access_token(), first.access_token());
+    let lease = peer.try_acquire(&lease_key(&store).await, Duration::from_secs(1)).await.unwrap();
+    assert!(lease.is_some(), "the lease was released, not left to its TTL");
+    assert_eq!((server.calls(), server.reuse_detected()), (1, 0));
+}
+
+/// Race (issue 12, "fenced commit on Redis"): a holder checks its lease, the check's answer
+/// is slow to come back (800 ms, past the 400 ms TTL), and meanwhile the lease lapses and a
+/// peer takes it and reads the record it is going to write over. With the lease checked one
+/// round trip before the compare-and-swap, the holder's write then landed on the version the
+/// peer had read: a write made under a lapsed lease, and the peer's own write, made under its
+/// lease, conflicted. With the lease record and the token record on one server (the lease
+/// store's prefix carries the token store's hash tag, as a cluster needs), the check and the
+/// swap are one script: the holder's write lands while its lease holds or not at all, and the
+/// peer's write on what it read under its lease lands. A write attempted once the peer holds
+/// the lease is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_whose_lease_lapses_after_the_check_cannot_beat_the_new_holder() {
+    let Some(redis) = RedisServer::start() else { return };
+    let clock = SharedClock::system();
+    let prefix = format!("fenced{}", PREFIXES.fetch_add(1, Ordering::SeqCst));
+    let store = RedisTokenStore::builder(redis.url()).prefix(&prefix).connect().await.unwrap();
+    let flows = RedisStore::builder(redis.url())
+        .prefix(format!("{{{prefix}}}:leases"))
+        .connect()
+        .await
+        .unwrap();
+    // The holder's way to the lease store; its answers come back late once armed.
+    let slow =
+        flow_state::testkit::FaultyStore::new(SharedStore::new(flows.clone()), clock.clone());
+    let holder = flow_state::Leases::new(SharedStore::from_arc(slow.clone()), clock.clone());
+    let peer = flow_state::Leases::new(SharedStore::new(flows), clock.clone());
+    let lease_key = flow_state::FlowKey::new("token_refresh", "r").unwrap();
+    let Swap::Swapped { version: first } =
+        store.compare_and_swap("r", None, b"first".to_vec()).await.unwrap()
+    else {
+        panic!("written")
+    };
+    let lease = holder.try_acquire(&lease_key, Duration::from_millis(400)).await.unwrap().unwrap();
+    slow.set_reply_delay(Duration::from_millis(800));
+    let fence = Fence::store(&holder, &lease);
+    let write = store.compare_and_swap_fenced("r", Some(first), b"holder".to_vec(), &fence);
+    let take_over = async {
+        loop {
+            if let Some(held) = peer.try_acquire(&lease_key, Duration::from_secs(30)).await.unwrap()
+            {
+                let read = store.get("r").await.unwrap().unwrap();
+                return (held, read);
+            }
+            mcp_clock::Clock::sleep(&clock, Duration::from_millis(10)).await;
+        }
+    };
+    let (holders_write, (peers_lease, peers_read)) = tokio::join!(write, take_over);
+    let landed = holders_write.unwrap();
+    let peers_write =
+        store.compare_and_swap("r", Some(peers_read.version), b"peer".to_vec()).await.unwrap();
+    assert!(
+        matches!(peers_write, Swap::Swapped { .. }),
+        "a write made after the holder's lease lapsed beat the new holder's ({landed:?})"
+    );
+    // Once the peer holds the lease, the old holder's fenced writes are refused.
+    let stale = store.compare_and_swap_fenced("r", Some(peers_read.version), b"x".to_vec(), &fence);
+    assert_eq!(stale.await.unwrap(), None, "refused: the lease is the peer's");
+    assert_eq!(&*store.get("r").await.unwrap().unwrap().value, b"peer");
+    assert!(peer.release(peers_lease).await.unwrap());
 }

@@ -5,15 +5,26 @@
 //!
 //! | method | memory | sled | Redis |
 //! |---|---|---|---|
-//! | [`Store::get`] | shard lock + lookup | `get` | `GET` |
-//! | [`Store::insert_if_absent`] | shard lock | `compare_and_swap(None → new)` | `SET NX PX` |
-//! | [`Store::compare_and_set`] | shard lock | `compare_and_swap(old → new)` | Lua: compare version, `SET PX` |
-//! | [`Store::delete_if`] | shard lock | `compare_and_swap(old → None)` | Lua: compare version, `DEL` |
+//! | [`Store::get`] | shard lock + lookup | `get` | Lua: `TIME`, `HMGET` |
+//! | [`Store::insert_if_absent`] | shard lock | `compare_and_swap(None → new)` | Lua: `TIME`, `HSET` + `PEXPIRE` if absent or expired |
+//! | [`Store::compare_and_set`] | shard lock | `compare_and_swap(old → new)` | Lua: `TIME`, compare version, `HSET` + `PEXPIRE` |
+//! | [`Store::delete_if`] | shard lock | `compare_and_swap(old → None)` | Lua: `TIME`, compare version, `DEL` |
 //! | [`Store::subscribe`] | [`KeyNotifier`] | [`KeyNotifier`] | pub/sub into a [`KeyNotifier`] |
 //!
 //! Versions are unique across the whole store (never reused for another value, even after a
 //! delete), so a compare-and-set can never succeed against a different generation of a key
 //! (no ABA).
+//!
+//! # Whose clock decides expiry
+//!
+//! - **Memory and sled**: the store's injected clock (`with_clock` / `clock`), which is the
+//!   caller's: one process (sled admits one per database), so one clock. Tests drive a manual
+//!   clock to expire records.
+//! - **Redis**: the server's clock (`TIME` inside each script). Processes whose clocks disagree
+//!   still agree on which records are live, so two of them can never both hold a lease however
+//!   far apart their clocks are. The injected clock only reports [`Versioned::expires_at`] (the
+//!   caller's now plus the time Redis still gives the record); a manual clock cannot expire a
+//!   Redis record: tests wait real (short) time for that.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -41,7 +52,8 @@ pub struct Versioned {
     pub version: u64,
     /// The value's bytes.
     pub value: Arc<[u8]>,
-    /// When the value expires.
+    /// When the value expires, on the caller's clock (for Redis, which decides expiry on its
+    /// own clock: the caller's now plus the time Redis still gives the value).
     pub expires_at: Timestamp,
 }
 
@@ -179,6 +191,38 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     /// A subscription that is notified after every write or delete of `key` in this store.
     fn subscribe(&self, key: &str) -> Subscription;
+
+    /// Where `key`'s record lives on a Redis server, for a script of another component that
+    /// must check the record atomically with its own write (a fenced write under a
+    /// [`Lease`](crate::Lease): [`Leases::redis_fence`](crate::Leases::redis_fence)). `None`,
+    /// the default, for a store that is not Redis; a wrapper forwards its inner store's.
+    #[cfg(feature = "redis")]
+    fn redis_location(&self, key: &str) -> Option<RedisLocation> {
+        let _ = key;
+        None
+    }
+}
+
+/// A record's place on a Redis server (feature `redis`): see [`Store::redis_location`].
+#[cfg(feature = "redis")]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisLocation {
+    /// The server and database, as [`RedisLocation::server_of`] names them.
+    pub server: String,
+    /// The record's Redis key.
+    pub key: String,
+}
+
+#[cfg(feature = "redis")]
+impl RedisLocation {
+    /// The server and database a Redis URL connects to (`127.0.0.1:6379/0`), so two
+    /// components can tell whether they talk to one server; `None` if `url` does not parse.
+    /// Two spellings of one host (a name and its address) compare unequal: the safe side.
+    pub fn server_of(url: &str) -> Option<String> {
+        let client = ::redis::Client::open(url).ok()?;
+        let info = client.get_connection_info();
+        Some(format!("{}/{}", info.addr(), info.redis_settings().db()))
+    }
 }
 
 /// A cloneable, shareable [`Store`]: `Arc<dyn Store>` with a name.

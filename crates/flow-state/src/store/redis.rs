@@ -1,8 +1,15 @@
 //! The Redis store: flows shared by every process and replica of a deployment.
 //!
 //! Each record is a hash `{v: version, e: expires-at ms, d: bytes}` under `<prefix>:<key>`, with
-//! a Redis TTL as well. Writes are Lua scripts, so each store method is one atomic operation and
-//! one round trip; versions come from `INCR <prefix>:__version`, unique across the deployment.
+//! a Redis TTL as well. Every method is a Lua script, so each is one atomic operation and one
+//! round trip; versions come from `INCR <prefix>:__version`, unique across the deployment.
+//!
+//! Expiry is Redis's own business: the scripts read the server's clock (`TIME`; Redis 5 and
+//! later replicate a script's effects, not the script, so a replica never re-reads it) and
+//! write `e` and the key's `PEXPIRE` from it, so processes whose clocks disagree (by more than a
+//! lease's TTL, even) agree on which records are live. The caller's clock is not consulted for
+//! expiry at all: [`Versioned::expires_at`] is reported on it (the caller's now plus the
+//! remaining time Redis gives the record), so a waiter can sleep until it.
 //! Every write publishes the key on `<prefix>:__changes`; one subscriber connection per store
 //! turns those messages into local wake-ups, and after a reconnect (or every poll interval, in
 //! case a message was missed) every local waiter re-reads.
@@ -11,16 +18,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use mcp_clock::{Clock, SharedClock, Timestamp};
+use mcp_clock::{Clock, SharedClock};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Script, Value};
 
 use super::{
-    BoxFuture, Inserted, KeyNotifier, Store, StoreError, StoreErrorKind, Subscription, Swapped,
-    Versioned,
+    BoxFuture, Inserted, KeyNotifier, RedisLocation, Store, StoreError, StoreErrorKind,
+    Subscription, Swapped, Versioned,
 };
 
 const CHECK_RECORD: &str = r#"
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 local function record(key)
   local t = redis.call('TYPE', key).ok
   if t == 'none' then return nil end
@@ -31,40 +42,69 @@ local function record(key)
   end
   return cur
 end
-local function write(key, counter, expires, px, data, channel, name)
+local function write(key, counter, now, px, data, channel, name)
   local v = redis.call('INCR', counter)
   redis.call('DEL', key)
-  redis.call('HSET', key, 'v', v, 'e', expires, 'd', data)
+  redis.call('HSET', key, 'v', v, 'e', string.format('%d', now + tonumber(px)), 'd', data)
   redis.call('PEXPIRE', key, px)
   redis.call('PUBLISH', channel, name)
   return v
 end
 "#;
 
+/// `fence_holds(key, owner)`: whether a live lease record (this store's format, judged on
+/// `TIME`) under `key` holds `owner`. For scripts of other components:
+/// [`RedisFence::LUA`](crate::RedisFence::LUA).
+pub(crate) const FENCE_HOLDS: &str = r#"
+local function fence_holds(key, owner)
+  if redis.call('TYPE', key).ok ~= 'hash' then return false end
+  local cur = redis.call('HMGET', key, 'e', 'd')
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  return cur[1] ~= false and cur[2] == owner and tonumber(cur[1]) ~= nil and tonumber(cur[1]) > now
+end
+"#;
+
+/// KEYS: record. Returns `{}` (absent or expired) or `{v, e, d, now}`.
+const GET: &str = r#"
+local now = now_ms()
+local cur = record(KEYS[1])
+if type(cur) == 'table' and cur.err then return cur end
+if not cur or tonumber(cur[2]) <= now then return {} end
+return {cur[1], cur[2], cur[3], now}
+"#;
+
+/// KEYS: record, counter. ARGV: px, data, channel, name. Returns `{1, v}` or `{0, v, e, d, now}`.
 const INSERT: &str = r#"
+local now = now_ms()
 local cur = record(KEYS[1])
 if type(cur) == 'table' and cur.err then return cur end
-if cur and tonumber(cur[2]) > tonumber(ARGV[1]) then return {0, cur[1], cur[2], cur[3]} end
-return {1, write(KEYS[1], KEYS[2], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])}
+if cur and tonumber(cur[2]) > now then return {0, cur[1], cur[2], cur[3], now} end
+return {1, write(KEYS[1], KEYS[2], now, ARGV[1], ARGV[2], ARGV[3], ARGV[4])}
 "#;
 
+/// KEYS: record, counter. ARGV: expected, px, data, channel, name. Returns `{0}` (absent or
+/// expired), `{1, v}` or `{0, v, e, d, now}`.
 const CAS: &str = r#"
+local now = now_ms()
 local cur = record(KEYS[1])
 if type(cur) == 'table' and cur.err then return cur end
-if not cur or tonumber(cur[2]) <= tonumber(ARGV[2]) then return {0} end
-if cur[1] ~= ARGV[1] then return {0, cur[1], cur[2], cur[3]} end
-return {1, write(KEYS[1], KEYS[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7])}
+if not cur or tonumber(cur[2]) <= now then return {0} end
+if cur[1] ~= ARGV[1] then return {0, cur[1], cur[2], cur[3], now} end
+return {1, write(KEYS[1], KEYS[2], now, ARGV[2], ARGV[3], ARGV[4], ARGV[5])}
 "#;
 
+/// KEYS: record. ARGV: expected ('' for any), channel, name. Returns 1 if a live record went.
 const DELETE: &str = r#"
+local now = now_ms()
 local cur = record(KEYS[1])
 if type(cur) == 'table' and cur.err then return cur end
 if not cur then return 0 end
-local live = tonumber(cur[2]) > tonumber(ARGV[2])
+local live = tonumber(cur[2]) > now
 if live and ARGV[1] ~= '' and cur[1] ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
 if live then
-  redis.call('PUBLISH', ARGV[3], ARGV[4])
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
   return 1
 end
 return 0
@@ -82,9 +122,12 @@ pub struct RedisStore {
 
 struct Inner {
     conn: ConnectionManager,
+    /// The server and database, as `RedisLocation::server_of` names them.
+    server: String,
     prefix: String,
     clock: SharedClock,
     notifier: Arc<KeyNotifier>,
+    get: Script,
     insert: Script,
     cas: Script,
     delete: Script,
@@ -121,7 +164,9 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// The clock TTLs are checked against (default: the system clock).
+    /// The clock the store's own waits run on (the connect timeout, the poll interval, the
+    /// reconnect backoff) and that [`Versioned::expires_at`] is reported on (default: the
+    /// system clock). Expiry itself is decided by Redis's clock, never this one.
     pub fn clock(mut self, clock: SharedClock) -> Self {
         self.clock = clock;
         self
@@ -178,9 +223,11 @@ impl RedisStoreBuilder {
         Ok(RedisStore {
             inner: Arc::new(Inner {
                 conn,
+                server: RedisLocation::server_of(&self.url).unwrap_or_default(),
                 prefix: self.prefix,
                 clock: self.clock,
                 notifier,
+                get: Script::new(&format!("{CHECK_RECORD}{GET}")),
                 insert: Script::new(&format!("{CHECK_RECORD}{INSERT}")),
                 cas: Script::new(&format!("{CHECK_RECORD}{CAS}")),
                 delete: Script::new(&format!("{CHECK_RECORD}{DELETE}")),
@@ -284,11 +331,19 @@ fn int(key: &str, v: &Value) -> Result<u64, StoreError> {
     }
 }
 
-fn versioned(key: &str, v: &Value, e: &Value, d: &Value) -> Result<Versioned, StoreError> {
+/// A record from a script's reply: version `v`, expiry `e` and the server's time `now` (both
+/// in Redis's milliseconds), the bytes `d`; its expiry reported on `clock` (the caller's now
+/// plus the time Redis still gives the record).
+fn versioned(
+    key: &str,
+    clock: &SharedClock,
+    [v, e, d, now]: [&Value; 4],
+) -> Result<Versioned, StoreError> {
     let Value::BulkString(data) = d else { return Err(corrupt(key, "record data is not bytes")) };
+    let left = int(key, e)?.saturating_sub(int(key, now)?);
     Ok(Versioned {
         version: int(key, v)?,
-        expires_at: Timestamp::from_millis(int(key, e)?),
+        expires_at: clock.now() + Duration::from_millis(left),
         value: data.as_slice().into(),
     })
 }
@@ -317,8 +372,14 @@ impl RedisStore {
         format!("{}:__changes", self.inner.prefix)
     }
 
+    /// A TTL in milliseconds for the scripts: at least 1, at most about 300 years (so the
+    /// expiry stays an exact integer in Lua's doubles).
     fn px(ttl: Duration) -> u64 {
-        u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
+        u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).clamp(1, 1 << 43)
+    }
+
+    fn versioned(&self, key: &str, record: [&Value; 4]) -> Result<Versioned, StoreError> {
+        versioned(key, &self.inner.clock, record)
     }
 }
 
@@ -326,19 +387,17 @@ impl Store for RedisStore {
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Versioned>, StoreError>> {
         Box::pin(async move {
             let mut conn = self.inner.conn.clone();
-            let reply: Vec<Value> = redis::cmd("HMGET")
-                .arg(self.key(key))
-                .arg(&["v", "e", "d"])
-                .query_async(&mut conn)
+            let reply: Vec<Value> = self
+                .inner
+                .get
+                .key(self.key(key))
+                .invoke_async(&mut conn)
                 .await
                 .map_err(|e| map_error(key, e))?;
             match reply.as_slice() {
-                [Value::Nil, Value::Nil, Value::Nil] => Ok(None),
-                [v, e, d] => {
-                    let found = versioned(key, v, e, d)?;
-                    Ok((found.expires_at > self.inner.clock.now()).then_some(found))
-                }
-                _ => Err(corrupt(key, "HMGET reply")),
+                [] => Ok(None),
+                [v, e, d, now] => self.versioned(key, [v, e, d, now]).map(Some),
+                _ => Err(corrupt(key, "get reply")),
             }
         })
     }
@@ -350,15 +409,12 @@ impl Store for RedisStore {
         ttl: Duration,
     ) -> BoxFuture<'a, Result<Inserted, StoreError>> {
         Box::pin(async move {
-            let now = self.inner.clock.now();
             let mut conn = self.inner.conn.clone();
             let reply: Vec<Value> = self
                 .inner
                 .insert
                 .key(self.key(key))
                 .key(self.counter())
-                .arg(now.as_millis())
-                .arg((now + ttl).as_millis())
                 .arg(Self::px(ttl))
                 .arg(value)
                 .arg(self.channel())
@@ -370,7 +426,7 @@ impl Store for RedisStore {
                 [flag, version] if int(key, flag)? == 1 => {
                     Ok(Inserted::Inserted { version: int(key, version)? })
                 }
-                [_, v, e, d] => Ok(Inserted::Exists(versioned(key, v, e, d)?)),
+                [_, v, e, d, now] => Ok(Inserted::Exists(self.versioned(key, [v, e, d, now])?)),
                 _ => Err(corrupt(key, "insert reply")),
             }
         })
@@ -384,7 +440,6 @@ impl Store for RedisStore {
         ttl: Duration,
     ) -> BoxFuture<'a, Result<Swapped, StoreError>> {
         Box::pin(async move {
-            let now = self.inner.clock.now();
             let mut conn = self.inner.conn.clone();
             let reply: Vec<Value> = self
                 .inner
@@ -392,8 +447,6 @@ impl Store for RedisStore {
                 .key(self.key(key))
                 .key(self.counter())
                 .arg(expected.to_string())
-                .arg(now.as_millis())
-                .arg((now + ttl).as_millis())
                 .arg(Self::px(ttl))
                 .arg(value)
                 .arg(self.channel())
@@ -406,7 +459,9 @@ impl Store for RedisStore {
                 [flag, version] if int(key, flag)? == 1 => {
                     Ok(Swapped::Swapped { version: int(key, version)? })
                 }
-                [_, v, e, d] => Ok(Swapped::Conflict(Some(versioned(key, v, e, d)?))),
+                [_, v, e, d, now] => {
+                    Ok(Swapped::Conflict(Some(self.versioned(key, [v, e, d, now])?)))
+                }
                 _ => Err(corrupt(key, "compare-and-set reply")),
             }
         })
@@ -418,14 +473,12 @@ impl Store for RedisStore {
         expected: Option<u64>,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
-            let now = self.inner.clock.now();
             let mut conn = self.inner.conn.clone();
             let deleted: i64 = self
                 .inner
                 .delete
                 .key(self.key(key))
                 .arg(expected.map(|v| v.to_string()).unwrap_or_default())
-                .arg(now.as_millis())
                 .arg(self.channel())
                 .arg(key)
                 .invoke_async(&mut conn)
@@ -437,5 +490,9 @@ impl Store for RedisStore {
 
     fn subscribe(&self, key: &str) -> Subscription {
         self.inner.notifier.subscribe(key)
+    }
+
+    fn redis_location(&self, key: &str) -> Option<RedisLocation> {
+        Some(RedisLocation { server: self.inner.server.clone(), key: self.key(key) })
     }
 }

@@ -14,7 +14,9 @@ use mcp_clock::{Clock, SharedClock};
 /// - [`FaultPlan::lose_next_write_reply`]: the next write is applied, then fails (the reply was
 ///   lost);
 /// - [`FaultPlan::fail_next_read`]: the next read fails;
-/// - [`FaultPlan::set_delay`]: every operation takes this long on the clock.
+/// - [`FaultPlan::set_delay`]: every operation takes this long on the clock;
+/// - [`FaultPlan::set_reply_delay`]: every operation is applied at once and answered this long
+///   after (a slow way back: what it read may be stale by the time the caller sees it).
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -40,6 +42,7 @@ struct Faults {
     lose_replies: u32,
     fail_reads: u32,
     delay: Duration,
+    reply_delay: Duration,
     injected: u64,
 }
 
@@ -84,7 +87,20 @@ impl FaultPlan {
         self.with(|f| f.delay = delay);
     }
 
-    /// Drop every armed fault (and the delay).
+    /// Answer every operation `delay` after it was applied (on the clock).
+    pub fn set_reply_delay(&self, delay: Duration) {
+        self.with(|f| f.reply_delay = delay);
+    }
+
+    /// Wait the reply delay (a wrapper calls this once an operation was applied).
+    pub async fn reply_delay(&self) {
+        let delay = self.with(|f| f.reply_delay);
+        if !delay.is_zero() {
+            self.clock.sleep(delay).await;
+        }
+    }
+
+    /// Drop every armed fault (and the delays).
     pub fn disarm(&self) {
         self.with(|f| {
             let injected = f.injected;

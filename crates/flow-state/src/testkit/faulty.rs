@@ -22,7 +22,8 @@ use crate::{
 /// - [`FaultPlan::lose_next_write_reply`]: the next write is applied, then fails (the reply was
 ///   lost);
 /// - [`FaultPlan::fail_next_read`]: the next read fails;
-/// - [`FaultPlan::set_delay`]: every operation takes this long on the clock.
+/// - [`FaultPlan::set_delay`]: every operation takes this long on the clock;
+/// - [`FaultPlan::set_reply_delay`]: every operation is answered this long after it was applied.
 ///
 /// Writes are `insert_if_absent`, `compare_and_set` and `delete_if`.
 ///
@@ -76,14 +77,16 @@ impl FaultyStore {
         key: &str,
         op: impl FnOnce() -> BoxFuture<'a, Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        match self.plan.next_write().await {
+        let result = match self.plan.next_write().await {
             WriteFault::Fail => Err(Self::error(key, "write failed before it was applied")),
-            WriteFault::LoseReply => {
-                op().await?;
-                Err(Self::error(key, "write applied, reply lost"))
-            }
+            WriteFault::LoseReply => match op().await {
+                Ok(_) => Err(Self::error(key, "write applied, reply lost")),
+                Err(e) => Err(e),
+            },
             WriteFault::None => op().await,
-        }
+        };
+        self.plan.reply_delay().await;
+        result
     }
 }
 
@@ -93,7 +96,9 @@ impl Store for FaultyStore {
             if self.plan.next_read_fails().await {
                 return Err(Self::error(key, "read failed"));
             }
-            self.inner.get(key).await
+            let read = self.inner.get(key).await;
+            self.plan.reply_delay().await;
+            read
         })
     }
 
@@ -126,5 +131,10 @@ impl Store for FaultyStore {
 
     fn subscribe(&self, key: &str) -> Subscription {
         self.inner.subscribe(key)
+    }
+
+    #[cfg(feature = "redis")]
+    fn redis_location(&self, key: &str) -> Option<crate::RedisLocation> {
+        self.inner.redis_location(key)
     }
 }

@@ -29,6 +29,11 @@ pub(crate) enum Backend {
 /// Every backend; Redis runs when redis-server is on PATH (and must be, under CI).
 pub(crate) const BACKENDS: [Backend; 3] = [Backend::Memory, Backend::Sled, Backend::Redis];
 
+/// The backends whose records expire on the injected clock, so a test can expire one by
+/// advancing the manual clock. Redis decides expiry on its own clock (`TIME`): its expiry tests
+/// wait real (short) time instead (`redis.rs`).
+pub(crate) const CLOCK_BACKENDS: [Backend; 2] = [Backend::Memory, Backend::Sled];
+
 /// `kept`: interactive flows that keep failures (wait 10 s, ttl 60 s).
 /// `cache`: run() results reused (ttl 60 s, handler deadline 5 s).
 /// anything else: the defaults below (ttl 60 s, waits 10 s, no reuse of failures).

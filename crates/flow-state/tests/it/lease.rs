@@ -6,19 +6,27 @@ use std::time::Duration;
 
 use flow_state::{Error, FlowKey, Leases};
 
-use crate::harness::{BACKENDS, harness, within};
+use crate::harness::{BACKENDS, CLOCK_BACKENDS, Harness, harness, within};
 
 const TTL: Duration = Duration::from_secs(10);
+
+/// Leases over a faulty wrapper of `h`'s store, and the wrapper (to arm its faults).
+fn faulty_leases(h: &Harness) -> (Arc<flow_state::testkit::FaultyStore>, Leases) {
+    let faulty = flow_state::testkit::FaultyStore::new(h.store.clone(), h.clock.shared());
+    let leases = Leases::new(flow_state::SharedStore::from_arc(faulty.clone()), h.clock.shared());
+    (faulty, leases)
+}
 
 fn key() -> FlowKey {
     FlowKey::new("refresh", "alice:srv").unwrap().with_tenant("acme").unwrap()
 }
 
 /// A crashed holder stops renewing; after the TTL another process takes over, with a larger
-/// fence, and the old holder can neither renew nor release the new holder's lease.
+/// fence, and the old holder can neither renew nor release the new holder's lease. (On the
+/// injected clock; Redis's own clock: `redis::a_redis_lease_expires_on_redis_time`.)
 #[tokio::test]
 async fn an_expired_lease_is_taken_over_with_a_larger_fence() {
-    for backend in BACKENDS {
+    for backend in CLOCK_BACKENDS {
         let Some(h) = harness(backend).await else { continue };
         let leases = Leases::new(h.store.clone(), h.clock.shared());
         let mut first = leases.try_acquire(&key(), TTL).await.unwrap().unwrap();
@@ -121,9 +129,7 @@ async fn only_one_holder_at_a_time() {
 async fn a_lost_renew_reply_does_not_lose_the_lease() {
     for backend in BACKENDS {
         let Some(h) = harness(backend).await else { continue };
-        let faulty = flow_state::testkit::FaultyStore::new(h.store.clone(), h.clock.shared());
-        let leases =
-            Leases::new(flow_state::SharedStore::from_arc(faulty.clone()), h.clock.shared());
+        let (faulty, leases) = faulty_leases(&h);
         let mut lease = leases.try_acquire(&key(), TTL).await.unwrap().unwrap();
         h.clock.advance(Duration::from_secs(5));
         faulty.lose_next_write_reply();
@@ -142,14 +148,13 @@ async fn a_lost_renew_reply_does_not_lose_the_lease() {
 }
 
 /// A renewal that failed before it was applied leaves the lease as it was: still held until
-/// its old expiry, then lost.
+/// its old expiry, then lost. (On the injected clock; Redis's own clock:
+/// `redis::a_redis_lease_expires_on_redis_time`.)
 #[tokio::test]
 async fn a_failed_renewal_is_not_applied() {
-    for backend in BACKENDS {
+    for backend in CLOCK_BACKENDS {
         let Some(h) = harness(backend).await else { continue };
-        let faulty = flow_state::testkit::FaultyStore::new(h.store.clone(), h.clock.shared());
-        let leases =
-            Leases::new(flow_state::SharedStore::from_arc(faulty.clone()), h.clock.shared());
+        let (faulty, leases) = faulty_leases(&h);
         let mut lease = leases.try_acquire(&key(), TTL).await.unwrap().unwrap();
         h.clock.advance(Duration::from_secs(5));
         faulty.fail_next_write();
@@ -157,5 +162,26 @@ async fn a_failed_renewal_is_not_applied() {
         h.clock.advance(Duration::from_secs(5));
         assert!(!leases.is_held(&lease).await.unwrap(), "{backend:?}: expired at its old time");
         assert!(matches!(leases.renew(&mut lease, TTL).await, Err(Error::NotFound { .. })));
+    }
+}
+
+/// Race: the insert that takes a lease is applied but its reply is lost. `try_acquire` reported
+/// the error and left the record held by nobody until its TTL (no caller knew its owner
+/// token); it reads the record back, finds its own owner token and takes the lease.
+#[tokio::test]
+async fn a_try_acquire_whose_reply_was_lost_takes_its_own_lease() {
+    for backend in BACKENDS {
+        let Some(h) = harness(backend).await else { continue };
+        let (faulty, leases) = faulty_leases(&h);
+        faulty.lose_next_write_reply();
+        let lease = leases
+            .try_acquire(&key(), TTL)
+            .await
+            .unwrap_or_else(|e| panic!("{backend:?}: the applied insert is ours: {e}"));
+        assert_eq!(faulty.injected(), 1);
+        let lease = lease.expect("held by this attempt");
+        assert!(leases.is_held(&lease).await.unwrap(), "{backend:?}");
+        assert!(leases.release(lease).await.unwrap(), "{backend:?}: released, not orphaned");
+        assert!(leases.try_acquire(&key(), TTL).await.unwrap().is_some(), "{backend:?}");
     }
 }

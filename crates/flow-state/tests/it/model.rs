@@ -26,6 +26,11 @@ enum Op {
 }
 
 fn op() -> impl Strategy<Value = Op> {
+    op_advancing(30_000)
+}
+
+/// Operations whose clock advances are below `max_ms` each.
+fn op_advancing(max_ms: u64) -> impl Strategy<Value = Op> {
     let k = 0..3usize;
     prop_oneof![
         k.clone().prop_map(Op::Init),
@@ -35,7 +40,7 @@ fn op() -> impl Strategy<Value = Op> {
         k.clone().prop_map(Op::Delete),
         k.clone().prop_map(Op::DeleteIfCompleted),
         k.prop_map(Op::Get),
-        (0..30_000u64).prop_map(Op::Advance),
+        (0..max_ms).prop_map(Op::Advance),
     ]
 }
 
@@ -171,8 +176,12 @@ proptest! {
         rt.block_on(check(Backend::Memory, ops));
     }
 
+    /// Redis decides expiry on its own clock, which the manual clock does not move: at most
+    /// 40 advances below 1.4 s each stay under the 60 s TTL, so no record is due to expire
+    /// (the stale window, on the manager's clock, is still crossed). Redis expiry itself is
+    /// tested in real time in `redis.rs`.
     #[test]
-    fn the_redis_manager_matches_the_model(ops in proptest::collection::vec(op(), 1..40)) {
+    fn the_redis_manager_matches_the_model(ops in proptest::collection::vec(op_advancing(1_400), 1..40)) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(check(Backend::Redis, ops));
     }

@@ -7,6 +7,7 @@
 //! |---|---|---|---|
 //! | [`TokenStore::get`] | lock + lookup | `get` | `HGETALL` |
 //! | [`TokenStore::compare_and_swap`] | lock | `compare_and_swap(old → new)` | Lua: compare version, `SET` (`SET NX` when absent) |
+//! | [`TokenStore::compare_and_swap_fenced`] | lease check, then swap | lease check, then swap | Lua: lease check and swap in one script (a `flow_state::RedisStore` lease on the same server), else lease check, then swap |
 //! | [`TokenStore::delete`] | lock | `compare_and_swap(old → None)` | Lua: compare version, `DEL` |
 //! | [`TokenStore::keys_with_prefix`] | range scan | `scan_prefix` | `ZRANGEBYLEX` on an index kept by the writes |
 //!
@@ -18,6 +19,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::Error;
+use crate::lease::Fence;
 use crate::refresher::BoxFuture;
 
 pub(crate) mod memory;
@@ -82,6 +84,39 @@ pub trait TokenStore: Send + Sync + fmt::Debug {
     /// Every stored key that starts with `prefix`, in any order.
     fn keys_with_prefix<'a>(&'a self, prefix: &'a str)
     -> BoxFuture<'a, Result<Vec<String>, Error>>;
+
+    /// [`TokenStore::compare_and_swap`] made only while the refresh lease `fence` holds:
+    /// `Ok(None)` if the fence was found lost (nothing written).
+    ///
+    /// The default checks the fence ([`Fence::holds`], one round trip to the lease store),
+    /// then swaps: the weaker fence, since a lease that lapses between the two (a process
+    /// paused, a slow reply) does not stop the write. A backend that can check the lease in
+    /// the same atomic step as the swap overrides it: `RedisTokenStore` does, with one Lua
+    /// script, when the lease is a `flow_state::RedisStore` lease on the same server. What each
+    /// backend guarantees: [`RefreshLease`](crate::RefreshLease).
+    fn compare_and_swap_fenced<'a>(
+        &'a self,
+        key: &'a str,
+        expected: Option<u64>,
+        value: Vec<u8>,
+        fence: &'a Fence<'a>,
+    ) -> BoxFuture<'a, Result<Option<Swap>, Error>> {
+        Box::pin(check_then_swap(self, key, expected, value, fence))
+    }
+}
+
+/// The default fenced write: check the fence, then compare-and-swap (one round trip apart).
+pub(crate) async fn check_then_swap<S: TokenStore + ?Sized>(
+    store: &S,
+    key: &str,
+    expected: Option<u64>,
+    value: Vec<u8>,
+    fence: &Fence<'_>,
+) -> Result<Option<Swap>, Error> {
+    if !fence.holds().await? {
+        return Ok(None);
+    }
+    store.compare_and_swap(key, expected, value).await.map(Some)
 }
 
 /// A cloneable, shareable [`TokenStore`].

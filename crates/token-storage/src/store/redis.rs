@@ -7,6 +7,15 @@
 //! - `{<prefix>}:index`: a sorted set of every record key (score 0), so a prefix listing is one
 //!   `ZRANGEBYLEX`, never a `SCAN` of the whole server.
 //!
+//! The refresh lease's record, for the fenced write: a `flow_state::RedisStore` lease lives at
+//! `<lease store prefix>:L<lease key>`. When that store talks to the same server (same address
+//! and database), [`TokenStore::compare_and_swap_fenced`] is one script that checks the lease
+//! record (live on Redis's clock, holding our owner token) and swaps, so a lease that lapses
+//! just before the write stops it. In a Redis Cluster both keys must hash to one slot: give the
+//! lease store a prefix that carries this store's hash tag, `{<prefix>}:leases` (then the lease
+//! record is `{<prefix>}:leases:L<lease key>`). With a lease elsewhere (another server, lock
+//! files) the fence is the trait's default: the lease is checked, then the record swapped.
+//!
 //! Writes are Lua scripts, so each [`TokenStore`] method is one atomic operation and one round
 //! trip. A value under the prefix that is not a token record (written by another program) is an
 //! [`Error::Decrypt`] with [`DecryptFailure::UnknownFormat`], never a panic, and is left as it is
@@ -18,9 +27,10 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Script, Value};
 
-use super::{Swap, TokenStore, Versioned};
+use super::{Swap, TokenStore, Versioned, check_then_swap};
 use crate::Error;
 use crate::error::DecryptFailure;
+use crate::lease::Fence;
 use crate::refresher::BoxFuture;
 
 /// Fails with a `FOREIGN` error reply unless KEYS[1] is absent or a token record; returns the
@@ -52,6 +62,12 @@ local v = redis.call('INCR', KEYS[2])
 redis.call('HSET', KEYS[1], 'v', v, 'd', ARGV[2])
 redis.call('ZADD', KEYS[3], 0, ARGV[3])
 return {1, v}
+"#;
+
+/// Prepended to [`CAS`] with `flow_state::RedisFence::LUA`: KEYS[4] is the lease record, ARGV[4]
+/// our owner token; `{2}` when the lease is not ours (nothing written).
+const FENCE: &str = r#"
+if not fence_holds(KEYS[4], ARGV[4]) then return {2} end
 "#;
 
 /// KEYS: record, index. ARGV: expected version ('' for any value, even a foreign one), member.
@@ -89,8 +105,11 @@ pub struct RedisTokenStore {
 struct Inner {
     conn: ConnectionManager,
     url: String,
+    /// The server and database (`flow_state::RedisLocation::server_of`).
+    server: String,
     prefix: String,
     cas: Script,
+    fenced_cas: Script,
     delete: Script,
 }
 
@@ -142,9 +161,14 @@ impl RedisTokenStoreBuilder {
         Ok(RedisTokenStore {
             inner: Arc::new(Inner {
                 conn,
+                server: flow_state::RedisLocation::server_of(&url).unwrap_or_default(),
                 url: redact_url(&url),
                 prefix: self.prefix,
                 cas: Script::new(&format!("{RECORD}{CAS}")),
+                fenced_cas: Script::new(&format!(
+                    "{RECORD}{}{FENCE}{CAS}",
+                    flow_state::RedisFence::LUA
+                )),
                 delete: Script::new(&format!("{RECORD}{DELETE}")),
             }),
         })
@@ -219,6 +243,18 @@ fn int(key: &str, v: &Value) -> Result<u64, Error> {
     }
 }
 
+/// The reply of [`CAS`].
+fn swap_reply(key: &str, reply: &[Value]) -> Result<Swap, Error> {
+    match reply {
+        [_] => Ok(Swap::Conflict(None)),
+        [flag, version] if int(key, flag)? == 1 => {
+            Ok(Swap::Swapped { version: int(key, version)? })
+        }
+        [_, v, d] => Ok(Swap::Conflict(Some(versioned(key, v, d)?))),
+        _ => Err(foreign(key)),
+    }
+}
+
 fn versioned(key: &str, v: &Value, d: &Value) -> Result<Versioned, Error> {
     let Value::BulkString(data) = d else { return Err(foreign(key)) };
     Ok(Versioned { version: int(key, v)?, value: data.as_slice().into() })
@@ -263,13 +299,41 @@ impl TokenStore for RedisTokenStore {
                 .invoke_async(&mut conn)
                 .await
                 .map_err(|e| self.error(key, e))?;
+            swap_reply(key, &reply)
+        })
+    }
+
+    /// One script when the lease is a `flow_state::RedisStore` lease on this server: the lease
+    /// check and the swap are one atomic step. Otherwise the default (check, then swap).
+    fn compare_and_swap_fenced<'a>(
+        &'a self,
+        key: &'a str,
+        expected: Option<u64>,
+        value: Vec<u8>,
+        fence: &'a Fence<'a>,
+    ) -> BoxFuture<'a, Result<Option<Swap>, Error>> {
+        Box::pin(async move {
+            let Some(lease) = fence.redis().filter(|f| f.server == self.inner.server) else {
+                return check_then_swap(self, key, expected, value, fence).await;
+            };
+            let mut conn = self.inner.conn.clone();
+            let reply: Vec<Value> = self
+                .inner
+                .fenced_cas
+                .key(self.record(key))
+                .key(self.counter())
+                .key(self.index())
+                .key(&lease.key)
+                .arg(expected.map(|v| v.to_string()).unwrap_or_default())
+                .arg(value)
+                .arg(key)
+                .arg(&lease.owner)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| self.error(key, e))?;
             match reply.as_slice() {
-                [_] => Ok(Swap::Conflict(None)),
-                [flag, version] if int(key, flag)? == 1 => {
-                    Ok(Swap::Swapped { version: int(key, version)? })
-                }
-                [_, v, d] => Ok(Swap::Conflict(Some(versioned(key, v, d)?))),
-                _ => Err(foreign(key)),
+                [flag] if int(key, flag)? == 2 => Ok(None),
+                _ => swap_reply(key, &reply).map(Some),
             }
         })
     }

@@ -8,7 +8,7 @@ use flow_state::testkit::{FaultPlan, WriteFault};
 use mcp_clock::SharedClock;
 
 use crate::refresher::BoxFuture;
-use crate::{Error, SharedTokenStore, Swap, TokenStore, Versioned};
+use crate::{Error, Fence, SharedTokenStore, Swap, TokenStore, Versioned};
 
 /// A [`TokenStore`] over another one with the faults of flow-state's [`FaultPlan`] (armed
 /// through it: the wrapper dereferences to its plan), reported as [`Error::StoreUnavailable`]:
@@ -17,9 +17,11 @@ use crate::{Error, SharedTokenStore, Swap, TokenStore, Versioned};
 /// - [`FaultPlan::lose_next_write_reply`]: the next write is applied, then fails (the reply was
 ///   lost);
 /// - [`FaultPlan::fail_next_read`]: the next read fails;
-/// - [`FaultPlan::set_delay`]: every operation takes this long on the clock.
+/// - [`FaultPlan::set_delay`]: every operation takes this long on the clock;
+/// - [`FaultPlan::set_reply_delay`]: every operation is answered this long after it was applied.
 ///
-/// Writes are `compare_and_swap` and `delete`; reads are `get` and `keys_with_prefix`.
+/// Writes are `compare_and_swap` (fenced or not) and `delete`; reads are `get` and
+/// `keys_with_prefix`.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -71,21 +73,25 @@ impl FaultyTokenStore {
         if self.plan.next_read_fails().await {
             return Err(Self::error("read failed"));
         }
-        op().await
+        let read = op().await;
+        self.plan.reply_delay().await;
+        read
     }
 
     async fn write<'a, T>(
         &'a self,
         op: impl FnOnce() -> BoxFuture<'a, Result<T, Error>>,
     ) -> Result<T, Error> {
-        match self.plan.next_write().await {
+        let result = match self.plan.next_write().await {
             WriteFault::Fail => Err(Self::error("write failed before it was applied")),
-            WriteFault::LoseReply => {
-                op().await?;
-                Err(Self::error("write applied, reply lost"))
-            }
+            WriteFault::LoseReply => match op().await {
+                Ok(_) => Err(Self::error("write applied, reply lost")),
+                Err(e) => Err(e),
+            },
             WriteFault::None => op().await,
-        }
+        };
+        self.plan.reply_delay().await;
+        result
     }
 }
 
@@ -116,5 +122,17 @@ impl TokenStore for FaultyTokenStore {
         prefix: &'a str,
     ) -> BoxFuture<'a, Result<Vec<String>, Error>> {
         Box::pin(self.read(move || self.inner.keys_with_prefix(prefix)))
+    }
+
+    fn compare_and_swap_fenced<'a>(
+        &'a self,
+        key: &'a str,
+        expected: Option<u64>,
+        value: Vec<u8>,
+        fence: &'a Fence<'a>,
+    ) -> BoxFuture<'a, Result<Option<Swap>, Error>> {
+        Box::pin(
+            self.write(move || self.inner.compare_and_swap_fenced(key, expected, value, fence)),
+        )
     }
 }

@@ -262,3 +262,16 @@ fn a_commit_that_gives_up_and_releases_the_lease_lets_a_peer_present_the_spent_t
     let run = check("commit retries bounded at 2", model, Some(INV_PRESENTED));
     assert!(run.violated.contains(&INV_PRESENTED), "found {:?}", run.violated);
 }
+
+/// The take-back of an unsent intent after a lost lease cannot be fenced (the lease is gone);
+/// what makes it safe is the compare-and-swap on the version of the flight's own write. A
+/// blind take-back (write over whatever is stored) lets a paused holder erase the new holder's
+/// claim of its retry while that retry is out: the new holder's commit then conflicts, and a
+/// third process re-reads the old generation and presents its spent refresh token again.
+#[test]
+fn a_take_back_without_the_version_check_lets_a_spent_token_be_presented_again() {
+    let mut model = RefreshModel::new(Rules::ALL, every_fault(false));
+    model.blind_take_back = true;
+    let run = check("blind take-back", model, Some(INV_PRESENTED));
+    assert!(run.violated.contains(&INV_PRESENTED), "found {:?}", run.violated);
+}

@@ -21,11 +21,12 @@
 //! | `ReRead`          | `refresh_held`: `self.load(&key).await` (under the lease)           |
 //! | `RecordIntent`    | `refresh_held`: `record_doubt(.., Doubt::Sent)` before the first send |
 //! | `CheckLease`      | `refresh_held`: `guard.check(&key)` before each send                |
+//! | `TakeBack`        | `refresh_held`: `restore_doubt(.., None)` when that check finds the lease lost (unfenced: compare-and-swap on the version of the flight's own in-doubt write) |
 //! | `Send`            | `refresh_held`: `self.refresher.refresh(&key, &request)` goes out   |
 //! | `Receive`         | `refresh_held`: the refresher's future completes (or answer lost)   |
 //! | `RecordInDoubt`   | `record_doubt(.., Doubt::RetryClaimed)`: claims the one retry       |
 //! | `Wake`            | `refresh_held`: `self.clock.sleep(delay)` (backoff) ends            |
-//! | `Commit`          | `commit_set` -> `write_fenced` -> `store.compare_and_swap(..)`      |
+//! | `Commit`          | `commit_set` -> `write_fenced` -> `store.compare_and_swap_fenced(..)` |
 //! | `WriteMarker`     | `terminal` -> `write_fenced(marked)` (needs-authorization marker)   |
 //! | `Release`         | `refresh`: `held.release().await`                                   |
 //!
@@ -52,6 +53,7 @@
 //! | `commit_retry`             | a commit is retried on a transient store error (under the lease until it lands); a conflict with our own set is success | inv 2 |
 //! | `marker_never_beats_token` | a stale failure marker never beats a valid token (the marker is fenced; a commit replaces an older marker) | inv 2 |
 //! | `compare_and_swap`         | (main already) writes compare-and-swap on the version read | inv 3, with the fence also off |
+//! | `take_back_unsent`         | a flight that finds its lease lost before a send takes back its own unsent in-doubt write, so the next holder keeps its one retry | none of the four (it saves a retry; the full checks show the unfenced take-back breaks none; made blind, without the compare-and-swap on its own write's version, it breaks inv 1) |
 //!
 //! `RefreshModel::commit_tries` bounds the commit's retries the way issue 12 words the rule
 //! ("bounded, with backoff, the answer held in memory"): giving up and releasing the lease

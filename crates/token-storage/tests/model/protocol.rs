@@ -55,6 +55,12 @@ pub(crate) struct Rules {
     /// Not an issue-12 rule but the one main already has: every write is a compare-and-swap
     /// on the store version read under the lease. Off: writes replace whatever is stored.
     pub(crate) compare_and_swap: bool,
+    /// A flight that finds its lease lost at the check before a send, with nothing sent since
+    /// its latest in-doubt write, takes that write back (the level before it), so the next
+    /// holder does not spend its one same-token retry on a token never sent. The lease is
+    /// gone, so the take-back is not fenced: it is a compare-and-swap on the version of that
+    /// very write. Off: the intent stays (main before this rule).
+    pub(crate) take_back_unsent: bool,
 }
 
 impl Rules {
@@ -69,6 +75,7 @@ impl Rules {
         commit_retry: true,
         marker_never_beats_token: true,
         compare_and_swap: true,
+        take_back_unsent: true,
     };
 }
 
@@ -125,6 +132,10 @@ pub(crate) struct RefreshModel {
     pub(crate) commit_tries: Option<u8>,
     pub(crate) rules: Rules,
     pub(crate) faults: Faults,
+    /// With `take_back_unsent`: the take-back writes whatever is stored over (no
+    /// compare-and-swap on the version of the flight's own write). `checks` shows that this
+    /// breaks the protocol: the version is what makes an unfenced take-back safe.
+    pub(crate) blind_take_back: bool,
 }
 
 impl RefreshModel {
@@ -136,6 +147,7 @@ impl RefreshModel {
             commit_tries: None,
             rules,
             faults,
+            blind_take_back: false,
         }
     }
 }
@@ -203,6 +215,9 @@ pub(crate) enum Pc {
     Check(Flight),
     /// Next: send the token request (`refresher.refresh` in `redeem`).
     Ready(Flight),
+    /// The lease was found lost before a send; next: take back this flight's latest in-doubt
+    /// write, unfenced (compare-and-swap on its version).
+    TakeBack(Flight),
     /// Request sent; next: its answer (or its loss).
     Sent(Flight),
     /// The answer was lost (or a successor found an intent); next: record in doubt and claim
@@ -260,6 +275,7 @@ pub(crate) struct Ghost {
     pub(crate) reauth: bool,
     pub(crate) grace_answer: bool,
     pub(crate) store_fault: bool,
+    pub(crate) taken_back: bool,
 }
 
 /// The remaining fault budget.
@@ -320,6 +336,8 @@ pub(crate) enum Action {
     RecordIntent(u8, Write),
     /// Target protocol: the lease check before each send (`still_held`).
     CheckLease(u8),
+    /// `refresh_held`: `restore_doubt(.., None)` after the lease was found lost before a send.
+    TakeBack(u8, Write),
     /// `redeem`: `self.refresher.refresh(key, request)` is sent.
     Send(u8),
     /// `redeem`: the refresher's future completes (or the answer is lost).
@@ -455,6 +473,20 @@ impl RefreshModel {
         self.rules.fenced_commit && !self.held(s, p)
     }
 
+    /// The level before `f`'s latest in-doubt write, if it made one (its version is `f.ver`):
+    /// the claim of the one retry replaced "sent"; the intent replaced "not in doubt".
+    fn wrote_doubt(&self, f: Flight) -> Option<u8> {
+        if !self.rules.in_doubt {
+            None
+        } else if f.retry {
+            Some(1)
+        } else if self.rules.in_doubt_before_send {
+            Some(0)
+        } else {
+            None
+        }
+    }
+
     fn next_check(&self, f: Flight) -> Pc {
         if self.rules.lease_through_backoff { Pc::Check(f) } else { Pc::Ready(f) }
     }
@@ -473,7 +505,7 @@ impl RefreshModel {
         match pc {
             Pc::Idle | Pc::Crashed | Pc::Release => false,
             Pc::Acquiring { .. } | Pc::Acquired { .. } => true,
-            Pc::Intent(f) | Pc::Check(f) | Pc::Ready(f) | Pc::Backoff(f) => {
+            Pc::Intent(f) | Pc::Check(f) | Pc::Ready(f) | Pc::Backoff(f) | Pc::TakeBack(f) => {
                 !self.rules.never_abandon || !f.sent
             }
             Pc::Sent(_) | Pc::Lost(_) | Pc::Got { .. } | Pc::Fail(_) => !self.rules.never_abandon,
@@ -536,6 +568,7 @@ impl Model for RefreshModel {
                 Pc::Acquired { .. } => out.push(Action::ReRead(p)),
                 Pc::Intent(_) => self.write_variants(s, Action::RecordIntent, p, out),
                 Pc::Check(_) => out.push(Action::CheckLease(p)),
+                Pc::TakeBack(_) => self.write_variants(s, Action::TakeBack, p, out),
                 Pc::Ready(_) => out.push(Action::Send(p)),
                 Pc::Sent(_) => {
                     out.push(Action::Receive(p, Answer::Delivered));
@@ -660,8 +693,29 @@ impl Model for RefreshModel {
             }
             Action::CheckLease(p) => {
                 let Pc::Check(f) = s.procs[p as usize].pc else { return None };
-                let pc = if self.held(&s, p) { Pc::Ready(f) } else { Pc::Release };
+                let pc = if self.held(&s, p) {
+                    Pc::Ready(f)
+                } else if self.rules.take_back_unsent && self.wrote_doubt(f).is_some() {
+                    Pc::TakeBack(f)
+                } else {
+                    Pc::Release
+                };
                 set_pc(&mut s, p, pc);
+            }
+            Action::TakeBack(p, w) => {
+                let Pc::TakeBack(f) = s.procs[p as usize].pc else { return None };
+                let prior = self.wrote_doubt(f)?;
+                let want = Rec { serial: f.t, ver: 0, marker: false, doubt: prior };
+                // Not a commit: the same generation, back to the level before the intent.
+                let (committed, max) = (s.ghost.committed, s.ghost.max_committed);
+                if self.blind_take_back {
+                    Self::write(&mut s, want);
+                    s.ghost.taken_back = true;
+                } else if let Cas::Written(_) = self.cas(&mut s, f.ver, want, w) {
+                    s.ghost.taken_back = true;
+                }
+                (s.ghost.committed, s.ghost.max_committed) = (committed, max);
+                set_pc(&mut s, p, Pc::Release);
             }
             Action::Send(p) => {
                 let Pc::Ready(f) = s.procs[p as usize].pc else { return None };
@@ -871,6 +925,9 @@ impl Model for RefreshModel {
         if self.faults.crashes > 0 || self.faults.pauses > 0 {
             props.push(Property::sometimes(SOME_LAPSE, |_, s: &State| s.ghost.lapsed));
         }
+        if self.rules.take_back_unsent && self.faults.pauses > 0 {
+            props.push(Property::sometimes(SOME_TAKE_BACK, |_, s: &State| s.ghost.taken_back));
+        }
         if self.faults.store_failures > 0 {
             props.push(Property::sometimes(SOME_STORE_FAULT, |_, s: &State| s.ghost.store_fault));
         }
@@ -899,6 +956,8 @@ pub(crate) const SOME_COMMIT: &str = "sometimes: a refresh commits";
 pub(crate) const SOME_LOST: &str = "sometimes: an answer is lost";
 pub(crate) const SOME_CRASH: &str = "sometimes: a process crashes";
 pub(crate) const SOME_LAPSE: &str = "sometimes: a lease lapses";
+pub(crate) const SOME_TAKE_BACK: &str =
+    "sometimes: an intent found unsent after a lost lease is taken back";
 pub(crate) const SOME_STORE_FAULT: &str = "sometimes: a store write fails";
 pub(crate) const SOME_REAUTH: &str = "sometimes: a process is told to re-authorize";
 pub(crate) const SOME_GRACE: &str = "sometimes: a same-token retry gets the successor";
