@@ -3,10 +3,9 @@
 //! the MCP server is answered with the server's nonce, once, without asking the provider.
 //!
 //! The server is rmcp's streamable-HTTP server behind a gate on 127.0.0.1 that checks proofs
-//! the way RFC 9449 §4.3 and §7.1 say (signature with the embedded key, `typ`, `htm`, `htu`,
-//! `ath`, unique `jti`, and its nonce).
+//! with mcp-fixtures' `DpopChecker` (RFC 9449 §4.3 and §7.1: signature with the embedded key,
+//! `typ`, `htm`, `htu`, `iat`, `ath`, unique `jti`, and its nonce).
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,23 +14,19 @@ use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use base64::Engine as _;
 use connection_factory::{
     AuthProvider, BoxFuture, Challenge, ConnectOptions, Connection, Error, Recovery, Secret,
 };
+use mcp_clock::{Clock as _, SystemClock};
+use mcp_fixtures::{DpopChecker, DpopRefusal};
 use mcp_oauth::DpopKey;
-use p256::ecdsa::signature::Verifier as _;
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::model::{ServerCapabilities, ServerConfig};
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use rmcp::{ServerHandler, tool, tool_handler, tool_router};
-use serde_json::Value;
-use sha2::{Digest, Sha256};
 
 const TOKEN: &str = "at_dpop_bound";
-const NONCE: &str = "rs-nonce-1";
-const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 #[derive(Debug, Clone)]
 struct Ping {
@@ -59,44 +54,9 @@ struct Gate {
     url: Mutex<String>,
     accepted: AtomicU64,
     nonce_challenges: AtomicU64,
-    jtis: Mutex<HashSet<String>>,
+    checker: DpopChecker,
     /// Everything wrong with the proofs seen (empty when all were valid).
     problems: Mutex<Vec<String>>,
-}
-
-fn json_part(part: &str) -> Option<Value> {
-    serde_json::from_slice(&B64.decode(part).ok()?).ok()
-}
-
-/// Check one proof for `method` on the gate's URL with `token`; `Ok(has_nonce)`.
-fn check(gate: &Gate, proof: &str, method: &str, token: &str) -> Result<bool, String> {
-    let parts: Vec<&str> = proof.split('.').collect();
-    let [h, c, sig] = parts[..] else { return Err("not a JWS".into()) };
-    let (header, claims) = (json_part(h).ok_or("header")?, json_part(c).ok_or("claims")?);
-    if header["typ"] != "dpop+jwt" || header["alg"] != "ES256" {
-        return Err(format!("header {header}"));
-    }
-    let coord = |n: &str| B64.decode(header["jwk"][n].as_str().unwrap_or_default()).ok();
-    let (Some(x), Some(y)) = (coord("x"), coord("y")) else { return Err("jwk".into()) };
-    let sec1 = [&[4u8][..], &x, &y].concat();
-    let key = p256::ecdsa::VerifyingKey::from_sec1_bytes(&sec1).map_err(|e| e.to_string())?;
-    let sig = p256::ecdsa::Signature::from_slice(&B64.decode(sig).map_err(|e| e.to_string())?)
-        .map_err(|e| e.to_string())?;
-    key.verify(format!("{h}.{c}").as_bytes(), &sig).map_err(|_| "bad signature".to_owned())?;
-    if claims["htm"] != method || claims["htu"] != *gate.url.lock().unwrap() {
-        return Err(format!("htm/htu {claims}"));
-    }
-    if claims["ath"] != B64.encode(Sha256::digest(token.as_bytes())) {
-        return Err("ath".into());
-    }
-    if !claims["iat"].is_u64() {
-        return Err("iat".into());
-    }
-    let jti = claims["jti"].as_str().ok_or("jti")?.to_owned();
-    if !gate.jtis.lock().unwrap().insert(jti) {
-        return Err("a replayed jti".into());
-    }
-    Ok(claims["nonce"] == NONCE)
 }
 
 /// The gate's verdict on a request: `None` lets it through.
@@ -113,22 +73,26 @@ fn verdict(gate: &Gate, req: &Request) -> Option<Response> {
         gate.problems.lock().unwrap().push(format!("Authorization {auth:?}"));
         return Some(refuse("DPoP"));
     };
-    match check(gate, &proof, req.method().as_str(), token) {
-        Err(problem) => {
-            gate.problems.lock().unwrap().push(problem);
-            Some(refuse("DPoP error=\"invalid_dpop_proof\""))
-        }
-        Ok(false) => {
+    let url = gate.url.lock().unwrap().clone();
+    let proof = (!proof.is_empty()).then_some(proof.as_str());
+    // Real time: the transport signs with the system clock here.
+    let now = SystemClock.now();
+    match gate.checker.check(proof, req.method().as_str(), &url, Some(token), now) {
+        Err(DpopRefusal::UseNonce) => {
             gate.nonce_challenges.fetch_add(1, Ordering::SeqCst);
             let mut resp = refuse("DPoP error=\"use_dpop_nonce\"");
-            resp.headers_mut().insert("dpop-nonce", NONCE.parse().unwrap());
+            resp.headers_mut().insert("dpop-nonce", gate.checker.nonce().parse().unwrap());
             Some(resp)
         }
-        Ok(true) if token == TOKEN => {
+        Err(problem) => {
+            gate.problems.lock().unwrap().push(problem.to_string());
+            Some(refuse("DPoP error=\"invalid_dpop_proof\""))
+        }
+        Ok(_) if token == TOKEN => {
             gate.accepted.fetch_add(1, Ordering::SeqCst);
             None
         }
-        Ok(true) => Some(refuse("DPoP error=\"invalid_token\"")),
+        Ok(_) => Some(refuse("DPoP error=\"invalid_token\"")),
     }
 }
 
@@ -197,5 +161,5 @@ async fn dpop_bound_requests_carry_fresh_proofs_and_learn_the_nonce_once() {
     assert!(g.accepted.load(Ordering::SeqCst) >= 3, "discover, tools/list, tools/call");
     assert_eq!(provider.refusals.load(Ordering::SeqCst), 0, "the nonce is not the provider's");
     let url = url.parse().unwrap();
-    assert_eq!(provider.key.nonce(&url).as_deref(), Some(NONCE));
+    assert_eq!(provider.key.nonce(&url).as_deref(), Some(g.checker.nonce()));
 }
