@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use common::*;
 use token_storage::testkit::{FakeAuthServer, store_conformance};
 use token_storage::{
-    ClientRegistration, ManualClock, MemoryTokenStore, Secret, SharedTokenStore, SledTokenStore,
-    Swap, TokenKey, TokenStorage, TokenStore,
+    BoxFuture, ClientRegistration, Error, ManualClock, MemoryTokenStore, Secret, SharedTokenStore,
+    SledTokenStore, Swap, TokenKey, TokenStorage, TokenStore, Versioned,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -124,6 +124,44 @@ async fn the_dpop_key_survives_a_restart_and_goes_with_the_tokens() {
     assert_eq!(storage.list("acme", "alice").await.unwrap(), vec![other]);
 }
 
+/// A memory store whose every operation yields first, as a round trip to a real backend
+/// does, so concurrent callers interleave between their read and their write.
+#[derive(Debug, Default)]
+struct RoundTrips(MemoryTokenStore);
+
+impl TokenStore for RoundTrips {
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Versioned>, Error>> {
+        Box::pin(async move {
+            tokio::task::yield_now().await;
+            self.0.get(key).await
+        })
+    }
+    fn compare_and_swap<'a>(
+        &'a self,
+        key: &'a str,
+        expected: Option<u64>,
+        value: Vec<u8>,
+    ) -> BoxFuture<'a, Result<Swap, Error>> {
+        Box::pin(async move {
+            tokio::task::yield_now().await;
+            self.0.compare_and_swap(key, expected, value).await
+        })
+    }
+    fn delete<'a>(
+        &'a self,
+        key: &'a str,
+        expected: Option<u64>,
+    ) -> BoxFuture<'a, Result<bool, Error>> {
+        self.0.delete(key, expected)
+    }
+    fn keys_with_prefix<'a>(
+        &'a self,
+        prefix: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<String>, Error>> {
+        self.0.keys_with_prefix(prefix)
+    }
+}
+
 /// The race: concurrent first uses each find no key and each generate one; were the insert
 /// not an insert-if-absent, the last writer would replace a key whose tokens are already bound
 /// to it, and callers would sign with different keys. 32 tasks over two storages sharing one
@@ -131,7 +169,7 @@ async fn the_dpop_key_survives_a_restart_and_goes_with_the_tokens() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_first_uses_store_one_dpop_key() {
     for _round in 0..20 {
-        let store = SharedTokenStore::new(MemoryTokenStore::new());
+        let store = SharedTokenStore::new(RoundTrips::default());
         let server = FakeAuthServer::new(ManualClock::default().shared());
         let storages: Vec<TokenStorage> = (0..2)
             .map(|_| TokenStorage::builder(store.clone(), keyring(), server.clone()).build())
