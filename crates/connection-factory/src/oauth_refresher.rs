@@ -28,6 +28,11 @@ const CLIENT_KEY: &str = "client_key";
 /// client and how it authenticates) comes from the client registration stored for the key
 /// ([`stored_client`] writes it), so a refresh works in any process that shares the store.
 ///
+/// DPoP (RFC 9449): with a DPoP key stored for the key ([`RefreshRequest::dpop_key`]) and a server
+/// that advertises ES256 DPoP, or tokens that are `DPoP`-bound, the grant carries a proof by that
+/// key (a `use_dpop_nonce` answer is retried once with the server's nonce). A `DPoP`-bound
+/// refresh token with no stored key is not sent: `Terminal(InvalidGrant)`.
+///
 /// Errors are classified conservatively (**only what is safe to retry is transient**):
 ///
 /// | mcp-oauth error | [`RefreshError`] |

@@ -460,7 +460,7 @@ async fn token(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Respo
     };
     let jkt = match token_proof(&app, &headers) {
         Ok(jkt) => jkt,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     let jkt = jkt.as_deref();
     let answer = match grant.as_str() {
@@ -527,7 +527,7 @@ async fn token(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Respo
 /// (its thumbprint binds the tokens); with it off, ignored (a server without DPoP; tokens bound
 /// while it was on are then refused a refresh). `Err` is the answer: `400 invalid_dpop_proof`,
 /// or `400 use_dpop_nonce` with `DPoP-Nonce`.
-fn token_proof(app: &App, headers: &HeaderMap) -> Result<Option<String>, Response> {
+fn token_proof(app: &App, headers: &HeaderMap) -> Result<Option<String>, Box<Response>> {
     if !app.core.knobs.get().dpop {
         return Ok(None);
     }
@@ -542,12 +542,12 @@ fn token_proof(app: &App, headers: &HeaderMap) -> Result<Option<String>, Respons
             if let Ok(v) = HeaderValue::from_str(app.dpop.nonce()) {
                 resp.headers_mut().insert("dpop-nonce", v);
             }
-            Err(resp)
+            Err(Box::new(resp))
         }
         Err(refusal) => {
             app.core.record(|s| s.dpop_proofs_refused += 1, None);
             let e = OAuthError::new("invalid_dpop_proof", refusal.to_string());
-            Err(oauth_error(&e, false))
+            Err(Box::new(oauth_error(&e, false)))
         }
     }
 }
