@@ -186,7 +186,18 @@ async fn factory_over(
         OAuthClient::new(ReqwestHttpClient::new(HttpPolicy::default()).unwrap(), clock.shared());
     let mut config = TokenStorageConfig::default();
     config.max_date_correction = Duration::ZERO; // hyper's Date header is real time
-    let store = SledTokenStore::open(dir).unwrap();
+    // A restart: the previous factory's tasks (an MCP session winding down, a detached
+    // refresh) may hold the database a moment after it is dropped. Wait for its lock (real
+    // time, bounded).
+    let mut store = SledTokenStore::open(dir);
+    for _ in 0..1000 {
+        if store.is_ok() {
+            break;
+        }
+        mcp_clock::Clock::sleep(&SystemClock, Duration::from_millis(10)).await;
+        store = SledTokenStore::open(dir);
+    }
+    let store = store.unwrap();
     let storage = TokenStorage::builder(
         store.into(),
         Arc::new(Keyring::parse(&"42".repeat(32)).unwrap()),
