@@ -62,8 +62,8 @@ pub struct RefreshRequest {
     pub issuer: String,
     /// The stored client registration, when there is one.
     pub client: Option<ClientRegistration>,
-    /// The DPoP key stored for the key ([`TokenStorage::dpop_key`](crate::TokenStorage::dpop_key)),
-    /// when there is one: proofs of the refresh grant are signed with it.
+    /// The DPoP key stored for the key ([`TokenStorage::dpop_key`](crate::TokenStorage::dpop_key))
+    /// when the tokens are DPoP-bound: proofs of the refresh grant are signed with it.
     pub dpop_key: Option<Secret>,
     /// Whether the current tokens are DPoP-bound (`token_type` `DPoP`): their refresh token is
     /// presented only with a proof by [`RefreshRequest::dpop_key`].

@@ -1008,13 +1008,17 @@ impl Inner {
         }
         self.check_storm(&key, now)?;
         let client = self.load_client(&key).await?;
+        // A DPoP-bound refresh token goes with its key (read only for bound tokens: a Bearer
+        // set's refresh costs no extra store read).
+        let dpop_bound = current.token_type.eq_ignore_ascii_case("dpop");
+        let dpop_key = if dpop_bound { self.load_dpop_key(&key).await? } else { None };
         let request = RefreshRequest {
             refresh_token,
             scope: current.scope.clone(),
             issuer: current.issuer.clone(),
             client: client.as_ref().map(|(_, c)| c.clone()),
-            dpop_key: self.load_dpop_key(&key).await?,
-            dpop_bound: current.token_type.eq_ignore_ascii_case("dpop"),
+            dpop_key,
+            dpop_bound,
         };
         // In doubt (issue 12): before the first send, the intent goes into the store, so
         // whoever refreshes next (this flight after a lost answer, or a peer after this process
