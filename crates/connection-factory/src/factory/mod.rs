@@ -262,7 +262,7 @@ impl FactoryProvider {
                     // the look-up found, or a newer one.
                     return match self.storage.get_valid(&self.key, &cached.issuer).await {
                         Ok(set) => {
-                            self.bind(&set).await?;
+                            self.bind(&set, false).await?;
                             Ok(Some(set.access_token().clone()))
                         }
                         Err(e) if e.is_authorization_required() => {
@@ -284,26 +284,31 @@ impl FactoryProvider {
         Ok(None)
     }
 
-    /// Serve `set`'s token with its DPoP key when it is DPoP-bound (read from token storage
-    /// once), as Bearer otherwise. A DPoP-bound token whose key is not stored is not served.
-    async fn bind(&self, set: &token_storage::TokenSet) -> Result<(), Error> {
+    /// Serve `set`'s token with its DPoP key when it is DPoP-bound, as Bearer otherwise. The
+    /// key is read from token storage once, or again with `recheck` (it is kept, with the
+    /// nonces it learnt, while the stored key is the same). A DPoP-bound token whose key is not
+    /// stored is not served.
+    async fn bind(&self, set: &token_storage::TokenSet, recheck: bool) -> Result<(), Error> {
         if !crate::dpop::is_dpop(set.token_type()) {
             *self.dpop.lock().unwrap_or_else(PoisonError::into_inner) = None;
             return Ok(());
         }
-        if self.dpop.lock().unwrap_or_else(PoisonError::into_inner).is_some() {
+        if !recheck && self.dpop.lock().unwrap_or_else(PoisonError::into_inner).is_some() {
             return Ok(());
         }
         let key = crate::dpop::stored(&self.storage, &self.key).await?.ok_or_else(|| {
             Error::provider_msg("the stored tokens are DPoP-bound but no DPoP key is stored")
         })?;
         let mut slot = self.dpop.lock().unwrap_or_else(PoisonError::into_inner);
-        slot.get_or_insert(key);
+        if slot.as_ref().is_none_or(|held| held.thumbprint() != key.thumbprint()) {
+            *slot = Some(key);
+        }
         Ok(())
     }
 
     /// After a recovery: bind the token it returned, which is the stored one (a refresh,
-    /// a peer's tokens, or a new authorization stored it).
+    /// a peer's tokens, or a new authorization stored it), with the key read again (a new
+    /// authorization elsewhere, after a logout, may have stored another).
     async fn bind_recovered(&self, token: &Secret) -> Result<(), Error> {
         let stored = self
             .storage
@@ -311,7 +316,7 @@ impl FactoryProvider {
             .await
             .map_err(|e| Error::store("reading the stored tokens", e))?;
         match stored {
-            Some(set) if set.access_token() == token => self.bind(&set).await,
+            Some(set) if set.access_token() == token => self.bind(&set, true).await,
             _ => Ok(()),
         }
     }
