@@ -303,3 +303,38 @@ async fn a_server_without_dpop_keeps_bearer_and_no_key_is_made() {
     assert_eq!(s.storage.tokens(&key).await.unwrap().unwrap().token_type(), "Bearer");
     assert_eq!(s.fx.resource().stats().dpop_accepted, 0);
 }
+
+/// A logout and a new authorization (another key) while a connection lives: its next request
+/// signs with the new key, read back for the new token set, and is not refused (it would be,
+/// signed by the old key: the new tokens are bound to the new one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_authorization_with_a_new_key_is_used_by_a_live_connection() {
+    let clock = ManualClock::new(Timestamp::from_secs(1_800_000_000));
+    let mut knobs = KnobSettings::default();
+    knobs.dpop = true;
+    let auth = AuthServer::builder().clock(clock.shared()).knobs(knobs).spawn().await.unwrap();
+    let resource = ResourceServer::builder(&auth).spawn().await.unwrap();
+    let fx = Fixtures::from_parts(auth, resource);
+    let browser = Arc::new(Browser::new(HookDecision::Wait));
+    let dir = tempfile::tempdir().unwrap();
+    let (factory, storage, _callback, config) =
+        factory_over(dir.path(), &clock, &fx, browser.clone()).await;
+    let key = config.token_key();
+    let live = factory.connect(config.clone()).await.unwrap();
+    assert_eq!(text(&live.call_tool("echo", args("one")).await.unwrap()), "one");
+    let first = thumbprint(&storage.dpop_key(&key).await.unwrap().unwrap());
+
+    // Logout (everything of the key goes), then a new authorization makes a new key.
+    storage.delete_all(&key).await.unwrap();
+    let other = factory.connect(config.clone()).await.unwrap();
+    assert_eq!(text(&other.call_tool("echo", args("two")).await.unwrap()), "two");
+    let second = thumbprint(&storage.dpop_key(&key).await.unwrap().unwrap());
+    assert_ne!(first, second);
+    assert_eq!(browser.prompts.load(Ordering::SeqCst), 2);
+
+    let refused = fx.resource().stats().dpop_proofs_refused;
+    assert_eq!(text(&live.call_tool("echo", args("three")).await.unwrap()), "three");
+    let r = fx.resource().stats();
+    assert_eq!(r.dpop_proofs_refused, refused, "no proof by the old key: {r:?}");
+    assert_eq!(fx.auth().stats().refresh_redemptions.len(), 0, "no refresh was needed");
+}

@@ -205,9 +205,10 @@ pub struct FactoryProvider {
     registrations: Registrations,
     interactive: Option<(OAuthClient, Arc<dyn AuthorizationHook>)>,
     waiting: Waiting,
-    /// The DPoP key the token served last is bound to (`None` for a Bearer token). The same
-    /// instance serves every request, so the MCP server's nonce is learnt once.
-    dpop: Mutex<Option<mcp_oauth::DpopKey>>,
+    /// The DPoP key the token served last is bound to, with that token set's version (`None`
+    /// for a Bearer token). The same instance serves every request, so the MCP server's nonce
+    /// is learnt once.
+    dpop: Mutex<Option<(u64, mcp_oauth::DpopKey)>>,
 }
 
 impl fmt::Debug for FactoryProvider {
@@ -262,7 +263,7 @@ impl FactoryProvider {
                     // the look-up found, or a newer one.
                     return match self.storage.get_valid(&self.key, &cached.issuer).await {
                         Ok(set) => {
-                            self.bind(&set, false).await?;
+                            self.bind(&set).await?;
                             Ok(Some(set.access_token().clone()))
                         }
                         Err(e) if e.is_authorization_required() => {
@@ -285,30 +286,33 @@ impl FactoryProvider {
     }
 
     /// Serve `set`'s token with its DPoP key when it is DPoP-bound, as Bearer otherwise. The
-    /// key is read from token storage once, or again with `recheck` (it is kept, with the
-    /// nonces it learnt, while the stored key is the same). A DPoP-bound token whose key is not
-    /// stored is not served.
-    async fn bind(&self, set: &token_storage::TokenSet, recheck: bool) -> Result<(), Error> {
+    /// key is read from token storage for each new token set (a new authorization, here or in
+    /// another process after a logout, may have stored another key); the instance, with the
+    /// nonces it learnt, is kept while the stored key is the same. A DPoP-bound token whose key
+    /// is not stored is not served.
+    async fn bind(&self, set: &token_storage::TokenSet) -> Result<(), Error> {
         if !crate::dpop::is_dpop(set.token_type()) {
             *self.dpop.lock().unwrap_or_else(PoisonError::into_inner) = None;
             return Ok(());
         }
-        if !recheck && self.dpop.lock().unwrap_or_else(PoisonError::into_inner).is_some() {
+        let bound = self.dpop.lock().unwrap_or_else(PoisonError::into_inner).as_ref().map(|b| b.0);
+        if bound == Some(set.version()) {
             return Ok(());
         }
         let key = crate::dpop::stored(&self.storage, &self.key).await?.ok_or_else(|| {
             Error::provider_msg("the stored tokens are DPoP-bound but no DPoP key is stored")
         })?;
         let mut slot = self.dpop.lock().unwrap_or_else(PoisonError::into_inner);
-        if slot.as_ref().is_none_or(|held| held.thumbprint() != key.thumbprint()) {
-            *slot = Some(key);
-        }
+        let key = match slot.take() {
+            Some((_, held)) if held.thumbprint() == key.thumbprint() => held,
+            _ => key,
+        };
+        *slot = Some((set.version(), key));
         Ok(())
     }
 
     /// After a recovery: bind the token it returned, which is the stored one (a refresh,
-    /// a peer's tokens, or a new authorization stored it), with the key read again (a new
-    /// authorization elsewhere, after a logout, may have stored another).
+    /// a peer's tokens, or a new authorization stored it).
     async fn bind_recovered(&self, token: &Secret) -> Result<(), Error> {
         let stored = self
             .storage
@@ -316,7 +320,7 @@ impl FactoryProvider {
             .await
             .map_err(|e| Error::store("reading the stored tokens", e))?;
         match stored {
-            Some(set) if set.access_token() == token => self.bind(&set, true).await,
+            Some(set) if set.access_token() == token => self.bind(&set).await,
             _ => Ok(()),
         }
     }
@@ -345,7 +349,7 @@ impl AuthProvider for FactoryProvider {
     }
 
     fn dpop_key(&self) -> Option<mcp_oauth::DpopKey> {
-        self.dpop.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.dpop.lock().unwrap_or_else(PoisonError::into_inner).as_ref().map(|(_, k)| k.clone())
     }
 
     fn on_unauthorized<'a>(
