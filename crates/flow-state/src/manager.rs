@@ -526,9 +526,50 @@ impl FlowManager {
     /// Delete the flow only while it has `status` (for example, drop a COMPLETED cache entry but
     /// leave a PENDING flow to its waiters). Returns whether it was deleted.
     pub async fn delete_if_status(&self, key: &FlowKey, status: FlowStatus) -> Result<bool, Error> {
+        self.delete_matching(key, |record| record.status == status).await
+    }
+
+    /// Delete the flow only while it is still the generation created at `created_at` and still
+    /// has `status`: the check and the delete are one compare-and-delete on the version read, so
+    /// a flow replaced, settled or recreated in between (a newer generation) is left alone.
+    /// Returns whether it was deleted. This is how a stale flow is replaced without removing a
+    /// fresh one that another process put there first.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), flow_state::Error> {
+    /// use flow_state::{FlowKey, FlowManager, FlowStatus, MemoryStore, SharedStore};
+    ///
+    /// let flows = FlowManager::builder(SharedStore::new(MemoryStore::new())).build()?;
+    /// let key = FlowKey::new("mcp_oauth", "alice:server")?;
+    /// let created = flows.init(&key, serde_json::json!({})).await?;
+    /// flows.complete(&key, &"done").await?;
+    /// // It settled since it was read as PENDING: left alone.
+    /// assert!(!flows.delete_generation(&key, created, FlowStatus::Pending).await?);
+    /// assert!(flows.delete_generation(&key, created, FlowStatus::Completed).await?);
+    /// # Ok(()) }
+    /// ```
+    pub async fn delete_generation(
+        &self,
+        key: &FlowKey,
+        created_at: Timestamp,
+        status: FlowStatus,
+    ) -> Result<bool, Error> {
+        self.delete_matching(key, |record| {
+            record.status == status && record.created_at == created_at
+        })
+        .await
+    }
+
+    /// Delete the flow while `matches` holds for it: checked on a read, deleted only at that
+    /// read's version (re-read if it changed).
+    async fn delete_matching(
+        &self,
+        key: &FlowKey,
+        matches: impl Fn(&Record) -> bool,
+    ) -> Result<bool, Error> {
         loop {
             let Some((v, record)) = self.read(key).await? else { return Ok(false) };
-            if record.status != status {
+            if !matches(&record) {
                 return Ok(false);
             }
             let deleted = self

@@ -3,9 +3,11 @@
 //! connection-factory's [`AuthHttpClient`], so every request carries the current token and a
 //! 401 is answered with a silent refresh.
 //!
-//! A request the transport cannot deliver (the session is gone, the authorization was refused
-//! for good) is answered to the host with a JSON-RPC error naming the cause, so the host never
-//! waits for a response that will not come.
+//! A request refused for want of authorization is held through one new login and sent again
+//! (the host's `initialize` too, on a new transport: rmcp's dies with its first request); a
+//! request the transport cannot deliver otherwise (the session is gone, the login failed) is
+//! answered to the host with a JSON-RPC error naming the cause, so the host never waits for a
+//! response that will not come.
 
 use connection_factory::AuthHttpClient;
 use rmcp::RoleClient;
@@ -61,17 +63,13 @@ pub(crate) async fn run(
 ) -> Result<(), Error> {
     let relogin = Arc::new(ReloginState::default());
     let (resend_tx, mut resend_rx) = mpsc::channel::<ClientJsonRpcMessage>(64);
-    let provider = client.provider(target)?;
-    let http = if client.options().uses_env_proxy() {
-        AuthHttpClient::with_env_proxy(provider)
-    } else {
-        AuthHttpClient::new(provider)
-    };
-    let http =
-        http.map_err(|e| Error::Mcp(format!("cannot build the HTTP client: {}", chain(&e))))?;
-    let config = StreamableHttpClientTransportConfig::with_uri(target.as_str().to_owned())
-        .custom_headers(client.header_map()?);
-    let mut transport = StreamableHttpClientTransport::with_client(http, config);
+    let mut transport = open_transport(client, target)?;
+    // rmcp's transport dies with its first request when that fails (the host's `initialize`
+    // refused for want of authorization, on tokens revoked while the host was closed): until
+    // the session is established, a dead transport is replaced by a new one for the next
+    // message (the `initialize` sent again after the new login, or the host's own retry)
+    // instead of ending the proxy.
+    let (mut established, mut dead) = (false, false);
 
     let (out_tx, mut out_rx) = mpsc::channel::<String>(64);
     let writer = tokio::spawn(async move {
@@ -95,7 +93,7 @@ pub(crate) async fn run(
         let event = tokio::select! {
             () = &mut stop => Event::Stop,
             line = lines.next_line() => Event::FromHost(line),
-            message = Transport::<RoleClient>::receive(&mut transport) => Event::FromServer(message.map(Box::new)),
+            message = Transport::<RoleClient>::receive(&mut transport), if !dead => Event::FromServer(message.map(Box::new)),
             Some(message) = resend_rx.recv() => Event::Resend(Box::new(message)),
         };
         match event {
@@ -129,6 +127,10 @@ pub(crate) async fn run(
                             _ => None,
                         };
                         let held = message.clone();
+                        if dead {
+                            transport = open_transport(client, target)?;
+                            dead = false;
+                        }
                         let sent = enqueue(transport.send(message));
                         let relogin = Relogin {
                             state: relogin.clone(),
@@ -151,14 +153,18 @@ pub(crate) async fn run(
                     }
                 }
             }
-            Event::FromServer(Some(message)) => match to_host(client, &message) {
-                Ok(line) => {
-                    if out_tx.send(line).await.is_err() {
-                        break Ok(());
+            Event::FromServer(Some(message)) => {
+                // The first server message is the answer to `initialize`.
+                established = true;
+                match to_host(client, &message) {
+                    Ok(line) => {
+                        if out_tx.send(line).await.is_err() {
+                            break Ok(());
+                        }
                     }
+                    Err(e) => tracing::warn!(error = %e, "a server message could not be encoded"),
                 }
-                Err(e) => tracing::warn!(error = %e, "a server message could not be encoded"),
-            },
+            }
             Event::Resend(message) => {
                 let id = match message.as_ref() {
                     ClientJsonRpcMessage::Request(request) => {
@@ -166,6 +172,10 @@ pub(crate) async fn run(
                     }
                     _ => None,
                 };
+                if dead {
+                    transport = open_transport(client, target)?;
+                    dead = false;
+                }
                 let sent = enqueue(transport.send(*message));
                 let relogin = Relogin {
                     state: relogin.clone(),
@@ -175,6 +185,12 @@ pub(crate) async fn run(
                     resend: None,
                 };
                 tokio::spawn(deliver(sent, id, out_tx.clone(), relogin));
+            }
+            Event::FromServer(None) if !established => {
+                tracing::info!(
+                    "the transport ended before the session was established; a new one carries the next message"
+                );
+                dead = true;
             }
             Event::FromServer(None) => {
                 break Err(Error::Mcp(format!("the MCP session with {server} ended")));
@@ -193,6 +209,25 @@ pub(crate) async fn run(
     drop(out_tx);
     let _ = mcp_clock::within(&clock, CLOSE_TIMEOUT, writer).await;
     outcome
+}
+
+/// rmcp's streamable-HTTP client transport to `target` over connection-factory's
+/// [`AuthHttpClient`] (the client's token provider, headers and proxy settings).
+fn open_transport(
+    client: &Client,
+    target: &Target,
+) -> Result<StreamableHttpClientTransport<AuthHttpClient>, Error> {
+    let provider = client.provider(target)?;
+    let http = if client.options().uses_env_proxy() {
+        AuthHttpClient::with_env_proxy(provider)
+    } else {
+        AuthHttpClient::new(provider)
+    };
+    let http =
+        http.map_err(|e| Error::Mcp(format!("cannot build the HTTP client: {}", chain(&e))))?;
+    let config = StreamableHttpClientTransportConfig::with_uri(target.as_str().to_owned())
+        .custom_headers(client.header_map()?);
+    Ok(StreamableHttpClientTransport::with_client(http, config))
 }
 
 /// The id and tool name of a host's `tools/call` of a tool hidden by `--ignore-tool` (remembers

@@ -495,3 +495,43 @@ async fn two_processes_refused_at_once_redeem_the_refresh_token_once() {
     assert_eq!(stats.authorization_code_requests, 1, "{stats:?}");
     assert_eq!(fx.resource().stats().unauthorized, before + 2, "each process was refused once");
 }
+
+/// The race this pins: the host starts the proxy on tokens the server revoked while it was
+/// closed (they look valid locally). The host's `initialize` is the first request refused, the
+/// refresh is refused too, and rmcp's transport dies with its first request: the proxy used to
+/// exit ("the MCP session ended") and the host showed the server as failed. Now the proxy holds
+/// the `initialize` through one new login, opens a new transport, and answers it; the session
+/// then works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_started_on_revoked_tokens_logs_in_again_before_answering_initialize() {
+    let fx = fixtures(Duration::from_secs(3600)).await;
+    let server = fx.resource().url().to_owned();
+    let store = Store::new();
+    login(&store, &server).await.expect_code(0);
+    fx.auth().revoke_all_tokens();
+    let args = ["proxy", server.as_str(), "--no-browser", "--port", "0", "--timeout", "30"];
+    let mut proxy = spawn(store.command(&args), true);
+    proxy.send(json!({
+        "jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": { "name": "host", "version": "1" }
+        }
+    }));
+    let url = tokio::task::block_in_place(|| proxy.urls.recv_timeout(Duration::from_secs(30)))
+        .unwrap_or_else(|_| panic!("no new authorization URL; stderr:\n{}", proxy.stderr()));
+    visit(&url).await;
+    let init = proxy.response(1);
+    assert!(init["result"]["serverInfo"].is_object(), "{init}\n{}", proxy.stderr());
+    proxy.send(json!({ "jsonrpc": "2.0", "method": "notifications/initialized" }));
+    proxy.send(json!({
+        "jsonrpc": "2.0", "id": 2, "method": "tools/call",
+        "params": { "name": "echo", "arguments": { "text": "after" } }
+    }));
+    let answer = proxy.response(2);
+    assert_eq!(answer["result"]["content"][0]["text"], json!("after"), "{answer}");
+    let outcome = proxy.finish();
+    outcome.expect_code(0);
+    assert_eq!(outcome.stderr.matches(URL_PREFIX).count(), 1, "one new prompt: {outcome:#?}");
+    assert_eq!(fx.auth().stats().authorization_code_requests, 2);
+}

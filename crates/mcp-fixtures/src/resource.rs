@@ -738,6 +738,7 @@ async fn bearer_guard(State(guard): State<Arc<Guard>>, req: Request, next: Next)
                 .map(str::to_owned),
             protocol_version: header("mcp-protocol-version"),
             mcp_method: header("mcp-method"),
+            with_token: token.is_some(),
             meta_protocol_version: message
                 .as_ref()
                 .and_then(|m| m.pointer("/params/_meta/io.modelcontextprotocol~1protocolVersion"))

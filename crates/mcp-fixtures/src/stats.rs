@@ -202,4 +202,6 @@ pub struct PostRecord {
     pub mcp_method: Option<String>,
     /// The request's `_meta` `io.modelcontextprotocol/protocolVersion` (MCP 2026-07-28).
     pub meta_protocol_version: Option<String>,
+    /// Whether it carried an access token (`Authorization: Bearer`).
+    pub with_token: bool,
 }

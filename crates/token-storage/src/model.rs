@@ -78,7 +78,9 @@ impl TokenSet {
         &self.token_type
     }
 
-    /// When the access token expires; `None` when the server gave no lifetime.
+    /// When the access token expires; `None` when the server gave no lifetime. For a refresh,
+    /// the lifetime counts from when the request left (the server may have issued the token
+    /// at any time until its answer arrived), so a late answer never makes it look younger.
     pub fn expires_at(&self) -> Option<Timestamp> {
         self.expires_at
     }

@@ -1073,8 +1073,11 @@ impl Inner {
             // From here the request may reach the server, which rotates on arrival: the
             // answer must be waited for and committed, never dropped at the flight's deadline.
             attempt.keep();
+            let sent_at = self.clock.now();
             match self.refresher.refresh(&key, &request).await {
-                Ok(response) => return self.commit(&key, &current, response, guard).await,
+                Ok(response) => {
+                    return self.commit(&key, &current, response, sent_at, guard).await;
+                }
                 Err(RefreshError::Terminal { code, description }) => {
                     let reason = if retry {
                         warn!(%key, %code, "the in-doubt refresh token was refused: its rotation was lost in flight");
@@ -1272,15 +1275,22 @@ impl Inner {
         key: &TokenKey,
         current: &TokenSet,
         response: TokenResponse,
+        sent_at: Timestamp,
         guard: Option<&LeaseGuard>,
     ) -> Result<Option<Arc<TokenSet>>, Error> {
-        let now = self.clock.now();
+        // Lifetimes count from when the request left, not from when the answer came: the
+        // server may have issued the tokens at any time in between, and a late answer (2 s on
+        // a 3 s token) would otherwise make us send tokens the server has already expired.
         let mut set = TokenSet::from_response(
             response,
             &current.issuer,
-            now,
+            sent_at,
             self.config.max_date_correction,
         );
+        // Obtained now: the refresh-ahead window is a fraction of the life left on arrival,
+        // so a token is never due the moment it lands.
+        let now = self.clock.now();
+        set.obtained_at = now;
         if set.refresh_token.is_none() {
             // A non-rotating server: the old refresh token stays.
             set.refresh_token = current.refresh_token.clone();

@@ -342,6 +342,35 @@ async fn refresh_ahead_serves_the_valid_token_meanwhile() {
     assert_eq!(f.server.calls(), 1);
 }
 
+/// A token endpoint that answers 5 s after it issued the tokens (issue 12's slow server): the
+/// new access token's lifetime counts from when the request left, the earliest the server can
+/// have issued it, not from when the answer arrived. Counted from the arrival, the client
+/// believes a token valid for 5 s after the server has expired it, and sends it into 401s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_answers_lifetime_counts_from_the_requests_departure() {
+    let f = fixture();
+    let key = key();
+    let first = login(&f, &key).await;
+    f.server.set_latency(Duration::from_secs(5));
+    let sent = f.clock.now();
+    let refresh = tokio::spawn({
+        let (storage, key, rejected) =
+            (f.storage.clone(), key.clone(), first.access_token().clone());
+        async move { storage.force_refresh(&key, ISS, &rejected).await }
+    });
+    until("the request to reach the server", || f.server.calls() == 1).await;
+    // In steps: the server's sleep may start just after the request was counted.
+    while !refresh.is_finished() {
+        f.clock.advance(Duration::from_secs(1));
+        mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(1)).await;
+    }
+    let fresh = refresh.await.unwrap().unwrap();
+    assert!(f.clock.now().saturating_since(sent) >= Duration::from_secs(5));
+    assert_eq!(fresh.expires_at(), Some(sent + HOUR), "counted from the departure");
+    // Obtained on arrival: the refresh-ahead window is a fraction of the life left then.
+    assert_eq!(fresh.obtained_at(), f.clock.now());
+}
+
 /// Race (102): the refresh token rotated between a caller's read and the redemption: the
 /// redemption uses the stored (rotated) token, never the snapshot.
 #[tokio::test]

@@ -317,8 +317,8 @@ impl FactoryProvider {
     }
 
     /// Replace the `stale` PENDING flow this request claimed (`claim`): its state mapping goes
-    /// (its callback is refused), the flow itself only while it is still that generation, then
-    /// a new authorization starts.
+    /// (its callback is refused), the flow itself only while it is still that generation
+    /// ([`flow_state::FlowManager::delete_generation`]), then a new authorization starts.
     async fn replace(
         &self,
         stale: &flow_state::FlowState<serde_json::Value>,
@@ -334,18 +334,12 @@ impl FactoryProvider {
         if let Some(skey) = meta.and_then(|m| state_key(m.pending.state.secret())) {
             let _ = self.flows.delete(&skey).await;
         }
-        let now = self
-            .flows
-            .get::<serde_json::Value>(&self.oauth)
+        // Only that generation, in one compare-and-delete: a flow replaced or settled since
+        // (by a peer, or by the flow manager's own stale replacement) is left alone.
+        self.flows
+            .delete_generation(&self.oauth, stale.created_at, FlowStatus::Pending)
             .await
-            .map_err(|e| Error::store("reading the authorization flow", e))?;
-        if now.is_some_and(|f| f.status == FlowStatus::Pending && f.created_at == stale.created_at)
-        {
-            self.flows
-                .delete_if_status(&self.oauth, FlowStatus::Pending)
-                .await
-                .map_err(|e| Error::store("replacing the stale authorization", e))?;
-        }
+            .map_err(|e| Error::store("replacing the stale authorization", e))?;
         self.start(oauth, hook, client_config, challenge, reason, step_up, Some(claim)).await
     }
 
