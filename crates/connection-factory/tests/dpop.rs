@@ -5,6 +5,10 @@
 //! The server is rmcp's streamable-HTTP server behind a gate on 127.0.0.1 that checks proofs
 //! with mcp-fixtures' `DpopChecker` (RFC 9449 §4.3 and §7.1: signature with the embedded key,
 //! `typ`, `htm`, `htu`, `iat`, `ath`, unique `jti`, and its nonce).
+//!
+//! Then the factory end to end against the fixture servers with their `dpop` knob on: login,
+//! calls, a refresh after a mid-session 401, a restart over the same sled store, a new key after
+//! a logout; and a server without DPoP keeping Bearer.
 
 mod common;
 
