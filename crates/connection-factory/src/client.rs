@@ -45,6 +45,8 @@ struct Slot {
     /// The last token a request carried, kept for requests made after detaching (rmcp's
     /// session DELETE when the worker winds down), which must not reach the provider.
     last_token: Option<Secret>,
+    /// The DPoP key `last_token` is bound to, if any (a bound token is never sent as Bearer).
+    last_dpop: Option<DpopKey>,
 }
 
 /// rmcp's streamable-HTTP client (reqwest) with an [`AuthProvider`] in front of every request.
@@ -134,7 +136,11 @@ impl AuthHttpClient {
     pub(crate) fn with_reqwest(http: reqwest::Client, provider: Arc<dyn AuthProvider>) -> Self {
         AuthHttpClient {
             http,
-            slot: Arc::new(Mutex::new(Slot { provider: Some(provider), last_token: None })),
+            slot: Arc::new(Mutex::new(Slot {
+                provider: Some(provider),
+                last_token: None,
+                last_dpop: None,
+            })),
             clock: SharedClock::system(),
         }
     }
@@ -219,12 +225,13 @@ impl AuthHttpClient {
         self.lock().provider.clone()
     }
 
-    fn remember(&self, token: Option<&Secret>) {
+    fn remember(&self, token: Option<&Secret>, dpop: Option<&DpopKey>) {
         if let Some(token) = token {
             let mut slot = self.lock();
             if slot.last_token.as_ref() != Some(token) {
                 slot.last_token = Some(token.clone());
             }
+            slot.last_dpop = dpop.cloned();
         }
     }
 
@@ -242,13 +249,16 @@ impl AuthHttpClient {
         Fut: Future<Output = Result<T, HttpError>>,
     {
         let Some(provider) = self.provider() else {
-            let token = self.lock().last_token.clone();
-            return send(token.map(|t| t.expose().to_owned()), Headers::new()).await;
+            let (token, dpop) = {
+                let slot = self.lock();
+                (slot.last_token.clone(), slot.last_dpop.clone())
+            };
+            return self.send_as(&send, kind, dpop.as_ref(), token.as_ref(), method, uri).await;
         };
         let token = provider.current_token().await.map_err(layer_error)?;
         let dpop = provider.dpop_key();
         drop(provider);
-        self.remember(token.as_ref());
+        self.remember(token.as_ref(), dpop.as_ref());
         let first = self.send_as(&send, kind, dpop.as_ref(), token.as_ref(), method, uri).await;
         let challenge = match &first {
             Err(StreamableHttpError::AuthRequired(e)) => {
@@ -269,7 +279,7 @@ impl AuthHttpClient {
         match recovery.map_err(layer_error)? {
             Recovery::Retry(fresh) if Some(&fresh) != token.as_ref() => {
                 tracing::debug!(request = %kind, status = challenge.status(), "retrying once with a recovered token");
-                self.remember(Some(&fresh));
+                self.remember(Some(&fresh), dpop.as_ref());
                 self.send_as(&send, kind, dpop.as_ref(), Some(&fresh), method, uri).await
             }
             Recovery::Retry(_) => first,

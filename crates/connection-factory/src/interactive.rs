@@ -221,9 +221,18 @@ async fn callback(
         error: q.error,
         error_description: q.error_description,
     };
+    // With a server that takes DPoP, the code is exchanged with a proof by this key's DPoP key
+    // (made and stored at the first exchange), and the tokens are bound to it.
+    let oauth = match crate::dpop::for_grants(&s.storage, &key, &fmeta.discovery).await {
+        Ok(Some(dpop)) => s.oauth.clone().with_dpop(dpop),
+        Ok(None) => s.oauth.clone(),
+        Err(e) => {
+            tracing::warn!(error = %e, "the DPoP key could not be read or stored");
+            return (StatusCode::INTERNAL_SERVER_ERROR, "the DPoP key could not be stored");
+        }
+    };
     // `exchange_code` checks the state's expiry and `iss` before it looks at `error`.
-    let tokens = match s
-        .oauth
+    let tokens = match oauth
         .exchange_code(&fmeta.discovery, &registration, &fmeta.pending, &params)
         .await
     {

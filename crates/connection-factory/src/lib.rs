@@ -73,6 +73,7 @@
 mod challenge;
 mod client;
 mod connection;
+mod dpop;
 mod error;
 mod factory;
 mod interactive;

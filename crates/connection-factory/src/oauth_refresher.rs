@@ -1,9 +1,11 @@
 //! [`OAuthRefresher`]: token-storage's [`Refresher`] over mcp-oauth's refresh grant, and the
 //! mapping of OAuth errors onto token-storage's terminal / transient policy.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
 
-use mcp_oauth::{Discovery, Endpoint, OAuthClient, RefreshToken, TokenEndpointAuthMethod};
+use mcp_oauth::{Discovery, DpopKey, Endpoint, OAuthClient, RefreshToken, TokenEndpointAuthMethod};
 use token_storage::{
     BoxFuture, RefreshError, RefreshRequest, Refresher, TerminalCode, TokenKey, TokenResponse,
     TransientKind,
@@ -25,6 +27,11 @@ const CLIENT_KEY: &str = "client_key";
 /// What the grant needs besides the refresh token (the token endpoint, the resource, the
 /// client and how it authenticates) comes from the client registration stored for the key
 /// ([`stored_client`] writes it), so a refresh works in any process that shares the store.
+///
+/// DPoP (RFC 9449): with a DPoP key stored for the key ([`RefreshRequest::dpop_key`]) and a server
+/// that advertises ES256 DPoP, or tokens that are `DPoP`-bound, the grant carries a proof by that
+/// key (a `use_dpop_nonce` answer is retried once with the server's nonce). A `DPoP`-bound
+/// refresh token with no stored key is not sent: `Terminal(InvalidGrant)`.
 ///
 /// Errors are classified conservatively (**only what is safe to retry is transient**):
 ///
@@ -53,6 +60,8 @@ const CLIENT_KEY: &str = "client_key";
 #[derive(Clone)]
 pub struct OAuthRefresher {
     client: OAuthClient,
+    /// The DPoP keys used so far, by thumbprint: each keeps the nonces servers sent it.
+    dpop_keys: Arc<Mutex<HashMap<String, DpopKey>>>,
 }
 
 impl fmt::Debug for OAuthRefresher {
@@ -64,7 +73,14 @@ impl fmt::Debug for OAuthRefresher {
 impl OAuthRefresher {
     /// A refresher that sends its grants with `client`.
     pub fn new(client: OAuthClient) -> Self {
-        OAuthRefresher { client }
+        OAuthRefresher { client, dpop_keys: Arc::default() }
+    }
+
+    /// The DPoP key in `pem`, the same instance (with the nonces it learnt) each time.
+    fn dpop_key(&self, pem: &token_storage::Secret) -> Result<DpopKey, mcp_oauth::Error> {
+        let key = crate::dpop::decode(pem)?;
+        let mut keys = self.dpop_keys.lock().unwrap_or_else(PoisonError::into_inner);
+        Ok(keys.entry(key.thumbprint().to_owned()).or_insert(key).clone())
     }
 }
 
@@ -173,9 +189,31 @@ impl Refresher for OAuthRefresher {
                     Some("no usable client registration is stored for this key".into()),
                 ));
             };
+            // A DPoP-bound refresh token is presented only with a proof by its key; with a
+            // server that takes DPoP, the stored key signs the grant.
+            let client = match (&request.dpop_key, request.dpop_bound) {
+                (None, true) => {
+                    tracing::warn!(server = key.server(), "DPoP-bound tokens without their key");
+                    return Err(RefreshError::terminal(
+                        TerminalCode::InvalidGrant,
+                        Some("the refresh token is DPoP-bound and no DPoP key is stored".into()),
+                    ));
+                }
+                (Some(pem), bound)
+                    if bound || discovery.authorization_server.supports_dpop_es256() =>
+                {
+                    let dpop = self.dpop_key(pem).map_err(|e| {
+                        RefreshError::terminal(
+                            TerminalCode::InvalidGrant,
+                            Some(format!("the stored DPoP key is unusable: {e}")),
+                        )
+                    })?;
+                    self.client.clone().with_dpop(dpop)
+                }
+                _ => self.client.clone(),
+            };
             let refresh_token = RefreshToken::new(request.refresh_token.expose());
-            match self
-                .client
+            match client
                 .refresh(&discovery, &registration, &refresh_token, request.scope.as_deref())
                 .await
             {

@@ -3,10 +3,15 @@
 //! the MCP server is answered with the server's nonce, once, without asking the provider.
 //!
 //! The server is rmcp's streamable-HTTP server behind a gate on 127.0.0.1 that checks proofs
-//! the way RFC 9449 §4.3 and §7.1 say (signature with the embedded key, `typ`, `htm`, `htu`,
-//! `ath`, unique `jti`, and its nonce).
+//! with mcp-fixtures' `DpopChecker` (RFC 9449 §4.3 and §7.1: signature with the embedded key,
+//! `typ`, `htm`, `htu`, `iat`, `ath`, unique `jti`, and its nonce).
+//!
+//! Then the factory end to end against the fixture servers with their `dpop` knob on: login,
+//! calls, a refresh after a mid-session 401, a restart over the same sled store, a new key after
+//! a logout; and a server without DPoP keeping Bearer.
 
-use std::collections::HashSet;
+mod common;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,23 +20,26 @@ use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use base64::Engine as _;
+use common::{Browser, args, text};
 use connection_factory::{
-    AuthProvider, BoxFuture, Challenge, ConnectOptions, Connection, Error, Recovery, Secret,
+    AuthProvider, BoxFuture, Challenge, ConnectOptions, Connection, ConnectionFactory, Error,
+    FactoryConfig, HookDecision, OAuthRefresher, Recovery, Secret, callback_router,
 };
+use flow_state::{FlowManager, MemoryStore, SharedStore};
+use mcp_clock::{Clock as _, SystemClock};
+use mcp_clock::{ManualClock, Timestamp};
+use mcp_fixtures::{AuthServer, Fixtures, KnobSettings, ResourceServer};
+use mcp_fixtures::{DpopChecker, DpopRefusal};
 use mcp_oauth::DpopKey;
-use p256::ecdsa::signature::Verifier as _;
+use mcp_oauth::{ClientConfig, HttpPolicy, OAuthClient, ReqwestHttpClient};
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::model::{ServerCapabilities, ServerConfig};
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use rmcp::{ServerHandler, tool, tool_handler, tool_router};
-use serde_json::Value;
-use sha2::{Digest, Sha256};
+use token_storage::{Keyring, SledTokenStore, TokenStorage, TokenStorageConfig};
 
 const TOKEN: &str = "at_dpop_bound";
-const NONCE: &str = "rs-nonce-1";
-const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 #[derive(Debug, Clone)]
 struct Ping {
@@ -59,44 +67,9 @@ struct Gate {
     url: Mutex<String>,
     accepted: AtomicU64,
     nonce_challenges: AtomicU64,
-    jtis: Mutex<HashSet<String>>,
+    checker: DpopChecker,
     /// Everything wrong with the proofs seen (empty when all were valid).
     problems: Mutex<Vec<String>>,
-}
-
-fn json_part(part: &str) -> Option<Value> {
-    serde_json::from_slice(&B64.decode(part).ok()?).ok()
-}
-
-/// Check one proof for `method` on the gate's URL with `token`; `Ok(has_nonce)`.
-fn check(gate: &Gate, proof: &str, method: &str, token: &str) -> Result<bool, String> {
-    let parts: Vec<&str> = proof.split('.').collect();
-    let [h, c, sig] = parts[..] else { return Err("not a JWS".into()) };
-    let (header, claims) = (json_part(h).ok_or("header")?, json_part(c).ok_or("claims")?);
-    if header["typ"] != "dpop+jwt" || header["alg"] != "ES256" {
-        return Err(format!("header {header}"));
-    }
-    let coord = |n: &str| B64.decode(header["jwk"][n].as_str().unwrap_or_default()).ok();
-    let (Some(x), Some(y)) = (coord("x"), coord("y")) else { return Err("jwk".into()) };
-    let sec1 = [&[4u8][..], &x, &y].concat();
-    let key = p256::ecdsa::VerifyingKey::from_sec1_bytes(&sec1).map_err(|e| e.to_string())?;
-    let sig = p256::ecdsa::Signature::from_slice(&B64.decode(sig).map_err(|e| e.to_string())?)
-        .map_err(|e| e.to_string())?;
-    key.verify(format!("{h}.{c}").as_bytes(), &sig).map_err(|_| "bad signature".to_owned())?;
-    if claims["htm"] != method || claims["htu"] != *gate.url.lock().unwrap() {
-        return Err(format!("htm/htu {claims}"));
-    }
-    if claims["ath"] != B64.encode(Sha256::digest(token.as_bytes())) {
-        return Err("ath".into());
-    }
-    if !claims["iat"].is_u64() {
-        return Err("iat".into());
-    }
-    let jti = claims["jti"].as_str().ok_or("jti")?.to_owned();
-    if !gate.jtis.lock().unwrap().insert(jti) {
-        return Err("a replayed jti".into());
-    }
-    Ok(claims["nonce"] == NONCE)
 }
 
 /// The gate's verdict on a request: `None` lets it through.
@@ -113,22 +86,26 @@ fn verdict(gate: &Gate, req: &Request) -> Option<Response> {
         gate.problems.lock().unwrap().push(format!("Authorization {auth:?}"));
         return Some(refuse("DPoP"));
     };
-    match check(gate, &proof, req.method().as_str(), token) {
-        Err(problem) => {
-            gate.problems.lock().unwrap().push(problem);
-            Some(refuse("DPoP error=\"invalid_dpop_proof\""))
-        }
-        Ok(false) => {
+    let url = gate.url.lock().unwrap().clone();
+    let proof = (!proof.is_empty()).then_some(proof.as_str());
+    // Real time: the transport signs with the system clock here.
+    let now = SystemClock.now();
+    match gate.checker.check(proof, req.method().as_str(), &url, Some(token), now) {
+        Err(DpopRefusal::UseNonce) => {
             gate.nonce_challenges.fetch_add(1, Ordering::SeqCst);
             let mut resp = refuse("DPoP error=\"use_dpop_nonce\"");
-            resp.headers_mut().insert("dpop-nonce", NONCE.parse().unwrap());
+            resp.headers_mut().insert("dpop-nonce", gate.checker.nonce().parse().unwrap());
             Some(resp)
         }
-        Ok(true) if token == TOKEN => {
+        Err(problem) => {
+            gate.problems.lock().unwrap().push(problem.to_string());
+            Some(refuse("DPoP error=\"invalid_dpop_proof\""))
+        }
+        Ok(_) if token == TOKEN => {
             gate.accepted.fetch_add(1, Ordering::SeqCst);
             None
         }
-        Ok(true) => Some(refuse("DPoP error=\"invalid_token\"")),
+        Ok(_) => Some(refuse("DPoP error=\"invalid_token\"")),
     }
 }
 
@@ -197,5 +174,171 @@ async fn dpop_bound_requests_carry_fresh_proofs_and_learn_the_nonce_once() {
     assert!(g.accepted.load(Ordering::SeqCst) >= 3, "discover, tools/list, tools/call");
     assert_eq!(provider.refusals.load(Ordering::SeqCst), 0, "the nonce is not the provider's");
     let url = url.parse().unwrap();
-    assert_eq!(provider.key.nonce(&url).as_deref(), Some(NONCE));
+    assert_eq!(provider.key.nonce(&url).as_deref(), Some(g.checker.nonce()));
+}
+
+/// The factory over a sled token store in `dir` with the fixture's clock: its interactive flow
+/// (a browser that follows the redirect to this factory's callback listener, which it returns
+/// so a restart can stop it), and the key's configuration.
+async fn factory_over(
+    dir: &std::path::Path,
+    clock: &ManualClock,
+    fx: &Fixtures,
+    browser: Arc<Browser>,
+) -> (ConnectionFactory, TokenStorage, tokio::task::JoinHandle<()>, FactoryConfig) {
+    let oauth =
+        OAuthClient::new(ReqwestHttpClient::new(HttpPolicy::default()).unwrap(), clock.shared());
+    let mut config = TokenStorageConfig::default();
+    config.max_date_correction = Duration::ZERO; // hyper's Date header is real time
+    // A restart: the previous factory's tasks (an MCP session winding down, a detached
+    // refresh) may hold the database a moment after it is dropped. Wait for its lock (real
+    // time, bounded).
+    let mut store = SledTokenStore::open(dir);
+    for _ in 0..1000 {
+        if store.is_ok() {
+            break;
+        }
+        mcp_clock::Clock::sleep(&SystemClock, Duration::from_millis(10)).await;
+        store = SledTokenStore::open(dir);
+    }
+    let store = store.unwrap();
+    let storage = TokenStorage::builder(
+        store.into(),
+        Arc::new(Keyring::parse(&"42".repeat(32)).unwrap()),
+        Arc::new(OAuthRefresher::new(oauth.clone())),
+    )
+    .clock(clock.shared())
+    .config(config)
+    .build();
+    let flows = FlowManager::builder(SharedStore::new(MemoryStore::new()))
+        .clock(clock.shared())
+        .build()
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let redirect = format!("http://{}/callback", listener.local_addr().unwrap());
+    let router = callback_router(flows.clone(), storage.clone(), oauth.clone());
+    let callback = tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    let factory = ConnectionFactory::new(flows, storage.clone()).with_interactive(oauth, browser);
+    let config = FactoryConfig::new(fx.resource().url(), "acme", "alice", "fixture")
+        .connect_timeout(Duration::from_secs(10))
+        .oauth_wait_timeout(Duration::from_secs(10))
+        .client(ClientConfig::new("dpop tests", redirect));
+    (factory, storage, callback, config)
+}
+
+fn thumbprint(pem: &Secret) -> String {
+    let pem = mcp_oauth::PrivateKeyPem::new(pem.expose());
+    DpopKey::from_pkcs8_pem(&pem).unwrap().thumbprint().to_owned()
+}
+
+/// End to end against the fixture servers with the `dpop` knob on (proofs and nonces required
+/// at the token endpoint and the MCP server, tokens bound to the key): the factory sees
+/// `dpop_signing_alg_values_supported` in the metadata, makes one key for the (tenant, user,
+/// server), exchanges the code with proofs (learning the nonce), calls tools with
+/// `Authorization: DPoP` and proofs, refreshes after a mid-session 401 with a proof by the same
+/// key; after a restart (a new factory over the same sled directory) it reads the same key back
+/// and refreshes the bound refresh token with it. No proof is ever refused, no second prompt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_factory_logs_in_calls_and_refreshes_with_dpop_across_a_restart() {
+    let clock = ManualClock::new(Timestamp::from_secs(1_800_000_000));
+    let mut knobs = KnobSettings::default();
+    knobs.access_token_lifetime = Duration::from_secs(60);
+    knobs.reuse_detection = true;
+    knobs.dpop = true;
+    let auth = AuthServer::builder().clock(clock.shared()).knobs(knobs).spawn().await.unwrap();
+    let resource = ResourceServer::builder(&auth).spawn().await.unwrap();
+    let fx = Fixtures::from_parts(auth, resource);
+    let browser = Arc::new(Browser::new(HookDecision::Wait));
+    let dir = tempfile::tempdir().unwrap();
+
+    let (factory, storage, callback, config) =
+        factory_over(dir.path(), &clock, &fx, browser.clone()).await;
+    let key = config.token_key();
+    let conn = factory.connect(config.clone()).await.unwrap();
+    assert_eq!(text(&conn.call_tool("echo", args("one")).await.unwrap()), "one");
+    let pem = storage.dpop_key(&key).await.unwrap().expect("a DPoP key was stored");
+    let jkt = thumbprint(&pem);
+    assert_eq!(storage.tokens(&key).await.unwrap().unwrap().token_type(), "DPoP");
+    let a = fx.auth().stats();
+    assert_eq!((a.authorization_code_requests, a.dpop_nonce_challenges), (2, 1), "{a:?}");
+
+    // A mid-session 401 (the token expired): a refresh with a proof, then the call.
+    clock.advance(Duration::from_secs(120));
+    assert_eq!(text(&conn.call_tool("echo", args("two")).await.unwrap()), "two");
+    let a = fx.auth().stats();
+    assert_eq!(a.max_refresh_redemptions(), 1, "{a:?}");
+    assert_eq!(a.refresh_redemptions.len(), 1, "one refresh: {a:?}");
+    conn.close().await.unwrap();
+    drop((factory, storage));
+    callback.abort();
+    let _ = callback.await;
+
+    // The restart: the same key is read back, and the bound refresh token works with it.
+    let (factory, storage, _callback, config) =
+        factory_over(dir.path(), &clock, &fx, browser.clone()).await;
+    assert_eq!(thumbprint(&storage.dpop_key(&key).await.unwrap().unwrap()), jkt);
+    let conn = factory.connect(config.clone()).await.unwrap();
+    assert_eq!(text(&conn.call_tool("echo", args("three")).await.unwrap()), "three");
+    clock.advance(Duration::from_secs(120));
+    assert_eq!(text(&conn.call_tool("echo", args("four")).await.unwrap()), "four");
+    conn.close().await.unwrap();
+
+    let (a, r) = (fx.auth().stats(), fx.resource().stats());
+    assert_eq!(browser.prompts.load(Ordering::SeqCst), 1, "one login");
+    assert_eq!((a.refresh_redemptions.len(), a.max_refresh_redemptions()), (2, 1), "{a:?}");
+    assert_eq!((a.dpop_proofs_refused, a.reuse_detections), (0, 0), "{a:?}");
+    assert_eq!(r.dpop_proofs_refused, 0, "{r:?}");
+    assert!(r.dpop_accepted >= 4, "{r:?}");
+    assert!(r.dpop_nonce_challenges >= 1, "{r:?}");
+    assert_eq!(storage.tokens(&key).await.unwrap().unwrap().token_type(), "DPoP");
+}
+
+/// A server whose metadata does not advertise DPoP keeps Bearer tokens: no key is made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_dpop_keeps_bearer_and_no_key_is_made() {
+    let s = common::setup(HookDecision::Wait).await;
+    let config = s.config("acme");
+    let conn = s.factory.connect(config.clone()).await.unwrap();
+    assert_eq!(text(&conn.call_tool("echo", args("hi")).await.unwrap()), "hi");
+    let key = config.token_key();
+    assert_eq!(s.storage.dpop_key(&key).await.unwrap(), None);
+    assert_eq!(s.storage.tokens(&key).await.unwrap().unwrap().token_type(), "Bearer");
+    assert_eq!(s.fx.resource().stats().dpop_accepted, 0);
+}
+
+/// A logout and a new authorization (another key) while a connection lives: its next request
+/// signs with the new key, read back for the new token set, and is not refused (it would be,
+/// signed by the old key: the new tokens are bound to the new one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_authorization_with_a_new_key_is_used_by_a_live_connection() {
+    let clock = ManualClock::new(Timestamp::from_secs(1_800_000_000));
+    let mut knobs = KnobSettings::default();
+    knobs.dpop = true;
+    let auth = AuthServer::builder().clock(clock.shared()).knobs(knobs).spawn().await.unwrap();
+    let resource = ResourceServer::builder(&auth).spawn().await.unwrap();
+    let fx = Fixtures::from_parts(auth, resource);
+    let browser = Arc::new(Browser::new(HookDecision::Wait));
+    let dir = tempfile::tempdir().unwrap();
+    let (factory, storage, _callback, config) =
+        factory_over(dir.path(), &clock, &fx, browser.clone()).await;
+    let key = config.token_key();
+    let live = factory.connect(config.clone()).await.unwrap();
+    assert_eq!(text(&live.call_tool("echo", args("one")).await.unwrap()), "one");
+    let first = thumbprint(&storage.dpop_key(&key).await.unwrap().unwrap());
+
+    // Logout (everything of the key goes), then a new authorization makes a new key.
+    storage.delete_all(&key).await.unwrap();
+    let other = factory.connect(config.clone()).await.unwrap();
+    assert_eq!(text(&other.call_tool("echo", args("two")).await.unwrap()), "two");
+    let second = thumbprint(&storage.dpop_key(&key).await.unwrap().unwrap());
+    assert_ne!(first, second);
+    assert_eq!(browser.prompts.load(Ordering::SeqCst), 2);
+
+    let refused = fx.resource().stats().dpop_proofs_refused;
+    assert_eq!(text(&live.call_tool("echo", args("three")).await.unwrap()), "three");
+    let r = fx.resource().stats();
+    assert_eq!(r.dpop_proofs_refused, refused, "no proof by the old key: {r:?}");
+    assert_eq!(fx.auth().stats().refresh_redemptions.len(), 0, "no refresh was needed");
 }

@@ -336,3 +336,33 @@ async fn a_private_key_jwt_client_refreshes_from_the_store() {
     assert_eq!(assertion.split('.').count(), 3, "a JWS");
     assert!(seen[0].form_value("client_secret").is_none(), "the PEM is never sent");
 }
+
+/// A DPoP-bound refresh token is presented only with a proof by its key: with the key stored,
+/// the grant carries a `DPoP` proof and a `DPoP` answer is accepted; without it, the refresh
+/// fails for good before anything is sent (never presented as a bare bearer refresh token).
+#[tokio::test]
+async fn a_dpop_bound_refresh_token_goes_only_with_its_key() {
+    let key = mcp_oauth::DpopKey::generate().unwrap();
+    let pem = token_storage::Secret::new(key.to_pkcs8_pem().unwrap().secret());
+    let (r, seen) = refresher(|| {
+        Ok(HttpResponse::json(
+            200,
+            &serde_json::json!({"access_token": "at-2", "token_type": "DPoP", "refresh_token": "rt-2"}),
+        ))
+    });
+    let tokens = r
+        .refresh(&TokenKey::new("t", "u", "s"), &request().dpop_key(Some(pem), true))
+        .await
+        .unwrap();
+    assert_eq!(tokens.token_type, "DPoP");
+    let proof = seen.lock().unwrap()[0].header("dpop").map(str::to_owned);
+    assert_eq!(proof.map(|p| p.split('.').count()), Some(3), "a proof went with the grant");
+
+    let (r, seen) = refresher(|| Ok(HttpResponse::new(500)));
+    let err = r
+        .refresh(&TokenKey::new("t", "u", "s"), &request().dpop_key(None, true))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RefreshError::Terminal { .. }), "{err:?}");
+    assert!(seen.lock().unwrap().is_empty(), "nothing was sent");
+}

@@ -138,6 +138,49 @@ async fn login_tools_call_status_logout() {
     assert!(tools.stderr.contains("mcp-connect login"), "{tools:#?}");
 }
 
+/// DPoP with no flag: the authorization server advertises ES256 DPoP and both fixture servers
+/// require proofs with nonces. `login` makes and stores a DPoP key and gets `DPoP` tokens; a
+/// call, and a call after the access token expired (a refresh with a proof by the same key,
+/// in a new process that read the key back), go through without a refused proof; the key never
+/// prints, and `logout` deletes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_call_and_refresh_with_dpop_when_the_server_advertises_it() {
+    let fx = fixtures(Duration::from_secs(2)).await;
+    fx.auth().knobs().set_dpop(true);
+    let server = fx.resource().url().to_owned();
+    let store = Store::new();
+
+    let login = login(&store, &server).await;
+    login.expect_code(0);
+    let (token_type, pem) = store.dpop(&server).await;
+    assert_eq!(token_type.as_deref(), Some("DPoP"));
+    let pem = pem.expect("a DPoP key is stored");
+    let call = store.run(&["-vv", "call", &server, "echo", r#"{"text":"hello"}"#]);
+    call.expect_code(0);
+    assert_eq!(call.stdout.trim(), "hello");
+
+    mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(2500)).await;
+    let later = store.run(&["-vv", "call", &server, "echo", r#"{"text":"later"}"#]);
+    later.expect_code(0);
+    assert_eq!(later.stdout.trim(), "later");
+    assert_eq!(store.dpop(&server).await, (Some("DPoP".into()), Some(pem.clone())), "same key");
+
+    let (a, r) = (fx.auth().stats(), fx.resource().stats());
+    assert_eq!(a.max_refresh_redemptions(), 1, "{a:?}");
+    assert!(!a.refresh_redemptions.is_empty(), "a refresh happened: {a:?}");
+    assert_eq!((a.dpop_proofs_refused, a.reuse_detections), (0, 0), "{a:?}");
+    assert!(a.dpop_nonce_challenges >= 1, "{a:?}");
+    assert_eq!(r.dpop_proofs_refused, 0, "{r:?}");
+    assert!(r.dpop_accepted >= 2, "{r:?}");
+    let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    for output in [login.all(), call.all(), later.all()] {
+        assert!(!output.contains(&body) && !output.contains("PRIVATE KEY"), "{output}");
+    }
+
+    store.run(&["logout", &server]).expect_code(0);
+    assert_eq!(store.dpop(&server).await, (None, None), "logout deletes the key");
+}
+
 /// The race this pins: two desktop hosts each start `mcp-connect proxy` for the same server with
 /// nothing stored. Both need a login, then both keep refreshing 2-second rotating tokens under
 /// strict reuse detection. One browser prompt between them (the other waits on the login lock

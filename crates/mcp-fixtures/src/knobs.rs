@@ -174,6 +174,15 @@ pub struct KnobSettings {
     pub redirect_iss: RedirectIss,
     /// Leave `code_challenge_methods_supported` out of the metadata (PKCE is still required).
     pub omit_pkce_metadata: bool,
+    /// DPoP (RFC 9449) required: the metadata advertises `dpop_signing_alg_values_supported`
+    /// `["ES256"]`; the token endpoint takes only requests with a valid proof carrying its
+    /// nonce (else `400 use_dpop_nonce` with `DPoP-Nonce`) and issues `token_type` `DPoP`
+    /// tokens bound to the proof's key (`cnf.jkt`); the resource server takes only
+    /// `Authorization: DPoP` with a proof whose `ath` and key match the token, carrying its
+    /// own nonce (else `401` with `WWW-Authenticate: DPoP error="use_dpop_nonce"` and
+    /// `DPoP-Nonce`). A bound refresh token is refused with another key or without a proof,
+    /// and a bound access token without its proof, whatever the knob says later. Default off.
+    pub dpop: bool,
 }
 
 impl KnobSettings {
@@ -212,6 +221,7 @@ impl Default for KnobSettings {
             redirect_iss: RedirectIss::Correct,
             omit_pkce_metadata: false,
             workload_assertions: Vec::new(),
+            dpop: false,
         }
     }
 }
@@ -373,6 +383,11 @@ impl Knobs {
             s.lose_refresh_answers = s.lose_refresh_answers.saturating_sub(1);
         });
         lose
+    }
+
+    /// See [`KnobSettings::dpop`].
+    pub fn set_dpop(&self, on: bool) {
+        self.update(|s| s.dpop = on);
     }
 
     /// Make the token endpoint hang (never answer) or answer again.

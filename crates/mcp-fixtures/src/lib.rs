@@ -32,6 +32,7 @@
 //! | `set_clock_offset_millis` | the server's clock runs ahead or behind | `--clock-offset-ms` |
 //! | `set_withheld_scopes` | approved authorizations grant the requested scope without these (down-scoping) | |
 //! | `set_approval` | authorize auto-approves, waits for the test, or denies | `--deny` |
+//! | `set_dpop` | DPoP required with nonces at the token endpoint and the resource server; tokens bound to the proof's key | `--dpop` |
 //!
 //! Everything binds 127.0.0.1. Time comes from an injected [`mcp_clock::SharedClock`], so a
 //! test expires every token at once by advancing a `ManualClock`.
@@ -52,6 +53,7 @@
 //! ```
 
 mod auth;
+mod dpop;
 mod error;
 mod fixtures;
 mod knobs;
@@ -63,6 +65,7 @@ mod stats;
 pub use auth::{
     AuthServer, AuthServerBuilder, AuthServerHandle, ClientAuth, ClientSpec, PendingAuthorization,
 };
+pub use dpop::{DpopChecker, DpopRefusal};
 pub use error::FixtureError;
 pub use fixtures::Fixtures;
 pub use knobs::{Approval, InjectedFailure, KnobSettings, Knobs, RedirectIss};

@@ -95,6 +95,9 @@ struct Args {
     /// Deny every authorization instead of approving it.
     #[arg(long)]
     deny: bool,
+    /// Require DPoP (with nonces) at the token endpoint and the resource server.
+    #[arg(long)]
+    dpop: bool,
     /// Do not serve dynamic client registration.
     #[arg(long)]
     no_registration: bool,
@@ -125,6 +128,7 @@ fn knobs(args: &Args) -> KnobSettings {
     k.token_hang = args.token_hang;
     k.clock_offset_millis = args.clock_offset_ms;
     k.approval = if args.deny { Approval::Deny } else { Approval::Auto };
+    k.dpop = args.dpop;
     k
 }
 

@@ -24,6 +24,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{AuthMethod, AuthServerHandle, Core, TokenProblem};
+use crate::dpop::{DpopChecker, DpopRefusal};
 use crate::error::FixtureError;
 use crate::secret::RegisteredClient;
 use crate::stats::{PostRecord, ResourceStats};
@@ -367,6 +368,7 @@ impl ResourceServerBuilder {
             validation,
             shared: shared.clone(),
             versions: self.protocol_versions,
+            dpop: DpopChecker::new(),
         });
 
         let factory_shared = shared.clone();
@@ -474,6 +476,8 @@ enum Validation {
 struct Checked {
     scope: Vec<String>,
     resource: Option<String>,
+    /// The DPoP key thumbprint the token is bound to.
+    jkt: Option<String>,
 }
 
 /// Why a token was refused.
@@ -500,6 +504,8 @@ struct Guard {
     validation: Validation,
     shared: Arc<Shared>,
     versions: Vec<String>,
+    /// This server's DPoP proofs and nonce.
+    dpop: DpopChecker,
 }
 
 impl Guard {
@@ -524,7 +530,7 @@ impl Guard {
                 return self
                     .core
                     .check_access(token)
-                    .map(|g| Checked { scope: g.scope, resource: g.resource })
+                    .map(|g| Checked { scope: g.scope, resource: g.resource, jkt: g.jkt })
                     .map_err(|p| match p {
                         TokenProblem::Unknown => Refusal::Unknown,
                         TokenProblem::Expired => Refusal::Expired,
@@ -550,18 +556,26 @@ impl Guard {
         }
         let bytes = resp.bytes().await.map_err(|_| Refusal::Unreachable)?;
         let answer: Value = serde_json::from_slice(&bytes).map_err(|_| Refusal::Unreachable)?;
-        if answer["active"] != Value::Bool(true) || answer["token_type"] != "Bearer" {
+        let typed = answer["token_type"] == "Bearer" || answer["token_type"] == "DPoP";
+        if answer["active"] != Value::Bool(true) || !typed {
             return Err(Refusal::Inactive);
         }
         Ok(Checked {
             scope: crate::auth::split_scope(answer["scope"].as_str()),
             resource: answer["aud"].as_str().map(str::to_owned),
+            jkt: answer.pointer("/cnf/jkt").and_then(Value::as_str).map(str::to_owned),
         })
+    }
+
+    /// The challenge scheme and its leading parameters: `DPoP algs="ES256"` with the `dpop`
+    /// knob on, else `Bearer`.
+    fn scheme(&self) -> &'static str {
+        if self.core.knobs.get().dpop { "DPoP algs=\"ES256\", " } else { "Bearer " }
     }
 
     fn unauthorized(&self, status: StatusCode, error: Option<&str>) -> Response {
         self.shared.stats().unauthorized += 1;
-        let mut challenge = format!("Bearer resource_metadata=\"{}\"", self.metadata_url);
+        let mut challenge = format!("{}resource_metadata=\"{}\"", self.scheme(), self.metadata_url);
         if self.scope_in_challenge && !self.required.is_empty() {
             challenge.push_str(&format!(", scope=\"{}\"", self.required.join(" ")));
         }
@@ -584,7 +598,8 @@ impl Guard {
         self.shared.stats().forbidden += 1;
         let scope = needed.join(" ");
         let challenge = format!(
-            "Bearer error=\"insufficient_scope\", scope=\"{scope}\", resource_metadata=\"{}\", error_description=\"the token lacks scope {scope}\"",
+            "{}error=\"insufficient_scope\", scope=\"{scope}\", resource_metadata=\"{}\", error_description=\"the token lacks scope {scope}\"",
+            self.scheme(),
             self.metadata_url
         );
         let body = json!({ "error": "insufficient_scope", "scope": scope });
@@ -592,6 +607,54 @@ impl Guard {
             return (StatusCode::FORBIDDEN, axum::Json(body)).into_response();
         }
         with_challenge(StatusCode::FORBIDDEN, &challenge, body)
+    }
+
+    /// RFC 9449 §7: a DPoP-bound token (or any token, with the `dpop` knob on) must come as
+    /// `Authorization: DPoP` with a valid proof for this request, carrying this server's nonce,
+    /// whose `ath` is the token's hash and whose key is the one the token is bound to.
+    /// `None` lets the request through.
+    fn dpop_refusal(
+        &self,
+        req: &Request,
+        dpop_scheme: bool,
+        token: &str,
+        bound: Option<&str>,
+    ) -> Option<Response> {
+        if !self.core.knobs.get().dpop && bound.is_none() {
+            return None;
+        }
+        let refuse = |error: &str, description: &str| {
+            self.shared.stats().dpop_proofs_refused += 1;
+            let challenge = format!(
+                "DPoP algs=\"ES256\", error=\"{error}\", error_description=\"{description}\", resource_metadata=\"{}\"",
+                self.metadata_url
+            );
+            let body = json!({ "error": error, "error_description": description });
+            Some(with_challenge(StatusCode::UNAUTHORIZED, &challenge, body))
+        };
+        if !dpop_scheme {
+            return refuse("invalid_token", "a DPoP-bound token goes in Authorization: DPoP");
+        }
+        let proof = req.headers().get("dpop").and_then(|v| v.to_str().ok());
+        let now = self.core.now(&self.core.knobs.get());
+        match self.dpop.check(proof, req.method().as_str(), &self.resource, Some(token), now) {
+            Ok(jkt) if Some(jkt.as_str()) == bound => {
+                self.shared.stats().dpop_accepted += 1;
+                None
+            }
+            Ok(_) => refuse("invalid_token", "the proof is not signed by the token's key"),
+            Err(DpopRefusal::UseNonce) => {
+                self.shared.stats().dpop_nonce_challenges += 1;
+                let challenge = "DPoP algs=\"ES256\", error=\"use_dpop_nonce\", error_description=\"a nonce is required\"";
+                let body = json!({ "error": "use_dpop_nonce" });
+                let mut resp = with_challenge(StatusCode::UNAUTHORIZED, challenge, body);
+                if let Ok(v) = HeaderValue::from_str(self.dpop.nonce()) {
+                    resp.headers_mut().insert("dpop-nonce", v);
+                }
+                Some(resp)
+            }
+            Err(refusal) => refuse("invalid_dpop_proof", &refusal.to_string()),
+        }
     }
 
     fn audience_ok(&self, resource: Option<&str>) -> bool {
@@ -607,11 +670,14 @@ fn with_challenge(status: StatusCode, challenge: &str, body: Value) -> Response 
     resp
 }
 
-fn bearer(req: &Request) -> Option<String> {
+/// The access token of `Authorization: Bearer` or `Authorization: DPoP`, and whether it came
+/// as DPoP.
+fn access_token(req: &Request) -> Option<(String, bool)> {
     let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
-    (scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty())
-        .then(|| token.trim().to_owned())
+    let dpop = scheme.eq_ignore_ascii_case("dpop");
+    ((scheme.eq_ignore_ascii_case("bearer") || dpop) && !token.trim().is_empty())
+        .then(|| (token.trim().to_owned(), dpop))
 }
 
 /// Names of the tools a JSON-RPC message (or batch) calls.
@@ -650,7 +716,7 @@ async fn bearer_guard(State(guard): State<Arc<Guard>>, req: Request, next: Next)
         guard.shared.stats().injected_failures += 1;
         return crate::knobs::failure_response(failure);
     }
-    let token = bearer(&req);
+    let token = access_token(&req);
     let (req, message) = if req.method() == Method::POST {
         let (parts, body) = req.into_parts();
         let Ok(bytes) = axum::body::to_bytes(body, MAX_BODY).await else {
@@ -681,7 +747,7 @@ async fn bearer_guard(State(guard): State<Arc<Guard>>, req: Request, next: Next)
         };
         guard.shared.stats().posts.push(record);
     }
-    let Some(token) = token else {
+    let Some((token, dpop_scheme)) = token else {
         if guard.anonymous_initialize && message.as_ref().is_some_and(is_handshake) {
             return guard.forward(req, next).await;
         }
@@ -713,6 +779,9 @@ async fn bearer_guard(State(guard): State<Arc<Guard>>, req: Request, next: Next)
                 .into_response();
         }
     };
+    if let Some(refused) = guard.dpop_refusal(&req, dpop_scheme, &token, grant.jkt.as_deref()) {
+        return refused;
+    }
     if !guard.audience_ok(grant.resource.as_deref()) {
         return guard.unauthorized(
             StatusCode::UNAUTHORIZED,

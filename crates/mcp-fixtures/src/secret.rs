@@ -67,6 +67,8 @@ pub struct IssuedTokens {
     pub(crate) refresh_token: Option<String>,
     pub(crate) expires_in: Option<u64>,
     pub(crate) scope: String,
+    /// Bound to a DPoP key (`token_type` `DPoP`).
+    pub(crate) dpop_bound: bool,
 }
 
 impl IssuedTokens {
@@ -153,6 +155,7 @@ mod tests {
             refresh_token: Some("rt_SECRETVALUE".into()),
             expires_in: Some(60),
             scope: "mcp:tools".into(),
+            dpop_bound: false,
         };
         let client =
             RegisteredClient { client_id: "c1".into(), client_secret: Some("SECRETVALUE".into()) };

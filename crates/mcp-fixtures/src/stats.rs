@@ -49,6 +49,11 @@ pub struct AuthStats {
     /// The RFC 8707 `resource` parameter of every authorize and token request, in order, as
     /// `authorize <value>` or `token <grant_type> <value>`, with `-` for none.
     pub resource_parameters: Vec<String>,
+    /// Token requests refused for a missing or invalid DPoP proof (`invalid_dpop_proof`) or a
+    /// bound refresh token presented with another key or none (knob `dpop`).
+    pub dpop_proofs_refused: u64,
+    /// Token requests answered `use_dpop_nonce` (a valid proof without the current nonce).
+    pub dpop_nonce_challenges: u64,
 }
 
 impl AuthStats {
@@ -179,6 +184,13 @@ pub struct ResourceStats {
     /// Every extension header (a name starting with `x-`) the MCP endpoint received, as
     /// `name: value` with the name in lower case, each once: proves custom headers arrive.
     pub extension_headers: std::collections::BTreeSet<String>,
+    /// Requests refused for a missing or invalid DPoP proof, or a proof by another key than
+    /// the token's (knob `dpop`, or a DPoP-bound token).
+    pub dpop_proofs_refused: u64,
+    /// Requests answered `401` `use_dpop_nonce` (a valid proof without the current nonce).
+    pub dpop_nonce_challenges: u64,
+    /// Requests let through with a valid DPoP proof.
+    pub dpop_accepted: u64,
 }
 
 /// What one POST to the MCP endpoint carried.

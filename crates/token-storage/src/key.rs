@@ -65,6 +65,7 @@ impl TokenKey {
         let kind = match parts.next()? {
             "tokens" => RecordKind::Tokens,
             "client" => RecordKind::Client,
+            "dpop-key" => RecordKind::DpopKey,
             _ => return None,
         };
         if parts.next().is_some() {
@@ -86,11 +87,13 @@ impl fmt::Display for TokenKey {
     }
 }
 
-/// The two records stored under a [`TokenKey`].
+/// The records stored under a [`TokenKey`]: the tokens, the client registration, and the DPoP
+/// key the tokens are bound to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum RecordKind {
     Tokens,
     Client,
+    DpopKey,
 }
 
 impl RecordKind {
@@ -98,6 +101,7 @@ impl RecordKind {
         match self {
             RecordKind::Tokens => "tokens",
             RecordKind::Client => "client",
+            RecordKind::DpopKey => "dpop-key",
         }
     }
 }

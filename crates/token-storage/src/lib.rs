@@ -4,7 +4,8 @@
 //! - [`TokenStorage`]: store, [`get_valid`](TokenStorage::get_valid) (refresh ahead of expiry,
 //!   serving the still-valid token meanwhile), [`force_refresh`](TokenStorage::force_refresh)
 //!   (after a 401: refresh only if the rejected token is still the stored one), client
-//!   registrations, uninstall and listing.
+//!   registrations, the DPoP key of each key
+//!   ([`dpop_key_or_insert`](TokenStorage::dpop_key_or_insert)), uninstall and listing.
 //! - [`Refresher`]: the refresh grant, supplied by the OAuth layer (this crate does no HTTP),
 //!   failing with a terminal or transient [`RefreshError`].
 //! - [`TokenStore`]: the small compare-and-swap store trait, with [`MemoryTokenStore`] and

@@ -62,6 +62,12 @@ pub struct RefreshRequest {
     pub issuer: String,
     /// The stored client registration, when there is one.
     pub client: Option<ClientRegistration>,
+    /// The DPoP key stored for the key ([`TokenStorage::dpop_key`](crate::TokenStorage::dpop_key))
+    /// when the tokens are DPoP-bound: proofs of the refresh grant are signed with it.
+    pub dpop_key: Option<Secret>,
+    /// Whether the current tokens are DPoP-bound (`token_type` `DPoP`): their refresh token is
+    /// presented only with a proof by [`RefreshRequest::dpop_key`].
+    pub dpop_bound: bool,
 }
 
 impl RefreshRequest {
@@ -78,6 +84,8 @@ impl RefreshRequest {
             scope: None,
             issuer: issuer.into(),
             client: None,
+            dpop_key: None,
+            dpop_bound: false,
         }
     }
 
@@ -90,6 +98,13 @@ impl RefreshRequest {
     /// Set the client registration.
     pub fn client(mut self, client: ClientRegistration) -> Self {
         self.client = Some(client);
+        self
+    }
+
+    /// Set the DPoP key (PKCS#8 PEM) and whether the tokens are bound to it.
+    pub fn dpop_key(mut self, key: Option<Secret>, bound: bool) -> Self {
+        self.dpop_key = key;
+        self.dpop_bound = bound;
         self
     }
 }

@@ -514,12 +514,63 @@ impl TokenStorage {
         self.inner.store.delete(&key.record(RecordKind::Client), None).await
     }
 
-    /// Delete everything stored for `key` (uninstall): tokens and client registration.
-    /// A refresh in flight for the key finds its result discarded.
+    /// The DPoP key (RFC 9449) stored for `key`, as the caller stored it (a PKCS#8 PEM), sealed
+    /// like the tokens. `None` when there is none.
+    ///
+    /// Fails with [`Error::Decrypt`] when the record is unreadable.
+    pub async fn dpop_key(&self, key: &TokenKey) -> Result<Option<Secret>, Error> {
+        self.inner.load_dpop_key(key).await
+    }
+
+    /// The DPoP key for `key`: the stored one, else `candidate`, stored only where none is
+    /// (an insert-if-absent on the store), so concurrent first uses, in any process sharing the
+    /// store, all get the one key that was stored first. A stored key is never replaced: the
+    /// tokens are bound to it. [`TokenStorage::delete_all`] deletes it with the tokens.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), token_storage::Error> {
+    /// # use token_storage::*; use std::sync::Arc;
+    /// # #[derive(Debug)] struct R; impl Refresher for R { fn refresh<'a>(&'a self, _: &'a TokenKey, _: &'a RefreshRequest)
+    /// #   -> BoxFuture<'a, Result<TokenResponse, RefreshError>> { Box::pin(async { Err(RefreshError::terminal(TerminalCode::InvalidGrant, None)) }) } }
+    /// let keys = Keyring::parse(&"42".repeat(32))?;
+    /// let storage = TokenStorage::builder(MemoryTokenStore::new().into(), Arc::new(keys), Arc::new(R)).build();
+    /// let key = TokenKey::new("acme", "alice", "github");
+    /// let first = storage.dpop_key_or_insert(&key, Secret::new("pem-1")).await?;
+    /// let second = storage.dpop_key_or_insert(&key, Secret::new("pem-2")).await?;
+    /// assert_eq!((first.expose(), second.expose()), ("pem-1", "pem-1"));
+    /// # Ok(()) }
+    /// ```
+    pub async fn dpop_key_or_insert(
+        &self,
+        key: &TokenKey,
+        candidate: Secret,
+    ) -> Result<Secret, Error> {
+        let inner = &self.inner;
+        if let Some(stored) = inner.load_dpop_key(key).await? {
+            return Ok(stored);
+        }
+        let record = key.record(RecordKind::DpopKey);
+        let plain = serde_json::to_vec(&serde_json::json!({ "pem": candidate.expose() }))
+            .map_err(|e| Error::store("could not encode the DPoP key", e))?;
+        let sealed = crypto::seal(&*inner.keys, &record, &plain)?;
+        match inner.store.compare_and_swap(&record, None, sealed).await? {
+            Swap::Swapped { .. } => {
+                info!(%key, "stored a new DPoP key");
+                Ok(candidate)
+            }
+            Swap::Conflict(Some(theirs)) => open_dpop_key(&*inner.keys, &record, &theirs),
+            // Deleted between the insert and its refusal: try once more from the start.
+            Swap::Conflict(None) => Box::pin(self.dpop_key_or_insert(key, candidate)).await,
+        }
+    }
+
+    /// Delete everything stored for `key` (uninstall): tokens, client registration and DPoP
+    /// key. A refresh in flight for the key finds its result discarded.
     pub async fn delete_all(&self, key: &TokenKey) -> Result<(), Error> {
         let inner = &self.inner;
         inner.store.delete(&key.record(RecordKind::Tokens), None).await?;
         inner.store.delete(&key.record(RecordKind::Client), None).await?;
+        inner.store.delete(&key.record(RecordKind::DpopKey), None).await?;
         inner.deletions.fetch_add(1, Ordering::SeqCst);
         inner.views.write().unwrap_or_else(PoisonError::into_inner).remove(key);
         inner.slots.lock().unwrap_or_else(PoisonError::into_inner).remove(key);
@@ -562,6 +613,15 @@ fn open_tokens(keys: &dyn KeyProvider, record: &str, v: &Versioned) -> Result<To
         reason: DecryptFailure::Malformed,
     })?;
     Ok(parsed.into_set(v.version, generation))
+}
+
+fn open_dpop_key(keys: &dyn KeyProvider, record: &str, v: &Versioned) -> Result<Secret, Error> {
+    let malformed =
+        || Error::Decrypt { record: record.to_owned(), reason: DecryptFailure::Malformed };
+    let plain = crypto::open(keys, record, &v.value)?;
+    let parsed: serde_json::Value = serde_json::from_slice(&plain).map_err(|_| malformed())?;
+    let pem = parsed.get("pem").and_then(|p| p.as_str()).ok_or_else(malformed)?;
+    Ok(Secret::new(pem))
 }
 
 fn open_client(
@@ -696,6 +756,14 @@ impl Inner {
                 })
             }
             _ => Ok(()),
+        }
+    }
+
+    async fn load_dpop_key(&self, key: &TokenKey) -> Result<Option<Secret>, Error> {
+        let record = key.record(RecordKind::DpopKey);
+        match self.store.get(&record).await? {
+            None => Ok(None),
+            Some(v) => Ok(Some(open_dpop_key(&*self.keys, &record, &v)?)),
         }
     }
 
@@ -961,11 +1029,17 @@ impl Inner {
         }
         self.check_storm(&key, now)?;
         let client = self.load_client(&key).await?;
+        // A DPoP-bound refresh token goes with its key (read only for bound tokens: a Bearer
+        // set's refresh costs no extra store read).
+        let dpop_bound = current.token_type.eq_ignore_ascii_case("dpop");
+        let dpop_key = if dpop_bound { self.load_dpop_key(&key).await? } else { None };
         let request = RefreshRequest {
             refresh_token,
             scope: current.scope.clone(),
             issuer: current.issuer.clone(),
             client: client.as_ref().map(|(_, c)| c.clone()),
+            dpop_key,
+            dpop_bound,
         };
         // In doubt (issue 12): before the first send, the intent goes into the store, so
         // whoever refreshes next (this flight after a lost answer, or a peer after this process

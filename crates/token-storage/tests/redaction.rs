@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
+use token_storage::TokenStore as _;
 use token_storage::{
     ClientRegistration, RefreshError, Secret, TerminalCode, TokenKey, TransientKind,
 };
@@ -97,5 +98,44 @@ async fn no_secret_reaches_the_logs() {
     assert_eq!(secrets.len(), 7, "client secret and three generations of tokens");
     for secret in &secrets {
         assert!(!logs.contains(secret.as_str()), "secret {secret:?} appears in the logs:\n{logs}");
+    }
+}
+
+/// The DPoP key is a secret: it is sealed in the store (its PEM is not in the stored bytes),
+/// and neither the key, nor a refresh request carrying it, nor the storage prints it, in
+/// `Debug`, `Display` or the logs of storing, reading and deleting it.
+#[tokio::test(flavor = "current_thread")]
+async fn the_dpop_key_is_sealed_and_never_printed() {
+    let captured = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer({
+            let c = captured.clone();
+            move || c.clone()
+        })
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let f = fixture();
+    let key = key();
+    const PEM: &str =
+        "-----BEGIN PRIVATE KEY-----\nDPOPSECRETMATERIAL\n-----END PRIVATE KEY-----\n";
+    let stored = f.storage.dpop_key_or_insert(&key, Secret::new(PEM)).await.unwrap();
+    let read = f.storage.dpop_key(&key).await.unwrap().unwrap();
+    assert_eq!(read.expose(), PEM);
+    let request = token_storage::RefreshRequest::new("rt", ISS).dpop_key(Some(read.clone()), true);
+    tracing::info!(?stored, %read, ?request, storage = ?f.storage, "caller logs the key");
+    let records = f.store.keys_with_prefix("").await.unwrap();
+    assert_eq!(records.len(), 1);
+    let raw = f.store.get(&records[0]).await.unwrap().unwrap();
+    assert!(
+        !raw.value.windows(b"DPOPSECRETMATERIAL".len()).any(|w| w == b"DPOPSECRETMATERIAL"),
+        "the key is sealed at rest"
+    );
+    f.storage.delete_all(&key).await.unwrap();
+    let printed = format!("{stored:?} {read} {request:?} {:?}", f.storage);
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(logs.contains("stored a new DPoP key"), "{logs}");
+    for text in [printed, logs] {
+        assert!(!text.contains("DPOPSECRETMATERIAL") && !text.contains("PRIVATE KEY"), "{text}");
     }
 }

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use common::*;
 use token_storage::testkit::{FakeAuthServer, store_conformance};
 use token_storage::{
-    ClientRegistration, ManualClock, MemoryTokenStore, SharedTokenStore, SledTokenStore, Swap,
-    TokenStorage, TokenStore,
+    BoxFuture, ClientRegistration, Error, ManualClock, MemoryTokenStore, Secret, SharedTokenStore,
+    SledTokenStore, Swap, TokenKey, TokenStorage, TokenStore, Versioned,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -86,4 +86,110 @@ async fn sled_versions_are_not_reused_across_restarts() {
         store.compare_and_swap("k", Some(v1), b"c".to_vec()).await.unwrap(),
         Swap::Conflict(_)
     ));
+}
+
+/// The DPoP key of a (tenant, user, server) is stored sealed next to its tokens: a restart (a
+/// new storage over the same sled directory) reads the same key, a second candidate never
+/// replaces it, it is listed under its key, and `delete_all` deletes it with the tokens.
+#[tokio::test]
+async fn the_dpop_key_survives_a_restart_and_goes_with_the_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::default();
+    let server = FakeAuthServer::new(clock.shared());
+    let (key, other) = (key(), TokenKey::new("acme", "alice", "gitlab"));
+    let open = || {
+        TokenStorage::builder(
+            SledTokenStore::open(dir.path()).unwrap().into(),
+            keyring(),
+            server.clone(),
+        )
+        .clock(clock.shared())
+        .build()
+    };
+    {
+        let storage = open();
+        assert_eq!(storage.dpop_key(&key).await.unwrap(), None);
+        let stored = storage.dpop_key_or_insert(&key, Secret::new("pem-one")).await.unwrap();
+        assert_eq!(stored.expose(), "pem-one");
+        storage.dpop_key_or_insert(&other, Secret::new("pem-other")).await.unwrap();
+        storage.store(&key, ISS, server.issue(&key)).await.unwrap();
+    }
+    let storage = open();
+    assert_eq!(storage.dpop_key(&key).await.unwrap().unwrap().expose(), "pem-one");
+    let again = storage.dpop_key_or_insert(&key, Secret::new("pem-two")).await.unwrap();
+    assert_eq!(again.expose(), "pem-one", "a stored key is never replaced");
+    storage.delete_all(&key).await.unwrap();
+    assert_eq!(storage.dpop_key(&key).await.unwrap(), None);
+    assert_eq!(storage.dpop_key(&other).await.unwrap().unwrap().expose(), "pem-other");
+    assert_eq!(storage.list("acme", "alice").await.unwrap(), vec![other]);
+}
+
+/// A memory store whose every operation yields first, as a round trip to a real backend
+/// does, so concurrent callers interleave between their read and their write.
+#[derive(Debug, Default)]
+struct RoundTrips(MemoryTokenStore);
+
+impl TokenStore for RoundTrips {
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Versioned>, Error>> {
+        Box::pin(async move {
+            tokio::task::yield_now().await;
+            self.0.get(key).await
+        })
+    }
+    fn compare_and_swap<'a>(
+        &'a self,
+        key: &'a str,
+        expected: Option<u64>,
+        value: Vec<u8>,
+    ) -> BoxFuture<'a, Result<Swap, Error>> {
+        Box::pin(async move {
+            tokio::task::yield_now().await;
+            self.0.compare_and_swap(key, expected, value).await
+        })
+    }
+    fn delete<'a>(
+        &'a self,
+        key: &'a str,
+        expected: Option<u64>,
+    ) -> BoxFuture<'a, Result<bool, Error>> {
+        self.0.delete(key, expected)
+    }
+    fn keys_with_prefix<'a>(
+        &'a self,
+        prefix: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<String>, Error>> {
+        self.0.keys_with_prefix(prefix)
+    }
+}
+
+/// The race: concurrent first uses each find no key and each generate one; were the insert
+/// not an insert-if-absent, the last writer would replace a key whose tokens are already bound
+/// to it, and callers would sign with different keys. 32 tasks over two storages sharing one
+/// store (two processes) start together; every one gets the same, first stored, key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_uses_store_one_dpop_key() {
+    for _round in 0..20 {
+        let store = SharedTokenStore::new(RoundTrips::default());
+        let server = FakeAuthServer::new(ManualClock::default().shared());
+        let storages: Vec<TokenStorage> = (0..2)
+            .map(|_| TokenStorage::builder(store.clone(), keyring(), server.clone()).build())
+            .collect();
+        let barrier = Arc::new(tokio::sync::Barrier::new(32));
+        let tasks: Vec<_> = (0..32)
+            .map(|i| {
+                let (storage, barrier) = (storages[i % 2].clone(), barrier.clone());
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    let candidate = Secret::new(format!("pem-{i}"));
+                    storage.dpop_key_or_insert(&key(), candidate).await.unwrap()
+                })
+            })
+            .collect();
+        let mut got = Vec::new();
+        for t in tasks {
+            got.push(t.await.unwrap());
+        }
+        let stored = storages[0].dpop_key(&key()).await.unwrap().unwrap();
+        assert!(got.iter().all(|k| *k == stored), "one key for everyone");
+    }
 }

@@ -163,6 +163,7 @@ impl ConnectionFactory {
             interactive: self.interactive.clone(),
             workload: self.workload.clone(),
             waiting: Waiting::default(),
+            dpop: Mutex::default(),
         }))
     }
 
@@ -234,6 +235,10 @@ pub struct FactoryProvider {
     interactive: Option<(OAuthClient, Arc<dyn AuthorizationHook>)>,
     workload: Option<Workload>,
     waiting: Waiting,
+    /// The DPoP key the token served last is bound to, with that token set's version (`None`
+    /// for a Bearer token). The same instance serves every request, so the MCP server's nonce
+    /// is learnt once.
+    dpop: Mutex<Option<(u64, mcp_oauth::DpopKey)>>,
 }
 
 impl fmt::Debug for FactoryProvider {
@@ -287,7 +292,10 @@ impl FactoryProvider {
                     // The token itself comes from token storage (memory while fresh): the set
                     // the look-up found, or a newer one.
                     return match self.storage.get_valid(&self.key, &cached.issuer).await {
-                        Ok(set) => Ok(Some(set.access_token().clone())),
+                        Ok(set) => {
+                            self.bind(&set).await?;
+                            Ok(Some(set.access_token().clone()))
+                        }
                         Err(e) if e.is_authorization_required() => {
                             self.invalidate_lookup(None).await;
                             Ok(None)
@@ -305,6 +313,46 @@ impl FactoryProvider {
         }
         // Still expired after a fresh look-up: send it; the 401 path refreshes.
         Ok(None)
+    }
+
+    /// Serve `set`'s token with its DPoP key when it is DPoP-bound, as Bearer otherwise. The
+    /// key is read from token storage for each new token set (a new authorization, here or in
+    /// another process after a logout, may have stored another key); the instance, with the
+    /// nonces it learnt, is kept while the stored key is the same. A DPoP-bound token whose key
+    /// is not stored is not served.
+    async fn bind(&self, set: &token_storage::TokenSet) -> Result<(), Error> {
+        if !crate::dpop::is_dpop(set.token_type()) {
+            *self.dpop.lock().unwrap_or_else(PoisonError::into_inner) = None;
+            return Ok(());
+        }
+        let bound = self.dpop.lock().unwrap_or_else(PoisonError::into_inner).as_ref().map(|b| b.0);
+        if bound == Some(set.version()) {
+            return Ok(());
+        }
+        let key = crate::dpop::stored(&self.storage, &self.key).await?.ok_or_else(|| {
+            Error::provider_msg("the stored tokens are DPoP-bound but no DPoP key is stored")
+        })?;
+        let mut slot = self.dpop.lock().unwrap_or_else(PoisonError::into_inner);
+        let key = match slot.take() {
+            Some((_, held)) if held.thumbprint() == key.thumbprint() => held,
+            _ => key,
+        };
+        *slot = Some((set.version(), key));
+        Ok(())
+    }
+
+    /// After a recovery: bind the token it returned, which is the stored one (a refresh,
+    /// a peer's tokens, or a new authorization stored it).
+    async fn bind_recovered(&self, token: &Secret) -> Result<(), Error> {
+        let stored = self
+            .storage
+            .tokens(&self.key)
+            .await
+            .map_err(|e| Error::store("reading the stored tokens", e))?;
+        match stored {
+            Some(set) if set.access_token() == token => self.bind(&set).await,
+            _ => Ok(()),
+        }
     }
 
     /// Whether `set`'s access token has expired by this provider's clock.
@@ -330,30 +378,49 @@ impl AuthProvider for FactoryProvider {
         self.waiting.deadline()
     }
 
+    fn dpop_key(&self) -> Option<mcp_oauth::DpopKey> {
+        self.dpop.lock().unwrap_or_else(PoisonError::into_inner).as_ref().map(|(_, k)| k.clone())
+    }
+
     fn on_unauthorized<'a>(
         &'a self,
         rejected: Option<&'a Secret>,
         challenge: &'a Challenge,
     ) -> BoxFuture<'a, Result<Recovery, Error>> {
         Box::pin(async move {
-            if challenge.is_insufficient_scope() {
-                bump(&self.counters.insufficient_scope);
-                return self.step_up(rejected, challenge).await;
+            let recovery = self.recover(rejected, challenge).await?;
+            if let Recovery::Retry(token) = &recovery {
+                self.bind_recovered(token).await?;
             }
-            match rejected {
-                Some(rejected) => self.refresh(rejected, challenge).await,
-                None => {
-                    // The request carried no token: tokens stored since (a peer's login or
-                    // refresh) are used before anyone is prompted.
-                    if let Recovery::Retry(token) = self.fall_back(None).await? {
-                        return Ok(Recovery::Retry(token));
-                    }
-                    if let Some(workload) = &self.workload {
-                        return self.workload_grant(workload, Some(challenge), None).await;
-                    }
-                    self.interactive(Some(challenge), AuthorizationReason::NoTokens, None).await
-                }
-            }
+            Ok(recovery)
         })
+    }
+}
+
+impl FactoryProvider {
+    /// What to do about a refusal (see [`FactoryProvider`]).
+    async fn recover(
+        &self,
+        rejected: Option<&Secret>,
+        challenge: &Challenge,
+    ) -> Result<Recovery, Error> {
+        if challenge.is_insufficient_scope() {
+            bump(&self.counters.insufficient_scope);
+            return self.step_up(rejected, challenge).await;
+        }
+        match rejected {
+            Some(rejected) => self.refresh(rejected, challenge).await,
+            None => {
+                // The request carried no token: tokens stored since (a peer's login or
+                // refresh) are used before anyone is prompted.
+                if let Recovery::Retry(token) = self.fall_back(None).await? {
+                    return Ok(Recovery::Retry(token));
+                }
+                if let Some(workload) = &self.workload {
+                    return self.workload_grant(workload, Some(challenge), None).await;
+                }
+                self.interactive(Some(challenge), AuthorizationReason::NoTokens, None).await
+            }
+        }
     }
 }

@@ -31,6 +31,21 @@ pub(crate) struct Browser {
     pub(crate) decision: HookDecision,
 }
 
+impl Browser {
+    /// A browser that answers every prompt with `decision`.
+    pub(crate) fn new(decision: HookDecision) -> Self {
+        Browser {
+            http: reqwest::Client::builder().no_proxy().build().unwrap(),
+            prompts: AtomicU64::new(0),
+            pending: AtomicU64::new(0),
+            reasons: Default::default(),
+            scopes: Default::default(),
+            expiries: Default::default(),
+            decision,
+        }
+    }
+}
+
 impl AuthorizationHook for Browser {
     fn authorization_required(&self, request: AuthorizationRequest) -> BoxFuture<'_, HookDecision> {
         self.prompts.fetch_add(1, Ordering::SeqCst);
@@ -121,15 +136,7 @@ pub(crate) async fn setup_full(
     let router = callback_router(flows.clone(), storage.clone(), oauth.clone());
     tokio::spawn(async move { axum::serve(listener, router).await });
 
-    let browser = Arc::new(Browser {
-        http: reqwest::Client::builder().no_proxy().build().unwrap(),
-        prompts: AtomicU64::new(0),
-        pending: AtomicU64::new(0),
-        reasons: Default::default(),
-        scopes: Default::default(),
-        expiries: Default::default(),
-        decision,
-    });
+    let browser = Arc::new(Browser::new(decision));
     let factory =
         ConnectionFactory::new(flows, storage.clone()).with_interactive(oauth, browser.clone());
     Setup { clock, fx, factory, browser, redirect, storage }

@@ -48,9 +48,17 @@ impl Store {
         Outcome::from(self.command(args).output().unwrap())
     }
 
-    /// The secrets stored for `server` right now (access token, refresh token, client secret),
-    /// read with the store's own key file. Call only while no mcp-connect process runs.
-    pub async fn secrets(&self, server: &str) -> Vec<String> {
+    /// The stored token type and DPoP key (PEM) for `server`, read with the store's own key
+    /// file. Call only while no mcp-connect process runs.
+    pub async fn dpop(&self, server: &str) -> (Option<String>, Option<String>) {
+        let storage = self.storage();
+        let key = TokenKey::new("default", USER, server);
+        let token_type = storage.tokens(&key).await.unwrap().map(|s| s.token_type().to_owned());
+        let pem = storage.dpop_key(&key).await.unwrap().map(|k| k.expose().to_owned());
+        (token_type, pem)
+    }
+
+    fn storage(&self) -> TokenStorage {
         #[derive(Debug)]
         struct NoRefresh;
         impl Refresher for NoRefresh {
@@ -64,12 +72,14 @@ impl Store {
         }
         let keys = Keyring::from_file(self.path().join("key")).unwrap();
         let store = SledTokenStore::open(self.path().join("db")).unwrap();
-        let storage = TokenStorage::builder(
-            SharedTokenStore::new(store),
-            Arc::new(keys),
-            Arc::new(NoRefresh),
-        )
-        .build();
+        TokenStorage::builder(SharedTokenStore::new(store), Arc::new(keys), Arc::new(NoRefresh))
+            .build()
+    }
+
+    /// The secrets stored for `server` right now (access token, refresh token, client secret),
+    /// read with the store's own key file. Call only while no mcp-connect process runs.
+    pub async fn secrets(&self, server: &str) -> Vec<String> {
+        let storage = self.storage();
         let key = TokenKey::new("default", USER, server);
         let mut out = Vec::new();
         if let Some(set) = storage.tokens(&key).await.unwrap() {

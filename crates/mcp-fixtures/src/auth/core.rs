@@ -111,6 +111,8 @@ struct Access {
     expires: Timestamp,
     revoked: bool,
     family: Option<u64>,
+    /// The DPoP key thumbprint the token is bound to (`cnf.jkt`).
+    jkt: Option<String>,
 }
 
 #[derive(Debug)]
@@ -123,6 +125,8 @@ struct Refresh {
     expires: Option<Timestamp>,
     superseded_at: Option<Timestamp>,
     revoked: bool,
+    /// The DPoP key thumbprint the refresh token is bound to.
+    jkt: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -139,6 +143,8 @@ pub(crate) struct Grant {
     pub(crate) resource: Option<String>,
     pub(crate) issued: Timestamp,
     pub(crate) expires: Timestamp,
+    /// The DPoP key thumbprint the token is bound to (`cnf.jkt`).
+    pub(crate) jkt: Option<String>,
 }
 
 /// Why an access token was refused.
@@ -469,6 +475,7 @@ impl Core {
         &self,
         client: &Client,
         params: &HashMap<String, String>,
+        jkt: Option<&str>,
     ) -> Result<TokenAnswer, OAuthError> {
         let k = self.knobs.get();
         let now = self.now(&k);
@@ -520,8 +527,16 @@ impl Core {
         }
         let with_refresh =
             !k.refresh_requires_offline_access || scope.iter().any(|s| s == "offline_access");
-        let tokens =
-            issue(&mut inner, &k, now, &client.id, scope, resource, Some(family), with_refresh);
+        let tokens = issue(
+            &mut inner,
+            &k,
+            now,
+            (&client.id, jkt),
+            scope,
+            resource,
+            Some(family),
+            with_refresh,
+        );
         issued_event(&mut inner, now, "authorization_code", &client.id, &tokens);
         Ok(TokenAnswer { tokens })
     }
@@ -531,6 +546,7 @@ impl Core {
         &self,
         client: &Client,
         params: &HashMap<String, String>,
+        jkt: Option<&str>,
     ) -> Result<TokenAnswer, OAuthError> {
         let k = self.knobs.get();
         let now = self.now(&k);
@@ -545,6 +561,7 @@ impl Core {
         let (rt_client, rt_family, rt_scope, rt_resource) =
             (rt.client_id.clone(), rt.family, rt.scope.clone(), rt.resource.clone());
         let (rt_revoked, rt_expires, rt_superseded) = (rt.revoked, rt.expires, rt.superseded_at);
+        let rt_jkt = rt.jkt.clone();
         let count = {
             let c = inner.stats.refresh_redemptions.entry(fp.clone()).or_insert(0);
             *c += 1;
@@ -560,6 +577,18 @@ impl Core {
                 "invalid_grant",
                 "refresh token was issued to another client",
             ));
+        }
+        // RFC 9449 §5: a bound refresh token is redeemed only with a proof by its key.
+        if let Some(bound) = &rt_jkt
+            && jkt != Some(bound.as_str())
+        {
+            inner.stats.dpop_proofs_refused += 1;
+            let why = if jkt.is_some() {
+                "the refresh token is bound to another DPoP key"
+            } else {
+                "the refresh token is DPoP-bound: a proof by its key is required"
+            };
+            return Err(OAuthError::new("invalid_dpop_proof", why));
         }
         let family_revoked = inner.families.get(rt_family as usize).is_none_or(|f| f.revoked);
         if rt_revoked || family_revoked {
@@ -648,6 +677,7 @@ impl Core {
                     expires: k.refresh_token_lifetime.map(|l| now + l),
                     superseded_at: None,
                     revoked: false,
+                    jkt: rt_jkt.clone(),
                 },
             );
             if let Some(f) = inner.families.get_mut(rt_family as usize) {
@@ -657,8 +687,19 @@ impl Core {
         } else {
             Some(value.clone())
         };
-        let mut tokens =
-            issue(&mut inner, &k, now, &client.id, scope, rt_resource, Some(rt_family), false);
+        // A bound refresh token's access tokens are bound to the same key; an unbound one's
+        // to the proof's key, if any.
+        let bind = rt_jkt.as_deref().or(jkt);
+        let mut tokens = issue(
+            &mut inner,
+            &k,
+            now,
+            (&client.id, bind),
+            scope,
+            rt_resource,
+            Some(rt_family),
+            false,
+        );
         tokens.refresh_token = keep;
         issued_event(&mut inner, now, "refresh_token", &client.id, &tokens);
         Ok(TokenAnswer { tokens })
@@ -669,6 +710,7 @@ impl Core {
         &self,
         client: &Client,
         params: &HashMap<String, String>,
+        jkt: Option<&str>,
     ) -> Result<TokenAnswer, OAuthError> {
         if client.method == AuthMethod::None {
             return Err(OAuthError::new(
@@ -687,7 +729,7 @@ impl Core {
         let now = self.now(&k);
         let mut inner = self.lock(now);
         let resource = params.get("resource").cloned();
-        let tokens = issue(&mut inner, &k, now, &client.id, scope, resource, None, false);
+        let tokens = issue(&mut inner, &k, now, (&client.id, jkt), scope, resource, None, false);
         issued_event(&mut inner, now, "client_credentials", &client.id, &tokens);
         Ok(TokenAnswer { tokens })
     }
@@ -710,7 +752,7 @@ impl Core {
         let now = self.now(&k);
         let mut inner = self.lock(now);
         let resource = params.get("resource").cloned();
-        let tokens = issue(&mut inner, &k, now, &client.id, scope, resource, None, false);
+        let tokens = issue(&mut inner, &k, now, (&client.id, None), scope, resource, None, false);
         issued_event(&mut inner, now, "jwt_bearer", &client.id, &tokens);
         Ok(TokenAnswer { tokens })
     }
@@ -727,7 +769,8 @@ impl Core {
         let mut inner = self.lock(now);
         let family = inner.families.len() as u64;
         inner.families.push(Family::default());
-        let tokens = issue(&mut inner, &k, now, client_id, scope, resource, Some(family), true);
+        let tokens =
+            issue(&mut inner, &k, now, (client_id, None), scope, resource, Some(family), true);
         issued_event(&mut inner, now, "direct", client_id, &tokens);
         tokens
     }
@@ -752,6 +795,7 @@ impl Core {
             resource: access.resource.clone(),
             issued: access.issued,
             expires: access.expires,
+            jkt: access.jkt.clone(),
         })
     }
 
@@ -763,9 +807,10 @@ impl Core {
         inner.stats.introspections += 1;
         drop(inner);
         if let Ok(grant) = self.check_access(token) {
+            let token_type = if grant.jkt.is_some() { "DPoP" } else { "Bearer" };
             let mut v = serde_json::json!({
                 "active": true,
-                "token_type": "Bearer",
+                "token_type": token_type,
                 "scope": join(&grant.scope),
                 "client_id": grant.client_id,
                 "iat": grant.issued.as_secs(),
@@ -773,6 +818,9 @@ impl Core {
             });
             if let Some(aud) = grant.resource {
                 v["aud"] = aud.into();
+            }
+            if let Some(jkt) = grant.jkt {
+                v["cnf"] = serde_json::json!({ "jkt": jkt });
             }
             return v;
         }
@@ -872,7 +920,7 @@ fn issue(
     inner: &mut Inner,
     k: &KnobSettings,
     now: Timestamp,
-    client_id: &str,
+    (client_id, jkt): (&str, Option<&str>),
     scope: Vec<String>,
     resource: Option<String>,
     family: Option<u64>,
@@ -889,6 +937,7 @@ fn issue(
             expires: now + k.access_token_lifetime,
             revoked: false,
             family,
+            jkt: jkt.map(str::to_owned),
         },
     );
     let refresh_token = match (with_refresh, family) {
@@ -905,6 +954,7 @@ fn issue(
                     expires: k.refresh_token_lifetime.map(|l| now + l),
                     superseded_at: None,
                     revoked: false,
+                    jkt: jkt.map(str::to_owned),
                 },
             );
             if let Some(f) = inner.families.get_mut(family as usize) {
@@ -919,5 +969,6 @@ fn issue(
         refresh_token,
         expires_in: (!k.omit_expires_in).then_some(k.access_token_lifetime.as_secs()),
         scope: join(&scope),
+        dpop_bound: jkt.is_some(),
     }
 }

@@ -18,12 +18,15 @@ use tokio_util::sync::CancellationToken;
 use url::Url;
 
 use super::core::{AuthMethod, AuthorizeRequest, Client, Core, OAuthError, split_scope};
+use crate::dpop::{DpopChecker, DpopRefusal};
 use crate::stats::AuthEventKind;
 
 /// What every handler shares.
 #[derive(Debug, Clone)]
 pub(crate) struct App {
     pub(crate) core: Arc<Core>,
+    /// The token endpoint's DPoP proofs and nonce (knob `dpop`).
+    pub(crate) dpop: Arc<DpopChecker>,
     /// `http://127.0.0.1:PORT` plus the issuer path.
     pub(crate) issuer: String,
     pub(crate) shutdown: CancellationToken,
@@ -101,6 +104,9 @@ pub(crate) fn metadata(app: &App) -> Value {
         && let Some(doc) = m.as_object_mut()
     {
         doc.remove("code_challenge_methods_supported");
+    }
+    if app.core.knobs.get().dpop {
+        m["dpop_signing_alg_values_supported"] = json!(["ES256"]);
     }
     m
 }
@@ -466,10 +472,15 @@ async fn token(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Respo
             return oauth_error(&e, basic);
         }
     };
+    let jkt = match token_proof(&app, &headers) {
+        Ok(jkt) => jkt,
+        Err(resp) => return *resp,
+    };
+    let jkt = jkt.as_deref();
     let answer = match grant.as_str() {
-        "authorization_code" => app.core.exchange_code(&client, &params),
-        "refresh_token" => app.core.refresh(&client, &params),
-        "client_credentials" => app.core.client_credentials(&client, &params),
+        "authorization_code" => app.core.exchange_code(&client, &params, jkt),
+        "refresh_token" => app.core.refresh(&client, &params, jkt),
+        "client_credentials" => app.core.client_credentials(&client, &params, jkt),
         JWT_BEARER => app.core.jwt_bearer(&client, &params),
         "" => Err(OAuthError::new("invalid_request", "grant_type is required")),
         other => Err(OAuthError::new(
@@ -496,7 +507,11 @@ async fn token(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Respo
         Ok(answer) => {
             let t = answer.tokens;
             let knobs = app.core.knobs.get();
-            let token_type = if knobs.lowercase_token_type { "bearer" } else { "Bearer" };
+            let token_type = match (t.dpop_bound, knobs.lowercase_token_type) {
+                (true, _) => "DPoP",
+                (false, true) => "bearer",
+                (false, false) => "Bearer",
+            };
             let mut body = json!({
                 "access_token": t.access_token,
                 "token_type": token_type,
@@ -519,6 +534,35 @@ async fn token(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Respo
         Err(e) => {
             refused(&app, &grant, &e);
             oauth_error(&e, false)
+        }
+    }
+}
+
+/// The DPoP proof of a token request (RFC 9449 §5): with the knob on, required and checked
+/// (its thumbprint binds the tokens); with it off, ignored (a server without DPoP; tokens bound
+/// while it was on are then refused a refresh). `Err` is the answer: `400 invalid_dpop_proof`,
+/// or `400 use_dpop_nonce` with `DPoP-Nonce`.
+fn token_proof(app: &App, headers: &HeaderMap) -> Result<Option<String>, Box<Response>> {
+    if !app.core.knobs.get().dpop {
+        return Ok(None);
+    }
+    let proof = headers.get("dpop").and_then(|v| v.to_str().ok());
+    let now = app.core.now(&app.core.knobs.get());
+    match app.dpop.check(proof, "POST", &app.endpoint("token"), None, now) {
+        Ok(jkt) => Ok(Some(jkt)),
+        Err(DpopRefusal::UseNonce) => {
+            app.core.record(|s| s.dpop_nonce_challenges += 1, None);
+            let e = OAuthError::new("use_dpop_nonce", "use the DPoP-Nonce of this response");
+            let mut resp = oauth_error(&e, false);
+            if let Ok(v) = HeaderValue::from_str(app.dpop.nonce()) {
+                resp.headers_mut().insert("dpop-nonce", v);
+            }
+            Err(Box::new(resp))
+        }
+        Err(refusal) => {
+            app.core.record(|s| s.dpop_proofs_refused += 1, None);
+            let e = OAuthError::new("invalid_dpop_proof", refusal.to_string());
+            Err(Box::new(oauth_error(&e, false)))
         }
     }
 }

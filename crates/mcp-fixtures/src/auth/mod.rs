@@ -256,6 +256,7 @@ impl AuthServerBuilder {
         let shutdown = CancellationToken::new();
         let app = http::App {
             core: core.clone(),
+            dpop: Arc::new(crate::dpop::DpopChecker::new()),
             issuer: issuer.clone(),
             shutdown: shutdown.clone(),
             http: reqwest::Client::builder()
