@@ -14,7 +14,7 @@
 //!
 //! # Actions and the real code's await points
 //!
-//! | model action      | real code (token-storage `service.rs`, `lease.rs`)                  |
+//! | model action      | real code (token-storage `service/engine.rs`, `lease.rs`)           |
 //! |-------------------|---------------------------------------------------------------------|
 //! | `Start`           | `get_valid` / `force_refresh` read the view and join the flight     |
 //! | `AcquireLease`    | `refresh`: `lease.acquire(&key).await`                              |

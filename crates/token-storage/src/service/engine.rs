@@ -1,327 +1,30 @@
-//! The service (the seed's `MCPTokenStorage`): [`TokenStorage`] and its configuration.
-//!
-//! How the races of a rotating refresh token are closed:
-//!
-//! - **One redemption per key in the process.** Refreshes run through a
-//!   [`flow_state::SingleFlight`]; concurrent callers join the one in flight.
-//! - **Detached.** The refresh runs in its own task; a caller that times out or is dropped only
-//!   ends its own wait, and the rotated refresh token is persisted regardless.
-//! - **Re-read before redeeming.** The refresh reads the store when it starts (never a caller's
-//!   snapshot) and skips the network call when the tokens were already replaced (a 401 for a
-//!   token that is no longer current, or a peer that already refreshed). The cross-process
-//!   [`RefreshLease`] (when configured) is taken before the re-read, renewed throughout (every
-//!   attempt, backoff sleep and commit), checked before every send, and released at the end.
-//! - **In doubt.** Before the first send the record is marked in doubt (the intent), so a
-//!   refresher that dies with its request out leaves a record that the next refresher sees: it
-//!   claims the one same-token retry in the store, then presents the token once more (a server
-//!   with a reuse grace window answers with the successor); a refusal, a second lost answer, or
-//!   a record whose retry was claimed already ends in
-//!   [`ReauthReason::RotationLostInFlight`](crate::ReauthReason::RotationLostInFlight).
-//! - **Fenced writes.** The intent, the retry claim and the failure marker are written only
-//!   while the lease holds (see [`RefreshLease`] for what each backend's fence guarantees). A
-//!   commit whose lease lapsed is still offered to the compare-and-swap on the version read
-//!   (the token is spent; any writer since wins); one that cannot be written is kept in memory
-//!   and served, and the next refresh writes it instead of redeeming again.
-//! - **Compare-and-swap commit.** The result is written only if the stored version is still the
-//!   one read before redeeming; otherwise it is discarded and logged (an interactive login, or
-//!   an uninstall, won). A commit that fails on a transient store error is retried under the
-//!   renewed lease until it lands.
-//! - **No replay after abandonment.** The cancellation token is checked immediately before each
-//!   call to the [`Refresher`], so an attempt past its deadline never redeems.
+//! The refresh engine: one flight per key, under the cross-process lease when there is one,
+//! with the in-doubt intent, fenced writes and a commit retried until it lands.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
-use std::time::Duration;
-
-use flow_state::{Attempt, CallOptions, SingleFlight, SingleFlightError};
-use mcp_clock::{Clock, SharedClock, Timestamp};
-use tracing::{debug, info, warn};
-
-use crate::error::{DecryptFailure, ReauthReason};
-use crate::key::{RecordKind, user_prefix};
-use crate::lease::{Held, RefreshLease};
-use crate::model::{ClientRecord, Doubt, TokenRecord};
-use crate::refresher::{RefreshError, RefreshRequest, Refresher, TerminalCode, TransientKind};
-use crate::store::{SharedTokenStore, Swap, TokenStore, Versioned};
-use crate::{
-    ClientRegistration, Error, KeyProvider, Secret, TokenKey, TokenResponse, TokenSet, crypto,
-};
-
-/// Tunables of a [`TokenStorage`]. Start from [`TokenStorageConfig::default`].
-///
-/// ```
-/// use std::time::Duration;
-/// let mut config = token_storage::TokenStorageConfig::default();
-/// config.refresh_buffer = Duration::from_secs(120);
-/// config.storm_limit = 10;
-/// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct TokenStorageConfig {
-    /// Refresh this long before the access token expires (capped at half its lifetime).
-    pub refresh_buffer: Duration,
-    /// Plus a random extra of up to this much, so replicas and keys do not refresh in lockstep.
-    pub refresh_jitter: Duration,
-    /// How far the response's `Date` header may move `expires_at` earlier.
-    pub max_date_correction: Duration,
-    /// A refresh still running after this long is told to stop (before its next redemption).
-    pub refresh_deadline: Duration,
-    /// A stopped refresh that has not finished after this much longer is dropped, freeing the key.
-    pub refresh_grace: Duration,
-    /// How long a caller waits for a refresh before giving up (the refresh goes on); `None`:
-    /// until the refresh ends.
-    pub caller_deadline: Option<Duration>,
-    /// Attempts per refresh when failures are transient.
-    pub max_attempts: u32,
-    /// Backoff before the second attempt; doubled each time, with jitter.
-    pub backoff_base: Duration,
-    /// The longest backoff; a `Retry-After` longer than this ends the refresh at once.
-    pub backoff_max: Duration,
-    /// After a refresh fails transiently, further refreshes of the key fail at once for this
-    /// long (or the server's `Retry-After`, if longer) instead of calling the server again.
-    pub failure_ttl: Duration,
-    /// More than this many token writes for one key within `storm_window` stop with
-    /// [`Error::WriteStorm`].
-    pub storm_limit: u32,
-    /// The storm-brake window.
-    pub storm_window: Duration,
-}
-
-impl Default for TokenStorageConfig {
-    fn default() -> Self {
-        TokenStorageConfig {
-            refresh_buffer: Duration::from_secs(60),
-            refresh_jitter: Duration::from_secs(30),
-            max_date_correction: Duration::from_secs(300),
-            refresh_deadline: Duration::from_secs(60),
-            refresh_grace: Duration::from_secs(10),
-            caller_deadline: Some(Duration::from_secs(30)),
-            max_attempts: 3,
-            backoff_base: Duration::from_millis(500),
-            backoff_max: Duration::from_secs(10),
-            failure_ttl: Duration::from_secs(10),
-            storm_limit: 30,
-            storm_window: Duration::from_secs(60),
-        }
-    }
-}
-
-/// Options for building a [`TokenStorage`].
-pub struct TokenStorageBuilder {
-    store: SharedTokenStore,
-    keys: Arc<dyn KeyProvider>,
-    refresher: Arc<dyn Refresher>,
-    clock: SharedClock,
-    config: TokenStorageConfig,
-    on_refresh: Option<RefreshHook>,
-    lease: Option<RefreshLease>,
-}
-
-/// Called after a refresh result is persisted: (key, the set it replaced, the new set).
-type RefreshHook = Arc<dyn Fn(&TokenKey, &TokenSet, &TokenSet) + Send + Sync>;
-
-impl fmt::Debug for TokenStorageBuilder {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TokenStorageBuilder")
-            .field("store", &self.store)
-            .field("refresher", &self.refresher)
-            .field("config", &self.config)
-            .finish_non_exhaustive()
-    }
-}
-
-impl TokenStorageBuilder {
-    /// Run `hook` after every refresh result is persisted, with the key, the set it replaced
-    /// and the new set (the one this refresh wrote, with the version it created, even when a
-    /// login replaced it again before the write's reply came back). It runs inside the
-    /// detached refresh, so it runs even when every caller has gone (the place to tell live
-    /// connections about the new token). Keep it quick.
-    pub fn on_refresh(
-        mut self,
-        hook: impl Fn(&TokenKey, &TokenSet, &TokenSet) + Send + Sync + 'static,
-    ) -> Self {
-        self.on_refresh = Some(Arc::new(hook));
-        self
-    }
-
-    /// Coordinate refreshes with other processes that share the store (default: none, for a
-    /// store only this process uses). See [`RefreshLease`].
-    pub fn lease(mut self, lease: RefreshLease) -> Self {
-        self.lease = Some(lease);
-        self
-    }
-
-    /// The clock expiry, backoff and deadlines run on (default: the system clock).
-    pub fn clock(mut self, clock: SharedClock) -> Self {
-        self.clock = clock;
-        self
-    }
-
-    /// The tunables (default: [`TokenStorageConfig::default`]).
-    pub fn config(mut self, config: TokenStorageConfig) -> Self {
-        self.config = config;
-        self
-    }
-
-    /// Build the service.
-    pub fn build(self) -> TokenStorage {
-        let flights = SingleFlight::new(self.clock.clone());
-        TokenStorage {
-            inner: Arc::new(Inner {
-                store: self.store,
-                keys: self.keys,
-                refresher: self.refresher,
-                clock: self.clock,
-                config: self.config,
-                on_refresh: self.on_refresh,
-                lease: self.lease,
-                flights,
-                views: RwLock::default(),
-                deletions: AtomicU64::new(0),
-                slots: Mutex::default(),
-            }),
-        }
-    }
-}
-
-/// Keyed, encrypted, versioned token storage with a refresh that never spends a refresh token
-/// twice in a process.
-///
-/// Cheap to clone; clones share everything. Holds a decrypted in-memory view of the records it
-/// has read or written, so [`TokenStorage::get_valid`] on a fresh token touches neither the
-/// store nor the cipher. The view is this process's: when several processes share a store
-/// (Redis), tokens another process rotated are picked up when this one's view reaches
-/// its refresh time (the refresh re-reads the store first) or when a 401 leads to
-/// [`TokenStorage::force_refresh`], which always reads the store. Such processes need a
-/// [`RefreshLease`] ([`TokenStorageBuilder::lease`]) so that one of them redeems a rotating
-/// refresh token and the others adopt its result.
-///
-/// ```
-/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), token_storage::Error> {
-/// use std::sync::Arc;
-/// use std::time::Duration;
-/// use token_storage::*;
-///
-/// #[derive(Debug)]
-/// struct Rotating;
-/// impl Refresher for Rotating {
-///     fn refresh<'a>(&'a self, _: &'a TokenKey, r: &'a RefreshRequest)
-///         -> BoxFuture<'a, Result<TokenResponse, RefreshError>> {
-///         let n = r.refresh_token.expose().trim_start_matches("rt").parse::<u32>().unwrap() + 1;
-///         Box::pin(async move {
-///             Ok(TokenResponse::bearer(format!("at{n}"))
-///                 .expires_in(Duration::from_secs(3600))
-///                 .refresh_token(format!("rt{n}")))
-///         })
-///     }
-/// }
-///
-/// let keys = Keyring::new("k1", EncryptionKey::from_bytes([7; 32]))?;
-/// let storage = TokenStorage::builder(MemoryTokenStore::new().into(), Arc::new(keys), Arc::new(Rotating)).build();
-/// let key = TokenKey::new("acme", "alice", "github");
-/// let issuer = "https://github.example";
-/// storage
-///     .store(&key, issuer, TokenResponse::bearer("at1").expires_in(Duration::from_secs(3600)).refresh_token("rt1"))
-///     .await?;
-/// assert_eq!(storage.get_valid(&key, issuer).await?.access_token().expose(), "at1");
-///
-/// // The server rejected at1 mid-session: one refresh, and the new token.
-/// let fresh = storage.force_refresh(&key, issuer, &Secret::new("at1")).await?;
-/// assert_eq!(fresh.access_token().expose(), "at2");
-/// // A second 401 for the old token does not refresh again.
-/// assert_eq!(storage.force_refresh(&key, issuer, &Secret::new("at1")).await?.version(), fresh.version());
-/// # Ok(()) }
-/// ```
-#[derive(Clone)]
-pub struct TokenStorage {
-    inner: Arc<Inner>,
-}
-
-impl fmt::Debug for TokenStorage {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TokenStorage")
-            .field("store", &self.inner.store)
-            .field("refresher", &self.inner.refresher)
-            .field("config", &self.inner.config)
-            .field("refreshes_in_flight", &self.inner.flights.in_flight())
-            .finish_non_exhaustive()
-    }
-}
-
-type FlightResult = Result<Arc<TokenSet>, Error>;
-
-struct Inner {
-    store: SharedTokenStore,
-    keys: Arc<dyn KeyProvider>,
-    refresher: Arc<dyn Refresher>,
-    clock: SharedClock,
-    config: TokenStorageConfig,
-    on_refresh: Option<RefreshHook>,
-    lease: Option<RefreshLease>,
-    flights: SingleFlight<TokenKey, FlightResult>,
-    views: RwLock<HashMap<TokenKey, View>>,
-    /// Bumped by every uninstall, so a read that raced it does not put the deleted set back
-    /// into the view.
-    deletions: AtomicU64,
-    slots: Mutex<HashMap<TokenKey, SlotState>>,
-}
-
-/// A decrypted token set and when to refresh it (drawn once per version, with jitter).
-#[derive(Clone)]
-struct View {
-    set: Arc<TokenSet>,
-    refresh_at: Option<Timestamp>,
-}
-
-#[derive(Default)]
-struct SlotState {
-    failure: Option<(Timestamp, Error)>,
-    /// A refresh result whose commit failed on the store, and the refresh token of the set it
-    /// was derived from.
-    pending: Option<(Option<Secret>, TokenSet)>,
-    writes: VecDeque<Timestamp>,
-    background: bool,
-}
-
-/// What started a refresh.
-#[derive(Clone)]
-enum Trigger {
-    /// The token is inside its refresh window or expired; the caller saw version `seen`.
-    Due { seen: u64 },
-    /// The server rejected this access token.
-    Rejected(Secret),
-}
-
-impl<T: TokenStore + 'static> From<T> for SharedTokenStore {
-    fn from(store: T) -> Self {
-        SharedTokenStore::new(store)
-    }
-}
+use super::*;
 
 /// How many times an in-doubt record is tried on transient store errors before the refresh
 /// gives up without sending.
-const COMMIT_TRIES: u32 = 4;
+pub(super) const COMMIT_TRIES: u32 = 4;
 
 /// Whether a store error may pass (the backend was unreachable).
-fn transient_store(e: &Error) -> bool {
+pub(super) fn transient_store(e: &Error) -> bool {
     matches!(e, Error::StoreUnavailable { .. })
 }
 
 /// A held lease, renewed in the background while the refresh runs.
-struct LeaseGuard {
+pub(super) struct LeaseGuard {
     held: tokio::sync::Mutex<Held>,
     lost: std::sync::atomic::AtomicBool,
 }
 
 impl LeaseGuard {
-    fn new(held: Held) -> Self {
+    pub(super) fn new(held: Held) -> Self {
         LeaseGuard { held: tokio::sync::Mutex::new(held), lost: Default::default() }
     }
 
     /// Renew every `every` for as long as it is polled; stops renewing once the lease is lost.
-    async fn keep_renewed(
+    pub(super) async fn keep_renewed(
         &self,
         key: &TokenKey,
         every: Duration,
@@ -345,7 +48,7 @@ impl LeaseGuard {
     }
 
     /// Whether the lease still holds.
-    async fn check(&self, key: &TokenKey) -> Result<bool, Error> {
+    pub(super) async fn check(&self, key: &TokenKey) -> Result<bool, Error> {
         if self.lost.load(Ordering::SeqCst) {
             return Ok(false);
         }
@@ -357,482 +60,14 @@ impl LeaseGuard {
     }
 }
 
-fn auth(key: &TokenKey, reason: ReauthReason) -> Error {
-    Error::AuthorizationRequired { key: key.clone(), reason }
-}
-
-fn random_up_to(max: Duration) -> Duration {
-    let millis = u64::try_from(max.as_millis()).unwrap_or(u64::MAX);
-    if millis == 0 {
-        return Duration::ZERO;
-    }
-    Duration::from_millis(getrandom::u64().unwrap_or(0) % (millis + 1))
-}
-
-impl TokenStorage {
-    /// A builder over `store`, sealing records with `keys`, refreshing through `refresher`.
-    pub fn builder(
-        store: SharedTokenStore,
-        keys: Arc<dyn KeyProvider>,
-        refresher: Arc<dyn Refresher>,
-    ) -> TokenStorageBuilder {
-        TokenStorageBuilder {
-            store,
-            keys,
-            refresher,
-            clock: SharedClock::system(),
-            config: TokenStorageConfig::default(),
-            on_refresh: None,
-            lease: None,
-        }
-    }
-
-    /// Store tokens from an interactive authorization (or any other fresh grant) for `key`,
-    /// issued by `issuer`. They replace whatever was stored, including a slot marked as needing
-    /// authorization. `expires_at` is computed now, on the storage's clock.
-    ///
-    /// Fails with [`Error::Decrypt`] if the stored record is unreadable (it is not overwritten
-    /// silently: [`TokenStorage::delete_all`] clears it), and with [`Error::WriteStorm`] past
-    /// the storm brake.
-    pub async fn store(
-        &self,
-        key: &TokenKey,
-        issuer: &str,
-        response: TokenResponse,
-    ) -> Result<Arc<TokenSet>, Error> {
-        let inner = &self.inner;
-        let now = inner.clock.now();
-        inner.check_storm(key, now)?;
-        let set = TokenSet::from_response(response, issuer, now, inner.config.max_date_correction);
-        let record = key.record(RecordKind::Tokens);
-        loop {
-            let current = inner.store.get(&record).await?;
-            let mut set = set.clone();
-            if let Some(current) = &current {
-                set.generation = open_tokens(&*inner.keys, &record, current)?.generation;
-            }
-            match inner.write_tokens(key, current.map(|v| v.version), set).await? {
-                Ok(stored) => {
-                    inner.record_write(key, now);
-                    inner.clear_failure(key);
-                    info!(%key, version = stored.version, "stored tokens");
-                    return Ok(stored);
-                }
-                Err(_) => continue,
-            }
-        }
-    }
-
-    /// A valid access token for `key` from `issuer`.
-    ///
-    /// - Fresh: served from memory.
-    /// - Inside the refresh window (buffer plus jitter before expiry): served at once while one
-    ///   background refresh runs.
-    /// - Expired (or past its refresh window with no expiry known): waits for the refresh,
-    ///   joining one already in flight.
-    ///
-    /// Fails with [`Error::AuthorizationRequired`] when nothing usable is stored, when the slot
-    /// was marked after a terminal refresh error, or when the stored tokens come from another
-    /// issuer (they are kept, not served).
-    pub async fn get_valid(&self, key: &TokenKey, issuer: &str) -> Result<Arc<TokenSet>, Error> {
-        let now = self.inner.clock.now();
-        if let Some(set) = self.inner.fresh_view(key, issuer, now) {
-            return Ok(set);
-        }
-        let inner = &self.inner;
-        let Some(view) = inner.load(key).await? else {
-            return Err(auth(key, ReauthReason::Missing));
-        };
-        let set = usable(key, view.set, issuer)?;
-        match (set.expires_at, view.refresh_at) {
-            (Some(expires_at), Some(refresh_at)) if now >= refresh_at => {
-                if now < expires_at {
-                    inner.start_background(key, issuer, set.version, now);
-                    Ok(set)
-                } else {
-                    inner.run_flight(key, issuer, Trigger::Due { seen: set.version }).await
-                }
-            }
-            _ => Ok(set),
-        }
-    }
-
-    /// The server rejected `rejected` (a 401 mid-session): refresh, unless the stored access
-    /// token is already another one, which is then returned at once. Concurrent calls for a key
-    /// share one refresh.
-    pub async fn force_refresh(
-        &self,
-        key: &TokenKey,
-        issuer: &str,
-        rejected: &Secret,
-    ) -> Result<Arc<TokenSet>, Error> {
-        let set = self.inner.run_flight(key, issuer, Trigger::Rejected(rejected.clone())).await?;
-        if set.access_token != *rejected {
-            return Ok(set);
-        }
-        // We joined a refresh started for another reason that settled on the rejected token
-        // (it found it current and not yet due): start our own.
-        self.inner.run_flight(key, issuer, Trigger::Rejected(rejected.clone())).await
-    }
-
-    /// The stored token set for `key`, as it is (no refresh, no validity check).
-    pub async fn tokens(&self, key: &TokenKey) -> Result<Option<Arc<TokenSet>>, Error> {
-        Ok(self.inner.load(key).await?.map(|v| v.set))
-    }
-
-    /// Store (or replace) the client registration for `key`.
-    pub async fn store_client(
-        &self,
-        key: &TokenKey,
-        client: &ClientRegistration,
-    ) -> Result<(), Error> {
-        let record = key.record(RecordKind::Client);
-        let plain = serde_json::to_vec(&ClientRecord::from_registration(client))
-            .map_err(|e| Error::store("could not encode the client registration", e))?;
-        let sealed = crypto::seal(&*self.inner.keys, &record, &plain)?;
-        loop {
-            let current = self.inner.store.get(&record).await?;
-            if let Some(current) = &current {
-                open_client(&*self.inner.keys, &record, current)?;
-            }
-            let expected = current.map(|v| v.version);
-            if let Swap::Swapped { .. } =
-                self.inner.store.compare_and_swap(&record, expected, sealed.clone()).await?
-            {
-                return Ok(());
-            }
-        }
-    }
-
-    /// The client registration stored for `key`.
-    pub async fn client(&self, key: &TokenKey) -> Result<Option<ClientRegistration>, Error> {
-        Ok(self.inner.load_client(key).await?.map(|(_, c)| c))
-    }
-
-    /// Delete the client registration for `key`; returns whether there was one.
-    pub async fn delete_client(&self, key: &TokenKey) -> Result<bool, Error> {
-        self.inner.store.delete(&key.record(RecordKind::Client), None).await
-    }
-
-    /// The DPoP key (RFC 9449) stored for `key`, as the caller stored it (a PKCS#8 PEM), sealed
-    /// like the tokens. `None` when there is none.
-    ///
-    /// Fails with [`Error::Decrypt`] when the record is unreadable.
-    pub async fn dpop_key(&self, key: &TokenKey) -> Result<Option<Secret>, Error> {
-        self.inner.load_dpop_key(key).await
-    }
-
-    /// The DPoP key for `key`: the stored one, else `candidate`, stored only where none is
-    /// (an insert-if-absent on the store), so concurrent first uses, in any process sharing the
-    /// store, all get the one key that was stored first. A stored key is never replaced: the
-    /// tokens are bound to it. [`TokenStorage::delete_all`] deletes it with the tokens.
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), token_storage::Error> {
-    /// # use token_storage::*; use std::sync::Arc;
-    /// # #[derive(Debug)] struct R; impl Refresher for R { fn refresh<'a>(&'a self, _: &'a TokenKey, _: &'a RefreshRequest)
-    /// #   -> BoxFuture<'a, Result<TokenResponse, RefreshError>> { Box::pin(async { Err(RefreshError::terminal(TerminalCode::InvalidGrant, None)) }) } }
-    /// let keys = Keyring::parse(&"42".repeat(32))?;
-    /// let storage = TokenStorage::builder(MemoryTokenStore::new().into(), Arc::new(keys), Arc::new(R)).build();
-    /// let key = TokenKey::new("acme", "alice", "github");
-    /// let first = storage.dpop_key_or_insert(&key, Secret::new("pem-1")).await?;
-    /// let second = storage.dpop_key_or_insert(&key, Secret::new("pem-2")).await?;
-    /// assert_eq!((first.expose(), second.expose()), ("pem-1", "pem-1"));
-    /// # Ok(()) }
-    /// ```
-    pub async fn dpop_key_or_insert(
-        &self,
-        key: &TokenKey,
-        candidate: Secret,
-    ) -> Result<Secret, Error> {
-        let inner = &self.inner;
-        if let Some(stored) = inner.load_dpop_key(key).await? {
-            return Ok(stored);
-        }
-        let record = key.record(RecordKind::DpopKey);
-        let plain = serde_json::to_vec(&serde_json::json!({ "pem": candidate.expose() }))
-            .map_err(|e| Error::store("could not encode the DPoP key", e))?;
-        let sealed = crypto::seal(&*inner.keys, &record, &plain)?;
-        match inner.store.compare_and_swap(&record, None, sealed).await? {
-            Swap::Swapped { .. } => {
-                info!(%key, "stored a new DPoP key");
-                Ok(candidate)
-            }
-            Swap::Conflict(Some(theirs)) => open_dpop_key(&*inner.keys, &record, &theirs),
-            // Deleted between the insert and its refusal: try once more from the start.
-            Swap::Conflict(None) => Box::pin(self.dpop_key_or_insert(key, candidate)).await,
-        }
-    }
-
-    /// Delete everything stored for `key` (uninstall): tokens, client registration and DPoP
-    /// key. A refresh in flight for the key finds its result discarded.
-    pub async fn delete_all(&self, key: &TokenKey) -> Result<(), Error> {
-        let inner = &self.inner;
-        inner.store.delete(&key.record(RecordKind::Tokens), None).await?;
-        inner.store.delete(&key.record(RecordKind::Client), None).await?;
-        inner.store.delete(&key.record(RecordKind::DpopKey), None).await?;
-        inner.deletions.fetch_add(1, Ordering::SeqCst);
-        inner.views.write().unwrap_or_else(PoisonError::into_inner).remove(key);
-        inner.slots.lock().unwrap_or_else(PoisonError::into_inner).remove(key);
-        info!(%key, "deleted tokens and client registration");
-        Ok(())
-    }
-
-    /// Every key with a record for `user` in `tenant` (an unknown tenant or user: none).
-    pub async fn list(&self, tenant: &str, user: &str) -> Result<Vec<TokenKey>, Error> {
-        let prefix = user_prefix(tenant, user);
-        let records = self.inner.store.keys_with_prefix(&prefix).await?;
-        let keys: BTreeSet<TokenKey> = records
-            .iter()
-            .filter_map(|r| TokenKey::from_record(r))
-            .map(|(k, _)| k)
-            .filter(|k| k.tenant() == tenant && k.user() == user)
-            .collect();
-        Ok(keys.into_iter().collect())
-    }
-}
-
-/// The set if it may be served for `issuer`, else why not.
-fn usable(key: &TokenKey, set: Arc<TokenSet>, issuer: &str) -> Result<Arc<TokenSet>, Error> {
-    if let Some(reason) = &set.needs_authorization {
-        return Err(auth(key, reason.clone()));
-    }
-    if set.issuer != issuer {
-        return Err(auth(
-            key,
-            ReauthReason::IssuerChanged { stored: set.issuer.clone(), expected: issuer.to_owned() },
-        ));
-    }
-    Ok(set)
-}
-
-fn open_tokens(keys: &dyn KeyProvider, record: &str, v: &Versioned) -> Result<TokenSet, Error> {
-    let (plain, generation) = crypto::open_generation(keys, record, &v.value)?;
-    let parsed: TokenRecord = serde_json::from_slice(&plain).map_err(|_| Error::Decrypt {
-        record: record.to_owned(),
-        reason: DecryptFailure::Malformed,
-    })?;
-    Ok(parsed.into_set(v.version, generation))
-}
-
-fn open_dpop_key(keys: &dyn KeyProvider, record: &str, v: &Versioned) -> Result<Secret, Error> {
-    let malformed =
-        || Error::Decrypt { record: record.to_owned(), reason: DecryptFailure::Malformed };
-    let plain = crypto::open(keys, record, &v.value)?;
-    let parsed: serde_json::Value = serde_json::from_slice(&plain).map_err(|_| malformed())?;
-    let pem = parsed.get("pem").and_then(|p| p.as_str()).ok_or_else(malformed)?;
-    Ok(Secret::new(pem))
-}
-
-fn open_client(
-    keys: &dyn KeyProvider,
-    record: &str,
-    v: &Versioned,
-) -> Result<ClientRegistration, Error> {
-    let plain = crypto::open(keys, record, &v.value)?;
-    let parsed: ClientRecord = serde_json::from_slice(&plain).map_err(|_| Error::Decrypt {
-        record: record.to_owned(),
-        reason: DecryptFailure::Malformed,
-    })?;
-    Ok(parsed.into_registration())
-}
-
 impl Inner {
-    fn fresh_view(&self, key: &TokenKey, issuer: &str, now: Timestamp) -> Option<Arc<TokenSet>> {
-        let views = self.views.read().unwrap_or_else(PoisonError::into_inner);
-        let view = views.get(key)?;
-        let fresh = view.set.needs_authorization.is_none()
-            && view.set.issuer == issuer
-            && view.refresh_at.is_none_or(|at| now < at);
-        fresh.then(|| view.set.clone())
-    }
-
-    fn slot<T>(&self, key: &TokenKey, f: impl FnOnce(&mut SlotState) -> T) -> T {
-        let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
-        f(slots.entry(key.clone()).or_default())
-    }
-
-    fn check_storm(&self, key: &TokenKey, now: Timestamp) -> Result<(), Error> {
-        let (limit, window) = (self.config.storm_limit, self.config.storm_window);
-        self.slot(key, |s| {
-            while s.writes.front().is_some_and(|t| now.saturating_since(*t) >= window) {
-                s.writes.pop_front();
-            }
-            if s.writes.len() >= limit as usize {
-                warn!(%key, limit, ?window, "storm brake: too many token writes");
-                return Err(Error::WriteStorm { key: key.clone(), limit, window });
-            }
-            Ok(())
-        })
-    }
-
-    fn record_write(&self, key: &TokenKey, now: Timestamp) {
-        self.slot(key, |s| s.writes.push_back(now));
-    }
-
-    fn clear_failure(&self, key: &TokenKey) {
-        self.slot(key, |s| s.failure = None);
-    }
-
-    fn cached_failure(&self, key: &TokenKey, now: Timestamp) -> Option<Error> {
-        self.slot(key, |s| match &s.failure {
-            Some((until, e)) if now < *until => Some(e.clone()),
-            _ => None,
-        })
-    }
-
-    /// Install a decrypted set as the view of `key` unless a newer one is there; returns the
-    /// view that is in place afterwards (which may be that newer one).
-    fn install(&self, key: &TokenKey, set: Arc<TokenSet>) -> View {
-        self.install_unless_deleted(key, set, None)
-    }
-
-    /// [`Inner::install`], skipped if an uninstall happened since `deletions` was read.
-    fn install_unless_deleted(
-        &self,
+    pub(super) fn start_background(
+        self: &Arc<Self>,
         key: &TokenKey,
-        set: Arc<TokenSet>,
-        deletions: Option<u64>,
-    ) -> View {
-        let refresh_at = set.expires_at.map(|expires_at| {
-            let lifetime = expires_at.saturating_since(set.obtained_at);
-            let ahead = (self.config.refresh_buffer + random_up_to(self.config.refresh_jitter))
-                .min(lifetime / 2);
-            expires_at - ahead
-        });
-        let view = View { set, refresh_at };
-        let mut views = self.views.write().unwrap_or_else(PoisonError::into_inner);
-        if deletions.is_some_and(|d| d != self.deletions.load(Ordering::SeqCst)) {
-            return view;
-        }
-        match views.get(key) {
-            Some(existing) if existing.set.version >= view.set.version => existing.clone(),
-            _ => {
-                views.insert(key.clone(), view.clone());
-                view
-            }
-        }
-    }
-
-    /// Read the stored token set, decrypting only when the version is not the one in view.
-    async fn load(&self, key: &TokenKey) -> Result<Option<View>, Error> {
-        let record = key.record(RecordKind::Tokens);
-        let deletions = self.deletions.load(Ordering::SeqCst);
-        let Some(stored) = self.store.get(&record).await? else {
-            self.views.write().unwrap_or_else(PoisonError::into_inner).remove(key);
-            return Ok(None);
-        };
-        {
-            let views = self.views.read().unwrap_or_else(PoisonError::into_inner);
-            if let Some(view) = views.get(key)
-                && view.set.version == stored.version
-            {
-                return Ok(Some(view.clone()));
-            }
-        }
-        let set = open_tokens(&*self.keys, &record, &stored)?;
-        self.check_generation(key, &record, &set)?;
-        Ok(Some(self.install_unless_deleted(key, Arc::new(set), Some(deletions))))
-    }
-
-    /// Refuse a record written after the one in view (a larger store version) whose sealed
-    /// generation is older: an older sealed blob written back under the same name (a
-    /// rollback). The record is left as it is.
-    fn check_generation(&self, key: &TokenKey, record: &str, set: &TokenSet) -> Result<(), Error> {
-        let views = self.views.read().unwrap_or_else(PoisonError::into_inner);
-        match views.get(key) {
-            // A newer write (larger version) with an older generation. An older version is
-            // only a read that raced a write, not a rollback.
-            Some(view)
-                if set.version > view.set.version && set.generation < view.set.generation =>
-            {
-                warn!(%key, found = set.generation, seen = view.set.generation, "refusing a rolled-back token record");
-                Err(Error::Decrypt {
-                    record: record.to_owned(),
-                    reason: DecryptFailure::RolledBack {
-                        found: set.generation,
-                        seen: view.set.generation,
-                    },
-                })
-            }
-            _ => Ok(()),
-        }
-    }
-
-    async fn load_dpop_key(&self, key: &TokenKey) -> Result<Option<Secret>, Error> {
-        let record = key.record(RecordKind::DpopKey);
-        match self.store.get(&record).await? {
-            None => Ok(None),
-            Some(v) => Ok(Some(open_dpop_key(&*self.keys, &record, &v)?)),
-        }
-    }
-
-    async fn load_client(
-        &self,
-        key: &TokenKey,
-    ) -> Result<Option<(u64, ClientRegistration)>, Error> {
-        let record = key.record(RecordKind::Client);
-        match self.store.get(&record).await? {
-            None => Ok(None),
-            Some(v) => Ok(Some((v.version, open_client(&*self.keys, &record, &v)?))),
-        }
-    }
-
-    /// Seal and compare-and-swap a token set whose `generation` is that of the record at
-    /// `expected`; `Ok(written)` with the set as written (its new version and generation),
-    /// `Err(current)` on a conflict.
-    async fn write_tokens(
-        &self,
-        key: &TokenKey,
-        expected: Option<u64>,
-        set: TokenSet,
-    ) -> Result<Result<Arc<TokenSet>, Option<Versioned>>, Error> {
-        let (record, set, sealed) = self.seal_tokens(key, set)?;
-        let swap = self.store.compare_and_swap(&record, expected, sealed).await?;
-        Ok(self.swapped(key, set, swap))
-    }
-
-    /// The record name, `set` with the generation it is written with, and its sealed bytes.
-    fn seal_tokens(
-        &self,
-        key: &TokenKey,
-        mut set: TokenSet,
-    ) -> Result<(String, TokenSet, Vec<u8>), Error> {
-        let record = key.record(RecordKind::Tokens);
-        let plain = serde_json::to_vec(&TokenRecord::from_set(&set))
-            .map_err(|e| Error::store("could not encode the token set", e))?;
-        // `set.generation` is the generation of the record it replaces: the next one is larger,
-        // and never below the clock (so a slot deleted and logged into again by another process
-        // does not restart below the generation a reader has seen).
-        set.generation = (set.generation + 1).max(self.clock.now().as_millis());
-        let sealed = crypto::seal_generation(&*self.keys, &record, set.generation, &plain)?;
-        Ok((record, set, sealed))
-    }
-
-    /// The outcome of writing `set` (sealed by [`Inner::seal_tokens`]).
-    fn swapped(
-        &self,
-        key: &TokenKey,
-        mut set: TokenSet,
-        swap: Swap,
-    ) -> Result<Arc<TokenSet>, Option<Versioned>> {
-        match swap {
-            Swap::Swapped { version } => {
-                set.version = version;
-                let written = Arc::new(set);
-                // Between the swap and this line another writer (a login, a refresh) may have
-                // replaced this version and put its newer set in the view; the view keeps that
-                // one, but the caller gets the set this write stored: a login's own tokens, a
-                // refresh's own result for the `on_refresh` hook (never another grant's tokens
-                // reported as "the set the refresh replaced `old` with").
-                self.install(key, written.clone());
-                Ok(written)
-            }
-            Swap::Conflict(current) => Err(current),
-        }
-    }
-
-    fn start_background(self: &Arc<Self>, key: &TokenKey, issuer: &str, seen: u64, now: Timestamp) {
+        issuer: &str,
+        seen: u64,
+        now: Timestamp,
+    ) {
         let start = self.slot(key, |s| {
             let failing = s.failure.as_ref().is_some_and(|(until, _)| now < *until);
             let start = !s.background && !failing;
@@ -852,7 +87,7 @@ impl Inner {
         });
     }
 
-    async fn run_flight(
+    pub(super) async fn run_flight(
         self: &Arc<Self>,
         key: &TokenKey,
         issuer: &str,
@@ -889,7 +124,7 @@ impl Inner {
     /// critical section: the re-read, every attempt, every backoff sleep and the commit. A lease
     /// found lost before a request is sent ends the attempt; the refresh then starts over
     /// (takes the lease again and re-reads, finding a peer's rotation).
-    async fn refresh(
+    pub(super) async fn refresh(
         self: Arc<Self>,
         key: TokenKey,
         issuer: String,
@@ -959,7 +194,7 @@ impl Inner {
     }
 
     /// For a refresh ahead of expiry: the set in view if it is still valid.
-    fn valid_ahead(&self, key: &TokenKey, trigger: &Trigger) -> Option<Arc<TokenSet>> {
+    pub(super) fn valid_ahead(&self, key: &TokenKey, trigger: &Trigger) -> Option<Arc<TokenSet>> {
         if !matches!(trigger, Trigger::Due { .. }) {
             return None;
         }
@@ -972,7 +207,7 @@ impl Inner {
 
     /// The refresh proper, under the lease when there is one. `Ok(None)`: the lease was found
     /// lost before a request was sent; nothing was sent since.
-    async fn refresh_held(
+    pub(super) async fn refresh_held(
         &self,
         key: &TokenKey,
         issuer: &str,
@@ -1179,7 +414,7 @@ impl Inner {
     /// have reached) the server: `doubt` is [`Doubt::Sent`] before the first send, and
     /// [`Doubt::RetryClaimed`] before the one same-token retry. Transient store errors are
     /// retried (bounded); failing still, the error is returned and nothing is sent.
-    async fn record_doubt(
+    pub(super) async fn record_doubt(
         &self,
         key: &TokenKey,
         current: &TokenSet,
@@ -1220,7 +455,7 @@ impl Inner {
     /// claimed retry that was never sent as a rotation lost in flight. Best effort, fenced by
     /// `guard`; with `None` (the lease was found lost before sending), fenced by the version of
     /// that write alone, which any later writer replaces.
-    async fn restore_doubt(
+    pub(super) async fn restore_doubt(
         &self,
         key: &TokenKey,
         current: &TokenSet,
@@ -1239,7 +474,7 @@ impl Inner {
 
     /// `newer` (found by a conflict) as `written` with its version, if it is that very set (a
     /// write of ours whose reply was lost).
-    fn own_write(
+    pub(super) fn own_write(
         &self,
         key: &TokenKey,
         newer: &Versioned,
@@ -1260,7 +495,7 @@ impl Inner {
     /// A write of the token record that lands only while the lease holds (when there is one):
     /// [`Fenced::Out`] if the lease was found lost (nothing written). What the fence
     /// guarantees with each kind of lease: see the `lease` module.
-    async fn write_fenced(
+    pub(super) async fn write_fenced(
         &self,
         key: &TokenKey,
         expected: u64,
@@ -1302,7 +537,7 @@ impl Inner {
     /// A refresh result that an earlier commit could not write, if it was derived from the
     /// generation `current` still holds (same refresh token, no marker: a peer may have
     /// recorded that generation in doubt since).
-    fn pending_commit(&self, key: &TokenKey, current: &TokenSet) -> Option<TokenSet> {
+    pub(super) fn pending_commit(&self, key: &TokenKey, current: &TokenSet) -> Option<TokenSet> {
         if current.needs_authorization.is_some() {
             return None;
         }
@@ -1312,7 +547,7 @@ impl Inner {
         })
     }
 
-    fn backoff(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
+    pub(super) fn backoff(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
         let exp = self
             .config
             .backoff_base
@@ -1324,7 +559,7 @@ impl Inner {
     }
 
     /// Persist a refresh result if nothing newer was stored since `current` was read.
-    async fn commit(
+    pub(super) async fn commit(
         &self,
         key: &TokenKey,
         current: &TokenSet,
@@ -1369,7 +604,7 @@ impl Inner {
     /// refresh read does not beat this valid new set. If the lease is found lost and the
     /// unfenced write fails too, the set stays in memory and is served; the next refresh writes
     /// it instead of redeeming again.
-    async fn commit_set(
+    pub(super) async fn commit_set(
         &self,
         key: &TokenKey,
         current: &TokenSet,
@@ -1476,7 +711,7 @@ impl Inner {
     }
 
     /// Serve what a conflict found in place of the set we read.
-    fn adopt(
+    pub(super) fn adopt(
         &self,
         key: &TokenKey,
         issuer: &str,
@@ -1492,7 +727,7 @@ impl Inner {
     /// lease (and drop the client registration on `invalid_client`). A lease found lost leaves
     /// no marker: the slot is a peer's now, and this refresh ends transiently.
     #[allow(clippy::too_many_arguments)]
-    async fn terminal(
+    pub(super) async fn terminal(
         &self,
         key: &TokenKey,
         issuer: &str,
@@ -1532,7 +767,7 @@ impl Inner {
 }
 
 /// How a write under the lease ended.
-enum Fenced {
+pub(super) enum Fenced {
     /// Written: the set as stored, with its new version.
     Written(Arc<TokenSet>),
     /// The stored version was another: what is there.
