@@ -417,14 +417,14 @@ impl flow_state::Store for HoldFirstFlowDelete {
     ) -> flow_state::BoxFuture<'a, Result<flow_state::Inserted, flow_state::StoreError>> {
         self.inner.insert_if_absent(key, value, ttl)
     }
-    fn compare_and_set<'a>(
+    fn compare_and_swap<'a>(
         &'a self,
         key: &'a str,
         expected: u64,
         value: Vec<u8>,
         ttl: Duration,
     ) -> flow_state::BoxFuture<'a, Result<flow_state::Swapped, flow_state::StoreError>> {
-        self.inner.compare_and_set(key, expected, value, ttl)
+        self.inner.compare_and_swap(key, expected, value, ttl)
     }
     fn delete_if<'a>(
         &'a self,

@@ -32,7 +32,7 @@ pub enum Error {
     },
     /// The wait ran out (measured from the flow's creation).
     #[error("timed out waiting for flow {key}")]
-    TimedOut {
+    Timeout {
         /// The flow.
         key: FlowKey,
     },

@@ -222,7 +222,7 @@ impl Leases {
                 Err(e) => return Err(Self::error(key, e)),
             };
             if self.clock.now() >= deadline {
-                return Err(Error::TimedOut { key: key.clone() });
+                return Err(Error::Timeout { key: key.clone() });
             }
             tokio::select! {
                 () = changes.changed() => {}
@@ -241,7 +241,7 @@ impl Leases {
         };
         match self
             .store
-            .compare_and_set(&lease_key(&lease.key), version, lease.owner.to_vec(), ttl)
+            .compare_and_swap(&lease_key(&lease.key), version, lease.owner.to_vec(), ttl)
             .await
         {
             Ok(Swapped::Swapped { .. }) => {

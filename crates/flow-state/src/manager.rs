@@ -225,7 +225,7 @@ impl FlowManager {
         let bytes = record.encode(key)?;
         self.inner
             .store
-            .compare_and_set(key.as_str(), expected, bytes, ttl)
+            .compare_and_swap(key.as_str(), expected, bytes, ttl)
             .await
             .map_err(|e| Self::store_error(key, e))
     }
@@ -384,7 +384,7 @@ impl FlowManager {
             let Some((v, record)) = self.read(key).await? else {
                 return Err(match last_expiry {
                     Some(expiry) if expiry > self.now() => Error::Deleted { key: key.clone() },
-                    Some(_) => Error::TimedOut { key: key.clone() },
+                    Some(_) => Error::Timeout { key: key.clone() },
                     None => Error::NotFound { key: key.clone() },
                 });
             };
@@ -413,7 +413,7 @@ impl FlowManager {
                 if mode == WaitMode::Owner {
                     self.record_timeout(key, config, v.version, record).await?;
                 }
-                return Err(Error::TimedOut { key: key.clone() });
+                return Err(Error::Timeout { key: key.clone() });
             }
             let mut wake_at = deadline.min(v.expires_at);
             if mode == WaitMode::Join {

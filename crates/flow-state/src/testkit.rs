@@ -52,7 +52,7 @@ where
     let checks: [(&str, Check); 8] = [
         ("get of an absent key", |s, _| Box::pin(absent(s))),
         ("insert-if-absent", |s, _| Box::pin(insert_if_absent(s))),
-        ("compare-and-set", |s, _| Box::pin(compare_and_set(s))),
+        ("compare-and-set", |s, _| Box::pin(compare_and_swap(s))),
         ("versions are never reused", |s, _| Box::pin(no_aba(s))),
         ("delete-if", |s, _| Box::pin(delete_if(s))),
         ttl_check,
@@ -75,7 +75,7 @@ async fn absent(s: SharedStore) {
     assert_eq!(s.get("k").await.unwrap(), None);
     assert!(!s.delete_if("k", None).await.unwrap());
     assert_eq!(
-        s.compare_and_set("k", 1, b"x".to_vec(), TTL).await.unwrap(),
+        s.compare_and_swap("k", 1, b"x".to_vec(), TTL).await.unwrap(),
         Swapped::Conflict(None)
     );
 }
@@ -102,19 +102,19 @@ async fn insert_if_absent(s: SharedStore) {
     ));
 }
 
-async fn compare_and_set(s: SharedStore) {
+async fn compare_and_swap(s: SharedStore) {
     let Inserted::Inserted { version: v1 } =
         s.insert_if_absent("k", b"one".to_vec(), TTL).await.unwrap()
     else {
         panic!()
     };
     let Swapped::Swapped { version: v2 } =
-        s.compare_and_set("k", v1, b"two".to_vec(), TTL).await.unwrap()
+        s.compare_and_swap("k", v1, b"two".to_vec(), TTL).await.unwrap()
     else {
         panic!("compare-and-set on the current version must succeed");
     };
     assert_ne!(v1, v2);
-    match s.compare_and_set("k", v1, b"three".to_vec(), TTL).await.unwrap() {
+    match s.compare_and_swap("k", v1, b"three".to_vec(), TTL).await.unwrap() {
         Swapped::Conflict(Some(current)) => {
             assert_eq!(current.version, v2);
             assert_eq!(&*current.value, b"two");
@@ -138,7 +138,7 @@ async fn no_aba(s: SharedStore) {
     };
     assert_ne!(old, new, "a version must never be reused for a new generation of a key");
     assert!(matches!(
-        s.compare_and_set("k", old, b"c".to_vec(), TTL).await.unwrap(),
+        s.compare_and_swap("k", old, b"c".to_vec(), TTL).await.unwrap(),
         Swapped::Conflict(Some(_))
     ));
     assert!(!s.delete_if("k", Some(old)).await.unwrap());
@@ -166,7 +166,7 @@ async fn delete_if(s: SharedStore) {
 /// delete, and an insert (with `ttl`) writes it again.
 async fn expired_behaves_as_absent(s: &SharedStore, version: u64, ttl: Duration) {
     assert_eq!(
-        s.compare_and_set("k", version, b"b".to_vec(), TTL).await.unwrap(),
+        s.compare_and_swap("k", version, b"b".to_vec(), TTL).await.unwrap(),
         Swapped::Conflict(None)
     );
     assert!(!s.delete_if("k", Some(version)).await.unwrap());
@@ -192,7 +192,7 @@ async fn ttl(s: SharedStore, clock: ManualClock) {
     // A compare-and-set resets the TTL.
     let v = s.get("k").await.unwrap().unwrap();
     clock.advance(Duration::from_secs(30));
-    s.compare_and_set("k", v.version, b"d".to_vec(), Duration::from_secs(60)).await.unwrap();
+    s.compare_and_swap("k", v.version, b"d".to_vec(), Duration::from_secs(60)).await.unwrap();
     clock.advance(Duration::from_secs(45));
     assert_eq!(&*s.get("k").await.unwrap().unwrap().value, b"d");
 }
@@ -219,7 +219,7 @@ async fn ttl_server_time(s: SharedStore, clock: ManualClock) {
     // A compare-and-set resets the TTL.
     let v = s.get("k").await.unwrap().unwrap();
     wait(300).await;
-    s.compare_and_set("k", v.version, b"d".to_vec(), Duration::from_secs(60)).await.unwrap();
+    s.compare_and_swap("k", v.version, b"d".to_vec(), Duration::from_secs(60)).await.unwrap();
     wait(500).await;
     assert_eq!(&*s.get("k").await.unwrap().unwrap().value, b"d");
 }
@@ -240,7 +240,7 @@ async fn notifications(s: SharedStore) {
     };
     expect_change(&mut sub, "insert").await;
     let Swapped::Swapped { version: v2 } =
-        s.compare_and_set("k", version, b"b".to_vec(), TTL).await.unwrap()
+        s.compare_and_swap("k", version, b"b".to_vec(), TTL).await.unwrap()
     else {
         panic!()
     };
@@ -275,7 +275,7 @@ async fn racing_writers(s: SharedStore) {
         .map(|i| {
             let s = s.clone();
             tokio::spawn(
-                async move { s.compare_and_set("k", version, vec![i], TTL).await.unwrap() },
+                async move { s.compare_and_swap("k", version, vec![i], TTL).await.unwrap() },
             )
         })
         .collect();

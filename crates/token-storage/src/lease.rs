@@ -353,7 +353,7 @@ fn open_lock_file(dir: &Path, key: &TokenKey) -> Result<File, Error> {
 
 fn lease_error(key: &TokenKey, wait: Duration, e: flow_state::Error) -> Error {
     match e {
-        flow_state::Error::TimedOut { .. } => Error::LeaseWait { key: key.clone(), waited: wait },
+        flow_state::Error::Timeout { .. } => Error::LeaseWait { key: key.clone(), waited: wait },
         flow_state::Error::Store { source, .. } if source.kind() == StoreErrorKind::Unavailable => {
             Error::StoreUnavailable {
                 message: format!("the refresh lease store is unavailable ({source})"),

@@ -199,7 +199,7 @@ impl Store for MemoryStore {
         Box::pin(std::future::ready(Ok(outcome)))
     }
 
-    fn compare_and_set<'a>(
+    fn compare_and_swap<'a>(
         &'a self,
         key: &'a str,
         expected: u64,

@@ -7,7 +7,7 @@
 //! |---|---|---|---|
 //! | [`Store::get`] | shard lock + lookup | `get` | Lua: `TIME`, `HMGET` |
 //! | [`Store::insert_if_absent`] | shard lock | `compare_and_swap(None → new)` | Lua: `TIME`, `HSET` + `PEXPIRE` if absent or expired |
-//! | [`Store::compare_and_set`] | shard lock | `compare_and_swap(old → new)` | Lua: `TIME`, compare version, `HSET` + `PEXPIRE` |
+//! | [`Store::compare_and_swap`] | shard lock | `compare_and_swap(old → new)` | Lua: `TIME`, compare version, `HSET` + `PEXPIRE` |
 //! | [`Store::delete_if`] | shard lock | `compare_and_swap(old → None)` | Lua: `TIME`, compare version, `DEL` |
 //! | [`Store::subscribe`] | [`KeyNotifier`] | [`KeyNotifier`] | pub/sub into a [`KeyNotifier`] |
 //!
@@ -79,7 +79,7 @@ pub enum Inserted {
     Exists(Versioned),
 }
 
-/// The outcome of [`Store::compare_and_set`].
+/// The outcome of [`Store::compare_and_swap`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Swapped {
     /// The value was replaced; this is its new version.
@@ -173,7 +173,7 @@ pub trait Store: Send + Sync + fmt::Debug {
     ) -> BoxFuture<'a, Result<Inserted, StoreError>>;
 
     /// Replace the value under `key` with `value` and `ttl` only if its version is `expected`.
-    fn compare_and_set<'a>(
+    fn compare_and_swap<'a>(
         &'a self,
         key: &'a str,
         expected: u64,

@@ -432,7 +432,7 @@ impl Store for RedisStore {
         })
     }
 
-    fn compare_and_set<'a>(
+    fn compare_and_swap<'a>(
         &'a self,
         key: &'a str,
         expected: u64,

@@ -250,7 +250,7 @@ impl Store for SledStore {
         })
     }
 
-    fn compare_and_set<'a>(
+    fn compare_and_swap<'a>(
         &'a self,
         key: &'a str,
         expected: u64,

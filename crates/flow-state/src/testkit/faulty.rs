@@ -25,7 +25,7 @@ use crate::{
 /// - [`FaultPlan::set_delay`]: every operation takes this long on the clock;
 /// - [`FaultPlan::set_reply_delay`]: every operation is answered this long after it was applied.
 ///
-/// Writes are `insert_if_absent`, `compare_and_set` and `delete_if`.
+/// Writes are `insert_if_absent`, `compare_and_swap` and `delete_if`.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -111,14 +111,14 @@ impl Store for FaultyStore {
         Box::pin(self.write(key, move || self.inner.insert_if_absent(key, value, ttl)))
     }
 
-    fn compare_and_set<'a>(
+    fn compare_and_swap<'a>(
         &'a self,
         key: &'a str,
         expected: u64,
         value: Vec<u8>,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<Swapped, StoreError>> {
-        Box::pin(self.write(key, move || self.inner.compare_and_set(key, expected, value, ttl)))
+        Box::pin(self.write(key, move || self.inner.compare_and_swap(key, expected, value, ttl)))
     }
 
     fn delete_if<'a>(

@@ -86,7 +86,7 @@ async fn acquire_waits_for_a_release() {
         });
         crate::harness::settle().await;
         h.clock.advance(Duration::from_secs(5));
-        assert!(matches!(within(late).await.unwrap(), Err(Error::TimedOut { .. })), "{backend:?}");
+        assert!(matches!(within(late).await.unwrap(), Err(Error::Timeout { .. })), "{backend:?}");
     }
 }
 

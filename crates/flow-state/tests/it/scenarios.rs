@@ -60,7 +60,7 @@ async fn an_unanswered_flow_times_out() {
         assert!(!waiter.is_finished(), "{backend:?}: timed out early");
         h.clock.advance(Duration::from_millis(1));
         let err = within(waiter).await.unwrap().unwrap_err();
-        assert!(matches!(err, Error::TimedOut { .. }), "{backend:?}: {err}");
+        assert!(matches!(err, Error::Timeout { .. }), "{backend:?}: {err}");
         // Not a kept type: the timed-out flow is gone.
         assert!(h.flows.get::<String>(&k).await.unwrap().is_none());
     }
@@ -115,7 +115,7 @@ async fn a_kept_type_records_its_timeout() {
         });
         h.until(&k, FlowStatus::Pending).await;
         h.clock.advance(Duration::from_secs(10));
-        assert!(matches!(within(waiter).await.unwrap(), Err(Error::TimedOut { .. })));
+        assert!(matches!(within(waiter).await.unwrap(), Err(Error::Timeout { .. })));
         let state = h.flows.get::<String>(&k).await.unwrap().unwrap();
         assert_eq!(state.status, FlowStatus::Failed);
         assert_eq!(state.error.unwrap().kind, FlowError::TIMEOUT);
@@ -504,14 +504,14 @@ impl flow_state::Store for HoldDelete {
     ) -> flow_state::BoxFuture<'a, Result<flow_state::Inserted, flow_state::StoreError>> {
         self.inner.insert_if_absent(key, value, ttl)
     }
-    fn compare_and_set<'a>(
+    fn compare_and_swap<'a>(
         &'a self,
         key: &'a str,
         expected: u64,
         value: Vec<u8>,
         ttl: Duration,
     ) -> flow_state::BoxFuture<'a, Result<flow_state::Swapped, flow_state::StoreError>> {
-        self.inner.compare_and_set(key, expected, value, ttl)
+        self.inner.compare_and_swap(key, expected, value, ttl)
     }
     fn delete_if<'a>(
         &'a self,
