@@ -36,6 +36,12 @@ const MAX_BODY: usize = 4 * 1024 * 1024;
 struct Shared {
     counter: AtomicU64,
     stats: Mutex<ResourceStats>,
+    /// The authorization server this resource moved to
+    /// ([`ResourceServerHandle::switch_authorization_server`]): its metadata names it and its
+    /// tokens are the ones accepted.
+    moved_to: std::sync::RwLock<Option<Arc<Core>>>,
+    /// The protected resource metadata document as served.
+    prm: std::sync::RwLock<Value>,
 }
 
 impl Shared {
@@ -357,6 +363,7 @@ impl ResourceServerBuilder {
         if let Some(scopes) = &self.scopes_supported {
             prm["scopes_supported"] = scopes.clone().into();
         }
+        *shared.prm.write().unwrap_or_else(|e| e.into_inner()) = prm;
         let guard = Arc::new(Guard {
             core: self.core,
             resource: url.clone(),
@@ -385,22 +392,23 @@ impl ResourceServerBuilder {
             .route_service(&self.path, service)
             .route_layer(middleware::from_fn_with_state(guard, bearer_guard));
         let mut router = Router::new();
+        let served = |shared: Arc<Shared>| {
+            get(move || {
+                let doc = shared.prm.read().unwrap_or_else(|e| e.into_inner()).clone();
+                async move { axum::Json(doc) }
+            })
+        };
         if self.path_metadata {
-            let doc = prm.clone();
             router = router.route(
                 &format!("/.well-known/oauth-protected-resource{}", self.path),
-                get(move || async move { axum::Json(doc) }),
+                served(shared.clone()),
             );
         }
         if let Some(custom) = &self.metadata_location {
-            let doc = prm.clone();
-            router = router.route(custom, get(move || async move { axum::Json(doc) }));
+            router = router.route(custom, served(shared.clone()));
         }
         if self.root_metadata {
-            router = router.route(
-                "/.well-known/oauth-protected-resource",
-                get(move || async move { axum::Json(prm) }),
-            );
+            router = router.route("/.well-known/oauth-protected-resource", served(shared.clone()));
         }
         let router = router.merge(mcp);
 
@@ -423,6 +431,15 @@ pub struct ResourceServerHandle {
 }
 
 impl ResourceServerHandle {
+    /// Move this resource to another authorization server (SEP-2352's migration): from now on
+    /// its protected resource metadata names `auth` and it accepts `auth`'s tokens only (tokens
+    /// validated in process; the introspection mode keeps its endpoint).
+    pub fn switch_authorization_server(&self, auth: &AuthServerHandle) {
+        *self.shared.moved_to.write().unwrap_or_else(|e| e.into_inner()) = Some(auth.core.clone());
+        self.shared.prm.write().unwrap_or_else(|e| e.into_inner())["authorization_servers"] =
+            serde_json::json!([auth.issuer()]);
+    }
+
     /// The MCP endpoint, e.g. `http://127.0.0.1:41235/mcp`; also the RFC 8707 resource.
     pub fn url(&self) -> &str {
         &self.url
@@ -509,6 +526,12 @@ struct Guard {
 }
 
 impl Guard {
+    /// The authorization server whose tokens this resource accepts now.
+    fn core(&self) -> Arc<Core> {
+        let moved = self.shared.moved_to.read().unwrap_or_else(|e| e.into_inner());
+        moved.clone().unwrap_or_else(|| self.core.clone())
+    }
+
     /// Let an accepted request through to the MCP server, unless its `MCP-Protocol-Version`
     /// names a revision this server does not speak: that gets what the SDKs of the older
     /// revisions answer, a 400 with a JSON-RPC error and no id.
@@ -528,7 +551,7 @@ impl Guard {
         let (endpoint, client, http) = match &self.validation {
             Validation::InProcess => {
                 return self
-                    .core
+                    .core()
                     .check_access(token)
                     .map(|g| Checked { scope: g.scope, resource: g.resource, jkt: g.jkt })
                     .map_err(|p| match p {
@@ -570,7 +593,7 @@ impl Guard {
     /// The challenge scheme and its leading parameters: `DPoP algs="ES256"` with the `dpop`
     /// knob on, else `Bearer`.
     fn scheme(&self) -> &'static str {
-        if self.core.knobs.get().dpop { "DPoP algs=\"ES256\", " } else { "Bearer " }
+        if self.core().knobs.get().dpop { "DPoP algs=\"ES256\", " } else { "Bearer " }
     }
 
     fn unauthorized(&self, status: StatusCode, error: Option<&str>) -> Response {
@@ -588,7 +611,7 @@ impl Guard {
         } else {
             body = json!({ "error": "unauthorized", "error_description": "a bearer token is required" });
         }
-        if status == StatusCode::UNAUTHORIZED && self.core.knobs.get().omit_challenge {
+        if status == StatusCode::UNAUTHORIZED && self.core().knobs.get().omit_challenge {
             return (status, axum::Json(body)).into_response();
         }
         with_challenge(status, &challenge, body)
@@ -603,7 +626,7 @@ impl Guard {
             self.metadata_url
         );
         let body = json!({ "error": "insufficient_scope", "scope": scope });
-        if self.core.knobs.get().omit_forbidden_challenge {
+        if self.core().knobs.get().omit_forbidden_challenge {
             return (StatusCode::FORBIDDEN, axum::Json(body)).into_response();
         }
         with_challenge(StatusCode::FORBIDDEN, &challenge, body)
@@ -620,7 +643,7 @@ impl Guard {
         token: &str,
         bound: Option<&str>,
     ) -> Option<Response> {
-        if !self.core.knobs.get().dpop && bound.is_none() {
+        if !self.core().knobs.get().dpop && bound.is_none() {
             return None;
         }
         let refuse = |error: &str, description: &str| {
@@ -636,7 +659,8 @@ impl Guard {
             return refuse("invalid_token", "a DPoP-bound token goes in Authorization: DPoP");
         }
         let proof = req.headers().get("dpop").and_then(|v| v.to_str().ok());
-        let now = self.core.now(&self.core.knobs.get());
+        let core = self.core();
+        let now = core.now(&core.knobs.get());
         match self.dpop.check(proof, req.method().as_str(), &self.resource, Some(token), now) {
             Ok(jkt) if Some(jkt.as_str()) == bound => {
                 self.shared.stats().dpop_accepted += 1;
@@ -712,7 +736,7 @@ async fn bearer_guard(State(guard): State<Arc<Guard>>, req: Request, next: Next)
             }
         }
     }
-    if let Some(failure) = guard.core.knobs.take_resource_failure() {
+    if let Some(failure) = guard.core().knobs.take_resource_failure() {
         guard.shared.stats().injected_failures += 1;
         return crate::knobs::failure_response(failure);
     }
@@ -756,7 +780,7 @@ async fn bearer_guard(State(guard): State<Arc<Guard>>, req: Request, next: Next)
     let grant = match guard.check(&token).await {
         Ok(grant) => grant,
         Err(Refusal::Expired) => {
-            let status = StatusCode::from_u16(guard.core.knobs.get().expired_token_status)
+            let status = StatusCode::from_u16(guard.core().knobs.get().expired_token_status)
                 .unwrap_or(StatusCode::UNAUTHORIZED);
             return guard.unauthorized(status, Some("the access token expired"));
         }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use mcp_clock::ManualClock;
-use mcp_fixtures::{AuthServer, ClientAuth, Fixtures, KnobSettings, ResourceServer};
+use mcp_fixtures::{AuthServer, ClientAuth, ClientSpec, Fixtures, KnobSettings, ResourceServer};
 use rmcp::model::CallToolRequestParams;
 use rmcp::service::RunningService;
 use rmcp::transport::StreamableHttpClientTransport;
@@ -459,4 +459,30 @@ async fn the_protocol_versions_knob_selects_the_revisions_spoken() {
     let none: [&str; 0] = [];
     let err = ResourceServer::builder(&auth).protocol_versions(none).spawn().await.unwrap_err();
     assert!(matches!(err, mcp_fixtures::FixtureError::InvalidConfig(_)), "{err:?}");
+}
+
+/// SEP-2352's migration, on the fixture: after `switch_authorization_server` the protected
+/// resource metadata names the new authorization server (at both locations) and only its
+/// tokens are accepted; the old server's tokens, still valid there, are refused.
+#[tokio::test]
+async fn a_resource_can_move_to_another_authorization_server() {
+    let fx = Fixtures::start().await.unwrap();
+    let rs = fx.resource();
+    let client = fx.auth().register_client(ClientSpec::new(ClientAuth::None)).unwrap();
+    let old = fx.auth().issue_tokens(client.client_id(), "mcp:tools", Some(rs.url()));
+    assert_eq!(post_mcp(rs.url(), Some(old.access_token()), INITIALIZE).await.status(), 200);
+
+    let other = AuthServer::builder().spawn().await.unwrap();
+    rs.switch_authorization_server(&other);
+    for url in [
+        rs.resource_metadata_url().to_owned(),
+        format!("{}/.well-known/oauth-protected-resource", rs.base_url()),
+    ] {
+        let doc: Value = http().get(&url).send().await.unwrap().json().await.unwrap();
+        assert_eq!(doc["authorization_servers"], json!([other.issuer()]), "{url}");
+    }
+    assert_eq!(post_mcp(rs.url(), Some(old.access_token()), INITIALIZE).await.status(), 401);
+    let theirs = other.register_client(ClientSpec::new(ClientAuth::None)).unwrap();
+    let new = other.issue_tokens(theirs.client_id(), "mcp:tools", Some(rs.url()));
+    assert_eq!(post_mcp(rs.url(), Some(new.access_token()), INITIALIZE).await.status(), 200);
 }
