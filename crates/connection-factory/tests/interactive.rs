@@ -732,3 +732,39 @@ async fn a_403_without_a_challenge_steps_up() {
     assert_eq!(s.browser.reasons.lock().unwrap()[1], AuthorizationReason::InsufficientScope);
     assert_eq!(s.fx.auth().stats().refresh_token_requests, 0, "no refresh for a 403");
 }
+
+/// SEP-2352, the authorization server migration: the MCP server moves to another
+/// authorization server mid-session. The client pre-registered at the first one (with a
+/// secret) must not be presented there: the factory registers anew at the second, the user
+/// consents once more, and the session goes on with the second server's tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_moves_to_another_authorization_server_is_registered_there_anew() {
+    use mcp_fixtures::{AuthServer, ClientAuth, ClientSpec};
+    let s = setup(HookDecision::Wait).await;
+    let first = s.fx.auth();
+    let pre = first
+        .register_client(ClientSpec::new(ClientAuth::ClientSecretBasic).redirect_uri(&s.redirect))
+        .unwrap();
+    let mut client = mcp_oauth::ClientConfig::new("factory tests", s.redirect.clone());
+    client.pre_registered = Some(mcp_oauth::PreRegisteredClient {
+        issuer: first.issuer().to_owned(),
+        client_id: pre.client_id().to_owned(),
+        client_secret: pre.client_secret().map(mcp_oauth::ClientSecret::new),
+        client_key: None,
+        auth_method: None,
+    });
+    let config = s.config("tenant-a").client(client);
+    let conn = s.factory.connect(config).await.unwrap();
+    assert_eq!(text(&conn.call_tool("echo", args("before")).await.unwrap()), "before");
+    assert_eq!(s.prompts(), 1);
+
+    let second = AuthServer::builder().clock(s.clock.shared()).spawn().await.unwrap();
+    s.fx.resource().switch_authorization_server(&second);
+    let after = conn.call_tool("echo", args("after")).await;
+    let stats = second.stats();
+    assert_eq!(text(&after.unwrap_or_else(|e| panic!("{e:?}; {stats:?}"))), "after");
+    assert_eq!(s.prompts(), 2, "one more consent, at the new server");
+    assert_eq!(stats.registrations, 1, "a new registration there: {stats:?}");
+    let events = format!("{:?}", second.events());
+    assert!(!events.contains(pre.client_id()), "the old client reached the new server: {events}");
+}

@@ -53,6 +53,22 @@ impl FactoryProvider {
         rejected: &Secret,
         challenge: &Challenge,
     ) -> Result<Recovery, Error> {
+        if self.interactive.is_some()
+            && self.config.client.is_some()
+            && self.authorization_server_moved(challenge).await
+        {
+            // SEP-2352: the grant and the client belong to the old authorization server; a
+            // refresh there would get tokens this server refuses. Authorize at the new one
+            // (the registration step registers anew: the old credentials stay with the old).
+            // Tokens stored since (a peer's new authorization) are used; the last completed
+            // authorization is stale.
+            if let Recovery::Retry(token) = self.fall_back(Some(rejected)).await? {
+                return Ok(Recovery::Retry(token));
+            }
+            return self
+                .interactive(Some(challenge), AuthorizationReason::RefreshFailed, None)
+                .await;
+        }
         let recovery = self.silent_refresh(rejected).await;
         if let (Some(workload), Ok(Recovery::AuthorizationRequired)) = (&self.workload, &recovery) {
             return self.workload_grant(workload, Some(challenge), Some(rejected)).await;
@@ -66,6 +82,30 @@ impl FactoryProvider {
                 self.interactive(Some(challenge), AuthorizationReason::RefreshFailed, None).await
             }
             other => other,
+        }
+    }
+
+    /// Whether the server's metadata now names another authorization server than the one the
+    /// stored client registration belongs to. A failed discovery says no (the refresh decides).
+    async fn authorization_server_moved(&self, challenge: &Challenge) -> bool {
+        let Some((oauth, _)) = &self.interactive else { return false };
+        let Ok(Some(stored)) = self.issuer().await else { return false };
+        let Ok(server) = self.config.server_url.parse::<url::Url>() else { return false };
+        let bearer = mcp_oauth::BearerChallenge::from_headers(
+            challenge.www_authenticate().iter().map(String::as_str),
+        )
+        .ok()
+        .flatten();
+        match oauth.discover(&server, bearer.as_ref()).await {
+            Ok(discovery) if discovery.issuer() != stored => {
+                tracing::info!(
+                    from = %stored,
+                    to = discovery.issuer(),
+                    "the server moved to another authorization server"
+                );
+                true
+            }
+            _ => false,
         }
     }
 
