@@ -81,6 +81,14 @@ impl Challenge {
             .find_map(|c| c.param(name).map(str::to_owned))
     }
 
+    /// The challenge as mcp-oauth reads it for discovery and scope selection (`None` when no
+    /// `Bearer` or `DPoP` challenge parses).
+    pub(crate) fn bearer(&self) -> Option<mcp_oauth::BearerChallenge> {
+        mcp_oauth::BearerChallenge::from_headers(self.www_authenticate.iter().map(String::as_str))
+            .ok()
+            .flatten()
+    }
+
     /// The `error` parameter, e.g. `invalid_token` or `insufficient_scope`.
     pub fn error(&self) -> Option<String> {
         self.param("error")

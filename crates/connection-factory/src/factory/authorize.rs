@@ -381,19 +381,8 @@ impl FactoryProvider {
         claim: Option<&FlowKey>,
     ) -> Result<Option<HookDecision>, Error> {
         let oauth_err = |what: &'static str| move |e: mcp_oauth::Error| Error::provider(what, e);
-        let server: url::Url = self
-            .config
-            .server_url
-            .parse()
-            .map_err(|e| Error::InvalidConfig(format!("server URL: {e}")))?;
-        let bearer = match challenge {
-            Some(c) => mcp_oauth::BearerChallenge::from_headers(
-                c.www_authenticate().iter().map(String::as_str),
-            )
-            .ok()
-            .flatten(),
-            None => None,
-        };
+        let server = self.server()?;
+        let bearer = challenge.and_then(Challenge::bearer);
         let discovery = oauth
             .discover(&server, bearer.as_ref())
             .instrument(tracing::info_span!("mcp_discovery", server = %server))

@@ -37,7 +37,7 @@ pub use counters::RefreshCounters;
 use authorize::{Registrations, Waiting};
 use config::scope_set;
 use counters::{Counters, StepUps, bump};
-use refresh::Leaders;
+use refresh::{IssuerChecks, Leaders};
 use workload::Workload;
 
 /// The flow type of the cached token look-up.
@@ -84,6 +84,7 @@ pub struct ConnectionFactory {
     step_ups: Arc<StepUps>,
     leaders: Arc<Leaders>,
     registrations: Registrations,
+    issuer_checks: IssuerChecks,
     interactive: Option<(OAuthClient, Arc<dyn AuthorizationHook>)>,
     workload: Option<Workload>,
 }
@@ -101,6 +102,7 @@ impl ConnectionFactory {
     pub fn new(flows: FlowManager, storage: TokenStorage) -> Self {
         ConnectionFactory {
             registrations: SingleFlight::new(flows.clock().clone()),
+            issuer_checks: SingleFlight::new(flows.clock().clone()),
             flows,
             storage,
             counters: Arc::default(),
@@ -160,6 +162,7 @@ impl ConnectionFactory {
             step_ups: self.step_ups.clone(),
             leaders: self.leaders.clone(),
             registrations: self.registrations.clone(),
+            issuer_checks: self.issuer_checks.clone(),
             interactive: self.interactive.clone(),
             workload: self.workload.clone(),
             waiting: Waiting::default(),
@@ -232,6 +235,7 @@ pub struct FactoryProvider {
     step_ups: Arc<StepUps>,
     leaders: Arc<Leaders>,
     registrations: Registrations,
+    issuer_checks: IssuerChecks,
     interactive: Option<(OAuthClient, Arc<dyn AuthorizationHook>)>,
     workload: Option<Workload>,
     waiting: Waiting,
@@ -251,6 +255,11 @@ impl FactoryProvider {
     /// The configuration this provider serves.
     pub fn config(&self) -> &FactoryConfig {
         &self.config
+    }
+
+    /// The MCP server's URL.
+    fn server(&self) -> Result<url::Url, Error> {
+        self.config.server_url.parse().map_err(|e| Error::InvalidConfig(format!("server URL: {e}")))
     }
 
     async fn issuer(&self) -> Result<Option<String>, Error> {

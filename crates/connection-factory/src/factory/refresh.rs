@@ -47,6 +47,12 @@ impl Drop for Lead {
     }
 }
 
+/// One check at a time per key of whether the server moved to another authorization server.
+pub(super) type IssuerChecks = SingleFlight<TokenKey, bool>;
+
+/// How long callers wait for that check (discovery's own HTTP timeouts bound it too).
+const ISSUER_CHECK_DEADLINE: Duration = Duration::from_secs(30);
+
 impl FactoryProvider {
     pub(super) async fn refresh(
         &self,
@@ -87,26 +93,29 @@ impl FactoryProvider {
 
     /// Whether the server's metadata now names another authorization server than the one the
     /// stored client registration belongs to. A failed discovery says no (the refresh decides).
+    ///
+    /// One check per key at a time: a burst of 401s makes one discovery, not one each.
     async fn authorization_server_moved(&self, challenge: &Challenge) -> bool {
         let Some((oauth, _)) = &self.interactive else { return false };
-        let Ok(Some(stored)) = self.issuer().await else { return false };
-        let Ok(server) = self.config.server_url.parse::<url::Url>() else { return false };
-        let bearer = mcp_oauth::BearerChallenge::from_headers(
-            challenge.www_authenticate().iter().map(String::as_str),
-        )
-        .ok()
-        .flatten();
-        match oauth.discover(&server, bearer.as_ref()).await {
-            Ok(discovery) if discovery.issuer() != stored => {
-                tracing::info!(
-                    from = %stored,
-                    to = discovery.issuer(),
-                    "the server moved to another authorization server"
-                );
-                true
+        let Ok(server) = self.server() else { return false };
+        let (oauth, bearer) = (oauth.clone(), challenge.bearer());
+        let (storage, key) = (self.storage.clone(), self.key.clone());
+        let options = flow_state::CallOptions::new(ISSUER_CHECK_DEADLINE);
+        let moved = self.issuer_checks.call_with(self.key.clone(), options, move |_| async move {
+            let Ok(Some(client)) = storage.client(&key).await else { return false };
+            match oauth.discover(&server, bearer.as_ref()).await {
+                Ok(discovery) if discovery.issuer() != client.issuer => {
+                    tracing::info!(
+                        from = %client.issuer,
+                        to = discovery.issuer(),
+                        "the server moved to another authorization server"
+                    );
+                    true
+                }
+                _ => false,
             }
-            _ => false,
-        }
+        });
+        moved.await.unwrap_or(false)
     }
 
     async fn silent_refresh(&self, rejected: &Secret) -> Result<Recovery, Error> {

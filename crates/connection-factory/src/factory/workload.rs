@@ -46,18 +46,8 @@ impl FactoryProvider {
         let Some(client_config) = self.config.client.clone() else {
             return Ok(Recovery::AuthorizationRequired);
         };
-        let server: url::Url = self
-            .config
-            .server_url
-            .parse()
-            .map_err(|e| Error::InvalidConfig(format!("server URL: {e}")))?;
-        let bearer = challenge.and_then(|c| {
-            mcp_oauth::BearerChallenge::from_headers(
-                c.www_authenticate().iter().map(String::as_str),
-            )
-            .ok()
-            .flatten()
-        });
+        let server = self.server()?;
+        let bearer = challenge.and_then(Challenge::bearer);
         let (oauth, identity) = (workload.oauth.clone(), workload.identity.clone());
         let discovery = oauth
             .discover(&server, bearer.as_ref())
