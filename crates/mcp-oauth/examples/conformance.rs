@@ -17,12 +17,11 @@ use std::process::ExitCode;
 use mcp_clock::SharedClock;
 use mcp_oauth::{
     AuthAttempts, BearerChallenge, ClientConfig, ClientKey, ClientRegistration, ClientSecret,
-    Discovery, EnterpriseGrant, Error, HttpClient, HttpPolicy, HttpRequest, HttpResponse, Method,
+    Discovery, EnterpriseGrant, Error, HttpClient, HttpPolicy, HttpRequest, HttpResponse,
     OAuthClient, PreRegisteredClient, RegistrationSource, ReqwestHttpClient,
     TokenEndpointAuthMethod, select_scope,
 };
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 use url::Url;
 
 const CIMD_URL: &str = "https://conformance-test.local/client-metadata.json";
@@ -58,13 +57,8 @@ impl Session {
         if let Some(id) = &self.session_id {
             headers.push(("mcp-session-id".into(), id.clone()));
         }
-        let request = HttpRequest {
-            method: Method::Post,
-            url: self.server.clone(),
-            headers,
-            body: body.to_string().into_bytes(),
-            cancel: CancellationToken::new(),
-        };
+        let mut request = HttpRequest::post_json(self.server.clone(), body);
+        request.headers = headers;
         let response = self.http.call(request).await?;
         if let Some(id) = response.header("mcp-session-id") {
             self.session_id = Some(id.to_owned());

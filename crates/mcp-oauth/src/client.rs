@@ -10,8 +10,9 @@ use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
+use crate::discovery::Bounds;
 use crate::error::{Endpoint, Error, Result};
-use crate::http::{HttpClient, HttpRequest, HttpResponse, SharedHttpClient, same_origin};
+use crate::http::{HttpClient, HttpRequest, HttpResponse, Reach, SharedHttpClient, same_origin};
 
 /// Settings of an [`OAuthClient`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,13 +147,22 @@ impl OAuthClient {
         }
     }
 
+    /// How far the URLs of `server`'s discovery may point (see [`Bounds`]).
+    pub(crate) fn bounds(&self, server: &Url) -> Bounds {
+        Bounds::of(server, self.config.allow_internal_endpoints)
+    }
+
     /// GET a metadata document, following same-origin redirects up to the configured bound.
     /// `Ok(None)` for 4xx answers (the caller tries the next location).
-    pub(crate) async fn get_document(&self, url: &Url) -> Result<Option<(Url, HttpResponse)>> {
+    pub(crate) async fn get_document(
+        &self,
+        url: &Url,
+        reach: Reach,
+    ) -> Result<Option<(Url, HttpResponse)>> {
         let mut current = url.clone();
         let mut hops = 0u8;
         loop {
-            let response = self.send(HttpRequest::get(current.clone())).await?;
+            let response = self.send(HttpRequest::get(current.clone()).with_reach(reach)).await?;
             if response.is_redirect() {
                 let location = response.header("location").unwrap_or_default();
                 let next = current.join(location).map_err(|e| Error::InvalidUrl {

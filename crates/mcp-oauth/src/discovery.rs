@@ -26,7 +26,7 @@ use url::Url;
 use crate::challenge::BearerChallenge;
 use crate::client::{OAuthClient, parse_json};
 use crate::error::{Error, Result};
-use crate::http::{SsrfPolicy, check_url, same_origin};
+use crate::http::{Reach, SsrfPolicy, check_url, same_origin};
 
 /// RFC 9728 protected-resource metadata (the members MCP uses).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -273,25 +273,39 @@ pub(crate) fn authorization_server_metadata_urls(issuer: &Url) -> Vec<(Url, Meta
 /// proxy into the user's machine or network). A server that is itself on loopback or a private
 /// address may, and so may any server with [`OAuthConfig::allow_internal_endpoints`](crate::OAuthConfig).
 ///
-/// Only literal addresses and `localhost` are judged here; names are resolved, and their
-/// addresses checked, by the HTTP client's [`SsrfPolicy`].
-#[derive(Debug, Clone, Copy)]
-struct Reach {
+/// Literal addresses and `localhost` are judged here, before anything is sent; a name is judged
+/// when it is resolved: a URL on another host than a public server's own is sent with
+/// [`Reach::PublicOnly`], and the HTTP client refuses internal addresses for it. A server named
+/// by a host name counts as public (its addresses are not known here); URLs on its own host
+/// are judged by the client's [`SsrfPolicy`] alone, as the server itself is.
+#[derive(Debug, Clone)]
+pub(crate) struct Bounds {
     internal_allowed: bool,
+    server_host: Option<String>,
 }
 
-impl Reach {
-    fn of(server: &Url, opted_in: bool) -> Self {
-        Reach { internal_allowed: opted_in || internal_kind(server).is_some() }
+impl Bounds {
+    pub(crate) fn of(server: &Url, opted_in: bool) -> Self {
+        Bounds {
+            internal_allowed: opted_in || internal_kind(server).is_some(),
+            server_host: server.host_str().map(str::to_ascii_lowercase),
+        }
     }
 
-    fn check(self, url: &Url) -> Result<()> {
+    /// Refuse `url` when it is a literal internal address the server may not send us to.
+    pub(crate) fn check(&self, url: &Url) -> Result<()> {
         match internal_kind(url) {
             Some(kind) if !self.internal_allowed => {
                 Err(Error::SsrfRefused { url: url.to_string(), kind })
             }
             _ => Ok(()),
         }
+    }
+
+    /// The reach of a request to `url`.
+    pub(crate) fn reach(&self, url: &Url) -> Reach {
+        let own_host = url.host_str().map(str::to_ascii_lowercase) == self.server_host;
+        if self.internal_allowed || own_host { Reach::Policy } else { Reach::PublicOnly }
     }
 }
 
@@ -332,10 +346,10 @@ impl OAuthClient {
                     url: issuer_s.clone(),
                     reason: e.to_string(),
                 })?;
-                let reach = Reach::of(server, self.config().allow_internal_endpoints);
-                reach.check(&issuer)?;
+                let bounds = self.bounds(server);
+                bounds.check(&issuer)?;
                 let (asm, source) =
-                    self.fetch_authorization_server_metadata(&issuer, issuer_s).await?;
+                    self.fetch_authorization_server_metadata(&issuer, issuer_s, &bounds).await?;
                 for endpoint in [
                     &asm.authorization_endpoint,
                     &asm.token_endpoint,
@@ -345,7 +359,7 @@ impl OAuthClient {
                 .into_iter()
                 .flatten()
                 {
-                    reach.check(endpoint)?;
+                    bounds.check(endpoint)?;
                 }
                 Ok(Discovery {
                     server: server.clone(),
@@ -365,8 +379,11 @@ impl OAuthClient {
         challenge: Option<&BearerChallenge>,
     ) -> Result<Option<ProtectedResourceMetadata>> {
         let mut bad = None;
+        // Every candidate is on the server's own origin.
         for url in resource_metadata_urls(server, challenge) {
-            let Some((final_url, response)) = self.get_document(&url).await? else { continue };
+            let Some((final_url, response)) = self.get_document(&url, Reach::Policy).await? else {
+                continue;
+            };
             let prm: ProtectedResourceMetadata = match parse_json(
                 "protected resource metadata",
                 &final_url,
@@ -404,11 +421,15 @@ impl OAuthClient {
         &self,
         issuer: &Url,
         expected: &str,
+        bounds: &Bounds,
     ) -> Result<(AuthorizationServerMetadata, MetadataSource)> {
         let candidates = authorization_server_metadata_urls(issuer);
         let mut bad = None;
         for (url, source) in &candidates {
-            let Some((final_url, response)) = self.get_document(url).await? else { continue };
+            let Some((final_url, response)) = self.get_document(url, bounds.reach(url)).await?
+            else {
+                continue;
+            };
             match self.parse_asm(&final_url, &response) {
                 Ok(asm) => {
                     if asm.issuer != expected {
@@ -451,8 +472,11 @@ impl OAuthClient {
         let origin = server
             .join("/")
             .map_err(|e| Error::InvalidUrl { url: server.to_string(), reason: e.to_string() })?;
+        // The server's own origin.
         for (url, _) in authorization_server_metadata_urls(&origin) {
-            let Some((final_url, response)) = self.get_document(&url).await? else { continue };
+            let Some((final_url, response)) = self.get_document(&url, Reach::Policy).await? else {
+                continue;
+            };
             let asm = self.parse_asm(&final_url, &response)?;
             let issuer = Url::parse(&asm.issuer).map_err(|e| {
                 Error::malformed(

@@ -7,6 +7,7 @@ use url::Url;
 use crate::client::OAuthClient;
 use crate::discovery::Discovery;
 use crate::error::{Endpoint, Error, Result};
+use crate::http::Reach;
 use crate::registration::ClientRegistration;
 use crate::secret::IdToken;
 use crate::token::TokenResponse;
@@ -55,6 +56,8 @@ impl OAuthClient {
             .post_grant(
                 Endpoint::TokenExchange,
                 &grant.idp_token_endpoint,
+                // Configured by the user, not taken from a server's metadata.
+                Reach::Policy,
                 &grant.idp_client,
                 grant.idp_client.auth_method,
                 &grant.idp_client.issuer,

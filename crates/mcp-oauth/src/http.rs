@@ -43,6 +43,7 @@ impl fmt::Display for Method {
 /// `Debug` shows the method, URL, header names and body length, never header values or the
 /// body (they carry client secrets, codes, verifiers and tokens).
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct HttpRequest {
     /// The method.
     pub method: Method,
@@ -54,6 +55,35 @@ pub struct HttpRequest {
     pub body: Vec<u8>,
     /// Fires to abandon the request.
     pub cancel: CancellationToken,
+    /// Which addresses the request may reach beyond what its URL says (default
+    /// [`Reach::Policy`]).
+    pub reach: Reach,
+}
+
+/// Which addresses one request may reach, on top of the client's [`SsrfPolicy`].
+///
+/// A public MCP server's metadata may not send the client to the user's machine or network: a
+/// URL it names on another host is [`Reach::PublicOnly`], and an [`HttpClient`] that resolves
+/// names refuses loopback, private, link-local and metadata answers for it (as it refuses such
+/// literal addresses before sending). [`crate::ReqwestHttpClient`] does.
+///
+/// ```
+/// use mcp_oauth::{HttpRequest, Reach};
+/// let request = HttpRequest::get("https://auth.example.com/.well-known/oauth-authorization-server".parse().unwrap());
+/// assert_eq!(request.reach, Reach::Policy);
+/// assert_eq!(request.with_reach(Reach::PublicOnly).reach, Reach::PublicOnly);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Reach {
+    /// What the client's [`SsrfPolicy`] allows: the MCP server the user chose and its own host,
+    /// endpoints the user configured, and every endpoint of a server that is itself on a
+    /// loopback or private address (or with `OAuthConfig::allow_internal_endpoints`).
+    #[default]
+    Policy,
+    /// Public addresses only, whatever the policy allows: the URL came from the metadata of a
+    /// server judged public and names another host.
+    PublicOnly,
 }
 
 impl HttpRequest {
@@ -65,6 +95,7 @@ impl HttpRequest {
             headers: vec![("accept".into(), "application/json".into())],
             body: Vec::new(),
             cancel: CancellationToken::new(),
+            reach: Reach::Policy,
         }
     }
 
@@ -80,6 +111,7 @@ impl HttpRequest {
             ],
             body: body.into_bytes(),
             cancel: CancellationToken::new(),
+            reach: Reach::Policy,
         }
     }
 
@@ -94,7 +126,14 @@ impl HttpRequest {
             ],
             body: json.to_string().into_bytes(),
             cancel: CancellationToken::new(),
+            reach: Reach::Policy,
         }
+    }
+
+    /// This request with `reach`.
+    pub fn with_reach(mut self, reach: Reach) -> Self {
+        self.reach = reach;
+        self
     }
 
     /// The first value of header `name` (case-insensitive).
@@ -121,6 +160,7 @@ impl fmt::Debug for HttpRequest {
             .field("url", &redact_query(&self.url))
             .field("headers", &names)
             .field("body_len", &self.body.len())
+            .field("reach", &self.reach)
             .finish()
     }
 }
@@ -309,6 +349,26 @@ impl SsrfPolicy {
             allow_link_local: true,
             allow_cloud_metadata: true,
             allow_http: false,
+        }
+    }
+
+    /// This policy for a [`Reach::PublicOnly`] request: no loopback, private, link-local or
+    /// metadata address; plain `http` as this policy says.
+    pub fn public_only(&self) -> Self {
+        SsrfPolicy {
+            allow_loopback: false,
+            allow_private: false,
+            allow_link_local: false,
+            allow_cloud_metadata: false,
+            allow_http: self.allow_http,
+        }
+    }
+
+    /// The policy that applies to a request with `reach`.
+    pub fn for_reach(&self, reach: Reach) -> Self {
+        match reach {
+            Reach::Policy => self.clone(),
+            Reach::PublicOnly => self.public_only(),
         }
     }
 

@@ -100,7 +100,7 @@ pub use dpop::DpopKey;
 pub use enterprise::EnterpriseGrant;
 pub use error::{Endpoint, Error, ErrorClass, Result};
 pub use http::{
-    BoxFuture, HttpClient, HttpRequest, HttpResponse, Method, SharedHttpClient, SsrfPolicy,
+    BoxFuture, HttpClient, HttpRequest, HttpResponse, Method, Reach, SharedHttpClient, SsrfPolicy,
     check_url,
 };
 pub use registration::{

@@ -371,8 +371,9 @@ impl OAuthClient {
                 }
             }
         }
-        let response =
-            self.post_no_redirect(HttpRequest::post_json(endpoint.clone(), &body)).await?;
+        let request = HttpRequest::post_json(endpoint.clone(), &body)
+            .with_reach(self.bounds(&discovery.server).reach(&endpoint));
+        let response = self.post_no_redirect(request).await?;
         if !response.is_success() {
             return Err(endpoint_error(
                 Endpoint::Registration,

@@ -3,20 +3,22 @@
 //! - never follows a redirect (callers decide, see [`crate::OAuthClient`]);
 //! - HTTPS required except on loopback; the [`SsrfPolicy`] is applied to literal addresses
 //!   before connecting and to every address a host name resolves to (a custom DNS resolver),
-//!   so DNS cannot smuggle a refused address past the URL check;
+//!   so DNS cannot smuggle a refused address past the URL check; a [`Reach::PublicOnly`]
+//!   request is held to [`SsrfPolicy::public_only`] the same two ways;
 //! - every request has a timeout covering connect, send and the whole body;
 //! - the body is capped (1 MiB by default) while it streams in;
 //! - the request's [`tokio_util::sync::CancellationToken`] abandons it at any point;
 //! - no proxy from the environment (a proxy would resolve names where we cannot check them).
 
+use std::collections::BTreeMap;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::http::{
-    BoxFuture, HttpClient, HttpRequest, HttpResponse, Method, SsrfPolicy, check_url,
+    BoxFuture, HttpClient, HttpRequest, HttpResponse, Method, Reach, SsrfPolicy, check_url,
 };
 
 /// Limits and policies of a [`ReqwestHttpClient`].
@@ -33,6 +35,10 @@ pub struct HttpPolicy {
     /// proxy, host names are resolved by the proxy: the SSRF policy then checks literal IP
     /// addresses in URLs only.
     pub use_env_proxy: bool,
+    /// Names answered without DNS, like entries in `/etc/hosts` (or curl's `--resolve`): a
+    /// name listed here resolves to these addresses only. The SSRF policy still judges them.
+    /// Default empty.
+    pub hosts: BTreeMap<String, Vec<IpAddr>>,
 }
 
 impl Default for HttpPolicy {
@@ -42,6 +48,7 @@ impl Default for HttpPolicy {
             max_body_bytes: 1024 * 1024,
             ssrf: SsrfPolicy::default(),
             use_env_proxy: false,
+            hosts: BTreeMap::new(),
         }
     }
 }
@@ -56,6 +63,9 @@ impl Default for HttpPolicy {
 #[derive(Clone)]
 pub struct ReqwestHttpClient {
     client: reqwest::Client,
+    /// The client for [`Reach::PublicOnly`] requests: its resolver refuses every internal
+    /// address.
+    public_client: reqwest::Client,
     policy: Arc<HttpPolicy>,
     /// The clock the whole-request timeout runs on.
     clock: mcp_clock::SharedClock,
@@ -81,19 +91,24 @@ impl fmt::Display for DnsRefused {
 
 impl std::error::Error for DnsRefused {}
 
-/// Resolves names with the system resolver and drops every address the policy refuses.
+/// Resolves names with the system resolver (or [`HttpPolicy::hosts`]) and drops every address
+/// the policy refuses.
 #[derive(Debug)]
 struct PolicyResolver {
     ssrf: SsrfPolicy,
+    hosts: Arc<BTreeMap<String, Vec<IpAddr>>>,
 }
 
 impl reqwest::dns::Resolve for PolicyResolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
         let ssrf = self.ssrf.clone();
         let host = name.as_str().to_owned();
+        let listed = self.hosts.get(&host.to_ascii_lowercase()).cloned();
         Box::pin(async move {
-            let addrs: Vec<SocketAddr> =
-                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let addrs: Vec<SocketAddr> = match listed {
+                Some(ips) => ips.into_iter().map(|ip| SocketAddr::new(ip, 0)).collect(),
+                None => tokio::net::lookup_host((host.as_str(), 0)).await?.collect(),
+            };
             let mut refused = None;
             let allowed: Vec<SocketAddr> = addrs
                 .into_iter()
@@ -119,23 +134,33 @@ impl reqwest::dns::Resolve for PolicyResolver {
 impl ReqwestHttpClient {
     /// A client with `policy`.
     pub fn new(policy: HttpPolicy) -> Result<Self> {
-        let builder = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(policy.timeout)
-            .connect_timeout(policy.timeout)
-            .user_agent(concat!("mcp-oauth/", env!("CARGO_PKG_VERSION")));
-        // reqwest reads the proxy variables unless told not to; our resolver would otherwise
-        // judge the proxy's address rather than the target's.
-        let builder = if policy.use_env_proxy {
-            builder
-        } else {
-            builder.no_proxy().dns_resolver(PolicyResolver { ssrf: policy.ssrf.clone() })
+        let hosts = Arc::new(
+            policy
+                .hosts
+                .iter()
+                .map(|(name, ips)| (name.to_ascii_lowercase(), ips.clone()))
+                .collect(),
+        );
+        let build = |ssrf: SsrfPolicy| {
+            let builder = reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .timeout(policy.timeout)
+                .connect_timeout(policy.timeout)
+                .user_agent(concat!("mcp-oauth/", env!("CARGO_PKG_VERSION")));
+            // reqwest reads the proxy variables unless told not to; our resolver would
+            // otherwise judge the proxy's address rather than the target's.
+            let builder = if policy.use_env_proxy {
+                builder
+            } else {
+                builder.no_proxy().dns_resolver(PolicyResolver { ssrf, hosts: Arc::clone(&hosts) })
+            };
+            builder.build().map_err(|e| Error::Config(format!("cannot build the HTTP client: {e}")))
         };
-        let client = builder
-            .build()
-            .map_err(|e| Error::Config(format!("cannot build the HTTP client: {e}")))?;
+        let client = build(policy.ssrf.clone())?;
+        let public_client = build(policy.ssrf.public_only())?;
         Ok(ReqwestHttpClient {
             client,
+            public_client,
             policy: Arc::new(policy),
             clock: mcp_clock::SharedClock::system(),
         })
@@ -159,7 +184,11 @@ impl ReqwestHttpClient {
             Method::Get => reqwest::Method::GET,
             Method::Post => reqwest::Method::POST,
         };
-        let mut builder = self.client.request(method, request.url.clone());
+        let client = match request.reach {
+            Reach::PublicOnly => &self.public_client,
+            Reach::Policy => &self.client,
+        };
+        let mut builder = client.request(method, request.url.clone());
         for (name, value) in &request.headers {
             builder = builder.header(name.as_str(), value.as_str());
         }
@@ -211,7 +240,7 @@ fn transport_error(url: &str, e: reqwest::Error) -> Error {
 impl HttpClient for ReqwestHttpClient {
     fn call(&self, request: HttpRequest) -> BoxFuture<'_, Result<HttpResponse>> {
         Box::pin(async move {
-            check_url(&request.url, &self.policy.ssrf)?;
+            check_url(&request.url, &self.policy.ssrf.for_reach(request.reach))?;
             let url = request.url.to_string();
             let timeout = self.policy.timeout;
             tracing::debug!(method = %request.method, url = %crate::http::redact_query(&request.url), "oauth http request");

@@ -24,7 +24,7 @@ use url::Url;
 use crate::client::{OAuthClient, endpoint_error, parse_json};
 use crate::discovery::Discovery;
 use crate::error::{Endpoint, Error, Result};
-use crate::http::{HttpRequest, HttpResponse};
+use crate::http::{HttpRequest, HttpResponse, Reach};
 use crate::registration::{ClientKey, ClientRegistration, TokenEndpointAuthMethod};
 use crate::secret::{AccessToken, IdToken, RefreshToken, random_urlsafe};
 
@@ -214,6 +214,7 @@ impl OAuthClient {
         self.post_grant(
             Endpoint::Token,
             &url,
+            self.bounds(&discovery.server).reach(&url),
             registration,
             registration.auth_method,
             &asm.issuer,
@@ -228,6 +229,7 @@ impl OAuthClient {
         &self,
         endpoint: Endpoint,
         url: &Url,
+        reach: Reach,
         registration: &ClientRegistration,
         method: TokenEndpointAuthMethod,
         audience: &str,
@@ -247,7 +249,7 @@ impl OAuthClient {
         let dpop = self.dpop.as_ref().filter(|_| endpoint == Endpoint::Token);
         let mut nonce_retried = false;
         loop {
-            let mut request = HttpRequest::post_form(url.clone(), &pairs);
+            let mut request = HttpRequest::post_form(url.clone(), &pairs).with_reach(reach);
             request.headers.extend(headers.iter().cloned());
             if let Some(key) = dpop {
                 request
@@ -360,7 +362,8 @@ impl OAuthClient {
             let mut headers = Vec::new();
             self.authenticate(registration, method, &asm.issuer, &mut form, &mut headers)?;
             let pairs: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            let mut request = HttpRequest::post_form(url.clone(), &pairs);
+            let mut request = HttpRequest::post_form(url.clone(), &pairs)
+                .with_reach(self.bounds(&discovery.server).reach(&url));
             request.headers.extend(headers);
             let response = self.post_no_redirect(request).await?;
             if response.is_success() {

@@ -4,7 +4,13 @@ mod support;
 
 use std::time::Duration;
 
-use mcp_oauth::{Error, HttpClient, HttpPolicy, HttpRequest, ReqwestHttpClient, SsrfPolicy};
+use std::net::{IpAddr, Ipv4Addr};
+
+use mcp_clock::SharedClock;
+use mcp_oauth::{
+    Error, HttpClient, HttpPolicy, HttpRequest, OAuthClient, OAuthConfig, Reach, ReqwestHttpClient,
+    SsrfPolicy,
+};
 use support::{Reply, serve};
 use tokio_util::sync::CancellationToken;
 
@@ -122,6 +128,90 @@ async fn the_ssrf_policy_applies_to_resolved_names() {
     assert!(server.seen().is_empty(), "no request reached the server");
     let relaxed = client(HttpPolicy::default());
     assert_eq!(relaxed.call(get(&format!("http://localhost:{port}/x"))).await.unwrap().status, 204);
+}
+
+/// A name that resolves inward is refused for a [`Reach::PublicOnly`] request, whatever the
+/// policy allows (the default allows loopback), and nothing reaches the address; the same name
+/// with [`Reach::Policy`] is reached. The name is answered by [`HttpPolicy::hosts`], the
+/// resolver's own table, as a DNS server under an attacker's control would answer it.
+#[tokio::test]
+async fn a_public_only_request_refuses_a_name_that_resolves_inward() {
+    let server = serve(|_, _| Reply::status(204)).await;
+    let port = server.base.rsplit(':').next().unwrap().to_owned();
+    let policy = HttpPolicy {
+        ssrf: SsrfPolicy { allow_http: true, ..SsrfPolicy::default() },
+        hosts: [("Rebind.Example.NET".to_owned(), vec![Ipv4Addr::LOCALHOST.into()])].into(),
+        ..HttpPolicy::default()
+    };
+    let c = client(policy);
+    let url = format!("http://rebind.example.net:{port}/token");
+    let err = c.call(get(&url).with_reach(Reach::PublicOnly)).await.unwrap_err();
+    assert!(matches!(err, Error::SsrfRefused { kind: "loopback", .. }), "{err:?}");
+    assert!(server.seen().is_empty(), "no request reached the server");
+    // A literal loopback address is refused before any connection.
+    let literal = format!("http://127.0.0.1:{port}/token");
+    let err = c.call(get(&literal).with_reach(Reach::PublicOnly)).await.unwrap_err();
+    assert!(matches!(err, Error::SsrfRefused { kind: "loopback", .. }), "{err:?}");
+    assert!(server.seen().is_empty(), "no request reached the server");
+    // Under the policy alone, both are reached.
+    assert_eq!(c.call(get(&url)).await.unwrap().status, 204);
+    assert_eq!(c.call(get(&literal)).await.unwrap().status, 204);
+    assert_eq!(server.paths(), ["GET /token", "GET /token"]);
+}
+
+/// End to end through discovery: a server judged public (it is named, not a loopback literal)
+/// whose metadata names an authorization server on another name that resolves to loopback is
+/// refused at that name, and nothing is sent there (before this, a name slipped past the rule
+/// that refuses a literal `127.0.0.1` in the same place). The server's own name resolving to
+/// loopback is the user's choice and is reached.
+#[tokio::test]
+async fn discovery_of_a_public_server_refuses_an_authorization_server_whose_name_resolves_inward() {
+    let server = serve(|req, _| {
+        let port = req.header("host").unwrap().rsplit(':').next().unwrap().to_owned();
+        match req.path() {
+            "/.well-known/oauth-protected-resource/mcp" => Reply::json(
+                200,
+                serde_json::json!({
+                    "resource": format!("http://mcp.example.com:{port}/mcp"),
+                    "authorization_servers": [format!("http://as.example.net:{port}")],
+                }),
+            ),
+            _ => Reply::json(
+                200,
+                serde_json::json!({
+                    "issuer": format!("http://as.example.net:{port}"),
+                    "authorization_endpoint": format!("http://as.example.net:{port}/authorize"),
+                    "token_endpoint": format!("http://as.example.net:{port}/token"),
+                    "code_challenge_methods_supported": ["S256"],
+                }),
+            ),
+        }
+    })
+    .await;
+    let port = server.base.rsplit(':').next().unwrap().to_owned();
+    let loopback: Vec<IpAddr> = vec![Ipv4Addr::LOCALHOST.into()];
+    let policy = HttpPolicy {
+        ssrf: SsrfPolicy { allow_http: true, ..SsrfPolicy::default() },
+        hosts: [
+            ("mcp.example.com".to_owned(), loopback.clone()),
+            ("as.example.net".to_owned(), loopback),
+        ]
+        .into(),
+        ..HttpPolicy::default()
+    };
+    let config = OAuthConfig { allow_insecure_http: true, ..OAuthConfig::default() };
+    let oauth =
+        OAuthClient::new(client(policy.clone()), SharedClock::system()).with_config(config.clone());
+    let mcp: url::Url = format!("http://mcp.example.com:{port}/mcp").parse().unwrap();
+    let err = oauth.discover(&mcp, None).await.unwrap_err();
+    assert!(matches!(err, Error::SsrfRefused { kind: "loopback", .. }), "{err:?}");
+    assert_eq!(server.paths(), ["GET /.well-known/oauth-protected-resource/mcp"]);
+
+    // With the opt-in the same discovery goes through.
+    let opted_in = OAuthClient::new(client(policy), SharedClock::system())
+        .with_config(OAuthConfig { allow_internal_endpoints: true, ..config });
+    let d = opted_in.discover(&mcp, None).await.unwrap();
+    assert_eq!(d.issuer(), format!("http://as.example.net:{port}"));
 }
 
 #[tokio::test]

@@ -489,3 +489,70 @@ async fn a_public_server_cannot_point_discovery_inward() {
     let d = opted_in.discover(&url(&format!("{PUBLIC}/mcp")), None).await.unwrap();
     assert_eq!(d.authorization_server.token_endpoint.unwrap().as_str(), "https://10.0.0.5/token");
 }
+
+/// The other half of the rule above, for names: what a public server's metadata names on
+/// another host is sent with [`Reach::PublicOnly`] (the HTTP client then refuses a name that
+/// resolves inward, as `reqwest_client`'s tests show), at every step that follows the metadata:
+/// the authorization server metadata, registration, the token endpoint and revocation. The
+/// server's own host, a server on loopback and the opt-in keep [`Reach::Policy`].
+#[tokio::test]
+async fn urls_a_public_server_names_on_other_hosts_may_reach_public_addresses_only() {
+    use crate::testutil::{registration, token_body};
+    use crate::{ClientConfig, RefreshToken, TokenEndpointAuthMethod};
+
+    async fn reaches(server: &str, issuer: &str, opted_in: bool) -> Vec<(String, Reach)> {
+        let (server, issuer) = (server.to_owned(), issuer.to_owned());
+        let (s, i) = (server.clone(), issuer.clone());
+        let m = mock(move |r| match r.url.path() {
+            "/.well-known/oauth-protected-resource/mcp" => json(prm(&format!("{s}/mcp"), &i)),
+            "/register" => json(serde_json::json!({"client_id": "c-1"})),
+            "/token" => token_body(),
+            "/revoke" => HttpResponse::new(200),
+            _ => json(asm(&i, &i)),
+        });
+        let client = m.client.clone().with_config(crate::OAuthConfig {
+            allow_internal_endpoints: opted_in,
+            ..crate::OAuthConfig::default()
+        });
+        let d = client.discover(&url(&format!("{server}/mcp")), None).await.unwrap();
+        let config = ClientConfig::new("test client", "http://127.0.0.1:8765/callback");
+        client.register(&d, &config).await.unwrap();
+        let mut reg = registration(TokenEndpointAuthMethod::None);
+        reg.issuer = issuer.clone();
+        let rt = RefreshToken::new("rt-1");
+        client.refresh(&d, &reg, &rt, None).await.unwrap();
+        client.revoke(&d, &reg, Some(&rt), None).await.unwrap();
+        m.log
+            .all()
+            .iter()
+            .map(|r| (format!("{} {}", r.url.host_str().unwrap(), r.url.path()), r.reach))
+            .collect()
+    }
+
+    let public = reaches("https://mcp.example.com", "https://as.example.net", false).await;
+    assert_eq!(
+        public[0],
+        ("mcp.example.com /.well-known/oauth-protected-resource/mcp".to_owned(), Reach::Policy)
+    );
+    let rest = &public[1..];
+    for step in ["/.well-known/oauth-authorization-server", "/register", "/token", "/revoke"] {
+        assert!(rest.iter().any(|(l, _)| l.contains(step)), "{step} was not requested: {public:?}");
+    }
+    assert!(rest.iter().all(|(_, reach)| *reach == Reach::PublicOnly), "{public:?}");
+
+    for (server, issuer, opted_in) in [
+        // The authorization server on the server's own host.
+        ("https://mcp.example.com", "https://mcp.example.com", false),
+        // A server on loopback.
+        ("http://127.0.0.1:3000", "https://as.example.net", false),
+        // The opt-in.
+        ("https://mcp.example.com", "https://as.example.net", true),
+    ] {
+        let all = reaches(server, issuer, opted_in).await;
+        assert!(all.len() >= 5, "{all:?}");
+        assert!(
+            all.iter().all(|(_, reach)| *reach == Reach::Policy),
+            "{server} {issuer} {opted_in}: {all:?}"
+        );
+    }
+}
