@@ -1,18 +1,12 @@
-//! The interactive authorization: the host's [`AuthorizationHook`], the PENDING `mcp_oauth` flow
-//! with its CSRF state mapping, and the axum [`callback_router`].
+//! The interactive authorization: the host's [`AuthorizationHook`] and the PENDING `mcp_oauth`
+//! flow with its CSRF state mapping (the callback that completes it is in `callback.rs`).
 
 use std::fmt;
 
-use axum::extract::{Query, State};
-use axum::http::StatusCode;
-use axum::routing::get;
-use flow_state::{FlowError, FlowKey, FlowManager};
+use flow_state::FlowKey;
 use mcp_clock::{BoxFuture, Timestamp};
-use mcp_oauth::{CallbackParams, Discovery, OAuthClient, PendingAuthorization};
+use mcp_oauth::{Discovery, PendingAuthorization};
 use serde::{Deserialize, Serialize};
-use token_storage::{TokenKey, TokenStorage};
-
-use crate::oauth_refresher::{convert_response, decode_stored_client};
 
 /// The flow type of the CSRF state mapping (not tenant-scoped: the callback knows only the
 /// state; the mapping names the tenant).
@@ -112,156 +106,4 @@ pub(crate) struct StateMeta {
 
 pub(crate) fn state_key(state: &str) -> Option<FlowKey> {
     FlowKey::new(STATE_FLOW, state).ok()
-}
-
-#[derive(Clone)]
-struct CallbackState {
-    flows: FlowManager,
-    storage: TokenStorage,
-    oauth: OAuthClient,
-}
-
-/// The OAuth callback, `GET /callback?code&state&iss` (or `error`), for the host to serve on
-/// its redirect URI. It validates the state through the state mapping, exchanges the code,
-/// stores the tokens, and completes the `mcp_oauth` flow, waking the waiters in whichever
-/// process shares the flow store. A repeated callback is harmless; an `error` fails the flow
-/// only with a valid, unexpired state and a matching `iss`.
-pub fn callback_router(
-    flows: FlowManager,
-    storage: TokenStorage,
-    oauth: OAuthClient,
-) -> axum::Router {
-    callback_router_at("/callback", flows, storage, oauth)
-}
-
-/// [`callback_router`] on another path (it must start with `/`), for a redirect URI such as
-/// `http://localhost:PORT/oauth/callback`.
-///
-/// # Panics
-/// When `path` does not start with `/` (axum refuses such a route).
-pub fn callback_router_at(
-    path: &str,
-    flows: FlowManager,
-    storage: TokenStorage,
-    oauth: OAuthClient,
-) -> axum::Router {
-    axum::Router::new().route(path, get(callback)).with_state(CallbackState {
-        flows,
-        storage,
-        oauth,
-    })
-}
-
-#[derive(Deserialize)]
-struct CallbackQuery {
-    code: Option<String>,
-    state: Option<String>,
-    iss: Option<String>,
-    error: Option<String>,
-    error_description: Option<String>,
-}
-
-async fn callback(
-    State(s): State<CallbackState>,
-    Query(q): Query<CallbackQuery>,
-) -> (StatusCode, &'static str) {
-    let Some(skey) = q.state.as_deref().and_then(state_key) else {
-        return (StatusCode::BAD_REQUEST, "unknown or expired authorization state");
-    };
-    let Ok(Some(mapping)) = s.flows.get::<String>(&skey).await else {
-        return (StatusCode::BAD_REQUEST, "unknown or expired authorization state");
-    };
-    if mapping.status != flow_state::FlowStatus::Pending {
-        return (StatusCode::OK, "authorization already handled; you can close this window");
-    }
-    let Ok(meta) = serde_json::from_value::<StateMeta>(mapping.metadata) else {
-        return (StatusCode::BAD_REQUEST, "corrupt authorization state");
-    };
-    let Ok(okey) = FlowKey::scoped(Some(&meta.tenant), crate::factory::OAUTH_FLOW, &meta.flow_id)
-    else {
-        return (StatusCode::BAD_REQUEST, "corrupt authorization state");
-    };
-    let flow = match s.flows.get::<String>(&okey).await {
-        Ok(Some(flow)) if flow.status == flow_state::FlowStatus::Pending => flow,
-        _ => {
-            let _ = s.flows.complete_if_pending(&skey, &"gone").await;
-            return (StatusCode::OK, "authorization already handled; you can close this window");
-        }
-    };
-    let Ok(fmeta) = serde_json::from_value::<OAuthFlowMeta>(flow.metadata) else {
-        return (StatusCode::BAD_REQUEST, "corrupt authorization flow");
-    };
-    // The state must be the one this flow is waiting for (a replaced flow has a new state).
-    if q.state.as_deref() != Some(fmeta.pending.state.secret()) {
-        let _ = s.flows.complete_if_pending(&skey, &"replaced").await;
-        return (StatusCode::BAD_REQUEST, "this authorization was replaced by a newer one");
-    }
-    let key = TokenKey::new(meta.tenant.as_str(), meta.user.as_str(), meta.server.as_str());
-    let registration = match s.storage.client(&key).await {
-        Ok(Some(stored)) => decode_stored_client(&stored).map(|(_, r)| r),
-        _ => None,
-    };
-    let Some(registration) = registration else {
-        return (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "no client registration for this authorization",
-        );
-    };
-    if fmeta.client_id.as_ref().is_some_and(|id| *id != registration.client_id) {
-        tracing::warn!("the stored client is not the one this authorization was started with");
-        let message = "the stored client registration changed since this authorization started";
-        let _ = s.flows.fail(&okey, FlowError::new("client_changed", message)).await;
-        let _ = s.flows.complete_if_pending(&skey, &"failed").await;
-        return (StatusCode::CONFLICT, "the client registration changed; please try again");
-    }
-    let params = CallbackParams {
-        code: q.code.map(mcp_oauth::AuthorizationCode::new),
-        state: q.state.map(mcp_oauth::CsrfState::new),
-        iss: q.iss,
-        error: q.error,
-        error_description: q.error_description,
-    };
-    // With a server that takes DPoP, the code is exchanged with a proof by this key's DPoP key
-    // (made and stored at the first exchange), and the tokens are bound to it.
-    let oauth = match crate::dpop::for_grants(&s.storage, &key, &fmeta.discovery).await {
-        Ok(Some(dpop)) => s.oauth.clone().with_dpop(dpop),
-        Ok(None) => s.oauth.clone(),
-        Err(e) => {
-            tracing::warn!(error = %e, "the DPoP key could not be read or stored");
-            return (StatusCode::INTERNAL_SERVER_ERROR, "the DPoP key could not be stored");
-        }
-    };
-    // `exchange_code` checks the state's expiry and `iss` before it looks at `error`.
-    let tokens = match oauth
-        .exchange_code(&fmeta.discovery, &registration, &fmeta.pending, &params)
-        .await
-    {
-        Ok(tokens) => tokens,
-        Err(mcp_oauth::Error::AuthorizationDenied { error, .. }) => {
-            tracing::info!(error = %error, "the authorization server refused the authorization");
-            let _ = s.flows.fail(&okey, FlowError::new(error, "authorization refused")).await;
-            let _ = s.flows.complete_if_pending(&skey, &"failed").await;
-            return (StatusCode::OK, "authorization was refused; you can close this window");
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "code exchange failed");
-            let _ = s.flows.fail(&okey, FlowError::new("exchange_failed", e.to_string())).await;
-            let _ = s.flows.complete_if_pending(&skey, &"failed").await;
-            return (StatusCode::BAD_GATEWAY, "the code exchange failed");
-        }
-    };
-    let mut response = convert_response(tokens);
-    if response.scope.is_none() {
-        // RFC 6749 §5.1: a response without `scope` granted the scope requested. Stored, so a
-        // step-up later asks for it again with the challenged scope (not the challenged alone).
-        response.scope.clone_from(&fmeta.pending.scope);
-    }
-    if let Err(e) = s.storage.store(&key, fmeta.discovery.issuer(), response).await {
-        tracing::warn!(error = %e, "storing the tokens failed");
-        return (StatusCode::INTERNAL_SERVER_ERROR, "storing the tokens failed");
-    }
-    let _ = s.flows.complete(&okey, &"authorized").await;
-    let _ = s.flows.complete_if_pending(&skey, &"done").await;
-    tracing::info!(tenant = %meta.tenant, server = %meta.server, "interactive authorization completed");
-    (StatusCode::OK, "authorized; you can close this window")
 }

@@ -29,8 +29,10 @@
 //!   `authorization_pending` decides whether the joiner waits), a stale one replaced by the one
 //!   request that claims it. Concurrent first connects register one client. While the user
 //!   authorizes, the connection's connect and request timeouts are widened by the OAuth wait.
-//!   [`callback_router`] (`GET /callback`) validates the state, exchanges the code, stores the
-//!   tokens and completes the flow; queued requests resume.
+//!   [`complete_authorization`], called with the callback's parameters from whatever serves the
+//!   redirect URI, validates the state, exchanges the code, stores the tokens and completes the
+//!   flow; queued requests resume. [`callback_router`] (`GET /callback`, feature
+//!   `callback-router`, on by default) is it as an axum route.
 //!
 //!
 //! The auth transport underneath:
@@ -70,6 +72,7 @@
 //! # Ok(()) }
 //! ```
 
+mod callback;
 mod challenge;
 mod client;
 mod connection;
@@ -82,6 +85,9 @@ mod provider;
 mod refreshing;
 mod secret;
 
+pub use callback::{CallbackResponse, complete_authorization};
+#[cfg(feature = "callback-router")]
+pub use callback::{callback_router, callback_router_at};
 pub use challenge::{Challenge, RequestKind};
 pub use client::AuthHttpClient;
 pub use connection::{ConnectOptions, Connection, header_map};
@@ -91,7 +97,6 @@ pub use factory::{
 };
 pub use interactive::{
     AuthorizationHook, AuthorizationReason, AuthorizationRequest, HookDecision, STATE_FLOW,
-    callback_router, callback_router_at,
 };
 pub use mcp_clock::BoxFuture;
 pub use oauth_refresher::{OAuthRefresher, stored_client};

@@ -768,3 +768,105 @@ async fn a_server_that_moves_to_another_authorization_server_is_registered_there
     let events = format!("{:?}", second.events());
     assert!(!events.contains(pre.client_id()), "the old client reached the new server: {events}");
 }
+
+/// A host that serves its redirect URI with its own HTTP stack (no axum, the
+/// `callback-router` feature off) completes the authorization by handing the callback's
+/// parameters to `complete_authorization`: the connect that prompted goes through with the
+/// stored tokens, a repeated callback is answered 200 "already handled" and changes nothing,
+/// and a callback with an unknown state is refused with 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_with_its_own_callback_server_completes_the_authorization() {
+    use connection_factory::{
+        AuthorizationHook, AuthorizationRequest, BoxFuture, CallbackResponse, ConnectionFactory,
+        FactoryConfig, OAuthRefresher, complete_authorization,
+    };
+    use flow_state::{FlowManager, MemoryStore, SharedStore};
+    use mcp_clock::{ManualClock, Timestamp};
+    use mcp_fixtures::Fixtures;
+    use mcp_oauth::{CallbackParams, ClientConfig, HttpPolicy, OAuthClient, ReqwestHttpClient};
+    use token_storage::{Keyring, MemoryTokenStore, TokenStorage};
+
+    /// The host's UI and callback server in one: it plays the browser up to the redirect, then
+    /// does what its own server would do with the request to the redirect URI.
+    #[derive(Debug)]
+    struct OwnServer {
+        flows: FlowManager,
+        storage: TokenStorage,
+        oauth: OAuthClient,
+        answers: Arc<std::sync::Mutex<Vec<CallbackResponse>>>,
+    }
+
+    impl AuthorizationHook for OwnServer {
+        fn authorization_required(
+            &self,
+            request: AuthorizationRequest,
+        ) -> BoxFuture<'_, HookDecision> {
+            let browser = reqwest::Client::builder()
+                .no_proxy()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap();
+            let (flows, storage, oauth) =
+                (self.flows.clone(), self.storage.clone(), self.oauth.clone());
+            let answers = self.answers.clone();
+            tokio::spawn(async move {
+                let response = browser.get(request.authorization_url).send().await.unwrap();
+                let location = response.headers()["location"].to_str().unwrap().to_owned();
+                let callback: url::Url = location.parse().unwrap();
+                for _ in 0..2 {
+                    let params = CallbackParams::parse(&callback).unwrap();
+                    let answer = complete_authorization(&flows, &storage, &oauth, params).await;
+                    answers.lock().unwrap().push(answer);
+                }
+            });
+            Box::pin(async { HookDecision::Wait })
+        }
+    }
+
+    let clock = ManualClock::new(Timestamp::from_secs(1_800_000_000));
+    let fx =
+        Fixtures::start_with(clock.shared(), mcp_fixtures::KnobSettings::default()).await.unwrap();
+    let oauth =
+        OAuthClient::new(ReqwestHttpClient::new(HttpPolicy::default()).unwrap(), clock.shared());
+    let storage = TokenStorage::builder(
+        MemoryTokenStore::new().into(),
+        Arc::new(Keyring::parse(&"42".repeat(32)).unwrap()),
+        Arc::new(OAuthRefresher::new(oauth.clone())),
+    )
+    .clock(clock.shared())
+    .build();
+    let flows = FlowManager::builder(SharedStore::new(MemoryStore::new()))
+        .clock(clock.shared())
+        .build()
+        .unwrap();
+    let answers = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let host = Arc::new(OwnServer {
+        flows: flows.clone(),
+        storage: storage.clone(),
+        oauth: oauth.clone(),
+        answers: answers.clone(),
+    });
+    let factory = ConnectionFactory::new(flows.clone(), storage.clone())
+        .with_interactive(oauth.clone(), host);
+    // Nothing listens on the redirect URI: the host's own server is the hook above.
+    let config = FactoryConfig::new(fx.resource().url(), "tenant-a", "alice", "fixture")
+        .connect_timeout(Duration::from_secs(10))
+        .oauth_wait_timeout(Duration::from_secs(10))
+        .client(ClientConfig::new("own server", "http://127.0.0.1:9/callback"));
+
+    let conn = factory.connect(config.clone()).await.unwrap();
+    assert_eq!(text(&conn.call_tool("echo", args("hi")).await.unwrap()), "hi");
+    eventually("both callbacks answered", || answers.lock().unwrap().len() == 2).await;
+    let answers: Vec<(u16, &str)> =
+        answers.lock().unwrap().iter().map(|a| (a.status, a.message)).collect();
+    assert_eq!(answers[0], (200, "authorized; you can close this window"));
+    assert_eq!(answers[1], (200, "authorization already handled; you can close this window"));
+    assert_eq!(fx.auth().stats().authorization_code_requests, 1, "one code exchange");
+    assert!(storage.tokens(&config.token_key()).await.unwrap().is_some(), "the tokens were stored");
+
+    let unknown = "http://127.0.0.1:9/callback?code=c&state=not-a-state".parse().unwrap();
+    let answer =
+        complete_authorization(&flows, &storage, &oauth, CallbackParams::parse(&unknown).unwrap())
+            .await;
+    assert_eq!((answer.status, answer.message), (400, "unknown or expired authorization state"));
+}
