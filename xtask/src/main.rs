@@ -1,9 +1,11 @@
 //! Workspace automation. Run `cargo xtask help`.
 //!
-//! Kept small on purpose: no dependencies, plain `std::process::Command`. Every check here fails
+//! Kept small on purpose: plain `std::process::Command`, and one dependency (serde_json, for
+//! rustdoc's JSON output in the exposed-types check). Every check here fails
 //! loudly when it cannot do its job (a `cargo tree` that fails, a crate name that is unknown, a
 //! conformance run with fewer scenarios than expected): a check that cannot run is not a pass.
 
+mod exposed;
 mod tidy;
 
 use std::collections::BTreeSet;
@@ -30,6 +32,9 @@ Commands:
   benches   run every bench once in test mode (asserted counts fail the run; no timing)
   tidy      source rules: every .rs file opens with a `//!` line, no ignored tests
   layering  check the architecture's dependency rules (see ARCHITECTURE.md)
+  exposed   no third-party type in a library crate's public API unless its manifest allows
+            that crate ([package.metadata.exposed-types] allowed = [..]); reads rustdoc's JSON
+            (stable toolchain, RUSTC_BOOTSTRAP=1)
   features  lint every crate under each combination of its features (from its Cargo.toml)
   fuzz      build the fuzz target (crates/mcp-oauth/fuzz) on the stable toolchain
   deny      cargo deny check bans licenses sources (deny.toml: one version of each crate,
@@ -56,6 +61,7 @@ fn main() -> ExitCode {
         Some("benches") => benches(),
         Some("tidy") => tidy(),
         Some("layering") => layering(),
+        Some("exposed") => exposed_types(),
         Some("features") => features(),
         Some("fuzz") => fuzz(),
         Some("deny") => deny(),
@@ -174,6 +180,7 @@ fn ci() -> Result<(), String> {
     doc.env("RUSTDOCFLAGS", "-D warnings");
     run("cargo doc", doc)?;
     layering()?;
+    exposed_types()?;
     deny()?;
     features()?;
     fuzz()?;
@@ -334,12 +341,15 @@ fn tidy() -> Result<(), String> {
 fn members() -> Result<Vec<String>, String> {
     let text =
         output("cargo metadata", cargo(&["metadata", "--no-deps", "--format-version", "1"]))?;
-    // Package names appear as `"name":"..."` right after each package's opening; a tiny scan is
-    // enough here and keeps xtask free of a JSON dependency.
-    let names: Vec<String> = text
-        .split("{\"name\":\"")
-        .skip(1)
-        .filter_map(|part| part.find('"').map(|end| part[..end].to_string()))
+    let metadata: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("cargo metadata: {e}"))?;
+    // With `--no-deps`, `packages` lists the workspace's members only (their dependencies'
+    // names appear inside each package, not as packages).
+    let names: Vec<String> = metadata["packages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["name"].as_str().map(str::to_owned))
         .collect();
     if names.is_empty() {
         return Err("cargo metadata listed no packages".into());
@@ -461,6 +471,62 @@ fn layering() -> Result<(), String> {
         Ok(())
     } else {
         Err(format!("layering rules broken:\n{}", broken.join("\n")))
+    }
+}
+
+// ---------------------------------------------------------------------------- exposed types ---
+
+/// Checks every library crate's public API with [`exposed`].
+fn exposed_types() -> Result<(), String> {
+    let workspace = std::fs::read_to_string(root().join("Cargo.toml"))
+        .map_err(|e| format!("read Cargo.toml: {e}"))?;
+    let mut libraries = Vec::new();
+    for dir in member_dirs(&workspace) {
+        if !root().join(&dir).join("src/lib.rs").exists() {
+            continue;
+        }
+        let path = root().join(&dir).join("Cargo.toml");
+        let manifest =
+            std::fs::read_to_string(&path).map_err(|e| format!("read {}: {e}", path.display()))?;
+        let name = package_name(&manifest).ok_or_else(|| format!("{dir}: no package name"))?;
+        libraries.push((name, manifest));
+    }
+    if libraries.is_empty() {
+        return Err("no library crate found: the exposed-types check would check nothing".into());
+    }
+    let ours: BTreeSet<String> = members()?.iter().map(|m| m.replace('-', "_")).collect();
+    let docs = target_dir()?.join("doc");
+    let mut problems = Vec::new();
+    for (name, manifest) in &libraries {
+        let mut cmd = cargo(&[
+            "rustdoc",
+            "-q",
+            "-p",
+            name,
+            "--lib",
+            "--all-features",
+            "--",
+            "-Z",
+            "unstable-options",
+            "--output-format",
+            "json",
+        ]);
+        // rustdoc's JSON output is unstable; the stable toolchain emits it with this set.
+        cmd.env("RUSTC_BOOTSTRAP", "1").env_remove("RUSTDOCFLAGS");
+        run(&format!("rustdoc JSON of {name}"), cmd)?;
+        let file = docs.join(format!("{}.json", name.replace('-', "_")));
+        let text =
+            std::fs::read_to_string(&file).map_err(|e| format!("read {}: {e}", file.display()))?;
+        let doc: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| format!("parse {}: {e}", file.display()))?;
+        let found = exposed::exposures(&doc, &ours)?;
+        problems.extend(exposed::judge(name, &found, &exposed::allowed(manifest)));
+    }
+    if problems.is_empty() {
+        eprintln!("xtask: exposed types: every library exposes only the crates it allows");
+        Ok(())
+    } else {
+        Err(format!("exposed types:\n  {}", problems.join("\n  ")))
     }
 }
 
