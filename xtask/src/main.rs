@@ -384,6 +384,11 @@ fn locked_packages() -> Result<BTreeSet<String>, String> {
 /// What each crate must not depend on (normal dependencies, every feature on).
 const RULES: &[(&str, &[&str], &str)] = &[
     (
+        "mcp-secret",
+        &["tokio", "reqwest", "hyper", "rmcp", "axum", "sled", "redis", "mcp-clock"],
+        "the secret type holds a string, nothing else",
+    ),
+    (
         "mcp-clock",
         &["tokio-util", "reqwest", "hyper", "rmcp", "oauth2", "axum", "sled", "redis"],
         "the clock reads time, nothing else",

@@ -19,7 +19,7 @@ pub(crate) fn is_dpop(token_type: &str) -> bool {
 
 /// The key in a stored PKCS#8 PEM.
 pub(crate) fn decode(pem: &Secret) -> Result<DpopKey, mcp_oauth::Error> {
-    DpopKey::from_pkcs8_pem(&PrivateKeyPem::new(pem.expose()))
+    DpopKey::from_pkcs8_pem(&PrivateKeyPem::from(pem.clone()))
 }
 
 /// The DPoP key stored for `key`, if any.
@@ -48,7 +48,7 @@ pub(crate) async fn for_grants(
     let fresh = DpopKey::generate().map_err(|e| Error::provider("making a DPoP key", e))?;
     let pem = fresh.to_pkcs8_pem().map_err(|e| Error::provider("encoding the DPoP key", e))?;
     let kept = storage
-        .dpop_key_or_insert(key, Secret::new(pem.secret()))
+        .dpop_key_or_insert(key, pem.into_secret())
         .await
         .map_err(|e| Error::store("storing the DPoP key", e))?;
     decode(&kept).map(Some).map_err(|e| Error::provider("reading the DPoP key", e))

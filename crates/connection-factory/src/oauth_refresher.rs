@@ -139,7 +139,7 @@ pub(crate) fn decode_stored_client(
 ) -> Option<(Discovery, mcp_oauth::ClientRegistration)> {
     let discovery: Discovery =
         serde_json::from_value(stored.metadata.get(DISCOVERY)?.clone()).ok()?;
-    let secret = stored.client_secret.as_ref().map(|s| mcp_oauth::ClientSecret::new(s.expose()));
+    let secret = stored.client_secret.clone().map(mcp_oauth::ClientSecret::from);
     let registration = match stored.metadata.get(REGISTRATION) {
         Some(value) => {
             let mut registration: mcp_oauth::ClientRegistration =
@@ -212,7 +212,7 @@ impl Refresher for OAuthRefresher {
                 }
                 _ => self.client.clone(),
             };
-            let refresh_token = RefreshToken::new(request.refresh_token.expose());
+            let refresh_token = RefreshToken::from(request.refresh_token.clone());
             match client
                 .refresh(&discovery, &registration, &refresh_token, request.scope.as_deref())
                 .await
@@ -226,10 +226,10 @@ impl Refresher for OAuthRefresher {
 
 pub(crate) fn convert_response(response: mcp_oauth::TokenResponse) -> TokenResponse {
     TokenResponse {
-        access_token: response.access_token.secret().into(),
+        access_token: response.access_token.into_secret(),
         token_type: response.token_type,
         expires_in: response.expires_in,
-        refresh_token: response.refresh_token.map(|t| t.secret().into()),
+        refresh_token: response.refresh_token.map(mcp_oauth::RefreshToken::into_secret),
         refresh_token_expires_in: None,
         scope: response.scope,
         date: response.date,

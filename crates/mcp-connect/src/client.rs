@@ -1017,7 +1017,7 @@ impl Client {
         let Some((discovery, registration)) = decode_client(client) else {
             return "failed: the stored client registration lacks the server metadata".into();
         };
-        let refresh = tokens.refresh_token().map(|t| mcp_oauth::RefreshToken::new(t.expose()));
+        let refresh = tokens.refresh_token().cloned().map(mcp_oauth::RefreshToken::from);
         let access = mcp_oauth::AccessToken::new(tokens.access_token().expose());
         match self.oauth.revoke(&discovery, &registration, refresh.as_ref(), Some(&access)).await {
             Ok(mcp_oauth::Revocation::Revoked) => "revoked".into(),
@@ -1183,8 +1183,7 @@ fn decode_client(
     let discovery = serde_json::from_value(stored.metadata.get("discovery")?.clone()).ok()?;
     let mut registration: mcp_oauth::ClientRegistration =
         serde_json::from_value(stored.metadata.get("registration")?.clone()).ok()?;
-    registration.client_secret =
-        stored.client_secret.as_ref().map(|s| mcp_oauth::ClientSecret::new(s.expose()));
+    registration.client_secret = stored.client_secret.clone().map(mcp_oauth::ClientSecret::from);
     Some((discovery, registration))
 }
 

@@ -180,7 +180,7 @@ impl ConformanceProvider {
         let tokens = self.authorize(&mut state, bearer.as_ref(), scope, step_up).await?;
         *self.dpop_bound.lock().unwrap_or_else(PoisonError::into_inner) =
             tokens.token_type.eq_ignore_ascii_case("dpop");
-        let token = Secret::new(tokens.access_token.secret().to_owned());
+        let token = tokens.access_token.clone().into_secret();
         *self.token.lock().unwrap_or_else(PoisonError::into_inner) = Some(token.clone());
         Ok(Recovery::Retry(token))
     }

@@ -1,25 +1,39 @@
-//! Secret newtypes: tokens, client secrets, PKCE verifiers, private keys.
+//! Typed secrets: tokens, client secrets, PKCE verifiers, codes, private keys.
 //!
-//! Their `Debug` and `Display` print `[redacted]`; the value is reached only through
-//! `secret()`, equality is constant-time, and the value is zeroized on drop.
+//! Each is a named wrapper of the workspace's one secret type, [`mcp_secret::Secret`]: `Debug`
+//! prints `AccessToken([redacted])` and `Display` `[redacted]`; the value is reached only
+//! through `secret()`; equality is constant-time; the text is wiped from memory when the last
+//! clone is dropped. The names keep an access token from being passed where a refresh token
+//! goes; `into_secret` / `From` hand the value to token storage without a copy.
+//!
+//! ```
+//! use mcp_oauth::AccessToken;
+//! use mcp_secret::Secret;
+//!
+//! let token = AccessToken::new("at-123");
+//! assert_eq!(format!("{token:?} {token}"), "AccessToken([redacted]) [redacted]");
+//! let stored: Secret = token.clone().into();
+//! assert_eq!(stored.expose(), token.secret());
+//! ```
 
-use serde::{Deserialize, Serialize};
 use std::fmt;
-use subtle::ConstantTimeEq;
+
+use mcp_secret::Secret;
+use serde::{Deserialize, Serialize};
 
 macro_rules! secret_type {
     ($(#[$meta:meta])* $name:ident) => {
         $(#[$meta])*
         ///
         /// `Debug` and `Display` print `[redacted]`; [`Self::secret`] returns the value.
-        #[derive(Clone, Serialize, Deserialize)]
+        #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
         #[serde(transparent)]
-        pub struct $name(String);
+        pub struct $name(Secret);
 
         impl $name {
             /// Wrap a secret value.
             pub fn new(value: impl Into<String>) -> Self {
-                $name(value.into())
+                $name(Secret::new(value))
             }
 
             /// The secret value.
@@ -27,7 +41,24 @@ macro_rules! secret_type {
             /// # Security Warning
             /// Never log or display what this returns.
             pub fn secret(&self) -> &str {
-                &self.0
+                self.0.expose()
+            }
+
+            /// The value as the workspace's [`Secret`] (shared, not copied).
+            pub fn into_secret(self) -> Secret {
+                self.0
+            }
+        }
+
+        impl From<$name> for Secret {
+            fn from(value: $name) -> Secret {
+                value.0
+            }
+        }
+
+        impl From<Secret> for $name {
+            fn from(value: Secret) -> $name {
+                $name(value)
             }
         }
 
@@ -40,21 +71,6 @@ macro_rules! secret_type {
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("[redacted]")
-            }
-        }
-
-        impl PartialEq for $name {
-            fn eq(&self, other: &Self) -> bool {
-                self.0.as_bytes().ct_eq(other.0.as_bytes()).into()
-            }
-        }
-
-        impl Eq for $name {}
-
-        impl Drop for $name {
-            /// The value is wiped from memory (not only freed).
-            fn drop(&mut self) {
-                zeroize::Zeroize::zeroize(&mut self.0);
             }
         }
     };
@@ -105,9 +121,7 @@ pub(crate) fn random_urlsafe(n: usize) -> String {
 }
 
 /// Constant-time string comparison.
-pub(crate) fn ct_eq(a: &str, b: &str) -> bool {
-    a.as_bytes().ct_eq(b.as_bytes()).into()
-}
+pub(crate) use mcp_secret::ct_eq;
 
 #[cfg(test)]
 mod tests {
