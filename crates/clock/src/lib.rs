@@ -213,8 +213,43 @@ impl Clock for SharedClock {
     }
 }
 
+/// A random duration between zero and `max`, both included (uniform, to the microsecond).
+///
+/// ```
+/// use std::time::Duration;
+/// let d = mcp_clock::jitter(Duration::from_millis(10));
+/// assert!(d <= Duration::from_millis(10));
+/// assert_eq!(mcp_clock::jitter(Duration::ZERO), Duration::ZERO);
+/// ```
+pub fn jitter(max: Duration) -> Duration {
+    let spread = u64::try_from(max.as_micros()).unwrap_or(u64::MAX);
+    if spread == 0 {
+        return Duration::ZERO;
+    }
+    // Without an entropy source the delay is the least one: no jitter, never a panic.
+    let draw = getrandom::u64().unwrap_or(0) % spread.saturating_add(1);
+    Duration::from_micros(draw)
+}
+
+/// "Equal jitter" for a backoff step: between half of `step` and all of it, so retries spread
+/// out without ever coming sooner than half the step.
+///
+/// ```
+/// use std::time::Duration;
+/// let step = Duration::from_secs(2);
+/// let d = mcp_clock::equal_jitter(step);
+/// assert!(d >= step / 2 && d <= step);
+/// ```
+pub fn equal_jitter(step: Duration) -> Duration {
+    let half = step / 2;
+    half + jitter(step - half)
+}
+
 #[cfg(feature = "test-util")]
 pub use manual::ManualClock;
+
+#[cfg(feature = "test-util")]
+pub mod testing;
 
 #[cfg(feature = "test-util")]
 mod manual {

@@ -369,7 +369,7 @@ impl Connection {
                     tracing::warn!(attempt, error = %e, "reconnect failed");
                     last = e;
                     if attempt < attempts {
-                        self.options.clock.sleep(jittered(step)).await;
+                        self.options.clock.sleep(mcp_clock::equal_jitter(step)).await;
                         step = (step * 2).min(self.options.reconnect_max);
                     }
                 }
@@ -386,15 +386,6 @@ enum Resend {
     Always,
     /// Only when it provably never reached a live session (see [`never_reached`]).
     IfNeverReached,
-}
-
-/// A wait between half and all of `step` (exponential backoff with jitter, so reconnecting
-/// clients do not arrive together).
-fn jittered(step: Duration) -> Duration {
-    let half = step / 2;
-    let spread = u64::try_from(half.as_micros()).unwrap_or(u64::MAX);
-    let extra = if spread == 0 { 0 } else { getrandom::u64().unwrap_or(0) % (spread + 1) };
-    half + Duration::from_micros(extra)
 }
 
 /// Whether rmcp's transport error chain says the session is gone and the request was not

@@ -18,7 +18,7 @@
 //! [`StoreLocked`] (mapped onto [`Error::StoreLocked`](crate::Error::StoreLocked)).
 
 use std::fmt;
-use std::fs::{File, OpenOptions, TryLockError};
+use std::fs::OpenOptions;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -76,11 +76,8 @@ pub(crate) struct StoreDir {
 }
 
 /// An exclusive advisory lock on a file, released on drop (or by the kernel when the process
-/// dies).
-#[derive(Debug)]
-pub(crate) struct FileLock {
-    _file: File,
-}
+/// dies): token storage's, the workspace's one lock-file helper.
+pub(crate) use token_storage::FileLock;
 
 impl StoreDir {
     /// The directory at `root` (created, mode 0700, when missing; made private when it is not),
@@ -317,29 +314,9 @@ async fn lock_file(
     path: &Path,
     wait: Duration,
 ) -> Result<FileLock, token_storage::Error> {
-    let file =
-        OpenOptions::new().create(true).truncate(false).write(true).open(path).map_err(|e| {
-            token_storage::Error::store(format!("could not open {}", path.display()), e)
-        })?;
-    let mut waited = Duration::ZERO;
-    loop {
-        match file.try_lock() {
-            Ok(()) => return Ok(FileLock { _file: file }),
-            Err(TryLockError::WouldBlock) if waited < wait => {
-                clock.sleep(LOCK_STEP).await;
-                waited += LOCK_STEP;
-            }
-            Err(TryLockError::WouldBlock) => {
-                return Err(locked(StoreLocked { path: path.to_owned(), waited }));
-            }
-            Err(TryLockError::Error(e)) => {
-                return Err(token_storage::Error::store(
-                    format!("could not lock {}", path.display()),
-                    e,
-                ));
-            }
-        }
-    }
+    FileLock::acquire(path, wait, clock)
+        .await?
+        .ok_or_else(|| locked(StoreLocked { path: path.to_owned(), waited: wait }))
 }
 
 /// A [`TokenStore`] over the sled database of a [`StoreDir`], opened for each operation under

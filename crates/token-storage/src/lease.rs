@@ -66,16 +66,15 @@
 //! of redeeming again.
 
 use std::fmt;
-use std::fs::{File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
 use std::time::Duration;
 
 use flow_state::{FlowKey, Lease, Leases, SharedStore, StoreErrorKind};
-use mcp_clock::{Clock as _, SharedClock};
+use mcp_clock::SharedClock;
 
 use crate::key::RecordKind;
+use crate::lock_file::{FileLock, lock_file_name};
 use crate::{Error, TokenKey};
 
 /// How processes that share a token store agree on which of them redeems a refresh token.
@@ -130,7 +129,7 @@ impl fmt::Debug for RefreshLease {
 /// A lease held for one refresh.
 pub(crate) enum Held {
     Store { leases: Leases, lease: Lease, ttl: Duration },
-    File(File),
+    File(FileLock),
 }
 
 impl RefreshLease {
@@ -194,17 +193,7 @@ impl RefreshLease {
                     Err(e) => Err(lease_error(key, self.wait, e)),
                 }
             }
-            Kind::Files(dir) => {
-                let file = open_lock_file(dir, key)?;
-                match file.try_lock() {
-                    Ok(()) => Ok(Some(Held::File(file))),
-                    Err(TryLockError::WouldBlock) => Ok(None),
-                    Err(TryLockError::Error(e)) => Err(Error::store(
-                        format!("could not lock {}", lock_path(dir, key).display()),
-                        e,
-                    )),
-                }
-            }
+            Kind::Files(dir) => Ok(FileLock::try_acquire(&lock_path(dir, key))?.map(Held::File)),
         }
     }
 
@@ -222,30 +211,10 @@ impl RefreshLease {
                     .map_err(|e| lease_error(key, self.wait, e))?;
                 Ok(Held::Store { leases: leases.clone(), lease, ttl: self.ttl })
             }
-            Kind::Files(dir) => {
-                let file = open_lock_file(dir, key)?;
-                let path = lock_path(dir, key);
-                let step = Duration::from_millis(5);
-                let mut waited = Duration::ZERO;
-                loop {
-                    match file.try_lock() {
-                        Ok(()) => return Ok(Held::File(file)),
-                        Err(TryLockError::WouldBlock) if waited < self.wait => {
-                            self.clock.sleep(step).await;
-                            waited += step;
-                        }
-                        Err(TryLockError::WouldBlock) => {
-                            return Err(Error::LeaseWait { key: key.clone(), waited: self.wait });
-                        }
-                        Err(TryLockError::Error(e)) => {
-                            return Err(Error::store(
-                                format!("could not lock {}", path.display()),
-                                e,
-                            ));
-                        }
-                    }
-                }
-            }
+            Kind::Files(dir) => FileLock::acquire(&lock_path(dir, key), self.wait, &self.clock)
+                .await?
+                .map(Held::File)
+                .ok_or_else(|| Error::LeaseWait { key: key.clone(), waited: self.wait }),
         }
     }
 }
@@ -319,36 +288,9 @@ fn flow_key(key: &TokenKey) -> Result<FlowKey, Error> {
         .map_err(|e| Error::store("could not name the refresh lease", e))
 }
 
-/// The name of a lock file for `name`: a fixed-length digest of it (SHA-256, 64 hex characters)
-/// and `.lock`, so any name, however long its URL or user name, fits a file name (file systems
-/// refuse names past 255 bytes).
-///
-/// ```
-/// let name = token_storage::lock_file_name(&"x".repeat(1000));
-/// assert_eq!(name.len(), 64 + ".lock".len());
-/// ```
-pub fn lock_file_name(name: &str) -> String {
-    let digest = Sha256::digest(name.as_bytes());
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{hex}.lock")
-}
-
 /// The lock file of `key` in `dir`.
 fn lock_path(dir: &Path, key: &TokenKey) -> PathBuf {
     dir.join(lock_file_name(&key.record(RecordKind::Tokens)))
-}
-
-fn open_lock_file(dir: &Path, key: &TokenKey) -> Result<File, Error> {
-    std::fs::create_dir_all(dir).map_err(|e| {
-        Error::store(format!("could not create lock directory {}", dir.display()), e)
-    })?;
-    let path = lock_path(dir, key);
-    OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| Error::store(format!("could not open lock file {}", path.display()), e))
 }
 
 fn lease_error(key: &TokenKey, wait: Duration, e: flow_state::Error) -> Error {

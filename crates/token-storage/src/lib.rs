@@ -49,6 +49,7 @@ mod crypto;
 mod error;
 mod key;
 mod lease;
+mod lock_file;
 mod model;
 mod refresher;
 mod secret;
@@ -60,7 +61,8 @@ pub mod testkit;
 pub use crypto::{EncryptionKey, KeyProvider, Keyring};
 pub use error::{DecryptFailure, Error, ReauthReason};
 pub use key::TokenKey;
-pub use lease::{Fence, RefreshLease, lock_file_name};
+pub use lease::{Fence, RefreshLease};
+pub use lock_file::{FileLock, lock_file_name};
 #[cfg(feature = "test-util")]
 pub use mcp_clock::ManualClock;
 pub use mcp_clock::{Clock, SharedClock, SystemClock, Timestamp};

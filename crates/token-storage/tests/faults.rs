@@ -270,7 +270,7 @@ async fn a_commit_that_fails_on_a_store_error_keeps_the_rotated_token() {
     let first = storage.store(&key(), ISS, server.issue(&key())).await.unwrap();
     server.set_latency(Duration::from_secs(2));
     let refreshing = force(&storage, &first);
-    until("the request is out", || server.calls() == 1).await;
+    eventually("the request is out", || server.calls() == 1).await;
     server.set_latency(Duration::ZERO);
     faulty.fail_next_write();
     drive(&clock, std::slice::from_ref(&refreshing), Duration::from_secs(30)).await;
@@ -307,7 +307,7 @@ async fn a_commit_whose_reply_was_lost_counts_as_written() {
     let first = storage.store(&key(), ISS, server.issue(&key())).await.unwrap();
     server.set_latency(Duration::from_secs(2));
     let refreshing = force(&storage, &first);
-    until("the request is out", || server.calls() == 1).await;
+    eventually("the request is out", || server.calls() == 1).await;
     let intent = storage.tokens(&key()).await.unwrap().unwrap();
     assert!(intent.in_doubt() && intent.version() > first.version(), "the intent is stored");
     faulty.lose_next_write_reply();
@@ -363,7 +363,7 @@ async fn a_commit_failing_on_the_store_keeps_the_lease_until_it_lands() {
     let first = p.a.store(&key(), ISS, p.server.issue(&key())).await.unwrap();
     p.server.set_latency(Duration::from_secs(2));
     let a = force(&p.a, &first);
-    until("a's request is out", || p.server.calls() == 1).await;
+    eventually("a's request is out", || p.server.calls() == 1).await;
     for _ in 0..5 {
         p.tokens.fail_next_write();
     }
@@ -391,7 +391,7 @@ async fn a_commit_after_the_lease_lapsed_still_lands_on_the_version_read() {
     let first = p.a.store(&key(), ISS, p.server.issue(&key())).await.unwrap();
     p.server.set_latency(Duration::from_secs(12));
     let a = force(&p.a, &first);
-    until("a's request is out", || p.server.calls() == 1).await;
+    eventually("a's request is out", || p.server.calls() == 1).await;
     for _ in 0..4 {
         p.leases.fail_next_write();
     }
@@ -414,7 +414,7 @@ async fn a_commit_that_cannot_be_written_is_held_in_memory_for_the_next_refresh(
     let first = p.a.store(&key(), ISS, p.server.issue(&key())).await.unwrap();
     p.server.set_latency(Duration::from_secs(12));
     let a = force(&p.a, &first);
-    until("a's request is out", || p.server.calls() == 1).await;
+    eventually("a's request is out", || p.server.calls() == 1).await;
     for _ in 0..4 {
         p.leases.fail_next_write();
     }
@@ -453,7 +453,7 @@ async fn a_holder_whose_lease_lapsed_cannot_write_over_the_new_holders_intent() 
     advance(&p.clock, Duration::from_secs(11)).await;
     p.server.set_latency(Duration::from_secs(40));
     let b = force(&p.b, &first);
-    until("b's request is out", || p.server.calls() == 1).await;
+    eventually("b's request is out", || p.server.calls() == 1).await;
     let handles = [a, b];
     drive(&p.clock, &handles, Duration::from_secs(200)).await;
     let [a, b] = handles;
@@ -474,7 +474,7 @@ async fn a_lost_answer_is_recorded_in_doubt_and_retried_with_the_same_token() {
     f.server.set_reuse_grace(Duration::from_secs(5));
     f.server.lose_next_answer();
     let refreshing = force(&f.storage, &first);
-    until("the answer was lost", || f.server.lost_answers() == 1).await;
+    eventually("the answer was lost", || f.server.lost_answers() == 1).await;
     settle().await;
     let stored = f.storage.tokens(&key()).await.unwrap().unwrap();
     assert!(stored.in_doubt(), "recorded in doubt before the retry");
@@ -515,7 +515,7 @@ async fn a_stale_peers_failure_marker_does_not_beat_a_valid_new_token() {
     let first = p.a.store(&key(), ISS, p.server.issue(&key())).await.unwrap();
     p.server.set_latency(Duration::from_secs(2));
     let a = force(&p.a, &first);
-    until("a's request arrived", || p.server.calls() == 1).await;
+    eventually("a's request arrived", || p.server.calls() == 1).await;
     p.server.set_latency(Duration::ZERO);
     p.server.fail_next(RefreshError::terminal(TerminalCode::InvalidGrant, None));
     let b = p.b.force_refresh(&key(), ISS, first.access_token()).await;
@@ -563,10 +563,10 @@ async fn refresh_ahead_never_queues_behind_a_peers_lease() {
     p.clock.advance(HOUR - Duration::from_secs(30)); // inside a's refresh window, still valid
     p.server.set_latency(Duration::from_secs(20));
     let b = force(&p.b, &first); // b holds the lease while its token call is pending
-    until("b's request arrived", || p.server.calls() == 1).await;
+    eventually("b's request arrived", || p.server.calls() == 1).await;
     let served = p.a.get_valid(&key(), ISS).await.unwrap();
     assert_eq!(served.access_token(), first.access_token());
-    until("a's refresh ahead ended without waiting for the lease", || {
+    eventually("a's refresh ahead ended without waiting for the lease", || {
         format!("{:?}", p.a).contains("refreshes_in_flight: 0")
     })
     .await;
@@ -594,7 +594,7 @@ async fn a_lease_wait_that_times_out_names_the_wait() {
     let first = a.store(&key(), ISS, server.issue(&key())).await.unwrap();
     server.set_latency(Duration::from_secs(20));
     let holder = force(&b, &first);
-    until("b's request arrived", || server.calls() == 1).await;
+    eventually("b's request arrived", || server.calls() == 1).await;
     let waiting = force(&a, &first);
     drive(&clock, std::slice::from_ref(&waiting), Duration::from_secs(10)).await;
     match waiting.await.unwrap() {

@@ -224,7 +224,7 @@ async fn a_dead_holders_lease_expires_and_the_refresh_takes_over() {
         async move { storage.force_refresh(&key(), ISS, &rejected).await }
     });
     // The refresh waits on the clock for the dead lease's expiry.
-    until("the refresh to wait for the lease", || clock.sleepers() > sleepers).await;
+    eventually("the refresh to wait for the lease", || clock.sleepers() > sleepers).await;
     clock.advance(ttl - Duration::from_millis(1));
     mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(50)).await;
     assert!(!refresh.is_finished(), "the refresh waits for the dead lease until its TTL");
@@ -311,22 +311,6 @@ async fn lease_key(store: &RedisTokenStore) -> flow_state::FlowKey {
     flow_state::FlowKey::new("token_refresh", &record).unwrap()
 }
 
-/// Polls `cond` every 10 ms of real time for up to `limit`; whether it held.
-async fn eventually<F: std::future::Future<Output = bool>>(
-    limit: Duration,
-    cond: impl Fn() -> F,
-) -> bool {
-    let clock = mcp_clock::SystemClock;
-    let start = mcp_clock::SystemClock::instant();
-    while mcp_clock::SystemClock::instant() - start < limit {
-        if cond().await {
-            return true;
-        }
-        mcp_clock::Clock::sleep(&clock, Duration::from_millis(10)).await;
-    }
-    false
-}
-
 /// Race (issue 12, "a lease lost just before sending"): `a` writes its in-doubt intent under
 /// the lease, then finds the lease lost at the check before sending (its lease store answers
 /// 1.4 s late, so the lease lapses between the intent and the check, and a peer takes it).
@@ -353,7 +337,10 @@ async fn a_lease_lost_before_sending_leaves_the_next_holder_its_retry() {
         async move { a.force_refresh(&key(), ISS, &rejected).await }
     });
     let in_doubt = || async { a.tokens(&key()).await.unwrap().unwrap().in_doubt() };
-    assert!(eventually(Duration::from_secs(5), in_doubt).await, "a wrote its intent");
+    assert!(
+        mcp_clock::testing::within_real_time(Duration::from_secs(5), in_doubt).await,
+        "a wrote its intent"
+    );
     let mut held = None;
     for _ in 0..500 {
         held = peer.try_acquire(&lease_key, Duration::from_secs(60)).await.unwrap();
@@ -364,7 +351,7 @@ async fn a_lease_lost_before_sending_leaves_the_next_holder_its_retry() {
     }
     let held = held.expect("the peer took the lapsed lease");
     assert_eq!(server.calls(), 0, "a sent nothing");
-    let taken_back = eventually(Duration::from_secs(3), || async {
+    let taken_back = mcp_clock::testing::within_real_time(Duration::from_secs(3), || async {
         !a.tokens(&key()).await.unwrap().unwrap().in_doubt()
     })
     .await;

@@ -235,7 +235,7 @@ async fn a_burst_of_401s_redeems_once() {
             (f.storage.clone(), key.clone(), first.access_token().clone());
         tasks.push(tokio::spawn(async move { storage.force_refresh(&key, ISS, &rejected).await }));
     }
-    until("the redemption to start", || f.server.calls() == 1).await;
+    eventually("the redemption to start", || f.server.calls() == 1).await;
     mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(20)).await;
     f.clock.advance(Duration::from_secs(1));
     let mut versions = std::collections::HashSet::new();
@@ -326,9 +326,9 @@ async fn refresh_ahead_serves_the_valid_token_meanwhile() {
         let got = f.storage.get_valid(&key, ISS).await.unwrap();
         assert_eq!(got.access_token(), first.access_token());
     }
-    until("the background refresh to start", || f.server.calls() == 1).await;
+    eventually("the background refresh to start", || f.server.calls() == 1).await;
     f.clock.advance(Duration::from_secs(5));
-    until("the background refresh to land", || f.server.redemptions() == 1).await;
+    eventually("the background refresh to land", || f.server.redemptions() == 1).await;
     let mut fresh = None;
     for _ in 0..200 {
         let got = f.storage.get_valid(&key, ISS).await.unwrap();
@@ -358,7 +358,7 @@ async fn a_late_answers_lifetime_counts_from_the_requests_departure() {
             (f.storage.clone(), key.clone(), first.access_token().clone());
         async move { storage.force_refresh(&key, ISS, &rejected).await }
     });
-    until("the request to reach the server", || f.server.calls() == 1).await;
+    eventually("the request to reach the server", || f.server.calls() == 1).await;
     // In steps: the server's sleep may start just after the request was counted.
     while !refresh.is_finished() {
         f.clock.advance(Duration::from_secs(1));
@@ -421,7 +421,7 @@ async fn keys_are_isolated() {
             (key.clone(), storage.force_refresh(&key, ISS, &rejected).await)
         }));
     }
-    until("one redemption per key", || f.server.calls() == 4).await;
+    eventually("one redemption per key", || f.server.calls() == 4).await;
     f.clock.advance(Duration::from_secs(1));
     for t in tasks {
         let (key, got) = t.await.unwrap();
@@ -480,7 +480,7 @@ async fn transient_failures_are_retried_with_backoff() {
             (f.storage.clone(), key.clone(), first.access_token().clone());
         async move { storage.force_refresh(&key, ISS, &rejected).await }
     });
-    until("the first attempt", || f.server.calls() == 1).await;
+    eventually("the first attempt", || f.server.calls() == 1).await;
     mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(20)).await;
     assert_eq!(f.server.calls(), 1, "no retry before the backoff has passed");
     // Backoff is at most backoff_base * 2^n; advance in steps until all three attempts ran.
@@ -558,7 +558,7 @@ async fn invalid_client_deletes_the_registration_and_reaches_every_waiter() {
             (f.storage.clone(), key.clone(), first.access_token().clone());
         tasks.push(tokio::spawn(async move { storage.force_refresh(&key, ISS, &rejected).await }));
     }
-    until("the call", || f.server.calls() == 1).await;
+    eventually("the call", || f.server.calls() == 1).await;
     mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(20)).await;
     f.clock.advance(Duration::from_secs(1));
     for t in tasks {
@@ -635,7 +635,7 @@ async fn a_late_refresh_never_overwrites_a_newer_login() {
             (f.storage.clone(), key.clone(), first.access_token().clone());
         async move { storage.force_refresh(&key, ISS, &rejected).await }
     });
-    until("the redemption to start", || f.server.calls() == 1).await;
+    eventually("the redemption to start", || f.server.calls() == 1).await;
     let interactive = login(&f, &key).await;
     f.clock.advance(Duration::from_secs(5));
     let got = task.await.unwrap().unwrap();
@@ -658,7 +658,7 @@ async fn a_refresh_in_flight_does_not_resurrect_deleted_tokens() {
             (f.storage.clone(), key.clone(), first.access_token().clone());
         async move { storage.force_refresh(&key, ISS, &rejected).await }
     });
-    until("the redemption to start", || f.server.calls() == 1).await;
+    eventually("the redemption to start", || f.server.calls() == 1).await;
     f.storage.delete_all(&key).await.unwrap();
     f.clock.advance(Duration::from_secs(5));
     assert_eq!(reason(task.await.unwrap().unwrap_err()), ReauthReason::Missing);
@@ -690,18 +690,18 @@ async fn callers_that_leave_do_not_lose_the_rotated_token() {
         tokio::spawn(async move { storage.force_refresh(&key, ISS, &rejected).await })
     };
     let dropped = spawn();
-    until("the redemption to start", || f.server.calls() == 1).await;
+    eventually("the redemption to start", || f.server.calls() == 1).await;
     // The second caller must have taken its deadline from the clock before the clock moves (a
     // deadline taken after the advance would never pass, and the test would hang).
     let sleepers = f.clock.sleepers();
     let timed_out = spawn();
-    until("the second caller to wait", || f.clock.sleepers() > sleepers).await;
+    eventually("the second caller to wait", || f.clock.sleepers() > sleepers).await;
     dropped.abort();
     f.clock.advance(Duration::from_secs(2));
     assert!(matches!(timed_out.await.unwrap(), Err(Error::Timeout { .. })));
     // Every caller has gone; the redemption is still in flight.
     f.clock.advance(Duration::from_secs(3));
-    until("the rotated token to be persisted", || hooks.load(Ordering::SeqCst) == 1).await;
+    eventually("the rotated token to be persisted", || hooks.load(Ordering::SeqCst) == 1).await;
     let stored = f.storage.tokens(&key).await.unwrap().unwrap();
     assert_ne!(stored.refresh_token(), first.refresh_token());
     assert_eq!(
@@ -731,7 +731,7 @@ async fn a_hung_refresh_is_abandoned_and_never_replays() {
             (f.storage.clone(), key.clone(), first.access_token().clone());
         async move { storage.force_refresh(&key, ISS, &rejected).await }
     });
-    until("the first attempt", || f.server.calls() == 1).await;
+    eventually("the first attempt", || f.server.calls() == 1).await;
     mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(10)).await;
     f.clock.advance(Duration::from_secs(61));
     assert!(matches!(task.await.unwrap(), Err(Error::Timeout { .. })));
@@ -748,7 +748,7 @@ async fn a_hung_refresh_is_abandoned_and_never_replays() {
             (f.storage.clone(), key.clone(), first.access_token().clone());
         async move { storage.force_refresh(&key, ISS, &rejected).await }
     });
-    until("the hung attempt", || f.server.calls() == 2).await;
+    eventually("the hung attempt", || f.server.calls() == 2).await;
     mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(10)).await;
     f.clock.advance(Duration::from_secs(60));
     mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(10)).await;

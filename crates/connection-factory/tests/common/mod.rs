@@ -163,13 +163,6 @@ pub(crate) fn text(result: &connection_factory::CallToolResult) -> String {
     result.content[0].as_text().expect("text content").text.clone()
 }
 
-/// Wait (bounded: 10 s of real time) until `done` holds.
-pub(crate) async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
-    for _ in 0..2000 {
-        if done() {
-            return;
-        }
-        mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(5)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
+/// The one bounded wait on real time (mcp-clock's).
+#[allow(unused_imports)] // not every test binary waits
+pub(crate) use mcp_clock::testing::eventually;

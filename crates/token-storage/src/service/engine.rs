@@ -554,7 +554,7 @@ impl Inner {
             .saturating_mul(1 << attempt.saturating_sub(1).min(16))
             .min(self.config.backoff_max);
         // Equal jitter: between half and all of the exponential delay.
-        let delay = exp / 2 + random_up_to(exp / 2);
+        let delay = mcp_clock::equal_jitter(exp);
         delay.max(retry_after.unwrap_or_default())
     }
 

@@ -183,14 +183,6 @@ fn auth(key: &TokenKey, reason: ReauthReason) -> Error {
     Error::AuthorizationRequired { key: key.clone(), reason }
 }
 
-fn random_up_to(max: Duration) -> Duration {
-    let millis = u64::try_from(max.as_millis()).unwrap_or(u64::MAX);
-    if millis == 0 {
-        return Duration::ZERO;
-    }
-    Duration::from_millis(getrandom::u64().unwrap_or(0) % (millis + 1))
-}
-
 impl TokenStorage {
     /// Store tokens from an interactive authorization (or any other fresh grant) for `key`,
     /// issued by `issuer`. They replace whatever was stored, including a slot marked as needing

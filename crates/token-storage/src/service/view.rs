@@ -124,8 +124,9 @@ impl Inner {
     ) -> View {
         let refresh_at = set.expires_at.map(|expires_at| {
             let lifetime = expires_at.saturating_since(set.obtained_at);
-            let ahead = (self.config.refresh_buffer + random_up_to(self.config.refresh_jitter))
-                .min(lifetime / 2);
+            let ahead = (self.config.refresh_buffer
+                + mcp_clock::jitter(self.config.refresh_jitter))
+            .min(lifetime / 2);
             expires_at - ahead
         });
         let view = View { set, refresh_at };

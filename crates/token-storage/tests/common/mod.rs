@@ -53,13 +53,6 @@ pub fn fixture_with(
     Fixture { storage: extra(builder).build(), clock, server, store }
 }
 
-/// Wait (in real time, briefly) until `cond` holds.
-pub async fn until(what: &str, cond: impl Fn() -> bool) {
-    for _ in 0..10_000 {
-        if cond() {
-            return;
-        }
-        mcp_clock::Clock::sleep(&mcp_clock::SystemClock, Duration::from_millis(1)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
+/// The one bounded wait on real time (mcp-clock's).
+#[allow(unused_imports)] // not every test binary waits
+pub use mcp_clock::testing::eventually;
