@@ -197,7 +197,7 @@ async fn mcp_factory(redis: &str, prefix: &str) -> ConnectionFactory {
     let flows =
         RedisStore::builder(redis).prefix(format!("{prefix}-flows")).connect().await.unwrap();
     let flows = FlowManager::builder(SharedStore::new(flows)).build().unwrap();
-    ConnectionFactory::new(flows, storage)
+    ConnectionFactory::new(flows, storage).unwrap()
 }
 
 /// `factory.connect(config)` for [`key`], with room for [`CALLS`] requests at once: rmcp's

@@ -121,6 +121,13 @@ pub trait Clock: Send + Sync + fmt::Debug + 'static {
     fn sleep(&self, duration: Duration) -> BoxFuture<'static, ()> {
         self.sleep_until(self.now() + duration)
     }
+
+    /// Which time source this is, when the clock can tell: two clocks with the same identity
+    /// always agree (every [`SystemClock`]; the clones of one `ManualClock`), two with different
+    /// ones may not. `None` (the default): unknown. See [`SharedClock::same_source`].
+    fn identity(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// `work`, unless `clock` says `after` has passed first (`None`): the one timeout of this
@@ -180,6 +187,11 @@ impl Clock for SystemClock {
         let wait = deadline.saturating_since(self.now());
         Box::pin(tokio::time::sleep(wait))
     }
+
+    fn identity(&self) -> Option<usize> {
+        // Every system clock reads the one system time.
+        Some(0)
+    }
 }
 
 /// A cloneable, shareable [`Clock`]: `Arc<dyn Clock>` with a name.
@@ -196,6 +208,18 @@ impl SharedClock {
     pub fn system() -> Self {
         SharedClock::new(SystemClock)
     }
+
+    /// Whether `self` and `other` are known to read one time source (see [`Clock::identity`]):
+    /// `Some(false)` when they surely do not (a manual clock and the system clock, two manual
+    /// clocks), `None` when a clock cannot tell.
+    ///
+    /// ```
+    /// use mcp_clock::SharedClock;
+    /// assert_eq!(SharedClock::system().same_source(&SharedClock::system()), Some(true));
+    /// ```
+    pub fn same_source(&self, other: &SharedClock) -> Option<bool> {
+        Some(self.identity()? == other.identity()?)
+    }
 }
 
 impl Default for SharedClock {
@@ -210,6 +234,9 @@ impl Clock for SharedClock {
     }
     fn sleep_until(&self, deadline: Timestamp) -> BoxFuture<'static, ()> {
         self.0.sleep_until(deadline)
+    }
+    fn identity(&self) -> Option<usize> {
+        self.0.identity()
     }
 }
 
@@ -344,6 +371,11 @@ mod manual {
                 }
             })
         }
+
+        fn identity(&self) -> Option<usize> {
+            // The clones of one manual clock share its time; never 0 (the system clock's).
+            Some(Arc::as_ptr(&self.now) as usize)
+        }
     }
 }
 
@@ -383,5 +415,27 @@ mod tests {
         assert!(woke.is_err());
         clock.advance(Duration::from_secs(1));
         sleeper.await.unwrap();
+    }
+
+    #[cfg(feature = "test-util")]
+    #[test]
+    fn clocks_know_whether_they_read_one_time_source() {
+        let manual = ManualClock::new(Timestamp::from_secs(100));
+        let system = SharedClock::system();
+        assert_eq!(manual.shared().same_source(&manual.clone().shared()), Some(true));
+        assert_eq!(manual.shared().same_source(&system), Some(false));
+        let other = ManualClock::new(Timestamp::from_secs(100));
+        assert_eq!(manual.shared().same_source(&other.shared()), Some(false));
+        #[derive(Debug)]
+        struct Opaque;
+        impl Clock for Opaque {
+            fn now(&self) -> Timestamp {
+                Timestamp::EPOCH
+            }
+            fn sleep_until(&self, _: Timestamp) -> BoxFuture<'static, ()> {
+                Box::pin(std::future::pending())
+            }
+        }
+        assert_eq!(SharedClock::new(Opaque).same_source(&system), None);
     }
 }

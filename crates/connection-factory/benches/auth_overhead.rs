@@ -499,6 +499,7 @@ async fn factory_connection(
         .build()
         .unwrap();
     ConnectionFactory::new(flows, storage)
+        .unwrap()
         .connect(
             FactoryConfig::new(fx.resource().url(), "bench", "alice", "fixture")
                 .max_concurrent_requests(64),

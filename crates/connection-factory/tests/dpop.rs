@@ -220,7 +220,8 @@ async fn factory_over(
     let callback = tokio::spawn(async move {
         let _ = axum::serve(listener, router).await;
     });
-    let factory = ConnectionFactory::new(flows, storage.clone()).with_interactive(oauth, browser);
+    let factory =
+        ConnectionFactory::new(flows, storage.clone()).unwrap().with_interactive(oauth, browser);
     let config = FactoryConfig::new(fx.resource().url(), "acme", "alice", "fixture")
         .connect_timeout(Duration::from_secs(10))
         .oauth_wait_timeout(Duration::from_secs(10))

@@ -75,7 +75,7 @@ async fn setup() -> Setup {
     }
     let store = SharedStore::new(MemoryStore::new());
     let flows = FlowManager::builder(store.clone()).clock(clock.shared()).build().unwrap();
-    let factory = ConnectionFactory::new(flows.clone(), storage.clone());
+    let factory = ConnectionFactory::new(flows.clone(), storage.clone()).unwrap();
     Setup {
         clock,
         store,
@@ -441,4 +441,37 @@ async fn the_flow_store_never_holds_a_token() {
     for secret in [first, second, first_refresh, s.stored_refresh("tenant-a").await] {
         assert!(!record.contains(&secret), "a token is in the flow store: {record}");
     }
+}
+
+/// A factory over a flow manager and a token storage on different clocks (a manual clock for
+/// one, the system clock or another manual clock for the other) would judge one token by two
+/// times: its budgets and expiry checks by one, token storage's refresh by the other. It is
+/// refused with a typed error; one clock, shared by both, is accepted.
+#[tokio::test]
+async fn a_factory_over_two_clocks_is_refused() {
+    let manual = ManualClock::new(Timestamp::from_secs(1_800_000_000));
+    let oauth =
+        OAuthClient::new(ReqwestHttpClient::new(HttpPolicy::default()).unwrap(), manual.shared());
+    let storage_on = |clock: mcp_clock::SharedClock| {
+        TokenStorage::builder(
+            MemoryTokenStore::new().into(),
+            Arc::new(Keyring::parse(&"42".repeat(32)).unwrap()),
+            Arc::new(OAuthRefresher::new(oauth.clone())),
+        )
+        .clock(clock)
+        .build()
+    };
+    let flows = FlowManager::builder(SharedStore::new(MemoryStore::new()))
+        .clock(manual.shared())
+        .build()
+        .unwrap();
+    let other = ManualClock::new(Timestamp::from_secs(1_800_000_000));
+    for clock in [mcp_clock::SharedClock::system(), other.shared()] {
+        match ConnectionFactory::new(flows.clone(), storage_on(clock)) {
+            Err(Error::InvalidConfig(message)) => assert!(message.contains("clock"), "{message}"),
+            Err(other) => panic!("expected InvalidConfig, got {other:?}"),
+            Ok(_) => panic!("a factory over two clocks was accepted"),
+        }
+    }
+    assert!(ConnectionFactory::new(flows, storage_on(manual.clone().shared())).is_ok());
 }

@@ -847,6 +847,7 @@ async fn a_host_with_its_own_callback_server_completes_the_authorization() {
         answers: answers.clone(),
     });
     let factory = ConnectionFactory::new(flows.clone(), storage.clone())
+        .unwrap()
         .with_interactive(oauth.clone(), host);
     // Nothing listens on the redirect URI: the host's own server is the hook above.
     let config = FactoryConfig::new(fx.resource().url(), "tenant-a", "alice", "fixture")

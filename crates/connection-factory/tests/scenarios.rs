@@ -142,8 +142,9 @@ async fn setup(tune: impl FnOnce(&mut TokenStorageConfig)) -> Setup {
         earlier_states_alive: Mutex::default(),
     });
     let interactive = ConnectionFactory::new(flows.clone(), storage.clone())
+        .unwrap()
         .with_interactive(oauth, hook.clone());
-    let plain = ConnectionFactory::new(flows.clone(), storage.clone());
+    let plain = ConnectionFactory::new(flows.clone(), storage.clone()).unwrap();
     Setup { clock, fx, flows, storage, store, interactive, plain, hook, redirect }
 }
 

@@ -48,6 +48,7 @@ async fn a_workload_gets_tokens_from_its_assertion_file_and_again_when_they_expi
     let file = dir.path().join("token");
     std::fs::write(&file, "assertion-1\n").unwrap();
     let factory = ConnectionFactory::new(flows, storage)
+        .unwrap()
         .with_workload_identity(oauth, WorkloadIdentity::from_file(&file));
     let config = FactoryConfig::new(fx.resource().url(), "acme", "svc", "fixture")
         .max_concurrent_requests(8)

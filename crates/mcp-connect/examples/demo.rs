@@ -223,7 +223,7 @@ async fn setup() -> Result<Demo, Failure> {
         timeline: timeline.clone(),
     });
     let factory =
-        ConnectionFactory::new(flows, storage).with_interactive(oauth.clone(), browser.clone());
+        ConnectionFactory::new(flows, storage)?.with_interactive(oauth.clone(), browser.clone());
     Ok(Demo { clock, fx, oauth, factory, browser, redirect, timeline, burst: Mutex::default() })
 }
 

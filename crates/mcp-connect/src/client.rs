@@ -640,9 +640,9 @@ impl Client {
 
     /// A factory without an interactive flow: a refused refresh ends in
     /// [`Error::NotLoggedIn`].
-    pub(crate) fn factory(&self) -> ConnectionFactory {
-        let factory = ConnectionFactory::new(self.flows.clone(), self.storage.clone());
-        match &self.options.workload_identity {
+    pub(crate) fn factory(&self) -> Result<ConnectionFactory, connection_factory::Error> {
+        let factory = ConnectionFactory::new(self.flows.clone(), self.storage.clone())?;
+        Ok(match &self.options.workload_identity {
             Some(WorkloadSource::File(path)) => factory.with_workload_identity(
                 self.oauth.clone(),
                 mcp_oauth::WorkloadIdentity::from_file(path),
@@ -652,7 +652,7 @@ impl Client {
                 mcp_oauth::WorkloadIdentity::from_env(name),
             ),
             None => factory,
-        }
+        })
     }
 
     pub(crate) fn provider(
@@ -664,7 +664,7 @@ impl Client {
         }
         let provider = self
             .factory()
-            .provider(self.factory_config(target))
+            .and_then(|factory| factory.provider(self.factory_config(target)))
             .map_err(|e| connect_error(target, e))?;
         Ok(provider)
     }
@@ -761,7 +761,10 @@ impl Client {
         );
         let server = tokio::spawn(async move { axum::serve(listener, router).await });
         let hook = Arc::new(BrowserHook::new(options.clone(), self.clock.clone()));
-        let factory = self.factory().with_interactive(self.oauth.clone(), hook.clone());
+        let factory = self
+            .factory()
+            .map_err(|e| connect_error(target, e))?
+            .with_interactive(self.oauth.clone(), hook.clone());
         let client_before = client.as_ref().map(|c| c.client_id.clone());
         let issuer = self.static_issuer(target).await?;
         let config = self
@@ -819,6 +822,7 @@ impl Client {
         self.stored(target).await?;
         let connected = self
             .factory()
+            .map_err(|e| connect_error(target, e))?
             .connect(self.factory_config(target))
             .await
             .map_err(|e| connect_error(target, e));
@@ -1062,7 +1066,9 @@ impl Client {
             "the server refused the authorization mid-session and it could not be refreshed: a new login starts",
         );
         let _lock = self.login_lock(target, options).await?;
-        if let Ok(conn) = self.factory().connect(self.factory_config(target)).await {
+        if let Ok(factory) = self.factory()
+            && let Ok(conn) = factory.connect(self.factory_config(target)).await
+        {
             tracing::info!(server = target.as_str(), "another process logged in");
             let _ = conn.close().await;
             return Ok(());

@@ -98,9 +98,22 @@ impl fmt::Debug for ConnectionFactory {
 }
 
 impl ConnectionFactory {
-    /// A factory over `flows` and `storage`. Time comes from the flow manager's clock.
-    pub fn new(flows: FlowManager, storage: TokenStorage) -> Self {
-        ConnectionFactory {
+    /// A factory over `flows` and `storage`. They must run on one clock: the factory's budgets
+    /// and expiry checks read the flow manager's, token storage refreshes on its own, and two
+    /// clocks that disagree would make them judge one token differently.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] when the two clocks are known to read different time sources
+    /// (a manual clock and the system clock, say; see [`mcp_clock::SharedClock::same_source`]).
+    pub fn new(flows: FlowManager, storage: TokenStorage) -> Result<Self, Error> {
+        if flows.clock().same_source(storage.clock()) == Some(false) {
+            return Err(Error::InvalidConfig(
+                "the flow manager and token storage run on different clocks: build both with \
+                 the same one"
+                    .into(),
+            ));
+        }
+        Ok(ConnectionFactory {
             registrations: SingleFlight::new(flows.clock().clone()),
             issuer_checks: SingleFlight::new(flows.clock().clone()),
             flows,
@@ -110,7 +123,7 @@ impl ConnectionFactory {
             leaders: Arc::default(),
             interactive: None,
             workload: None,
-        }
+        })
     }
 
     /// Enable the interactive flow: discovery, registration and authorization with `oauth`, the
@@ -133,7 +146,7 @@ impl ConnectionFactory {
     ///
     /// ```
     /// # fn demo(flows: flow_state::FlowManager, storage: token_storage::TokenStorage, oauth: mcp_oauth::OAuthClient) {
-    /// let factory = connection_factory::ConnectionFactory::new(flows, storage).with_workload_identity(
+    /// let factory = connection_factory::ConnectionFactory::new(flows, storage)?.with_workload_identity(
     ///     oauth,
     ///     mcp_oauth::WorkloadIdentity::from_file("/var/run/secrets/tokens/mcp"),
     /// );

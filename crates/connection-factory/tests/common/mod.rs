@@ -137,8 +137,9 @@ pub(crate) async fn setup_full(
     tokio::spawn(async move { axum::serve(listener, router).await });
 
     let browser = Arc::new(Browser::new(decision));
-    let factory =
-        ConnectionFactory::new(flows, storage.clone()).with_interactive(oauth, browser.clone());
+    let factory = ConnectionFactory::new(flows, storage.clone())
+        .unwrap()
+        .with_interactive(oauth, browser.clone());
     Setup { clock, fx, factory, browser, redirect, storage }
 }
 

@@ -272,6 +272,11 @@ impl TokenStorage {
         self.inner.run_flight(key, issuer, Trigger::Rejected(rejected.clone())).await
     }
 
+    /// The clock expiry, backoff and deadlines run on.
+    pub fn clock(&self) -> &SharedClock {
+        &self.inner.clock
+    }
+
     /// The stored token set for `key`, as it is (no refresh, no validity check).
     pub async fn tokens(&self, key: &TokenKey) -> Result<Option<Arc<TokenSet>>, Error> {
         Ok(self.inner.load(key).await?.map(|v| v.set))
