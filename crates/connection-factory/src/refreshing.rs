@@ -50,8 +50,10 @@ type Flight = Result<Recovery, Error>;
 /// 4. a rejected refresh (`invalid_grant`) forgets the tokens, so the dead refresh token is
 ///    never sent again, and every waiter gets [`Recovery::AuthorizationRequired`].
 ///
-/// The future factory will use token storage's force-refresh instead; this type serves tests,
-/// benchmarks and hosts that keep tokens in memory.
+/// [`ConnectionFactory`](crate::ConnectionFactory)'s own provider does the same over token
+/// storage (encrypted, shared across processes, one redemption per rotation under faults);
+/// this type is for hosts that keep their tokens in memory, and the per-call figures of the
+/// `auth_overhead` bench.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), connection_factory::Error> {
