@@ -145,12 +145,12 @@ impl ConnectionFactory {
     /// [`FactoryConfig::client`] names the client (registered once, as for the browser flow).
     ///
     /// ```
-    /// # fn demo(flows: flow_state::FlowManager, storage: token_storage::TokenStorage, oauth: mcp_oauth::OAuthClient) {
+    /// # fn demo(flows: flow_state::FlowManager, storage: token_storage::TokenStorage, oauth: mcp_oauth::OAuthClient) -> Result<(), connection_factory::Error> {
     /// let factory = connection_factory::ConnectionFactory::new(flows, storage)?.with_workload_identity(
     ///     oauth,
     ///     mcp_oauth::WorkloadIdentity::from_file("/var/run/secrets/tokens/mcp"),
     /// );
-    /// # }
+    /// # Ok(()) }
     /// ```
     pub fn with_workload_identity(
         mut self,
