@@ -73,9 +73,10 @@ struct Slot {
 ///
 /// ```
 /// # #[derive(Debug)] struct P;
+/// # #[async_trait::async_trait]
 /// # impl connection_factory::AuthProvider for P {
-/// #     fn current_token(&self) -> connection_factory::BoxFuture<'_, Result<Option<connection_factory::Secret>, connection_factory::Error>> { Box::pin(async { Ok(None) }) }
-/// #     fn on_unauthorized<'a>(&'a self, _: Option<&'a connection_factory::Secret>, _: &'a connection_factory::Challenge) -> connection_factory::BoxFuture<'a, Result<connection_factory::Recovery, connection_factory::Error>> { Box::pin(async { Ok(connection_factory::Recovery::AuthorizationRequired) }) }
+/// #     async fn current_token(&self) -> Result<Option<connection_factory::Secret>, connection_factory::Error> { Ok(None) }
+/// #     async fn on_unauthorized(&self, _: Option<&connection_factory::Secret>, _: &connection_factory::Challenge) -> Result<connection_factory::Recovery, connection_factory::Error> { Ok(connection_factory::Recovery::AuthorizationRequired) }
 /// # }
 /// use connection_factory::AuthHttpClient;
 /// use std::sync::Arc;

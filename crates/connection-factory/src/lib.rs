@@ -93,6 +93,7 @@ pub use interactive::{
     AuthorizationHook, AuthorizationReason, AuthorizationRequest, HookDecision, STATE_FLOW,
     callback_router, callback_router_at,
 };
+/// The boxed future a [`RefreshFn`] returns: the workspace's one alias, [`mcp_clock::BoxFuture`].
 pub use mcp_clock::BoxFuture;
 pub use oauth_refresher::{OAuthRefresher, stored_client};
 pub use provider::{AuthProvider, Recovery};

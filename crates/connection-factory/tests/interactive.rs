@@ -308,44 +308,33 @@ struct ClientReadsFail {
     armed: std::sync::atomic::AtomicBool,
 }
 
+#[async_trait::async_trait]
 impl token_storage::TokenStore for ClientReadsFail {
-    fn get<'a>(
-        &'a self,
-        key: &'a str,
-    ) -> connection_factory::BoxFuture<
-        'a,
-        Result<Option<token_storage::Versioned>, token_storage::Error>,
-    > {
+    async fn get(
+        &self,
+        key: &str,
+    ) -> Result<Option<token_storage::Versioned>, token_storage::Error> {
         if key.ends_with("/client") && self.armed.load(std::sync::atomic::Ordering::SeqCst) {
-            return Box::pin(async {
-                Err(token_storage::Error::StoreUnavailable {
-                    message: "injected: client read failed".into(),
-                    source: None,
-                })
+            return Err(token_storage::Error::StoreUnavailable {
+                message: "injected: client read failed".into(),
+                source: None,
             });
         }
-        self.inner.get(key)
+        self.inner.get(key).await
     }
-    fn compare_and_swap<'a>(
-        &'a self,
-        key: &'a str,
+    async fn compare_and_swap(
+        &self,
+        key: &str,
         expected: Option<u64>,
         value: Vec<u8>,
-    ) -> connection_factory::BoxFuture<'a, Result<token_storage::Swap, token_storage::Error>> {
-        self.inner.compare_and_swap(key, expected, value)
+    ) -> Result<token_storage::Swap, token_storage::Error> {
+        self.inner.compare_and_swap(key, expected, value).await
     }
-    fn delete<'a>(
-        &'a self,
-        key: &'a str,
-        expected: Option<u64>,
-    ) -> connection_factory::BoxFuture<'a, Result<bool, token_storage::Error>> {
-        self.inner.delete(key, expected)
+    async fn delete(&self, key: &str, expected: Option<u64>) -> Result<bool, token_storage::Error> {
+        self.inner.delete(key, expected).await
     }
-    fn keys_with_prefix<'a>(
-        &'a self,
-        prefix: &'a str,
-    ) -> connection_factory::BoxFuture<'a, Result<Vec<String>, token_storage::Error>> {
-        self.inner.keys_with_prefix(prefix)
+    async fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<String>, token_storage::Error> {
+        self.inner.keys_with_prefix(prefix).await
     }
 }
 
@@ -398,48 +387,46 @@ struct HoldFirstFlowDelete {
     claims: std::sync::atomic::AtomicU64,
 }
 
+#[async_trait::async_trait]
 impl flow_state::Store for HoldFirstFlowDelete {
-    fn get<'a>(
-        &'a self,
-        key: &'a str,
-    ) -> flow_state::BoxFuture<'a, Result<Option<flow_state::Versioned>, flow_state::StoreError>>
-    {
+    async fn get(
+        &self,
+        key: &str,
+    ) -> Result<Option<flow_state::Versioned>, flow_state::StoreError> {
         if key.contains(":mcp_oauth_replace:") {
             self.claims.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
-        self.inner.get(key)
+        self.inner.get(key).await
     }
-    fn insert_if_absent<'a>(
-        &'a self,
-        key: &'a str,
+    async fn insert_if_absent(
+        &self,
+        key: &str,
         value: Vec<u8>,
         ttl: Duration,
-    ) -> flow_state::BoxFuture<'a, Result<flow_state::Inserted, flow_state::StoreError>> {
-        self.inner.insert_if_absent(key, value, ttl)
+    ) -> Result<flow_state::Inserted, flow_state::StoreError> {
+        self.inner.insert_if_absent(key, value, ttl).await
     }
-    fn compare_and_swap<'a>(
-        &'a self,
-        key: &'a str,
+    async fn compare_and_swap(
+        &self,
+        key: &str,
         expected: u64,
         value: Vec<u8>,
         ttl: Duration,
-    ) -> flow_state::BoxFuture<'a, Result<flow_state::Swapped, flow_state::StoreError>> {
-        self.inner.compare_and_swap(key, expected, value, ttl)
+    ) -> Result<flow_state::Swapped, flow_state::StoreError> {
+        self.inner.compare_and_swap(key, expected, value, ttl).await
     }
-    fn delete_if<'a>(
-        &'a self,
-        key: &'a str,
+    async fn delete_if(
+        &self,
+        key: &str,
         expected: Option<u64>,
-    ) -> flow_state::BoxFuture<'a, Result<bool, flow_state::StoreError>> {
-        Box::pin(async move {
-            if key.contains(":mcp_oauth:")
-                && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst)
-            {
-                self.held.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                self.release.acquire().await.unwrap().forget();
-            }
-            self.inner.delete_if(key, expected).await
-        })
+    ) -> Result<bool, flow_state::StoreError> {
+        if key.contains(":mcp_oauth:")
+            && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            self.held.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.release.acquire().await.unwrap().forget();
+        }
+        self.inner.delete_if(key, expected).await
     }
     fn subscribe(&self, key: &str) -> flow_state::Subscription {
         self.inner.subscribe(key)

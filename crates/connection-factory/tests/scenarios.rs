@@ -17,10 +17,10 @@ use std::time::Duration;
 
 use common::{args, eventually, text};
 use connection_factory::{
-    AuthProvider, AuthorizationHook, AuthorizationReason, AuthorizationRequest, BoxFuture,
-    Challenge, ConnectOptions, Connection, ConnectionFactory, Error, FactoryConfig,
-    FactoryProvider, GET_TOKENS_FLOW, HookDecision, OAUTH_FLOW, OAuthRefresher, Recovery,
-    RequestKind, STATE_FLOW, Secret, callback_router,
+    AuthProvider, AuthorizationHook, AuthorizationReason, AuthorizationRequest, Challenge,
+    ConnectOptions, Connection, ConnectionFactory, Error, FactoryConfig, FactoryProvider,
+    GET_TOKENS_FLOW, HookDecision, OAUTH_FLOW, OAuthRefresher, Recovery, RequestKind, STATE_FLOW,
+    Secret, callback_router,
 };
 use flow_state::{FlowKey, FlowManager, FlowStatus, MemoryStore, SharedStore};
 use mcp_clock::{ManualClock, Timestamp};
@@ -45,36 +45,30 @@ struct Hook {
     earlier_states_alive: Mutex<Vec<Vec<bool>>>,
 }
 
+#[async_trait::async_trait]
 impl AuthorizationHook for Hook {
-    fn authorization_required(&self, request: AuthorizationRequest) -> BoxFuture<'_, HookDecision> {
-        Box::pin(async move {
-            let earlier: Vec<String> = self
-                .requests
-                .lock()
-                .unwrap()
-                .iter()
-                .map(|r| state_of(&r.authorization_url))
-                .collect();
-            let mut alive = Vec::new();
-            for state in earlier {
-                let key = FlowKey::new(STATE_FLOW, state).unwrap();
-                alive.push(self.flows.get::<Value>(&key).await.unwrap().is_some());
-            }
-            self.earlier_states_alive.lock().unwrap().push(alive);
-            self.requests.lock().unwrap().push(request.clone());
-            if self.visit.load(Ordering::SeqCst) {
-                let http = self.http.clone();
-                tokio::spawn(async move {
-                    let _ = http.get(request.authorization_url).send().await;
-                });
-            }
-            *self.decision.lock().unwrap()
-        })
+    async fn authorization_required(&self, request: AuthorizationRequest) -> HookDecision {
+        let earlier: Vec<String> =
+            self.requests.lock().unwrap().iter().map(|r| state_of(&r.authorization_url)).collect();
+        let mut alive = Vec::new();
+        for state in earlier {
+            let key = FlowKey::new(STATE_FLOW, state).unwrap();
+            alive.push(self.flows.get::<Value>(&key).await.unwrap().is_some());
+        }
+        self.earlier_states_alive.lock().unwrap().push(alive);
+        self.requests.lock().unwrap().push(request.clone());
+        if self.visit.load(Ordering::SeqCst) {
+            let http = self.http.clone();
+            tokio::spawn(async move {
+                let _ = http.get(request.authorization_url).send().await;
+            });
+        }
+        *self.decision.lock().unwrap()
     }
 
-    fn authorization_pending(&self, request: AuthorizationRequest) -> BoxFuture<'_, HookDecision> {
+    async fn authorization_pending(&self, request: AuthorizationRequest) -> HookDecision {
         self.replays.lock().unwrap().push(request);
-        Box::pin(async move { *self.decision.lock().unwrap() })
+        *self.decision.lock().unwrap()
     }
 }
 
@@ -228,18 +222,19 @@ struct Counting {
     unauthorized: AtomicU64,
 }
 
+#[async_trait::async_trait]
 impl AuthProvider for Counting {
-    fn current_token(&self) -> BoxFuture<'_, Result<Option<Secret>, Error>> {
-        self.inner.current_token()
+    async fn current_token(&self) -> Result<Option<Secret>, Error> {
+        self.inner.current_token().await
     }
 
-    fn on_unauthorized<'a>(
-        &'a self,
-        rejected: Option<&'a Secret>,
-        challenge: &'a Challenge,
-    ) -> BoxFuture<'a, Result<Recovery, Error>> {
+    async fn on_unauthorized(
+        &self,
+        rejected: Option<&Secret>,
+        challenge: &Challenge,
+    ) -> Result<Recovery, Error> {
         self.unauthorized.fetch_add(1, Ordering::SeqCst);
-        self.inner.on_unauthorized(rejected, challenge)
+        self.inner.on_unauthorized(rejected, challenge).await
     }
 }
 

@@ -66,7 +66,7 @@ pub use store::redis::{RedisStore, RedisStoreBuilder};
 #[cfg(feature = "sled")]
 pub use store::sled::{Durability, SledStore, SledStoreBuilder};
 pub use store::{
-    BoxFuture, Inserted, KeyNotifier, SharedStore, Store, StoreError, StoreErrorKind, Subscription,
-    Swapped, Versioned,
+    Inserted, KeyNotifier, SharedStore, Store, StoreError, StoreErrorKind, Subscription, Swapped,
+    Versioned,
 };
 pub use tokio_util::sync::CancellationToken;

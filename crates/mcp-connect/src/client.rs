@@ -1140,25 +1140,20 @@ async fn callback_listener(
 #[derive(Debug)]
 struct UserAuthorization;
 
+#[async_trait::async_trait]
 impl connection_factory::AuthProvider for UserAuthorization {
-    fn current_token(
+    async fn current_token(
         &self,
-    ) -> connection_factory::BoxFuture<
-        '_,
-        Result<Option<connection_factory::Secret>, connection_factory::Error>,
-    > {
-        Box::pin(async { Ok(None) })
+    ) -> Result<Option<connection_factory::Secret>, connection_factory::Error> {
+        Ok(None)
     }
 
-    fn on_unauthorized<'a>(
-        &'a self,
-        _rejected: Option<&'a connection_factory::Secret>,
-        _challenge: &'a connection_factory::Challenge,
-    ) -> connection_factory::BoxFuture<
-        'a,
-        Result<connection_factory::Recovery, connection_factory::Error>,
-    > {
-        Box::pin(async { Ok(connection_factory::Recovery::AuthorizationRequired) })
+    async fn on_unauthorized(
+        &self,
+        _rejected: Option<&connection_factory::Secret>,
+        _challenge: &connection_factory::Challenge,
+    ) -> Result<connection_factory::Recovery, connection_factory::Error> {
+        Ok(connection_factory::Recovery::AuthorizationRequired)
     }
 }
 

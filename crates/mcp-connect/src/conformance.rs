@@ -30,7 +30,7 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use connection_factory::{
-    AuthProvider, BoxFuture, Challenge, ConnectOptions, Connection, Error, Recovery, Secret,
+    AuthProvider, Challenge, ConnectOptions, Connection, Error, Recovery, Secret,
 };
 use mcp_clock::SharedClock;
 use mcp_oauth::{
@@ -360,17 +360,18 @@ impl ConformanceProvider {
     }
 }
 
+#[async_trait::async_trait]
 impl AuthProvider for ConformanceProvider {
-    fn current_token(&self) -> BoxFuture<'_, Result<Option<Secret>, Error>> {
-        Box::pin(async move { Ok(self.current()) })
+    async fn current_token(&self) -> Result<Option<Secret>, Error> {
+        Ok(self.current())
     }
 
-    fn on_unauthorized<'a>(
-        &'a self,
-        rejected: Option<&'a Secret>,
-        challenge: &'a Challenge,
-    ) -> BoxFuture<'a, Result<Recovery, Error>> {
-        Box::pin(self.recover(rejected, challenge))
+    async fn on_unauthorized(
+        &self,
+        rejected: Option<&Secret>,
+        challenge: &Challenge,
+    ) -> Result<Recovery, Error> {
+        self.recover(rejected, challenge).await
     }
 
     fn dpop_key(&self) -> Option<DpopKey> {

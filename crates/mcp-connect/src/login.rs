@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use mcp_clock::{Clock as _, SharedClock};
 
-use connection_factory::{AuthorizationHook, AuthorizationRequest, BoxFuture, HookDecision};
+use connection_factory::{AuthorizationHook, AuthorizationRequest, HookDecision};
 use flow_state::CancellationToken;
 
 /// The prefix of the stderr line that carries the authorization URL (scripts and tests look
@@ -187,8 +187,9 @@ impl BrowserHook {
     }
 }
 
+#[async_trait::async_trait]
 impl AuthorizationHook for BrowserHook {
-    fn authorization_required(&self, request: AuthorizationRequest) -> BoxFuture<'_, HookDecision> {
+    async fn authorization_required(&self, request: AuthorizationRequest) -> HookDecision {
         self.prompted.store(true, Ordering::SeqCst);
         let url = request.authorization_url;
         let print_url = || {
@@ -202,7 +203,7 @@ impl AuthorizationHook for BrowserHook {
             if !(self.options.open_browser && open_browser(&url)) {
                 print_url();
             }
-            return Box::pin(async { HookDecision::Wait });
+            return HookDecision::Wait;
         }
         print_url();
         if self.options.open_browser && !open_browser(&url) {
@@ -211,7 +212,7 @@ impl AuthorizationHook for BrowserHook {
         if std::io::stderr().is_terminal() {
             tokio::spawn(spin(self.clock.clone(), self.stop.clone(), self.options.timeout));
         }
-        Box::pin(async { HookDecision::Wait })
+        HookDecision::Wait
     }
 }
 

@@ -26,9 +26,7 @@ use std::time::Duration;
 
 use mcp_clock::{Clock as _, SharedClock};
 
-use token_storage::{
-    BoxFuture, Keyring, RefreshLease, SledTokenStore, Swap, TokenKey, TokenStore, Versioned,
-};
+use token_storage::{Keyring, RefreshLease, SledTokenStore, Swap, TokenKey, TokenStore, Versioned};
 
 /// How often a lock wait tries again.
 const LOCK_STEP: Duration = Duration::from_millis(10);
@@ -369,39 +367,28 @@ struct Open {
     _lock: FileLock,
 }
 
+#[async_trait::async_trait]
 impl TokenStore for LockedSledStore {
-    fn get<'a>(
-        &'a self,
-        key: &'a str,
-    ) -> BoxFuture<'a, Result<Option<Versioned>, token_storage::Error>> {
-        Box::pin(async move { self.open().await?.db.get(key).await })
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, token_storage::Error> {
+        self.open().await?.db.get(key).await
     }
 
-    fn compare_and_swap<'a>(
-        &'a self,
-        key: &'a str,
+    async fn compare_and_swap(
+        &self,
+        key: &str,
         expected: Option<u64>,
         value: Vec<u8>,
-    ) -> BoxFuture<'a, Result<Swap, token_storage::Error>> {
-        Box::pin(async move {
-            let open = self.open().await?;
-            open.db.compare_and_swap(key, expected, value).await
-        })
+    ) -> Result<Swap, token_storage::Error> {
+        let open = self.open().await?;
+        open.db.compare_and_swap(key, expected, value).await
     }
 
-    fn delete<'a>(
-        &'a self,
-        key: &'a str,
-        expected: Option<u64>,
-    ) -> BoxFuture<'a, Result<bool, token_storage::Error>> {
-        Box::pin(async move { self.open().await?.db.delete(key, expected).await })
+    async fn delete(&self, key: &str, expected: Option<u64>) -> Result<bool, token_storage::Error> {
+        self.open().await?.db.delete(key, expected).await
     }
 
-    fn keys_with_prefix<'a>(
-        &'a self,
-        prefix: &'a str,
-    ) -> BoxFuture<'a, Result<Vec<String>, token_storage::Error>> {
-        Box::pin(async move { self.open().await?.db.keys_with_prefix(prefix).await })
+    async fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<String>, token_storage::Error> {
+        self.open().await?.db.keys_with_prefix(prefix).await
     }
 }
 

@@ -100,8 +100,7 @@ pub use dpop::DpopKey;
 pub use enterprise::EnterpriseGrant;
 pub use error::{Endpoint, Error, ErrorClass, Result};
 pub use http::{
-    BoxFuture, HttpClient, HttpRequest, HttpResponse, Method, SharedHttpClient, SsrfPolicy,
-    check_url,
+    HttpClient, HttpRequest, HttpResponse, Method, SharedHttpClient, SsrfPolicy, check_url,
 };
 pub use registration::{
     ClientConfig, ClientKey, ClientRegistration, PROTOCOL_REGISTRATION_FIELDS, PreRegisteredClient,

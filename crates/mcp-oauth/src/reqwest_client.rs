@@ -15,9 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::http::{
-    BoxFuture, HttpClient, HttpRequest, HttpResponse, Method, SsrfPolicy, check_url,
-};
+use crate::http::{HttpClient, HttpRequest, HttpResponse, Method, SsrfPolicy, check_url};
 
 /// Limits and policies of a [`ReqwestHttpClient`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -208,25 +206,24 @@ fn transport_error(url: &str, e: reqwest::Error) -> Error {
     Error::Transport { url: url.to_owned(), source: Box::new(e) }
 }
 
+#[async_trait::async_trait]
 impl HttpClient for ReqwestHttpClient {
-    fn call(&self, request: HttpRequest) -> BoxFuture<'_, Result<HttpResponse>> {
-        Box::pin(async move {
-            check_url(&request.url, &self.policy.ssrf)?;
-            let url = request.url.to_string();
-            let timeout = self.policy.timeout;
-            tracing::debug!(method = %request.method, url = %crate::http::redact_query(&request.url), "oauth http request");
-            tokio::select! {
-                biased;
-                () = request.cancel.cancelled() => Err(Error::Cancelled { url }),
-                outcome = mcp_clock::within(&self.clock, timeout, self.send(&request)) => match outcome {
-                    Some(result) => result.map_err(|e| match e {
-                        Error::Transport { source, .. } if is_timeout(source.as_ref()) => Error::Timeout { url: url.clone(), timeout },
-                        other => other,
-                    }),
-                    None => Err(Error::Timeout { url, timeout }),
-                },
-            }
-        })
+    async fn call(&self, request: HttpRequest) -> Result<HttpResponse> {
+        check_url(&request.url, &self.policy.ssrf)?;
+        let url = request.url.to_string();
+        let timeout = self.policy.timeout;
+        tracing::debug!(method = %request.method, url = %crate::http::redact_query(&request.url), "oauth http request");
+        tokio::select! {
+            biased;
+            () = request.cancel.cancelled() => Err(Error::Cancelled { url }),
+            outcome = mcp_clock::within(&self.clock, timeout, self.send(&request)) => match outcome {
+                Some(result) => result.map_err(|e| match e {
+                    Error::Transport { source, .. } if is_timeout(source.as_ref()) => Error::Timeout { url: url.clone(), timeout },
+                    other => other,
+                }),
+                None => Err(Error::Timeout { url, timeout }),
+            },
+        }
     }
 }
 

@@ -27,10 +27,11 @@
 //!
 //! #[derive(Debug)]
 //! struct NoRefresh;
+//! #[async_trait::async_trait]
 //! impl Refresher for NoRefresh {
-//!     fn refresh<'a>(&'a self, _: &'a TokenKey, _: &'a RefreshRequest)
-//!         -> BoxFuture<'a, Result<TokenResponse, RefreshError>> {
-//!         Box::pin(async { Err(RefreshError::terminal(TerminalCode::UnauthorizedClient, None)) })
+//!     async fn refresh(&self, _: &TokenKey, _: &RefreshRequest)
+//!         -> Result<TokenResponse, RefreshError> {
+//!         Err(RefreshError::terminal(TerminalCode::UnauthorizedClient, None))
 //!     }
 //! }
 //!
@@ -66,7 +67,7 @@ pub use mcp_clock::ManualClock;
 pub use mcp_clock::{Clock, SharedClock, SystemClock, Timestamp};
 pub use model::{ClientRegistration, TokenSet};
 pub use refresher::{
-    BoxFuture, RefreshError, RefreshRequest, Refresher, TerminalCode, TokenResponse, TransientKind,
+    RefreshError, RefreshRequest, Refresher, TerminalCode, TokenResponse, TransientKind,
 };
 pub use secret::Secret;
 pub use service::{TokenStorage, TokenStorageBuilder, TokenStorageConfig};

@@ -19,7 +19,6 @@ use mcp_clock::{Clock, SharedClock, Timestamp};
 mod faulty;
 pub use faulty::FaultyTokenStore;
 
-use crate::refresher::BoxFuture;
 use crate::{
     RefreshError, RefreshRequest, Refresher, SharedTokenStore, Swap, TerminalCode, TokenKey,
     TokenResponse,
@@ -31,7 +30,7 @@ pub async fn store_conformance<F>(make: F)
 where
     F: Fn() -> SharedTokenStore,
 {
-    type Check = fn(SharedTokenStore) -> BoxFuture<'static, ()>;
+    type Check = fn(SharedTokenStore) -> mcp_clock::BoxFuture<'static, ()>;
     let checks: [(&str, Check); 6] = [
         ("absent keys", |s| Box::pin(absent(s))),
         ("compare-and-swap", |s| Box::pin(compare_and_swap(s))),
@@ -479,12 +478,13 @@ impl FakeState {
     }
 }
 
+#[async_trait::async_trait]
 impl Refresher for FakeAuthServer {
-    fn refresh<'a>(
-        &'a self,
-        key: &'a TokenKey,
-        request: &'a RefreshRequest,
-    ) -> BoxFuture<'a, Result<TokenResponse, RefreshError>> {
-        Box::pin(self.redeem(key, request.refresh_token.expose()))
+    async fn refresh(
+        &self,
+        key: &TokenKey,
+        request: &RefreshRequest,
+    ) -> Result<TokenResponse, RefreshError> {
+        self.redeem(key, request.refresh_token.expose()).await
     }
 }

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use common::*;
 use token_storage::testkit::{FakeAuthServer, store_conformance};
 use token_storage::{
-    BoxFuture, ClientRegistration, Error, ManualClock, MemoryTokenStore, Secret, SharedTokenStore,
+    ClientRegistration, Error, ManualClock, MemoryTokenStore, Secret, SharedTokenStore,
     SledTokenStore, Swap, TokenKey, TokenStorage, TokenStore, Versioned,
 };
 
@@ -129,36 +129,26 @@ async fn the_dpop_key_survives_a_restart_and_goes_with_the_tokens() {
 #[derive(Debug, Default)]
 struct RoundTrips(MemoryTokenStore);
 
+#[async_trait::async_trait]
 impl TokenStore for RoundTrips {
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Versioned>, Error>> {
-        Box::pin(async move {
-            tokio::task::yield_now().await;
-            self.0.get(key).await
-        })
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, Error> {
+        tokio::task::yield_now().await;
+        self.0.get(key).await
     }
-    fn compare_and_swap<'a>(
-        &'a self,
-        key: &'a str,
+    async fn compare_and_swap(
+        &self,
+        key: &str,
         expected: Option<u64>,
         value: Vec<u8>,
-    ) -> BoxFuture<'a, Result<Swap, Error>> {
-        Box::pin(async move {
-            tokio::task::yield_now().await;
-            self.0.compare_and_swap(key, expected, value).await
-        })
+    ) -> Result<Swap, Error> {
+        tokio::task::yield_now().await;
+        self.0.compare_and_swap(key, expected, value).await
     }
-    fn delete<'a>(
-        &'a self,
-        key: &'a str,
-        expected: Option<u64>,
-    ) -> BoxFuture<'a, Result<bool, Error>> {
-        self.0.delete(key, expected)
+    async fn delete(&self, key: &str, expected: Option<u64>) -> Result<bool, Error> {
+        self.0.delete(key, expected).await
     }
-    fn keys_with_prefix<'a>(
-        &'a self,
-        prefix: &'a str,
-    ) -> BoxFuture<'a, Result<Vec<String>, Error>> {
-        self.0.keys_with_prefix(prefix)
+    async fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<String>, Error> {
+        self.0.keys_with_prefix(prefix).await
     }
 }
 

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use flow_state::{FlowError, FlowKey, FlowManager, FlowStatus, SingleFlight};
-use mcp_clock::{BoxFuture, Clock as _, SharedClock, Timestamp};
+use mcp_clock::{Clock as _, SharedClock, Timestamp};
 use serde::{Deserialize, Serialize};
 use token_storage::{TokenKey, TokenStorage};
 use tracing::Instrument as _;
@@ -378,9 +378,10 @@ impl FactoryProvider {
     }
 }
 
+#[async_trait::async_trait]
 impl AuthProvider for FactoryProvider {
-    fn current_token(&self) -> BoxFuture<'_, Result<Option<Secret>, Error>> {
-        Box::pin(self.lookup())
+    async fn current_token(&self) -> Result<Option<Secret>, Error> {
+        self.lookup().await
     }
 
     fn interaction_deadline(&self) -> Option<Timestamp> {
@@ -391,18 +392,16 @@ impl AuthProvider for FactoryProvider {
         self.dpop.lock().unwrap_or_else(PoisonError::into_inner).as_ref().map(|(_, k)| k.clone())
     }
 
-    fn on_unauthorized<'a>(
-        &'a self,
-        rejected: Option<&'a Secret>,
-        challenge: &'a Challenge,
-    ) -> BoxFuture<'a, Result<Recovery, Error>> {
-        Box::pin(async move {
-            let recovery = self.recover(rejected, challenge).await?;
-            if let Recovery::Retry(token) = &recovery {
-                self.bind_recovered(token).await?;
-            }
-            Ok(recovery)
-        })
+    async fn on_unauthorized(
+        &self,
+        rejected: Option<&Secret>,
+        challenge: &Challenge,
+    ) -> Result<Recovery, Error> {
+        let recovery = self.recover(rejected, challenge).await?;
+        if let Recovery::Retry(token) = &recovery {
+            self.bind_recovered(token).await?;
+        }
+        Ok(recovery)
     }
 }
 

@@ -85,15 +85,14 @@ type RefreshHook = Arc<dyn Fn(&TokenKey, &TokenSet, &TokenSet) + Send + Sync>;
 ///
 /// #[derive(Debug)]
 /// struct Rotating;
+/// #[async_trait::async_trait]
 /// impl Refresher for Rotating {
-///     fn refresh<'a>(&'a self, _: &'a TokenKey, r: &'a RefreshRequest)
-///         -> BoxFuture<'a, Result<TokenResponse, RefreshError>> {
+///     async fn refresh(&self, _: &TokenKey, r: &RefreshRequest)
+///         -> Result<TokenResponse, RefreshError> {
 ///         let n = r.refresh_token.expose().trim_start_matches("rt").parse::<u32>().unwrap() + 1;
-///         Box::pin(async move {
-///             Ok(TokenResponse::bearer(format!("at{n}"))
-///                 .expires_in(Duration::from_secs(3600))
-///                 .refresh_token(format!("rt{n}")))
-///         })
+///         Ok(TokenResponse::bearer(format!("at{n}"))
+///             .expires_in(Duration::from_secs(3600))
+///             .refresh_token(format!("rt{n}")))
 ///     }
 /// }
 ///
@@ -335,8 +334,8 @@ impl TokenStorage {
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), token_storage::Error> {
     /// # use token_storage::*; use std::sync::Arc;
-    /// # #[derive(Debug)] struct R; impl Refresher for R { fn refresh<'a>(&'a self, _: &'a TokenKey, _: &'a RefreshRequest)
-    /// #   -> BoxFuture<'a, Result<TokenResponse, RefreshError>> { Box::pin(async { Err(RefreshError::terminal(TerminalCode::InvalidGrant, None)) }) } }
+    /// # #[derive(Debug)] struct R; #[async_trait::async_trait] impl Refresher for R { async fn refresh(&self, _: &TokenKey, _: &RefreshRequest)
+    /// #   -> Result<TokenResponse, RefreshError> { Err(RefreshError::terminal(TerminalCode::InvalidGrant, None)) } }
     /// let keys = Keyring::parse(&"42".repeat(32))?;
     /// let storage = TokenStorage::builder(MemoryTokenStore::new().into(), Arc::new(keys), Arc::new(R)).build();
     /// let key = TokenKey::new("acme", "alice", "github");

@@ -5,7 +5,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use super::{Swap, TokenStore, Versioned};
 use crate::Error;
-use crate::refresher::BoxFuture;
 
 /// A [`TokenStore`] in process memory: for tests and for hosts that keep nothing on disk.
 ///
@@ -44,18 +43,19 @@ impl MemoryTokenStore {
     }
 }
 
+#[async_trait::async_trait]
 impl TokenStore for MemoryTokenStore {
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Versioned>, Error>> {
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, Error> {
         let found = self.with(|s| s.records.get(key).cloned());
-        Box::pin(std::future::ready(Ok(found)))
+        Ok(found)
     }
 
-    fn compare_and_swap<'a>(
-        &'a self,
-        key: &'a str,
+    async fn compare_and_swap(
+        &self,
+        key: &str,
         expected: Option<u64>,
         value: Vec<u8>,
-    ) -> BoxFuture<'a, Result<Swap, Error>> {
+    ) -> Result<Swap, Error> {
         let outcome = self.with(|s| {
             let current = s.records.get(key);
             if current.map(|v| v.version) != expected {
@@ -66,14 +66,10 @@ impl TokenStore for MemoryTokenStore {
             s.records.insert(key.to_owned(), Versioned { version, value: Arc::from(value) });
             Swap::Swapped { version }
         });
-        Box::pin(std::future::ready(Ok(outcome)))
+        Ok(outcome)
     }
 
-    fn delete<'a>(
-        &'a self,
-        key: &'a str,
-        expected: Option<u64>,
-    ) -> BoxFuture<'a, Result<bool, Error>> {
+    async fn delete(&self, key: &str, expected: Option<u64>) -> Result<bool, Error> {
         let deleted = self.with(|s| match s.records.get(key) {
             Some(v) if expected.is_none_or(|e| e == v.version) => {
                 s.records.remove(key);
@@ -81,13 +77,10 @@ impl TokenStore for MemoryTokenStore {
             }
             _ => false,
         });
-        Box::pin(std::future::ready(Ok(deleted)))
+        Ok(deleted)
     }
 
-    fn keys_with_prefix<'a>(
-        &'a self,
-        prefix: &'a str,
-    ) -> BoxFuture<'a, Result<Vec<String>, Error>> {
+    async fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<String>, Error> {
         let keys = self.with(|s| {
             s.records
                 .range::<str, _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded))
@@ -95,6 +88,6 @@ impl TokenStore for MemoryTokenStore {
                 .map(|(k, _)| k.clone())
                 .collect()
         });
-        Box::pin(std::future::ready(Ok(keys)))
+        Ok(keys)
     }
 }

@@ -20,7 +20,6 @@ use std::sync::Arc;
 
 use crate::Error;
 use crate::lease::Fence;
-use crate::refresher::BoxFuture;
 
 pub(crate) mod memory;
 #[cfg(feature = "redis")]
@@ -59,31 +58,28 @@ pub enum Swap {
 }
 
 /// A versioned key-value store for sealed token records. Dyn-compatible: use it as
-/// [`SharedTokenStore`].
+/// [`SharedTokenStore`]. Written with [`async_trait`](https://docs.rs/async-trait): an
+/// implementation writes `async fn` under `#[async_trait::async_trait]`.
+#[async_trait::async_trait]
 pub trait TokenStore: Send + Sync + fmt::Debug {
     /// The record under `key`, if any.
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Versioned>, Error>>;
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, Error>;
 
     /// Write `value` under `key` only if the stored version is `expected` (`None`: only if
     /// nothing is stored).
-    fn compare_and_swap<'a>(
-        &'a self,
-        key: &'a str,
+    async fn compare_and_swap(
+        &self,
+        key: &str,
         expected: Option<u64>,
         value: Vec<u8>,
-    ) -> BoxFuture<'a, Result<Swap, Error>>;
+    ) -> Result<Swap, Error>;
 
     /// Delete the record under `key` if its version is `expected` (any version when `None`).
     /// Returns whether a record was deleted.
-    fn delete<'a>(
-        &'a self,
-        key: &'a str,
-        expected: Option<u64>,
-    ) -> BoxFuture<'a, Result<bool, Error>>;
+    async fn delete(&self, key: &str, expected: Option<u64>) -> Result<bool, Error>;
 
     /// Every stored key that starts with `prefix`, in any order.
-    fn keys_with_prefix<'a>(&'a self, prefix: &'a str)
-    -> BoxFuture<'a, Result<Vec<String>, Error>>;
+    async fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<String>, Error>;
 
     /// [`TokenStore::compare_and_swap`] made only while the refresh lease `fence` holds:
     /// `Ok(None)` if the fence was found lost (nothing written).
@@ -94,14 +90,14 @@ pub trait TokenStore: Send + Sync + fmt::Debug {
     /// the same atomic step as the swap overrides it: `RedisTokenStore` does, with one Lua
     /// script, when the lease is a `flow_state::RedisStore` lease on the same server. What each
     /// backend guarantees: [`RefreshLease`](crate::RefreshLease).
-    fn compare_and_swap_fenced<'a>(
-        &'a self,
-        key: &'a str,
+    async fn compare_and_swap_fenced(
+        &self,
+        key: &str,
         expected: Option<u64>,
         value: Vec<u8>,
-        fence: &'a Fence<'a>,
-    ) -> BoxFuture<'a, Result<Option<Swap>, Error>> {
-        Box::pin(check_then_swap(self, key, expected, value, fence))
+        fence: &Fence<'_>,
+    ) -> Result<Option<Swap>, Error> {
+        check_then_swap(self, key, expected, value, fence).await
     }
 }
 
