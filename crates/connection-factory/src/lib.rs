@@ -36,7 +36,7 @@
 //! The auth transport underneath:
 //!
 //! - [`AuthProvider`]: the seam. The transport asks it for the token of every request and tells
-//!   it about every 401 or 403 ([`Challenge`]); it answers with a [`Recovery`]. Token storage and
+//!   it about every 401 or 403 ([`Refusal`]); it answers with a [`Recovery`]. Token storage and
 //!   the OAuth client plug in behind it.
 //! - [`AuthHttpClient`]: rmcp's streamable-HTTP client with the provider in front of **every**
 //!   request (POSTs, the GET SSE stream, its reconnects, the session DELETE): bearer injection,
@@ -82,7 +82,7 @@ mod provider;
 mod refreshing;
 mod secret;
 
-pub use challenge::{Challenge, RequestKind};
+pub use challenge::{Refusal, RequestKind};
 pub use client::AuthHttpClient;
 pub use connection::{ConnectOptions, Connection, header_map};
 pub use error::Error;

@@ -146,7 +146,7 @@ pub(crate) fn decode_stored_client(
             match stored.metadata.get(CLIENT_KEY) {
                 Some(key) if registration.auth_method == TokenEndpointAuthMethod::PrivateKeyJwt => {
                     let pem = stored.client_secret.as_ref()?.expose();
-                    registration.client_key = Some(mcp_oauth::ClientKey {
+                    registration.client_key = Some(mcp_oauth::ClientSigningKey {
                         pem: mcp_oauth::PrivateKeyPem::new(pem),
                         algorithm: key.get("algorithm")?.as_str()?.to_owned(),
                         key_id: key.get("key_id").and_then(|k| k.as_str()).map(str::to_owned),

@@ -1,6 +1,6 @@
 //! The auth seam: what the transport asks of whoever owns the tokens.
 
-use crate::challenge::Challenge;
+use crate::challenge::Refusal;
 use crate::error::Error;
 use crate::secret::Secret;
 
@@ -34,7 +34,7 @@ pub enum Recovery {
 ///   refresh itself single-flight per tenant, user and server. [`RefreshingProvider`] is a
 ///   reference implementation.
 /// - A 403, or a challenge with `error="insufficient_scope"`, should not trigger a refresh
-///   ([`Challenge::is_insufficient_scope`]).
+///   ([`Refusal::is_insufficient_scope`]).
 /// - An `Err` is for failures that may pass (the token endpoint is down); a definitive refusal
 ///   is [`Recovery::AuthorizationRequired`].
 ///
@@ -45,7 +45,7 @@ pub enum Recovery {
 /// [`RefreshingProvider`]: crate::RefreshingProvider
 ///
 /// ```
-/// use connection_factory::{AuthProvider, Challenge, Error, Recovery, Secret};
+/// use connection_factory::{AuthProvider, Refusal, Error, Recovery, Secret};
 ///
 /// /// A fixed token that is never refreshed.
 /// #[derive(Debug)]
@@ -59,7 +59,7 @@ pub enum Recovery {
 ///     async fn on_unauthorized(
 ///         &self,
 ///         _rejected: Option<&Secret>,
-///         challenge: &Challenge,
+///         challenge: &Refusal,
 ///     ) -> Result<Recovery, Error> {
 ///         Ok(if challenge.is_insufficient_scope() {
 ///             Recovery::InsufficientScope
@@ -82,7 +82,7 @@ pub trait AuthProvider: Send + Sync + std::fmt::Debug + 'static {
     async fn on_unauthorized(
         &self,
         rejected: Option<&Secret>,
-        challenge: &Challenge,
+        challenge: &Refusal,
     ) -> Result<Recovery, Error>;
 
     /// The DPoP key (RFC 9449) the current token is bound to, if any. With one, every request

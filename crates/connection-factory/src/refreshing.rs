@@ -8,7 +8,7 @@ use std::time::Duration;
 use flow_state::{CallOptions, SingleFlight};
 use mcp_clock::{BoxFuture, SharedClock};
 
-use crate::challenge::Challenge;
+use crate::challenge::Refusal;
 use crate::error::Error;
 use crate::provider::{AuthProvider, Recovery};
 use crate::secret::Secret;
@@ -55,7 +55,7 @@ type Flight = Result<Recovery, Error>;
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), connection_factory::Error> {
-/// use connection_factory::{AuthProvider, Challenge, Recovery, RefreshingProvider, RequestKind, Secret, Tokens};
+/// use connection_factory::{AuthProvider, Refusal, Recovery, RefreshingProvider, RequestKind, Secret, Tokens};
 /// use mcp_clock::SharedClock;
 /// use std::sync::Arc;
 ///
@@ -67,7 +67,7 @@ type Flight = Result<Recovery, Error>;
 ///     }),
 ///     SharedClock::system(),
 /// );
-/// let expired = Challenge::new(401, RequestKind::Post, vec!["Bearer error=\"invalid_token\"".into()]);
+/// let expired = Refusal::new(401, RequestKind::Post, vec!["Bearer error=\"invalid_token\"".into()]);
 /// let rejected = Secret::new("at-1");
 /// let (a, b) = tokio::join!(
 ///     provider.on_unauthorized(Some(&rejected), &expired),
@@ -158,7 +158,7 @@ impl AuthProvider for RefreshingProvider {
     async fn on_unauthorized(
         &self,
         rejected: Option<&Secret>,
-        challenge: &Challenge,
+        challenge: &Refusal,
     ) -> Result<Recovery, Error> {
         if challenge.is_insufficient_scope() {
             return Ok(Recovery::InsufficientScope);
@@ -204,8 +204,8 @@ mod tests {
     use super::*;
     use crate::challenge::RequestKind;
 
-    fn expired() -> Challenge {
-        Challenge::new(401, RequestKind::Post, vec!["Bearer error=\"invalid_token\"".into()])
+    fn expired() -> Refusal {
+        Refusal::new(401, RequestKind::Post, vec!["Bearer error=\"invalid_token\"".into()])
     }
 
     fn provider(result: Result<Tokens, Error>) -> RefreshingProvider {
@@ -236,7 +236,7 @@ mod tests {
     #[tokio::test]
     async fn insufficient_scope_never_refreshes() {
         let p = provider(Ok(Tokens::new("at-2", None)));
-        let forbidden = Challenge::new(
+        let forbidden = Refusal::new(
             403,
             RequestKind::Post,
             vec!["Bearer error=\"insufficient_scope\"".into()],

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use common::{args, eventually, text};
 use connection_factory::{
-    AuthHttpClient, AuthProvider, BoxFuture, Challenge, ConnectOptions, Connection, Error,
-    Recovery, RefreshFn, RefreshingProvider, RequestKind, Secret, Tokens,
+    AuthHttpClient, AuthProvider, BoxFuture, ConnectOptions, Connection, Error, Recovery,
+    RefreshFn, RefreshingProvider, Refusal, RequestKind, Secret, Tokens,
 };
 use mcp_clock::{ManualClock, SharedClock, Timestamp};
 use mcp_fixtures::{AuthServer, ClientAuth, ClientSpec, Fixtures, KnobSettings, ResourceServer};
@@ -247,7 +247,7 @@ impl AuthProvider for StaleThenGood {
     async fn on_unauthorized(
         &self,
         rejected: Option<&Secret>,
-        challenge: &Challenge,
+        challenge: &Refusal,
     ) -> Result<Recovery, Error> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.seen.lock().unwrap().push((
@@ -330,7 +330,7 @@ impl AuthProvider for Counting {
     async fn on_unauthorized(
         &self,
         rejected: Option<&Secret>,
-        challenge: &Challenge,
+        challenge: &Refusal,
     ) -> Result<Recovery, Error> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.inner.on_unauthorized(rejected, challenge).await
@@ -428,7 +428,7 @@ impl AuthProvider for AlwaysBadRetry {
     async fn on_unauthorized(
         &self,
         _rejected: Option<&Secret>,
-        _challenge: &Challenge,
+        _challenge: &Refusal,
     ) -> Result<Recovery, Error> {
         let n = self.recoveries.fetch_add(1, Ordering::SeqCst);
         Ok(Recovery::Retry(Secret::new(format!("at_bogus-{n}"))))

@@ -22,8 +22,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use common::{Browser, args, text};
 use connection_factory::{
-    AuthProvider, Challenge, ConnectOptions, Connection, ConnectionFactory, Error, FactoryConfig,
-    HookDecision, OAuthRefresher, Recovery, Secret, callback_router,
+    AuthProvider, ConnectOptions, Connection, ConnectionFactory, Error, FactoryConfig,
+    HookDecision, OAuthRefresher, Recovery, Refusal, Secret, callback_router,
 };
 use flow_state::{FlowManager, MemoryStore, SharedStore};
 use mcp_clock::{Clock as _, SystemClock};
@@ -144,7 +144,7 @@ impl AuthProvider for Bound {
     async fn current_token(&self) -> Result<Option<Secret>, Error> {
         Ok(Some(Secret::new(TOKEN)))
     }
-    async fn on_unauthorized(&self, _: Option<&Secret>, _: &Challenge) -> Result<Recovery, Error> {
+    async fn on_unauthorized(&self, _: Option<&Secret>, _: &Refusal) -> Result<Recovery, Error> {
         self.refusals.fetch_add(1, Ordering::SeqCst);
         Ok(Recovery::AuthorizationRequired)
     }

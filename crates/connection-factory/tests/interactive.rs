@@ -35,7 +35,7 @@ async fn connect_without_tokens_authorizes_interactively() {
 /// behind them. Its 401 must be answered with the stored tokens, not with a browser prompt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_without_a_token_adopts_tokens_stored_since_without_a_prompt() {
-    use connection_factory::{AuthProvider, Challenge, Recovery, RequestKind};
+    use connection_factory::{AuthProvider, Recovery, Refusal, RequestKind};
     let s = setup(HookDecision::Wait).await;
     let config = s.config("tenant-a");
     let issuer = s.fx.auth().issuer().to_string();
@@ -43,7 +43,7 @@ async fn a_request_without_a_token_adopts_tokens_stored_since_without_a_prompt()
         .expires_in(Duration::from_secs(600));
     s.factory.storage().store(&config.token_key(), &issuer, response).await.unwrap();
     let provider = s.factory.provider(config).unwrap();
-    let challenge = Challenge::new(401, RequestKind::Post, vec!["Bearer".into()]);
+    let challenge = Refusal::new(401, RequestKind::Post, vec!["Bearer".into()]);
     match provider.on_unauthorized(None, &challenge).await.unwrap() {
         Recovery::Retry(token) => assert_eq!(token.expose(), "stored-by-a-peer"),
         other => panic!("expected the stored token, got {other:?}"),
@@ -327,11 +327,15 @@ impl token_storage::TokenStore for ClientReadsFail {
         key: &str,
         expected: Option<u64>,
         value: Vec<u8>,
-    ) -> Result<token_storage::Swap, token_storage::Error> {
+    ) -> Result<token_storage::Swapped, token_storage::Error> {
         self.inner.compare_and_swap(key, expected, value).await
     }
-    async fn delete(&self, key: &str, expected: Option<u64>) -> Result<bool, token_storage::Error> {
-        self.inner.delete(key, expected).await
+    async fn delete_if(
+        &self,
+        key: &str,
+        expected: Option<u64>,
+    ) -> Result<bool, token_storage::Error> {
+        self.inner.delete_if(key, expected).await
     }
     async fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<String>, token_storage::Error> {
         self.inner.keys_with_prefix(prefix).await
@@ -345,7 +349,7 @@ impl token_storage::TokenStore for ClientReadsFail {
 /// `Error::Store`, nobody is prompted, and the stored client is kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_client_read_is_a_typed_error_not_a_prompt_or_a_new_registration() {
-    use connection_factory::{AuthProvider, Challenge, RequestKind};
+    use connection_factory::{AuthProvider, Refusal, RequestKind};
     let faulty = Arc::new(ClientReadsFail {
         inner: token_storage::MemoryTokenStore::new().into(),
         armed: false.into(),
@@ -365,7 +369,7 @@ async fn a_failing_client_read_is_a_typed_error_not_a_prompt_or_a_new_registrati
 
     faulty.armed.store(true, std::sync::atomic::Ordering::SeqCst);
     let provider = s.factory.provider(s.config("tenant-a")).unwrap();
-    let challenge = Challenge::new(401, RequestKind::Post, vec!["Bearer".into()]);
+    let challenge = Refusal::new(401, RequestKind::Post, vec!["Bearer".into()]);
     let err = provider.on_unauthorized(None, &challenge).await.unwrap_err();
     assert!(matches!(err, Error::Store { .. }), "{err:?}");
     assert_eq!(s.prompts(), 1, "a store failure never prompts");
@@ -440,7 +444,7 @@ impl flow_state::Store for HoldFirstFlowDelete {
 /// request that claims the stale flow replaces it, the other waits and joins the new flow.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_held_up_delete_of_a_stale_flow_cannot_remove_the_newer_flow() {
-    use connection_factory::{AuthProvider, Challenge, Recovery, RequestKind};
+    use connection_factory::{AuthProvider, Recovery, Refusal, RequestKind};
     use std::sync::atomic::Ordering::SeqCst;
     let store = Arc::new(HoldFirstFlowDelete {
         inner: flow_state::SharedStore::new(flow_state::MemoryStore::new()),
@@ -459,7 +463,7 @@ async fn a_held_up_delete_of_a_stale_flow_cannot_remove_the_newer_flow() {
     .await;
     s.fx.auth().knobs().set_approval(Approval::Manual);
     let provider = s.factory.provider(s.config("tenant-a")).unwrap();
-    let challenge = Arc::new(Challenge::new(401, RequestKind::Post, vec!["Bearer".into()]));
+    let challenge = Arc::new(Refusal::new(401, RequestKind::Post, vec!["Bearer".into()]));
     let first = provider.on_unauthorized(None, &challenge).await.unwrap();
     assert_eq!(first, Recovery::AuthorizationRequired);
     assert_eq!(s.prompts(), 1);
@@ -491,12 +495,12 @@ async fn a_held_up_delete_of_a_stale_flow_cannot_remove_the_newer_flow() {
 /// request that waits never returns, and the real-time guard fails the test.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn return_early_requests_that_lose_the_race_to_create_the_flow_do_not_block() {
-    use connection_factory::{AuthProvider, Challenge, Recovery, RequestKind};
+    use connection_factory::{AuthProvider, Recovery, Refusal, RequestKind};
     use std::sync::atomic::Ordering::SeqCst;
     let s = setup(HookDecision::ReturnEarly).await;
     s.fx.auth().knobs().set_approval(Approval::Manual);
     let provider = s.factory.provider(s.config("tenant-a")).unwrap();
-    let challenge = Arc::new(Challenge::new(401, RequestKind::Post, vec!["Bearer".into()]));
+    let challenge = Arc::new(Refusal::new(401, RequestKind::Post, vec!["Bearer".into()]));
     let requests: Vec<_> = (0..8)
         .map(|_| {
             let (provider, challenge) = (provider.clone(), challenge.clone());
@@ -584,7 +588,7 @@ async fn a_user_approving_after_the_connect_timeout_still_connects() {
 /// returns, and the real-time guard fails the test.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_401_joining_a_refresh_that_already_timed_out_gets_that_outcome_at_once() {
-    use connection_factory::{AuthProvider, Challenge, Recovery, RequestKind};
+    use connection_factory::{AuthProvider, Recovery, Refusal, RequestKind};
     let s = setup(HookDecision::ReturnEarly).await;
     let config = s.config("tenant-a");
     let key = config.token_key();
@@ -607,7 +611,7 @@ async fn a_401_joining_a_refresh_that_already_timed_out_gets_that_outcome_at_onc
     // The fallback prompts stay pending: no newer tokens are stored meanwhile.
     s.fx.auth().knobs().set_approval(Approval::Manual);
     let provider = s.factory.provider(config).unwrap();
-    let challenge = Arc::new(Challenge::new(401, RequestKind::Post, vec!["Bearer".into()]));
+    let challenge = Arc::new(Refusal::new(401, RequestKind::Post, vec!["Bearer".into()]));
     let unauthorized = || {
         let (provider, challenge, rejected) =
             (provider.clone(), challenge.clone(), rejected.clone());
@@ -675,12 +679,12 @@ async fn step_up_without_scope_in_token_responses_keeps_the_held_scopes() {
 /// not a moment before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replayed_authorization_expires_when_the_flow_is_replaced() {
-    use connection_factory::{AuthProvider, Challenge, RequestKind};
+    use connection_factory::{AuthProvider, Refusal, RequestKind};
     use mcp_clock::Clock as _;
     let s = setup(HookDecision::ReturnEarly).await;
     s.fx.auth().knobs().set_approval(Approval::Manual);
     let provider = s.factory.provider(s.config("tenant-a")).unwrap();
-    let challenge = Challenge::new(401, RequestKind::Post, vec!["Bearer".into()]);
+    let challenge = Refusal::new(401, RequestKind::Post, vec!["Bearer".into()]);
     let started = s.clock.now();
     provider.on_unauthorized(None, &challenge).await.unwrap();
     s.clock.advance(Duration::from_secs(3));

@@ -20,7 +20,7 @@ use axum::http::{Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use connection_factory::{
-    AuthProvider, Challenge, ConnectOptions, Connection, Error, Recovery, RequestKind, Secret,
+    AuthProvider, ConnectOptions, Connection, Error, Recovery, Refusal, RequestKind, Secret,
 };
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
@@ -147,7 +147,7 @@ impl AuthProvider for Recorder {
     async fn on_unauthorized(
         &self,
         rejected: Option<&Secret>,
-        challenge: &Challenge,
+        challenge: &Refusal,
     ) -> Result<Recovery, Error> {
         self.seen.lock().unwrap().push((challenge.request(), rejected.cloned()));
         let second = Secret::new(SECOND);
@@ -280,7 +280,7 @@ impl AuthProvider for Anonymous {
     async fn current_token(&self) -> Result<Option<Secret>, Error> {
         Ok(None)
     }
-    async fn on_unauthorized(&self, _: Option<&Secret>, _: &Challenge) -> Result<Recovery, Error> {
+    async fn on_unauthorized(&self, _: Option<&Secret>, _: &Refusal) -> Result<Recovery, Error> {
         Ok(Recovery::AuthorizationRequired)
     }
 }

@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 
 use connection_factory::{
     AuthProvider, AuthorizationHook, AuthorizationReason, AuthorizationRequest, CallToolResult,
-    Challenge, ConnectOptions, Connection, ConnectionFactory, Error, FactoryConfig, HookDecision,
-    OAuthRefresher, Recovery, RefreshCounters, Secret, callback_router,
+    ConnectOptions, Connection, ConnectionFactory, Error, FactoryConfig, HookDecision,
+    OAuthRefresher, Recovery, RefreshCounters, Refusal, Secret, callback_router,
 };
 use flow_state::{FlowManager, MemoryStore, SharedStore};
 use mcp_clock::{ManualClock, SystemClock, Timestamp};
@@ -121,7 +121,7 @@ impl AuthProvider for FixedToken {
     async fn on_unauthorized(
         &self,
         _rejected: Option<&Secret>,
-        _challenge: &Challenge,
+        _challenge: &Refusal,
     ) -> Result<Recovery, Error> {
         Ok(Recovery::AuthorizationRequired)
     }

@@ -39,7 +39,7 @@ const LOGIN_LOCK_SLACK: Duration = Duration::from_secs(30);
 /// use std::time::Duration;
 ///
 /// let options = ClientOptions::new("/tmp/my-store").tenant("acme").user("alice").lock_wait(Duration::from_secs(5));
-/// assert_eq!(options.get_store(), std::path::Path::new("/tmp/my-store"));
+/// assert_eq!(options.store(), std::path::Path::new("/tmp/my-store"));
 /// ```
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
@@ -291,7 +291,7 @@ impl ClientOptions {
     }
 
     /// The store directory.
-    pub fn get_store(&self) -> &Path {
+    pub fn store(&self) -> &Path {
         &self.store
     }
 
@@ -1151,7 +1151,7 @@ impl connection_factory::AuthProvider for UserAuthorization {
     async fn on_unauthorized(
         &self,
         _rejected: Option<&connection_factory::Secret>,
-        _challenge: &connection_factory::Challenge,
+        _challenge: &connection_factory::Refusal,
     ) -> Result<connection_factory::Recovery, connection_factory::Error> {
         Ok(connection_factory::Recovery::AuthorizationRequired)
     }

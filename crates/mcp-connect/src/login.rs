@@ -25,7 +25,7 @@ pub const NO_BROWSER_ENV: &str = "MCP_CONNECT_NO_BROWSER";
 /// use std::time::Duration;
 ///
 /// let options = LoginOptions::default().port(0).timeout(Duration::from_secs(30)).open_browser(false);
-/// assert_eq!(options.get_timeout(), Duration::from_secs(30));
+/// # drop(options);
 /// ```
 #[derive(Debug, Clone)]
 pub struct LoginOptions {
@@ -147,11 +147,6 @@ impl LoginOptions {
     pub fn open_browser(mut self, open: bool) -> Self {
         self.open_browser = open;
         self
-    }
-
-    /// How long the browser step may take.
-    pub fn get_timeout(&self) -> Duration {
-        self.timeout
     }
 }
 

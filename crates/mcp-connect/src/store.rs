@@ -26,7 +26,9 @@ use std::time::Duration;
 
 use mcp_clock::{Clock as _, SharedClock};
 
-use token_storage::{Keyring, RefreshLease, SledTokenStore, Swap, TokenKey, TokenStore, Versioned};
+use token_storage::{
+    Keyring, RefreshLease, SledTokenStore, Swapped, TokenKey, TokenStore, Versioned,
+};
 
 /// How often a lock wait tries again.
 const LOCK_STEP: Duration = Duration::from_millis(10);
@@ -378,13 +380,17 @@ impl TokenStore for LockedSledStore {
         key: &str,
         expected: Option<u64>,
         value: Vec<u8>,
-    ) -> Result<Swap, token_storage::Error> {
+    ) -> Result<Swapped, token_storage::Error> {
         let open = self.open().await?;
         open.db.compare_and_swap(key, expected, value).await
     }
 
-    async fn delete(&self, key: &str, expected: Option<u64>) -> Result<bool, token_storage::Error> {
-        self.open().await?.db.delete(key, expected).await
+    async fn delete_if(
+        &self,
+        key: &str,
+        expected: Option<u64>,
+    ) -> Result<bool, token_storage::Error> {
+        self.open().await?.db.delete_if(key, expected).await
     }
 
     async fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<String>, token_storage::Error> {
@@ -411,7 +417,7 @@ mod tests {
         .unwrap();
         let a = LockedSledStore::new(dir.clone());
         let b = LockedSledStore::new(dir.clone());
-        let Swap::Swapped { version } =
+        let Swapped::Swapped { version } =
             a.compare_and_swap("k", None, b"one".to_vec()).await.unwrap()
         else {
             panic!("first write conflicts")
@@ -420,9 +426,9 @@ mod tests {
         assert_eq!((read.version, &*read.value), (version, &b"one"[..]));
         assert!(matches!(
             b.compare_and_swap("k", None, b"x".to_vec()).await,
-            Ok(Swap::Conflict(_))
+            Ok(Swapped::Conflict(_))
         ));
-        assert!(b.delete("k", Some(version)).await.unwrap());
+        assert!(b.delete_if("k", Some(version)).await.unwrap());
         assert!(a.get("k").await.unwrap().is_none());
     }
 

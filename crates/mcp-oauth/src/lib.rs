@@ -103,8 +103,8 @@ pub use http::{
     HttpClient, HttpRequest, HttpResponse, Method, SharedHttpClient, SsrfPolicy, check_url,
 };
 pub use registration::{
-    ClientConfig, ClientKey, ClientRegistration, PROTOCOL_REGISTRATION_FIELDS, PreRegisteredClient,
-    RegistrationSource, TokenEndpointAuthMethod,
+    ClientConfig, ClientRegistration, ClientSigningKey, PROTOCOL_REGISTRATION_FIELDS,
+    PreRegisteredClient, RegistrationSource, TokenEndpointAuthMethod,
 };
 pub use reqwest_client::{HttpPolicy, ReqwestHttpClient};
 pub use scope::{AuthAttempts, select_scope, union_scopes};

@@ -131,7 +131,7 @@ impl ReqwestHttpClient {
         };
         let client = builder
             .build()
-            .map_err(|e| Error::Config(format!("cannot build the HTTP client: {e}")))?;
+            .map_err(|e| Error::InvalidConfig(format!("cannot build the HTTP client: {e}")))?;
         Ok(ReqwestHttpClient {
             client,
             policy: Arc::new(policy),

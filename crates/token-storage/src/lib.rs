@@ -76,4 +76,4 @@ pub use store::memory::MemoryTokenStore;
 pub use store::redis::{RedisTokenStore, RedisTokenStoreBuilder};
 #[cfg(feature = "sled")]
 pub use store::sled::SledTokenStore;
-pub use store::{SharedTokenStore, Swap, TokenStore, Versioned};
+pub use store::{SharedTokenStore, Swapped, TokenStore, Versioned};

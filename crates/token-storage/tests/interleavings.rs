@@ -43,7 +43,7 @@ use proptest::test_runner::{Config, FileFailurePersistence, TestError, TestRunne
 use token_storage::testkit::{FakeAuthServer, FaultyTokenStore, Issued};
 use token_storage::{
     Clock, Error, ManualClock, MemoryTokenStore, ReauthReason, RefreshError, RefreshLease,
-    RefreshRequest, Refresher, Secret, SharedClock, SharedTokenStore, Swap, TokenKey,
+    RefreshRequest, Refresher, Secret, SharedClock, SharedTokenStore, Swapped, TokenKey,
     TokenResponse, TokenStorage, TokenStore, TransientKind, Versioned,
 };
 use tokio::sync::Notify;
@@ -95,9 +95,9 @@ impl TokenStore for Recording {
         key: &str,
         expected: Option<u64>,
         value: Vec<u8>,
-    ) -> Result<Swap, Error> {
+    ) -> Result<Swapped, Error> {
         let r = self.inner.compare_and_swap(key, expected, value.clone()).await?;
-        if let Swap::Swapped { version } = r {
+        if let Swapped::Swapped { version } = r {
             let write = Write { record: key.to_owned(), expected, version, value, replied: false };
             self.writes.lock().unwrap().push(write);
             let held = self
@@ -119,8 +119,8 @@ impl TokenStore for Recording {
         }
         Ok(r)
     }
-    async fn delete(&self, key: &str, expected: Option<u64>) -> Result<bool, Error> {
-        self.inner.delete(key, expected).await
+    async fn delete_if(&self, key: &str, expected: Option<u64>) -> Result<bool, Error> {
+        self.inner.delete_if(key, expected).await
     }
     async fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<String>, Error> {
         self.inner.keys_with_prefix(prefix).await

@@ -8,7 +8,7 @@ use common::*;
 use token_storage::testkit::{FakeAuthServer, store_conformance};
 use token_storage::{
     ClientRegistration, Error, ManualClock, MemoryTokenStore, Secret, SharedTokenStore,
-    SledTokenStore, Swap, TokenKey, TokenStorage, TokenStore, Versioned,
+    SledTokenStore, Swapped, TokenKey, TokenStorage, TokenStore, Versioned,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -68,23 +68,24 @@ async fn sled_versions_are_not_reused_across_restarts() {
     let dir = tempfile::tempdir().unwrap();
     let v1 = {
         let store = SledTokenStore::open(dir.path()).unwrap();
-        let Swap::Swapped { version } =
+        let Swapped::Swapped { version } =
             store.compare_and_swap("k", None, b"a".to_vec()).await.unwrap()
         else {
             panic!()
         };
-        assert!(store.delete("k", Some(version)).await.unwrap());
+        assert!(store.delete_if("k", Some(version)).await.unwrap());
         version
     };
     let store = SledTokenStore::open(dir.path()).unwrap();
-    let Swap::Swapped { version } = store.compare_and_swap("k", None, b"b".to_vec()).await.unwrap()
+    let Swapped::Swapped { version } =
+        store.compare_and_swap("k", None, b"b".to_vec()).await.unwrap()
     else {
         panic!()
     };
     assert!(version > v1);
     assert!(matches!(
         store.compare_and_swap("k", Some(v1), b"c".to_vec()).await.unwrap(),
-        Swap::Conflict(_)
+        Swapped::Conflict(_)
     ));
 }
 
@@ -140,12 +141,12 @@ impl TokenStore for RoundTrips {
         key: &str,
         expected: Option<u64>,
         value: Vec<u8>,
-    ) -> Result<Swap, Error> {
+    ) -> Result<Swapped, Error> {
         tokio::task::yield_now().await;
         self.0.compare_and_swap(key, expected, value).await
     }
-    async fn delete(&self, key: &str, expected: Option<u64>) -> Result<bool, Error> {
-        self.0.delete(key, expected).await
+    async fn delete_if(&self, key: &str, expected: Option<u64>) -> Result<bool, Error> {
+        self.0.delete_if(key, expected).await
     }
     async fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<String>, Error> {
         self.0.keys_with_prefix(prefix).await

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use token_storage::{TokenKey, TokenStorage};
 use tracing::Instrument as _;
 
-use crate::challenge::Challenge;
+use crate::challenge::Refusal;
 use crate::connection::{ConnectOptions, Connection, within};
 use crate::error::Error;
 use crate::interactive::{
@@ -395,7 +395,7 @@ impl AuthProvider for FactoryProvider {
     async fn on_unauthorized(
         &self,
         rejected: Option<&Secret>,
-        challenge: &Challenge,
+        challenge: &Refusal,
     ) -> Result<Recovery, Error> {
         let recovery = self.recover(rejected, challenge).await?;
         if let Recovery::Retry(token) = &recovery {
@@ -410,7 +410,7 @@ impl FactoryProvider {
     async fn recover(
         &self,
         rejected: Option<&Secret>,
-        challenge: &Challenge,
+        challenge: &Refusal,
     ) -> Result<Recovery, Error> {
         if challenge.is_insufficient_scope() {
             bump(&self.counters.insufficient_scope);

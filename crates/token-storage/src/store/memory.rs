@@ -3,22 +3,22 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use super::{Swap, TokenStore, Versioned};
+use super::{Swapped, TokenStore, Versioned};
 use crate::Error;
 
 /// A [`TokenStore`] in process memory: for tests and for hosts that keep nothing on disk.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), token_storage::Error> {
-/// use token_storage::{MemoryTokenStore, Swap, TokenStore};
+/// use token_storage::{MemoryTokenStore, Swapped, TokenStore};
 ///
 /// let store = MemoryTokenStore::new();
-/// let Swap::Swapped { version } = store.compare_and_swap("k", None, b"v1".to_vec()).await? else {
+/// let Swapped::Swapped { version } = store.compare_and_swap("k", None, b"v1".to_vec()).await? else {
 ///     unreachable!()
 /// };
 /// // A writer that read nothing loses against the one that wrote first.
-/// assert!(matches!(store.compare_and_swap("k", None, b"v2".to_vec()).await?, Swap::Conflict(Some(_))));
-/// assert!(matches!(store.compare_and_swap("k", Some(version), b"v2".to_vec()).await?, Swap::Swapped { .. }));
+/// assert!(matches!(store.compare_and_swap("k", None, b"v2".to_vec()).await?, Swapped::Conflict(Some(_))));
+/// assert!(matches!(store.compare_and_swap("k", Some(version), b"v2".to_vec()).await?, Swapped::Swapped { .. }));
 /// # Ok(()) }
 /// ```
 #[derive(Debug, Default)]
@@ -55,21 +55,21 @@ impl TokenStore for MemoryTokenStore {
         key: &str,
         expected: Option<u64>,
         value: Vec<u8>,
-    ) -> Result<Swap, Error> {
+    ) -> Result<Swapped, Error> {
         let outcome = self.with(|s| {
             let current = s.records.get(key);
             if current.map(|v| v.version) != expected {
-                return Swap::Conflict(current.cloned());
+                return Swapped::Conflict(current.cloned());
             }
             s.last_version += 1;
             let version = s.last_version;
             s.records.insert(key.to_owned(), Versioned { version, value: Arc::from(value) });
-            Swap::Swapped { version }
+            Swapped::Swapped { version }
         });
         Ok(outcome)
     }
 
-    async fn delete(&self, key: &str, expected: Option<u64>) -> Result<bool, Error> {
+    async fn delete_if(&self, key: &str, expected: Option<u64>) -> Result<bool, Error> {
         let deleted = self.with(|s| match s.records.get(key) {
             Some(v) if expected.is_none_or(|e| e == v.version) => {
                 s.records.remove(key);

@@ -8,7 +8,7 @@
 //! | [`TokenStore::get`] | lock + lookup | `get` | `HGETALL` |
 //! | [`TokenStore::compare_and_swap`] | lock | `compare_and_swap(old → new)` | Lua: compare version, `SET` (`SET NX` when absent) |
 //! | [`TokenStore::compare_and_swap_fenced`] | lease check, then swap | lease check, then swap | Lua: lease check and swap in one script (a `flow_state::RedisStore` lease on the same server), else lease check, then swap |
-//! | [`TokenStore::delete`] | lock | `compare_and_swap(old → None)` | Lua: compare version, `DEL` |
+//! | [`TokenStore::delete_if`] | lock | `compare_and_swap(old → None)` | Lua: compare version, `DEL` |
 //! | [`TokenStore::keys_with_prefix`] | range scan | `scan_prefix` | `ZRANGEBYLEX` on an index kept by the writes |
 //!
 //! Versions are unique across the whole store and increase with every write (a persisted
@@ -47,7 +47,7 @@ impl fmt::Debug for Versioned {
 
 /// The outcome of [`TokenStore::compare_and_swap`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Swap {
+pub enum Swapped {
     /// Written; this is the new version.
     Swapped {
         /// The new version.
@@ -72,11 +72,11 @@ pub trait TokenStore: Send + Sync + fmt::Debug {
         key: &str,
         expected: Option<u64>,
         value: Vec<u8>,
-    ) -> Result<Swap, Error>;
+    ) -> Result<Swapped, Error>;
 
     /// Delete the record under `key` if its version is `expected` (any version when `None`).
     /// Returns whether a record was deleted.
-    async fn delete(&self, key: &str, expected: Option<u64>) -> Result<bool, Error>;
+    async fn delete_if(&self, key: &str, expected: Option<u64>) -> Result<bool, Error>;
 
     /// Every stored key that starts with `prefix`, in any order.
     async fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<String>, Error>;
@@ -96,7 +96,7 @@ pub trait TokenStore: Send + Sync + fmt::Debug {
         expected: Option<u64>,
         value: Vec<u8>,
         fence: &Fence<'_>,
-    ) -> Result<Option<Swap>, Error> {
+    ) -> Result<Option<Swapped>, Error> {
         check_then_swap(self, key, expected, value, fence).await
     }
 }
@@ -108,7 +108,7 @@ pub(crate) async fn check_then_swap<S: TokenStore + ?Sized>(
     expected: Option<u64>,
     value: Vec<u8>,
     fence: &Fence<'_>,
-) -> Result<Option<Swap>, Error> {
+) -> Result<Option<Swapped>, Error> {
     if !fence.holds().await? {
         return Ok(None);
     }

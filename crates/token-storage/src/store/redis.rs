@@ -27,7 +27,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Script, Value};
 
-use super::{Swap, TokenStore, Versioned, check_then_swap};
+use super::{Swapped, TokenStore, Versioned, check_then_swap};
 use crate::Error;
 use crate::error::DecryptFailure;
 use crate::lease::Fence;
@@ -243,13 +243,13 @@ fn int(key: &str, v: &Value) -> Result<u64, Error> {
 }
 
 /// The reply of [`CAS`].
-fn swap_reply(key: &str, reply: &[Value]) -> Result<Swap, Error> {
+fn swap_reply(key: &str, reply: &[Value]) -> Result<Swapped, Error> {
     match reply {
-        [_] => Ok(Swap::Conflict(None)),
+        [_] => Ok(Swapped::Conflict(None)),
         [flag, version] if int(key, flag)? == 1 => {
-            Ok(Swap::Swapped { version: int(key, version)? })
+            Ok(Swapped::Swapped { version: int(key, version)? })
         }
-        [_, v, d] => Ok(Swap::Conflict(Some(versioned(key, v, d)?))),
+        [_, v, d] => Ok(Swapped::Conflict(Some(versioned(key, v, d)?))),
         _ => Err(foreign(key)),
     }
 }
@@ -282,7 +282,7 @@ impl TokenStore for RedisTokenStore {
         key: &str,
         expected: Option<u64>,
         value: Vec<u8>,
-    ) -> Result<Swap, Error> {
+    ) -> Result<Swapped, Error> {
         let mut conn = self.inner.conn.clone();
         let reply: Vec<Value> = self
             .inner
@@ -307,7 +307,7 @@ impl TokenStore for RedisTokenStore {
         expected: Option<u64>,
         value: Vec<u8>,
         fence: &Fence<'_>,
-    ) -> Result<Option<Swap>, Error> {
+    ) -> Result<Option<Swapped>, Error> {
         let Some(lease) = fence.redis().filter(|f| f.server == self.inner.server) else {
             return check_then_swap(self, key, expected, value, fence).await;
         };
@@ -332,7 +332,7 @@ impl TokenStore for RedisTokenStore {
         }
     }
 
-    async fn delete(&self, key: &str, expected: Option<u64>) -> Result<bool, Error> {
+    async fn delete_if(&self, key: &str, expected: Option<u64>) -> Result<bool, Error> {
         let mut conn = self.inner.conn.clone();
         let deleted: i64 = self
             .inner

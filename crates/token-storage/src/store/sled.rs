@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::{Swap, TokenStore, Versioned};
+use super::{Swapped, TokenStore, Versioned};
 use crate::Error;
 
 /// A [`TokenStore`] on sled, the embedded default. Feature `sled`.
@@ -111,11 +111,11 @@ impl TokenStore for SledTokenStore {
         key: &str,
         expected: Option<u64>,
         value: Vec<u8>,
-    ) -> Result<Swap, Error> {
+    ) -> Result<Swapped, Error> {
         loop {
             let current = self.read(key)?;
             if current.as_ref().map(|(_, v)| v.version) != expected {
-                return Ok(Swap::Conflict(current.map(|(_, v)| v)));
+                return Ok(Swapped::Conflict(current.map(|(_, v)| v)));
             }
             // Monotonic across restarts: sled persists its id generator. +1 keeps 0 unused.
             let version = self.inner.db.generate_id().map_err(|e| backend("generate_id", e))? + 1;
@@ -123,12 +123,12 @@ impl TokenStore for SledTokenStore {
             record.extend_from_slice(&version.to_be_bytes());
             record.extend_from_slice(&value);
             if self.swap(key, current.map(|(raw, _)| raw), Some(record)).await? {
-                return Ok(Swap::Swapped { version });
+                return Ok(Swapped::Swapped { version });
             }
         }
     }
 
-    async fn delete(&self, key: &str, expected: Option<u64>) -> Result<bool, Error> {
+    async fn delete_if(&self, key: &str, expected: Option<u64>) -> Result<bool, Error> {
         loop {
             let raw = self.inner.tree.get(key.as_bytes()).map_err(|e| backend("get", e))?;
             let Some(raw) = raw else { return Ok(false) };

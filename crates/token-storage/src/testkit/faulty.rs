@@ -7,7 +7,7 @@ use std::sync::Arc;
 use flow_state::testkit::{FaultPlan, WriteFault};
 use mcp_clock::SharedClock;
 
-use crate::{Error, Fence, SharedTokenStore, Swap, TokenStore, Versioned};
+use crate::{Error, Fence, SharedTokenStore, Swapped, TokenStore, Versioned};
 
 /// A [`TokenStore`] over another one with the faults of flow-state's [`FaultPlan`] (armed
 /// through it: the wrapper dereferences to its plan), reported as [`Error::StoreUnavailable`]:
@@ -105,12 +105,12 @@ impl TokenStore for FaultyTokenStore {
         key: &str,
         expected: Option<u64>,
         value: Vec<u8>,
-    ) -> Result<Swap, Error> {
+    ) -> Result<Swapped, Error> {
         self.write(move || self.inner.compare_and_swap(key, expected, value)).await
     }
 
-    async fn delete(&self, key: &str, expected: Option<u64>) -> Result<bool, Error> {
-        self.write(move || self.inner.delete(key, expected)).await
+    async fn delete_if(&self, key: &str, expected: Option<u64>) -> Result<bool, Error> {
+        self.write(move || self.inner.delete_if(key, expected)).await
     }
 
     async fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<String>, Error> {
@@ -123,7 +123,7 @@ impl TokenStore for FaultyTokenStore {
         expected: Option<u64>,
         value: Vec<u8>,
         fence: &Fence<'_>,
-    ) -> Result<Option<Swap>, Error> {
+    ) -> Result<Option<Swapped>, Error> {
         self.write(move || self.inner.compare_and_swap_fenced(key, expected, value, fence)).await
     }
 }
