@@ -313,7 +313,7 @@ impl token_storage::TokenStore for ClientReadsFail {
     async fn get(
         &self,
         key: &str,
-    ) -> Result<Option<token_storage::Versioned>, token_storage::Error> {
+    ) -> Result<Option<token_storage::store::Versioned>, token_storage::Error> {
         if key.ends_with("/client") && self.armed.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(token_storage::Error::StoreUnavailable {
                 message: "injected: client read failed".into(),
@@ -327,7 +327,7 @@ impl token_storage::TokenStore for ClientReadsFail {
         key: &str,
         expected: Option<u64>,
         value: Vec<u8>,
-    ) -> Result<token_storage::Swapped, token_storage::Error> {
+    ) -> Result<token_storage::store::Swapped, token_storage::Error> {
         self.inner.compare_and_swap(key, expected, value).await
     }
     async fn delete_if(
@@ -396,7 +396,7 @@ impl flow_state::Store for HoldFirstFlowDelete {
     async fn get(
         &self,
         key: &str,
-    ) -> Result<Option<flow_state::Versioned>, flow_state::StoreError> {
+    ) -> Result<Option<flow_state::store::Versioned>, flow_state::store::StoreError> {
         if key.contains(":mcp_oauth_replace:") {
             self.claims.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
@@ -407,7 +407,7 @@ impl flow_state::Store for HoldFirstFlowDelete {
         key: &str,
         value: Vec<u8>,
         ttl: Duration,
-    ) -> Result<flow_state::Inserted, flow_state::StoreError> {
+    ) -> Result<flow_state::store::Inserted, flow_state::store::StoreError> {
         self.inner.insert_if_absent(key, value, ttl).await
     }
     async fn compare_and_swap(
@@ -416,14 +416,14 @@ impl flow_state::Store for HoldFirstFlowDelete {
         expected: u64,
         value: Vec<u8>,
         ttl: Duration,
-    ) -> Result<flow_state::Swapped, flow_state::StoreError> {
+    ) -> Result<flow_state::store::Swapped, flow_state::store::StoreError> {
         self.inner.compare_and_swap(key, expected, value, ttl).await
     }
     async fn delete_if(
         &self,
         key: &str,
         expected: Option<u64>,
-    ) -> Result<bool, flow_state::StoreError> {
+    ) -> Result<bool, flow_state::store::StoreError> {
         if key.contains(":mcp_oauth:")
             && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst)
         {
@@ -432,7 +432,7 @@ impl flow_state::Store for HoldFirstFlowDelete {
         }
         self.inner.delete_if(key, expected).await
     }
-    fn subscribe(&self, key: &str) -> flow_state::Subscription {
+    fn subscribe(&self, key: &str) -> flow_state::store::Subscription {
         self.inner.subscribe(key)
     }
 }

@@ -27,7 +27,8 @@ use std::time::Duration;
 use mcp_clock::{Clock as _, SharedClock};
 
 use token_storage::{
-    Keyring, RefreshLease, SledTokenStore, Swapped, TokenKey, TokenStore, Versioned,
+    Keyring, RefreshLease, SledTokenStore, TokenKey, TokenStore,
+    store::{Swapped, Versioned},
 };
 
 /// How often a lock wait tries again.

@@ -72,7 +72,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 use std::time::Duration;
 
-use flow_state::{FlowKey, Lease, Leases, SharedStore, StoreErrorKind};
+use flow_state::{FlowKey, Lease, Leases, SharedStore, store::StoreErrorKind};
 use mcp_clock::{Clock as _, SharedClock};
 
 use crate::key::RecordKind;

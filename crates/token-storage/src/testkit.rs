@@ -20,8 +20,8 @@ mod faulty;
 pub use faulty::FaultyTokenStore;
 
 use crate::{
-    RefreshError, RefreshRequest, Refresher, SharedTokenStore, Swapped, TerminalCode, TokenKey,
-    TokenResponse,
+    RefreshError, RefreshRequest, Refresher, SharedTokenStore, TerminalCode, TokenKey,
+    TokenResponse, store::Swapped,
 };
 
 /// Runs every conformance check against stores built by `make` (called once per check; each

@@ -43,8 +43,9 @@ use proptest::test_runner::{Config, FileFailurePersistence, TestError, TestRunne
 use token_storage::testkit::{FakeAuthServer, FaultyTokenStore, Issued};
 use token_storage::{
     Clock, Error, ManualClock, MemoryTokenStore, ReauthReason, RefreshError, RefreshLease,
-    RefreshRequest, Refresher, Secret, SharedClock, SharedTokenStore, Swapped, TokenKey,
-    TokenResponse, TokenStorage, TokenStore, TransientKind, Versioned,
+    RefreshRequest, Refresher, Secret, SharedClock, SharedTokenStore, TokenKey, TokenResponse,
+    TokenStorage, TokenStore, TransientKind,
+    store::{Swapped, Versioned},
 };
 use tokio::sync::Notify;
 

@@ -15,8 +15,9 @@ use flow_state::testkit::RedisServer;
 use flow_state::{MemoryStore, RedisStore, SharedStore};
 use token_storage::testkit::{FakeAuthServer, store_conformance};
 use token_storage::{
-    DecryptFailure, Error, Fence, MemoryTokenStore, RedisTokenStore, RefreshLease, SharedClock,
-    SharedTokenStore, Swapped, TokenStorage, TokenStore,
+    DecryptFailure, Error, MemoryTokenStore, RedisTokenStore, RefreshLease, SharedClock,
+    SharedTokenStore, TokenStorage, TokenStore,
+    store::{Fence, Swapped},
 };
 
 static PREFIXES: AtomicUsize = AtomicUsize::new(0);

@@ -8,7 +8,8 @@ use common::*;
 use token_storage::testkit::{FakeAuthServer, store_conformance};
 use token_storage::{
     ClientRegistration, Error, ManualClock, MemoryTokenStore, Secret, SharedTokenStore,
-    SledTokenStore, Swapped, TokenKey, TokenStorage, TokenStore, Versioned,
+    SledTokenStore, TokenKey, TokenStorage, TokenStore,
+    store::{Swapped, Versioned},
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,4 +1,7 @@
-//! The store trait that flows live in, and the pieces backends share.
+//! The store trait that flows live in, and the pieces backends share: what an author of a
+//! [`Store`] backend needs ([`Versioned`], [`Inserted`], [`Swapped`], [`StoreError`],
+//! [`KeyNotifier`], [`Subscription`]). Users of the flow engine need only [`SharedStore`] and a
+//! backend, which the crate root re-exports.
 //!
 //! A [`Store`] is a key-value map with per-record TTLs and versions. Its methods map onto atomic
 //! backend operations, so that the engine's guarantees hold across tasks, processes and replicas:

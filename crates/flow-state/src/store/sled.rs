@@ -43,7 +43,7 @@ impl Default for Durability {
 /// few thousand writes and at open.
 ///
 /// ```
-/// # fn main() -> Result<(), flow_state::StoreError> {
+/// # fn main() -> Result<(), flow_state::store::StoreError> {
 /// let dir = tempfile::tempdir().unwrap();
 /// let store = flow_state::SledStore::open(dir.path())?;
 /// # drop(store); Ok(()) }

@@ -128,7 +128,7 @@ impl Store for FaultyStore {
     }
 
     #[cfg(feature = "redis")]
-    fn redis_location(&self, key: &str) -> Option<crate::RedisLocation> {
+    fn redis_location(&self, key: &str) -> Option<crate::store::RedisLocation> {
         self.inner.redis_location(key)
     }
 }

@@ -493,7 +493,7 @@ impl flow_state::Store for HoldDelete {
     async fn get(
         &self,
         key: &str,
-    ) -> Result<Option<flow_state::Versioned>, flow_state::StoreError> {
+    ) -> Result<Option<flow_state::store::Versioned>, flow_state::store::StoreError> {
         self.inner.get(key).await
     }
     async fn insert_if_absent(
@@ -501,7 +501,7 @@ impl flow_state::Store for HoldDelete {
         key: &str,
         value: Vec<u8>,
         ttl: Duration,
-    ) -> Result<flow_state::Inserted, flow_state::StoreError> {
+    ) -> Result<flow_state::store::Inserted, flow_state::store::StoreError> {
         self.inner.insert_if_absent(key, value, ttl).await
     }
     async fn compare_and_swap(
@@ -510,21 +510,21 @@ impl flow_state::Store for HoldDelete {
         expected: u64,
         value: Vec<u8>,
         ttl: Duration,
-    ) -> Result<flow_state::Swapped, flow_state::StoreError> {
+    ) -> Result<flow_state::store::Swapped, flow_state::store::StoreError> {
         self.inner.compare_and_swap(key, expected, value, ttl).await
     }
     async fn delete_if(
         &self,
         key: &str,
         expected: Option<u64>,
-    ) -> Result<bool, flow_state::StoreError> {
+    ) -> Result<bool, flow_state::store::StoreError> {
         if self.armed.swap(false, Ordering::SeqCst) {
             self.held.notify_one();
             self.release.acquire().await.unwrap().forget();
         }
         self.inner.delete_if(key, expected).await
     }
-    fn subscribe(&self, key: &str) -> flow_state::Subscription {
+    fn subscribe(&self, key: &str) -> flow_state::store::Subscription {
         self.inner.subscribe(key)
     }
 }

@@ -1,5 +1,10 @@
-//! The store trait token records live in: [`TokenStore`], with [`MemoryTokenStore`] and
-//! (feature `sled`) `SledTokenStore`, (feature `redis`) `RedisTokenStore`.
+//! The store trait token records live in: [`TokenStore`], with
+//! [`MemoryTokenStore`](crate::MemoryTokenStore) and (feature `sled`) `SledTokenStore`,
+//! (feature `redis`) `RedisTokenStore`.
+//!
+//! This module is for backend authors: [`Versioned`], [`Swapped`] and [`Fence`] appear only in
+//! [`TokenStore`]'s methods. Users of [`TokenStorage`](crate::TokenStorage) need only
+//! [`SharedTokenStore`] and a backend, which the crate root re-exports.
 //!
 //! Records are opaque sealed bytes with a version. Every method is one atomic backend operation:
 //!
@@ -19,7 +24,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::Error;
-use crate::lease::Fence;
+pub use crate::lease::Fence;
 
 pub(crate) mod memory;
 #[cfg(feature = "redis")]

@@ -104,7 +104,7 @@ pub struct RedisTokenStore {
 struct Inner {
     conn: ConnectionManager,
     url: String,
-    /// The server and database (`flow_state::RedisLocation::server_of`).
+    /// The server and database (`flow_state::store::RedisLocation::server_of`).
     server: String,
     prefix: String,
     cas: Script,
@@ -160,7 +160,7 @@ impl RedisTokenStoreBuilder {
         Ok(RedisTokenStore {
             inner: Arc::new(Inner {
                 conn,
-                server: flow_state::RedisLocation::server_of(&url).unwrap_or_default(),
+                server: flow_state::store::RedisLocation::server_of(&url).unwrap_or_default(),
                 url: redact_url(&url),
                 prefix: self.prefix,
                 cas: Script::new(&format!("{RECORD}{CAS}")),

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use flow_state::testkit::{FaultPlan, WriteFault};
 use mcp_clock::SharedClock;
 
-use crate::{Error, Fence, SharedTokenStore, Swapped, TokenStore, Versioned};
+use crate::Error;
+use crate::store::{Fence, SharedTokenStore, Swapped, TokenStore, Versioned};
 
 /// A [`TokenStore`] over another one with the faults of flow-state's [`FaultPlan`] (armed
 /// through it: the wrapper dereferences to its plan), reported as [`Error::StoreUnavailable`]:
