@@ -10,7 +10,8 @@ use crate::Error;
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), token_storage::Error> {
-/// use token_storage::{MemoryTokenStore, Swapped, TokenStore};
+/// use token_storage::store::Swapped;
+/// use token_storage::{MemoryTokenStore, TokenStore};
 ///
 /// let store = MemoryTokenStore::new();
 /// let Swapped::Swapped { version } = store.compare_and_swap("k", None, b"v1".to_vec()).await? else {
