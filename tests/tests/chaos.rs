@@ -24,8 +24,8 @@ use mcp_clock::{Clock as _, SystemClock};
 use support::{Fleet, HttpRefresher, Never, Proc, env, fleet_storage, fleet_storage_over, key};
 use token_storage::testkit::FaultyTokenStore;
 use token_storage::{
-    BoxFuture, Error, RedisTokenStore, RefreshError, RefreshRequest, Refresher, SharedClock,
-    SharedTokenStore, TokenKey, TokenResponse,
+    Error, RedisTokenStore, RefreshError, RefreshRequest, Refresher, SharedClock, SharedTokenStore,
+    TokenKey, TokenResponse,
 };
 
 const PROCESSES: usize = 3;
@@ -386,22 +386,21 @@ impl CommitFaults {
     }
 }
 
+#[async_trait::async_trait]
 impl Refresher for CommitFaults {
-    fn refresh<'a>(
-        &'a self,
-        key: &'a TokenKey,
-        request: &'a RefreshRequest,
-    ) -> BoxFuture<'a, Result<TokenResponse, RefreshError>> {
-        Box::pin(async move {
-            let answer = self.http.refresh(key, request).await;
-            if answer.is_ok() {
-                match std::mem::replace(&mut *self.armed.lock().unwrap(), ArmedCommit::No) {
-                    ArmedCommit::No => {}
-                    ArmedCommit::Fail => self.store.fail_next_write(),
-                    ArmedCommit::LoseReply => self.store.lose_next_write_reply(),
-                }
+    async fn refresh(
+        &self,
+        key: &TokenKey,
+        request: &RefreshRequest,
+    ) -> Result<TokenResponse, RefreshError> {
+        let answer = self.http.refresh(key, request).await;
+        if answer.is_ok() {
+            match std::mem::replace(&mut *self.armed.lock().unwrap(), ArmedCommit::No) {
+                ArmedCommit::No => {}
+                ArmedCommit::Fail => self.store.fail_next_write(),
+                ArmedCommit::LoseReply => self.store.lose_next_write_reply(),
             }
-            answer
-        })
+        }
+        answer
     }
 }

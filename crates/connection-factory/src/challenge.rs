@@ -25,16 +25,17 @@ impl fmt::Display for RequestKind {
 }
 
 /// A 401 or 403 from the MCP server: the status, the request it refused and the raw
-/// `WWW-Authenticate` header values.
+/// `WWW-Authenticate` header values. (One parsed challenge of that header is
+/// [`mcp_oauth::Challenge`].)
 ///
-/// The full challenge grammar is for the OAuth client to parse; [`Challenge::param`] and its
+/// The full challenge grammar is for the OAuth client to parse; [`Refusal::param`] and its
 /// shortcuts read the three parameters the transport layer needs (`error`, `scope`,
 /// `resource_metadata`).
 ///
 /// ```
-/// use connection_factory::{Challenge, RequestKind};
+/// use connection_factory::{Refusal, RequestKind};
 ///
-/// let c = Challenge::new(
+/// let c = Refusal::new(
 ///     403,
 ///     RequestKind::Post,
 ///     vec![r#"Bearer error="insufficient_scope", scope="mcp:tools mcp:write""#.into()],
@@ -44,16 +45,16 @@ impl fmt::Display for RequestKind {
 /// assert_eq!(c.resource_metadata(), None);
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Challenge {
+pub struct Refusal {
     status: u16,
     request: RequestKind,
     www_authenticate: Vec<String>,
 }
 
-impl Challenge {
+impl Refusal {
     /// A challenge with this HTTP status (401 or 403) and these `WWW-Authenticate` values.
     pub fn new(status: u16, request: RequestKind, www_authenticate: Vec<String>) -> Self {
-        Challenge { status, request, www_authenticate }
+        Refusal { status, request, www_authenticate }
     }
 
     /// The HTTP status: 401 or 403.
@@ -115,8 +116,8 @@ impl Challenge {
 mod tests {
     use super::*;
 
-    fn c(h: &str) -> Challenge {
-        Challenge::new(401, RequestKind::Post, vec![h.to_owned()])
+    fn c(h: &str) -> Refusal {
+        Refusal::new(401, RequestKind::Post, vec![h.to_owned()])
     }
 
     #[test]
@@ -158,7 +159,7 @@ mod tests {
 
     #[test]
     fn later_header_values_are_searched() {
-        let ch = Challenge::new(
+        let ch = Refusal::new(
             401,
             RequestKind::GetStream,
             vec!["Basic realm=\"x\"".into(), "Bearer scope=\"a b\"".into()],

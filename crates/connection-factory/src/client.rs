@@ -15,7 +15,7 @@ use rmcp::transport::streamable_http_client::{
     StreamableHttpPostResponse, StreamableHttpResponseLimits,
 };
 
-use crate::challenge::{Challenge, RequestKind};
+use crate::challenge::{Refusal, RequestKind};
 use crate::error::Error;
 use crate::provider::{AuthProvider, Recovery};
 use crate::secret::Secret;
@@ -63,7 +63,7 @@ struct Slot {
 /// A refusal is a 401 or 403 **with** a `WWW-Authenticate` header (as RFC 6750 and RFC 9728
 /// require), or a bare 401 or 403 without one, which some servers send: rmcp's reqwest client
 /// reports that as an unexpected response or a status error, and this client hands it to the
-/// provider as a [`Challenge`] with no header (a 403 is a missing scope: a step-up). A server that reports an expired token with another
+/// provider as a [`Refusal`] with no header (a 403 is a missing scope: a step-up). A server that reports an expired token with another
 /// status (such as 400) surfaces as a transport error without reaching the provider.
 ///
 /// Clones share one attachment. [`AuthHttpClient::detach`] (done by dropping the
@@ -73,9 +73,10 @@ struct Slot {
 ///
 /// ```
 /// # #[derive(Debug)] struct P;
+/// # #[async_trait::async_trait]
 /// # impl connection_factory::AuthProvider for P {
-/// #     fn current_token(&self) -> connection_factory::BoxFuture<'_, Result<Option<connection_factory::Secret>, connection_factory::Error>> { Box::pin(async { Ok(None) }) }
-/// #     fn on_unauthorized<'a>(&'a self, _: Option<&'a connection_factory::Secret>, _: &'a connection_factory::Challenge) -> connection_factory::BoxFuture<'a, Result<connection_factory::Recovery, connection_factory::Error>> { Box::pin(async { Ok(connection_factory::Recovery::AuthorizationRequired) }) }
+/// #     async fn current_token(&self) -> Result<Option<connection_factory::Secret>, connection_factory::Error> { Ok(None) }
+/// #     async fn on_unauthorized(&self, _: Option<&connection_factory::Secret>, _: &connection_factory::Refusal) -> Result<connection_factory::Recovery, connection_factory::Error> { Ok(connection_factory::Recovery::AuthorizationRequired) }
 /// # }
 /// use connection_factory::AuthHttpClient;
 /// use std::sync::Arc;
@@ -262,13 +263,13 @@ impl AuthHttpClient {
         let first = self.send_as(&send, kind, dpop.as_ref(), token.as_ref(), method, uri).await;
         let challenge = match &first {
             Err(StreamableHttpError::AuthRequired(e)) => {
-                Challenge::new(401, kind, vec![e.www_authenticate_header.clone()])
+                Refusal::new(401, kind, vec![e.www_authenticate_header.clone()])
             }
             Err(StreamableHttpError::InsufficientScope(e)) => {
-                Challenge::new(403, kind, vec![e.www_authenticate_header.clone()])
+                Refusal::new(403, kind, vec![e.www_authenticate_header.clone()])
             }
-            Err(e) if bare_unauthorized(e) => Challenge::new(401, kind, Vec::new()),
-            Err(e) if bare_forbidden(e) => Challenge::new(403, kind, Vec::new()),
+            Err(e) if bare_unauthorized(e) => Refusal::new(401, kind, Vec::new()),
+            Err(e) if bare_forbidden(e) => Refusal::new(403, kind, Vec::new()),
             _ => return first,
         };
         // Dropping the connection while the request was in flight detaches the provider.
@@ -318,7 +319,7 @@ impl AuthHttpClient {
         let result = send(auth, headers).await;
         if let (Some(key), Some(t), Err(StreamableHttpError::AuthRequired(e))) =
             (dpop, token, &result)
-            && Challenge::new(401, kind, vec![e.www_authenticate_header.clone()]).error().as_deref()
+            && Refusal::new(401, kind, vec![e.www_authenticate_header.clone()]).error().as_deref()
                 == Some("use_dpop_nonce")
             && self.fetch_nonce(key, t, uri).await
         {

@@ -34,7 +34,7 @@ use crate::secret::Secret;
 ///     .connect_timeout(Duration::from_secs(5))
 ///     .request_timeout(Duration::from_secs(30))
 ///     .max_concurrent_requests(64);
-/// assert_eq!(options.get_connect_timeout(), Duration::from_secs(5));
+/// # drop(options);
 /// ```
 #[derive(Debug, Clone)]
 pub struct ConnectOptions {
@@ -113,14 +113,6 @@ impl ConnectOptions {
     pub fn env_proxy(mut self, on: bool) -> Self {
         self.env_proxy = on;
         self
-    }
-    /// The connect timeout.
-    pub fn get_connect_timeout(&self) -> Duration {
-        self.connect_timeout
-    }
-    /// The per-request timeout.
-    pub fn get_request_timeout(&self) -> Duration {
-        self.request_timeout
     }
 }
 

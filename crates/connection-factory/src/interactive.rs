@@ -4,7 +4,7 @@
 use std::fmt;
 
 use flow_state::FlowKey;
-use mcp_clock::{BoxFuture, Timestamp};
+use mcp_clock::Timestamp;
 use mcp_oauth::{Discovery, PendingAuthorization};
 use serde::{Deserialize, Serialize};
 
@@ -53,21 +53,27 @@ pub enum HookDecision {
 /// The host's UI for interactive authorization. Called at most once per PENDING flow (one
 /// prompt per tenant, user and server at a time).
 ///
+/// Written with [`async_trait`](https://docs.rs/async-trait) (dyn-compatible): an
+/// implementation writes `async fn` under `#[async_trait::async_trait]`.
+///
 /// ```
-/// use connection_factory::{AuthorizationHook, AuthorizationRequest, BoxFuture, HookDecision};
+/// use connection_factory::{AuthorizationHook, AuthorizationRequest, HookDecision};
 ///
 /// #[derive(Debug)]
 /// struct Print;
+///
+/// #[async_trait::async_trait]
 /// impl AuthorizationHook for Print {
-///     fn authorization_required(&self, request: AuthorizationRequest) -> BoxFuture<'_, HookDecision> {
+///     async fn authorization_required(&self, request: AuthorizationRequest) -> HookDecision {
 ///         println!("open {}", request.authorization_url);
-///         Box::pin(async { HookDecision::ReturnEarly })
+///         HookDecision::ReturnEarly
 ///     }
 /// }
 /// ```
+#[async_trait::async_trait]
 pub trait AuthorizationHook: Send + Sync + fmt::Debug + 'static {
     /// The user must authorize: show `request`, and say whether the request should wait.
-    fn authorization_required(&self, request: AuthorizationRequest) -> BoxFuture<'_, HookDecision>;
+    async fn authorization_required(&self, request: AuthorizationRequest) -> HookDecision;
 
     /// Another request already prompted for this tenant, user and server, and that
     /// authorization is still PENDING and fresh: the user is not prompted again. `request` is
@@ -75,9 +81,9 @@ pub trait AuthorizationHook: Send + Sync + fmt::Debug + 'static {
     /// host to show again if it wishes (it is not a new authorization). Say whether this request
     /// waits for it. The default waits; a host in return-early mode returns
     /// [`HookDecision::ReturnEarly`] here too.
-    fn authorization_pending(&self, request: AuthorizationRequest) -> BoxFuture<'_, HookDecision> {
+    async fn authorization_pending(&self, request: AuthorizationRequest) -> HookDecision {
         drop(request);
-        Box::pin(async { HookDecision::Wait })
+        HookDecision::Wait
     }
 }
 

@@ -38,7 +38,7 @@
 //! The auth transport underneath:
 //!
 //! - [`AuthProvider`]: the seam. The transport asks it for the token of every request and tells
-//!   it about every 401 or 403 ([`Challenge`]); it answers with a [`Recovery`]. Token storage and
+//!   it about every 401 or 403 ([`Refusal`]); it answers with a [`Recovery`]. Token storage and
 //!   the OAuth client plug in behind it.
 //! - [`AuthHttpClient`]: rmcp's streamable-HTTP client with the provider in front of **every**
 //!   request (POSTs, the GET SSE stream, its reconnects, the session DELETE): bearer injection,
@@ -88,7 +88,7 @@ mod secret;
 pub use callback::{CallbackResponse, complete_authorization};
 #[cfg(feature = "callback-router")]
 pub use callback::{callback_router, callback_router_at};
-pub use challenge::{Challenge, RequestKind};
+pub use challenge::{Refusal, RequestKind};
 pub use client::AuthHttpClient;
 pub use connection::{ConnectOptions, Connection, header_map};
 pub use error::Error;
@@ -98,6 +98,7 @@ pub use factory::{
 pub use interactive::{
     AuthorizationHook, AuthorizationReason, AuthorizationRequest, HookDecision, STATE_FLOW,
 };
+/// The boxed future a [`RefreshFn`] returns: the workspace's one alias, [`mcp_clock::BoxFuture`].
 pub use mcp_clock::BoxFuture;
 pub use oauth_refresher::{OAuthRefresher, stored_client};
 pub use provider::{AuthProvider, Recovery};

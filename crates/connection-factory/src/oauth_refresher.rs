@@ -7,8 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use mcp_oauth::{Discovery, DpopKey, Endpoint, OAuthClient, RefreshToken, TokenEndpointAuthMethod};
 use token_storage::{
-    BoxFuture, RefreshError, RefreshRequest, Refresher, TerminalCode, TokenKey, TokenResponse,
-    TransientKind,
+    RefreshError, RefreshRequest, Refresher, TerminalCode, TokenKey, TokenResponse, TransientKind,
 };
 
 /// The `metadata` member under which a stored client registration keeps the discovery result.
@@ -147,7 +146,7 @@ pub(crate) fn decode_stored_client(
             match stored.metadata.get(CLIENT_KEY) {
                 Some(key) if registration.auth_method == TokenEndpointAuthMethod::PrivateKeyJwt => {
                     let pem = stored.client_secret.as_ref()?.expose();
-                    registration.client_key = Some(mcp_oauth::ClientKey {
+                    registration.client_key = Some(mcp_oauth::ClientSigningKey {
                         pem: mcp_oauth::PrivateKeyPem::new(pem),
                         algorithm: key.get("algorithm")?.as_str()?.to_owned(),
                         key_id: key.get("key_id").and_then(|k| k.as_str()).map(str::to_owned),
@@ -170,57 +169,54 @@ pub(crate) fn decode_stored_client(
     Some((discovery, registration))
 }
 
+#[async_trait::async_trait]
 impl Refresher for OAuthRefresher {
-    fn refresh<'a>(
-        &'a self,
-        key: &'a TokenKey,
-        request: &'a RefreshRequest,
-    ) -> BoxFuture<'a, Result<TokenResponse, RefreshError>> {
-        Box::pin(async move {
-            let Some((discovery, registration)) =
-                request.client.as_ref().and_then(decode_stored_client)
-            else {
-                tracing::warn!(
-                    server = key.server(),
-                    "no usable client registration stored: cannot refresh"
-                );
+    async fn refresh(
+        &self,
+        key: &TokenKey,
+        request: &RefreshRequest,
+    ) -> Result<TokenResponse, RefreshError> {
+        let Some((discovery, registration)) =
+            request.client.as_ref().and_then(decode_stored_client)
+        else {
+            tracing::warn!(
+                server = key.server(),
+                "no usable client registration stored: cannot refresh"
+            );
+            return Err(RefreshError::terminal(
+                TerminalCode::InvalidGrant,
+                Some("no usable client registration is stored for this key".into()),
+            ));
+        };
+        // A DPoP-bound refresh token is presented only with a proof by its key; with a
+        // server that takes DPoP, the stored key signs the grant.
+        let client = match (&request.dpop_key, request.dpop_bound) {
+            (None, true) => {
+                tracing::warn!(server = key.server(), "DPoP-bound tokens without their key");
                 return Err(RefreshError::terminal(
                     TerminalCode::InvalidGrant,
-                    Some("no usable client registration is stored for this key".into()),
+                    Some("the refresh token is DPoP-bound and no DPoP key is stored".into()),
                 ));
-            };
-            // A DPoP-bound refresh token is presented only with a proof by its key; with a
-            // server that takes DPoP, the stored key signs the grant.
-            let client = match (&request.dpop_key, request.dpop_bound) {
-                (None, true) => {
-                    tracing::warn!(server = key.server(), "DPoP-bound tokens without their key");
-                    return Err(RefreshError::terminal(
-                        TerminalCode::InvalidGrant,
-                        Some("the refresh token is DPoP-bound and no DPoP key is stored".into()),
-                    ));
-                }
-                (Some(pem), bound)
-                    if bound || discovery.authorization_server.supports_dpop_es256() =>
-                {
-                    let dpop = self.dpop_key(pem).map_err(|e| {
-                        RefreshError::terminal(
-                            TerminalCode::InvalidGrant,
-                            Some(format!("the stored DPoP key is unusable: {e}")),
-                        )
-                    })?;
-                    self.client.clone().with_dpop(dpop)
-                }
-                _ => self.client.clone(),
-            };
-            let refresh_token = RefreshToken::from(request.refresh_token.clone());
-            match client
-                .refresh(&discovery, &registration, &refresh_token, request.scope.as_deref())
-                .await
-            {
-                Ok(response) => Ok(convert_response(response)),
-                Err(error) => Err(classify(&error)),
             }
-        })
+            (Some(pem), bound) if bound || discovery.authorization_server.supports_dpop_es256() => {
+                let dpop = self.dpop_key(pem).map_err(|e| {
+                    RefreshError::terminal(
+                        TerminalCode::InvalidGrant,
+                        Some(format!("the stored DPoP key is unusable: {e}")),
+                    )
+                })?;
+                self.client.clone().with_dpop(dpop)
+            }
+            _ => self.client.clone(),
+        };
+        let refresh_token = RefreshToken::from(request.refresh_token.clone());
+        match client
+            .refresh(&discovery, &registration, &refresh_token, request.scope.as_deref())
+            .await
+        {
+            Ok(response) => Ok(convert_response(response)),
+            Err(error) => Err(classify(&error)),
+        }
     }
 }
 

@@ -1,8 +1,6 @@
 //! The auth seam: what the transport asks of whoever owns the tokens.
 
-use mcp_clock::BoxFuture;
-
-use crate::challenge::Challenge;
+use crate::challenge::Refusal;
 use crate::error::Error;
 use crate::secret::Secret;
 
@@ -36,36 +34,37 @@ pub enum Recovery {
 ///   refresh itself single-flight per tenant, user and server. [`RefreshingProvider`] is a
 ///   reference implementation.
 /// - A 403, or a challenge with `error="insufficient_scope"`, should not trigger a refresh
-///   ([`Challenge::is_insufficient_scope`]).
+///   ([`Refusal::is_insufficient_scope`]).
 /// - An `Err` is for failures that may pass (the token endpoint is down); a definitive refusal
 ///   is [`Recovery::AuthorizationRequired`].
 ///
-/// The trait is dyn-compatible: connections hold an `Arc<dyn AuthProvider>`.
+/// The trait is written with [`async_trait`](https://docs.rs/async-trait) and is
+/// dyn-compatible: connections hold an `Arc<dyn AuthProvider>`; an implementation writes
+/// `async fn` under `#[async_trait::async_trait]`.
 ///
 /// [`RefreshingProvider`]: crate::RefreshingProvider
 ///
 /// ```
-/// use connection_factory::{AuthProvider, BoxFuture, Challenge, Error, Recovery, Secret};
+/// use connection_factory::{AuthProvider, Refusal, Error, Recovery, Secret};
 ///
 /// /// A fixed token that is never refreshed.
 /// #[derive(Debug)]
 /// struct Static(Secret);
 ///
+/// #[async_trait::async_trait]
 /// impl AuthProvider for Static {
-///     fn current_token(&self) -> BoxFuture<'_, Result<Option<Secret>, Error>> {
-///         Box::pin(async move { Ok(Some(self.0.clone())) })
+///     async fn current_token(&self) -> Result<Option<Secret>, Error> {
+///         Ok(Some(self.0.clone()))
 ///     }
-///     fn on_unauthorized<'a>(
-///         &'a self,
-///         _rejected: Option<&'a Secret>,
-///         challenge: &'a Challenge,
-///     ) -> BoxFuture<'a, Result<Recovery, Error>> {
-///         Box::pin(async move {
-///             Ok(if challenge.is_insufficient_scope() {
-///                 Recovery::InsufficientScope
-///             } else {
-///                 Recovery::AuthorizationRequired
-///             })
+///     async fn on_unauthorized(
+///         &self,
+///         _rejected: Option<&Secret>,
+///         challenge: &Refusal,
+///     ) -> Result<Recovery, Error> {
+///         Ok(if challenge.is_insufficient_scope() {
+///             Recovery::InsufficientScope
+///         } else {
+///             Recovery::AuthorizationRequired
 ///         })
 ///     }
 /// }
@@ -73,17 +72,18 @@ pub enum Recovery {
 /// let provider: std::sync::Arc<dyn AuthProvider> = std::sync::Arc::new(Static("t".into()));
 /// # drop(provider);
 /// ```
+#[async_trait::async_trait]
 pub trait AuthProvider: Send + Sync + std::fmt::Debug + 'static {
     /// The token to send with the next request, if any.
-    fn current_token(&self) -> BoxFuture<'_, Result<Option<Secret>, Error>>;
+    async fn current_token(&self) -> Result<Option<Secret>, Error>;
 
     /// The server refused a request that carried `rejected` (`None`: it carried no token).
     /// Decide whether to retry it, and with which token.
-    fn on_unauthorized<'a>(
-        &'a self,
-        rejected: Option<&'a Secret>,
-        challenge: &'a Challenge,
-    ) -> BoxFuture<'a, Result<Recovery, Error>>;
+    async fn on_unauthorized(
+        &self,
+        rejected: Option<&Secret>,
+        challenge: &Refusal,
+    ) -> Result<Recovery, Error>;
 
     /// The DPoP key (RFC 9449) the current token is bound to, if any. With one, every request
     /// carries `Authorization: DPoP <token>` and a fresh proof in the `DPoP` header (`htm`,

@@ -8,7 +8,7 @@ use std::time::Duration;
 use flow_state::{CallOptions, SingleFlight};
 use mcp_clock::{BoxFuture, SharedClock};
 
-use crate::challenge::Challenge;
+use crate::challenge::Refusal;
 use crate::error::Error;
 use crate::provider::{AuthProvider, Recovery};
 use crate::secret::Secret;
@@ -57,7 +57,7 @@ type Flight = Result<Recovery, Error>;
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), connection_factory::Error> {
-/// use connection_factory::{AuthProvider, Challenge, Recovery, RefreshingProvider, RequestKind, Secret, Tokens};
+/// use connection_factory::{AuthProvider, Refusal, Recovery, RefreshingProvider, RequestKind, Secret, Tokens};
 /// use mcp_clock::SharedClock;
 /// use std::sync::Arc;
 ///
@@ -69,7 +69,7 @@ type Flight = Result<Recovery, Error>;
 ///     }),
 ///     SharedClock::system(),
 /// );
-/// let expired = Challenge::new(401, RequestKind::Post, vec!["Bearer error=\"invalid_token\"".into()]);
+/// let expired = Refusal::new(401, RequestKind::Post, vec!["Bearer error=\"invalid_token\"".into()]);
 /// let rejected = Secret::new("at-1");
 /// let (a, b) = tokio::join!(
 ///     provider.on_unauthorized(Some(&rejected), &expired),
@@ -150,56 +150,54 @@ fn settled(tokens: &Option<Tokens>, rejected: Option<&Secret>) -> Result<Recover
     }
 }
 
+#[async_trait::async_trait]
 impl AuthProvider for RefreshingProvider {
-    fn current_token(&self) -> BoxFuture<'_, Result<Option<Secret>, Error>> {
+    async fn current_token(&self) -> Result<Option<Secret>, Error> {
         let token = lock(&self.tokens).as_ref().map(|t| t.access.clone());
-        Box::pin(async move { Ok(token) })
+        Ok(token)
     }
 
-    fn on_unauthorized<'a>(
-        &'a self,
-        rejected: Option<&'a Secret>,
-        challenge: &'a Challenge,
-    ) -> BoxFuture<'a, Result<Recovery, Error>> {
-        Box::pin(async move {
-            if challenge.is_insufficient_scope() {
-                return Ok(Recovery::InsufficientScope);
-            }
-            if let Ok(done) = settled(&lock(&self.tokens), rejected) {
-                return Ok(done);
-            }
-            let tokens = self.tokens.clone();
-            let refresh = self.refresh.clone();
-            let refreshes = self.refreshes.clone();
-            let rejected = rejected.cloned();
-            let flight =
-                self.flights.call(self.key.clone(), self.options, move |_cancel| async move {
-                    let rt = match settled(&lock(&tokens), rejected.as_ref()) {
-                        Ok(done) => return Ok(done),
-                        Err(rt) => rt,
-                    };
-                    refreshes.fetch_add(1, Ordering::SeqCst);
-                    match refresh(rt.clone()).await {
-                        Ok(mut fresh) => {
-                            if fresh.refresh.is_none() {
-                                fresh.refresh = Some(rt);
-                            }
-                            let access = fresh.access.clone();
-                            *lock(&tokens) = Some(fresh);
-                            tracing::debug!("refreshed after a 401");
-                            Ok(Recovery::Retry(access))
-                        }
-                        Err(Error::AuthorizationRequired { .. }) => {
-                            // Never send a refresh token the server has rejected again.
-                            *lock(&tokens) = None;
-                            tracing::debug!("refresh rejected; authorization required");
-                            Ok(Recovery::AuthorizationRequired)
-                        }
-                        Err(other) => Err(other),
+    async fn on_unauthorized(
+        &self,
+        rejected: Option<&Secret>,
+        challenge: &Refusal,
+    ) -> Result<Recovery, Error> {
+        if challenge.is_insufficient_scope() {
+            return Ok(Recovery::InsufficientScope);
+        }
+        if let Ok(done) = settled(&lock(&self.tokens), rejected) {
+            return Ok(done);
+        }
+        let tokens = self.tokens.clone();
+        let refresh = self.refresh.clone();
+        let refreshes = self.refreshes.clone();
+        let rejected = rejected.cloned();
+        let flight = self.flights.call(self.key.clone(), self.options, move |_cancel| async move {
+            let rt = match settled(&lock(&tokens), rejected.as_ref()) {
+                Ok(done) => return Ok(done),
+                Err(rt) => rt,
+            };
+            refreshes.fetch_add(1, Ordering::SeqCst);
+            match refresh(rt.clone()).await {
+                Ok(mut fresh) => {
+                    if fresh.refresh.is_none() {
+                        fresh.refresh = Some(rt);
                     }
-                });
-            flight.await.map_err(|e| Error::provider("the coalesced refresh did not finish", e))?
-        })
+                    let access = fresh.access.clone();
+                    *lock(&tokens) = Some(fresh);
+                    tracing::debug!("refreshed after a 401");
+                    Ok(Recovery::Retry(access))
+                }
+                Err(Error::AuthorizationRequired { .. }) => {
+                    // Never send a refresh token the server has rejected again.
+                    *lock(&tokens) = None;
+                    tracing::debug!("refresh rejected; authorization required");
+                    Ok(Recovery::AuthorizationRequired)
+                }
+                Err(other) => Err(other),
+            }
+        });
+        flight.await.map_err(|e| Error::provider("the coalesced refresh did not finish", e))?
     }
 }
 
@@ -208,8 +206,8 @@ mod tests {
     use super::*;
     use crate::challenge::RequestKind;
 
-    fn expired() -> Challenge {
-        Challenge::new(401, RequestKind::Post, vec!["Bearer error=\"invalid_token\"".into()])
+    fn expired() -> Refusal {
+        Refusal::new(401, RequestKind::Post, vec!["Bearer error=\"invalid_token\"".into()])
     }
 
     fn provider(result: Result<Tokens, Error>) -> RefreshingProvider {
@@ -240,7 +238,7 @@ mod tests {
     #[tokio::test]
     async fn insufficient_scope_never_refreshes() {
         let p = provider(Ok(Tokens::new("at-2", None)));
-        let forbidden = Challenge::new(
+        let forbidden = Refusal::new(
             403,
             RequestKind::Post,
             vec!["Bearer error=\"insufficient_scope\"".into()],

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use common::{args, eventually, text};
 use connection_factory::{
-    AuthHttpClient, AuthProvider, BoxFuture, Challenge, ConnectOptions, Connection, Error,
-    Recovery, RefreshFn, RefreshingProvider, RequestKind, Secret, Tokens,
+    AuthHttpClient, AuthProvider, BoxFuture, ConnectOptions, Connection, Error, Recovery,
+    RefreshFn, RefreshingProvider, Refusal, RequestKind, Secret, Tokens,
 };
 use mcp_clock::{ManualClock, SharedClock, Timestamp};
 use mcp_fixtures::{AuthServer, ClientAuth, ClientSpec, Fixtures, KnobSettings, ResourceServer};
@@ -238,16 +238,17 @@ impl StaleThenGood {
     }
 }
 
+#[async_trait::async_trait]
 impl AuthProvider for StaleThenGood {
-    fn current_token(&self) -> BoxFuture<'_, Result<Option<Secret>, Error>> {
+    async fn current_token(&self) -> Result<Option<Secret>, Error> {
         self.calls.fetch_add(1, Ordering::SeqCst);
-        Box::pin(async move { Ok(Some(self.stale.clone())) })
+        Ok(Some(self.stale.clone()))
     }
-    fn on_unauthorized<'a>(
-        &'a self,
-        rejected: Option<&'a Secret>,
-        challenge: &'a Challenge,
-    ) -> BoxFuture<'a, Result<Recovery, Error>> {
+    async fn on_unauthorized(
+        &self,
+        rejected: Option<&Secret>,
+        challenge: &Refusal,
+    ) -> Result<Recovery, Error> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.seen.lock().unwrap().push((
             challenge.request(),
@@ -255,7 +256,7 @@ impl AuthProvider for StaleThenGood {
             rejected.cloned(),
             challenge.resource_metadata(),
         ));
-        Box::pin(async move { Ok(Recovery::Retry(self.good.clone())) })
+        Ok(Recovery::Retry(self.good.clone()))
     }
 }
 
@@ -320,18 +321,19 @@ struct Counting {
     calls: AtomicU64,
 }
 
+#[async_trait::async_trait]
 impl AuthProvider for Counting {
-    fn current_token(&self) -> BoxFuture<'_, Result<Option<Secret>, Error>> {
+    async fn current_token(&self) -> Result<Option<Secret>, Error> {
         self.calls.fetch_add(1, Ordering::SeqCst);
-        self.inner.current_token()
+        self.inner.current_token().await
     }
-    fn on_unauthorized<'a>(
-        &'a self,
-        rejected: Option<&'a Secret>,
-        challenge: &'a Challenge,
-    ) -> BoxFuture<'a, Result<Recovery, Error>> {
+    async fn on_unauthorized(
+        &self,
+        rejected: Option<&Secret>,
+        challenge: &Refusal,
+    ) -> Result<Recovery, Error> {
         self.calls.fetch_add(1, Ordering::SeqCst);
-        self.inner.on_unauthorized(rejected, challenge)
+        self.inner.on_unauthorized(rejected, challenge).await
     }
 }
 
@@ -418,17 +420,18 @@ struct AlwaysBadRetry {
     recoveries: AtomicU64,
 }
 
+#[async_trait::async_trait]
 impl AuthProvider for AlwaysBadRetry {
-    fn current_token(&self) -> BoxFuture<'_, Result<Option<Secret>, Error>> {
-        Box::pin(async move { Ok(self.good_for_handshake.lock().unwrap().clone()) })
+    async fn current_token(&self) -> Result<Option<Secret>, Error> {
+        Ok(self.good_for_handshake.lock().unwrap().clone())
     }
-    fn on_unauthorized<'a>(
-        &'a self,
-        _rejected: Option<&'a Secret>,
-        _challenge: &'a Challenge,
-    ) -> BoxFuture<'a, Result<Recovery, Error>> {
+    async fn on_unauthorized(
+        &self,
+        _rejected: Option<&Secret>,
+        _challenge: &Refusal,
+    ) -> Result<Recovery, Error> {
         let n = self.recoveries.fetch_add(1, Ordering::SeqCst);
-        Box::pin(async move { Ok(Recovery::Retry(Secret::new(format!("at_bogus-{n}")))) })
+        Ok(Recovery::Retry(Secret::new(format!("at_bogus-{n}"))))
     }
 }
 

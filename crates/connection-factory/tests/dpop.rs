@@ -22,8 +22,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use common::{Browser, args, text};
 use connection_factory::{
-    AuthProvider, BoxFuture, Challenge, ConnectOptions, Connection, ConnectionFactory, Error,
-    FactoryConfig, HookDecision, OAuthRefresher, Recovery, Secret, callback_router,
+    AuthProvider, ConnectOptions, Connection, ConnectionFactory, Error, FactoryConfig,
+    HookDecision, OAuthRefresher, Recovery, Refusal, Secret, callback_router,
 };
 use flow_state::{FlowManager, MemoryStore, SharedStore};
 use mcp_clock::{Clock as _, SystemClock};
@@ -139,17 +139,14 @@ struct Bound {
     refusals: AtomicU64,
 }
 
+#[async_trait::async_trait]
 impl AuthProvider for Bound {
-    fn current_token(&self) -> BoxFuture<'_, Result<Option<Secret>, Error>> {
-        Box::pin(async { Ok(Some(Secret::new(TOKEN))) })
+    async fn current_token(&self) -> Result<Option<Secret>, Error> {
+        Ok(Some(Secret::new(TOKEN)))
     }
-    fn on_unauthorized<'a>(
-        &'a self,
-        _: Option<&'a Secret>,
-        _: &'a Challenge,
-    ) -> BoxFuture<'a, Result<Recovery, Error>> {
+    async fn on_unauthorized(&self, _: Option<&Secret>, _: &Refusal) -> Result<Recovery, Error> {
         self.refusals.fetch_add(1, Ordering::SeqCst);
-        Box::pin(async { Ok(Recovery::AuthorizationRequired) })
+        Ok(Recovery::AuthorizationRequired)
     }
     fn dpop_key(&self) -> Option<DpopKey> {
         Some(self.key.clone())

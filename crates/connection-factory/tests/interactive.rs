@@ -35,7 +35,7 @@ async fn connect_without_tokens_authorizes_interactively() {
 /// behind them. Its 401 must be answered with the stored tokens, not with a browser prompt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_without_a_token_adopts_tokens_stored_since_without_a_prompt() {
-    use connection_factory::{AuthProvider, Challenge, Recovery, RequestKind};
+    use connection_factory::{AuthProvider, Recovery, Refusal, RequestKind};
     let s = setup(HookDecision::Wait).await;
     let config = s.config("tenant-a");
     let issuer = s.fx.auth().issuer().to_string();
@@ -43,7 +43,7 @@ async fn a_request_without_a_token_adopts_tokens_stored_since_without_a_prompt()
         .expires_in(Duration::from_secs(600));
     s.factory.storage().store(&config.token_key(), &issuer, response).await.unwrap();
     let provider = s.factory.provider(config).unwrap();
-    let challenge = Challenge::new(401, RequestKind::Post, vec!["Bearer".into()]);
+    let challenge = Refusal::new(401, RequestKind::Post, vec!["Bearer".into()]);
     match provider.on_unauthorized(None, &challenge).await.unwrap() {
         Recovery::Retry(token) => assert_eq!(token.expose(), "stored-by-a-peer"),
         other => panic!("expected the stored token, got {other:?}"),
@@ -308,44 +308,37 @@ struct ClientReadsFail {
     armed: std::sync::atomic::AtomicBool,
 }
 
+#[async_trait::async_trait]
 impl token_storage::TokenStore for ClientReadsFail {
-    fn get<'a>(
-        &'a self,
-        key: &'a str,
-    ) -> connection_factory::BoxFuture<
-        'a,
-        Result<Option<token_storage::Versioned>, token_storage::Error>,
-    > {
+    async fn get(
+        &self,
+        key: &str,
+    ) -> Result<Option<token_storage::store::Versioned>, token_storage::Error> {
         if key.ends_with("/client") && self.armed.load(std::sync::atomic::Ordering::SeqCst) {
-            return Box::pin(async {
-                Err(token_storage::Error::StoreUnavailable {
-                    message: "injected: client read failed".into(),
-                    source: None,
-                })
+            return Err(token_storage::Error::StoreUnavailable {
+                message: "injected: client read failed".into(),
+                source: None,
             });
         }
-        self.inner.get(key)
+        self.inner.get(key).await
     }
-    fn compare_and_swap<'a>(
-        &'a self,
-        key: &'a str,
+    async fn compare_and_swap(
+        &self,
+        key: &str,
         expected: Option<u64>,
         value: Vec<u8>,
-    ) -> connection_factory::BoxFuture<'a, Result<token_storage::Swap, token_storage::Error>> {
-        self.inner.compare_and_swap(key, expected, value)
+    ) -> Result<token_storage::store::Swapped, token_storage::Error> {
+        self.inner.compare_and_swap(key, expected, value).await
     }
-    fn delete<'a>(
-        &'a self,
-        key: &'a str,
+    async fn delete_if(
+        &self,
+        key: &str,
         expected: Option<u64>,
-    ) -> connection_factory::BoxFuture<'a, Result<bool, token_storage::Error>> {
-        self.inner.delete(key, expected)
+    ) -> Result<bool, token_storage::Error> {
+        self.inner.delete_if(key, expected).await
     }
-    fn keys_with_prefix<'a>(
-        &'a self,
-        prefix: &'a str,
-    ) -> connection_factory::BoxFuture<'a, Result<Vec<String>, token_storage::Error>> {
-        self.inner.keys_with_prefix(prefix)
+    async fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<String>, token_storage::Error> {
+        self.inner.keys_with_prefix(prefix).await
     }
 }
 
@@ -356,7 +349,7 @@ impl token_storage::TokenStore for ClientReadsFail {
 /// `Error::Store`, nobody is prompted, and the stored client is kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_client_read_is_a_typed_error_not_a_prompt_or_a_new_registration() {
-    use connection_factory::{AuthProvider, Challenge, RequestKind};
+    use connection_factory::{AuthProvider, Refusal, RequestKind};
     let faulty = Arc::new(ClientReadsFail {
         inner: token_storage::MemoryTokenStore::new().into(),
         armed: false.into(),
@@ -376,7 +369,7 @@ async fn a_failing_client_read_is_a_typed_error_not_a_prompt_or_a_new_registrati
 
     faulty.armed.store(true, std::sync::atomic::Ordering::SeqCst);
     let provider = s.factory.provider(s.config("tenant-a")).unwrap();
-    let challenge = Challenge::new(401, RequestKind::Post, vec!["Bearer".into()]);
+    let challenge = Refusal::new(401, RequestKind::Post, vec!["Bearer".into()]);
     let err = provider.on_unauthorized(None, &challenge).await.unwrap_err();
     assert!(matches!(err, Error::Store { .. }), "{err:?}");
     assert_eq!(s.prompts(), 1, "a store failure never prompts");
@@ -398,50 +391,48 @@ struct HoldFirstFlowDelete {
     claims: std::sync::atomic::AtomicU64,
 }
 
+#[async_trait::async_trait]
 impl flow_state::Store for HoldFirstFlowDelete {
-    fn get<'a>(
-        &'a self,
-        key: &'a str,
-    ) -> flow_state::BoxFuture<'a, Result<Option<flow_state::Versioned>, flow_state::StoreError>>
-    {
+    async fn get(
+        &self,
+        key: &str,
+    ) -> Result<Option<flow_state::store::Versioned>, flow_state::store::StoreError> {
         if key.contains(":mcp_oauth_replace:") {
             self.claims.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
-        self.inner.get(key)
+        self.inner.get(key).await
     }
-    fn insert_if_absent<'a>(
-        &'a self,
-        key: &'a str,
+    async fn insert_if_absent(
+        &self,
+        key: &str,
         value: Vec<u8>,
         ttl: Duration,
-    ) -> flow_state::BoxFuture<'a, Result<flow_state::Inserted, flow_state::StoreError>> {
-        self.inner.insert_if_absent(key, value, ttl)
+    ) -> Result<flow_state::store::Inserted, flow_state::store::StoreError> {
+        self.inner.insert_if_absent(key, value, ttl).await
     }
-    fn compare_and_swap<'a>(
-        &'a self,
-        key: &'a str,
+    async fn compare_and_swap(
+        &self,
+        key: &str,
         expected: u64,
         value: Vec<u8>,
         ttl: Duration,
-    ) -> flow_state::BoxFuture<'a, Result<flow_state::Swapped, flow_state::StoreError>> {
-        self.inner.compare_and_swap(key, expected, value, ttl)
+    ) -> Result<flow_state::store::Swapped, flow_state::store::StoreError> {
+        self.inner.compare_and_swap(key, expected, value, ttl).await
     }
-    fn delete_if<'a>(
-        &'a self,
-        key: &'a str,
+    async fn delete_if(
+        &self,
+        key: &str,
         expected: Option<u64>,
-    ) -> flow_state::BoxFuture<'a, Result<bool, flow_state::StoreError>> {
-        Box::pin(async move {
-            if key.contains(":mcp_oauth:")
-                && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst)
-            {
-                self.held.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                self.release.acquire().await.unwrap().forget();
-            }
-            self.inner.delete_if(key, expected).await
-        })
+    ) -> Result<bool, flow_state::store::StoreError> {
+        if key.contains(":mcp_oauth:")
+            && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            self.held.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.release.acquire().await.unwrap().forget();
+        }
+        self.inner.delete_if(key, expected).await
     }
-    fn subscribe(&self, key: &str) -> flow_state::Subscription {
+    fn subscribe(&self, key: &str) -> flow_state::store::Subscription {
         self.inner.subscribe(key)
     }
 }
@@ -453,7 +444,7 @@ impl flow_state::Store for HoldFirstFlowDelete {
 /// request that claims the stale flow replaces it, the other waits and joins the new flow.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_held_up_delete_of_a_stale_flow_cannot_remove_the_newer_flow() {
-    use connection_factory::{AuthProvider, Challenge, Recovery, RequestKind};
+    use connection_factory::{AuthProvider, Recovery, Refusal, RequestKind};
     use std::sync::atomic::Ordering::SeqCst;
     let store = Arc::new(HoldFirstFlowDelete {
         inner: flow_state::SharedStore::new(flow_state::MemoryStore::new()),
@@ -472,7 +463,7 @@ async fn a_held_up_delete_of_a_stale_flow_cannot_remove_the_newer_flow() {
     .await;
     s.fx.auth().knobs().set_approval(Approval::Manual);
     let provider = s.factory.provider(s.config("tenant-a")).unwrap();
-    let challenge = Arc::new(Challenge::new(401, RequestKind::Post, vec!["Bearer".into()]));
+    let challenge = Arc::new(Refusal::new(401, RequestKind::Post, vec!["Bearer".into()]));
     let first = provider.on_unauthorized(None, &challenge).await.unwrap();
     assert_eq!(first, Recovery::AuthorizationRequired);
     assert_eq!(s.prompts(), 1);
@@ -504,12 +495,12 @@ async fn a_held_up_delete_of_a_stale_flow_cannot_remove_the_newer_flow() {
 /// request that waits never returns, and the real-time guard fails the test.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn return_early_requests_that_lose_the_race_to_create_the_flow_do_not_block() {
-    use connection_factory::{AuthProvider, Challenge, Recovery, RequestKind};
+    use connection_factory::{AuthProvider, Recovery, Refusal, RequestKind};
     use std::sync::atomic::Ordering::SeqCst;
     let s = setup(HookDecision::ReturnEarly).await;
     s.fx.auth().knobs().set_approval(Approval::Manual);
     let provider = s.factory.provider(s.config("tenant-a")).unwrap();
-    let challenge = Arc::new(Challenge::new(401, RequestKind::Post, vec!["Bearer".into()]));
+    let challenge = Arc::new(Refusal::new(401, RequestKind::Post, vec!["Bearer".into()]));
     let requests: Vec<_> = (0..8)
         .map(|_| {
             let (provider, challenge) = (provider.clone(), challenge.clone());
@@ -597,7 +588,7 @@ async fn a_user_approving_after_the_connect_timeout_still_connects() {
 /// returns, and the real-time guard fails the test.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_401_joining_a_refresh_that_already_timed_out_gets_that_outcome_at_once() {
-    use connection_factory::{AuthProvider, Challenge, Recovery, RequestKind};
+    use connection_factory::{AuthProvider, Recovery, Refusal, RequestKind};
     let s = setup(HookDecision::ReturnEarly).await;
     let config = s.config("tenant-a");
     let key = config.token_key();
@@ -620,7 +611,7 @@ async fn a_401_joining_a_refresh_that_already_timed_out_gets_that_outcome_at_onc
     // The fallback prompts stay pending: no newer tokens are stored meanwhile.
     s.fx.auth().knobs().set_approval(Approval::Manual);
     let provider = s.factory.provider(config).unwrap();
-    let challenge = Arc::new(Challenge::new(401, RequestKind::Post, vec!["Bearer".into()]));
+    let challenge = Arc::new(Refusal::new(401, RequestKind::Post, vec!["Bearer".into()]));
     let unauthorized = || {
         let (provider, challenge, rejected) =
             (provider.clone(), challenge.clone(), rejected.clone());
@@ -688,12 +679,12 @@ async fn step_up_without_scope_in_token_responses_keeps_the_held_scopes() {
 /// not a moment before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replayed_authorization_expires_when_the_flow_is_replaced() {
-    use connection_factory::{AuthProvider, Challenge, RequestKind};
+    use connection_factory::{AuthProvider, Refusal, RequestKind};
     use mcp_clock::Clock as _;
     let s = setup(HookDecision::ReturnEarly).await;
     s.fx.auth().knobs().set_approval(Approval::Manual);
     let provider = s.factory.provider(s.config("tenant-a")).unwrap();
-    let challenge = Challenge::new(401, RequestKind::Post, vec!["Bearer".into()]);
+    let challenge = Refusal::new(401, RequestKind::Post, vec!["Bearer".into()]);
     let started = s.clock.now();
     provider.on_unauthorized(None, &challenge).await.unwrap();
     s.clock.advance(Duration::from_secs(3));
@@ -777,7 +768,7 @@ async fn a_server_that_moves_to_another_authorization_server_is_registered_there
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_with_its_own_callback_server_completes_the_authorization() {
     use connection_factory::{
-        AuthorizationHook, AuthorizationRequest, BoxFuture, CallbackResponse, ConnectionFactory,
+        AuthorizationHook, AuthorizationRequest, CallbackResponse, ConnectionFactory,
         FactoryConfig, OAuthRefresher, complete_authorization,
     };
     use flow_state::{FlowManager, MemoryStore, SharedStore};
@@ -796,11 +787,9 @@ async fn a_host_with_its_own_callback_server_completes_the_authorization() {
         answers: Arc<std::sync::Mutex<Vec<CallbackResponse>>>,
     }
 
+    #[async_trait::async_trait]
     impl AuthorizationHook for OwnServer {
-        fn authorization_required(
-            &self,
-            request: AuthorizationRequest,
-        ) -> BoxFuture<'_, HookDecision> {
+        async fn authorization_required(&self, request: AuthorizationRequest) -> HookDecision {
             let browser = reqwest::Client::builder()
                 .no_proxy()
                 .redirect(reqwest::redirect::Policy::none())
@@ -819,7 +808,7 @@ async fn a_host_with_its_own_callback_server_completes_the_authorization() {
                     answers.lock().unwrap().push(answer);
                 }
             });
-            Box::pin(async { HookDecision::Wait })
+            HookDecision::Wait
         }
     }
 

@@ -299,7 +299,7 @@ yliqImdfQPj8y0KAc3bmRPsA4VAM+eU6a26HpJ+AHzMic52ZjjiYQFo+
 #[tokio::test]
 async fn a_private_key_jwt_client_refreshes_from_the_store() {
     let mut reg = registration();
-    let mut key = mcp_oauth::ClientKey::es256(TEST_KEY_PEM);
+    let mut key = mcp_oauth::ClientSigningKey::es256(TEST_KEY_PEM);
     key.key_id = Some("kid-1".into());
     reg.client_key = Some(key);
     reg.auth_method = mcp_oauth::TokenEndpointAuthMethod::PrivateKeyJwt;

@@ -20,8 +20,7 @@ use axum::http::{Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use connection_factory::{
-    AuthProvider, BoxFuture, Challenge, ConnectOptions, Connection, Error, Recovery, RequestKind,
-    Secret,
+    AuthProvider, ConnectOptions, Connection, Error, Recovery, Refusal, RequestKind, Secret,
 };
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
@@ -140,19 +139,20 @@ struct Recorder {
     seen: Mutex<Vec<(RequestKind, Option<Secret>)>>,
 }
 
+#[async_trait::async_trait]
 impl AuthProvider for Recorder {
-    fn current_token(&self) -> BoxFuture<'_, Result<Option<Secret>, Error>> {
-        Box::pin(async move { Ok(self.held.lock().unwrap().clone()) })
+    async fn current_token(&self) -> Result<Option<Secret>, Error> {
+        Ok(self.held.lock().unwrap().clone())
     }
-    fn on_unauthorized<'a>(
-        &'a self,
-        rejected: Option<&'a Secret>,
-        challenge: &'a Challenge,
-    ) -> BoxFuture<'a, Result<Recovery, Error>> {
+    async fn on_unauthorized(
+        &self,
+        rejected: Option<&Secret>,
+        challenge: &Refusal,
+    ) -> Result<Recovery, Error> {
         self.seen.lock().unwrap().push((challenge.request(), rejected.cloned()));
         let second = Secret::new(SECOND);
         *self.held.lock().unwrap() = Some(second.clone());
-        Box::pin(async move { Ok(Recovery::Retry(second)) })
+        Ok(Recovery::Retry(second))
     }
 }
 
@@ -275,16 +275,13 @@ async fn serve_sessions(g: Arc<Sessions>) -> String {
 #[derive(Debug)]
 struct Anonymous;
 
+#[async_trait::async_trait]
 impl AuthProvider for Anonymous {
-    fn current_token(&self) -> BoxFuture<'_, Result<Option<Secret>, Error>> {
-        Box::pin(async { Ok(None) })
+    async fn current_token(&self) -> Result<Option<Secret>, Error> {
+        Ok(None)
     }
-    fn on_unauthorized<'a>(
-        &'a self,
-        _: Option<&'a Secret>,
-        _: &'a Challenge,
-    ) -> BoxFuture<'a, Result<Recovery, Error>> {
-        Box::pin(async { Ok(Recovery::AuthorizationRequired) })
+    async fn on_unauthorized(&self, _: Option<&Secret>, _: &Refusal) -> Result<Recovery, Error> {
+        Ok(Recovery::AuthorizationRequired)
     }
 }
 

@@ -17,10 +17,10 @@ use std::time::Duration;
 
 use common::{args, eventually, text};
 use connection_factory::{
-    AuthProvider, AuthorizationHook, AuthorizationReason, AuthorizationRequest, BoxFuture,
-    Challenge, ConnectOptions, Connection, ConnectionFactory, Error, FactoryConfig,
-    FactoryProvider, GET_TOKENS_FLOW, HookDecision, OAUTH_FLOW, OAuthRefresher, Recovery,
-    RequestKind, STATE_FLOW, Secret, callback_router,
+    AuthProvider, AuthorizationHook, AuthorizationReason, AuthorizationRequest, ConnectOptions,
+    Connection, ConnectionFactory, Error, FactoryConfig, FactoryProvider, GET_TOKENS_FLOW,
+    HookDecision, OAUTH_FLOW, OAuthRefresher, Recovery, Refusal, RequestKind, STATE_FLOW, Secret,
+    callback_router,
 };
 use flow_state::{FlowKey, FlowManager, FlowStatus, MemoryStore, SharedStore};
 use mcp_clock::{ManualClock, Timestamp};
@@ -45,36 +45,30 @@ struct Hook {
     earlier_states_alive: Mutex<Vec<Vec<bool>>>,
 }
 
+#[async_trait::async_trait]
 impl AuthorizationHook for Hook {
-    fn authorization_required(&self, request: AuthorizationRequest) -> BoxFuture<'_, HookDecision> {
-        Box::pin(async move {
-            let earlier: Vec<String> = self
-                .requests
-                .lock()
-                .unwrap()
-                .iter()
-                .map(|r| state_of(&r.authorization_url))
-                .collect();
-            let mut alive = Vec::new();
-            for state in earlier {
-                let key = FlowKey::new(STATE_FLOW, state).unwrap();
-                alive.push(self.flows.get::<Value>(&key).await.unwrap().is_some());
-            }
-            self.earlier_states_alive.lock().unwrap().push(alive);
-            self.requests.lock().unwrap().push(request.clone());
-            if self.visit.load(Ordering::SeqCst) {
-                let http = self.http.clone();
-                tokio::spawn(async move {
-                    let _ = http.get(request.authorization_url).send().await;
-                });
-            }
-            *self.decision.lock().unwrap()
-        })
+    async fn authorization_required(&self, request: AuthorizationRequest) -> HookDecision {
+        let earlier: Vec<String> =
+            self.requests.lock().unwrap().iter().map(|r| state_of(&r.authorization_url)).collect();
+        let mut alive = Vec::new();
+        for state in earlier {
+            let key = FlowKey::new(STATE_FLOW, state).unwrap();
+            alive.push(self.flows.get::<Value>(&key).await.unwrap().is_some());
+        }
+        self.earlier_states_alive.lock().unwrap().push(alive);
+        self.requests.lock().unwrap().push(request.clone());
+        if self.visit.load(Ordering::SeqCst) {
+            let http = self.http.clone();
+            tokio::spawn(async move {
+                let _ = http.get(request.authorization_url).send().await;
+            });
+        }
+        *self.decision.lock().unwrap()
     }
 
-    fn authorization_pending(&self, request: AuthorizationRequest) -> BoxFuture<'_, HookDecision> {
+    async fn authorization_pending(&self, request: AuthorizationRequest) -> HookDecision {
         self.replays.lock().unwrap().push(request);
-        Box::pin(async move { *self.decision.lock().unwrap() })
+        *self.decision.lock().unwrap()
     }
 }
 
@@ -165,7 +159,7 @@ impl Setup {
     /// Authorize `tenant` interactively (one prompt, approved by the browser); its token.
     async fn authorize(&self, tenant: &str) -> Secret {
         let provider = self.interactive.provider(self.config(tenant)).unwrap();
-        let challenge = Challenge::new(401, RequestKind::Post, vec!["Bearer".into()]);
+        let challenge = Refusal::new(401, RequestKind::Post, vec!["Bearer".into()]);
         match provider.on_unauthorized(None, &challenge).await.unwrap() {
             Recovery::Retry(token) => token,
             other => panic!("authorization failed: {other:?}"),
@@ -197,8 +191,8 @@ fn flow_key(tenant: &str, flow_type: &str) -> FlowKey {
     FlowKey::scoped(Some(tenant), flow_type, "5:alice:fixture").unwrap()
 }
 
-fn unauthorized() -> Challenge {
-    Challenge::new(401, RequestKind::Post, vec![r#"Bearer error="invalid_token""#.into()])
+fn unauthorized() -> Refusal {
+    Refusal::new(401, RequestKind::Post, vec![r#"Bearer error="invalid_token""#.into()])
 }
 
 fn retried(recovery: Result<Recovery, Error>) -> Secret {
@@ -229,18 +223,19 @@ struct Counting {
     unauthorized: AtomicU64,
 }
 
+#[async_trait::async_trait]
 impl AuthProvider for Counting {
-    fn current_token(&self) -> BoxFuture<'_, Result<Option<Secret>, Error>> {
-        self.inner.current_token()
+    async fn current_token(&self) -> Result<Option<Secret>, Error> {
+        self.inner.current_token().await
     }
 
-    fn on_unauthorized<'a>(
-        &'a self,
-        rejected: Option<&'a Secret>,
-        challenge: &'a Challenge,
-    ) -> BoxFuture<'a, Result<Recovery, Error>> {
+    async fn on_unauthorized(
+        &self,
+        rejected: Option<&Secret>,
+        challenge: &Refusal,
+    ) -> Result<Recovery, Error> {
         self.unauthorized.fetch_add(1, Ordering::SeqCst);
-        self.inner.on_unauthorized(rejected, challenge)
+        self.inner.on_unauthorized(rejected, challenge).await
     }
 }
 
@@ -526,7 +521,7 @@ async fn s25_a_403_never_refreshes_and_starts_the_interactive_flow() {
     let s = setup(|_| {}).await;
     let first = s.authorize("tenant-a").await;
     let provider = s.interactive.provider(s.config("tenant-a")).unwrap();
-    let forbidden = Challenge::new(403, RequestKind::Post, vec!["Bearer".into()]);
+    let forbidden = Refusal::new(403, RequestKind::Post, vec!["Bearer".into()]);
     let token = retried(provider.on_unauthorized(Some(&first), &forbidden).await);
     assert_ne!(token, first);
     assert_eq!(s.refreshes(), 0, "no refresh for a 403");
@@ -652,7 +647,7 @@ async fn s08_return_early_with_a_fresh_pending_flow_reuses_it_and_returns_at_onc
     s.hook.visit.store(false, Ordering::SeqCst);
     *s.hook.decision.lock().unwrap() = HookDecision::ReturnEarly;
     let provider = s.interactive.provider(s.config("tenant-a")).unwrap();
-    let challenge = Challenge::new(401, RequestKind::Post, vec!["Bearer".into()]);
+    let challenge = Refusal::new(401, RequestKind::Post, vec!["Bearer".into()]);
     let first = provider.on_unauthorized(None, &challenge).await.unwrap();
     assert_eq!(first, Recovery::AuthorizationRequired);
     assert_eq!(s.prompts(), 1);
@@ -690,7 +685,7 @@ async fn s09_a_stale_pending_flow_is_replaced_and_its_url_is_dead() {
     s.hook.visit.store(false, Ordering::SeqCst);
     *s.hook.decision.lock().unwrap() = HookDecision::ReturnEarly;
     let provider = s.interactive.provider(s.config("tenant-a")).unwrap();
-    let challenge = Challenge::new(401, RequestKind::Post, vec!["Bearer".into()]);
+    let challenge = Refusal::new(401, RequestKind::Post, vec!["Bearer".into()]);
     assert_eq!(
         provider.on_unauthorized(None, &challenge).await.unwrap(),
         Recovery::AuthorizationRequired

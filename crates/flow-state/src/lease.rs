@@ -77,7 +77,7 @@ impl Lease {
 /// true while the lease record is live on Redis's clock and holds this owner token.
 ///
 /// Only for a script on the same server ([`RedisFence::server`], compared with
-/// [`RedisLocation::server_of`](crate::RedisLocation::server_of) of the script's own
+/// [`RedisLocation::server_of`](crate::store::RedisLocation::server_of) of the script's own
 /// connection). In a Redis Cluster every key of one script must hash to one slot: give the
 /// lease store a prefix that carries the other component's hash tag (for example
 /// `{tokens}:leases` beside token records under `{tokens}:`), so `{tokens}:leases:L<key>`

@@ -13,7 +13,8 @@
 //!   [`staleness`](FlowManager::staleness) and [`run`](FlowManager::run)).
 //! - [`FlowKey`]: tenant, flow type and id as separate typed parts that cannot collide.
 //! - [`Store`]: the small store trait, with [`MemoryStore`], `SledStore` (feature `sled`) and
-//!   `RedisStore` (feature `redis`).
+//!   `RedisStore` (feature `redis`). What only a backend's author needs (the record and outcome
+//!   types, store errors, change notifications) is in [`store`].
 //! - [`SingleFlight`]: a process-local single-flight that caches nothing.
 //! - [`Leases`]: exclusive, expiring holds on a key across processes, with fencing tokens.
 //!
@@ -42,7 +43,7 @@ mod lease;
 mod manager;
 mod record;
 mod single_flight;
-mod store;
+pub mod store;
 #[cfg(feature = "test-util")]
 pub mod testkit;
 
@@ -58,15 +59,12 @@ pub use mcp_clock::ManualClock;
 pub use mcp_clock::{Clock, SharedClock, SystemClock, Timestamp};
 pub use record::{FlowError, FlowState, FlowStatus};
 pub use single_flight::{Attempt, CallOptions, SingleFlight, SingleFlightError};
-#[cfg(feature = "redis")]
-pub use store::RedisLocation;
 pub use store::memory::MemoryStore;
 #[cfg(feature = "redis")]
 pub use store::redis::{RedisStore, RedisStoreBuilder};
 #[cfg(feature = "sled")]
 pub use store::sled::{Durability, SledStore, SledStoreBuilder};
-pub use store::{
-    BoxFuture, Inserted, KeyNotifier, SharedStore, Store, StoreError, StoreErrorKind, Subscription,
-    Swapped, Versioned,
-};
+pub use store::{SharedStore, Store};
+// What only backend authors need lives in `store`; the crate's own code names it from the root.
+pub(crate) use store::{Inserted, StoreError, StoreErrorKind, Subscription, Swapped, Versioned};
 pub use tokio_util::sync::CancellationToken;

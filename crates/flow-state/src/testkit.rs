@@ -42,7 +42,7 @@ where
     conformance(make, ("ttl on the server's clock", |s, c| Box::pin(ttl_server_time(s, c)))).await
 }
 
-type Check = fn(SharedStore, ManualClock) -> crate::BoxFuture<'static, ()>;
+type Check = fn(SharedStore, ManualClock) -> mcp_clock::BoxFuture<'static, ()>;
 
 async fn conformance<F, Fut>(make: F, ttl_check: (&str, Check))
 where

@@ -26,9 +26,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use connection_factory::{
-    AuthProvider, AuthorizationHook, AuthorizationReason, AuthorizationRequest, BoxFuture,
-    CallToolResult, Challenge, ConnectOptions, Connection, ConnectionFactory, Error, FactoryConfig,
-    HookDecision, OAuthRefresher, Recovery, RefreshCounters, Secret, callback_router,
+    AuthProvider, AuthorizationHook, AuthorizationReason, AuthorizationRequest, CallToolResult,
+    ConnectOptions, Connection, ConnectionFactory, Error, FactoryConfig, HookDecision,
+    OAuthRefresher, Recovery, RefreshCounters, Refusal, Secret, callback_router,
 };
 use flow_state::{FlowManager, MemoryStore, SharedStore};
 use mcp_clock::{ManualClock, SystemClock, Timestamp};
@@ -60,8 +60,9 @@ struct AutoBrowser {
     timeline: Arc<Timeline>,
 }
 
+#[async_trait::async_trait]
 impl AuthorizationHook for AutoBrowser {
-    fn authorization_required(&self, request: AuthorizationRequest) -> BoxFuture<'_, HookDecision> {
+    async fn authorization_required(&self, request: AuthorizationRequest) -> HookDecision {
         self.prompts.fetch_add(1, Ordering::SeqCst);
         self.reasons.lock().unwrap_or_else(|e| e.into_inner()).push(request.reason);
         let url = request.authorization_url.clone();
@@ -78,7 +79,7 @@ impl AuthorizationHook for AutoBrowser {
         tokio::spawn(async move {
             let _ = http.get(url).send().await;
         });
-        Box::pin(async { HookDecision::Wait })
+        HookDecision::Wait
     }
 }
 
@@ -112,16 +113,17 @@ impl Timeline {
 #[derive(Debug)]
 struct FixedToken(Secret);
 
+#[async_trait::async_trait]
 impl AuthProvider for FixedToken {
-    fn current_token(&self) -> BoxFuture<'_, Result<Option<Secret>, Error>> {
-        Box::pin(async move { Ok(Some(self.0.clone())) })
+    async fn current_token(&self) -> Result<Option<Secret>, Error> {
+        Ok(Some(self.0.clone()))
     }
-    fn on_unauthorized<'a>(
-        &'a self,
-        _rejected: Option<&'a Secret>,
-        _challenge: &'a Challenge,
-    ) -> BoxFuture<'a, Result<Recovery, Error>> {
-        Box::pin(async { Ok(Recovery::AuthorizationRequired) })
+    async fn on_unauthorized(
+        &self,
+        _rejected: Option<&Secret>,
+        _challenge: &Refusal,
+    ) -> Result<Recovery, Error> {
+        Ok(Recovery::AuthorizationRequired)
     }
 }
 

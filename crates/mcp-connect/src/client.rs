@@ -39,7 +39,7 @@ const LOGIN_LOCK_SLACK: Duration = Duration::from_secs(30);
 /// use std::time::Duration;
 ///
 /// let options = ClientOptions::new("/tmp/my-store").tenant("acme").user("alice").lock_wait(Duration::from_secs(5));
-/// assert_eq!(options.get_store(), std::path::Path::new("/tmp/my-store"));
+/// assert_eq!(options.store(), std::path::Path::new("/tmp/my-store"));
 /// ```
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
@@ -291,7 +291,7 @@ impl ClientOptions {
     }
 
     /// The store directory.
-    pub fn get_store(&self) -> &Path {
+    pub fn store(&self) -> &Path {
         &self.store
     }
 
@@ -1146,25 +1146,20 @@ async fn callback_listener(
 #[derive(Debug)]
 struct UserAuthorization;
 
+#[async_trait::async_trait]
 impl connection_factory::AuthProvider for UserAuthorization {
-    fn current_token(
+    async fn current_token(
         &self,
-    ) -> connection_factory::BoxFuture<
-        '_,
-        Result<Option<connection_factory::Secret>, connection_factory::Error>,
-    > {
-        Box::pin(async { Ok(None) })
+    ) -> Result<Option<connection_factory::Secret>, connection_factory::Error> {
+        Ok(None)
     }
 
-    fn on_unauthorized<'a>(
-        &'a self,
-        _rejected: Option<&'a connection_factory::Secret>,
-        _challenge: &'a connection_factory::Challenge,
-    ) -> connection_factory::BoxFuture<
-        'a,
-        Result<connection_factory::Recovery, connection_factory::Error>,
-    > {
-        Box::pin(async { Ok(connection_factory::Recovery::AuthorizationRequired) })
+    async fn on_unauthorized(
+        &self,
+        _rejected: Option<&connection_factory::Secret>,
+        _challenge: &connection_factory::Refusal,
+    ) -> Result<connection_factory::Recovery, connection_factory::Error> {
+        Ok(connection_factory::Recovery::AuthorizationRequired)
     }
 }
 

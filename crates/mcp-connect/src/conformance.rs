@@ -30,12 +30,12 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use connection_factory::{
-    AuthProvider, BoxFuture, Challenge, ConnectOptions, Connection, Error, Recovery, Secret,
+    AuthProvider, ConnectOptions, Connection, Error, Recovery, Refusal, Secret,
 };
 use mcp_clock::SharedClock;
 use mcp_oauth::{
-    AuthAttempts, AuthorizationServerMetadata, BearerChallenge, ClientConfig, ClientKey,
-    ClientRegistration, ClientSecret, Discovery, DpopKey, EnterpriseGrant, HttpPolicy, IdToken,
+    AuthAttempts, AuthorizationServerMetadata, BearerChallenge, ClientConfig, ClientRegistration,
+    ClientSecret, ClientSigningKey, Discovery, DpopKey, EnterpriseGrant, HttpPolicy, IdToken,
     OAuthClient, PreRegisteredClient, RegistrationSource, ReqwestHttpClient,
     TokenEndpointAuthMethod, TokenResponse, WorkloadIdentity, select_scope,
 };
@@ -147,7 +147,7 @@ impl ConformanceProvider {
     async fn recover(
         &self,
         rejected: Option<&Secret>,
-        challenge: &Challenge,
+        challenge: &Refusal,
     ) -> Result<Recovery, Error> {
         let mut state = self.auth.lock().await;
         // Another request authorized while this one waited: use its token.
@@ -341,7 +341,7 @@ impl ConformanceProvider {
         if let Some(client_id) = &c.client_id {
             let client_key = match (&c.private_key_pem, c.signing_algorithm.as_deref()) {
                 (None, _) => None,
-                (Some(pem), None | Some("ES256")) => Some(ClientKey::es256(pem.clone())),
+                (Some(pem), None | Some("ES256")) => Some(ClientSigningKey::es256(pem.clone())),
                 (Some(_), Some(other)) => {
                     return Err(Error::InvalidConfig(format!(
                         "signing algorithm {other} is not supported (ES256 is)"
@@ -360,17 +360,18 @@ impl ConformanceProvider {
     }
 }
 
+#[async_trait::async_trait]
 impl AuthProvider for ConformanceProvider {
-    fn current_token(&self) -> BoxFuture<'_, Result<Option<Secret>, Error>> {
-        Box::pin(async move { Ok(self.current()) })
+    async fn current_token(&self) -> Result<Option<Secret>, Error> {
+        Ok(self.current())
     }
 
-    fn on_unauthorized<'a>(
-        &'a self,
-        rejected: Option<&'a Secret>,
-        challenge: &'a Challenge,
-    ) -> BoxFuture<'a, Result<Recovery, Error>> {
-        Box::pin(self.recover(rejected, challenge))
+    async fn on_unauthorized(
+        &self,
+        rejected: Option<&Secret>,
+        challenge: &Refusal,
+    ) -> Result<Recovery, Error> {
+        self.recover(rejected, challenge).await
     }
 
     fn dpop_key(&self) -> Option<DpopKey> {

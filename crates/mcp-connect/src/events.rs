@@ -19,7 +19,7 @@ use std::sync::Arc;
 use mcp_clock::{Clock as _, SharedClock};
 use serde::{Deserialize, Serialize};
 use token_storage::{
-    BoxFuture, RefreshError, RefreshRequest, Refresher, TokenKey, TokenResponse, TransientKind,
+    RefreshError, RefreshRequest, Refresher, TokenKey, TokenResponse, TransientKind,
 };
 
 /// The size past which the log drops its older half.
@@ -124,17 +124,16 @@ impl RecordingRefresher {
     }
 }
 
+#[async_trait::async_trait]
 impl Refresher for RecordingRefresher {
-    fn refresh<'a>(
-        &'a self,
-        key: &'a TokenKey,
-        request: &'a RefreshRequest,
-    ) -> BoxFuture<'a, Result<TokenResponse, RefreshError>> {
-        Box::pin(async move {
-            let outcome = self.inner.refresh(key, request).await;
-            self.log.record(key, "refresh", describe(&outcome));
-            outcome
-        })
+    async fn refresh(
+        &self,
+        key: &TokenKey,
+        request: &RefreshRequest,
+    ) -> Result<TokenResponse, RefreshError> {
+        let outcome = self.inner.refresh(key, request).await;
+        self.log.record(key, "refresh", describe(&outcome));
+        outcome
     }
 }
 

@@ -230,11 +230,11 @@ impl Client {
         self.storage()
             .store_client(&target.key, &record)
             .await
-            .map_err(|e| crate::client::store_error(self.options().get_store(), &e))?;
+            .map_err(|e| crate::client::store_error(self.options().store(), &e))?;
         self.storage()
             .store(&target.key, discovery.issuer(), response)
             .await
-            .map_err(|e| crate::client::store_error(self.options().get_store(), &e))?;
+            .map_err(|e| crate::client::store_error(self.options().store(), &e))?;
         self.events().record(
             &target.key,
             "import",
@@ -255,7 +255,7 @@ impl Client {
             .storage()
             .tokens(&target.key)
             .await
-            .map_err(|e| crate::client::store_error(self.options().get_store(), &e))?;
+            .map_err(|e| crate::client::store_error(self.options().store(), &e))?;
         Ok(tokens.is_some_and(|t| t.needs_authorization().is_none()))
     }
 }

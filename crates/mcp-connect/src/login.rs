@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use mcp_clock::{Clock as _, SharedClock};
 
-use connection_factory::{AuthorizationHook, AuthorizationRequest, BoxFuture, HookDecision};
+use connection_factory::{AuthorizationHook, AuthorizationRequest, HookDecision};
 use flow_state::CancellationToken;
 
 /// The prefix of the stderr line that carries the authorization URL (scripts and tests look
@@ -25,7 +25,7 @@ pub const NO_BROWSER_ENV: &str = "MCP_CONNECT_NO_BROWSER";
 /// use std::time::Duration;
 ///
 /// let options = LoginOptions::default().port(0).timeout(Duration::from_secs(30)).open_browser(false);
-/// assert_eq!(options.get_timeout(), Duration::from_secs(30));
+/// # drop(options);
 /// ```
 #[derive(Debug, Clone)]
 pub struct LoginOptions {
@@ -148,11 +148,6 @@ impl LoginOptions {
         self.open_browser = open;
         self
     }
-
-    /// How long the browser step may take.
-    pub fn get_timeout(&self) -> Duration {
-        self.timeout
-    }
 }
 
 /// The hook of `login`: prints the URL to stderr, opens the browser, starts the spinner, and
@@ -187,8 +182,9 @@ impl BrowserHook {
     }
 }
 
+#[async_trait::async_trait]
 impl AuthorizationHook for BrowserHook {
-    fn authorization_required(&self, request: AuthorizationRequest) -> BoxFuture<'_, HookDecision> {
+    async fn authorization_required(&self, request: AuthorizationRequest) -> HookDecision {
         self.prompted.store(true, Ordering::SeqCst);
         let url = request.authorization_url;
         let print_url = || {
@@ -202,7 +198,7 @@ impl AuthorizationHook for BrowserHook {
             if !(self.options.open_browser && open_browser(&url)) {
                 print_url();
             }
-            return Box::pin(async { HookDecision::Wait });
+            return HookDecision::Wait;
         }
         print_url();
         if self.options.open_browser && !open_browser(&url) {
@@ -211,7 +207,7 @@ impl AuthorizationHook for BrowserHook {
         if std::io::stderr().is_terminal() {
             tokio::spawn(spin(self.clock.clone(), self.stop.clone(), self.options.timeout));
         }
-        Box::pin(async { HookDecision::Wait })
+        HookDecision::Wait
     }
 }
 

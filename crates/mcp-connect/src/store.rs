@@ -27,7 +27,8 @@ use std::time::Duration;
 use mcp_clock::{Clock as _, SharedClock};
 
 use token_storage::{
-    BoxFuture, Keyring, RefreshLease, SledTokenStore, Swap, TokenKey, TokenStore, Versioned,
+    Keyring, RefreshLease, SledTokenStore, TokenKey, TokenStore,
+    store::{Swapped, Versioned},
 };
 
 /// How often a lock wait tries again.
@@ -346,39 +347,32 @@ struct Open {
     _lock: FileLock,
 }
 
+#[async_trait::async_trait]
 impl TokenStore for LockedSledStore {
-    fn get<'a>(
-        &'a self,
-        key: &'a str,
-    ) -> BoxFuture<'a, Result<Option<Versioned>, token_storage::Error>> {
-        Box::pin(async move { self.open().await?.db.get(key).await })
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, token_storage::Error> {
+        self.open().await?.db.get(key).await
     }
 
-    fn compare_and_swap<'a>(
-        &'a self,
-        key: &'a str,
+    async fn compare_and_swap(
+        &self,
+        key: &str,
         expected: Option<u64>,
         value: Vec<u8>,
-    ) -> BoxFuture<'a, Result<Swap, token_storage::Error>> {
-        Box::pin(async move {
-            let open = self.open().await?;
-            open.db.compare_and_swap(key, expected, value).await
-        })
+    ) -> Result<Swapped, token_storage::Error> {
+        let open = self.open().await?;
+        open.db.compare_and_swap(key, expected, value).await
     }
 
-    fn delete<'a>(
-        &'a self,
-        key: &'a str,
+    async fn delete_if(
+        &self,
+        key: &str,
         expected: Option<u64>,
-    ) -> BoxFuture<'a, Result<bool, token_storage::Error>> {
-        Box::pin(async move { self.open().await?.db.delete(key, expected).await })
+    ) -> Result<bool, token_storage::Error> {
+        self.open().await?.db.delete_if(key, expected).await
     }
 
-    fn keys_with_prefix<'a>(
-        &'a self,
-        prefix: &'a str,
-    ) -> BoxFuture<'a, Result<Vec<String>, token_storage::Error>> {
-        Box::pin(async move { self.open().await?.db.keys_with_prefix(prefix).await })
+    async fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<String>, token_storage::Error> {
+        self.open().await?.db.keys_with_prefix(prefix).await
     }
 }
 
@@ -401,7 +395,7 @@ mod tests {
         .unwrap();
         let a = LockedSledStore::new(dir.clone());
         let b = LockedSledStore::new(dir.clone());
-        let Swap::Swapped { version } =
+        let Swapped::Swapped { version } =
             a.compare_and_swap("k", None, b"one".to_vec()).await.unwrap()
         else {
             panic!("first write conflicts")
@@ -410,9 +404,9 @@ mod tests {
         assert_eq!((read.version, &*read.value), (version, &b"one"[..]));
         assert!(matches!(
             b.compare_and_swap("k", None, b"x".to_vec()).await,
-            Ok(Swap::Conflict(_))
+            Ok(Swapped::Conflict(_))
         ));
-        assert!(b.delete("k", Some(version)).await.unwrap());
+        assert!(b.delete_if("k", Some(version)).await.unwrap());
         assert!(a.get("k").await.unwrap().is_none());
     }
 

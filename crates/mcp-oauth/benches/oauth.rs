@@ -5,8 +5,9 @@
 use criterion::{Criterion, criterion_group, criterion_main};
 use mcp_clock::SharedClock;
 use mcp_oauth::{
-    ClientKey, ClientRegistration, Discovery, HttpRequest, HttpResponse, OAuthClient, PkceVerifier,
-    RegistrationSource, TokenEndpointAuthMethod, parse_challenge_header, pkce_challenge,
+    ClientRegistration, ClientSigningKey, Discovery, HttpRequest, HttpResponse, OAuthClient,
+    PkceVerifier, RegistrationSource, TokenEndpointAuthMethod, parse_challenge_header,
+    pkce_challenge,
 };
 use std::hint::black_box;
 
@@ -41,7 +42,7 @@ fn registration(method: TokenEndpointAuthMethod) -> ClientRegistration {
     ClientRegistration {
         client_id: "client-1".into(),
         client_secret: None,
-        client_key: Some(ClientKey::es256(KEY)),
+        client_key: Some(ClientSigningKey::es256(KEY)),
         auth_method: method,
         source: RegistrationSource::PreRegistered,
         issuer: "https://as.example.com".into(),

@@ -16,9 +16,9 @@ use std::process::ExitCode;
 
 use mcp_clock::SharedClock;
 use mcp_oauth::{
-    AuthAttempts, BearerChallenge, ClientConfig, ClientKey, ClientRegistration, ClientSecret,
-    Discovery, EnterpriseGrant, Error, HttpClient, HttpPolicy, HttpRequest, HttpResponse,
-    OAuthClient, PreRegisteredClient, RegistrationSource, ReqwestHttpClient,
+    AuthAttempts, BearerChallenge, ClientConfig, ClientRegistration, ClientSecret,
+    ClientSigningKey, Discovery, EnterpriseGrant, Error, HttpClient, HttpPolicy, HttpRequest,
+    HttpResponse, OAuthClient, PreRegisteredClient, RegistrationSource, ReqwestHttpClient,
     TokenEndpointAuthMethod, select_scope,
 };
 use serde_json::{Value, json};
@@ -178,7 +178,7 @@ impl Session {
         if let (Some(pre), Some(pem)) =
             (config.pre_registered.as_mut(), ctx_str(&self.context, "private_key_pem"))
         {
-            pre.client_key = Some(ClientKey::es256(pem));
+            pre.client_key = Some(ClientSigningKey::es256(pem));
             pre.auth_method = Some(TokenEndpointAuthMethod::PrivateKeyJwt);
         }
         Ok(self.oauth.register(discovery, &config).await?)

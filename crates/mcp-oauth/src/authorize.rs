@@ -313,7 +313,7 @@ impl OAuthClient {
             });
         }
         if pending.client_id != registration.client_id {
-            return Err(Error::Config(format!(
+            return Err(Error::InvalidConfig(format!(
                 "the pending authorization was made for client {:?}, not {:?}",
                 pending.client_id, registration.client_id
             )));

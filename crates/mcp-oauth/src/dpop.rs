@@ -78,12 +78,12 @@ impl DpopKey {
     /// A new random key.
     ///
     /// # Errors
-    /// [`Error::Config`] if the operating system's random source fails.
+    /// [`Error::InvalidConfig`] if the operating system's random source fails.
     pub fn generate() -> Result<Self> {
         loop {
             let mut bytes = [0u8; 32];
             getrandom::fill(&mut bytes)
-                .map_err(|e| Error::Config(format!("no randomness for a DPoP key: {e}")))?;
+                .map_err(|e| Error::InvalidConfig(format!("no randomness for a DPoP key: {e}")))?;
             // A value outside the curve order (probability ~2^-128) is drawn again.
             if let Ok(key) = p256::ecdsa::SigningKey::from_bytes(&bytes.into()) {
                 return Ok(Self::from_signing_key(key));
@@ -94,23 +94,24 @@ impl DpopKey {
     /// The key in `pem` (PKCS#8, P-256), as [`DpopKey::to_pkcs8_pem`] wrote it.
     ///
     /// # Errors
-    /// [`Error::Config`] when it is not a PKCS#8 P-256 private key.
+    /// [`Error::InvalidConfig`] when it is not a PKCS#8 P-256 private key.
     pub fn from_pkcs8_pem(pem: &PrivateKeyPem) -> Result<Self> {
-        let key = p256::ecdsa::SigningKey::from_pkcs8_pem(pem.secret())
-            .map_err(|e| Error::Config(format!("the DPoP key is not a PKCS#8 P-256 key: {e}")))?;
+        let key = p256::ecdsa::SigningKey::from_pkcs8_pem(pem.secret()).map_err(|e| {
+            Error::InvalidConfig(format!("the DPoP key is not a PKCS#8 P-256 key: {e}"))
+        })?;
         Ok(Self::from_signing_key(key))
     }
 
     /// The private key as PKCS#8 PEM, to keep it (sealed) across restarts.
     ///
     /// # Errors
-    /// [`Error::Config`] if encoding fails.
+    /// [`Error::InvalidConfig`] if encoding fails.
     pub fn to_pkcs8_pem(&self) -> Result<PrivateKeyPem> {
         let pem = self
             .0
             .key
             .to_pkcs8_pem(LineEnding::LF)
-            .map_err(|e| Error::Config(format!("cannot encode the DPoP key: {e}")))?;
+            .map_err(|e| Error::InvalidConfig(format!("cannot encode the DPoP key: {e}")))?;
         Ok(PrivateKeyPem::new(pem.as_str()))
     }
 
@@ -147,7 +148,7 @@ impl DpopKey {
     /// nonce remembered for the origin.
     ///
     /// # Errors
-    /// [`Error::Config`] if signing fails.
+    /// [`Error::InvalidConfig`] if signing fails.
     pub fn proof(
         &self,
         method: &str,

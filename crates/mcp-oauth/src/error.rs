@@ -232,7 +232,7 @@ pub enum Error {
     },
     /// A private key or client configuration that cannot be used.
     #[error("invalid client configuration: {0}")]
-    Config(String),
+    InvalidConfig(String),
 }
 
 impl Error {

@@ -15,10 +15,6 @@ use url::{Host, Url};
 
 use crate::error::{Error, Result};
 
-/// A boxed, sendable future: what [`HttpClient::call`] returns; the workspace's one alias,
-/// [`mcp_clock::BoxFuture`].
-pub use mcp_clock::BoxFuture;
-
 /// The HTTP methods this crate uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -250,7 +246,9 @@ impl fmt::Debug for HttpResponse {
     }
 }
 
-/// The HTTP seam: send one request, get one response. Dyn-compatible.
+/// The HTTP seam: send one request, get one response. Written with
+/// [`async_trait`](https://docs.rs/async-trait) (dyn-compatible): an implementation writes
+/// `async fn call` under `#[async_trait::async_trait]`.
 ///
 /// Implementations must not follow redirects. Any `Fn(HttpRequest) -> impl Future` closure is an
 /// `HttpClient`, which is how unit tests script a server:
@@ -267,18 +265,20 @@ impl fmt::Debug for HttpResponse {
 /// assert_eq!(response.status, 404);
 /// # }
 /// ```
+#[async_trait::async_trait]
 pub trait HttpClient: Send + Sync {
     /// Send `request` and return the response, whatever its status.
-    fn call(&self, request: HttpRequest) -> BoxFuture<'_, Result<HttpResponse>>;
+    async fn call(&self, request: HttpRequest) -> Result<HttpResponse>;
 }
 
+#[async_trait::async_trait]
 impl<F, Fut> HttpClient for F
 where
     F: Fn(HttpRequest) -> Fut + Send + Sync,
     Fut: Future<Output = Result<HttpResponse>> + Send + 'static,
 {
-    fn call(&self, request: HttpRequest) -> BoxFuture<'_, Result<HttpResponse>> {
-        Box::pin(self(request))
+    async fn call(&self, request: HttpRequest) -> Result<HttpResponse> {
+        self(request).await
     }
 }
 
@@ -299,9 +299,10 @@ impl fmt::Debug for SharedHttpClient {
     }
 }
 
+#[async_trait::async_trait]
 impl HttpClient for SharedHttpClient {
-    fn call(&self, request: HttpRequest) -> BoxFuture<'_, Result<HttpResponse>> {
-        self.0.call(request)
+    async fn call(&self, request: HttpRequest) -> Result<HttpResponse> {
+        self.0.call(request).await
     }
 }
 

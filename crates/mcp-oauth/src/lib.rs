@@ -100,12 +100,11 @@ pub use dpop::DpopKey;
 pub use enterprise::EnterpriseGrant;
 pub use error::{Endpoint, Error, ErrorClass, Result};
 pub use http::{
-    BoxFuture, HttpClient, HttpRequest, HttpResponse, Method, Reach, SharedHttpClient, SsrfPolicy,
-    check_url,
+    HttpClient, HttpRequest, HttpResponse, Method, Reach, SharedHttpClient, SsrfPolicy, check_url,
 };
 pub use registration::{
-    ClientConfig, ClientKey, ClientRegistration, PROTOCOL_REGISTRATION_FIELDS, PreRegisteredClient,
-    RegistrationSource, TokenEndpointAuthMethod,
+    ClientConfig, ClientRegistration, ClientSigningKey, PROTOCOL_REGISTRATION_FIELDS,
+    PreRegisteredClient, RegistrationSource, TokenEndpointAuthMethod,
 };
 pub use reqwest_client::{HttpPolicy, ReqwestHttpClient};
 pub use scope::{AuthAttempts, select_scope, union_scopes};

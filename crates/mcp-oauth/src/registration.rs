@@ -71,7 +71,7 @@ pub enum RegistrationSource {
 
 /// A private key for `private_key_jwt` client authentication.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ClientKey {
+pub struct ClientSigningKey {
     /// The PKCS#8 PEM private key (EC P-256).
     pub pem: PrivateKeyPem,
     /// The JWS algorithm; only `ES256` is implemented.
@@ -80,10 +80,10 @@ pub struct ClientKey {
     pub key_id: Option<String>,
 }
 
-impl ClientKey {
+impl ClientSigningKey {
     /// An ES256 key from PKCS#8 PEM.
     pub fn es256(pem: impl Into<String>) -> Self {
-        ClientKey { pem: PrivateKeyPem::new(pem), algorithm: "ES256".into(), key_id: None }
+        ClientSigningKey { pem: PrivateKeyPem::new(pem), algorithm: "ES256".into(), key_id: None }
     }
 }
 
@@ -95,7 +95,7 @@ pub struct ClientRegistration {
     /// The client secret, for the `client_secret_*` methods.
     pub client_secret: Option<ClientSecret>,
     /// The private key, for `private_key_jwt`.
-    pub client_key: Option<ClientKey>,
+    pub client_key: Option<ClientSigningKey>,
     /// How the client authenticates at the token endpoint.
     pub auth_method: TokenEndpointAuthMethod,
     /// Where this registration came from.
@@ -161,7 +161,7 @@ pub struct PreRegisteredClient {
     /// The client secret, if it has one.
     pub client_secret: Option<ClientSecret>,
     /// The private key, for `private_key_jwt`.
-    pub client_key: Option<ClientKey>,
+    pub client_key: Option<ClientSigningKey>,
     /// The authentication method; chosen from the server's list when `None`.
     pub auth_method: Option<TokenEndpointAuthMethod>,
 }
@@ -312,7 +312,7 @@ impl OAuthClient {
             let secure = url.scheme() == "https"
                 || (url.scheme() == "http" && crate::http::is_loopback_host(url));
             if !secure || url.path() == "/" || url.fragment().is_some() {
-                return Err(Error::Config(format!(
+                return Err(Error::InvalidConfig(format!(
                     "client metadata document URL {url} must be HTTPS (or loopback HTTP) with a path and no fragment"
                 )));
             }

@@ -17,9 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::http::{
-    BoxFuture, HttpClient, HttpRequest, HttpResponse, Method, Reach, SsrfPolicy, check_url,
-};
+use crate::http::{HttpClient, HttpRequest, HttpResponse, Method, Reach, SsrfPolicy, check_url};
 
 /// Limits and policies of a [`ReqwestHttpClient`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,7 +152,9 @@ impl ReqwestHttpClient {
             } else {
                 builder.no_proxy().dns_resolver(PolicyResolver { ssrf, hosts: Arc::clone(&hosts) })
             };
-            builder.build().map_err(|e| Error::Config(format!("cannot build the HTTP client: {e}")))
+            builder
+                .build()
+                .map_err(|e| Error::InvalidConfig(format!("cannot build the HTTP client: {e}")))
         };
         let client = build(policy.ssrf.clone())?;
         let public_client = build(policy.ssrf.public_only())?;
@@ -237,25 +237,24 @@ fn transport_error(url: &str, e: reqwest::Error) -> Error {
     Error::Transport { url: url.to_owned(), source: Box::new(e) }
 }
 
+#[async_trait::async_trait]
 impl HttpClient for ReqwestHttpClient {
-    fn call(&self, request: HttpRequest) -> BoxFuture<'_, Result<HttpResponse>> {
-        Box::pin(async move {
-            check_url(&request.url, &self.policy.ssrf.for_reach(request.reach))?;
-            let url = request.url.to_string();
-            let timeout = self.policy.timeout;
-            tracing::debug!(method = %request.method, url = %crate::http::redact_query(&request.url), "oauth http request");
-            tokio::select! {
-                biased;
-                () = request.cancel.cancelled() => Err(Error::Cancelled { url }),
-                outcome = mcp_clock::within(&self.clock, timeout, self.send(&request)) => match outcome {
-                    Some(result) => result.map_err(|e| match e {
-                        Error::Transport { source, .. } if is_timeout(source.as_ref()) => Error::Timeout { url: url.clone(), timeout },
-                        other => other,
-                    }),
-                    None => Err(Error::Timeout { url, timeout }),
-                },
-            }
-        })
+    async fn call(&self, request: HttpRequest) -> Result<HttpResponse> {
+        check_url(&request.url, &self.policy.ssrf.for_reach(request.reach))?;
+        let url = request.url.to_string();
+        let timeout = self.policy.timeout;
+        tracing::debug!(method = %request.method, url = %crate::http::redact_query(&request.url), "oauth http request");
+        tokio::select! {
+            biased;
+            () = request.cancel.cancelled() => Err(Error::Cancelled { url }),
+            outcome = mcp_clock::within(&self.clock, timeout, self.send(&request)) => match outcome {
+                Some(result) => result.map_err(|e| match e {
+                    Error::Transport { source, .. } if is_timeout(source.as_ref()) => Error::Timeout { url: url.clone(), timeout },
+                    other => other,
+                }),
+                None => Err(Error::Timeout { url, timeout }),
+            },
+        }
     }
 }
 

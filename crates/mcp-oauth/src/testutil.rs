@@ -108,7 +108,8 @@ pub(crate) fn registration(method: crate::TokenEndpointAuthMethod) -> crate::Cli
         client_id: "client-1".into(),
         client_secret: matches!(method, M::ClientSecretBasic | M::ClientSecretPost)
             .then(|| crate::ClientSecret::new("s3cr3t-value")),
-        client_key: (method == M::PrivateKeyJwt).then(|| crate::ClientKey::es256(TEST_KEY_PEM)),
+        client_key: (method == M::PrivateKeyJwt)
+            .then(|| crate::ClientSigningKey::es256(TEST_KEY_PEM)),
         auth_method: method,
         source: crate::RegistrationSource::PreRegistered,
         issuer: "https://as.example.com".into(),

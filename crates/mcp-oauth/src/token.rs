@@ -25,7 +25,7 @@ use crate::client::{OAuthClient, endpoint_error, parse_json};
 use crate::discovery::Discovery;
 use crate::error::{Endpoint, Error, Result};
 use crate::http::{HttpRequest, HttpResponse, Reach};
-use crate::registration::{ClientKey, ClientRegistration, TokenEndpointAuthMethod};
+use crate::registration::{ClientRegistration, ClientSigningKey, TokenEndpointAuthMethod};
 use crate::secret::{AccessToken, IdToken, RefreshToken, random_urlsafe};
 
 /// A successful token response.
@@ -121,15 +121,16 @@ pub(crate) fn parse_token_response(
 }
 
 /// Sign an ES256 JWT with `claims`.
-pub(crate) fn sign_es256(key: &ClientKey, claims: &serde_json::Value) -> Result<String> {
+pub(crate) fn sign_es256(key: &ClientSigningKey, claims: &serde_json::Value) -> Result<String> {
     if key.algorithm != "ES256" {
-        return Err(Error::Config(format!(
+        return Err(Error::InvalidConfig(format!(
             "signing algorithm {} is not supported (only ES256)",
             key.algorithm
         )));
     }
-    let signing_key = p256::ecdsa::SigningKey::from_pkcs8_pem(key.pem.secret())
-        .map_err(|e| Error::Config(format!("the private key is not a PKCS#8 P-256 key: {e}")))?;
+    let signing_key = p256::ecdsa::SigningKey::from_pkcs8_pem(key.pem.secret()).map_err(|e| {
+        Error::InvalidConfig(format!("the private key is not a PKCS#8 P-256 key: {e}"))
+    })?;
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
     let mut header = serde_json::json!({"alg": "ES256", "typ": "JWT"});
     if let Some(kid) = &key.key_id {
@@ -155,7 +156,7 @@ impl OAuthClient {
             registration
                 .client_secret
                 .as_ref()
-                .ok_or_else(|| Error::Config(format!("{method} needs a client secret")))
+                .ok_or_else(|| Error::InvalidConfig(format!("{method} needs a client secret")))
         };
         match method {
             TokenEndpointAuthMethod::None => {
@@ -175,10 +176,9 @@ impl OAuthClient {
                 form.push(("client_secret", secret()?.secret().to_owned()));
             }
             TokenEndpointAuthMethod::PrivateKeyJwt => {
-                let key = registration
-                    .client_key
-                    .as_ref()
-                    .ok_or_else(|| Error::Config("private_key_jwt needs a private key".into()))?;
+                let key = registration.client_key.as_ref().ok_or_else(|| {
+                    Error::InvalidConfig("private_key_jwt needs a private key".into())
+                })?;
                 let now = self.clock.now().as_secs();
                 let claims = serde_json::json!({
                     "iss": registration.client_id,

@@ -81,17 +81,17 @@ impl WorkloadIdentity {
     /// The current assertion.
     ///
     /// # Errors
-    /// [`Error::Config`] when the file or variable is missing or empty (the message names the
+    /// [`Error::InvalidConfig`] when the file or variable is missing or empty (the message names the
     /// source, not its content).
     pub fn assertion(&self) -> Result<IdToken> {
         let value = match &self.source {
             Source::Fixed(token) => return Ok(token.clone()),
             Source::Env(name) => std::env::var(name).map_err(|_| {
-                Error::Config(format!("the workload identity variable {name} is not set"))
+                Error::InvalidConfig(format!("the workload identity variable {name} is not set"))
             })?,
             Source::File(path) => {
                 let unreadable = |e: std::io::Error| {
-                    Error::Config(format!(
+                    Error::InvalidConfig(format!(
                         "cannot read the workload identity file {}: {}",
                         path.display(),
                         e.kind()
@@ -110,7 +110,7 @@ impl WorkloadIdentity {
                 let value = std::fs::read_to_string(path).map_err(unreadable)?;
                 let token = IdToken::new(value.trim());
                 if token.secret().is_empty() {
-                    return Err(Error::Config(format!(
+                    return Err(Error::InvalidConfig(format!(
                         "the workload identity file {} is empty",
                         path.display()
                     )));
@@ -121,7 +121,7 @@ impl WorkloadIdentity {
         };
         let value = value.trim();
         if value.is_empty() {
-            return Err(Error::Config("the workload identity assertion is empty".into()));
+            return Err(Error::InvalidConfig("the workload identity assertion is empty".into()));
         }
         Ok(IdToken::new(value))
     }
@@ -136,7 +136,7 @@ impl OAuthClient {
     /// `unauthorized_client`, ...): the grant is not retried and no other grant is tried.
     ///
     /// # Errors
-    /// [`Error::Config`] when the assertion cannot be read; the token endpoint's errors.
+    /// [`Error::InvalidConfig`] when the assertion cannot be read; the token endpoint's errors.
     pub async fn jwt_bearer(
         &self,
         discovery: &Discovery,
@@ -232,11 +232,14 @@ mod tests {
     fn missing_sources_are_typed_errors_without_content() {
         let dir = temp_dir("missing");
         let err = WorkloadIdentity::from_file(dir.join("nope")).assertion().unwrap_err();
-        assert!(matches!(&err, Error::Config(m) if m.contains("nope")), "{err:?}");
+        assert!(matches!(&err, Error::InvalidConfig(m) if m.contains("nope")), "{err:?}");
         std::fs::write(dir.join("empty"), "  \n").unwrap();
         assert!(WorkloadIdentity::from_file(dir.join("empty")).assertion().is_err());
         let name = format!("MCP_OAUTH_WIF_TEST_UNSET_{}", std::process::id());
-        assert!(matches!(WorkloadIdentity::from_env(name).assertion(), Err(Error::Config(_))));
+        assert!(matches!(
+            WorkloadIdentity::from_env(name).assertion(),
+            Err(Error::InvalidConfig(_))
+        ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -22,7 +22,7 @@ use flow_state::testkit::RedisServer;
 use flow_state::{FlowKey, FlowManager, RedisStore, SharedStore};
 use mcp_clock::SystemClock;
 use token_storage::{
-    BoxFuture, EncryptionKey, Keyring, RedisTokenStore, RefreshError, RefreshRequest, Refresher,
+    EncryptionKey, Keyring, RedisTokenStore, RefreshError, RefreshRequest, Refresher,
     SharedTokenStore, TokenKey, TokenResponse, TokenStorage, TokenStore,
 };
 
@@ -43,13 +43,14 @@ fn size(full: usize, quick: usize) -> usize {
 
 #[derive(Debug)]
 struct NoRefresh;
+#[async_trait::async_trait]
 impl Refresher for NoRefresh {
-    fn refresh<'a>(
-        &'a self,
-        _: &'a TokenKey,
-        _: &'a RefreshRequest,
-    ) -> BoxFuture<'a, Result<TokenResponse, RefreshError>> {
-        Box::pin(async { panic!("the benchmark never refreshes") })
+    async fn refresh(
+        &self,
+        _: &TokenKey,
+        _: &RefreshRequest,
+    ) -> Result<TokenResponse, RefreshError> {
+        panic!("the benchmark never refreshes")
     }
 }
 

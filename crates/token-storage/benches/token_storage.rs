@@ -20,9 +20,9 @@ use std::time::Duration;
 use criterion::{Criterion, criterion_group, criterion_main};
 use token_storage::testkit::FakeAuthServer;
 use token_storage::{
-    BoxFuture, EncryptionKey, Keyring, MemoryTokenStore, RefreshError, RefreshRequest, Refresher,
-    SharedClock, SharedTokenStore, SledTokenStore, SystemClock, TokenKey, TokenResponse,
-    TokenStorage, TokenStorageConfig,
+    EncryptionKey, Keyring, MemoryTokenStore, RefreshError, RefreshRequest, Refresher, SharedClock,
+    SharedTokenStore, SledTokenStore, SystemClock, TokenKey, TokenResponse, TokenStorage,
+    TokenStorageConfig,
 };
 
 const ISS: &str = "https://as.example";
@@ -116,26 +116,25 @@ struct Slow {
     last_took_us: AtomicU64,
 }
 
+#[async_trait::async_trait]
 impl Refresher for Slow {
-    fn refresh<'a>(
-        &'a self,
-        _: &'a TokenKey,
-        r: &'a RefreshRequest,
-    ) -> BoxFuture<'a, Result<TokenResponse, RefreshError>> {
-        Box::pin(async move {
-            let start = SystemClock::instant();
-            self.calls.fetch_add(1, Ordering::SeqCst);
-            mcp_clock::Clock::sleep(&mcp_clock::SystemClock, self.latency).await;
-            let n = self.calls.load(Ordering::SeqCst);
-            let response = TokenResponse::bearer(format!("at-{n}"))
-                .expires_in(Duration::from_secs(3600))
-                .refresh_token(format!("{}+", r.refresh_token.expose()));
-            self.last_took_us.store(
-                SystemClock::instant().duration_since(start).as_micros() as u64,
-                Ordering::SeqCst,
-            );
-            Ok(response)
-        })
+    async fn refresh(
+        &self,
+        _: &TokenKey,
+        r: &RefreshRequest,
+    ) -> Result<TokenResponse, RefreshError> {
+        let start = SystemClock::instant();
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        mcp_clock::Clock::sleep(&mcp_clock::SystemClock, self.latency).await;
+        let n = self.calls.load(Ordering::SeqCst);
+        let response = TokenResponse::bearer(format!("at-{n}"))
+            .expires_in(Duration::from_secs(3600))
+            .refresh_token(format!("{}+", r.refresh_token.expose()));
+        self.last_took_us.store(
+            SystemClock::instant().duration_since(start).as_micros() as u64,
+            Ordering::SeqCst,
+        );
+        Ok(response)
     }
 }
 

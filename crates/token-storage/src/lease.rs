@@ -70,7 +70,7 @@ use std::path::{Path, PathBuf};
 
 use std::time::Duration;
 
-use flow_state::{FlowKey, Lease, Leases, SharedStore, StoreErrorKind};
+use flow_state::{FlowKey, Lease, Leases, SharedStore, store::StoreErrorKind};
 use mcp_clock::SharedClock;
 
 use crate::key::RecordKind;

@@ -9,7 +9,9 @@
 //! - [`Refresher`]: the refresh grant, supplied by the OAuth layer (this crate does no HTTP),
 //!   failing with a terminal or transient [`RefreshError`].
 //! - [`TokenStore`]: the small compare-and-swap store trait, with [`MemoryTokenStore`] and
-//!   (feature `sled`) `SledTokenStore`, (feature `redis`) `RedisTokenStore`.
+//!   (feature `sled`) `SledTokenStore`, (feature `redis`) `RedisTokenStore`. What only a
+//!   backend's author needs ([`Versioned`](store::Versioned), [`Swapped`](store::Swapped),
+//!   [`Fence`](store::Fence)) is in [`store`].
 //! - [`KeyProvider`] / [`Keyring`]: XChaCha20-Poly1305 encryption at rest, with rotating key ids.
 //! - [`RefreshLease`]: the cross-process lease around each redemption, over a flow-state store
 //!   (Redis, for fleets) or lock files (processes on one host).
@@ -27,10 +29,11 @@
 //!
 //! #[derive(Debug)]
 //! struct NoRefresh;
+//! #[async_trait::async_trait]
 //! impl Refresher for NoRefresh {
-//!     fn refresh<'a>(&'a self, _: &'a TokenKey, _: &'a RefreshRequest)
-//!         -> BoxFuture<'a, Result<TokenResponse, RefreshError>> {
-//!         Box::pin(async { Err(RefreshError::terminal(TerminalCode::UnauthorizedClient, None)) })
+//!     async fn refresh(&self, _: &TokenKey, _: &RefreshRequest)
+//!         -> Result<TokenResponse, RefreshError> {
+//!         Err(RefreshError::terminal(TerminalCode::UnauthorizedClient, None))
 //!     }
 //! }
 //!
@@ -54,21 +57,21 @@ mod model;
 mod refresher;
 mod secret;
 mod service;
-mod store;
+pub mod store;
 #[cfg(feature = "test-util")]
 pub mod testkit;
 
 pub use crypto::{EncryptionKey, KeyProvider, Keyring};
 pub use error::{DecryptFailure, Error, ReauthReason};
 pub use key::TokenKey;
-pub use lease::{Fence, RefreshLease};
+pub use lease::RefreshLease;
 pub use lock_file::{FileLock, lock_file_name};
 #[cfg(feature = "test-util")]
 pub use mcp_clock::ManualClock;
 pub use mcp_clock::{Clock, SharedClock, SystemClock, Timestamp};
 pub use model::{ClientRegistration, TokenSet};
 pub use refresher::{
-    BoxFuture, RefreshError, RefreshRequest, Refresher, TerminalCode, TokenResponse, TransientKind,
+    RefreshError, RefreshRequest, Refresher, TerminalCode, TokenResponse, TransientKind,
 };
 pub use secret::Secret;
 pub use service::{TokenStorage, TokenStorageBuilder, TokenStorageConfig};
@@ -77,4 +80,4 @@ pub use store::memory::MemoryTokenStore;
 pub use store::redis::{RedisTokenStore, RedisTokenStoreBuilder};
 #[cfg(feature = "sled")]
 pub use store::sled::SledTokenStore;
-pub use store::{SharedTokenStore, Swap, TokenStore, Versioned};
+pub use store::{SharedTokenStore, TokenStore};

@@ -18,9 +18,10 @@ use crate::{Secret, TokenResponse};
 /// use std::time::Duration;
 /// use token_storage::*;
 /// # #[derive(Debug)] struct NoRefresh;
+/// # #[async_trait::async_trait]
 /// # impl Refresher for NoRefresh {
-/// #     fn refresh<'a>(&'a self, _: &'a TokenKey, _: &'a RefreshRequest)
-/// #         -> BoxFuture<'a, Result<TokenResponse, RefreshError>> { unreachable!() }
+/// #     async fn refresh(&self, _: &TokenKey, _: &RefreshRequest)
+/// #         -> Result<TokenResponse, RefreshError> { unreachable!() }
 /// # }
 ///
 /// let keys = Arc::new(Keyring::new("k1", EncryptionKey::from_bytes([1; 32]))?);

@@ -9,44 +9,43 @@ use serde::{Deserialize, Serialize};
 
 use crate::{ClientRegistration, Secret, TokenKey};
 
-/// A boxed, sendable future: what [`Refresher`] and store methods return (dyn-compatible). The
-/// workspace's one alias, [`mcp_clock::BoxFuture`].
-pub use mcp_clock::BoxFuture;
-
 /// Runs the refresh-token grant. This crate does no HTTP: the OAuth layer implements this.
 ///
 /// It is called at most once at a time per key in a process, from a task detached from every
 /// caller, so its result is always persisted. It is never called again with a refresh token it
 /// has already redeemed successfully.
 ///
+/// Written with [`async_trait`](https://docs.rs/async-trait) (dyn-compatible): an
+/// implementation writes `async fn` under `#[async_trait::async_trait]`.
+///
 /// ```
-/// use token_storage::{BoxFuture, RefreshError, RefreshRequest, Refresher, TokenKey, TokenResponse};
+/// use token_storage::{RefreshError, RefreshRequest, Refresher, TokenKey, TokenResponse};
 ///
 /// #[derive(Debug)]
 /// struct Rotating;
 ///
+/// #[async_trait::async_trait]
 /// impl Refresher for Rotating {
-///     fn refresh<'a>(
-///         &'a self,
-///         _key: &'a TokenKey,
-///         request: &'a RefreshRequest,
-///     ) -> BoxFuture<'a, Result<TokenResponse, RefreshError>> {
+///     async fn refresh(
+///         &self,
+///         _key: &TokenKey,
+///         request: &RefreshRequest,
+///     ) -> Result<TokenResponse, RefreshError> {
 ///         let next = format!("{}+", request.refresh_token.expose());
-///         Box::pin(async move {
-///             Ok(TokenResponse::bearer("new-access")
-///                 .expires_in(std::time::Duration::from_secs(3600))
-///                 .refresh_token(next))
-///         })
+///         Ok(TokenResponse::bearer("new-access")
+///             .expires_in(std::time::Duration::from_secs(3600))
+///             .refresh_token(next))
 ///     }
 /// }
 /// ```
+#[async_trait::async_trait]
 pub trait Refresher: Send + Sync + fmt::Debug {
     /// Redeem `request.refresh_token` for `key`.
-    fn refresh<'a>(
-        &'a self,
-        key: &'a TokenKey,
-        request: &'a RefreshRequest,
-    ) -> BoxFuture<'a, Result<TokenResponse, RefreshError>>;
+    async fn refresh(
+        &self,
+        key: &TokenKey,
+        request: &RefreshRequest,
+    ) -> Result<TokenResponse, RefreshError>;
 }
 
 /// What a [`Refresher`] gets: the refresh token read from the store when the refresh started

@@ -19,10 +19,9 @@ use mcp_clock::{Clock, SharedClock, Timestamp};
 mod faulty;
 pub use faulty::FaultyTokenStore;
 
-use crate::refresher::BoxFuture;
 use crate::{
-    RefreshError, RefreshRequest, Refresher, SharedTokenStore, Swap, TerminalCode, TokenKey,
-    TokenResponse,
+    RefreshError, RefreshRequest, Refresher, SharedTokenStore, TerminalCode, TokenKey,
+    TokenResponse, store::Swapped,
 };
 
 /// Runs every conformance check against stores built by `make` (called once per check; each
@@ -31,12 +30,12 @@ pub async fn store_conformance<F>(make: F)
 where
     F: Fn() -> SharedTokenStore,
 {
-    type Check = fn(SharedTokenStore) -> BoxFuture<'static, ()>;
+    type Check = fn(SharedTokenStore) -> mcp_clock::BoxFuture<'static, ()>;
     let checks: [(&str, Check); 6] = [
         ("absent keys", |s| Box::pin(absent(s))),
         ("compare-and-swap", |s| Box::pin(compare_and_swap(s))),
         ("versions increase and are never reused", |s| Box::pin(no_aba(s))),
-        ("delete", |s| Box::pin(delete(s))),
+        ("delete-if", |s| Box::pin(delete_if(s))),
         ("keys with a prefix", |s| Box::pin(prefix(s))),
         ("one winner among racing writers", |s| Box::pin(racing_writers(s))),
     ];
@@ -50,18 +49,18 @@ where
 
 async fn swapped(s: &SharedTokenStore, key: &str, expected: Option<u64>, value: &[u8]) -> u64 {
     match s.compare_and_swap(key, expected, value.to_vec()).await.unwrap() {
-        Swap::Swapped { version } => version,
-        Swap::Conflict(c) => panic!("expected a write to {key} over {expected:?}, got {c:?}"),
+        Swapped::Swapped { version } => version,
+        Swapped::Conflict(c) => panic!("expected a write to {key} over {expected:?}, got {c:?}"),
     }
 }
 
 async fn absent(s: SharedTokenStore) {
     assert_eq!(s.get("k").await.unwrap(), None);
-    assert!(!s.delete("k", None).await.unwrap());
-    assert!(!s.delete("k", Some(1)).await.unwrap());
+    assert!(!s.delete_if("k", None).await.unwrap());
+    assert!(!s.delete_if("k", Some(1)).await.unwrap());
     assert_eq!(
         s.compare_and_swap("k", Some(1), b"x".to_vec()).await.unwrap(),
-        Swap::Conflict(None)
+        Swapped::Conflict(None)
     );
     assert_eq!(s.get("k").await.unwrap(), None);
     assert!(s.keys_with_prefix("").await.unwrap().is_empty());
@@ -71,13 +70,13 @@ async fn compare_and_swap(s: SharedTokenStore) {
     let v1 = swapped(&s, "k", None, b"one").await;
     // Insert-if-absent loses against the stored value and shows it.
     match s.compare_and_swap("k", None, b"two".to_vec()).await.unwrap() {
-        Swap::Conflict(Some(v)) => assert_eq!((v.version, &*v.value), (v1, &b"one"[..])),
+        Swapped::Conflict(Some(v)) => assert_eq!((v.version, &*v.value), (v1, &b"one"[..])),
         other => panic!("insert over a stored value must conflict: {other:?}"),
     }
     // A stale expected version loses.
     assert!(matches!(
         s.compare_and_swap("k", Some(v1 + 1000), b"two".to_vec()).await.unwrap(),
-        Swap::Conflict(Some(_))
+        Swapped::Conflict(Some(_))
     ));
     let v2 = swapped(&s, "k", Some(v1), b"two").await;
     let got = s.get("k").await.unwrap().unwrap();
@@ -85,7 +84,7 @@ async fn compare_and_swap(s: SharedTokenStore) {
     // The writer that read v1 cannot write again.
     assert!(matches!(
         s.compare_and_swap("k", Some(v1), b"three".to_vec()).await.unwrap(),
-        Swap::Conflict(Some(_))
+        Swapped::Conflict(Some(_))
     ));
     // Keys are independent.
     swapped(&s, "k2", None, b"x").await;
@@ -96,28 +95,28 @@ async fn no_aba(s: SharedTokenStore) {
     let v1 = swapped(&s, "k", None, b"a").await;
     let v2 = swapped(&s, "k", Some(v1), b"b").await;
     assert!(v2 > v1, "versions must increase: {v1} then {v2}");
-    assert!(s.delete("k", Some(v2)).await.unwrap());
+    assert!(s.delete_if("k", Some(v2)).await.unwrap());
     let v3 = swapped(&s, "k", None, b"a").await;
     assert!(v3 > v2, "a re-created key must not reuse a version: {v2} then {v3}");
     for old in [v1, v2] {
         assert!(matches!(
             s.compare_and_swap("k", Some(old), b"stale".to_vec()).await.unwrap(),
-            Swap::Conflict(Some(_))
+            Swapped::Conflict(Some(_))
         ));
     }
     let other = swapped(&s, "other", None, b"x").await;
     assert!(other != v1 && other != v2 && other != v3, "versions are unique across keys");
 }
 
-async fn delete(s: SharedTokenStore) {
+async fn delete_if(s: SharedTokenStore) {
     let v1 = swapped(&s, "k", None, b"a").await;
-    assert!(!s.delete("k", Some(v1 + 1000)).await.unwrap(), "a stale delete must not delete");
+    assert!(!s.delete_if("k", Some(v1 + 1000)).await.unwrap(), "a stale delete must not delete");
     assert!(s.get("k").await.unwrap().is_some());
-    assert!(s.delete("k", Some(v1)).await.unwrap());
+    assert!(s.delete_if("k", Some(v1)).await.unwrap());
     assert_eq!(s.get("k").await.unwrap(), None);
     swapped(&s, "k", None, b"b").await;
-    assert!(s.delete("k", None).await.unwrap());
-    assert!(!s.delete("k", None).await.unwrap());
+    assert!(s.delete_if("k", None).await.unwrap());
+    assert!(!s.delete_if("k", None).await.unwrap());
 }
 
 async fn prefix(s: SharedTokenStore) {
@@ -140,7 +139,7 @@ async fn racing_writers(s: SharedTokenStore) {
         tasks.push(tokio::spawn(async move {
             matches!(
                 s.compare_and_swap("k", Some(v0), vec![i]).await.unwrap(),
-                Swap::Swapped { .. }
+                Swapped::Swapped { .. }
             )
         }));
     }
@@ -479,12 +478,13 @@ impl FakeState {
     }
 }
 
+#[async_trait::async_trait]
 impl Refresher for FakeAuthServer {
-    fn refresh<'a>(
-        &'a self,
-        key: &'a TokenKey,
-        request: &'a RefreshRequest,
-    ) -> BoxFuture<'a, Result<TokenResponse, RefreshError>> {
-        Box::pin(self.redeem(key, request.refresh_token.expose()))
+    async fn refresh(
+        &self,
+        key: &TokenKey,
+        request: &RefreshRequest,
+    ) -> Result<TokenResponse, RefreshError> {
+        self.redeem(key, request.refresh_token.expose()).await
     }
 }

@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use common::*;
 use token_storage::{
-    BoxFuture, Error, ReauthReason, RefreshError, RefreshRequest, Refresher, SledTokenStore,
-    TerminalCode, TokenKey, TokenResponse, TokenStorage,
+    Error, ReauthReason, RefreshError, RefreshRequest, Refresher, SledTokenStore, TerminalCode,
+    TokenKey, TokenResponse, TokenStorage,
 };
 
 const CHILD_DB: &str = "TOKEN_STORAGE_CRASH_CHILD_DB";
@@ -32,22 +32,21 @@ struct Counting {
     hang: bool,
 }
 
+#[async_trait::async_trait]
 impl Refresher for Counting {
-    fn refresh<'a>(
-        &'a self,
-        _: &'a TokenKey,
-        r: &'a RefreshRequest,
-    ) -> BoxFuture<'a, Result<TokenResponse, RefreshError>> {
+    async fn refresh(
+        &self,
+        _: &TokenKey,
+        r: &RefreshRequest,
+    ) -> Result<TokenResponse, RefreshError> {
         let n: u64 = r.refresh_token.expose().trim_start_matches("rt-").parse().unwrap();
-        Box::pin(async move {
-            if self.hang {
-                println!("redeeming {n}");
-                std::future::pending::<()>().await;
-            }
-            Ok(TokenResponse::bearer(format!("at-{}", n + 1))
-                .expires_in(HOUR)
-                .refresh_token(format!("rt-{}", n + 1)))
-        })
+        if self.hang {
+            println!("redeeming {n}");
+            std::future::pending::<()>().await;
+        }
+        Ok(TokenResponse::bearer(format!("at-{}", n + 1))
+            .expires_in(HOUR)
+            .refresh_token(format!("rt-{}", n + 1)))
     }
 }
 
@@ -180,14 +179,15 @@ struct Refusing {
     presented: std::sync::Mutex<Vec<String>>,
 }
 
+#[async_trait::async_trait]
 impl Refresher for Refusing {
-    fn refresh<'a>(
-        &'a self,
-        _: &'a TokenKey,
-        r: &'a RefreshRequest,
-    ) -> BoxFuture<'a, Result<TokenResponse, RefreshError>> {
+    async fn refresh(
+        &self,
+        _: &TokenKey,
+        r: &RefreshRequest,
+    ) -> Result<TokenResponse, RefreshError> {
         self.presented.lock().unwrap().push(r.refresh_token.expose().to_owned());
-        Box::pin(async { Err(RefreshError::terminal(TerminalCode::InvalidGrant, None)) })
+        Err(RefreshError::terminal(TerminalCode::InvalidGrant, None))
     }
 }
 

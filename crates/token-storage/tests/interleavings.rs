@@ -42,9 +42,10 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, FileFailurePersistence, TestError, TestRunner};
 use token_storage::testkit::{FakeAuthServer, FaultyTokenStore, Issued};
 use token_storage::{
-    BoxFuture, Clock, Error, ManualClock, MemoryTokenStore, ReauthReason, RefreshError,
-    RefreshLease, RefreshRequest, Refresher, Secret, SharedClock, SharedTokenStore, Swap, TokenKey,
-    TokenResponse, TokenStorage, TokenStore, TransientKind, Versioned,
+    Clock, Error, ManualClock, MemoryTokenStore, ReauthReason, RefreshError, RefreshLease,
+    RefreshRequest, Refresher, Secret, SharedClock, SharedTokenStore, TokenKey, TokenResponse,
+    TokenStorage, TokenStore, TransientKind,
+    store::{Swapped, Versioned},
 };
 use tokio::sync::Notify;
 
@@ -85,54 +86,45 @@ impl Recording {
     }
 }
 
+#[async_trait::async_trait]
 impl TokenStore for Recording {
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Versioned>, Error>> {
-        self.inner.get(key)
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, Error> {
+        self.inner.get(key).await
     }
-    fn compare_and_swap<'a>(
-        &'a self,
-        key: &'a str,
+    async fn compare_and_swap(
+        &self,
+        key: &str,
         expected: Option<u64>,
         value: Vec<u8>,
-    ) -> BoxFuture<'a, Result<Swap, Error>> {
-        Box::pin(async move {
-            let r = self.inner.compare_and_swap(key, expected, value.clone()).await?;
-            if let Swap::Swapped { version } = r {
-                let write =
-                    Write { record: key.to_owned(), expected, version, value, replied: false };
-                self.writes.lock().unwrap().push(write);
-                let held = self
-                    .hold
-                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                    .is_ok_and(|n| n == 1);
-                if held {
-                    self.landed.notify_one();
-                    self.released.notified().await;
-                } else {
-                    tokio::task::yield_now().await;
-                }
-                // Not reached when the writer was dropped meanwhile (a refresh abandoned past
-                // its deadline and grace): the write stands, but nobody heard of it.
-                let mut writes = self.writes.lock().unwrap();
-                if let Some(w) = writes.iter_mut().find(|w| w.version == version) {
-                    w.replied = true;
-                }
+    ) -> Result<Swapped, Error> {
+        let r = self.inner.compare_and_swap(key, expected, value.clone()).await?;
+        if let Swapped::Swapped { version } = r {
+            let write = Write { record: key.to_owned(), expected, version, value, replied: false };
+            self.writes.lock().unwrap().push(write);
+            let held = self
+                .hold
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok_and(|n| n == 1);
+            if held {
+                self.landed.notify_one();
+                self.released.notified().await;
+            } else {
+                tokio::task::yield_now().await;
             }
-            Ok(r)
-        })
+            // Not reached when the writer was dropped meanwhile (a refresh abandoned past
+            // its deadline and grace): the write stands, but nobody heard of it.
+            let mut writes = self.writes.lock().unwrap();
+            if let Some(w) = writes.iter_mut().find(|w| w.version == version) {
+                w.replied = true;
+            }
+        }
+        Ok(r)
     }
-    fn delete<'a>(
-        &'a self,
-        key: &'a str,
-        expected: Option<u64>,
-    ) -> BoxFuture<'a, Result<bool, Error>> {
-        self.inner.delete(key, expected)
+    async fn delete_if(&self, key: &str, expected: Option<u64>) -> Result<bool, Error> {
+        self.inner.delete_if(key, expected).await
     }
-    fn keys_with_prefix<'a>(
-        &'a self,
-        prefix: &'a str,
-    ) -> BoxFuture<'a, Result<Vec<String>, Error>> {
-        self.inner.keys_with_prefix(prefix)
+    async fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<String>, Error> {
+        self.inner.keys_with_prefix(prefix).await
     }
 }
 
@@ -405,16 +397,15 @@ enum Mode {
 #[derive(Debug)]
 struct TimesOut(SharedClock);
 
+#[async_trait::async_trait]
 impl Refresher for TimesOut {
-    fn refresh<'a>(
-        &'a self,
-        _: &'a TokenKey,
-        _: &'a RefreshRequest,
-    ) -> BoxFuture<'a, Result<TokenResponse, RefreshError>> {
-        Box::pin(async move {
-            self.0.sleep(Duration::from_secs(10)).await;
-            Err(RefreshError::transient(TransientKind::Unanswered, "timed out"))
-        })
+    async fn refresh(
+        &self,
+        _: &TokenKey,
+        _: &RefreshRequest,
+    ) -> Result<TokenResponse, RefreshError> {
+        self.0.sleep(Duration::from_secs(10)).await;
+        Err(RefreshError::transient(TransientKind::Unanswered, "timed out"))
     }
 }
 

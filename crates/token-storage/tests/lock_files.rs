@@ -18,8 +18,8 @@ use std::time::Duration;
 use common::*;
 use token_storage::testkit::FakeAuthServer;
 use token_storage::{
-    BoxFuture, MemoryTokenStore, RefreshError, RefreshLease, RefreshRequest, Refresher,
-    SharedClock, TokenKey, TokenResponse, TokenStorage,
+    MemoryTokenStore, RefreshError, RefreshLease, RefreshRequest, Refresher, SharedClock, TokenKey,
+    TokenResponse, TokenStorage,
 };
 
 const CHILD_DIR: &str = "TOKEN_STORAGE_LOCK_CHILD_DIR";
@@ -28,16 +28,15 @@ const CHILD_DIR: &str = "TOKEN_STORAGE_LOCK_CHILD_DIR";
 #[derive(Debug)]
 struct Hang;
 
+#[async_trait::async_trait]
 impl Refresher for Hang {
-    fn refresh<'a>(
-        &'a self,
-        _: &'a TokenKey,
-        _: &'a RefreshRequest,
-    ) -> BoxFuture<'a, Result<TokenResponse, RefreshError>> {
-        Box::pin(async {
-            println!("HOLDING");
-            std::future::pending().await
-        })
+    async fn refresh(
+        &self,
+        _: &TokenKey,
+        _: &RefreshRequest,
+    ) -> Result<TokenResponse, RefreshError> {
+        println!("HOLDING");
+        std::future::pending().await
     }
 }
 

@@ -15,8 +15,9 @@ use flow_state::testkit::RedisServer;
 use flow_state::{MemoryStore, RedisStore, SharedStore};
 use token_storage::testkit::{FakeAuthServer, store_conformance};
 use token_storage::{
-    DecryptFailure, Error, Fence, MemoryTokenStore, RedisTokenStore, RefreshLease, SharedClock,
-    SharedTokenStore, Swap, TokenStorage, TokenStore,
+    DecryptFailure, Error, MemoryTokenStore, RedisTokenStore, RefreshLease, SharedClock,
+    SharedTokenStore, TokenStorage, TokenStore,
+    store::{Fence, Swapped},
 };
 
 static PREFIXES: AtomicUsize = AtomicUsize::new(0);
@@ -99,11 +100,11 @@ async fn a_foreign_value_is_a_typed_error_not_a_panic() {
         foreign(store.get(key).await.map(|_| ()), key);
         foreign(store.compare_and_swap(key, None, b"x".to_vec()).await.map(|_| ()), key);
         foreign(store.compare_and_swap(key, Some(1), b"x".to_vec()).await.map(|_| ()), key);
-        foreign(store.delete(key, Some(1)).await.map(|_| ()), key);
+        foreign(store.delete_if(key, Some(1)).await.map(|_| ()), key);
     }
     let value: String = redis::cmd("GET").arg("{p}:r:str").query_async(&mut raw).await.unwrap();
     assert_eq!(value, "hello", "left as it was");
-    assert!(store.delete("str", None).await.unwrap(), "an unconditional delete clears it");
+    assert!(store.delete_if("str", None).await.unwrap(), "an unconditional delete clears it");
     assert_eq!(store.get("str").await.unwrap(), None);
 }
 
@@ -416,7 +417,7 @@ async fn a_write_whose_lease_lapses_after_the_check_cannot_beat_the_new_holder()
     let holder = flow_state::Leases::new(SharedStore::from_arc(slow.clone()), clock.clone());
     let peer = flow_state::Leases::new(SharedStore::new(flows), clock.clone());
     let lease_key = flow_state::FlowKey::new("token_refresh", "r").unwrap();
-    let Swap::Swapped { version: first } =
+    let Swapped::Swapped { version: first } =
         store.compare_and_swap("r", None, b"first".to_vec()).await.unwrap()
     else {
         panic!("written")
@@ -440,7 +441,7 @@ async fn a_write_whose_lease_lapses_after_the_check_cannot_beat_the_new_holder()
     let peers_write =
         store.compare_and_swap("r", Some(peers_read.version), b"peer".to_vec()).await.unwrap();
     assert!(
-        matches!(peers_write, Swap::Swapped { .. }),
+        matches!(peers_write, Swapped::Swapped { .. }),
         "a write made after the holder's lease lapsed beat the new holder's ({landed:?})"
     );
     // Once the peer holds the lease, the old holder's fenced writes are refused.

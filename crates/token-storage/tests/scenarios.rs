@@ -10,9 +10,9 @@ use std::time::Duration;
 use common::*;
 use token_storage::testkit::FakeAuthServer;
 use token_storage::{
-    BoxFuture, ClientRegistration, Clock, DecryptFailure, Error, ReauthReason, RefreshError,
-    RefreshRequest, Refresher, Secret, SharedTokenStore, TerminalCode, TokenKey, TokenResponse,
-    TokenStorage, TokenStore, TransientKind,
+    ClientRegistration, Clock, DecryptFailure, Error, ReauthReason, RefreshError, RefreshRequest,
+    Refresher, Secret, SharedTokenStore, TerminalCode, TokenKey, TokenResponse, TokenStorage,
+    TokenStore, TransientKind,
 };
 
 fn reason(e: Error) -> ReauthReason {
@@ -105,14 +105,15 @@ async fn a_non_rotating_server_keeps_the_refresh_token() {
 async fn client_registration_is_encrypted_and_reaches_the_refresher() {
     #[derive(Debug, Default)]
     struct Spy(std::sync::Mutex<Option<RefreshRequest>>);
+    #[async_trait::async_trait]
     impl Refresher for Spy {
-        fn refresh<'a>(
-            &'a self,
-            _: &'a TokenKey,
-            r: &'a RefreshRequest,
-        ) -> BoxFuture<'a, Result<TokenResponse, RefreshError>> {
+        async fn refresh(
+            &self,
+            _: &TokenKey,
+            r: &RefreshRequest,
+        ) -> Result<TokenResponse, RefreshError> {
             *self.0.lock().unwrap() = Some(r.clone());
-            Box::pin(async { Ok(TokenResponse::bearer("at-2").expires_in(HOUR)) })
+            Ok(TokenResponse::bearer("at-2").expires_in(HOUR))
         }
     }
     let spy = Arc::new(Spy::default());
@@ -259,21 +260,20 @@ async fn a_thousand_forced_refreshes_call_the_refresher_once() {
         arrived: Arc<AtomicUsize>,
         calls: AtomicUsize,
     }
+    #[async_trait::async_trait]
     impl Refresher for HeldUntilAllArrived {
-        fn refresh<'a>(
-            &'a self,
-            _: &'a TokenKey,
-            r: &'a RefreshRequest,
-        ) -> BoxFuture<'a, Result<TokenResponse, RefreshError>> {
-            Box::pin(async move {
-                let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
-                while self.arrived.load(Ordering::SeqCst) < CALLERS {
-                    tokio::task::yield_now().await;
-                }
-                Ok(TokenResponse::bearer(format!("at-{n}"))
-                    .expires_in(HOUR)
-                    .refresh_token(format!("{}+", r.refresh_token.expose())))
-            })
+        async fn refresh(
+            &self,
+            _: &TokenKey,
+            r: &RefreshRequest,
+        ) -> Result<TokenResponse, RefreshError> {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+            while self.arrived.load(Ordering::SeqCst) < CALLERS {
+                tokio::task::yield_now().await;
+            }
+            Ok(TokenResponse::bearer(format!("at-{n}"))
+                .expires_in(HOUR)
+                .refresh_token(format!("{}+", r.refresh_token.expose())))
         }
     }
     let arrived = Arc::new(AtomicUsize::new(0));
@@ -584,19 +584,18 @@ async fn invalid_grant_adopts_a_peers_rotation() {
     struct PeerWins {
         peer: std::sync::Mutex<Option<(TokenStorage, TokenResponse)>>,
     }
+    #[async_trait::async_trait]
     impl Refresher for PeerWins {
-        fn refresh<'a>(
-            &'a self,
-            key: &'a TokenKey,
-            _: &'a RefreshRequest,
-        ) -> BoxFuture<'a, Result<TokenResponse, RefreshError>> {
+        async fn refresh(
+            &self,
+            key: &TokenKey,
+            _: &RefreshRequest,
+        ) -> Result<TokenResponse, RefreshError> {
             let peer = self.peer.lock().unwrap().take();
-            Box::pin(async move {
-                if let Some((storage, response)) = peer {
-                    storage.store(key, ISS, response).await.unwrap();
-                }
-                Err(RefreshError::terminal(TerminalCode::InvalidGrant, None))
-            })
+            if let Some((storage, response)) = peer {
+                storage.store(key, ISS, response).await.unwrap();
+            }
+            Err(RefreshError::terminal(TerminalCode::InvalidGrant, None))
         }
     }
     let clock = token_storage::ManualClock::default();

@@ -7,8 +7,9 @@ use std::sync::{Arc, Mutex};
 use common::*;
 use token_storage::testkit::{FakeAuthServer, store_conformance};
 use token_storage::{
-    BoxFuture, ClientRegistration, Error, ManualClock, MemoryTokenStore, Secret, SharedTokenStore,
-    SledTokenStore, Swap, TokenKey, TokenStorage, TokenStore, Versioned,
+    ClientRegistration, Error, ManualClock, MemoryTokenStore, Secret, SharedTokenStore,
+    SledTokenStore, TokenKey, TokenStorage, TokenStore,
+    store::{Swapped, Versioned},
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -68,23 +69,24 @@ async fn sled_versions_are_not_reused_across_restarts() {
     let dir = tempfile::tempdir().unwrap();
     let v1 = {
         let store = SledTokenStore::open(dir.path()).unwrap();
-        let Swap::Swapped { version } =
+        let Swapped::Swapped { version } =
             store.compare_and_swap("k", None, b"a".to_vec()).await.unwrap()
         else {
             panic!()
         };
-        assert!(store.delete("k", Some(version)).await.unwrap());
+        assert!(store.delete_if("k", Some(version)).await.unwrap());
         version
     };
     let store = SledTokenStore::open(dir.path()).unwrap();
-    let Swap::Swapped { version } = store.compare_and_swap("k", None, b"b".to_vec()).await.unwrap()
+    let Swapped::Swapped { version } =
+        store.compare_and_swap("k", None, b"b".to_vec()).await.unwrap()
     else {
         panic!()
     };
     assert!(version > v1);
     assert!(matches!(
         store.compare_and_swap("k", Some(v1), b"c".to_vec()).await.unwrap(),
-        Swap::Conflict(_)
+        Swapped::Conflict(_)
     ));
 }
 
@@ -129,36 +131,26 @@ async fn the_dpop_key_survives_a_restart_and_goes_with_the_tokens() {
 #[derive(Debug, Default)]
 struct RoundTrips(MemoryTokenStore);
 
+#[async_trait::async_trait]
 impl TokenStore for RoundTrips {
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Versioned>, Error>> {
-        Box::pin(async move {
-            tokio::task::yield_now().await;
-            self.0.get(key).await
-        })
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, Error> {
+        tokio::task::yield_now().await;
+        self.0.get(key).await
     }
-    fn compare_and_swap<'a>(
-        &'a self,
-        key: &'a str,
+    async fn compare_and_swap(
+        &self,
+        key: &str,
         expected: Option<u64>,
         value: Vec<u8>,
-    ) -> BoxFuture<'a, Result<Swap, Error>> {
-        Box::pin(async move {
-            tokio::task::yield_now().await;
-            self.0.compare_and_swap(key, expected, value).await
-        })
+    ) -> Result<Swapped, Error> {
+        tokio::task::yield_now().await;
+        self.0.compare_and_swap(key, expected, value).await
     }
-    fn delete<'a>(
-        &'a self,
-        key: &'a str,
-        expected: Option<u64>,
-    ) -> BoxFuture<'a, Result<bool, Error>> {
-        self.0.delete(key, expected)
+    async fn delete_if(&self, key: &str, expected: Option<u64>) -> Result<bool, Error> {
+        self.0.delete_if(key, expected).await
     }
-    fn keys_with_prefix<'a>(
-        &'a self,
-        prefix: &'a str,
-    ) -> BoxFuture<'a, Result<Vec<String>, Error>> {
-        self.0.keys_with_prefix(prefix)
+    async fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<String>, Error> {
+        self.0.keys_with_prefix(prefix).await
     }
 }
 

@@ -15,8 +15,8 @@ use flow_state::{RedisStore, SharedStore};
 use mcp_clock::SystemClock;
 use mcp_fixtures::{AuthServer, AuthServerHandle, ClientAuth, ClientSpec};
 use token_storage::{
-    BoxFuture, EncryptionKey, Keyring, RedisTokenStore, RefreshError, RefreshLease, RefreshRequest,
-    Refresher, SharedClock, SharedTokenStore, TerminalCode, TokenKey, TokenResponse, TokenStorage,
+    EncryptionKey, Keyring, RedisTokenStore, RefreshError, RefreshLease, RefreshRequest, Refresher,
+    SharedClock, SharedTokenStore, TerminalCode, TokenKey, TokenResponse, TokenStorage,
     TokenStorageConfig, TransientKind,
 };
 
@@ -36,56 +36,54 @@ pub struct HttpRefresher {
     pub announce: bool,
 }
 
+#[async_trait::async_trait]
 impl Refresher for HttpRefresher {
-    fn refresh<'a>(
-        &'a self,
-        _: &'a TokenKey,
-        r: &'a RefreshRequest,
-    ) -> BoxFuture<'a, Result<TokenResponse, RefreshError>> {
-        Box::pin(async move {
-            // Only a refused connection proves the request never left; anything later may have
-            // reached the token endpoint (in doubt).
-            let failed = |e: reqwest::Error| {
-                let kind =
-                    if e.is_connect() { TransientKind::Network } else { TransientKind::Unanswered };
-                RefreshError::transient(kind, e.to_string())
-            };
-            if self.announce {
-                println!("SENT");
+    async fn refresh(
+        &self,
+        _: &TokenKey,
+        r: &RefreshRequest,
+    ) -> Result<TokenResponse, RefreshError> {
+        // Only a refused connection proves the request never left; anything later may have
+        // reached the token endpoint (in doubt).
+        let failed = |e: reqwest::Error| {
+            let kind =
+                if e.is_connect() { TransientKind::Network } else { TransientKind::Unanswered };
+            RefreshError::transient(kind, e.to_string())
+        };
+        if self.announce {
+            println!("SENT");
+        }
+        let resp = self
+            .http
+            .post(&self.token_endpoint)
+            .form(&[
+                ("grant_type", "refresh_token"),
+                ("refresh_token", r.refresh_token.expose()),
+                ("client_id", &self.client_id),
+            ])
+            .send()
+            .await
+            .map_err(failed)?;
+        let status = resp.status();
+        let body: serde_json::Value = resp.json().await.unwrap_or_default();
+        if status.is_success() {
+            let mut t = TokenResponse::bearer(body["access_token"].as_str().unwrap_or_default());
+            if let Some(e) = body["expires_in"].as_u64() {
+                t = t.expires_in(Duration::from_secs(e));
             }
-            let resp = self
-                .http
-                .post(&self.token_endpoint)
-                .form(&[
-                    ("grant_type", "refresh_token"),
-                    ("refresh_token", r.refresh_token.expose()),
-                    ("client_id", &self.client_id),
-                ])
-                .send()
-                .await
-                .map_err(failed)?;
-            let status = resp.status();
-            let body: serde_json::Value = resp.json().await.unwrap_or_default();
-            if status.is_success() {
-                let mut t =
-                    TokenResponse::bearer(body["access_token"].as_str().unwrap_or_default());
-                if let Some(e) = body["expires_in"].as_u64() {
-                    t = t.expires_in(Duration::from_secs(e));
-                }
-                if let Some(rt) = body["refresh_token"].as_str() {
-                    t = t.refresh_token(rt);
-                }
-                Ok(t)
-            } else if body["error"] == "invalid_grant" {
-                let description = body["error_description"].as_str().map(str::to_owned);
-                Err(RefreshError::terminal(TerminalCode::InvalidGrant, description))
-            } else {
-                Err(RefreshError::transient(
-                    TransientKind::ServerError(status.as_u16()),
-                    format!("token endpoint answered {status}"),
-                ))
+            if let Some(rt) = body["refresh_token"].as_str() {
+                t = t.refresh_token(rt);
             }
-        })
+            Ok(t)
+        } else if body["error"] == "invalid_grant" {
+            let description = body["error_description"].as_str().map(str::to_owned);
+            Err(RefreshError::terminal(TerminalCode::InvalidGrant, description))
+        } else {
+            Err(RefreshError::transient(
+                TransientKind::ServerError(status.as_u16()),
+                format!("token endpoint answered {status}"),
+            ))
+        }
     }
 }
 
@@ -93,13 +91,14 @@ impl Refresher for HttpRefresher {
 #[derive(Debug)]
 pub struct Never;
 
+#[async_trait::async_trait]
 impl Refresher for Never {
-    fn refresh<'a>(
-        &'a self,
-        _: &'a TokenKey,
-        _: &'a RefreshRequest,
-    ) -> BoxFuture<'a, Result<TokenResponse, RefreshError>> {
-        Box::pin(async { panic!("the parent never refreshes") })
+    async fn refresh(
+        &self,
+        _: &TokenKey,
+        _: &RefreshRequest,
+    ) -> Result<TokenResponse, RefreshError> {
+        panic!("the parent never refreshes")
     }
 }
 

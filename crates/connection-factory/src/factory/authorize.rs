@@ -72,7 +72,7 @@ impl FactoryProvider {
     pub(super) async fn step_up(
         &self,
         rejected: Option<&Secret>,
-        challenge: &Challenge,
+        challenge: &Refusal,
     ) -> Result<Recovery, Error> {
         if self.interactive.is_none() || self.config.client.is_none() {
             return Ok(Recovery::InsufficientScope);
@@ -115,7 +115,7 @@ impl FactoryProvider {
     /// its state mapping, and prompt. Then wait for the callback (or return early).
     pub(super) async fn interactive(
         &self,
-        challenge: Option<&Challenge>,
+        challenge: Option<&Refusal>,
         reason: AuthorizationReason,
         step_up: Option<&str>,
     ) -> Result<Recovery, Error> {
@@ -259,7 +259,7 @@ impl FactoryProvider {
         oauth: &OAuthClient,
         hook: &dyn AuthorizationHook,
         client_config: &mcp_oauth::ClientConfig,
-        challenge: Option<&Challenge>,
+        challenge: Option<&Refusal>,
         reason: AuthorizationReason,
         step_up: Option<&str>,
     ) -> Result<Option<HookDecision>, Error> {
@@ -329,7 +329,7 @@ impl FactoryProvider {
             &dyn AuthorizationHook,
             &mcp_oauth::ClientConfig,
         ),
-        (challenge, reason, step_up): (Option<&Challenge>, AuthorizationReason, Option<&str>),
+        (challenge, reason, step_up): (Option<&Refusal>, AuthorizationReason, Option<&str>),
     ) -> Result<Option<HookDecision>, Error> {
         if let Some(skey) = meta.and_then(|m| state_key(m.pending.state.secret())) {
             let _ = self.flows.delete(&skey).await;
@@ -375,14 +375,14 @@ impl FactoryProvider {
         oauth: &OAuthClient,
         hook: &dyn AuthorizationHook,
         client_config: &mcp_oauth::ClientConfig,
-        challenge: Option<&Challenge>,
+        challenge: Option<&Refusal>,
         reason: AuthorizationReason,
         step_up: Option<&str>,
         claim: Option<&FlowKey>,
     ) -> Result<Option<HookDecision>, Error> {
         let oauth_err = |what: &'static str| move |e: mcp_oauth::Error| Error::provider(what, e);
         let server = self.server()?;
-        let bearer = challenge.and_then(Challenge::bearer);
+        let bearer = challenge.and_then(Refusal::bearer);
         let discovery = oauth
             .discover(&server, bearer.as_ref())
             .instrument(tracing::info_span!("mcp_discovery", server = %server))

@@ -8,12 +8,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use flow_state::{FlowError, FlowKey, FlowManager, FlowStatus, SingleFlight};
-use mcp_clock::{BoxFuture, Clock as _, SharedClock, Timestamp};
+use mcp_clock::{Clock as _, SharedClock, Timestamp};
 use serde::{Deserialize, Serialize};
 use token_storage::{TokenKey, TokenStorage};
 use tracing::Instrument as _;
 
-use crate::challenge::Challenge;
+use crate::challenge::Refusal;
 use crate::connection::{ConnectOptions, Connection, within};
 use crate::error::Error;
 use crate::interactive::{
@@ -391,9 +391,10 @@ impl FactoryProvider {
     }
 }
 
+#[async_trait::async_trait]
 impl AuthProvider for FactoryProvider {
-    fn current_token(&self) -> BoxFuture<'_, Result<Option<Secret>, Error>> {
-        Box::pin(self.lookup())
+    async fn current_token(&self) -> Result<Option<Secret>, Error> {
+        self.lookup().await
     }
 
     fn interaction_deadline(&self) -> Option<Timestamp> {
@@ -404,18 +405,16 @@ impl AuthProvider for FactoryProvider {
         self.dpop.lock().unwrap_or_else(PoisonError::into_inner).as_ref().map(|(_, k)| k.clone())
     }
 
-    fn on_unauthorized<'a>(
-        &'a self,
-        rejected: Option<&'a Secret>,
-        challenge: &'a Challenge,
-    ) -> BoxFuture<'a, Result<Recovery, Error>> {
-        Box::pin(async move {
-            let recovery = self.recover(rejected, challenge).await?;
-            if let Recovery::Retry(token) = &recovery {
-                self.bind_recovered(token).await?;
-            }
-            Ok(recovery)
-        })
+    async fn on_unauthorized(
+        &self,
+        rejected: Option<&Secret>,
+        challenge: &Refusal,
+    ) -> Result<Recovery, Error> {
+        let recovery = self.recover(rejected, challenge).await?;
+        if let Recovery::Retry(token) = &recovery {
+            self.bind_recovered(token).await?;
+        }
+        Ok(recovery)
     }
 }
 
@@ -424,7 +423,7 @@ impl FactoryProvider {
     async fn recover(
         &self,
         rejected: Option<&Secret>,
-        challenge: &Challenge,
+        challenge: &Refusal,
     ) -> Result<Recovery, Error> {
         if challenge.is_insufficient_scope() {
             bump(&self.counters.insufficient_scope);

@@ -57,7 +57,7 @@ impl FactoryProvider {
     pub(super) async fn refresh(
         &self,
         rejected: &Secret,
-        challenge: &Challenge,
+        challenge: &Refusal,
     ) -> Result<Recovery, Error> {
         if self.interactive.is_some()
             && self.config.client.is_some()
@@ -95,7 +95,7 @@ impl FactoryProvider {
     /// stored client registration belongs to. A failed discovery says no (the refresh decides).
     ///
     /// One check per key at a time: a burst of 401s makes one discovery, not one each.
-    async fn authorization_server_moved(&self, challenge: &Challenge) -> bool {
+    async fn authorization_server_moved(&self, challenge: &Refusal) -> bool {
         let Some((oauth, _)) = &self.interactive else { return false };
         let Ok(server) = self.server() else { return false };
         let (oauth, bearer) = (oauth.clone(), challenge.bearer());

@@ -15,7 +15,7 @@ use token_storage::TokenKey;
 use tracing::Instrument as _;
 
 use super::FactoryProvider;
-use crate::challenge::Challenge;
+use crate::challenge::Refusal;
 use crate::error::Error;
 use crate::oauth_refresher::convert_response;
 use crate::provider::Recovery;
@@ -40,14 +40,14 @@ impl FactoryProvider {
     pub(super) async fn workload_grant(
         &self,
         workload: &Workload,
-        challenge: Option<&Challenge>,
+        challenge: Option<&Refusal>,
         rejected: Option<&Secret>,
     ) -> Result<Recovery, Error> {
         let Some(client_config) = self.config.client.clone() else {
             return Ok(Recovery::AuthorizationRequired);
         };
         let server = self.server()?;
-        let bearer = challenge.and_then(Challenge::bearer);
+        let bearer = challenge.and_then(Refusal::bearer);
         let (oauth, identity) = (workload.oauth.clone(), workload.identity.clone());
         let discovery = oauth
             .discover(&server, bearer.as_ref())

@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use connection_factory::{
-    AuthorizationHook, AuthorizationReason, AuthorizationRequest, BoxFuture, ConnectionFactory,
-    FactoryConfig, HookDecision, OAuthRefresher, callback_router,
+    AuthorizationHook, AuthorizationReason, AuthorizationRequest, ConnectionFactory, FactoryConfig,
+    HookDecision, OAuthRefresher, callback_router,
 };
 use flow_state::{FlowManager, MemoryStore, SharedStore};
 use mcp_clock::{ManualClock, Timestamp};
@@ -46,8 +46,9 @@ impl Browser {
     }
 }
 
+#[async_trait::async_trait]
 impl AuthorizationHook for Browser {
-    fn authorization_required(&self, request: AuthorizationRequest) -> BoxFuture<'_, HookDecision> {
+    async fn authorization_required(&self, request: AuthorizationRequest) -> HookDecision {
         self.prompts.fetch_add(1, Ordering::SeqCst);
         self.reasons.lock().unwrap().push(request.reason);
         self.scopes.lock().unwrap().push(request.scopes.clone());
@@ -56,15 +57,13 @@ impl AuthorizationHook for Browser {
         tokio::spawn(async move {
             let _ = http.get(request.authorization_url).send().await;
         });
-        let decision = self.decision;
-        Box::pin(async move { decision })
+        self.decision
     }
 
-    fn authorization_pending(&self, request: AuthorizationRequest) -> BoxFuture<'_, HookDecision> {
+    async fn authorization_pending(&self, request: AuthorizationRequest) -> HookDecision {
         self.expiries.lock().unwrap().push(request.expires_at);
         self.pending.fetch_add(1, Ordering::SeqCst);
-        let decision = self.decision;
-        Box::pin(async move { decision })
+        self.decision
     }
 }
 

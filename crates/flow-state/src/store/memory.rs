@@ -8,9 +8,7 @@ use std::time::Duration;
 
 use mcp_clock::{Clock, SharedClock, Timestamp};
 
-use super::{
-    BoxFuture, Inserted, KeyNotifier, Store, StoreError, Subscription, Swapped, Versioned,
-};
+use super::{Inserted, KeyNotifier, Store, StoreError, Subscription, Swapped, Versioned};
 
 const SHARDS: usize = 64;
 /// Expired entries in a shard are swept after this many writes to it.
@@ -183,40 +181,33 @@ impl MemoryStore {
     }
 }
 
+#[async_trait::async_trait]
 impl Store for MemoryStore {
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Versioned>, StoreError>> {
-        let found = self.get_now(key);
-        Box::pin(std::future::ready(Ok(found)))
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
+        Ok(self.get_now(key))
     }
 
-    fn insert_if_absent<'a>(
-        &'a self,
-        key: &'a str,
+    async fn insert_if_absent(
+        &self,
+        key: &str,
         value: Vec<u8>,
         ttl: Duration,
-    ) -> BoxFuture<'a, Result<Inserted, StoreError>> {
-        let outcome = self.insert_now(key, value, ttl);
-        Box::pin(std::future::ready(Ok(outcome)))
+    ) -> Result<Inserted, StoreError> {
+        Ok(self.insert_now(key, value, ttl))
     }
 
-    fn compare_and_swap<'a>(
-        &'a self,
-        key: &'a str,
+    async fn compare_and_swap(
+        &self,
+        key: &str,
         expected: u64,
         value: Vec<u8>,
         ttl: Duration,
-    ) -> BoxFuture<'a, Result<Swapped, StoreError>> {
-        let outcome = self.cas_now(key, expected, value, ttl);
-        Box::pin(std::future::ready(Ok(outcome)))
+    ) -> Result<Swapped, StoreError> {
+        Ok(self.cas_now(key, expected, value, ttl))
     }
 
-    fn delete_if<'a>(
-        &'a self,
-        key: &'a str,
-        expected: Option<u64>,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        let outcome = self.delete_now(key, expected);
-        Box::pin(std::future::ready(Ok(outcome)))
+    async fn delete_if(&self, key: &str, expected: Option<u64>) -> Result<bool, StoreError> {
+        Ok(self.delete_now(key, expected))
     }
 
     fn subscribe(&self, key: &str) -> Subscription {

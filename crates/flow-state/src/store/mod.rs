@@ -1,4 +1,7 @@
-//! The store trait that flows live in, and the pieces backends share.
+//! The store trait that flows live in, and the pieces backends share: what an author of a
+//! [`Store`] backend needs ([`Versioned`], [`Inserted`], [`Swapped`], [`StoreError`],
+//! [`KeyNotifier`], [`Subscription`]). Users of the flow engine need only [`SharedStore`] and a
+//! backend, which the crate root re-exports.
 //!
 //! A [`Store`] is a key-value map with per-record TTLs and versions. Its methods map onto atomic
 //! backend operations, so that the engine's guarantees hold across tasks, processes and replicas:
@@ -28,8 +31,6 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -41,9 +42,6 @@ pub(crate) mod memory;
 pub(crate) mod redis;
 #[cfg(feature = "sled")]
 pub(crate) mod sled;
-
-/// A boxed, sendable future: what store methods return, so `Arc<dyn Store>` works.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// A stored value with its version and absolute expiry.
 #[derive(Clone, PartialEq, Eq)]
@@ -160,34 +158,35 @@ impl std::error::Error for StoreError {
 ///
 /// Every method is one atomic operation on the backend. Expired values behave exactly as absent
 /// ones. Every successful write or delete notifies the key's subscribers.
+///
+/// Written with [`async_trait`](https://docs.rs/async-trait): an implementation writes
+/// `async fn` under `#[async_trait::async_trait]`, and the trait stays dyn-compatible
+/// ([`SharedStore`] is an `Arc<dyn Store>`).
+#[async_trait::async_trait]
 pub trait Store: Send + Sync + fmt::Debug {
     /// The live value under `key`, if any.
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Versioned>, StoreError>>;
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError>;
 
     /// Write `value` with `ttl` only if no live value is under `key`.
-    fn insert_if_absent<'a>(
-        &'a self,
-        key: &'a str,
+    async fn insert_if_absent(
+        &self,
+        key: &str,
         value: Vec<u8>,
         ttl: Duration,
-    ) -> BoxFuture<'a, Result<Inserted, StoreError>>;
+    ) -> Result<Inserted, StoreError>;
 
     /// Replace the value under `key` with `value` and `ttl` only if its version is `expected`.
-    fn compare_and_swap<'a>(
-        &'a self,
-        key: &'a str,
+    async fn compare_and_swap(
+        &self,
+        key: &str,
         expected: u64,
         value: Vec<u8>,
         ttl: Duration,
-    ) -> BoxFuture<'a, Result<Swapped, StoreError>>;
+    ) -> Result<Swapped, StoreError>;
 
     /// Delete the value under `key` if its version is `expected` (any live version when `None`).
     /// Returns whether a live value was deleted.
-    fn delete_if<'a>(
-        &'a self,
-        key: &'a str,
-        expected: Option<u64>,
-    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+    async fn delete_if(&self, key: &str, expected: Option<u64>) -> Result<bool, StoreError>;
 
     /// A subscription that is notified after every write or delete of `key` in this store.
     fn subscribe(&self, key: &str) -> Subscription;

@@ -23,8 +23,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Script, Value};
 
 use super::{
-    BoxFuture, Inserted, KeyNotifier, RedisLocation, Store, StoreError, StoreErrorKind,
-    Subscription, Swapped, Versioned,
+    Inserted, KeyNotifier, RedisLocation, Store, StoreError, StoreErrorKind, Subscription, Swapped,
+    Versioned,
 };
 
 const CHECK_RECORD: &str = r#"
@@ -383,109 +383,96 @@ impl RedisStore {
     }
 }
 
+#[async_trait::async_trait]
 impl Store for RedisStore {
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Versioned>, StoreError>> {
-        Box::pin(async move {
-            let mut conn = self.inner.conn.clone();
-            let reply: Vec<Value> = self
-                .inner
-                .get
-                .key(self.key(key))
-                .invoke_async(&mut conn)
-                .await
-                .map_err(|e| map_error(key, e))?;
-            match reply.as_slice() {
-                [] => Ok(None),
-                [v, e, d, now] => self.versioned(key, [v, e, d, now]).map(Some),
-                _ => Err(corrupt(key, "get reply")),
-            }
-        })
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
+        let mut conn = self.inner.conn.clone();
+        let reply: Vec<Value> = self
+            .inner
+            .get
+            .key(self.key(key))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| map_error(key, e))?;
+        match reply.as_slice() {
+            [] => Ok(None),
+            [v, e, d, now] => self.versioned(key, [v, e, d, now]).map(Some),
+            _ => Err(corrupt(key, "get reply")),
+        }
     }
 
-    fn insert_if_absent<'a>(
-        &'a self,
-        key: &'a str,
+    async fn insert_if_absent(
+        &self,
+        key: &str,
         value: Vec<u8>,
         ttl: Duration,
-    ) -> BoxFuture<'a, Result<Inserted, StoreError>> {
-        Box::pin(async move {
-            let mut conn = self.inner.conn.clone();
-            let reply: Vec<Value> = self
-                .inner
-                .insert
-                .key(self.key(key))
-                .key(self.counter())
-                .arg(Self::px(ttl))
-                .arg(value)
-                .arg(self.channel())
-                .arg(key)
-                .invoke_async(&mut conn)
-                .await
-                .map_err(|e| map_error(key, e))?;
-            match reply.as_slice() {
-                [flag, version] if int(key, flag)? == 1 => {
-                    Ok(Inserted::Inserted { version: int(key, version)? })
-                }
-                [_, v, e, d, now] => Ok(Inserted::Exists(self.versioned(key, [v, e, d, now])?)),
-                _ => Err(corrupt(key, "insert reply")),
+    ) -> Result<Inserted, StoreError> {
+        let mut conn = self.inner.conn.clone();
+        let reply: Vec<Value> = self
+            .inner
+            .insert
+            .key(self.key(key))
+            .key(self.counter())
+            .arg(Self::px(ttl))
+            .arg(value)
+            .arg(self.channel())
+            .arg(key)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| map_error(key, e))?;
+        match reply.as_slice() {
+            [flag, version] if int(key, flag)? == 1 => {
+                Ok(Inserted::Inserted { version: int(key, version)? })
             }
-        })
+            [_, v, e, d, now] => Ok(Inserted::Exists(self.versioned(key, [v, e, d, now])?)),
+            _ => Err(corrupt(key, "insert reply")),
+        }
     }
 
-    fn compare_and_swap<'a>(
-        &'a self,
-        key: &'a str,
+    async fn compare_and_swap(
+        &self,
+        key: &str,
         expected: u64,
         value: Vec<u8>,
         ttl: Duration,
-    ) -> BoxFuture<'a, Result<Swapped, StoreError>> {
-        Box::pin(async move {
-            let mut conn = self.inner.conn.clone();
-            let reply: Vec<Value> = self
-                .inner
-                .cas
-                .key(self.key(key))
-                .key(self.counter())
-                .arg(expected.to_string())
-                .arg(Self::px(ttl))
-                .arg(value)
-                .arg(self.channel())
-                .arg(key)
-                .invoke_async(&mut conn)
-                .await
-                .map_err(|e| map_error(key, e))?;
-            match reply.as_slice() {
-                [_] => Ok(Swapped::Conflict(None)),
-                [flag, version] if int(key, flag)? == 1 => {
-                    Ok(Swapped::Swapped { version: int(key, version)? })
-                }
-                [_, v, e, d, now] => {
-                    Ok(Swapped::Conflict(Some(self.versioned(key, [v, e, d, now])?)))
-                }
-                _ => Err(corrupt(key, "compare-and-set reply")),
+    ) -> Result<Swapped, StoreError> {
+        let mut conn = self.inner.conn.clone();
+        let reply: Vec<Value> = self
+            .inner
+            .cas
+            .key(self.key(key))
+            .key(self.counter())
+            .arg(expected.to_string())
+            .arg(Self::px(ttl))
+            .arg(value)
+            .arg(self.channel())
+            .arg(key)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| map_error(key, e))?;
+        match reply.as_slice() {
+            [_] => Ok(Swapped::Conflict(None)),
+            [flag, version] if int(key, flag)? == 1 => {
+                Ok(Swapped::Swapped { version: int(key, version)? })
             }
-        })
+            [_, v, e, d, now] => Ok(Swapped::Conflict(Some(self.versioned(key, [v, e, d, now])?))),
+            _ => Err(corrupt(key, "compare-and-set reply")),
+        }
     }
 
-    fn delete_if<'a>(
-        &'a self,
-        key: &'a str,
-        expected: Option<u64>,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        Box::pin(async move {
-            let mut conn = self.inner.conn.clone();
-            let deleted: i64 = self
-                .inner
-                .delete
-                .key(self.key(key))
-                .arg(expected.map(|v| v.to_string()).unwrap_or_default())
-                .arg(self.channel())
-                .arg(key)
-                .invoke_async(&mut conn)
-                .await
-                .map_err(|e| map_error(key, e))?;
-            Ok(deleted == 1)
-        })
+    async fn delete_if(&self, key: &str, expected: Option<u64>) -> Result<bool, StoreError> {
+        let mut conn = self.inner.conn.clone();
+        let deleted: i64 = self
+            .inner
+            .delete
+            .key(self.key(key))
+            .arg(expected.map(|v| v.to_string()).unwrap_or_default())
+            .arg(self.channel())
+            .arg(key)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| map_error(key, e))?;
+        Ok(deleted == 1)
     }
 
     fn subscribe(&self, key: &str) -> Subscription {

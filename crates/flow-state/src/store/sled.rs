@@ -8,8 +8,8 @@ use std::time::Duration;
 use mcp_clock::{Clock, SharedClock};
 
 use super::{
-    BoxFuture, Inserted, KeyNotifier, Store, StoreError, StoreErrorKind, Subscription, Swapped,
-    Versioned, decode_header, encode_header,
+    Inserted, KeyNotifier, Store, StoreError, StoreErrorKind, Subscription, Swapped, Versioned,
+    decode_header, encode_header,
 };
 
 /// Expired records are swept from disk after this many writes.
@@ -43,7 +43,7 @@ impl Default for Durability {
 /// few thousand writes and at open.
 ///
 /// ```
-/// # fn main() -> Result<(), flow_state::StoreError> {
+/// # fn main() -> Result<(), flow_state::store::StoreError> {
 /// let dir = tempfile::tempdir().unwrap();
 /// let store = flow_state::SledStore::open(dir.path())?;
 /// # drop(store); Ok(()) }
@@ -219,81 +219,71 @@ impl SledStore {
     }
 }
 
+#[async_trait::async_trait]
 impl Store for SledStore {
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Versioned>, StoreError>> {
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
         let now = self.inner.clock.now();
-        let found = self.read(key).map(|r| r.map(|(_, v)| v).filter(|v| v.expires_at > now));
-        Box::pin(std::future::ready(found))
+        self.read(key).map(|r| r.map(|(_, v)| v).filter(|v| v.expires_at > now))
     }
 
-    fn insert_if_absent<'a>(
-        &'a self,
-        key: &'a str,
+    async fn insert_if_absent(
+        &self,
+        key: &str,
         value: Vec<u8>,
         ttl: Duration,
-    ) -> BoxFuture<'a, Result<Inserted, StoreError>> {
-        Box::pin(async move {
-            loop {
-                let now = self.inner.clock.now();
-                let current = self.read(key)?;
-                if let Some((_, v)) = &current
-                    && v.expires_at > now
-                {
-                    return Ok(Inserted::Exists(v.clone()));
-                }
-                let version = self.next_version(key)?;
-                let record = encode_header(version, now + ttl, &value);
-                if self.swap(key, current.map(|(raw, _)| raw), Some(record)).await? {
-                    return Ok(Inserted::Inserted { version });
-                }
+    ) -> Result<Inserted, StoreError> {
+        loop {
+            let now = self.inner.clock.now();
+            let current = self.read(key)?;
+            if let Some((_, v)) = &current
+                && v.expires_at > now
+            {
+                return Ok(Inserted::Exists(v.clone()));
             }
-        })
+            let version = self.next_version(key)?;
+            let record = encode_header(version, now + ttl, &value);
+            if self.swap(key, current.map(|(raw, _)| raw), Some(record)).await? {
+                return Ok(Inserted::Inserted { version });
+            }
+        }
     }
 
-    fn compare_and_swap<'a>(
-        &'a self,
-        key: &'a str,
+    async fn compare_and_swap(
+        &self,
+        key: &str,
         expected: u64,
         value: Vec<u8>,
         ttl: Duration,
-    ) -> BoxFuture<'a, Result<Swapped, StoreError>> {
-        Box::pin(async move {
-            loop {
-                let now = self.inner.clock.now();
-                let Some((raw, v)) = self.read(key)? else { return Ok(Swapped::Conflict(None)) };
-                if v.expires_at <= now {
-                    return Ok(Swapped::Conflict(None));
-                }
-                if v.version != expected {
-                    return Ok(Swapped::Conflict(Some(v)));
-                }
-                let version = self.next_version(key)?;
-                let record = encode_header(version, now + ttl, &value);
-                if self.swap(key, Some(raw), Some(record)).await? {
-                    return Ok(Swapped::Swapped { version });
-                }
+    ) -> Result<Swapped, StoreError> {
+        loop {
+            let now = self.inner.clock.now();
+            let Some((raw, v)) = self.read(key)? else { return Ok(Swapped::Conflict(None)) };
+            if v.expires_at <= now {
+                return Ok(Swapped::Conflict(None));
             }
-        })
+            if v.version != expected {
+                return Ok(Swapped::Conflict(Some(v)));
+            }
+            let version = self.next_version(key)?;
+            let record = encode_header(version, now + ttl, &value);
+            if self.swap(key, Some(raw), Some(record)).await? {
+                return Ok(Swapped::Swapped { version });
+            }
+        }
     }
 
-    fn delete_if<'a>(
-        &'a self,
-        key: &'a str,
-        expected: Option<u64>,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        Box::pin(async move {
-            loop {
-                let now = self.inner.clock.now();
-                let Some((raw, v)) = self.read(key)? else { return Ok(false) };
-                let live = v.expires_at > now;
-                if live && expected.is_some_and(|e| e != v.version) {
-                    return Ok(false);
-                }
-                if self.swap(key, Some(raw), None).await? {
-                    return Ok(live);
-                }
+    async fn delete_if(&self, key: &str, expected: Option<u64>) -> Result<bool, StoreError> {
+        loop {
+            let now = self.inner.clock.now();
+            let Some((raw, v)) = self.read(key)? else { return Ok(false) };
+            let live = v.expires_at > now;
+            if live && expected.is_some_and(|e| e != v.version) {
+                return Ok(false);
             }
-        })
+            if self.swap(key, Some(raw), None).await? {
+                return Ok(live);
+            }
+        }
     }
 
     fn subscribe(&self, key: &str) -> Subscription {

@@ -5,11 +5,10 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mcp_clock::SharedClock;
+use mcp_clock::{BoxFuture, SharedClock};
 
 use super::{FaultPlan, WriteFault};
 
-use crate::store::BoxFuture;
 use crate::{
     Inserted, SharedStore, Store, StoreError, StoreErrorKind, Subscription, Swapped, Versioned,
 };
@@ -90,43 +89,38 @@ impl FaultyStore {
     }
 }
 
+#[async_trait::async_trait]
 impl Store for FaultyStore {
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Versioned>, StoreError>> {
-        Box::pin(async move {
-            if self.plan.next_read_fails().await {
-                return Err(Self::error(key, "read failed"));
-            }
-            let read = self.inner.get(key).await;
-            self.plan.reply_delay().await;
-            read
-        })
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
+        if self.plan.next_read_fails().await {
+            return Err(Self::error(key, "read failed"));
+        }
+        let read = self.inner.get(key).await;
+        self.plan.reply_delay().await;
+        read
     }
 
-    fn insert_if_absent<'a>(
-        &'a self,
-        key: &'a str,
+    async fn insert_if_absent(
+        &self,
+        key: &str,
         value: Vec<u8>,
         ttl: Duration,
-    ) -> BoxFuture<'a, Result<Inserted, StoreError>> {
-        Box::pin(self.write(key, move || self.inner.insert_if_absent(key, value, ttl)))
+    ) -> Result<Inserted, StoreError> {
+        self.write(key, move || self.inner.insert_if_absent(key, value, ttl)).await
     }
 
-    fn compare_and_swap<'a>(
-        &'a self,
-        key: &'a str,
+    async fn compare_and_swap(
+        &self,
+        key: &str,
         expected: u64,
         value: Vec<u8>,
         ttl: Duration,
-    ) -> BoxFuture<'a, Result<Swapped, StoreError>> {
-        Box::pin(self.write(key, move || self.inner.compare_and_swap(key, expected, value, ttl)))
+    ) -> Result<Swapped, StoreError> {
+        self.write(key, move || self.inner.compare_and_swap(key, expected, value, ttl)).await
     }
 
-    fn delete_if<'a>(
-        &'a self,
-        key: &'a str,
-        expected: Option<u64>,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        Box::pin(self.write(key, move || self.inner.delete_if(key, expected)))
+    async fn delete_if(&self, key: &str, expected: Option<u64>) -> Result<bool, StoreError> {
+        self.write(key, move || self.inner.delete_if(key, expected)).await
     }
 
     fn subscribe(&self, key: &str) -> Subscription {
@@ -134,7 +128,7 @@ impl Store for FaultyStore {
     }
 
     #[cfg(feature = "redis")]
-    fn redis_location(&self, key: &str) -> Option<crate::RedisLocation> {
+    fn redis_location(&self, key: &str) -> Option<crate::store::RedisLocation> {
         self.inner.redis_location(key)
     }
 }

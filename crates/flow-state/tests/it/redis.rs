@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use flow_state::testkit::{self, RedisServer};
-use flow_state::{Error, FlowKey, RedisStore, SharedStore, StoreErrorKind};
+use flow_state::{Error, FlowKey, RedisStore, SharedStore, store::StoreErrorKind};
 
 use crate::harness::{manager, within};
 

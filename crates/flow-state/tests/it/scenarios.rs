@@ -488,45 +488,43 @@ struct HoldDelete {
     release: tokio::sync::Semaphore,
 }
 
+#[async_trait::async_trait]
 impl flow_state::Store for HoldDelete {
-    fn get<'a>(
-        &'a self,
-        key: &'a str,
-    ) -> flow_state::BoxFuture<'a, Result<Option<flow_state::Versioned>, flow_state::StoreError>>
-    {
-        self.inner.get(key)
+    async fn get(
+        &self,
+        key: &str,
+    ) -> Result<Option<flow_state::store::Versioned>, flow_state::store::StoreError> {
+        self.inner.get(key).await
     }
-    fn insert_if_absent<'a>(
-        &'a self,
-        key: &'a str,
+    async fn insert_if_absent(
+        &self,
+        key: &str,
         value: Vec<u8>,
         ttl: Duration,
-    ) -> flow_state::BoxFuture<'a, Result<flow_state::Inserted, flow_state::StoreError>> {
-        self.inner.insert_if_absent(key, value, ttl)
+    ) -> Result<flow_state::store::Inserted, flow_state::store::StoreError> {
+        self.inner.insert_if_absent(key, value, ttl).await
     }
-    fn compare_and_swap<'a>(
-        &'a self,
-        key: &'a str,
+    async fn compare_and_swap(
+        &self,
+        key: &str,
         expected: u64,
         value: Vec<u8>,
         ttl: Duration,
-    ) -> flow_state::BoxFuture<'a, Result<flow_state::Swapped, flow_state::StoreError>> {
-        self.inner.compare_and_swap(key, expected, value, ttl)
+    ) -> Result<flow_state::store::Swapped, flow_state::store::StoreError> {
+        self.inner.compare_and_swap(key, expected, value, ttl).await
     }
-    fn delete_if<'a>(
-        &'a self,
-        key: &'a str,
+    async fn delete_if(
+        &self,
+        key: &str,
         expected: Option<u64>,
-    ) -> flow_state::BoxFuture<'a, Result<bool, flow_state::StoreError>> {
-        Box::pin(async move {
-            if self.armed.swap(false, Ordering::SeqCst) {
-                self.held.notify_one();
-                self.release.acquire().await.unwrap().forget();
-            }
-            self.inner.delete_if(key, expected).await
-        })
+    ) -> Result<bool, flow_state::store::StoreError> {
+        if self.armed.swap(false, Ordering::SeqCst) {
+            self.held.notify_one();
+            self.release.acquire().await.unwrap().forget();
+        }
+        self.inner.delete_if(key, expected).await
     }
-    fn subscribe(&self, key: &str) -> flow_state::Subscription {
+    fn subscribe(&self, key: &str) -> flow_state::store::Subscription {
         self.inner.subscribe(key)
     }
 }

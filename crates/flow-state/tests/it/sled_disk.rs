@@ -13,7 +13,7 @@ fn open(path: &std::path::Path, clock: &ManualClock) -> SharedStore {
     for _ in 0..200 {
         match SledStore::builder(path).clock(clock.shared()).open() {
             Ok(store) => return SharedStore::new(store),
-            Err(e) if e.kind() == flow_state::StoreErrorKind::Unavailable => {
+            Err(e) if e.kind() == flow_state::store::StoreErrorKind::Unavailable => {
                 std::thread::sleep(Duration::from_millis(10))
             }
             Err(e) => panic!("{e:?}"),

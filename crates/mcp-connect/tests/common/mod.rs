@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use token_storage::{
-    BoxFuture, Keyring, RefreshError, RefreshRequest, Refresher, SharedTokenStore, SledTokenStore,
+    Keyring, RefreshError, RefreshRequest, Refresher, SharedTokenStore, SledTokenStore,
     TerminalCode, TokenKey, TokenResponse, TokenStorage,
 };
 
@@ -61,13 +61,14 @@ impl Store {
     fn storage(&self) -> TokenStorage {
         #[derive(Debug)]
         struct NoRefresh;
+        #[async_trait::async_trait]
         impl Refresher for NoRefresh {
-            fn refresh<'a>(
-                &'a self,
-                _: &'a TokenKey,
-                _: &'a RefreshRequest,
-            ) -> BoxFuture<'a, Result<TokenResponse, RefreshError>> {
-                Box::pin(async { Err(RefreshError::terminal(TerminalCode::InvalidGrant, None)) })
+            async fn refresh(
+                &self,
+                _: &TokenKey,
+                _: &RefreshRequest,
+            ) -> Result<TokenResponse, RefreshError> {
+                Err(RefreshError::terminal(TerminalCode::InvalidGrant, None))
             }
         }
         let keys = Keyring::from_file(self.path().join("key")).unwrap();

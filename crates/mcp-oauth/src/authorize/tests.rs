@@ -412,7 +412,7 @@ async fn the_pending_request_must_match_the_discovery_and_registration() {
     let mut other_client = reg.clone();
     other_client.client_id = "client-2".into();
     let err = m.client.exchange_code(&d, &other_client, &pending, &callback(&pending, None)).await;
-    assert!(matches!(err, Err(Error::Config(ref m)) if m.contains("client-2")), "{err:?}");
+    assert!(matches!(err, Err(Error::InvalidConfig(ref m)) if m.contains("client-2")), "{err:?}");
     assert!(m.log.all().is_empty());
 }
 

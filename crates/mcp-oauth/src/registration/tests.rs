@@ -58,7 +58,7 @@ async fn metadata_document_url_when_supported() {
     assert!(m.log.all().is_empty());
 
     c.metadata_document_url = Some("https://client.example.com/".parse().unwrap());
-    assert!(matches!(m.client.register(&d, &c).await, Err(Error::Config(_))));
+    assert!(matches!(m.client.register(&d, &c).await, Err(Error::InvalidConfig(_))));
 }
 
 #[tokio::test]
@@ -71,7 +71,7 @@ async fn metadata_document_url_may_be_plain_http_on_loopback_only() {
     assert_eq!(r.client_id, "http://127.0.0.1:4000/client.json");
     assert_eq!(r.source, RegistrationSource::MetadataDocument);
     c.metadata_document_url = Some("http://client.example.com/client.json".parse().unwrap());
-    assert!(matches!(m.client.register(&d, &c).await, Err(Error::Config(_))));
+    assert!(matches!(m.client.register(&d, &c).await, Err(Error::InvalidConfig(_))));
     assert!(m.log.all().is_empty());
 }
 
@@ -337,7 +337,7 @@ async fn a_metadata_document_url_with_a_fragment_is_refused() {
     let mut c = config();
     c.metadata_document_url = Some("https://client.example.com/meta.json#x".parse().unwrap());
     assert!(
-        matches!(m.client.register(&d, &c).await, Err(Error::Config(ref e)) if e.contains("fragment"))
+        matches!(m.client.register(&d, &c).await, Err(Error::InvalidConfig(ref e)) if e.contains("fragment"))
     );
     assert!(m.log.all().is_empty());
 }

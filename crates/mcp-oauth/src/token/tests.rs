@@ -63,7 +63,10 @@ async fn a_secret_method_without_a_secret_is_a_config_error() {
     let m = mock(|_| token_body());
     let mut reg = registration(M::ClientSecretPost);
     reg.client_secret = None;
-    assert!(matches!(m.client.refresh(&d(), &reg, &rt(), None).await, Err(Error::Config(_))));
+    assert!(matches!(
+        m.client.refresh(&d(), &reg, &rt(), None).await,
+        Err(Error::InvalidConfig(_))
+    ));
     assert!(m.log.all().is_empty());
 }
 
@@ -114,15 +117,21 @@ async fn client_credentials_with_private_key_jwt() {
 async fn a_bad_private_key_is_a_config_error() {
     let m = mock(|_| token_body());
     let mut reg = registration(M::PrivateKeyJwt);
-    reg.client_key = Some(crate::ClientKey::es256(
+    reg.client_key = Some(crate::ClientSigningKey::es256(
         "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
     ));
-    assert!(matches!(m.client.client_credentials(&d(), &reg, None).await, Err(Error::Config(_))));
-    reg.client_key = Some(crate::ClientKey {
+    assert!(matches!(
+        m.client.client_credentials(&d(), &reg, None).await,
+        Err(Error::InvalidConfig(_))
+    ));
+    reg.client_key = Some(crate::ClientSigningKey {
         algorithm: "RS256".into(),
-        ..crate::ClientKey::es256(TEST_KEY_PEM)
+        ..crate::ClientSigningKey::es256(TEST_KEY_PEM)
     });
-    assert!(matches!(m.client.client_credentials(&d(), &reg, None).await, Err(Error::Config(_))));
+    assert!(matches!(
+        m.client.client_credentials(&d(), &reg, None).await,
+        Err(Error::InvalidConfig(_))
+    ));
 }
 
 #[tokio::test]

@@ -9,10 +9,9 @@ use std::sync::{Arc, Mutex};
 use mcp_clock::SharedClock;
 use mcp_fixtures::Fixtures;
 use mcp_oauth::{
-    BearerChallenge, BoxFuture, ClientConfig, ClientRegistration, ClientSecret, Discovery, Error,
-    HttpClient, HttpPolicy, HttpRequest, HttpResponse, OAuthClient, PendingAuthorization,
-    PreRegisteredClient, RefreshToken, ReqwestHttpClient, TokenEndpointAuthMethod, TokenResponse,
-    select_scope,
+    BearerChallenge, ClientConfig, ClientRegistration, ClientSecret, Discovery, Error, HttpClient,
+    HttpPolicy, HttpRequest, HttpResponse, OAuthClient, PendingAuthorization, PreRegisteredClient,
+    RefreshToken, ReqwestHttpClient, TokenEndpointAuthMethod, TokenResponse, select_scope,
 };
 use serde_json::{Value, json};
 use url::Url;
@@ -61,8 +60,9 @@ impl Recorder {
     }
 }
 
+#[async_trait::async_trait]
 impl HttpClient for Recorder {
-    fn call(&self, request: HttpRequest) -> BoxFuture<'_, mcp_oauth::Result<HttpResponse>> {
+    async fn call(&self, request: HttpRequest) -> mcp_oauth::Result<HttpResponse> {
         let form = if request.header("content-type") == Some("application/x-www-form-urlencoded") {
             request.form()
         } else {
@@ -73,7 +73,7 @@ impl HttpClient for Recorder {
             url: request.url.clone(),
             form,
         });
-        self.inner.call(request)
+        self.inner.call(request).await
     }
 }
 

@@ -747,7 +747,7 @@ impl Inner {
         if code == Some(TerminalCode::InvalidClient)
             && let Some((version, _)) = client
         {
-            self.store.delete(&key.record(RecordKind::Client), Some(version)).await?;
+            self.store.delete_if(&key.record(RecordKind::Client), Some(version)).await?;
         }
         let mut marked = current.clone();
         marked.doubt = Doubt::No;

@@ -48,7 +48,7 @@ use crate::key::{RecordKind, user_prefix};
 use crate::lease::{Held, RefreshLease};
 use crate::model::{ClientRecord, Doubt, TokenRecord};
 use crate::refresher::{RefreshError, RefreshRequest, Refresher, TerminalCode, TransientKind};
-use crate::store::{SharedTokenStore, Swap, TokenStore, Versioned};
+use crate::store::{SharedTokenStore, Swapped, TokenStore, Versioned};
 use crate::{
     ClientRegistration, Error, KeyProvider, Secret, TokenKey, TokenResponse, TokenSet, crypto,
 };
@@ -85,15 +85,14 @@ type RefreshHook = Arc<dyn Fn(&TokenKey, &TokenSet, &TokenSet) + Send + Sync>;
 ///
 /// #[derive(Debug)]
 /// struct Rotating;
+/// #[async_trait::async_trait]
 /// impl Refresher for Rotating {
-///     fn refresh<'a>(&'a self, _: &'a TokenKey, r: &'a RefreshRequest)
-///         -> BoxFuture<'a, Result<TokenResponse, RefreshError>> {
+///     async fn refresh(&self, _: &TokenKey, r: &RefreshRequest)
+///         -> Result<TokenResponse, RefreshError> {
 ///         let n = r.refresh_token.expose().trim_start_matches("rt").parse::<u32>().unwrap() + 1;
-///         Box::pin(async move {
-///             Ok(TokenResponse::bearer(format!("at{n}"))
-///                 .expires_in(Duration::from_secs(3600))
-///                 .refresh_token(format!("rt{n}")))
-///         })
+///         Ok(TokenResponse::bearer(format!("at{n}"))
+///             .expires_in(Duration::from_secs(3600))
+///             .refresh_token(format!("rt{n}")))
 ///     }
 /// }
 ///
@@ -298,7 +297,7 @@ impl TokenStorage {
                 open_client(&*self.inner.keys, &record, current)?;
             }
             let expected = current.map(|v| v.version);
-            if let Swap::Swapped { .. } =
+            if let Swapped::Swapped { .. } =
                 self.inner.store.compare_and_swap(&record, expected, sealed.clone()).await?
             {
                 return Ok(());
@@ -313,7 +312,7 @@ impl TokenStorage {
 
     /// Delete the client registration for `key`; returns whether there was one.
     pub async fn delete_client(&self, key: &TokenKey) -> Result<bool, Error> {
-        self.inner.store.delete(&key.record(RecordKind::Client), None).await
+        self.inner.store.delete_if(&key.record(RecordKind::Client), None).await
     }
 
     /// The DPoP key (RFC 9449) stored for `key`, as the caller stored it (a PKCS#8 PEM), sealed
@@ -332,8 +331,8 @@ impl TokenStorage {
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), token_storage::Error> {
     /// # use token_storage::*; use std::sync::Arc;
-    /// # #[derive(Debug)] struct R; impl Refresher for R { fn refresh<'a>(&'a self, _: &'a TokenKey, _: &'a RefreshRequest)
-    /// #   -> BoxFuture<'a, Result<TokenResponse, RefreshError>> { Box::pin(async { Err(RefreshError::terminal(TerminalCode::InvalidGrant, None)) }) } }
+    /// # #[derive(Debug)] struct R; #[async_trait::async_trait] impl Refresher for R { async fn refresh(&self, _: &TokenKey, _: &RefreshRequest)
+    /// #   -> Result<TokenResponse, RefreshError> { Err(RefreshError::terminal(TerminalCode::InvalidGrant, None)) } }
     /// let keys = Keyring::parse(&"42".repeat(32))?;
     /// let storage = TokenStorage::builder(MemoryTokenStore::new().into(), Arc::new(keys), Arc::new(R)).build();
     /// let key = TokenKey::new("acme", "alice", "github");
@@ -356,13 +355,13 @@ impl TokenStorage {
             .map_err(|e| Error::store("could not encode the DPoP key", e))?;
         let sealed = crypto::seal(&*inner.keys, &record, &plain)?;
         match inner.store.compare_and_swap(&record, None, sealed).await? {
-            Swap::Swapped { .. } => {
+            Swapped::Swapped { .. } => {
                 info!(%key, "stored a new DPoP key");
                 Ok(candidate)
             }
-            Swap::Conflict(Some(theirs)) => open_dpop_key(&*inner.keys, &record, &theirs),
+            Swapped::Conflict(Some(theirs)) => open_dpop_key(&*inner.keys, &record, &theirs),
             // Deleted between the insert and its refusal: try once more from the start.
-            Swap::Conflict(None) => Box::pin(self.dpop_key_or_insert(key, candidate)).await,
+            Swapped::Conflict(None) => Box::pin(self.dpop_key_or_insert(key, candidate)).await,
         }
     }
 
@@ -370,9 +369,9 @@ impl TokenStorage {
     /// key. A refresh in flight for the key finds its result discarded.
     pub async fn delete_all(&self, key: &TokenKey) -> Result<(), Error> {
         let inner = &self.inner;
-        inner.store.delete(&key.record(RecordKind::Tokens), None).await?;
-        inner.store.delete(&key.record(RecordKind::Client), None).await?;
-        inner.store.delete(&key.record(RecordKind::DpopKey), None).await?;
+        inner.store.delete_if(&key.record(RecordKind::Tokens), None).await?;
+        inner.store.delete_if(&key.record(RecordKind::Client), None).await?;
+        inner.store.delete_if(&key.record(RecordKind::DpopKey), None).await?;
         inner.deletions.fetch_add(1, Ordering::SeqCst);
         inner.views.write().unwrap_or_else(PoisonError::into_inner).remove(key);
         inner.slots.lock().unwrap_or_else(PoisonError::into_inner).remove(key);

@@ -248,10 +248,10 @@ impl Inner {
         &self,
         key: &TokenKey,
         mut set: TokenSet,
-        swap: Swap,
+        swap: Swapped,
     ) -> Result<Arc<TokenSet>, Option<Versioned>> {
         match swap {
-            Swap::Swapped { version } => {
+            Swapped::Swapped { version } => {
                 set.version = version;
                 let written = Arc::new(set);
                 // Between the swap and this line another writer (a login, a refresh) may have
@@ -262,7 +262,7 @@ impl Inner {
                 self.install(key, written.clone());
                 Ok(written)
             }
-            Swap::Conflict(current) => Err(current),
+            Swapped::Conflict(current) => Err(current),
         }
     }
 }

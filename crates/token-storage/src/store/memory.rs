@@ -3,23 +3,23 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use super::{Swap, TokenStore, Versioned};
+use super::{Swapped, TokenStore, Versioned};
 use crate::Error;
-use crate::refresher::BoxFuture;
 
 /// A [`TokenStore`] in process memory: for tests and for hosts that keep nothing on disk.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), token_storage::Error> {
-/// use token_storage::{MemoryTokenStore, Swap, TokenStore};
+/// use token_storage::store::Swapped;
+/// use token_storage::{MemoryTokenStore, TokenStore};
 ///
 /// let store = MemoryTokenStore::new();
-/// let Swap::Swapped { version } = store.compare_and_swap("k", None, b"v1".to_vec()).await? else {
+/// let Swapped::Swapped { version } = store.compare_and_swap("k", None, b"v1".to_vec()).await? else {
 ///     unreachable!()
 /// };
 /// // A writer that read nothing loses against the one that wrote first.
-/// assert!(matches!(store.compare_and_swap("k", None, b"v2".to_vec()).await?, Swap::Conflict(Some(_))));
-/// assert!(matches!(store.compare_and_swap("k", Some(version), b"v2".to_vec()).await?, Swap::Swapped { .. }));
+/// assert!(matches!(store.compare_and_swap("k", None, b"v2".to_vec()).await?, Swapped::Conflict(Some(_))));
+/// assert!(matches!(store.compare_and_swap("k", Some(version), b"v2".to_vec()).await?, Swapped::Swapped { .. }));
 /// # Ok(()) }
 /// ```
 #[derive(Debug, Default)]
@@ -44,36 +44,33 @@ impl MemoryTokenStore {
     }
 }
 
+#[async_trait::async_trait]
 impl TokenStore for MemoryTokenStore {
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Versioned>, Error>> {
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, Error> {
         let found = self.with(|s| s.records.get(key).cloned());
-        Box::pin(std::future::ready(Ok(found)))
+        Ok(found)
     }
 
-    fn compare_and_swap<'a>(
-        &'a self,
-        key: &'a str,
+    async fn compare_and_swap(
+        &self,
+        key: &str,
         expected: Option<u64>,
         value: Vec<u8>,
-    ) -> BoxFuture<'a, Result<Swap, Error>> {
+    ) -> Result<Swapped, Error> {
         let outcome = self.with(|s| {
             let current = s.records.get(key);
             if current.map(|v| v.version) != expected {
-                return Swap::Conflict(current.cloned());
+                return Swapped::Conflict(current.cloned());
             }
             s.last_version += 1;
             let version = s.last_version;
             s.records.insert(key.to_owned(), Versioned { version, value: Arc::from(value) });
-            Swap::Swapped { version }
+            Swapped::Swapped { version }
         });
-        Box::pin(std::future::ready(Ok(outcome)))
+        Ok(outcome)
     }
 
-    fn delete<'a>(
-        &'a self,
-        key: &'a str,
-        expected: Option<u64>,
-    ) -> BoxFuture<'a, Result<bool, Error>> {
+    async fn delete_if(&self, key: &str, expected: Option<u64>) -> Result<bool, Error> {
         let deleted = self.with(|s| match s.records.get(key) {
             Some(v) if expected.is_none_or(|e| e == v.version) => {
                 s.records.remove(key);
@@ -81,13 +78,10 @@ impl TokenStore for MemoryTokenStore {
             }
             _ => false,
         });
-        Box::pin(std::future::ready(Ok(deleted)))
+        Ok(deleted)
     }
 
-    fn keys_with_prefix<'a>(
-        &'a self,
-        prefix: &'a str,
-    ) -> BoxFuture<'a, Result<Vec<String>, Error>> {
+    async fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<String>, Error> {
         let keys = self.with(|s| {
             s.records
                 .range::<str, _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded))
@@ -95,6 +89,6 @@ impl TokenStore for MemoryTokenStore {
                 .map(|(k, _)| k.clone())
                 .collect()
         });
-        Box::pin(std::future::ready(Ok(keys)))
+        Ok(keys)
     }
 }

@@ -1,5 +1,10 @@
-//! The store trait token records live in: [`TokenStore`], with [`MemoryTokenStore`] and
-//! (feature `sled`) `SledTokenStore`, (feature `redis`) `RedisTokenStore`.
+//! The store trait token records live in: [`TokenStore`], with
+//! [`MemoryTokenStore`](crate::MemoryTokenStore) and (feature `sled`) `SledTokenStore`,
+//! (feature `redis`) `RedisTokenStore`.
+//!
+//! This module is for backend authors: [`Versioned`], [`Swapped`] and [`Fence`] appear only in
+//! [`TokenStore`]'s methods. Users of [`TokenStorage`](crate::TokenStorage) need only
+//! [`SharedTokenStore`] and a backend, which the crate root re-exports.
 //!
 //! Records are opaque sealed bytes with a version. Every method is one atomic backend operation:
 //!
@@ -8,7 +13,7 @@
 //! | [`TokenStore::get`] | lock + lookup | `get` | `HGETALL` |
 //! | [`TokenStore::compare_and_swap`] | lock | `compare_and_swap(old → new)` | Lua: compare version, `SET` (`SET NX` when absent) |
 //! | [`TokenStore::compare_and_swap_fenced`] | lease check, then swap | lease check, then swap | Lua: lease check and swap in one script (a `flow_state::RedisStore` lease on the same server), else lease check, then swap |
-//! | [`TokenStore::delete`] | lock | `compare_and_swap(old → None)` | Lua: compare version, `DEL` |
+//! | [`TokenStore::delete_if`] | lock | `compare_and_swap(old → None)` | Lua: compare version, `DEL` |
 //! | [`TokenStore::keys_with_prefix`] | range scan | `scan_prefix` | `ZRANGEBYLEX` on an index kept by the writes |
 //!
 //! Versions are unique across the whole store and increase with every write (a persisted
@@ -19,8 +24,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::Error;
-use crate::lease::Fence;
-use crate::refresher::BoxFuture;
+pub use crate::lease::Fence;
 
 pub(crate) mod memory;
 #[cfg(feature = "redis")]
@@ -48,7 +52,7 @@ impl fmt::Debug for Versioned {
 
 /// The outcome of [`TokenStore::compare_and_swap`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Swap {
+pub enum Swapped {
     /// Written; this is the new version.
     Swapped {
         /// The new version.
@@ -59,31 +63,28 @@ pub enum Swap {
 }
 
 /// A versioned key-value store for sealed token records. Dyn-compatible: use it as
-/// [`SharedTokenStore`].
+/// [`SharedTokenStore`]. Written with [`async_trait`](https://docs.rs/async-trait): an
+/// implementation writes `async fn` under `#[async_trait::async_trait]`.
+#[async_trait::async_trait]
 pub trait TokenStore: Send + Sync + fmt::Debug {
     /// The record under `key`, if any.
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Versioned>, Error>>;
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, Error>;
 
     /// Write `value` under `key` only if the stored version is `expected` (`None`: only if
     /// nothing is stored).
-    fn compare_and_swap<'a>(
-        &'a self,
-        key: &'a str,
+    async fn compare_and_swap(
+        &self,
+        key: &str,
         expected: Option<u64>,
         value: Vec<u8>,
-    ) -> BoxFuture<'a, Result<Swap, Error>>;
+    ) -> Result<Swapped, Error>;
 
     /// Delete the record under `key` if its version is `expected` (any version when `None`).
     /// Returns whether a record was deleted.
-    fn delete<'a>(
-        &'a self,
-        key: &'a str,
-        expected: Option<u64>,
-    ) -> BoxFuture<'a, Result<bool, Error>>;
+    async fn delete_if(&self, key: &str, expected: Option<u64>) -> Result<bool, Error>;
 
     /// Every stored key that starts with `prefix`, in any order.
-    fn keys_with_prefix<'a>(&'a self, prefix: &'a str)
-    -> BoxFuture<'a, Result<Vec<String>, Error>>;
+    async fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<String>, Error>;
 
     /// [`TokenStore::compare_and_swap`] made only while the refresh lease `fence` holds:
     /// `Ok(None)` if the fence was found lost (nothing written).
@@ -94,14 +95,14 @@ pub trait TokenStore: Send + Sync + fmt::Debug {
     /// the same atomic step as the swap overrides it: `RedisTokenStore` does, with one Lua
     /// script, when the lease is a `flow_state::RedisStore` lease on the same server. What each
     /// backend guarantees: [`RefreshLease`](crate::RefreshLease).
-    fn compare_and_swap_fenced<'a>(
-        &'a self,
-        key: &'a str,
+    async fn compare_and_swap_fenced(
+        &self,
+        key: &str,
         expected: Option<u64>,
         value: Vec<u8>,
-        fence: &'a Fence<'a>,
-    ) -> BoxFuture<'a, Result<Option<Swap>, Error>> {
-        Box::pin(check_then_swap(self, key, expected, value, fence))
+        fence: &Fence<'_>,
+    ) -> Result<Option<Swapped>, Error> {
+        check_then_swap(self, key, expected, value, fence).await
     }
 }
 
@@ -112,7 +113,7 @@ pub(crate) async fn check_then_swap<S: TokenStore + ?Sized>(
     expected: Option<u64>,
     value: Vec<u8>,
     fence: &Fence<'_>,
-) -> Result<Option<Swap>, Error> {
+) -> Result<Option<Swapped>, Error> {
     if !fence.holds().await? {
         return Ok(None);
     }

@@ -27,11 +27,10 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Script, Value};
 
-use super::{Swap, TokenStore, Versioned, check_then_swap};
+use super::{Swapped, TokenStore, Versioned, check_then_swap};
 use crate::Error;
 use crate::error::DecryptFailure;
 use crate::lease::Fence;
-use crate::refresher::BoxFuture;
 
 /// Fails with a `FOREIGN` error reply unless KEYS[1] is absent or a token record; returns the
 /// record's `{v, d}` (or nil).
@@ -105,7 +104,7 @@ pub struct RedisTokenStore {
 struct Inner {
     conn: ConnectionManager,
     url: String,
-    /// The server and database (`flow_state::RedisLocation::server_of`).
+    /// The server and database (`flow_state::store::RedisLocation::server_of`).
     server: String,
     prefix: String,
     cas: Script,
@@ -161,7 +160,7 @@ impl RedisTokenStoreBuilder {
         Ok(RedisTokenStore {
             inner: Arc::new(Inner {
                 conn,
-                server: flow_state::RedisLocation::server_of(&url).unwrap_or_default(),
+                server: flow_state::store::RedisLocation::server_of(&url).unwrap_or_default(),
                 url: redact_url(&url),
                 prefix: self.prefix,
                 cas: Script::new(&format!("{RECORD}{CAS}")),
@@ -244,13 +243,13 @@ fn int(key: &str, v: &Value) -> Result<u64, Error> {
 }
 
 /// The reply of [`CAS`].
-fn swap_reply(key: &str, reply: &[Value]) -> Result<Swap, Error> {
+fn swap_reply(key: &str, reply: &[Value]) -> Result<Swapped, Error> {
     match reply {
-        [_] => Ok(Swap::Conflict(None)),
+        [_] => Ok(Swapped::Conflict(None)),
         [flag, version] if int(key, flag)? == 1 => {
-            Ok(Swap::Swapped { version: int(key, version)? })
+            Ok(Swapped::Swapped { version: int(key, version)? })
         }
-        [_, v, d] => Ok(Swap::Conflict(Some(versioned(key, v, d)?))),
+        [_, v, d] => Ok(Swapped::Conflict(Some(versioned(key, v, d)?))),
         _ => Err(foreign(key)),
     }
 }
@@ -260,133 +259,115 @@ fn versioned(key: &str, v: &Value, d: &Value) -> Result<Versioned, Error> {
     Ok(Versioned { version: int(key, v)?, value: data.as_slice().into() })
 }
 
+#[async_trait::async_trait]
 impl TokenStore for RedisTokenStore {
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Versioned>, Error>> {
-        Box::pin(async move {
-            let mut conn = self.inner.conn.clone();
-            // HGETALL, not HMGET: a hash of another program's fields must not read as absent.
-            let reply: Vec<(Vec<u8>, Value)> = redis::cmd("HGETALL")
-                .arg(self.record(key))
-                .query_async(&mut conn)
-                .await
-                .map_err(|e| self.error(key, e))?;
-            match reply.as_slice() {
-                [] => Ok(None),
-                [(a, v), (b, d)] if a == b"v" && b == b"d" => versioned(key, v, d).map(Some),
-                [(b, d), (a, v)] if a == b"v" && b == b"d" => versioned(key, v, d).map(Some),
-                _ => Err(foreign(key)),
-            }
-        })
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, Error> {
+        let mut conn = self.inner.conn.clone();
+        // HGETALL, not HMGET: a hash of another program's fields must not read as absent.
+        let reply: Vec<(Vec<u8>, Value)> = redis::cmd("HGETALL")
+            .arg(self.record(key))
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.error(key, e))?;
+        match reply.as_slice() {
+            [] => Ok(None),
+            [(a, v), (b, d)] if a == b"v" && b == b"d" => versioned(key, v, d).map(Some),
+            [(b, d), (a, v)] if a == b"v" && b == b"d" => versioned(key, v, d).map(Some),
+            _ => Err(foreign(key)),
+        }
     }
 
-    fn compare_and_swap<'a>(
-        &'a self,
-        key: &'a str,
+    async fn compare_and_swap(
+        &self,
+        key: &str,
         expected: Option<u64>,
         value: Vec<u8>,
-    ) -> BoxFuture<'a, Result<Swap, Error>> {
-        Box::pin(async move {
-            let mut conn = self.inner.conn.clone();
-            let reply: Vec<Value> = self
-                .inner
-                .cas
-                .key(self.record(key))
-                .key(self.counter())
-                .key(self.index())
-                .arg(expected.map(|v| v.to_string()).unwrap_or_default())
-                .arg(value)
-                .arg(key)
-                .invoke_async(&mut conn)
-                .await
-                .map_err(|e| self.error(key, e))?;
-            swap_reply(key, &reply)
-        })
+    ) -> Result<Swapped, Error> {
+        let mut conn = self.inner.conn.clone();
+        let reply: Vec<Value> = self
+            .inner
+            .cas
+            .key(self.record(key))
+            .key(self.counter())
+            .key(self.index())
+            .arg(expected.map(|v| v.to_string()).unwrap_or_default())
+            .arg(value)
+            .arg(key)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.error(key, e))?;
+        swap_reply(key, &reply)
     }
 
     /// One script when the lease is a `flow_state::RedisStore` lease on this server: the lease
     /// check and the swap are one atomic step. Otherwise the default (check, then swap).
-    fn compare_and_swap_fenced<'a>(
-        &'a self,
-        key: &'a str,
+    async fn compare_and_swap_fenced(
+        &self,
+        key: &str,
         expected: Option<u64>,
         value: Vec<u8>,
-        fence: &'a Fence<'a>,
-    ) -> BoxFuture<'a, Result<Option<Swap>, Error>> {
-        Box::pin(async move {
-            let Some(lease) = fence.redis().filter(|f| f.server == self.inner.server) else {
-                return check_then_swap(self, key, expected, value, fence).await;
-            };
-            let mut conn = self.inner.conn.clone();
-            let reply: Vec<Value> = self
-                .inner
-                .fenced_cas
-                .key(self.record(key))
-                .key(self.counter())
-                .key(self.index())
-                .key(&lease.key)
-                .arg(expected.map(|v| v.to_string()).unwrap_or_default())
-                .arg(value)
-                .arg(key)
-                .arg(&lease.owner)
-                .invoke_async(&mut conn)
-                .await
-                .map_err(|e| self.error(key, e))?;
-            match reply.as_slice() {
-                [flag] if int(key, flag)? == 2 => Ok(None),
-                _ => swap_reply(key, &reply).map(Some),
-            }
-        })
+        fence: &Fence<'_>,
+    ) -> Result<Option<Swapped>, Error> {
+        let Some(lease) = fence.redis().filter(|f| f.server == self.inner.server) else {
+            return check_then_swap(self, key, expected, value, fence).await;
+        };
+        let mut conn = self.inner.conn.clone();
+        let reply: Vec<Value> = self
+            .inner
+            .fenced_cas
+            .key(self.record(key))
+            .key(self.counter())
+            .key(self.index())
+            .key(&lease.key)
+            .arg(expected.map(|v| v.to_string()).unwrap_or_default())
+            .arg(value)
+            .arg(key)
+            .arg(&lease.owner)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.error(key, e))?;
+        match reply.as_slice() {
+            [flag] if int(key, flag)? == 2 => Ok(None),
+            _ => swap_reply(key, &reply).map(Some),
+        }
     }
 
-    fn delete<'a>(
-        &'a self,
-        key: &'a str,
-        expected: Option<u64>,
-    ) -> BoxFuture<'a, Result<bool, Error>> {
-        Box::pin(async move {
-            let mut conn = self.inner.conn.clone();
-            let deleted: i64 = self
-                .inner
-                .delete
-                .key(self.record(key))
-                .key(self.index())
-                .arg(expected.map(|v| v.to_string()).unwrap_or_default())
-                .arg(key)
-                .invoke_async(&mut conn)
-                .await
-                .map_err(|e| self.error(key, e))?;
-            Ok(deleted == 1)
-        })
+    async fn delete_if(&self, key: &str, expected: Option<u64>) -> Result<bool, Error> {
+        let mut conn = self.inner.conn.clone();
+        let deleted: i64 = self
+            .inner
+            .delete
+            .key(self.record(key))
+            .key(self.index())
+            .arg(expected.map(|v| v.to_string()).unwrap_or_default())
+            .arg(key)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.error(key, e))?;
+        Ok(deleted == 1)
     }
 
-    fn keys_with_prefix<'a>(
-        &'a self,
-        prefix: &'a str,
-    ) -> BoxFuture<'a, Result<Vec<String>, Error>> {
-        Box::pin(async move {
-            let mut conn = self.inner.conn.clone();
-            let (min, max) = if prefix.is_empty() {
-                (b"-".to_vec(), b"+".to_vec())
-            } else {
-                // Every UTF-8 string that starts with `prefix` sorts between `prefix` and
-                // `prefix` followed by 0xFF (a byte UTF-8 never contains).
-                let mut min = b"[".to_vec();
-                min.extend_from_slice(prefix.as_bytes());
-                let mut max = min.clone();
-                max.push(0xFF);
-                (min, max)
-            };
-            let keys: Vec<Vec<u8>> = redis::cmd("ZRANGEBYLEX")
-                .arg(self.index())
-                .arg(min)
-                .arg(max)
-                .query_async(&mut conn)
-                .await
-                .map_err(|e| self.error(prefix, e))?;
-            keys.into_iter()
-                .map(|k| String::from_utf8(k).map_err(|_| foreign(&self.index())))
-                .collect()
-        })
+    async fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<String>, Error> {
+        let mut conn = self.inner.conn.clone();
+        let (min, max) = if prefix.is_empty() {
+            (b"-".to_vec(), b"+".to_vec())
+        } else {
+            // Every UTF-8 string that starts with `prefix` sorts between `prefix` and
+            // `prefix` followed by 0xFF (a byte UTF-8 never contains).
+            let mut min = b"[".to_vec();
+            min.extend_from_slice(prefix.as_bytes());
+            let mut max = min.clone();
+            max.push(0xFF);
+            (min, max)
+        };
+        let keys: Vec<Vec<u8>> = redis::cmd("ZRANGEBYLEX")
+            .arg(self.index())
+            .arg(min)
+            .arg(max)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.error(prefix, e))?;
+        keys.into_iter().map(|k| String::from_utf8(k).map_err(|_| foreign(&self.index()))).collect()
     }
 }
 

@@ -3,9 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::{Swap, TokenStore, Versioned};
+use super::{Swapped, TokenStore, Versioned};
 use crate::Error;
-use crate::refresher::BoxFuture;
 
 /// A [`TokenStore`] on sled, the embedded default. Feature `sled`.
 ///
@@ -101,72 +100,59 @@ impl SledTokenStore {
     }
 }
 
+#[async_trait::async_trait]
 impl TokenStore for SledTokenStore {
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Versioned>, Error>> {
-        Box::pin(std::future::ready(self.read(key).map(|r| r.map(|(_, v)| v))))
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, Error> {
+        self.read(key).map(|r| r.map(|(_, v)| v))
     }
 
-    fn compare_and_swap<'a>(
-        &'a self,
-        key: &'a str,
+    async fn compare_and_swap(
+        &self,
+        key: &str,
         expected: Option<u64>,
         value: Vec<u8>,
-    ) -> BoxFuture<'a, Result<Swap, Error>> {
-        Box::pin(async move {
-            loop {
-                let current = self.read(key)?;
-                if current.as_ref().map(|(_, v)| v.version) != expected {
-                    return Ok(Swap::Conflict(current.map(|(_, v)| v)));
-                }
-                // Monotonic across restarts: sled persists its id generator. +1 keeps 0 unused.
+    ) -> Result<Swapped, Error> {
+        loop {
+            let current = self.read(key)?;
+            if current.as_ref().map(|(_, v)| v.version) != expected {
+                return Ok(Swapped::Conflict(current.map(|(_, v)| v)));
+            }
+            // Monotonic across restarts: sled persists its id generator. +1 keeps 0 unused.
+            let version = self.inner.db.generate_id().map_err(|e| backend("generate_id", e))? + 1;
+            let mut record = Vec::with_capacity(8 + value.len());
+            record.extend_from_slice(&version.to_be_bytes());
+            record.extend_from_slice(&value);
+            if self.swap(key, current.map(|(raw, _)| raw), Some(record)).await? {
+                return Ok(Swapped::Swapped { version });
+            }
+        }
+    }
+
+    async fn delete_if(&self, key: &str, expected: Option<u64>) -> Result<bool, Error> {
+        loop {
+            let raw = self.inner.tree.get(key.as_bytes()).map_err(|e| backend("get", e))?;
+            let Some(raw) = raw else { return Ok(false) };
+            if let Some(expected) = expected {
                 let version =
-                    self.inner.db.generate_id().map_err(|e| backend("generate_id", e))? + 1;
-                let mut record = Vec::with_capacity(8 + value.len());
-                record.extend_from_slice(&version.to_be_bytes());
-                record.extend_from_slice(&value);
-                if self.swap(key, current.map(|(raw, _)| raw), Some(record)).await? {
-                    return Ok(Swap::Swapped { version });
+                    raw.get(..8).map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8])));
+                if version != Some(expected) {
+                    return Ok(false);
                 }
             }
-        })
-    }
-
-    fn delete<'a>(
-        &'a self,
-        key: &'a str,
-        expected: Option<u64>,
-    ) -> BoxFuture<'a, Result<bool, Error>> {
-        Box::pin(async move {
-            loop {
-                let raw = self.inner.tree.get(key.as_bytes()).map_err(|e| backend("get", e))?;
-                let Some(raw) = raw else { return Ok(false) };
-                if let Some(expected) = expected {
-                    let version =
-                        raw.get(..8).map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8])));
-                    if version != Some(expected) {
-                        return Ok(false);
-                    }
-                }
-                if self.swap(key, Some(raw), None).await? {
-                    return Ok(true);
-                }
+            if self.swap(key, Some(raw), None).await? {
+                return Ok(true);
             }
-        })
+        }
     }
 
-    fn keys_with_prefix<'a>(
-        &'a self,
-        prefix: &'a str,
-    ) -> BoxFuture<'a, Result<Vec<String>, Error>> {
-        let keys = self
-            .inner
+    async fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<String>, Error> {
+        self.inner
             .tree
             .scan_prefix(prefix.as_bytes())
             .keys()
             .map(|k| {
                 k.map(|k| String::from_utf8_lossy(&k).into_owned()).map_err(|e| backend("scan", e))
             })
-            .collect();
-        Box::pin(std::future::ready(keys))
+            .collect()
     }
 }

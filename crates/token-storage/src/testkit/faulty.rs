@@ -7,8 +7,8 @@ use std::sync::Arc;
 use flow_state::testkit::{FaultPlan, WriteFault};
 use mcp_clock::SharedClock;
 
-use crate::refresher::BoxFuture;
-use crate::{Error, Fence, SharedTokenStore, Swap, TokenStore, Versioned};
+use crate::Error;
+use crate::store::{Fence, SharedTokenStore, Swapped, TokenStore, Versioned};
 
 /// A [`TokenStore`] over another one with the faults of flow-state's [`FaultPlan`] (armed
 /// through it: the wrapper dereferences to its plan), reported as [`Error::StoreUnavailable`]:
@@ -68,7 +68,7 @@ impl FaultyTokenStore {
     /// is called, before its future is polled).
     async fn read<'a, T>(
         &'a self,
-        op: impl FnOnce() -> BoxFuture<'a, Result<T, Error>>,
+        op: impl FnOnce() -> mcp_clock::BoxFuture<'a, Result<T, Error>>,
     ) -> Result<T, Error> {
         if self.plan.next_read_fails().await {
             return Err(Self::error("read failed"));
@@ -80,7 +80,7 @@ impl FaultyTokenStore {
 
     async fn write<'a, T>(
         &'a self,
-        op: impl FnOnce() -> BoxFuture<'a, Result<T, Error>>,
+        op: impl FnOnce() -> mcp_clock::BoxFuture<'a, Result<T, Error>>,
     ) -> Result<T, Error> {
         let result = match self.plan.next_write().await {
             WriteFault::Fail => Err(Self::error("write failed before it was applied")),
@@ -95,44 +95,36 @@ impl FaultyTokenStore {
     }
 }
 
+#[async_trait::async_trait]
 impl TokenStore for FaultyTokenStore {
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Versioned>, Error>> {
-        Box::pin(self.read(move || self.inner.get(key)))
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, Error> {
+        self.read(move || self.inner.get(key)).await
     }
 
-    fn compare_and_swap<'a>(
-        &'a self,
-        key: &'a str,
+    async fn compare_and_swap(
+        &self,
+        key: &str,
         expected: Option<u64>,
         value: Vec<u8>,
-    ) -> BoxFuture<'a, Result<Swap, Error>> {
-        Box::pin(self.write(move || self.inner.compare_and_swap(key, expected, value)))
+    ) -> Result<Swapped, Error> {
+        self.write(move || self.inner.compare_and_swap(key, expected, value)).await
     }
 
-    fn delete<'a>(
-        &'a self,
-        key: &'a str,
-        expected: Option<u64>,
-    ) -> BoxFuture<'a, Result<bool, Error>> {
-        Box::pin(self.write(move || self.inner.delete(key, expected)))
+    async fn delete_if(&self, key: &str, expected: Option<u64>) -> Result<bool, Error> {
+        self.write(move || self.inner.delete_if(key, expected)).await
     }
 
-    fn keys_with_prefix<'a>(
-        &'a self,
-        prefix: &'a str,
-    ) -> BoxFuture<'a, Result<Vec<String>, Error>> {
-        Box::pin(self.read(move || self.inner.keys_with_prefix(prefix)))
+    async fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<String>, Error> {
+        self.read(move || self.inner.keys_with_prefix(prefix)).await
     }
 
-    fn compare_and_swap_fenced<'a>(
-        &'a self,
-        key: &'a str,
+    async fn compare_and_swap_fenced(
+        &self,
+        key: &str,
         expected: Option<u64>,
         value: Vec<u8>,
-        fence: &'a Fence<'a>,
-    ) -> BoxFuture<'a, Result<Option<Swap>, Error>> {
-        Box::pin(
-            self.write(move || self.inner.compare_and_swap_fenced(key, expected, value, fence)),
-        )
+        fence: &Fence<'_>,
+    ) -> Result<Option<Swapped>, Error> {
+        self.write(move || self.inner.compare_and_swap_fenced(key, expected, value, fence)).await
     }
 }
