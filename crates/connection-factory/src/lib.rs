@@ -85,7 +85,7 @@ mod secret;
 pub use challenge::{Challenge, RequestKind};
 pub use client::AuthHttpClient;
 pub use connection::{ConnectOptions, Connection, header_map};
-pub use error::Error;
+pub use error::{Error, ErrorKind};
 pub use factory::{
     ConnectionFactory, FactoryConfig, FactoryProvider, GET_TOKENS_FLOW, OAUTH_FLOW, RefreshCounters,
 };

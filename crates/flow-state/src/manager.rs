@@ -398,8 +398,9 @@ impl FlowManager {
                         // Delete only this failure, never a newer flow under the same key.
                         let _ = self.inner.store.delete_if(key.as_str(), Some(v.version)).await;
                     }
-                    let error =
-                        record.error.unwrap_or_else(|| FlowError::new("failed", "flow failed"));
+                    let error = record
+                        .error
+                        .unwrap_or_else(|| FlowError::new(FlowError::FAILED, "flow failed"));
                     return Err(Error::Failed { key: key.clone(), error });
                 }
                 FlowStatus::Pending => {}
@@ -644,7 +645,7 @@ impl FlowManager {
             // The driver task died without publishing (its runtime shut down).
             Err(_) => Err(Error::Failed {
                 key: key.clone(),
-                error: FlowError::new("aborted", "the task running this flow was stopped"),
+                error: FlowError::new(FlowError::ABORTED, "the task running this flow was stopped"),
             }),
         };
         let shared = outcome?;
@@ -676,8 +677,9 @@ impl FlowManager {
                         return Ok(value);
                     }
                     FlowStatus::Failed if config.keep_failures => {
-                        let error =
-                            record.error.unwrap_or_else(|| FlowError::new("failed", "flow failed"));
+                        let error = record
+                            .error
+                            .unwrap_or_else(|| FlowError::new(FlowError::FAILED, "flow failed"));
                         return Err(Error::Failed { key: key.clone(), error });
                     }
                     FlowStatus::Pending if !self.is_stale(&record, &config) => {
@@ -724,7 +726,7 @@ impl FlowManager {
             joined = &mut task => match joined {
                 Ok(outcome) => outcome,
                 Err(e) if e.is_panic() => Err(FlowError::new(FlowError::PANICKED, "the flow handler panicked")),
-                Err(_) => Err(FlowError::new("aborted", "the flow handler was cancelled")),
+                Err(_) => Err(FlowError::new(FlowError::ABORTED, "the flow handler was cancelled")),
             },
             () = self.inner.clock.sleep_until(deadline) => {
                 task.abort();
