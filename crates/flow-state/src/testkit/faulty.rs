@@ -23,7 +23,10 @@ use crate::{
 ///   lost);
 /// - [`FaultPlan::fail_next_read`]: the next read fails;
 /// - [`FaultPlan::set_delay`]: every operation takes this long on the clock;
-/// - [`FaultPlan::set_reply_delay`]: every operation is answered this long after it was applied.
+/// - [`FaultPlan::set_reply_delay`]: every operation is answered this long after it was applied;
+/// - [`FaultPlan::hold_next_delete`]: the next `delete_if` of a matching key waits until
+///   released;
+/// - [`FaultPlan::count_reads_of`]: `get`s of matching keys are counted.
 ///
 /// Writes are `insert_if_absent`, `compare_and_swap` and `delete_if`.
 ///
@@ -93,6 +96,7 @@ impl FaultyStore {
 impl Store for FaultyStore {
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Versioned>, StoreError>> {
         Box::pin(async move {
+            self.plan.note_read(key);
             if self.plan.next_read_fails().await {
                 return Err(Self::error(key, "read failed"));
             }
@@ -126,7 +130,10 @@ impl Store for FaultyStore {
         key: &'a str,
         expected: Option<u64>,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        Box::pin(self.write(key, move || self.inner.delete_if(key, expected)))
+        Box::pin(async move {
+            self.plan.before_delete(key).await;
+            self.write(key, move || self.inner.delete_if(key, expected)).await
+        })
     }
 
     fn subscribe(&self, key: &str) -> Subscription {

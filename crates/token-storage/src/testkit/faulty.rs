@@ -18,7 +18,9 @@ use crate::{Error, Fence, SharedTokenStore, Swap, TokenStore, Versioned};
 ///   lost);
 /// - [`FaultPlan::fail_next_read`]: the next read fails;
 /// - [`FaultPlan::set_delay`]: every operation takes this long on the clock;
-/// - [`FaultPlan::set_reply_delay`]: every operation is answered this long after it was applied.
+/// - [`FaultPlan::set_reply_delay`]: every operation is answered this long after it was applied;
+/// - [`FaultPlan::hold_next_delete`]: the next `delete` of a matching key waits until released;
+/// - [`FaultPlan::count_reads_of`]: `get`s of matching keys are counted.
 ///
 /// Writes are `compare_and_swap` (fenced or not) and `delete`; reads are `get` and
 /// `keys_with_prefix`.
@@ -97,7 +99,10 @@ impl FaultyTokenStore {
 
 impl TokenStore for FaultyTokenStore {
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Versioned>, Error>> {
-        Box::pin(self.read(move || self.inner.get(key)))
+        Box::pin(async move {
+            self.plan.note_read(key);
+            self.read(move || self.inner.get(key)).await
+        })
     }
 
     fn compare_and_swap<'a>(
@@ -114,7 +119,10 @@ impl TokenStore for FaultyTokenStore {
         key: &'a str,
         expected: Option<u64>,
     ) -> BoxFuture<'a, Result<bool, Error>> {
-        Box::pin(self.write(move || self.inner.delete(key, expected)))
+        Box::pin(async move {
+            self.plan.before_delete(key).await;
+            self.write(move || self.inner.delete(key, expected)).await
+        })
     }
 
     fn keys_with_prefix<'a>(
