@@ -654,7 +654,7 @@ fn service_error(e: ServiceError) -> Error {
 }
 
 /// Find an auth refusal or a provider failure anywhere in an rmcp error's source chain.
-fn classify(e: &(dyn StdError + 'static)) -> Option<Error> {
+pub(crate) fn classify(e: &(dyn StdError + 'static)) -> Option<Error> {
     let mut current: Option<&(dyn StdError + 'static)> = Some(e);
     while let Some(err) = current {
         if let Some(auth) = err.downcast_ref::<AuthRequiredError>() {

@@ -91,7 +91,7 @@ pub use callback::{callback_router, callback_router_at};
 pub use challenge::{Refusal, RequestKind};
 pub use client::AuthHttpClient;
 pub use connection::{ConnectOptions, Connection, header_map};
-pub use error::Error;
+pub use error::{Error, ErrorKind};
 pub use factory::{
     ConnectionFactory, FactoryConfig, FactoryProvider, GET_TOKENS_FLOW, OAUTH_FLOW, RefreshCounters,
 };

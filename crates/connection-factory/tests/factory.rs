@@ -475,3 +475,70 @@ async fn a_factory_over_two_clocks_is_refused() {
     }
     assert!(ConnectionFactory::new(flows, storage_on(manual.clone().shared())).is_ok());
 }
+
+/// A refresher whose authorization server answers 503 (a failure that may pass).
+#[derive(Debug)]
+struct ServerInTrouble;
+
+#[async_trait::async_trait]
+impl token_storage::Refresher for ServerInTrouble {
+    async fn refresh(
+        &self,
+        _: &TokenKey,
+        _: &token_storage::RefreshRequest,
+    ) -> Result<TokenResponse, token_storage::RefreshError> {
+        Err(token_storage::RefreshError::transient(
+            token_storage::TransientKind::ServerError(503),
+            "503",
+        ))
+    }
+}
+
+/// A failure of the token look-up crosses a flow, which keeps only a kind and a message (the
+/// message is the token-storage error's text): the look-up records the kind, so
+/// [`Error::kind`] says what failed and callers (mcp-connect's exit codes) never read the
+/// message. A store that is unavailable, then a refresh the authorization server could not
+/// answer, each through the real look-up.
+#[tokio::test]
+async fn a_failed_token_look_up_keeps_its_kind() {
+    use connection_factory::ErrorKind;
+    use token_storage::testkit::FaultyTokenStore;
+
+    let clock = ManualClock::new(Timestamp::from_secs(1_800_000_000));
+    let faulty = FaultyTokenStore::new(MemoryTokenStore::new().into(), clock.shared());
+    let storage = TokenStorage::builder(
+        token_storage::SharedTokenStore::from_arc(faulty.clone()),
+        Arc::new(Keyring::parse(&"42".repeat(32)).unwrap()),
+        Arc::new(ServerInTrouble),
+    )
+    .clock(clock.shared())
+    .config({
+        // One attempt: no backoff sleep on the manual clock.
+        let mut config = storage_config();
+        config.max_attempts = 1;
+        config.refresh_jitter = Duration::ZERO;
+        config
+    })
+    .build();
+    let issuer = "https://as.example";
+    let key = key("tenant-a");
+    storage.store_client(&key, &token_storage::ClientRegistration::new("c", issuer)).await.unwrap();
+    let response =
+        TokenResponse::bearer("at").expires_in(Duration::from_secs(600)).refresh_token("rt");
+    storage.store(&key, issuer, response).await.unwrap();
+    let flows = FlowManager::builder(SharedStore::new(MemoryStore::new()))
+        .clock(clock.shared())
+        .build()
+        .unwrap();
+    let factory = ConnectionFactory::new(flows, storage).unwrap();
+    let config = FactoryConfig::new("http://127.0.0.1:1/mcp", "tenant-a", "alice", "fixture");
+    let provider = factory.provider(config).unwrap();
+
+    faulty.fail_next_read();
+    let e = provider.current_token().await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::StoreUnavailable, "{e}");
+
+    clock.advance(Duration::from_secs(601));
+    let e = provider.current_token().await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::AuthorizationServerUnavailable, "{e}");
+}

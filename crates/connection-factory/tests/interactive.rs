@@ -379,64 +379,6 @@ async fn a_failing_client_read_is_a_typed_error_not_a_prompt_or_a_new_registrati
     assert_eq!(kept.client_id, client.client_id, "the stored client is kept");
 }
 
-/// A flow store that holds up the first delete of the `mcp_oauth` flow while armed (a store
-/// round trip that takes its time), and counts attempts to claim a stale authorization (reads
-/// of claim records).
-#[derive(Debug)]
-struct HoldFirstFlowDelete {
-    inner: flow_state::SharedStore,
-    armed: std::sync::atomic::AtomicBool,
-    held: std::sync::atomic::AtomicU64,
-    release: tokio::sync::Semaphore,
-    claims: std::sync::atomic::AtomicU64,
-}
-
-#[async_trait::async_trait]
-impl flow_state::Store for HoldFirstFlowDelete {
-    async fn get(
-        &self,
-        key: &str,
-    ) -> Result<Option<flow_state::store::Versioned>, flow_state::store::StoreError> {
-        if key.contains(":mcp_oauth_replace:") {
-            self.claims.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        }
-        self.inner.get(key).await
-    }
-    async fn insert_if_absent(
-        &self,
-        key: &str,
-        value: Vec<u8>,
-        ttl: Duration,
-    ) -> Result<flow_state::store::Inserted, flow_state::store::StoreError> {
-        self.inner.insert_if_absent(key, value, ttl).await
-    }
-    async fn compare_and_swap(
-        &self,
-        key: &str,
-        expected: u64,
-        value: Vec<u8>,
-        ttl: Duration,
-    ) -> Result<flow_state::store::Swapped, flow_state::store::StoreError> {
-        self.inner.compare_and_swap(key, expected, value, ttl).await
-    }
-    async fn delete_if(
-        &self,
-        key: &str,
-        expected: Option<u64>,
-    ) -> Result<bool, flow_state::store::StoreError> {
-        if key.contains(":mcp_oauth:")
-            && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst)
-        {
-            self.held.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            self.release.acquire().await.unwrap().forget();
-        }
-        self.inner.delete_if(key, expected).await
-    }
-    fn subscribe(&self, key: &str) -> flow_state::store::Subscription {
-        self.inner.subscribe(key)
-    }
-}
-
 /// The race: two requests find the same stale PENDING authorization; the first one's delete
 /// is held up in the store while the second deletes it and creates a fresh flow (and prompts);
 /// then the first one's delete lands on that fresh flow, and it prompts again (two prompts,
@@ -446,13 +388,10 @@ impl flow_state::Store for HoldFirstFlowDelete {
 async fn a_held_up_delete_of_a_stale_flow_cannot_remove_the_newer_flow() {
     use connection_factory::{AuthProvider, Recovery, Refusal, RequestKind};
     use std::sync::atomic::Ordering::SeqCst;
-    let store = Arc::new(HoldFirstFlowDelete {
-        inner: flow_state::SharedStore::new(flow_state::MemoryStore::new()),
-        armed: false.into(),
-        held: 0.into(),
-        release: tokio::sync::Semaphore::new(0),
-        claims: 0.into(),
-    });
+    let store = flow_state::testkit::FaultyStore::new(
+        flow_state::SharedStore::new(flow_state::MemoryStore::new()),
+        mcp_clock::SharedClock::system(),
+    );
     let s = common::setup_full(
         HookDecision::ReturnEarly,
         token_storage::MemoryTokenStore::new().into(),
@@ -469,19 +408,21 @@ async fn a_held_up_delete_of_a_stale_flow_cannot_remove_the_newer_flow() {
     assert_eq!(s.prompts(), 1);
     // Nobody waits for it any more: stale for the factory (not yet for the flow manager).
     s.clock.advance(Duration::from_secs(11));
-    store.armed.store(true, SeqCst);
+    // The first delete of the `mcp_oauth` flow is held up; reads of claims are counted.
+    store.hold_next_delete(":mcp_oauth:");
+    store.count_reads_of(":mcp_oauth_replace:");
     let request = || {
         let (provider, challenge) = (provider.clone(), challenge.clone());
         tokio::spawn(async move { provider.on_unauthorized(None, &challenge).await })
     };
     let a = request();
-    eventually("the first delete to be held", || store.held.load(SeqCst) == 1).await;
+    eventually("the first delete to be held", || store.deletes_held() == 1).await;
     let b = request();
     eventually("the second request to replace or to lose the claim", || {
-        b.is_finished() || store.claims.load(SeqCst) >= 2
+        b.is_finished() || store.reads_counted() >= 2
     })
     .await;
-    store.release.add_permits(1);
+    store.release_delete();
     assert_eq!(a.await.unwrap().unwrap(), Recovery::AuthorizationRequired);
     assert_eq!(b.await.unwrap().unwrap(), Recovery::AuthorizationRequired);
     assert_eq!(s.prompts(), 2, "one prompt replaced the stale authorization");

@@ -58,7 +58,9 @@ pub use manager::{FlowManager, FlowManagerBuilder, Staleness};
 pub use mcp_clock::ManualClock;
 pub use mcp_clock::{Clock, SharedClock, SystemClock, Timestamp};
 pub use record::{FlowError, FlowState, FlowStatus};
-pub use single_flight::{Attempt, CallOptions, SingleFlight, SingleFlightError};
+pub use single_flight::{
+    Attempt, CallOptions, Flight, Follower, Leader, SingleFlight, SingleFlightError,
+};
 pub use store::memory::MemoryStore;
 #[cfg(feature = "redis")]
 pub use store::redis::{RedisStore, RedisStoreBuilder};

@@ -11,12 +11,11 @@ use mcp_clock::{Clock, SharedClock, Timestamp};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-use tokio::sync::watch;
 
 use crate::record::{Record, decode_value, encode_value};
 use crate::{
-    Error, FlowError, FlowKey, FlowState, FlowStatus, FlowTypeConfig, Inserted, SharedStore,
-    StoreErrorKind, Swapped, Versioned,
+    Error, Flight, FlowError, FlowKey, FlowState, FlowStatus, FlowTypeConfig, Inserted,
+    SharedStore, SingleFlight, StoreErrorKind, Swapped, Versioned,
 };
 
 /// A value shared between the callers of one run, typed by the caller.
@@ -79,7 +78,8 @@ struct Inner {
     clock: SharedClock,
     defaults: FlowTypeConfig,
     types: HashMap<String, FlowTypeConfig>,
-    inflight: Mutex<HashMap<FlowKey, watch::Receiver<Option<Outcome>>>>,
+    /// The runs driven by this process, one per key.
+    inflight: SingleFlight<FlowKey, Outcome>,
     decoded: DecodedCache,
 }
 
@@ -132,10 +132,10 @@ impl FlowManagerBuilder {
         Ok(FlowManager {
             inner: Arc::new(Inner {
                 store: self.store,
-                clock: self.clock,
+                clock: self.clock.clone(),
                 defaults: self.defaults,
                 types: self.types,
-                inflight: Mutex::default(),
+                inflight: SingleFlight::new(self.clock),
                 decoded: DecodedCache::default(),
             }),
         })
@@ -398,8 +398,9 @@ impl FlowManager {
                         // Delete only this failure, never a newer flow under the same key.
                         let _ = self.inner.store.delete_if(key.as_str(), Some(v.version)).await;
                     }
-                    let error =
-                        record.error.unwrap_or_else(|| FlowError::new("failed", "flow failed"));
+                    let error = record
+                        .error
+                        .unwrap_or_else(|| FlowError::new(FlowError::FAILED, "flow failed"));
                     return Err(Error::Failed { key: key.clone(), error });
                 }
                 FlowStatus::Pending => {}
@@ -621,36 +622,30 @@ impl FlowManager {
         {
             return Ok(value);
         }
-        let mut rx = {
-            let mut inflight = self.inner.inflight.lock().unwrap_or_else(PoisonError::into_inner);
-            match inflight.get(key) {
-                Some(rx) => rx.clone(),
-                None => {
-                    let (tx, rx) = watch::channel(None);
-                    inflight.insert(key.clone(), rx.clone());
-                    let this = self.clone();
-                    let key = key.clone();
-                    tokio::spawn(async move {
-                        let guard = InflightGuard { manager: &this, key: &key };
-                        let outcome = this
-                            .drive::<T, F, Fut>(&key, handler)
-                            .await
-                            .map(|v| Arc::new(v) as Shared);
-                        // Leave the map, then publish: a caller that has the result and invalidates the
-                        // flow must find no run in flight (it would hand back that result).
-                        drop(guard);
-                        tx.send_replace(Some(outcome));
-                    });
-                    rx
-                }
+        // One driver per key in this process: the leader spawns it and every caller (the leader
+        // too) follows it. The driver leaves the single-flight before it publishes, so a caller
+        // that has the result and invalidates the flow finds no run in flight (it would hand
+        // back that result).
+        let follower = match self.inner.inflight.lead(key.clone(), None) {
+            Flight::Follow(follower) => follower,
+            Flight::Lead(leader) => {
+                let follower = leader.follower();
+                let this = self.clone();
+                let key = key.clone();
+                tokio::spawn(async move {
+                    let outcome =
+                        this.drive::<T, F, Fut>(&key, handler).await.map(|v| Arc::new(v) as Shared);
+                    leader.finish(outcome);
+                });
+                follower
             }
         };
-        let outcome = match rx.wait_for(Option::is_some).await {
-            Ok(outcome) => outcome.clone().expect("waited for Some"),
+        let outcome = match follower.wait().await {
+            Ok(outcome) => outcome,
             // The driver task died without publishing (its runtime shut down).
             Err(_) => Err(Error::Failed {
                 key: key.clone(),
-                error: FlowError::new("aborted", "the task running this flow was stopped"),
+                error: FlowError::new(FlowError::ABORTED, "the task running this flow was stopped"),
             }),
         };
         let shared = outcome?;
@@ -682,8 +677,9 @@ impl FlowManager {
                         return Ok(value);
                     }
                     FlowStatus::Failed if config.keep_failures => {
-                        let error =
-                            record.error.unwrap_or_else(|| FlowError::new("failed", "flow failed"));
+                        let error = record
+                            .error
+                            .unwrap_or_else(|| FlowError::new(FlowError::FAILED, "flow failed"));
                         return Err(Error::Failed { key: key.clone(), error });
                     }
                     FlowStatus::Pending if !self.is_stale(&record, &config) => {
@@ -730,7 +726,7 @@ impl FlowManager {
             joined = &mut task => match joined {
                 Ok(outcome) => outcome,
                 Err(e) if e.is_panic() => Err(FlowError::new(FlowError::PANICKED, "the flow handler panicked")),
-                Err(_) => Err(FlowError::new("aborted", "the flow handler was cancelled")),
+                Err(_) => Err(FlowError::new(FlowError::ABORTED, "the flow handler was cancelled")),
             },
             () = self.inner.clock.sleep_until(deadline) => {
                 task.abort();
@@ -762,20 +758,6 @@ impl FlowManager {
             Swapped::Conflict(None) => {}
         }
         outcome.map_err(|error| Error::Failed { key: key.clone(), error })
-    }
-}
-
-/// Removes a run's entry from the in-flight map when its driver ends, even by panic.
-struct InflightGuard<'a> {
-    manager: &'a FlowManager,
-    key: &'a FlowKey,
-}
-
-impl Drop for InflightGuard<'_> {
-    fn drop(&mut self) {
-        let mut inflight =
-            self.manager.inner.inflight.lock().unwrap_or_else(PoisonError::into_inner);
-        inflight.remove(self.key);
     }
 }
 

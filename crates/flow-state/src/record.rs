@@ -50,6 +50,11 @@ impl FlowError {
     pub const TIMEOUT: &'static str = "timeout";
     /// The kind recorded when a handler panicked.
     pub const PANICKED: &'static str = "panicked";
+    /// The kind of a run whose handler or driver task was stopped (cancelled, or its runtime
+    /// shut down) before it had an outcome.
+    pub const ABORTED: &'static str = "aborted";
+    /// The kind of a FAILED flow that recorded no error of its own.
+    pub const FAILED: &'static str = "failed";
 
     /// A new error.
     pub fn new(kind: impl Into<String>, message: impl Into<String>) -> Self {

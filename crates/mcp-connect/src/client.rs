@@ -1234,35 +1234,32 @@ fn typed_cause(e: &connection_factory::Error) -> Option<Error> {
     None
 }
 
-/// A connection-factory error from the provider whose cause has no type this crate knows.
-/// Errors that lost their type inside a flow are recognised by their text.
+/// A connection-factory error from the provider whose cause has no type this crate knows:
+/// decided by its kind (a failure that crossed the factory's look-up flow keeps only its kind
+/// and message) and by mcp-oauth's typed refusals, never by the message.
 fn provider_error(e: &connection_factory::Error) -> Error {
+    use connection_factory::ErrorKind as K;
     if let Some(typed) = typed_cause(e) {
         return typed;
     }
-    // A refresh that failed inside the factory's look-up flow reaches here as text: flow-state
-    // keeps a flow's failure as a serialisable kind and message. These are token-storage's own
-    // messages for `RefreshUnavailable`, `LeaseWait` and `Timeout`.
     let text = chain(e);
-    if text.contains("is unavailable for now") {
-        Error::AuthorizationServerUnavailable(text)
-    } else if text.contains("waiting for the refresh lease")
-        || text.contains("gave up waiting for the token refresh")
-    {
-        Error::RefreshWait(text)
-    } else if text.contains("is locked by another process") {
-        Error::StoreLocked(text)
-    } else if ["private", "link-local"]
-        .iter()
-        .any(|kind| text.contains(&format!("{kind} addresses are not allowed by the SSRF policy")))
-    {
-        Error::Authorization(format!("{text} (--allow-private-network allows it)"))
-    } else if text.contains("HTTPS is required except on loopback addresses") {
-        Error::Authorization(format!("{text} (--allow-http allows it)"))
-    } else if text.contains("cannot be opened") || text.contains("unreadable") {
-        Error::Store(text)
-    } else {
-        Error::Authorization(text)
+    match e.kind() {
+        K::AuthorizationServerUnavailable => return Error::AuthorizationServerUnavailable(text),
+        K::RefreshWait => return Error::RefreshWait(text),
+        // This crate's store is unavailable only while another process holds it
+        // (`store::locked`); typed, that is `StoreLocked`, which `typed_cause` found above.
+        K::StoreUnavailable => return Error::StoreLocked(text),
+        K::Store => return Error::Store(text),
+        _ => {}
+    }
+    match find::<mcp_oauth::Error>(e) {
+        Some(mcp_oauth::Error::SsrfRefused { kind: "private" | "link-local", .. }) => {
+            Error::Authorization(format!("{text} (--allow-private-network allows it)"))
+        }
+        Some(mcp_oauth::Error::InsecureUrl { .. }) => {
+            Error::Authorization(format!("{text} (--allow-http allows it)"))
+        }
+        _ => Error::Authorization(text),
     }
 }
 
@@ -1275,7 +1272,7 @@ pub(crate) fn connect_error(target: &Target, e: connection_factory::Error) -> Er
         E::Transport(_) | E::Protocol(_) => {
             typed_cause(&e).unwrap_or_else(|| Error::NotMcp { url, detail: chain(&e) })
         }
-        E::Provider { ref message, .. } if message == "registration" => {
+        _ if e.kind() == connection_factory::ErrorKind::Registration => {
             Error::RegistrationRefused(chain(&e))
         }
         E::Provider { .. } => provider_error(&e),
@@ -1342,5 +1339,70 @@ mod tests {
         }
         assert!(open.ssrf.refuses(metadata).is_some(), "cloud metadata stays refused");
         assert!(open.ssrf.allow_http && open.use_env_proxy);
+    }
+
+    /// A provider failure that crossed the factory's token look-up flow (which keeps a kind and
+    /// a message) is decided by its kind, never by its message: none of these messages holds
+    /// what the old text matching looked for, and the last reads like a refresh wait but is a
+    /// store failure. The kinds are those connection-factory's look-up records (pinned there by
+    /// `a_failed_token_look_up_keeps_its_kind`).
+    #[test]
+    fn a_provider_failure_is_decided_by_its_kind_not_its_message() {
+        let crossed = |kind: &str, message: &str| {
+            connection_factory::Error::provider(
+                "token look-up",
+                flow_state::Error::Failed {
+                    key: flow_state::FlowKey::new("mcp_get_tokens", "k").unwrap(),
+                    error: flow_state::FlowError::new(kind, message),
+                },
+            )
+        };
+        let decided = |kind: &str, message: &str| provider_error(&crossed(kind, message));
+        assert!(matches!(
+            decided("refresh_unavailable", "503"),
+            Error::AuthorizationServerUnavailable(_)
+        ));
+        assert!(matches!(decided("refresh_wait", "a peer"), Error::RefreshWait(_)));
+        assert!(matches!(decided("store_unavailable", "held"), Error::StoreLocked(_)));
+        assert!(matches!(decided("store", "bad record"), Error::Store(_)));
+        assert!(matches!(
+            decided("store", "gave up waiting for the token refresh; is unavailable for now"),
+            Error::Store(_)
+        ));
+        assert!(matches!(decided("something_else", "x"), Error::Authorization(_)));
+    }
+
+    /// The OAuth client's typed refusals of an address get the flag that allows them: private
+    /// and link-local addresses `--allow-private-network`, plain http `--allow-http`; an
+    /// address no flag allows (cloud metadata) gets no hint.
+    #[test]
+    fn refused_addresses_are_decided_by_the_oauth_clients_error() {
+        let refused = |e: mcp_oauth::Error| {
+            provider_error(&connection_factory::Error::provider("discovery", e))
+        };
+        let url = || "https://10.0.0.1/".to_owned();
+        for kind in ["private", "link-local"] {
+            let e = refused(mcp_oauth::Error::SsrfRefused { url: url(), kind });
+            assert!(
+                matches!(&e, Error::Authorization(m) if m.contains("--allow-private-network")),
+                "{e:?}"
+            );
+        }
+        let e = refused(mcp_oauth::Error::SsrfRefused { url: url(), kind: "cloud metadata" });
+        assert!(matches!(&e, Error::Authorization(m) if !m.contains("--allow")), "{e:?}");
+        let e = refused(mcp_oauth::Error::InsecureUrl { url: url() });
+        assert!(matches!(&e, Error::Authorization(m) if m.contains("--allow-http")), "{e:?}");
+    }
+
+    /// A failed registration is exit 6 by the factory's error kind.
+    #[test]
+    fn a_failed_registration_is_decided_by_its_kind() {
+        let target = Target {
+            url: "https://mcp.example/mcp".parse().unwrap(),
+            key: TokenKey::new("local", "me", "https://mcp.example/mcp"),
+        };
+        let e = connection_factory::Error::provider("registration", std::io::Error::other("no"));
+        assert_eq!(e.kind(), connection_factory::ErrorKind::Registration);
+        assert!(matches!(connect_error(&target, e), Error::RegistrationRefused(_)));
     }
 }

@@ -380,11 +380,12 @@ async fn deliver<E: std::error::Error + 'static>(
 ) {
     let Err(e) = sent.await else { return };
     let cause = chain(&e);
+    let refused = is_auth_failure(&e);
     let server = relogin.target.as_str().to_owned();
     tracing::warn!(error = %cause, "the request could not be delivered");
     // Refused again right after a new login: the server does not take fresh tokens either;
     // another prompt would not help, so the host gets the error.
-    if is_auth_failure(&cause)
+    if refused
         && let Some((message, again)) = relogin.resend.take()
         && relogin.wait_for_login().await
         && again.send(message).await.is_ok()
@@ -392,16 +393,20 @@ async fn deliver<E: std::error::Error + 'static>(
         return;
     }
     if let Some(id) = id {
-        let _ = out.send(error_response(id, INTERNAL_ERROR, &describe(&server, &cause))).await;
+        let _ =
+            out.send(error_response(id, INTERNAL_ERROR, &describe(&server, &cause, refused))).await;
     }
 }
 
-fn is_auth_failure(cause: &str) -> bool {
-    cause.contains("authorization required") || cause.contains("Auth required")
+/// Whether a send failed for want of authorization: a 401 the provider could not recover
+/// from (a new login is needed), found typed in the transport error.
+fn is_auth_failure(e: &(dyn std::error::Error + 'static)) -> bool {
+    connection_factory::Error::from_transport(e)
+        .is_some_and(|e| e.kind() == connection_factory::ErrorKind::AuthorizationRequired)
 }
 
-fn describe(server: &str, cause: &str) -> String {
-    if is_auth_failure(cause) {
+fn describe(server: &str, cause: &str, refused: bool) -> String {
+    if refused {
         format!(
             "mcp-connect: not authorized for {server}: complete the browser step mcp-connect started (or run `mcp-connect login {server}`), then retry ({cause})"
         )
@@ -417,4 +422,27 @@ fn error_response(id: serde_json::Value, code: i64, message: &str) -> String {
         "error": { "code": code, "message": message },
     })
     .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rmcp::transport::streamable_http_client::{AuthRequiredError, StreamableHttpError};
+
+    /// A send is held for a new login only when the transport error carries a refusal the
+    /// provider could not recover from (typed), not when its text happens to say so.
+    #[test]
+    fn only_a_typed_refusal_is_an_auth_failure() {
+        let refused: StreamableHttpError<std::io::Error> =
+            StreamableHttpError::AuthRequired(AuthRequiredError::new("Bearer".into()));
+        assert!(is_auth_failure(&refused));
+        let text: StreamableHttpError<std::io::Error> =
+            StreamableHttpError::UnexpectedServerResponse(
+                "authorization required: Auth required".into(),
+            );
+        assert!(!is_auth_failure(&text));
+        let closed: StreamableHttpError<std::io::Error> =
+            StreamableHttpError::TransportChannelClosed;
+        assert!(!is_auth_failure(&closed));
+    }
 }

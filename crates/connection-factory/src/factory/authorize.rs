@@ -3,6 +3,8 @@
 
 use super::*;
 
+use crate::error::REGISTRATION;
+
 /// The flow type of the claim to replace one stale PENDING authorization.
 const REPLACE_FLOW: &str = "mcp_oauth_replace";
 /// How many times a prompt looks again after another request changed the flow under it.
@@ -206,7 +208,7 @@ impl FactoryProvider {
                     let r = oauth
                         .register(&discovery, &client_config)
                         .await
-                        .map_err(|e| Error::provider("registration", e))?;
+                        .map_err(|e| Error::provider(REGISTRATION, e))?;
                     storage
                         .store_client(&key, &stored_client(&discovery, &r))
                         .await
@@ -216,7 +218,7 @@ impl FactoryProvider {
                 .instrument(span)
             })
             .await
-            .map_err(|e| Error::provider("registration", e))?
+            .map_err(|e| Error::provider(REGISTRATION, e))?
     }
 
     /// When this factory replaces a PENDING authorization created at `created_at`: after the

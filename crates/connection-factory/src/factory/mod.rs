@@ -44,8 +44,8 @@ use workload::Workload;
 pub const GET_TOKENS_FLOW: &str = "mcp_get_tokens";
 /// The flow type of the interactive authorization.
 pub const OAUTH_FLOW: &str = "mcp_oauth";
-/// The kind recorded on a look-up flow that found no usable tokens.
-const NO_TOKENS: &str = "authorization_required";
+// The kinds recorded on a failed look-up flow (`NO_TOKENS`: no usable tokens).
+use crate::error::lookup_kind::{self, NO_TOKENS};
 
 /// What the cached look-up flow holds: which token set to serve, never the token itself (the
 /// flow store may be sled or Redis; tokens are sealed by token storage and served from its
@@ -82,7 +82,7 @@ pub struct ConnectionFactory {
     storage: TokenStorage,
     counters: Arc<Counters>,
     step_ups: Arc<StepUps>,
-    leaders: Arc<Leaders>,
+    leaders: Leaders,
     registrations: Registrations,
     issuer_checks: IssuerChecks,
     interactive: Option<(OAuthClient, Arc<dyn AuthorizationHook>)>,
@@ -116,11 +116,11 @@ impl ConnectionFactory {
         Ok(ConnectionFactory {
             registrations: SingleFlight::new(flows.clock().clone()),
             issuer_checks: SingleFlight::new(flows.clock().clone()),
+            leaders: SingleFlight::new(flows.clock().clone()),
             flows,
             storage,
             counters: Arc::default(),
             step_ups: Arc::default(),
-            leaders: Arc::default(),
             interactive: None,
             workload: None,
         })
@@ -246,7 +246,7 @@ pub struct FactoryProvider {
     storage: TokenStorage,
     counters: Arc<Counters>,
     step_ups: Arc<StepUps>,
-    leaders: Arc<Leaders>,
+    leaders: Leaders,
     registrations: Registrations,
     issuer_checks: IssuerChecks,
     interactive: Option<(OAuthClient, Arc<dyn AuthorizationHook>)>,
@@ -287,23 +287,25 @@ impl FactoryProvider {
     async fn lookup(&self) -> Result<Option<Secret>, Error> {
         for _ in 0..2 {
             let (storage, key) = (self.storage.clone(), self.key.clone());
-            let result = self
-                .flows
-                .run::<CachedToken, _, _>(&self.lookup, move || async move {
-                    let client = storage
-                        .client(&key)
-                        .await
-                        .map_err(|e| FlowError::new("store", e.to_string()))?
-                        .ok_or_else(|| FlowError::new(NO_TOKENS, "no client registration"))?;
-                    match storage.get_valid(&key, &client.issuer).await {
-                        Ok(set) => Ok(CachedToken::of(&set)),
-                        Err(e) if e.is_authorization_required() => {
-                            Err(FlowError::new(NO_TOKENS, e.to_string()))
-                        }
-                        Err(e) => Err(FlowError::new("store", e.to_string())),
-                    }
-                })
-                .await;
+            let result =
+                self.flows
+                    .run::<CachedToken, _, _>(&self.lookup, move || async move {
+                        // The failure's kind is recorded with it (the flow keeps a kind and a
+                        // message), so callers match on `Error::kind`, never on the message.
+                        let failed = |e: token_storage::Error| {
+                            FlowError::new(lookup_kind::of(&e), e.to_string())
+                        };
+                        let client =
+                            storage.client(&key).await.map_err(failed)?.ok_or_else(|| {
+                                FlowError::new(NO_TOKENS, "no client registration")
+                            })?;
+                        storage
+                            .get_valid(&key, &client.issuer)
+                            .await
+                            .map(|set| CachedToken::of(&set))
+                            .map_err(failed)
+                    })
+                    .await;
             match result {
                 Ok(cached) => {
                     let now = self.flows.clock().now().as_millis();

@@ -2,50 +2,21 @@
 
 use super::*;
 
+use flow_state::Flight;
+
 /// How long after its budget a timed-out refresh still answers the 401s that join it with its
 /// outcome (LibreChat's abort grace), unless it settles first.
 const LEAD_GRACE: Duration = Duration::from_secs(1);
 
 /// The refreshes led right now, per token key (which includes the configuration digest), with
-/// the leader's deadline: a 401 that finds its key here joins that refresh (`coalesced`)
-/// instead of leading one, and waits no longer than the leader does. A led refresh that ran
-/// out of its budget stays here until the refresh itself settles or [`LEAD_GRACE`] passes, so
-/// a 401 arriving meanwhile gets the leader's outcome (timed out) at once instead of waiting a
-/// budget of its own on the same hung refresh (the seed's scenario 21).
-#[derive(Debug, Default)]
-pub(super) struct Leaders {
-    map: Mutex<HashMap<TokenKey, (u64, Timestamp)>>,
-    next: AtomicU64,
-}
-
-/// Leadership of one refresh; ends when dropped.
-struct Lead {
-    leaders: Arc<Leaders>,
-    key: TokenKey,
-    id: u64,
-}
-
-impl Leaders {
-    /// Lead the refresh of `key` until `deadline`, or the deadline of the refresh led now.
-    fn lead(self: &Arc<Self>, key: &TokenKey, deadline: Timestamp) -> Result<Lead, Timestamp> {
-        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((_, led_until)) = map.get(key) {
-            return Err(*led_until);
-        }
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        map.insert(key.clone(), (id, deadline));
-        Ok(Lead { leaders: self.clone(), key: key.clone(), id })
-    }
-}
-
-impl Drop for Lead {
-    fn drop(&mut self) {
-        let mut map = self.leaders.map.lock().unwrap_or_else(PoisonError::into_inner);
-        if map.get(&self.key).is_some_and(|(id, _)| *id == self.id) {
-            map.remove(&self.key);
-        }
-    }
-}
+/// the leader's deadline: a 401 that finds its key led joins that refresh (`coalesced`) instead
+/// of leading one, and waits no longer than the leader does. Followers do not wait for the
+/// leader's value: each runs its own `force_refresh`, which token storage coalesces into the
+/// one grant; they only read who leads and until when. A led refresh that ran out of its budget
+/// keeps its lead until the refresh itself settles or [`LEAD_GRACE`] passes, so a 401 arriving
+/// meanwhile gets the leader's outcome (timed out) at once instead of waiting a budget of its
+/// own on the same hung refresh (the seed's scenario 21).
+pub(super) type Leaders = SingleFlight<TokenKey, ()>;
 
 /// One check at a time per key of whether the server moved to another authorization server.
 pub(super) type IssuerChecks = SingleFlight<TokenKey, bool>;
@@ -139,7 +110,10 @@ impl FactoryProvider {
             // then seen as stored (adopted), not led again.
             let budget = self.config.refresh_budget();
             let now = self.flows.clock().now();
-            let lead = self.leaders.lead(&self.key, now.saturating_add(budget));
+            let lead = match self.leaders.lead(self.key.clone(), Some(now.saturating_add(budget))) {
+                Flight::Lead(lead) => Ok(lead),
+                Flight::Follow(follower) => Err(follower.deadline()),
+            };
             let led = lead.is_ok();
             let before = self.storage.tokens(&self.key).await.ok().flatten();
             let adopted = before.as_ref().is_some_and(|s| *s.access_token() != rejected_ts);
@@ -157,7 +131,7 @@ impl FactoryProvider {
             // A joiner waits no longer than the leader: not at all once the leader timed out
             // (unless newer tokens are stored already: they are served).
             let wait = match &lead {
-                Err(led_until) if !adopted => budget.min(led_until.saturating_since(now)),
+                Err(Some(led_until)) if !adopted => budget.min(led_until.saturating_since(now)),
                 _ => budget,
             };
             let (storage, key, issuer) = (self.storage.clone(), self.key.clone(), issuer.clone());

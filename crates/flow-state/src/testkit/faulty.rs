@@ -22,7 +22,10 @@ use crate::{
 ///   lost);
 /// - [`FaultPlan::fail_next_read`]: the next read fails;
 /// - [`FaultPlan::set_delay`]: every operation takes this long on the clock;
-/// - [`FaultPlan::set_reply_delay`]: every operation is answered this long after it was applied.
+/// - [`FaultPlan::set_reply_delay`]: every operation is answered this long after it was applied;
+/// - [`FaultPlan::hold_next_delete`]: the next `delete_if` of a matching key waits until
+///   released;
+/// - [`FaultPlan::count_reads_of`]: `get`s of matching keys are counted.
 ///
 /// Writes are `insert_if_absent`, `compare_and_swap` and `delete_if`.
 ///
@@ -92,6 +95,7 @@ impl FaultyStore {
 #[async_trait::async_trait]
 impl Store for FaultyStore {
     async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
+        self.plan.note_read(key);
         if self.plan.next_read_fails().await {
             return Err(Self::error(key, "read failed"));
         }
@@ -120,6 +124,7 @@ impl Store for FaultyStore {
     }
 
     async fn delete_if(&self, key: &str, expected: Option<u64>) -> Result<bool, StoreError> {
+        self.plan.before_delete(key).await;
         self.write(key, move || self.inner.delete_if(key, expected)).await
     }
 

@@ -478,57 +478,6 @@ fn absurd_configuration_is_refused() {
     assert!(build(FlowTypeConfig::new(Duration::from_secs(60))).is_ok());
 }
 
-/// A store whose first armed `delete_if` is held until released: the window between a
-/// caller's read of a flow and its delete.
-#[derive(Debug)]
-struct HoldDelete {
-    inner: flow_state::SharedStore,
-    armed: std::sync::atomic::AtomicBool,
-    held: tokio::sync::Notify,
-    release: tokio::sync::Semaphore,
-}
-
-#[async_trait::async_trait]
-impl flow_state::Store for HoldDelete {
-    async fn get(
-        &self,
-        key: &str,
-    ) -> Result<Option<flow_state::store::Versioned>, flow_state::store::StoreError> {
-        self.inner.get(key).await
-    }
-    async fn insert_if_absent(
-        &self,
-        key: &str,
-        value: Vec<u8>,
-        ttl: Duration,
-    ) -> Result<flow_state::store::Inserted, flow_state::store::StoreError> {
-        self.inner.insert_if_absent(key, value, ttl).await
-    }
-    async fn compare_and_swap(
-        &self,
-        key: &str,
-        expected: u64,
-        value: Vec<u8>,
-        ttl: Duration,
-    ) -> Result<flow_state::store::Swapped, flow_state::store::StoreError> {
-        self.inner.compare_and_swap(key, expected, value, ttl).await
-    }
-    async fn delete_if(
-        &self,
-        key: &str,
-        expected: Option<u64>,
-    ) -> Result<bool, flow_state::store::StoreError> {
-        if self.armed.swap(false, Ordering::SeqCst) {
-            self.held.notify_one();
-            self.release.acquire().await.unwrap().forget();
-        }
-        self.inner.delete_if(key, expected).await
-    }
-    fn subscribe(&self, key: &str) -> flow_state::store::Subscription {
-        self.inner.subscribe(key)
-    }
-}
-
 /// The race: a request read a stale PENDING flow and means to delete it, but between its read
 /// and its delete another process deleted it and created a fresh one (a new prompt). Deleting
 /// "the PENDING flow" would remove the fresh one (its waiters fail, the user's consent is
@@ -536,12 +485,10 @@ impl flow_state::Store for HoldDelete {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_generation_leaves_a_newer_one_alone() {
     let clock = flow_state::ManualClock::default();
-    let store = Arc::new(HoldDelete {
-        inner: flow_state::SharedStore::new(flow_state::MemoryStore::with_clock(clock.shared())),
-        armed: false.into(),
-        held: tokio::sync::Notify::new(),
-        release: tokio::sync::Semaphore::new(0),
-    });
+    let store = flow_state::testkit::FaultyStore::new(
+        flow_state::SharedStore::new(flow_state::MemoryStore::with_clock(clock.shared())),
+        clock.shared(),
+    );
     let flows = flow_state::FlowManager::builder(flow_state::SharedStore::from_arc(store.clone()))
         .clock(clock.shared())
         .build()
@@ -549,18 +496,17 @@ async fn deleting_a_generation_leaves_a_newer_one_alone() {
     let k = key("mcp_oauth", "x");
     let stale = flows.init(&k, json!({"n": 1})).await.unwrap();
     clock.advance(Duration::from_secs(5));
-    store.armed.store(true, Ordering::SeqCst);
-    let held = store.held.notified();
+    store.hold_next_delete("");
     let deleting = tokio::spawn({
         let (flows, k) = (flows.clone(), k.clone());
         async move { flows.delete_generation(&k, stale, FlowStatus::Pending).await }
     });
-    within(held).await;
+    within(store.until_deletes_held(1)).await;
     // Meanwhile another process replaced it (its delete is not held).
     assert!(flows.delete(&k).await.unwrap());
     let fresh = flows.init(&k, json!({"n": 2})).await.unwrap();
     assert_ne!(fresh, stale);
-    store.release.add_permits(1);
+    store.release_delete();
     assert!(!within(deleting).await.unwrap().unwrap(), "the newer generation was not deleted");
     let now = flows.get::<u32>(&k).await.unwrap().expect("the fresh flow is still there");
     assert_eq!((now.status, now.created_at), (FlowStatus::Pending, fresh));

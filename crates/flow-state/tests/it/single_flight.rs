@@ -4,7 +4,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use flow_state::{CallOptions, CancellationToken, ManualClock, SingleFlight, SingleFlightError};
+use flow_state::{
+    CallOptions, CancellationToken, Clock as _, Flight, ManualClock, SingleFlight,
+    SingleFlightError,
+};
 use tokio::sync::{Notify, watch};
 
 use crate::harness::{settle, within};
@@ -302,4 +305,244 @@ async fn a_kept_attempt_is_not_dropped_after_its_grace() {
     release.notify_one();
     assert_eq!(within(first).await.unwrap(), Ok(7));
     assert_eq!(within(second).await.unwrap(), Ok(7));
+}
+
+// The guard style ([`SingleFlight::lead`]), which `FlowManager::run`'s driver and
+// connection-factory's silent refresh use, and what both styles share: panics, cancellation of
+// the leader and of followers, and the order of removal and publication.
+
+type Flights = SingleFlight<&'static str, u32>;
+
+fn lead(sf: &Flights, key: &'static str) -> flow_state::Leader<&'static str, u32> {
+    match sf.lead(key, None) {
+        Flight::Lead(leader) => leader,
+        Flight::Follow(_) => panic!("{key}: expected to lead, found a flight in progress"),
+    }
+}
+
+fn follow(sf: &Flights, key: &'static str) -> flow_state::Follower<u32> {
+    match sf.lead(key, None) {
+        Flight::Follow(follower) => follower,
+        Flight::Lead(_) => panic!("{key}: expected to follow, found nothing in flight"),
+    }
+}
+
+/// One leader per key; every later caller follows and gets the leader's value; after it, the
+/// key is free.
+#[tokio::test]
+async fn a_led_flight_gives_its_value_to_every_follower() {
+    let sf: Flights = SingleFlight::new(ManualClock::default().shared());
+    let leader = lead(&sf, "k");
+    let followers: Vec<_> = (0..8).map(|_| tokio::spawn(follow(&sf, "k").wait())).collect();
+    let own = tokio::spawn(leader.follower().wait());
+    assert_eq!(sf.in_flight(), 1);
+    leader.finish(7);
+    for f in followers {
+        assert_eq!(within(f).await.unwrap(), Ok(7));
+    }
+    assert_eq!(within(own).await.unwrap(), Ok(7), "the leader's own follower");
+    assert_eq!(sf.in_flight(), 0);
+    drop(lead(&sf, "k"));
+}
+
+/// A follower reads the deadline its flight was led with: a 401 that joins a refresh waits no
+/// longer than the leader does (connection-factory's silent refresh).
+#[tokio::test]
+async fn a_follower_reads_the_deadline_of_the_flight() {
+    let clock = ManualClock::default();
+    let sf: Flights = SingleFlight::new(clock.shared());
+    let at = clock.shared().now() + Duration::from_secs(3);
+    let leader = match sf.lead("k", Some(at)) {
+        Flight::Lead(leader) => leader,
+        Flight::Follow(_) => panic!("nothing was in flight"),
+    };
+    assert_eq!(leader.deadline(), Some(at));
+    assert_eq!(follow(&sf, "k").deadline(), Some(at));
+    drop(leader);
+    // A flight started by `call` has its attempt's deadline.
+    let r = Refresher::new();
+    let call = tokio::spawn({
+        let (sf, r) = (sf.clone(), r.clone());
+        async move { sf.call("k", options(), r.start(false)).await }
+    });
+    until("the attempt to wait", || r.waiting.load(Ordering::SeqCst) == 1).await;
+    assert_eq!(follow(&sf, "k").deadline(), Some(clock.shared().now() + Duration::from_secs(2)));
+    r.release();
+    assert_eq!(within(call).await.unwrap(), Ok(7));
+}
+
+/// A leader whose task panics releases the key and tells its followers it panicked (not that
+/// it was abandoned, and not a hang); the next caller leads a new flight.
+#[tokio::test]
+async fn a_leader_that_panics_tells_its_followers_and_frees_the_key() {
+    let sf: Flights = SingleFlight::new(ManualClock::default().shared());
+    let leader = lead(&sf, "k");
+    let followers: Vec<_> = (0..4).map(|_| tokio::spawn(follow(&sf, "k").wait())).collect();
+    let task = tokio::spawn(async move {
+        let _leader = leader;
+        tokio::task::yield_now().await;
+        panic!("bug in the leader");
+    });
+    assert!(within(task).await.unwrap_err().is_panic());
+    for f in followers {
+        assert_eq!(within(f).await.unwrap(), Err(SingleFlightError::Panicked));
+    }
+    assert_eq!(sf.in_flight(), 0);
+    lead(&sf, "k").finish(1);
+}
+
+/// Every caller of an attempt that panics (the one that started it and those that joined) is
+/// told, and the key is free.
+#[tokio::test]
+async fn every_caller_of_a_panicking_attempt_is_told() {
+    let sf: Refreshes = SingleFlight::new(ManualClock::default().shared());
+    let release = Arc::new(Notify::new());
+    let opts = CallOptions::new(Duration::from_secs(5));
+    let callers: Vec<_> = (0..4)
+        .map(|_| {
+            let (sf, release) = (sf.clone(), release.clone());
+            tokio::spawn(async move {
+                sf.call("k", opts, move |_| async move {
+                    release.notified().await;
+                    panic!("bug in the attempt")
+                })
+                .await
+            })
+        })
+        .collect();
+    settle().await;
+    assert_eq!(sf.in_flight(), 1, "the callers joined one attempt");
+    release.notify_one();
+    for c in callers {
+        assert_eq!(within(c).await.unwrap(), Err(SingleFlightError::Panicked));
+    }
+    assert_eq!(sf.in_flight(), 0);
+}
+
+/// Cancelling the caller that started an attempt does not cancel the attempt: it runs on,
+/// detached; a caller that joined it gets its value, and no second attempt starts meanwhile.
+#[tokio::test]
+async fn cancelling_the_caller_that_started_an_attempt_leaves_it_running() {
+    let clock = ManualClock::default();
+    let sf: Refreshes = SingleFlight::new(clock.shared());
+    let r = Refresher::new();
+    let first = tokio::spawn({
+        let (sf, r) = (sf.clone(), r.clone());
+        async move { sf.call("k", caller_with_deadline(), r.start(false)).await }
+    });
+    until("the attempt to wait", || r.waiting.load(Ordering::SeqCst) == 1).await;
+    first.abort();
+    assert!(within(first).await.unwrap_err().is_cancelled());
+    settle().await;
+    assert_eq!(sf.in_flight(), 1, "the attempt outlives the caller that started it");
+    assert!(!r.token(0).is_cancelled(), "and is not told to stop");
+    let second = tokio::spawn({
+        let (sf, r) = (sf.clone(), r.clone());
+        async move { sf.call("k", caller_with_deadline(), r.start(false)).await }
+    });
+    settle().await;
+    assert_eq!(r.calls.load(Ordering::SeqCst), 1, "the next caller joined it");
+    r.release();
+    assert_eq!(within(second).await.unwrap(), Ok(7));
+    assert_eq!(sf.in_flight(), 0);
+}
+
+/// A leader cancelled before it finishes (its task aborted, the guard dropped) frees the key and
+/// tells its followers the flight was abandoned, so none waits for ever; the next caller leads.
+#[tokio::test]
+async fn cancelling_a_leader_frees_the_key_and_tells_its_followers() {
+    let sf: Flights = SingleFlight::new(ManualClock::default().shared());
+    let leader = lead(&sf, "k");
+    let followers: Vec<_> = (0..4).map(|_| tokio::spawn(follow(&sf, "k").wait())).collect();
+    let task = tokio::spawn(async move {
+        std::future::pending::<()>().await;
+        leader.finish(1);
+    });
+    settle().await;
+    task.abort();
+    assert!(within(task).await.unwrap_err().is_cancelled());
+    for f in followers {
+        assert_eq!(within(f).await.unwrap(), Err(SingleFlightError::Abandoned));
+    }
+    assert_eq!(sf.in_flight(), 0);
+    lead(&sf, "k").finish(2);
+}
+
+/// Cancelled followers change nothing: the attempt runs once, and the callers still waiting
+/// (and the leader's own caller) get its value.
+#[tokio::test]
+async fn cancelled_followers_leave_the_flight_alone() {
+    let clock = ManualClock::default();
+    let sf: Refreshes = SingleFlight::new(clock.shared());
+    let r = Refresher::new();
+    let callers: Vec<_> = (0..6)
+        .map(|_| {
+            let (sf, r) = (sf.clone(), r.clone());
+            tokio::spawn(async move { sf.call("k", caller_with_deadline(), r.start(false)).await })
+        })
+        .collect();
+    until("the attempt to wait", || r.waiting.load(Ordering::SeqCst) == 1).await;
+    settle().await;
+    for c in &callers[..3] {
+        c.abort();
+    }
+    // Guard-style followers, one of them dropped.
+    let kept = tokio::spawn(match sf.lead("k", None) {
+        Flight::Follow(f) => f.wait(),
+        Flight::Lead(_) => panic!("the attempt is in flight"),
+    });
+    drop(sf.lead("k", None));
+    settle().await;
+    assert_eq!(sf.in_flight(), 1);
+    assert!(!r.token(0).is_cancelled());
+    r.release();
+    for (i, c) in callers.into_iter().enumerate() {
+        match within(c).await {
+            Ok(got) => assert_eq!((i, got), (i, Ok(7))),
+            Err(e) => assert!(i < 3 && e.is_cancelled(), "caller {i}: {e}"),
+        }
+    }
+    assert_eq!(within(kept).await.unwrap(), Ok(7));
+    assert_eq!(r.calls.load(Ordering::SeqCst), 1, "one attempt");
+    assert_eq!(sf.in_flight(), 0);
+}
+
+/// Race (the order `FlowManager::run` relies on: a caller that has the result and invalidates
+/// the flow must find no run in flight): the leader's flight leaves the map, then its outcome is
+/// published. A follower on another worker thread that is woken by the outcome and calls again
+/// at once must lead a new flight; were the outcome published first, it could find the finished
+/// flight still in the map and follow it, reading its old outcome. Ten thousand rounds on two
+/// worker threads, half finished and half abandoned flights (with the order reversed, about one
+/// round in two thousand hits the window).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_woken_by_the_outcome_leads_a_new_flight() {
+    let sf: Flights = SingleFlight::new(ManualClock::default().shared());
+    for round in 0..10_000u32 {
+        let leader = lead(&sf, "k");
+        let follower = follow(&sf, "k");
+        let again = tokio::spawn({
+            let sf = sf.clone();
+            async move {
+                let got = follower.wait().await;
+                let next = match sf.lead("k", None) {
+                    Flight::Lead(leader) => {
+                        leader.finish(0);
+                        None
+                    }
+                    Flight::Follow(stale) => Some(stale.wait().await),
+                };
+                (got, next)
+            }
+        });
+        tokio::task::yield_now().await;
+        if round % 2 == 0 {
+            leader.finish(round);
+        } else {
+            drop(leader);
+        }
+        let (got, next) = within(again).await.unwrap();
+        let expected = if round % 2 == 0 { Ok(round) } else { Err(SingleFlightError::Abandoned) };
+        assert_eq!(got, expected, "round {round}");
+        assert_eq!(next, None, "round {round}: the caller joined the finished flight");
+    }
 }

@@ -18,7 +18,9 @@ use crate::store::{Fence, SharedTokenStore, Swapped, TokenStore, Versioned};
 ///   lost);
 /// - [`FaultPlan::fail_next_read`]: the next read fails;
 /// - [`FaultPlan::set_delay`]: every operation takes this long on the clock;
-/// - [`FaultPlan::set_reply_delay`]: every operation is answered this long after it was applied.
+/// - [`FaultPlan::set_reply_delay`]: every operation is answered this long after it was applied;
+/// - [`FaultPlan::hold_next_delete`]: the next `delete` of a matching key waits until released;
+/// - [`FaultPlan::count_reads_of`]: `get`s of matching keys are counted.
 ///
 /// Writes are `compare_and_swap` (fenced or not) and `delete`; reads are `get` and
 /// `keys_with_prefix`.
@@ -98,6 +100,7 @@ impl FaultyTokenStore {
 #[async_trait::async_trait]
 impl TokenStore for FaultyTokenStore {
     async fn get(&self, key: &str) -> Result<Option<Versioned>, Error> {
+        self.plan.note_read(key);
         self.read(move || self.inner.get(key)).await
     }
 
@@ -111,6 +114,7 @@ impl TokenStore for FaultyTokenStore {
     }
 
     async fn delete_if(&self, key: &str, expected: Option<u64>) -> Result<bool, Error> {
+        self.plan.before_delete(key).await;
         self.write(move || self.inner.delete_if(key, expected)).await
     }
 
