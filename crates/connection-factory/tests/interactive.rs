@@ -801,3 +801,35 @@ async fn a_host_with_its_own_callback_server_completes_the_authorization() {
             .await;
     assert_eq!((answer.status, answer.message), (400, "unknown or expired authorization state"));
 }
+
+/// The race behind a flaky prompt reason: among requests queued on a revoked session, one
+/// refreshes and is refused (the slot is marked as needing authorization), and another, sent
+/// after that with no usable token to carry, meets the 401 without a token. Whichever of them
+/// reaches the prompt first, the user is told the silent refresh failed, not that they never
+/// logged in. Pinned without the race: the refusal first, then the tokenless 401.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tokenless_401_after_a_refused_refresh_prompts_as_a_failed_refresh() {
+    use connection_factory::{AuthProvider, Recovery, Refusal, RequestKind};
+    let s = setup(HookDecision::ReturnEarly).await;
+    let config = s.config("tenant-a");
+    let provider = s.factory.provider(config.clone()).unwrap();
+    let first = Refusal::new(401, RequestKind::Post, vec!["Bearer".into()]);
+    // No tokens at all: the first prompt says so (return-early: no token to retry with).
+    let recovery = provider.on_unauthorized(None, &first).await;
+    assert!(!matches!(recovery, Ok(Recovery::Retry(_))), "{recovery:?}");
+    let key = config.token_key();
+    let stored = mcp_clock::testing::within_real_time(Duration::from_secs(10), || async {
+        s.storage.tokens(&key).await.unwrap().is_some()
+    })
+    .await;
+    assert!(stored, "the callback stored the first authorization's tokens");
+    let held = s.storage.tokens(&key).await.unwrap().expect("tokens");
+    s.fx.auth().knobs().revoke_all_tokens();
+    let issuer = s.fx.auth().issuer().to_string();
+    let refused = s.storage.force_refresh(&key, &issuer, held.access_token()).await;
+    assert!(refused.is_err(), "the revoked refresh token is refused");
+    let recovery = provider.on_unauthorized(None, &first).await;
+    assert!(!matches!(recovery, Ok(Recovery::Retry(_))), "{recovery:?}");
+    let reasons = s.browser.reasons.lock().unwrap().clone();
+    assert_eq!(reasons, [AuthorizationReason::NoTokens, AuthorizationReason::RefreshFailed]);
+}

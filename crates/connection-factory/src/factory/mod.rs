@@ -421,6 +421,20 @@ impl AuthProvider for FactoryProvider {
 }
 
 impl FactoryProvider {
+    /// Why a request that went out without a token needs the user: nothing was ever stored
+    /// ([`AuthorizationReason::NoTokens`]), or tokens are stored but a refresh was refused for
+    /// good ([`AuthorizationReason::RefreshFailed`]: the request read the slot after another
+    /// request's refresh failed, and found no usable token). Whichever request reaches the
+    /// prompt first, the user is told the same thing.
+    async fn reason_without_token(&self) -> AuthorizationReason {
+        match self.storage.tokens(&self.key).await {
+            Ok(Some(set)) if set.needs_authorization().is_some() => {
+                AuthorizationReason::RefreshFailed
+            }
+            _ => AuthorizationReason::NoTokens,
+        }
+    }
+
     /// What to do about a refusal (see [`FactoryProvider`]).
     async fn recover(
         &self,
@@ -442,7 +456,8 @@ impl FactoryProvider {
                 if let Some(workload) = &self.workload {
                     return self.workload_grant(workload, Some(challenge), None).await;
                 }
-                self.interactive(Some(challenge), AuthorizationReason::NoTokens, None).await
+                let reason = self.reason_without_token().await;
+                self.interactive(Some(challenge), reason, None).await
             }
         }
     }
