@@ -69,6 +69,46 @@ async fn a_password_in_the_url_is_not_shown() {
     assert!(!format!("{err:?}").contains("hunter2"));
 }
 
+/// A Redis that cannot serve for a while is unavailable (transient, to be retried), never a
+/// broken store: here a replica cut off from its master, as in a failover, which answers
+/// `MASTERDOWN` to reads and `READONLY` to writes (`LOADING` after a restart, the flake this
+/// pins, is the same family: `REDIS_UNAVAILABLE_CODES`). Both the token store and flow-state's
+/// store (the lease's) say so; once the server serves again, so do they.
+#[tokio::test]
+async fn a_redis_that_cannot_serve_for_a_while_is_unavailable_not_broken() {
+    use flow_state::Store as _;
+    let Some(server) = RedisServer::start() else { return };
+    let store = connect(&server).await;
+    let flows = RedisStore::builder(server.url()).connect().await.unwrap();
+    store.compare_and_swap("k", None, b"v".to_vec()).await.unwrap();
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("replica-serve-stale-data")
+        .arg("no")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let _: () =
+        redis::cmd("REPLICAOF").arg("127.0.0.1").arg(dead).query_async(&mut raw).await.unwrap();
+
+    let unavailable = |r: Result<(), Error>, what: &str| match r {
+        Err(Error::StoreUnavailable { .. }) => {}
+        other => panic!("{what}: expected StoreUnavailable, got {other:?}"),
+    };
+    unavailable(store.get("k").await.map(|_| ()), "a read (MASTERDOWN)");
+    unavailable(store.compare_and_swap("k", Some(1), b"w".to_vec()).await.map(|_| ()), "a write");
+    match flows.get("flow").await {
+        Err(e) => assert_eq!(e.kind(), flow_state::store::StoreErrorKind::Unavailable, "{e:?}"),
+        Ok(v) => panic!("flow-state read served by a replica without its master: {v:?}"),
+    }
+
+    let _: () = redis::cmd("REPLICAOF").arg("NO").arg("ONE").query_async(&mut raw).await.unwrap();
+    assert!(store.get("k").await.unwrap().is_some(), "served again, the record intact");
+}
+
 /// Values under our prefix written by another program: typed errors on every read and
 /// conditional write, left as they are; an unconditional delete (uninstall) clears them.
 #[tokio::test]

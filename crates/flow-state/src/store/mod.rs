@@ -38,6 +38,19 @@ use mcp_clock::Timestamp;
 use tokio::sync::watch;
 
 pub(crate) mod memory;
+/// The error codes a Redis server answers while it cannot serve for a while: loading its data
+/// after a restart (`LOADING`), a replica promoted or demoted in a failover (`READONLY`,
+/// `MASTERDOWN`), a cluster moving slots or without quorum (`TRYAGAIN`, `CLUSTERDOWN`). A
+/// command refused with one of them was not applied: a backend reports it as unavailable
+/// ([`StoreErrorKind::Unavailable`]), to be retried, never as a broken store. The one list
+/// for the workspace's Redis backends (token-storage's `RedisTokenStore` reads it too).
+///
+/// ```
+/// assert!(flow_state::store::REDIS_UNAVAILABLE_CODES.contains(&"LOADING"));
+/// ```
+pub const REDIS_UNAVAILABLE_CODES: &[&str] =
+    &["LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN"];
+
 #[cfg(feature = "redis")]
 pub(crate) mod redis;
 #[cfg(feature = "sled")]

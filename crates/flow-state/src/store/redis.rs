@@ -306,6 +306,7 @@ fn map_error(key: &str, e: RedisError) -> StoreError {
         || e.is_timeout()
         || e.is_connection_dropped()
         || e.is_connection_refusal()
+        || e.code().is_some_and(|c| super::REDIS_UNAVAILABLE_CODES.contains(&c))
     {
         StoreErrorKind::Unavailable
     } else {

@@ -217,6 +217,7 @@ impl RedisTokenStore {
             || e.is_connection_dropped()
             || e.is_connection_refusal()
             || e.is_unrecoverable_error()
+            || e.code().is_some_and(|c| flow_state::store::REDIS_UNAVAILABLE_CODES.contains(&c))
         {
             return Error::StoreUnavailable {
                 message: format!("Redis at {} is unavailable", self.inner.url),
