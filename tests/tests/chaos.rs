@@ -11,7 +11,7 @@
 //! figure in BENCHMARKS.md is `CHAOS_ROUNDS=200 cargo test -p integration-tests --test chaos`.
 //! The children are this binary re-executed (`harness = false`, as `fleet.rs`).
 
-#[path = "../../crates/token-storage/tests/common/child_harness.rs"]
+#[path = "../../crates/token-storage/tests/it/common/child_harness.rs"]
 mod child_harness;
 mod support;
 

@@ -9,7 +9,7 @@
 //! `FLEET_ROLE` is set and runs the tests otherwise, so the child is not counted as a test.
 //! Every wait is bounded.
 
-#[path = "../../crates/token-storage/tests/common/child_harness.rs"]
+#[path = "../../crates/token-storage/tests/it/common/child_harness.rs"]
 mod child_harness;
 mod support;
 

@@ -5,6 +5,7 @@
 //! The only test in its binary, with a global subscriber: tracing caches per-callsite interest,
 //! so a thread-local subscriber next to concurrently running tests can miss events.
 
+#[path = "it/e2e/mod.rs"]
 mod e2e;
 
 use std::io::Write;

@@ -22,7 +22,7 @@
 //! The records a refresh writes under the lease before and instead of a result (the in-doubt
 //! intent before the first send, the claim of the one same-token retry, the needs-authorization
 //! marker) are *fenced*: made only while the lease holds, so a refresher whose lease lapsed
-//! cannot write over the new holder's records (the model in `tests/model`, rule
+//! cannot write over the new holder's records (the model in `tests/it/model`, rule
 //! `fenced_commit`). The commit is made under the lease too; if the lease is found lost by
 //! then (the holder was paused past the TTL with its request out, which the protocol assumes
 //! away), the result is still offered to the compare-and-swap on the version read: the

@@ -6,8 +6,9 @@
 //! child when the environment variable below names a database and runs the tests otherwise, so
 //! the child is not counted as a test.
 
-#[path = "common/child_harness.rs"]
+#[path = "it/common/child_harness.rs"]
 mod child_harness;
+#[path = "it/common/mod.rs"]
 mod common;
 
 use std::io::{BufRead, BufReader};

@@ -6,8 +6,9 @@
 //! (`harness = false`), which plays the child when the environment variable below names a lock
 //! directory and runs the tests otherwise, so the child is not counted as a test.
 
-#[path = "common/child_harness.rs"]
+#[path = "it/common/child_harness.rs"]
 mod child_harness;
+#[path = "it/common/mod.rs"]
 mod common;
 
 use std::io::{BufRead, BufReader};
