@@ -72,16 +72,8 @@ impl Refresher {
     }
 }
 
-/// Lets spawned tasks run (yields only, no real time) until `done` holds.
-async fn until(what: &str, done: impl Fn() -> bool) {
-    for _ in 0..100_000 {
-        if done() {
-            return;
-        }
-        tokio::task::yield_now().await;
-    }
-    panic!("never happened: {what}");
-}
+/// Lets spawned tasks run (yields only, no real time) until a condition holds.
+use mcp_clock::testing::settled as until;
 
 mod futures_like {
     pub(crate) type Fut = std::pin::Pin<Box<dyn std::future::Future<Output = u32> + Send>>;
