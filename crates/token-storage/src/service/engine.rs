@@ -428,11 +428,11 @@ impl Inner {
             tries += 1;
             match self.write_fenced(key, current.version, &marked, guard).await {
                 Err(e) if tries < COMMIT_TRIES && transient_store(&e) => {
-                    warn!(%key, attempt = tries, error = %e, "could not record the refresh as in doubt; retrying");
+                    warn!(%key, attempt = tries, error = %e, "could not write the in-doubt record; retrying");
                     self.clock.sleep(self.backoff(tries, None)).await;
                 }
                 Err(e) => {
-                    warn!(%key, error = %e, "could not record the refresh as in doubt; not sending");
+                    warn!(%key, error = %e, "could not write the in-doubt record");
                     return Err(e);
                 }
                 Ok(Fenced::Conflict(Some(newer))) if tries > 1 => {
@@ -465,10 +465,13 @@ impl Inner {
         if current.doubt == prior {
             return;
         }
-        let mut clean = current.clone();
-        clean.doubt = prior;
-        if let Err(e) = self.write_fenced(key, current.version, &clean, guard).await {
-            debug!(%key, error = %e, "could not take back the in-doubt record");
+        // Retried like the intent itself (a failed write is not applied; a lost reply is found
+        // as our own write): a take-back that failed once would leave a claimed retry that was
+        // never sent, which the next refresh reads as a rotation lost in flight.
+        match self.record_doubt(key, current, prior, guard).await {
+            Ok(Fenced::Written(_)) => {}
+            Ok(_) => debug!(%key, "the in-doubt record changed since; nothing to take back"),
+            Err(e) => debug!(%key, error = %e, "could not take back the in-doubt record"),
         }
     }
 
