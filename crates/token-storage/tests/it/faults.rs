@@ -283,6 +283,49 @@ async fn a_commit_that_fails_on_a_store_error_keeps_the_rotated_token() {
     assert_eq!(server.reuse_detected(), 0);
 }
 
+/// Race (found by the interleavings property on a fresh clone): a flight that stops before it
+/// sends again (its deadline passed during the backoff after an answered 429) takes back its
+/// in-doubt intent, since nothing it sent can have acted. That take-back was one write: failed
+/// once on the store, it left the intent, so the token read as possibly spent, and a claimed
+/// retry left the same way read as a rotation lost in flight (a re-authorization for nothing).
+/// The take-back is retried like the intent itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_take_back_of_an_unsent_intent_is_retried() {
+    let clock = ManualClock::default();
+    let server = FakeAuthServer::new(clock.shared());
+    let faulty = FaultyTokenStore::new(MemoryTokenStore::new().into(), clock.shared());
+    let mut config = config();
+    config.refresh_deadline = Duration::from_secs(5);
+    config.refresh_grace = Duration::from_secs(1);
+    config.backoff_max = Duration::from_secs(60);
+    let storage = TokenStorage::builder(
+        SharedTokenStore::from_arc(faulty.clone()),
+        keyring(),
+        server.clone(),
+    )
+    .clock(clock.shared())
+    .config(config)
+    .build();
+    let first = storage.store(&key(), ISS, server.issue(&key())).await.unwrap();
+    server.fail_next(RefreshError::transient_retry_after(
+        TransientKind::RateLimited,
+        "429",
+        Duration::from_secs(20),
+    ));
+    let refreshing = force(&storage, &first);
+    eventually("the 429 is answered", || server.calls() == 1).await;
+    // The intent is written; the next write is the take-back, after the backoff.
+    assert!(storage.tokens(&key()).await.unwrap().unwrap().in_doubt());
+    faulty.fail_next_write();
+    drive(&clock, std::slice::from_ref(&refreshing), Duration::from_secs(60)).await;
+    let outcome = refreshing.await.unwrap();
+    assert!(outcome.is_err(), "the flight ran out of time: {outcome:?}");
+    assert_eq!(faulty.injected(), 1, "the take-back failed once");
+    assert_eq!(server.calls(), 1, "nothing else was sent");
+    let stored = storage.tokens(&key()).await.unwrap().unwrap();
+    assert!(!stored.in_doubt(), "the intent of a flight that sent nothing more is taken back");
+}
+
 /// Race: the commit was applied but its reply lost; the retry conflicts with the stored value,
 /// which is our own set: that counts as written (not as a peer's newer tokens, nor an error).
 /// The hook reports the write over the in-doubt intent it replaced.
