@@ -327,6 +327,9 @@ impl Inner {
                     }
                     Err(e) => {
                         warn!(%key, error = %e, "could not check the refresh lease; not sending");
+                        // Nothing was sent since the latest in-doubt write: take it back
+                        // (fenced: it lands only if the lease still holds).
+                        self.restore_doubt(&key, &current, prior, Some(guard)).await;
                         return Err(Error::RefreshUnavailable {
                             key,
                             message: format!("could not check the refresh lease: {e}"),
@@ -431,6 +434,18 @@ impl Inner {
                     warn!(%key, attempt = tries, error = %e, "could not write the in-doubt record; retrying");
                     self.clock.sleep(self.backoff(tries, None)).await;
                 }
+                Err(e) if tries > 1 => {
+                    // An earlier try may have been applied with its reply lost: the record then
+                    // says what this flight meant to write, and giving up would leave it there
+                    // unsent (a claimed retry never sent reads as a rotation lost in flight).
+                    return match self.read_back(key, current, &marked).await {
+                        Some(outcome) => Ok(outcome),
+                        None => {
+                            warn!(%key, error = %e, "could not write the in-doubt record");
+                            Err(e)
+                        }
+                    };
+                }
                 Err(e) => {
                     warn!(%key, error = %e, "could not write the in-doubt record");
                     return Err(e);
@@ -444,6 +459,36 @@ impl Inner {
                 }
                 Ok(outcome) => return Ok(outcome),
             }
+        }
+    }
+
+    /// After the tries of [`Inner::record_doubt`] failed: what the store holds, if it is not
+    /// `current` any more. `Written` if it is `marked` (a try whose reply was lost), else a
+    /// conflict with what is there; `None` if `current` is still stored (no try was applied)
+    /// or the store cannot be read either.
+    async fn read_back(
+        &self,
+        key: &TokenKey,
+        current: &TokenSet,
+        marked: &TokenSet,
+    ) -> Option<Fenced> {
+        let stored = match self.store.get(&key.record(RecordKind::Tokens)).await {
+            Ok(stored) => stored,
+            Err(e) => {
+                warn!(%key, error = %e, "could not read back the in-doubt record");
+                return None;
+            }
+        };
+        let Some(stored) = stored else { return Some(Fenced::Conflict(None)) };
+        if stored.version == current.version {
+            return None;
+        }
+        match self.own_write(key, &stored, marked) {
+            Ok(Some(ours)) => {
+                debug!(%key, version = ours.version, "the in-doubt record was written (its reply was lost)");
+                Some(Fenced::Written(ours))
+            }
+            _ => Some(Fenced::Conflict(Some(stored))),
         }
     }
 

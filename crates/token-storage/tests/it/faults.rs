@@ -326,6 +326,80 @@ async fn a_failed_take_back_of_an_unsent_intent_is_retried() {
     assert!(!stored.in_doubt(), "the intent of a flight that sent nothing more is taken back");
 }
 
+/// Race (found by the interleavings property on a fresh clone, with several store faults armed
+/// at once): the in-doubt intent's tries all failed, but one of them had been applied with its
+/// reply lost. Giving up left an intent nobody sent: the token then read as possibly spent, and
+/// a claimed retry left the same way read as a rotation lost in flight on the next refresh (a
+/// re-authorization for nothing). After its last try fails the flight reads the record back: its
+/// own intent there is written, and the request goes out under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_intent_applied_with_its_reply_lost_on_the_last_try_is_not_left_unsent() {
+    let clock = ManualClock::default();
+    let server = FakeAuthServer::new(clock.shared());
+    let faulty = FaultyTokenStore::new(MemoryTokenStore::new().into(), clock.shared());
+    let storage = TokenStorage::builder(
+        SharedTokenStore::from_arc(faulty.clone()),
+        keyring(),
+        server.clone(),
+    )
+    .clock(clock.shared())
+    .config(config())
+    .build();
+    let first = storage.store(&key(), ISS, server.issue(&key())).await.unwrap();
+    // The intent's four tries: three fail before they are applied, the last is applied and
+    // its reply lost.
+    for _ in 0..3 {
+        faulty.fail_next_write();
+    }
+    faulty.lose_next_write_reply();
+    let refreshing = force(&storage, &first);
+    drive(&clock, std::slice::from_ref(&refreshing), Duration::from_secs(60)).await;
+    let refreshed = refreshing.await.unwrap().expect("the intent was written: the refresh went on");
+    assert_eq!(faulty.injected(), 4, "every try of the intent met a fault");
+    assert_eq!(server.calls(), 1);
+    assert!(issued(&refreshed).n > issued(&first).n);
+    let stored = storage.tokens(&key()).await.unwrap().unwrap();
+    assert!(!stored.in_doubt() && stored.needs_authorization().is_none());
+    assert_eq!(stored.access_token(), refreshed.access_token());
+    let next = storage.force_refresh(&key(), ISS, refreshed.access_token()).await.unwrap();
+    assert!(issued(&next).n > issued(&refreshed).n);
+    assert_eq!(server.reuse_detected(), 0);
+}
+
+/// A flight whose lease check fails (the lease store could not be read) sends nothing more and
+/// ends; what it sent before (a 429, answered: the server did not act) cannot have spent the
+/// token, so its in-doubt intent is taken back. Left in place, the next refresh would spend the
+/// token's one in-doubt retry on a token that was never at risk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flight_whose_lease_check_fails_takes_back_its_intent() {
+    let p = pair(config(), true);
+    let first = p.a.store(&key(), ISS, p.server.issue(&key())).await.unwrap();
+    p.server.fail_next(RefreshError::transient_retry_after(
+        TransientKind::RateLimited,
+        "429",
+        Duration::from_secs(3),
+    ));
+    let a = force(&p.a, &first);
+    eventually("the 429 is answered", || p.server.calls() == 1).await;
+    assert!(p.a.tokens(&key()).await.unwrap().unwrap().in_doubt(), "the intent is written");
+    // The check before the next send (after 3 s) is the lease store's next read: the first
+    // renewal (a read, then a write) comes at a third of the 10 s lease.
+    p.leases.fail_next_read();
+    drive(&p.clock, std::slice::from_ref(&a), Duration::from_secs(60)).await;
+    let outcome = a.await.unwrap();
+    assert!(
+        matches!(outcome, Err(token_storage::Error::RefreshUnavailable { .. })),
+        "the lease could not be checked: {outcome:?}"
+    );
+    assert_eq!(p.leases.injected(), 1);
+    assert_eq!(p.server.calls(), 1, "nothing was sent without a checked lease");
+    let stored = p.a.tokens(&key()).await.unwrap().unwrap();
+    assert!(
+        !stored.in_doubt(),
+        "the intent of a flight that sent nothing that acted is taken back"
+    );
+}
+
 /// Race: the commit was applied but its reply lost; the retry conflicts with the stored value,
 /// which is our own set: that counts as written (not as a peer's newer tokens, nor an error).
 /// The hook reports the write over the in-doubt intent it replaced.
