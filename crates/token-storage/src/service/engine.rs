@@ -438,58 +438,44 @@ impl Inner {
                     // An earlier try may have been applied with its reply lost: the record then
                     // says what this flight meant to write, and giving up would leave it there
                     // unsent (a claimed retry never sent reads as a rotation lost in flight).
-                    return match self.read_back(key, current, &marked).await {
-                        Some(outcome) => Ok(outcome),
-                        None => {
-                            warn!(%key, error = %e, "could not write the in-doubt record");
-                            Err(e)
+                    match self.store.get(&key.record(RecordKind::Tokens)).await {
+                        Ok(Some(stored)) if stored.version != current.version => {
+                            return self.ours_or_conflict(key, stored, &marked);
                         }
-                    };
+                        Ok(None) => return Ok(Fenced::Conflict(None)),
+                        // Unchanged: no try was applied.
+                        Ok(Some(_)) => {}
+                        Err(read) => {
+                            warn!(%key, error = %read, "could not read back the in-doubt record");
+                        }
+                    }
+                    warn!(%key, error = %e, "could not write the in-doubt record");
+                    return Err(e);
                 }
                 Err(e) => {
                     warn!(%key, error = %e, "could not write the in-doubt record");
                     return Err(e);
                 }
                 Ok(Fenced::Conflict(Some(newer))) if tries > 1 => {
-                    // Perhaps our own record, whose reply was lost.
-                    match self.own_write(key, &newer, &marked)? {
-                        Some(ours) => return Ok(Fenced::Written(ours)),
-                        None => return Ok(Fenced::Conflict(Some(newer))),
-                    }
+                    return self.ours_or_conflict(key, newer, &marked);
                 }
                 Ok(outcome) => return Ok(outcome),
             }
         }
     }
 
-    /// After the tries of [`Inner::record_doubt`] failed: what the store holds, if it is not
-    /// `current` any more. `Written` if it is `marked` (a try whose reply was lost), else a
-    /// conflict with what is there; `None` if `current` is still stored (no try was applied)
-    /// or the store cannot be read either.
-    async fn read_back(
+    /// `newer`, found in place of the version a write of `written` expected after an earlier
+    /// try: that write itself if it is `written` (a try whose reply was lost), else a conflict.
+    fn ours_or_conflict(
         &self,
         key: &TokenKey,
-        current: &TokenSet,
-        marked: &TokenSet,
-    ) -> Option<Fenced> {
-        let stored = match self.store.get(&key.record(RecordKind::Tokens)).await {
-            Ok(stored) => stored,
-            Err(e) => {
-                warn!(%key, error = %e, "could not read back the in-doubt record");
-                return None;
-            }
-        };
-        let Some(stored) = stored else { return Some(Fenced::Conflict(None)) };
-        if stored.version == current.version {
-            return None;
-        }
-        match self.own_write(key, &stored, marked) {
-            Ok(Some(ours)) => {
-                debug!(%key, version = ours.version, "the in-doubt record was written (its reply was lost)");
-                Some(Fenced::Written(ours))
-            }
-            _ => Some(Fenced::Conflict(Some(stored))),
-        }
+        newer: Versioned,
+        written: &TokenSet,
+    ) -> Result<Fenced, Error> {
+        Ok(match self.own_write(key, &newer, written)? {
+            Some(ours) => Fenced::Written(ours),
+            None => Fenced::Conflict(Some(newer)),
+        })
     }
 
     /// Take back this flight's latest in-doubt write (`current`), restoring the level `prior`

@@ -97,6 +97,15 @@ fn force(storage: &TokenStorage, rejected: &TokenSet) -> tokio::task::JoinHandle
     tokio::spawn(async move { storage.force_refresh(&key(), ISS, &rejected).await })
 }
 
+/// The server's next answer is a 429 asking to wait `secs` (answered: it did not act).
+fn rate_limit_next(server: &FakeAuthServer, secs: u64) {
+    server.fail_next(RefreshError::transient_retry_after(
+        TransientKind::RateLimited,
+        "429",
+        Duration::from_secs(secs),
+    ));
+}
+
 fn issued(set: &TokenSet) -> token_storage::testkit::Issued {
     FakeAuthServer::parse(set.access_token().expose()).unwrap()
 }
@@ -175,11 +184,7 @@ async fn a_peer_cannot_take_the_lease_during_a_backoff_sleep() {
     let p = pair(config(), true);
     let first = p.a.store(&key(), ISS, p.server.issue(&key())).await.unwrap();
     p.server.set_latency(Duration::from_secs(2));
-    p.server.fail_next(RefreshError::transient_retry_after(
-        TransientKind::RateLimited,
-        "429",
-        Duration::from_secs(9),
-    ));
+    rate_limit_next(&p.server, 9);
     let a = force(&p.a, &first);
     advance(&p.clock, Duration::from_secs(1)).await;
     let b = force(&p.b, &first);
@@ -200,11 +205,7 @@ async fn a_peer_cannot_take_the_lease_during_a_backoff_sleep() {
 async fn a_lease_lost_during_backoff_ends_the_attempt_before_sending() {
     let p = pair(config(), true);
     let first = p.a.store(&key(), ISS, p.server.issue(&key())).await.unwrap();
-    p.server.fail_next(RefreshError::transient_retry_after(
-        TransientKind::RateLimited,
-        "429",
-        Duration::from_secs(12),
-    ));
+    rate_limit_next(&p.server, 12);
     let a = force(&p.a, &first);
     settle().await;
     // Every renewal of a's lease fails; it lapses at 10 s.
@@ -307,11 +308,7 @@ async fn a_failed_take_back_of_an_unsent_intent_is_retried() {
     .config(config)
     .build();
     let first = storage.store(&key(), ISS, server.issue(&key())).await.unwrap();
-    server.fail_next(RefreshError::transient_retry_after(
-        TransientKind::RateLimited,
-        "429",
-        Duration::from_secs(20),
-    ));
+    rate_limit_next(&server, 20);
     let refreshing = force(&storage, &first);
     eventually("the 429 is answered", || server.calls() == 1).await;
     // The intent is written; the next write is the take-back, after the backoff.
@@ -374,11 +371,7 @@ async fn an_intent_applied_with_its_reply_lost_on_the_last_try_is_not_left_unsen
 async fn a_flight_whose_lease_check_fails_takes_back_its_intent() {
     let p = pair(config(), true);
     let first = p.a.store(&key(), ISS, p.server.issue(&key())).await.unwrap();
-    p.server.fail_next(RefreshError::transient_retry_after(
-        TransientKind::RateLimited,
-        "429",
-        Duration::from_secs(3),
-    ));
+    rate_limit_next(&p.server, 3);
     let a = force(&p.a, &first);
     eventually("the 429 is answered", || p.server.calls() == 1).await;
     assert!(p.a.tokens(&key()).await.unwrap().unwrap().in_doubt(), "the intent is written");
